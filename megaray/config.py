@@ -1,0 +1,282 @@
+"""Typed run configuration: pydantic v2 models, YAML loading, presets and dotted overrides.
+
+A run config is one YAML file::
+
+    name: demo                      # run name; re-running with the same name resumes
+    model: {family: gpt, preset: debug, n_layer: 4}
+    data:  {shards: data/stdlib, batch_size: 8}
+    train: {max_steps: 300, lr: 3.0e-4, zero_stage: 2}
+    scaling: {num_workers: 2}
+    tracking: {experiment: megaray}
+
+``model`` is resolved through :mod:`megaray.models.registry`: ``family`` picks the config
+class, ``preset`` names one of that family's presets, every other key overrides a field.
+
+Every error is a :class:`ConfigError` that names the full dotted key path (``model.n_layr``) and,
+for a misspelled key, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type, or impossible combination.
+
+    The message names the full dotted key path and what to do about it.
+    """
+
+
+class StrictConfig(BaseModel):
+    """Base of every megaray config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(StrictConfig):
+    """Base of every model family's config.
+
+    Subclasses set ``family`` (a ``Literal``) and fill ``PRESETS`` with named field overrides.
+    """
+
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {}
+    family: str
+    preset: Optional[str] = Field(default=None, description="preset this config started from")
+
+    @classmethod
+    def from_name(cls, name: Optional[str] = None, **overrides: Any) -> "ModelConfig":
+        """Build a config from preset ``name`` (or the class defaults when ``None``) with overrides.
+
+        Raises:
+            ConfigError: unknown preset (the message lists the valid ones) or invalid fields.
+        """
+        base: Dict[str, Any] = {}
+        if name is not None:
+            if name not in cls.PRESETS:
+                raise ConfigError(
+                    f"model.preset: unknown preset {name!r} for family {cls.model_fields['family'].default!r}"
+                    f"{_suggest(name, cls.PRESETS)}; valid presets: {', '.join(sorted(cls.PRESETS))}"
+                )
+            base = dict(cls.PRESETS[name])
+        base.update(overrides)
+        base["preset"] = name
+        return validate(cls, base, prefix="model")
+
+
+# ----------------------------------------------------------------------------- run sections
+
+
+class DataConfig(StrictConfig):
+    """Where training data comes from and how it is batched (per worker)."""
+
+    kind: Literal["text", "audio", "image"] = "text"
+    shards: str = Field("data/stdlib", description="directory written by `megaray prepare` (local, s3://, gs://)")
+    batch_size: int = Field(8, gt=0, description="micro-batch size per worker (sequences)")
+    shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer; 0 disables")
+    num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")
+
+
+class TrainConfig(StrictConfig):
+    """Optimisation and loop settings. Steps count optimizer steps (after accumulation)."""
+
+    max_steps: int = Field(300, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0, description="floor of the cosine decay")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, else fp32 (logged)"
+    )
+    eval_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 1337
+    peak_flops: Optional[float] = Field(None, description="device peak FLOP/s for MFU; None = look up")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class ScalingSection(StrictConfig):
+    """Maps onto Ray Train's ScalingConfig, FailureConfig, CheckpointConfig and RunConfig."""
+
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: Dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    num_to_keep: int = Field(2, gt=0, description="checkpoints kept")
+    storage_path: str = Field("runs", description="shared storage for checkpoints (local dir, s3://, gs://)")
+
+
+class TrackingConfig(StrictConfig):
+    """MLflow settings. tracking_uri None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    experiment: str = "megaray"
+    sample_prompt: str = "The "
+    sample_tokens: int = Field(48, ge=0)
+
+    def resolved_uri(self) -> str:
+        """The MLflow tracking URI this run logs to (absolute for local SQLite)."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+
+class RunConfig(StrictConfig):
+    """A whole run: model, data, optimisation, scaling and tracking."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: SerializeAsAny[ModelConfig]
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_yaml(self, path: Optional[str | os.PathLike] = None) -> str:
+        """The fully resolved config as YAML; also written to ``path`` when given."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def flat(self) -> Dict[str, Any]:
+        """Flattened ``{'model.n_layer': 4, ...}`` view, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(
+    source: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Load a run config from a YAML path (or a dict), apply ``key.path=value`` overrides.
+
+    Override values are parsed as YAML scalars (``3e-4`` -> float, ``true`` -> bool).
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown/misspelled key, wrong type, impossible
+            combination. The message names the dotted key path.
+    """
+    if isinstance(source, dict):
+        raw = dict(source)
+        origin = "<dict>"
+    else:
+        origin = str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {origin}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return build_run_config(raw)
+
+
+def build_run_config(raw: Dict[str, Any]) -> RunConfig:
+    """Validate a raw nested dict into a :class:`RunConfig` (model section via the registry)."""
+    from megaray.models import registry
+
+    raw = dict(raw)
+    model_raw = raw.get("model")
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model: required mapping with at least 'family' (e.g. {family: gpt, preset: debug})")
+    model_raw = dict(model_raw)
+    family = model_raw.pop("family", "gpt")
+    preset = model_raw.pop("preset", None)
+    cls = registry.config_class(family)
+    raw["model"] = cls.from_name(preset, **model_raw)
+    return validate(RunConfig, raw)
+
+
+def apply_override(raw: Dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.n_layer=4")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r}: empty key")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+        node = nxt
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def validate(cls: type[BaseModel], data: Dict[str, Any], prefix: str = "") -> Any:
+    """``cls.model_validate(data)`` with pydantic errors turned into one :class:`ConfigError`."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(cls, e, prefix)) from None
+
+
+def _format_errors(cls: type[BaseModel], err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        path = ".".join(([prefix] if prefix else []) + loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(cls, loc[:-1])
+            lines.append(f"{path}: unknown key{_suggest(loc[-1], valid)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path or (prefix or cls.__name__)}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and not isinstance(e.get("input"), dict) else ""))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _fields_at(cls: Any, loc: List[str]) -> List[str]:
+    for p in loc:
+        field = getattr(cls, "model_fields", {}).get(p)
+        if field is None:
+            return []
+        cls = field.annotation
+        cls = getattr(cls, "__args__", [cls])[0] if not isinstance(cls, type) else cls
+    return list(getattr(cls, "model_fields", {}).keys())
+
+
+def _suggest(word: str, valid: Any) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,1 @@
+"""Model families. Each registers a :class:`megaray.models.registry.ModelSpec`."""

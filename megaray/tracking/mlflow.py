@@ -1,0 +1,155 @@
+"""MLflow glue: one MLflow run per megaray run, found again on resume, logged from rank 0.
+
+The driver calls :func:`start_run` before ``TorchTrainer.fit``; it creates the MLflow run (or
+finds the one a previous attempt of the same run made, by the ``megaray.run_key`` tag) and hands
+its id to the workers. Rank 0 logs through :class:`RunLogger`. Everything goes through
+``MlflowClient`` with an explicit run id, so nothing depends on MLflow's global active run and
+Tune trials can log nested child runs side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+log = logging.getLogger("megaray.tracking")
+
+RUN_KEY_TAG = "megaray.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def client(uri: str):
+    """An ``MlflowClient`` for ``uri``."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created when missing. For local stores (``sqlite:``, paths)
+    artifacts go to ``./mlartifacts`` beside the database."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Optional[Mapping[str, str]] = None,
+    parent_run_id: Optional[str] = None,
+) -> str:
+    """Create, or find and reopen, the MLflow run for ``run_key``; returns its run id.
+
+    ``run_key`` identifies a megaray run across restarts (storage path + run name); a resumed
+    run continues the same MLflow run instead of creating a duplicate. Params are logged once
+    (MLflow params are immutable); a resumed run whose config changed logs the new values as
+    tags ``resume.<key>`` instead.
+    """
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp = experiment_id(uri, experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        old = found[0].data.params
+        changed = {k: v for k, v in params.items() if k in old and old[k] != _str(v)}
+        new = {k: v for k, v in params.items() if k not in old}
+        if new:
+            c.log_batch(run_id, params=[Param(k, _str(v)) for k, v in new.items()])
+        if changed:
+            c.log_batch(run_id, tags=[RunTag(f"resume.{k}", _str(v)) for k, v in changed.items()])
+        log.info("MLflow: resuming run %s (%s)", run_name, run_id)
+        return run_id
+    all_tags = {RUN_KEY_TAG: run_key, "mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(exp, run_name=run_name, tags=all_tags)
+    items = [Param(k, _str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    client(uri).set_terminated(run_id, status=status)
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """Where to look at the run: the UI address for http servers, else the ``mlflow ui`` command."""
+    c = client(uri)
+    exp = c.get_run(run_id).info.experiment_id
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}  ->  experiment {exp}, run {run_id}"
+
+
+class RunLogger:
+    """Rank-0 logger for one MLflow run (no-op when ``run_id`` is None).
+
+    Args:
+        uri: tracking URI.
+        run_id: the run to log into (from :func:`start_run`).
+    """
+
+    def __init__(self, uri: Optional[str], run_id: Optional[str]):
+        self.uri, self.run_id = uri, run_id
+        self._client = client(uri) if (uri and run_id) else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Log numeric metrics at optimizer step ``step`` (non-finite values are skipped)."""
+        if not self.enabled:
+            return
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
+        if ms:
+            self._client.log_batch(self.run_id, metrics=ms)
+
+    def artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
+        """Upload a file or a directory."""
+        if not self.enabled:
+            return
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as artifact ``artifact_file`` (e.g. ``samples/step_00000100.txt``)."""
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self._client.set_tag(self.run_id, key, value)
+
+
+def _str(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."

@@ -1,0 +1,97 @@
+"""The DeepSpeed side of a run: config derived from :class:`megaray.config.RunConfig`, engines.
+
+DeepSpeed owns the optimizer step, ZeRO partitioning (stages 0-3), bf16, gradient accumulation,
+gradient clipping and the LR schedule (``WarmupCosineLR``: linear warmup, cosine decay to
+``min_lr``). Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, Tuple
+
+import torch
+
+from megaray.config import RunConfig
+
+log = logging.getLogger("megaray.train")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"`` for this device.
+
+    ``auto`` is bf16 on CUDA devices that support it and fp32 elsewhere; the fp32 fallback is
+    logged at WARNING so it is visible in the run log. Requesting ``bf16`` on CPU falls back too
+    (DeepSpeed's CPU path trains in fp32), also logged.
+    """
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if requested == "fp32":
+        return "fp32"
+    if bf16_ok:
+        return "bf16"
+    why = "CPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} lacks bf16"
+    log.warning("precision: bf16 unavailable (%s); training in fp32 (requested %r)", why, requested)
+    return "fp32"
+
+
+def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg`` (per engine; every module of a task shares it).
+
+    Batch sizes: ``train_micro_batch_size_per_gpu`` = ``data.batch_size``,
+    ``gradient_accumulation_steps`` = ``train.grad_accum_steps``; DeepSpeed derives
+    ``train_batch_size`` from the world size.
+    """
+    t = cfg.train
+    warmup = max(2, t.warmup_steps)
+    ds: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": t.min_lr / t.lr,
+            },
+        },
+        "steps_per_print": 10**9,  # megaray prints its own progress line
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+def build_engine(
+    module: torch.nn.Module, param_groups: Iterable[dict], cfg: RunConfig, precision: str
+) -> Tuple[Any, Dict[str, Any]]:
+    """``deepspeed.initialize`` one module with AdamW (decay/no-decay groups) and the schedule.
+
+    On CUDA the optimizer is DeepSpeed's fused AdamW (named in the config); elsewhere it is
+    ``torch.optim.AdamW`` handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam
+    needs a C++ build). Returns ``(engine, ds_config)``.
+    """
+    import deepspeed
+
+    ds = deepspeed_config(cfg, precision)
+    groups = list(param_groups)
+    betas = tuple(cfg.train.betas)
+    if torch.cuda.is_available():
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": list(betas), "weight_decay": cfg.train.weight_decay}}
+        optimizer = None
+    else:
+        ds["zero_allow_untested_optimizer"] = True
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=groups if optimizer is None else None,
+        optimizer=optimizer,
+        config=ds,
+    )
+    return engine, ds

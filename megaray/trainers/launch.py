@@ -1,0 +1,152 @@
+"""Driver side of a run: connect to Ray, build datasets, start MLflow, fit a ``TorchTrainer``.
+
+``fit(cfg)`` is what ``megaray train`` calls and what every Tune trial calls. Re-running with
+the same ``name`` and ``scaling.storage_path`` resumes from the latest checkpoint (Ray Train V2
+restores the run state from ``<storage_path>/<name>``), and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from megaray.config import RunConfig
+
+log = logging.getLogger("megaray.train")
+
+
+@dataclass
+class FitResult:
+    """What a finished run leaves behind.
+
+    Attributes:
+        metrics: the last metrics rank 0 reported (loss, val_loss, val_ppl, ...).
+        checkpoint: path of the latest checkpoint in storage (None if none was written).
+        run_dir: ``<storage_path>/<name>``.
+        mlflow_run_id: the MLflow run (None when tracking is off).
+        tracking_uri: where that run lives.
+        info: what the task found on the driver (e.g. ``unigram_entropy`` of the val split).
+    """
+
+    metrics: Dict[str, Any]
+    checkpoint: Optional[str]
+    run_dir: str
+    mlflow_run_id: Optional[str]
+    tracking_uri: Optional[str]
+    info: Dict[str, Any]
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local one.
+
+    A local cluster gets at least 8 logical CPUs (more than a laptop's cores) so that a Tune
+    trial's driver, its Train workers and Ray Data's tasks can all be scheduled at once.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+    else:
+        n = num_cpus or max(8, os.cpu_count() or 1)
+        ray.init(num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"
+
+
+def storage_dir(cfg: RunConfig) -> str:
+    """``scaling.storage_path`` made absolute when local (Ray needs absolute local paths)."""
+    p = cfg.scaling.storage_path
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def fit(
+    cfg: RunConfig,
+    *,
+    callbacks: Sequence[Any] = (),
+    parent_run_id: Optional[str] = None,
+    mlflow_run_name: Optional[str] = None,
+    extra_tags: Optional[Dict[str, str]] = None,
+) -> FitResult:
+    """Train ``cfg`` with Ray Train + DeepSpeed; returns a :class:`FitResult`.
+
+    Args:
+        cfg: resolved run config.
+        callbacks: Ray Train ``UserCallback``s (Tune passes ``TuneReportCallback``).
+        parent_run_id: MLflow parent run (Tune search); the run is logged as its child.
+        mlflow_run_name: display name in MLflow (default ``cfg.name``).
+
+    Raises:
+        megaray.data.sources.DataError / ConfigError: bad data or config, before any worker starts.
+        ray.train.TrainingFailedError: training failed more than ``scaling.max_failures`` times.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from megaray.models import registry
+    from megaray.tracking import mlflow as tracking
+    from megaray.trainers.loop import train_loop_per_worker
+
+    ensure_ray()
+    task = registry.task_class(cfg.model.family)(cfg)
+    datasets = task.datasets()
+    storage = storage_dir(cfg)
+    run_dir = f"{storage.rstrip('/')}/{cfg.name}"
+
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = cfg.tracking.resolved_uri()
+        run_id = tracking.start_run(
+            uri, cfg.tracking.experiment, run_key=run_dir, run_name=mlflow_run_name or cfg.name,
+            params=cfg.flat(), tags={"megaray.family": cfg.model.family, **(extra_tags or {})},
+            parent_run_id=parent_run_id,
+        )
+        rl = tracking.RunLogger(uri, run_id)
+        rl.text(cfg.to_yaml(), "config/resolved.yaml")
+        for name, text in task.checkpoint_files().items():
+            rl.text(text, f"config/{name}")
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True  # deterministic order per epoch: exact resume of data position
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": {"uri": uri, "run_id": run_id}},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=dict(cfg.scaling.resources_per_worker),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.num_to_keep),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=options),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if run_id:
+        rl = tracking.RunLogger(uri, run_id)
+        if ckpt:
+            rl.tag("megaray.final_checkpoint", ckpt)
+            rl.text(ckpt + "\n", "final_checkpoint.txt")
+        tracking.end_run(uri, run_id, "FINISHED")
+    return FitResult(
+        metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
+        mlflow_run_id=run_id, tracking_uri=uri, info=dict(task.info),
+    )

@@ -1,0 +1,251 @@
+"""The one training loop: ``train_loop_per_worker`` run by every Ray Train worker.
+
+Per worker: rebuild the config, build the task's modules, wrap each in a DeepSpeed engine,
+restore the latest checkpoint (Ray Train hands it over after a restart or on re-run), then
+stream micro-batches from ``ray.train.get_dataset_shard("train")``. Every rank consumes the
+same number of micro-batches per epoch (computed on the driver), so collectives never hang on
+an uneven last batch. Data order is deterministic per epoch (Ray Data ``preserve_order`` and a
+local shuffle seeded with ``seed + epoch``), which is what lets a resumed run skip exactly the
+batches it already trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+
+from megaray.config import RunConfig, build_run_config
+from megaray.trainers import checkpoint
+from megaray.trainers.deepspeed import build_engine, resolve_precision
+
+log = logging.getLogger("megaray.train")
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    """Ray Train entry point. ``config`` = ``{"run": resolved config dict, "info": task info,
+    "mlflow": {"uri", "run_id"} or None}`` (built by :func:`megaray.trainers.launch.fit`)."""
+    import ray.train
+    import ray.train.torch
+
+    from megaray.models import registry
+    from megaray.tracking.mlflow import RunLogger
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg: RunConfig = build_run_config(config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _seed_everything(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.train.precision, device)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    task = registry.task_class(cfg.model.family)(cfg, info=config["info"])
+    modules = task.build_modules()
+    engines = {}
+    for name, module in modules.items():
+        module.to(device)
+        engines[name], _ = build_engine(module, task.param_groups(name, module), cfg, precision)
+    model_engine = engines["model"]
+
+    state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = checkpoint.load(d, engines, rank)
+        if rank == 0:
+            print(f"[megaray] resumed from {restored.path} at step {state['step']} "
+                  f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
+
+    mlflow_cfg = config.get("mlflow") or {}
+    logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
+    if rank == 0:
+        n_params = sum(p.numel() for p in modules["model"].parameters())
+        print(f"[megaray] {cfg.model.family} {cfg.model.preset or ''}: {n_params/1e6:.2f}M params, "
+              f"world {world}, ZeRO stage {cfg.train.zero_stage}, precision {precision}, "
+              f"micro-batch {cfg.data.batch_size} x accum {cfg.train.grad_accum_steps}", flush=True)
+
+    flops_per_unit = task.flops_per_unit(modules)
+    peak = cfg.train.peak_flops or _peak_flops(device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    bpe = int(task.info["batches_per_epoch"])
+    t = cfg.train
+    meter = _Meter()
+    start_step = state["step"]
+    run_t0 = time.perf_counter()
+
+    while state["step"] < t.max_steps:
+        if state["batch_in_epoch"] >= bpe:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+        batches = _epoch_batches(train_shard, cfg, state["epoch"])
+        for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: skip what was trained on
+            next(batches)
+        while state["batch_in_epoch"] < bpe and state["step"] < t.max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            batch = task.collate(batch, device)
+            metrics = task.train_step(engines, batch, state["step"])
+            state["batch_in_epoch"] += 1
+            state["tokens"] += task.batch_units(batch) * world
+            meter.add(metrics, data_s=t1 - t0, total_s=time.perf_counter() - t0, units=task.batch_units(batch) * world)
+            if model_engine.global_steps == state["step"]:  # inside a gradient-accumulation window
+                continue
+            state["step"] = int(model_engine.global_steps)
+            step = state["step"]
+            report: Dict[str, float] = {}
+            last = step >= t.max_steps
+            if step % t.log_every == 0 or last:
+                report.update(meter.summary(flops_per_unit, peak, world))
+                report["lr"] = float(model_engine.get_lr()[0])
+                gn = model_engine.get_global_grad_norm()
+                if gn is not None:
+                    report["grad_norm"] = float(gn)
+                report = _mean_across_ranks(report, world)
+                meter.reset()
+                if rank == 0:
+                    elapsed = time.perf_counter() - run_t0
+                    eta = elapsed / max(1, step - start_step) * (t.max_steps - step)
+                    _print_progress(step, t.max_steps, report, eta, task.unit)
+            if step % t.eval_every == 0 or last:
+                report.update(_evaluate(task, engines, val_shard, cfg, world))
+                if rank == 0:
+                    print(f"[megaray] eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("val_")), flush=True)
+                    if cfg.train.zero_stage < 3:
+                        with tempfile.TemporaryDirectory() as d:
+                            texts = task.eval_artifacts(model_engine.module, d, step)
+                            if any(os.scandir(d)):
+                                logger.artifact(d, f"eval/step_{step:08d}")
+                        for key, text in texts.items():
+                            logger.text(text, f"{key}/step_{step:08d}.txt")
+                            print(f"[megaray] {key} @ {step}: {text!r}", flush=True)
+            if not report:
+                continue
+            report.update(step=step, tokens=state["tokens"], epoch=state["epoch"])
+            logger.metrics({k: v for k, v in report.items() if k not in ("step",)}, step)
+            if step % t.checkpoint_every == 0 or last:
+                _report_with_checkpoint(report, engines, state, cfg, rank, task)
+            else:
+                ray.train.report(report)
+    if rank == 0:
+        print(f"[megaray] done: step {state['step']}, {state['tokens']:,} {task.unit}", flush=True)
+
+
+def _report_with_checkpoint(report, engines, state, cfg, rank, task) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="megaray-ckpt-") as d:
+        checkpoint.save(d, engines, dict(state), cfg, rank, task.checkpoint_files())
+        torch.distributed.barrier()
+        ray.train.report(
+            report,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=checkpoint.checkpoint_dir_name(state["step"]),
+        )
+
+
+def _epoch_batches(shard, cfg: RunConfig, epoch: int) -> Iterator[Mapping[str, torch.Tensor]]:
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None,
+            prefetch_batches=2,
+        )
+    )
+
+
+@torch.no_grad()
+def _evaluate(task, engines, val_shard, cfg: RunConfig, world: int) -> Dict[str, float]:
+    """Mean of the task's eval metrics over ``info["val_batches"]`` batches per rank, averaged
+    across ranks (every rank runs the same number of forwards: ZeRO-3 gathers need that)."""
+    model = engines["model"]
+    model.eval()
+    sums: Dict[str, float] = {}
+    n = int(task.info["val_batches"])
+    it = iter(val_shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True))
+    for _ in range(n):
+        batch = task.collate(next(it), model.device)
+        for k, v in task.eval_step(model, batch).items():
+            sums[k] = sums.get(k, 0.0) + v
+    model.train()
+    means = _mean_across_ranks({k: v / n for k, v in sums.items()}, world)
+    return task.finalize_eval(means)
+
+
+def _mean_across_ranks(values: Dict[str, float], world: int) -> Dict[str, float]:
+    if world == 1 or not values or not torch.distributed.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+class _Meter:
+    """Accumulates per-micro-batch metrics and timings between progress lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: Dict[str, float] = {}
+        self.n = 0
+        self.data_s = self.total_s = 0.0
+        self.units = 0
+
+    def add(self, metrics: Mapping[str, float], data_s: float, total_s: float, units: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+        self.data_s += data_s
+        self.total_s += total_s
+        self.units += units
+
+    def summary(self, flops_per_unit: Optional[float], peak: Optional[float], world: int) -> Dict[str, float]:
+        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        rate = self.units / self.total_s if self.total_s else 0.0
+        out["throughput"] = rate
+        out["data_wait_frac"] = self.data_s / self.total_s if self.total_s else 0.0
+        if flops_per_unit and peak:
+            out["mfu"] = flops_per_unit * rate / (peak * world)
+        return out
+
+
+def _print_progress(step: int, max_steps: int, m: Mapping[str, float], eta_s: float, unit: str) -> None:
+    mfu = f"{m['mfu']*100:.1f}%" if "mfu" in m else "n/a"
+    parts = [f"step {step}/{max_steps}", f"loss {m.get('loss', float('nan')):.4f}", f"lr {m.get('lr', 0):.2e}"]
+    if "grad_norm" in m:
+        parts.append(f"gnorm {m['grad_norm']:.2f}")
+    parts += [f"{m['throughput']:,.0f} {unit}/s", f"MFU {mfu}", f"data-wait {m['data_wait_frac']*100:.0f}%",
+              f"ETA {_fmt_s(eta_s)}"]
+    print("[megaray] " + " | ".join(parts), flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _peak_flops(device: torch.device) -> Optional[float]:
+    try:
+        from megaray.models.gpt.flops import peak_flops
+    except ImportError:
+        return None
+    return peak_flops(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

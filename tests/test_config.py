@@ -1,0 +1,107 @@
+"""Typed configs: every shipped YAML loads; bad keys, types and combinations fail early and clearly."""
+
+from pathlib import Path
+
+import pytest
+
+from megaray.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert len(RUN_CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_run_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    out = tmp_path / "resolved.yaml"
+    cfg.to_yaml(out)
+    again = load_config(out)
+    assert again == cfg
+    assert again.model.preset == cfg.model.preset
+
+
+def test_every_shipped_tune_config_loads():
+    tune_dir = ROOT / "configs" / "tune"
+    paths = sorted(tune_dir.glob("*.yaml")) if tune_dir.is_dir() else []
+    if not paths:
+        pytest.skip("no tune configs shipped yet")
+    from megaray.tune.config import load_tune_config
+
+    for p in paths:
+        load_tune_config(p)
+
+
+def _demo(**kw):
+    return load_config(ROOT / "configs" / "demo.yaml", **kw)
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    cfg = _demo(overrides=["model.n_layer=2", "train.lr=3e-4", "train.zero_stage=3", "scaling.use_gpu=true"])
+    assert cfg.model.n_layer == 2
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.zero_stage == 3
+    assert cfg.scaling.use_gpu is True
+
+
+def test_misspelled_key_names_path_and_closest_key():
+    with pytest.raises(ConfigError) as e:
+        _demo(overrides=["model.n_layr=3"])
+    assert "model.n_layr" in str(e.value) and "'n_layer'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _demo(overrides=["train.warmup_step=3"])
+    assert "train.warmup_step" in str(e.value) and "'warmup_steps'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _demo(overrides=["scalin.num_workers=3"])
+    assert "scalin" in str(e.value) and "'scaling'" in str(e.value)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError) as e:
+        _demo(overrides=["train.max_steps=lots"])
+    assert "train.max_steps" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        _demo(overrides=["train.zero_stage=4"])
+    assert "train.zero_stage" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.n_embd=250", "model.n_head=4"], "divisible by n_head"),
+        (["model.attention=gqa", "model.n_head=4", "model.n_kv_heads=3"], "divisible by n_kv_heads"),
+        (["model.attention=mla", "model.position=learned"], "rope"),
+        (["model.n_experts=2", "model.moe_top_k=3"], "moe_top_k"),
+        (["train.min_lr=1", "train.lr=0.1"], "min_lr"),
+    ],
+)
+def test_impossible_combinations_fail(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        _demo(overrides=overrides)
+    assert needle in str(e.value)
+
+
+def test_unknown_family_and_preset():
+    with pytest.raises(ConfigError, match="did you mean 'gpt'"):
+        _demo(overrides=["model.family=gtp"])
+    with pytest.raises(ConfigError, match="gpt2_small"):
+        _demo(overrides=["model.preset=gpt2_smal"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_flat_params_cover_every_section():
+    flat = _demo().flat()
+    assert flat["model.n_layer"] == 4
+    assert flat["train.zero_stage"] == 2
+    assert "scaling.resources_per_worker.CPU" in flat

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make demo   installs everything into .venv and runs the main job on the embedded default
+#   make test   installs everything into .venv and runs the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.megaray-installed
+
+.PHONY: demo test install sysdeps bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10+)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Debian packages: espeak-ng renders the embedded speech corpus.
+sysdeps:
+	@command -v espeak-ng >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+
+demo: install sysdeps
+	$(VENV)/bin/megaray demo
+
+test: install sysdeps
+	$(PY) -m pytest -q --timeout=900
+
+bench: install
+	$(PY) benchmarks/gpt_throughput.py --preset debug
+	$(PY) benchmarks/ingest_text.py
+
+clean:
+	rm -rf $(VENV) runs data mlflow.db mlartifacts .pytest_cache

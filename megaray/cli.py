@@ -170,7 +170,7 @@ def demo_cmd(
     """The main job on the embedded default: prepare the stdlib-docstring corpus, train a small GPT
     with 2 Ray Train workers under ZeRO-2, evaluate against the unigram baseline, generate."""
     from megaray.config import load_config
-    from megaray.data.text import prepare_text, read_manifest
+    from megaray.data.text import load_manifest, prepare_text
     from megaray.data.sources import DataError
 
     _setup_logging()
@@ -178,7 +178,7 @@ def demo_cmd(
         cfg = load_config(config, set_)
         shards = cfg.data.shards
         try:
-            read_manifest(shards)
+            load_manifest(shards)
             typer.echo(f"[demo] using prepared corpus {shards}")
         except DataError:
             typer.echo(f"[demo] preparing the stdlib docstring corpus into {shards}")

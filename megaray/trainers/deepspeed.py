@@ -1,8 +1,8 @@
 """The DeepSpeed side of a run: config derived from :class:`megaray.config.RunConfig`, engines.
 
 DeepSpeed owns the optimizer step, ZeRO partitioning (stages 0-3), bf16, gradient accumulation,
-gradient clipping and the LR schedule (``WarmupCosineLR``: linear warmup, cosine decay to
-``min_lr``). Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
+gradient clipping; the LR schedule is :mod:`megaray.trainers.schedule` (linear warmup, cosine
+decay to ``min_lr``), stepped and checkpointed by DeepSpeed. Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, Tuple
 import torch
 
 from megaray.config import RunConfig
+from megaray.trainers.schedule import warmup_cosine
 
 log = logging.getLogger("megaray.train")
 
@@ -42,7 +43,6 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
     ``train_batch_size`` from the world size.
     """
     t = cfg.train
-    warmup = max(2, t.warmup_steps)
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -50,16 +50,6 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.max_steps,
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
-                "cos_min_ratio": t.min_lr / t.lr,
-            },
-        },
         "steps_per_print": 10**9,  # megaray prints its own progress line
         "wall_clock_breakdown": False,
     }
@@ -88,10 +78,12 @@ def build_engine(
     else:
         ds["zero_allow_untested_optimizer"] = True
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+    t = cfg.train
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=groups if optimizer is None else None,
         optimizer=optimizer,
+        lr_scheduler=warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr / t.lr),
         config=ds,
     )
     return engine, ds

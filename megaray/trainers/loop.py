@@ -31,14 +31,18 @@ log = logging.getLogger("megaray.train")
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``config`` = ``{"run": resolved config dict, "info": task info,
-    "mlflow": {"uri", "run_id"} or None}`` (built by :func:`megaray.trainers.launch.fit`)."""
+    "mlflow": {"uri", "run_id"} or None, "debug": {...}}`` (built by :func:`megaray.trainers.launch.fit`).
+
+    ``debug`` carries two test hooks read from the driver's environment:
+    ``MEGARAY_TRACE=path`` appends one JSON line per micro-batch (rank, step, epoch, batch index,
+    a fingerprint of the batch, lr) to ``path.rank<r>``; ``MEGARAY_FAULT_AT_STEP=N`` makes rank 0
+    raise right after the checkpoint at step N is reported (a crash for resume tests)."""
     import ray.train
     import ray.train.torch
 
     from megaray.models import registry
     from megaray.tracking.mlflow import RunLogger
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg: RunConfig = build_run_config(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -79,6 +83,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     bpe = int(task.info["batches_per_epoch"])
     t = cfg.train
     meter = _Meter()
+    debug = config.get("debug") or {}
+    trace = open(f"{debug['trace']}.rank{rank}", "a") if debug.get("trace") else None
     start_step = state["step"]
     run_t0 = time.perf_counter()
 
@@ -94,6 +100,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             batch = next(batches)
             t1 = time.perf_counter()
             batch = task.collate(batch, device)
+            if trace is not None:
+                _trace(trace, batch, state, model_engine)
             metrics = task.train_step(engines, batch, state["step"])
             state["batch_in_epoch"] += 1
             state["tokens"] += task.batch_units(batch) * world
@@ -136,6 +144,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 _report_with_checkpoint(report, engines, state, cfg, rank, task)
             else:
                 ray.train.report(report)
+            if debug.get("fault_at_step") and step == int(debug["fault_at_step"]) and rank == 0:
+                raise RuntimeError(f"MEGARAY_FAULT_AT_STEP: injected failure after step {step}")
     if rank == 0:
         print(f"[megaray] done: step {state['step']}, {state['tokens']:,} {task.unit}", flush=True)
 
@@ -151,6 +161,17 @@ def _report_with_checkpoint(report, engines, state, cfg, rank, task) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(d),
             checkpoint_dir_name=checkpoint.checkpoint_dir_name(state["step"]),
         )
+
+
+def _trace(f, batch, state, engine) -> None:
+    import hashlib
+    import json
+
+    first = next(iter(batch.values()))
+    digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+    f.write(json.dumps({"step": state["step"] + 1, "epoch": state["epoch"], "batch": state["batch_in_epoch"],
+                        "fp": digest, "lr": float(engine.get_lr()[0])}) + "\n")
+    f.flush()
 
 
 def _epoch_batches(shard, cfg: RunConfig, epoch: int) -> Iterator[Mapping[str, torch.Tensor]]:

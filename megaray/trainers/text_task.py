@@ -22,8 +22,8 @@ class TextTask(Task):
         from megaray.data import text
 
         shards = self.cfg.data.shards
-        manifest = text.read_manifest(shards)
-        vocab = int(manifest["vocab_size"])
+        manifest = text.load_manifest(shards)
+        vocab = int(manifest["tokenizer"]["vocab_size"])
         if vocab > self.cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -32,8 +32,8 @@ class TextTask(Task):
         T = self.cfg.model.block_size
         world = self.cfg.scaling.num_workers
         B = self.cfg.data.batch_size
-        train_windows = text.num_windows(manifest, "train", T)
-        val_windows = text.num_windows(manifest, "val", T)
+        train_windows = text.num_windows(manifest, T, "train")
+        val_windows = text.num_windows(manifest, T, "val")
         bpe = text.equal_batches(train_windows, world, B)
         if bpe < self.cfg.train.grad_accum_steps:
             raise ConfigError(
@@ -52,8 +52,8 @@ class TextTask(Task):
             val_batches=val_batches,
             train_windows=train_windows,
             vocab_size=vocab,
-            unigram_entropy=float(manifest.get("val_unigram_entropy", float("nan"))),
-            tokenizer_json=text.tokenizer_json(shards),
+            unigram_entropy=manifest["splits"]["val"].get("unigram_entropy_nats"),
+            tokenizer_json=text.manifest_tokenizer(shards).to_str(),
         )
         return text.text_datasets(shards, block_size=T, seed=self.cfg.train.seed, shuffle_buffer=0)
 

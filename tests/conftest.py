@@ -1,0 +1,91 @@
+"""Shared fixtures: one local Ray cluster per session, a small prepared corpus, an MLflow server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with more logical CPUs than cores (a Tune driver, Train workers and
+    Ray Data tasks must be schedulable side by side on a 2-core machine)."""
+    import ray
+
+    from megaray.trainers.launch import ensure_ray
+
+    ensure_ray(num_cpus=8)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def text_shards(tmp_path_factory):
+    """The stdlib-docstring corpus (a deterministic subset) tokenized with a 512-token BPE."""
+    from megaray.data.text import prepare_text
+
+    out = tmp_path_factory.mktemp("data") / "stdlib-512"
+    prepare_text(["stdlib"], str(out), vocab_size=512, stdlib_max_docs=3000)
+    return str(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process on loopback; yields its tracking URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start in 120 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,160 @@
+"""The main job end to end: Ray Data -> Ray Train (2 CPU workers) + DeepSpeed -> checkpoints + MLflow.
+
+Real local Ray cluster, real DeepSpeed engines, a real ``mlflow server`` process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from megaray.config import load_config
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(text_shards, tmp_path, name, *extra):
+    return load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [f"name={name}", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
+         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra],
+    )
+
+
+def _trace(prefix: Path, rank: int):
+    p = Path(f"{prefix}.rank{rank}")
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, text_shards, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from megaray.trainers.launch import fit
+
+    cfg = _cfg(text_shards, tmp_path, "zero2", f"tracking.tracking_uri={mlflow_server}", "train.max_steps=30",
+               "train.lr=3e-3", "train.eval_every=15", "train.checkpoint_every=15", "train.log_every=5",
+               "train.zero_stage=2", "tracking.sample_tokens=8")
+    result = fit(cfg)
+
+    assert result.metrics["step"] == 30
+    ckpt = Path(result.checkpoint)
+    assert ckpt.name == "step_00000030"
+    assert json.loads((ckpt / "megaray.json").read_text())["step"] == 30
+    assert (ckpt / "model.pt").is_file() and (ckpt / "tokenizer.json").is_file()
+    assert (ckpt / "model").is_dir()  # DeepSpeed engine state (module + ZeRO optimizer shards)
+    assert len(list(ckpt.glob("model/*optim_states.pt"))) == 2  # one ZeRO-2 shard per rank
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.n_layer"] == str(cfg.model.n_layer)
+    assert run.data.params["train.zero_stage"] == "2"
+    for key in ("loss", "lr", "grad_norm", "throughput", "data_wait_frac", "val_loss", "val_ppl"):
+        assert key in run.data.metrics, key
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(loss) == 6
+    assert loss[-1] < loss[0] - 0.5, loss  # it learns
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(m.step for m in val) == [15, 30]
+    assert run.data.metrics["val_ppl"] == pytest.approx(math.exp(run.data.metrics["val_loss"]), rel=1e-4)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "sample", "final_checkpoint.txt"} <= arts
+    cfg_arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert {"config/resolved.yaml", "config/tokenizer.json"} <= cfg_arts
+    assert run.data.tags["megaray.final_checkpoint"] == result.checkpoint
+
+
+def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, text_shards, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from megaray.trainers.launch import fit
+
+    common = ["train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6", "train.log_every=3",
+              "train.warmup_steps=4", "scaling.max_failures=0", "tracking.sample_tokens=0"]
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "ref"))
+    fit(_cfg(text_shards, tmp_path, "ref", *common, "tracking.enabled=false"))
+
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "crash"))
+    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "6")
+    cfg = _cfg(text_shards, tmp_path, "crash", *common)
+    with pytest.raises(Exception, match="injected failure"):
+        fit(cfg)
+    monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
+    result = fit(cfg)
+    assert result.metrics["step"] == 12
+
+    for rank in (0, 1):
+        ref, got = _trace(tmp_path / "ref", rank), _trace(tmp_path / "crash", rank)
+        assert [r["step"] for r in got] == list(range(1, 13))  # resumed at 7, nothing retrained
+        assert [r["fp"] for r in got] == [r["fp"] for r in ref]  # same batches, none repeated
+        assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in ref])  # LR schedule continues
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [result_exp(tmp_path)], filter_string="tags.`megaray.run_key` LIKE '%/crash'")
+    assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id  # same MLflow run
+    steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(result.mlflow_run_id, "loss")]
+    assert sorted(steps) == [3, 6, 9, 12]
+
+
+def result_exp(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("megaray").experiment_id
+
+
+def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import psutil
+
+    from megaray.trainers.launch import fit
+
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "kill"))
+    cfg = _cfg(text_shards, tmp_path, "kill", "train.max_steps=30", "train.checkpoint_every=5", "train.log_every=5",
+               "train.eval_every=30", "scaling.max_failures=2", "tracking.enabled=false")
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("result", fit(cfg)), daemon=True)
+    th.start()
+    deadline = time.time() + 300
+    victim = None
+    while time.time() < deadline and victim is None:
+        if list((tmp_path / "runs" / "kill").glob("step_00000010/megaray.json")):
+            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if len(workers) >= 2:
+                victim = workers[-1]
+        time.sleep(0.5)
+    assert victim is not None, "run never reached step 10"
+    os.kill(victim.pid, signal.SIGKILL)
+    th.join(timeout=400)
+    assert "result" in out, "run did not finish after the worker was killed"
+    assert out["result"].metrics["step"] == 30
+    steps = [r["step"] for r in _trace(tmp_path / "kill", 0)]
+    assert steps[-1] == 30
+    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert restarts, "no restart visible in the trace"
+    assert all(steps[i] - 1 >= 10 and (steps[i] - 1) % 5 == 0 for i in restarts)  # resumed from a checkpoint
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stage_trains_and_checkpoints(ray_cluster, text_shards, tmp_path, stage):
+    import torch
+
+    from megaray.trainers.checkpoint import load_for_inference
+    from megaray.trainers.launch import fit
+
+    cfg = _cfg(text_shards, tmp_path, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=4",
+               "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=2", "tracking.enabled=false")
+    result = fit(cfg)
+    assert result.metrics["step"] == 4
+    assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["val_loss"])
+    model, loaded, _ = load_for_inference(result.checkpoint)
+    assert loaded.train.zero_stage == stage
+    logits = model(torch.zeros(1, 8, dtype=torch.long))
+    assert logits.shape == (1, 8, cfg.model.vocab_size) and torch.isfinite(logits).all()

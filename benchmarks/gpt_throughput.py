@@ -1,0 +1,182 @@
+"""Training throughput and MFU of a GPT preset: plain PyTorch vs a single-process DeepSpeed engine.
+
+Both sides run the same model (same seed) for ``--steps`` timed steps of forward + backward +
+AdamW after ``--warmup`` untimed ones, on random tokens; the DeepSpeed side wraps the model in
+``deepspeed.initialize`` (world size 1, ZeRO stage ``--zero-stage``, AdamW from the DeepSpeed
+config). Prints one JSON object::
+
+    python benchmarks/gpt_throughput.py --preset debug --device cpu --steps 10
+
+``torch`` uses ``torch.autocast`` for bf16 (fp32 weights); DeepSpeed's ``bf16`` section keeps
+bf16 weights with fp32 master copies, so the two bf16 numbers are not the same recipe. MFU uses
+:func:`megaray.models.gpt.flops.peak_flops` (None on CPU / unknown GPUs; pass ``--peak-flops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="debug", help="GPTConfig preset (debug, gpt2_small, modern_small, ...)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; default block_size")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s; default: lookup")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="GPTConfig overrides, e.g. n_layer=4")
+    return p.parse_args(argv)
+
+
+def _overrides(items):
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(step, args) -> dict:
+    for _ in range(args.warmup):
+        step()
+    _sync(args.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    _sync(args.device)
+    dt = time.perf_counter() - t0
+    return dict(step_ms=1000 * dt / args.steps, tokens_per_sec=args.steps * args.batch_size * args.seq_len / dt,
+                final_loss=float(loss))  # fmt: skip
+
+
+def _batch(args, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=g).to(args.device)
+    return x[:, :-1], x[:, 1:]
+
+
+def bench_torch(cfg, args) -> dict:
+    from megaray.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(args.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=args.device == "cuda")  # fmt: skip
+    x, y = _batch(args, cfg.vocab_size)
+    amp = (torch.autocast(args.device, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
+
+    def step():
+        with amp:
+            _, loss = model(x, y)
+        (loss + model.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return _time(step, args)
+
+
+def _init_dist(device: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")  # fmt: skip
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def bench_deepspeed(cfg, args) -> dict:
+    import deepspeed
+
+    from megaray.models.gpt import GPT
+
+    _init_dist(args.device)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                  "torch_adam": args.device == "cpu"}},  # fmt: skip
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": args.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    x, y = _batch(args, cfg.vocab_size)
+    x, y = x.to(engine.device), y.to(engine.device)
+
+    def step():
+        _, loss = engine(x, y)
+        engine.backward(loss + engine.module.aux_loss)
+        engine.step()
+        return loss.detach()
+
+    return dict(_time(step, args), zero_stage=args.zero_stage)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send fd 1 to stderr (DeepSpeed and its op builds print there) so stdout is only the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    from megaray.models.gpt import GPT, GPTConfig
+    from megaray.models.gpt.flops import estimate_mfu, flops_per_token, peak_flops
+
+    cfg = GPTConfig.from_name(args.preset, **_overrides(args.set))
+    args.seq_len = args.seq_len or cfg.block_size
+    with torch.device("meta"):
+        n_active = GPT(cfg).num_params(non_embedding=True, active=True)
+    fpt = flops_per_token(cfg, n_active, seq_len=args.seq_len)
+    peak = args.peak_flops or peak_flops(args.device)
+    result = dict(
+        preset=args.preset, device=args.device,
+        device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        precision=args.precision, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+        n_params_non_embedding=n_active, flops_per_token=fpt, peak_flops=peak, torch_version=torch.__version__,
+    )  # fmt: skip
+    with _stdout_to_stderr():
+        for name, fn in [("torch", bench_torch), ("deepspeed", bench_deepspeed)]:
+            r = fn(cfg, args)
+            r["mfu"] = estimate_mfu(fpt, r["tokens_per_sec"], peak)
+            result[name] = r
+    result["deepspeed_over_torch"] = result["deepspeed"]["tokens_per_sec"] / result["torch"]["tokens_per_sec"]
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

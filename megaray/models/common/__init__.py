@@ -1,0 +1,1 @@
+"""megaray.models.common"""

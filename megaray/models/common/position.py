@@ -1,0 +1,176 @@
+"""Position information for decoder-only transformers, one class per scheme.
+
+Every scheme is a :class:`Position` module with the same three hooks, so the model never branches
+on the scheme name:
+
+* :meth:`Position.embed` adds an absolute embedding to the token embeddings (learned, sinusoidal);
+* :meth:`Position.rope` returns the ``(cos, sin)`` tables that attention applies to q and k (rope);
+* :meth:`Position.attn_bias` returns an additive attention bias (alibi).
+
+The hooks a scheme does not use are identities / ``None``. Select a scheme with
+``build_position(cfg)``, where ``cfg.position`` is one of :data:`POSITIONS`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+RopeTables = Tuple[torch.Tensor, torch.Tensor]
+
+
+class Position(nn.Module):
+    """No position information (``"none"``): the causal mask alone breaks permutation symmetry.
+
+    Positions ``pos`` are absolute int64 indices ``(T,)``; with a KV cache the new tokens start at
+    the cache length, so every hook sees the true position of every token.
+    """
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C)`` token embeddings, ``(T,)`` positions -> ``(B, T, C)``."""
+        return x
+
+    def rope(self, pos: torch.Tensor) -> Optional[RopeTables]:
+        """``(T,)`` positions -> ``(cos, sin)`` each ``(T, d_rot)`` float32, or ``None``."""
+        return None
+
+    def attn_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(Tq,)``, ``(Tk,)`` positions -> additive bias ``(nh, Tq, Tk)`` float32, or ``None``."""
+        return None
+
+
+class LearnedPosition(Position):
+    """Learned absolute embeddings ``wpe`` (GPT-2, Radford et al. 2019), ``block_size`` rows.
+
+    Raises:
+        ValueError: a position ``>= block_size`` (the table has no row for it).
+    """
+
+    def __init__(self, block_size: int, n_embd: int):
+        super().__init__()
+        self.block_size = block_size
+        self.wpe = nn.Embedding(block_size, n_embd)
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if pos.numel() and int(pos[-1]) >= self.block_size:
+            raise ValueError(
+                f"learned positions cover 0..{self.block_size - 1}, got position {int(pos[-1])}: "
+                "crop the sequence to block_size"
+            )
+        return x + self.wpe(pos)  # (B, T, C) + (T, C)
+
+
+class SinusoidalPosition(Position):
+    """Fixed sinusoids of Vaswani et al. 2017 §3.5: ``PE[p, 2i] = sin(p / 10000^(2i/d))``,
+    ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``. Computed on the fly, so any length works."""
+
+    def __init__(self, n_embd: int, base: float = 10000.0):
+        super().__init__()
+        self.n_embd, self.base = n_embd, base
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        i2 = torch.arange(0, self.n_embd, 2, dtype=torch.float32, device=pos.device)
+        angle = pos.float()[:, None] * torch.exp(i2 * (-math.log(self.base) / self.n_embd))[None, :]  # (T, C/2)
+        pe = torch.zeros(pos.numel(), self.n_embd, device=x.device, dtype=torch.float32)
+        pe[:, 0::2] = torch.sin(angle)
+        pe[:, 1::2] = torch.cos(angle[:, : self.n_embd // 2])
+        return x + pe.to(x.dtype)
+
+
+class RotaryPosition(Position):
+    """Rotary embeddings (RoFormer, Su et al. 2021) in the half-split ("rotate_half") layout of
+    GPT-NeoX / HF Llama: dimension ``i`` pairs with ``i + d/2``, so HF Llama q/k weights copy
+    without permutation. ``inv_freq[i] = theta^(-2i/d)``; tables are ``cat(freqs, freqs)``.
+
+    Args:
+        dim: rotated dims per head (``head_dim``; MLA: ``qk_rope_head_dim``), even.
+        theta: base ``rope_theta``.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rope needs an even dimension, got {dim}")
+        self.dim, self.theta = dim, theta
+
+    def rope(self, pos: torch.Tensor) -> RopeTables:
+        # computed per call in float32 (cheap), so casting the model to bf16 cannot degrade it
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=pos.device) / self.dim))
+        freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (halves), as HF Llama's ``rotate_half``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, tables: Optional[RopeTables]) -> torch.Tensor:
+    """Rotate ``x (B, h, T, d)`` by ``tables = (cos, sin)`` each ``(T, d)``; identity for ``None``.
+
+    Computed in float32 and cast back to ``x.dtype``.
+    """
+    if tables is None:
+        return x
+    cos, sin = tables
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head ALiBi slopes ``(n_head,)`` (Press et al. 2022 §3; same values as HF bloom's
+    ``build_alibi_tensor``): the geometric sequence ``2^(-8/n), 2^(-16/n), ...`` for ``n`` the
+    largest power of two ``<= n_head``, then every other slope of the ``2n`` sequence."""
+    closest = 2 ** math.floor(math.log2(n_head))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = base ** torch.arange(1, closest + 1, dtype=torch.float32)
+    if closest != n_head:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, n_head - closest)
+        extra = extra_base ** torch.arange(1, 1 + 2 * n_extra, 2, dtype=torch.float32)
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+class ALiBiPosition(Position):
+    """Attention with Linear Biases (Press et al. 2022): ``bias[h, i, j] = m_h * (j - i)``, i.e.
+    ``-m_h`` times the distance from query ``i`` back to key ``j`` (0 on the diagonal). Future keys
+    get positive values here; the causal mask removes them."""
+
+    def __init__(self, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+
+    def attn_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        rel = (k_pos[None, :] - q_pos[:, None]).float()  # (Tq, Tk)
+        return alibi_slopes(self.n_head).to(rel.device)[:, None, None] * rel[None]  # (nh, Tq, Tk)
+
+
+def _rope_dim(cfg) -> int:
+    return cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+
+
+#: scheme name -> builder ``(cfg) -> Position``
+POSITIONS: Dict[str, Callable[..., Position]] = {
+    "none": lambda cfg: Position(),
+    "learned": lambda cfg: LearnedPosition(cfg.block_size, cfg.n_embd),
+    "sinusoidal": lambda cfg: SinusoidalPosition(cfg.n_embd),
+    "rope": lambda cfg: RotaryPosition(_rope_dim(cfg), cfg.rope_theta),
+    "alibi": lambda cfg: ALiBiPosition(cfg.n_head),
+}
+
+
+def build_position(cfg) -> Position:
+    """The :class:`Position` named by ``cfg.position`` (a key of :data:`POSITIONS`).
+
+    Raises:
+        ValueError: unknown scheme name.
+    """
+    if cfg.position not in POSITIONS:
+        raise ValueError(f"unknown position {cfg.position!r}; known: {', '.join(POSITIONS)}")
+    return POSITIONS[cfg.position](cfg)

@@ -1,0 +1,177 @@
+"""GPT: a decoder-only transformer whose parts are chosen by :class:`GPTConfig` strings.
+
+Read top to bottom: :class:`Block` (norm + attention + norm + feed-forward, joined by the residual
+placement of ``cfg.norm_placement``) and :class:`GPT` (token embedding, position scheme, blocks,
+final norm, LM head). Every variant lives in :mod:`megaray.models.common`:
+
+=============  ==================================================  ===========================
+slot           choices                                             module
+=============  ==================================================  ===========================
+attention      mha, mqa, gqa, mla; backends auto/sdpa/flash/ref     ``common/attention.py``
+position       learned, sinusoidal, rope, alibi, none              ``common/position.py``
+norm           layernorm, rmsnorm; pre / post; final norm           ``common/norm.py``
+feed-forward   gelu, relu, silu, swiglu, geglu; MoE if n_experts   ``common/mlp.py``, ``moe.py``
+=============  ==================================================  ===========================
+
+Sources: nanoGPT ``model.py`` (Karpathy) for the layout, names and GPT-2 init; litgpt for
+config-driven variants.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megaray.models.common.attention import KVCache, build_attention
+from megaray.models.common.moe import MoE, build_feed_forward
+from megaray.models.common.norm import RESIDUALS, build_final_norm, build_norm
+from megaray.models.common.position import build_position
+from megaray.models.gpt.config import GPTConfig
+
+
+class Block(nn.Module):
+    """One transformer layer: ``(B, T, C) -> (B, T, C)``.
+
+    ``forward(x, rope, bias, cache)`` passes the position tables (``rope``), the additive
+    attention bias (``bias``) and this layer's :class:`KVCache` (or None) to attention.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = build_norm(config)
+        self.attn = build_attention(config)
+        self.ln_2 = build_norm(config)
+        self.mlp = build_feed_forward(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.residual = RESIDUALS[config.norm_placement]
+
+    def forward(self, x, rope=None, bias=None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache), self.drop)
+        return self.residual(x, self.ln_2, self.mlp, self.drop)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model.
+
+    Args:
+        config: a :class:`GPTConfig` (e.g. ``GPTConfig.from_name("debug")``).
+
+    ``model(idx)`` maps ``(B, T)`` int64 token ids to ``(B, T, V)`` float logits;
+    ``model(idx, targets)`` returns ``(logits, loss)`` with ``loss`` the mean cross-entropy over
+    positions whose target is not ``-1``. The MoE load-balancing loss of the last forward
+    (coefficient applied, summed over layers; 0 for dense models) is :attr:`aux_loss`: add it to
+    ``loss`` when training. ``T`` (plus the cache length) must not exceed ``config.block_size``.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                pos=build_position(config),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=build_final_norm(config),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.activation_checkpointing = config.activation_checkpointing
+        self.aux_loss = torch.zeros(())
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[KVCache]] = None
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss].
+
+        ``cache`` (from :meth:`new_cache`) makes the call continue after the cached tokens.
+
+        Raises:
+            ValueError: cached length + ``T`` exceeds ``block_size``.
+        """
+        B, T = idx.shape
+        start = len(cache[0]) if cache else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        tr = self.transformer
+        q_pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        k_pos = torch.arange(0, start + T, device=idx.device)  # (Tk,)
+        x = tr.drop(tr.pos.embed(tr.wte(idx), q_pos))  # (B, T, C)
+        rope, bias = tr.pos.rope(q_pos), tr.pos.attn_bias(q_pos, k_pos)  # (T, d) x2, (nh, T, Tk)
+        for i, block in enumerate(tr.h):
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, bias, use_reentrant=False)
+            else:
+                x = block(x, rope, bias, cache[i] if cache is not None else None)
+        logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
+        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
+        self.aux_loss = torch.stack(aux).sum() if aux else torch.zeros((), device=idx.device)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # -- utilities -------------------------------------------------------------------------
+    def new_cache(self) -> List[KVCache]:
+        """An empty KV cache, one :class:`KVCache` per layer, for ``forward(..., cache=)``."""
+        return [KVCache() for _ in range(self.config.n_layer)]
+
+    def set_activation_checkpointing(self, flag: bool) -> "GPT":
+        """Recompute each block in backward (``torch.utils.checkpoint``, non-reentrant) when
+        training with ``flag`` True; trades about one extra forward for activation memory."""
+        self.activation_checkpointing = bool(flag)
+        return self
+
+    def num_params(self, non_embedding: bool = True, active: bool = False) -> int:
+        """Parameter count (tied weights once).
+
+        ``non_embedding`` drops the position table and, when untied, the token embedding (the
+        LM head stays: it is a matmul), as nanoGPT. ``active`` counts only ``moe_top_k`` of the
+        ``n_experts`` experts per MoE layer (the parameters one token uses).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.transformer.pos.parameters())
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        if active:
+            for m in self.modules():
+                if isinstance(m, MoE):
+                    per_expert = sum(p.numel() for p in m.experts[0].parameters())
+                    n -= (m.n_experts - m.top_k) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward) at ``T = seq_len or block_size``; see
+        :func:`megaray.models.gpt.flops.flops_per_token` (MoE: active parameters only)."""
+        from megaray.models.gpt.flops import flops_per_token
+
+        return flops_per_token(self.config, self.num_params(non_embedding=True, active=True), seq_len)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """``(B, T)`` -> ``(B, T + n)`` int64; see :func:`megaray.models.gpt.generate.generate`."""
+        from megaray.models.gpt.generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)

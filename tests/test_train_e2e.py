@@ -30,7 +30,8 @@ def _cfg(text_shards, tmp_path, name, *extra):
 
 def _trace(prefix: Path, rank: int):
     p = Path(f"{prefix}.rank{rank}")
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+    lines = p.read_text().splitlines() if p.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is skipped
 
 
 def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, text_shards, mlflow_server, tmp_path):
@@ -112,8 +113,6 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     import os
     import signal
 
-    import psutil
-
     from megaray.trainers.launch import fit
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "kill"))
@@ -125,13 +124,12 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     deadline = time.time() + 300
     victim = None
     while time.time() < deadline and victim is None:
-        if list((tmp_path / "runs" / "kill").glob("step_00000010/megaray.json")):
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-            if len(workers) >= 2:
-                victim = workers[-1]
-        time.sleep(0.5)
-    assert victim is not None, "run never reached step 10"
-    os.kill(victim.pid, signal.SIGKILL)
+        rank1 = _trace(tmp_path / "kill", 1)
+        if rank1 and rank1[-1]["step"] >= 12:
+            victim = rank1[-1]["pid"]  # this run's rank-1 worker process
+        time.sleep(0.2)
+    assert victim is not None, "run never reached step 12"
+    os.kill(victim, signal.SIGKILL)
     th.join(timeout=400)
     assert "result" in out, "run did not finish after the worker was killed"
     assert out["result"].metrics["step"] == 30
@@ -140,6 +138,7 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
     assert restarts, "no restart visible in the trace"
     assert all(steps[i] - 1 >= 10 and (steps[i] - 1) % 5 == 0 for i in restarts)  # resumed from a checkpoint
+    assert all(r["pid"] != victim for r in _trace(tmp_path / "kill", 1)[-5:])  # a new worker finished
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3])

@@ -114,6 +114,17 @@ def resolve(path: str | os.PathLike) -> Path:
     return max(found, key=lambda d: json.loads((d / STATE_FILE).read_text())["step"])
 
 
+def latest_complete(run_dir: Optional[str], world_size: int) -> Optional[Path]:
+    """Newest checkpoint under a local ``run_dir`` that every one of ``world_size`` ranks finished
+    writing (``megaray.json`` plus one ``rng_rank{r}.pt`` per rank), or None. URIs return None
+    (there Ray's own registry is the only source)."""
+    if not run_dir or "://" in run_dir or not Path(run_dir).is_dir():
+        return None
+    done = [d for d in Path(run_dir).glob("step_*")
+            if (d / STATE_FILE).is_file() and all((d / f"rng_rank{r}.pt").is_file() for r in range(world_size))]
+    return max(done, key=lambda d: d.name) if done else None
+
+
 def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Tuple[torch.nn.Module, RunConfig, Path]:
     """Rebuild the trained model from a checkpoint for generation, evaluation or vocoding.
 

@@ -117,7 +117,7 @@ def fit(
     options.preserve_order = True  # deterministic order per epoch: exact resume of data position
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": {"uri": uri, "run_id": run_id},
+        train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": {"uri": uri, "run_id": run_id}, "run_dir": run_dir,
                            "debug": {"trace": os.environ.get("MEGARAY_TRACE"),
                                      "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP")}},
         scaling_config=ScalingConfig(

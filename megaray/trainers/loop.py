@@ -59,14 +59,22 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         engines[name], _ = build_engine(module, task.param_groups(name, module), cfg, precision)
     model_engine = engines["model"]
 
-    state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0}
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = checkpoint.load(d, engines, rank)
-        if rank == 0:
-            print(f"[megaray] resumed from {restored.path} at step {state['step']} "
-                  f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
+    state = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "world_size": world}
+    # Local storage: the newest checkpoint every rank finished (Ray registers reports
+    # asynchronously, and a worker killed right after a report can restart before it has).
+    # Remote storage (s3://, gs://): the one Ray Train hands over.
+    where = checkpoint.latest_complete(config.get("run_dir"), world)
+    if where is not None:
+        state = checkpoint.load(str(where), engines, rank)
+    else:
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as d:
+                state = checkpoint.load(d, engines, rank)
+            where = restored.path
+    if where is not None and rank == 0:
+        print(f"[megaray] resumed from {where} at step {state['step']} "
+              f"(epoch {state['epoch']}, batch {state['batch_in_epoch']})", flush=True)
 
     mlflow_cfg = config.get("mlflow") or {}
     logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
@@ -100,9 +108,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             batch = next(batches)
             t1 = time.perf_counter()
             batch = task.collate(batch, device)
-            if trace is not None:
-                _trace(trace, batch, state, model_engine)
+            pending = _trace_record(batch, state, model_engine) if trace is not None else None
             metrics = task.train_step(engines, batch, state["step"])
+            if pending is not None:  # written once the micro-batch has been trained on
+                trace.write(pending)
+                trace.flush()
             state["batch_in_epoch"] += 1
             state["tokens"] += task.batch_units(batch) * world
             meter.add(metrics, data_s=t1 - t0, total_s=time.perf_counter() - t0, units=task.batch_units(batch) * world)
@@ -163,15 +173,16 @@ def _report_with_checkpoint(report, engines, state, cfg, rank, task) -> None:
         )
 
 
-def _trace(f, batch, state, engine) -> None:
+def _trace_record(batch, state, engine) -> str:
+    """One JSON line: the optimizer step this micro-batch belongs to, its place in the epoch,
+    a fingerprint of its contents and the lr it is trained with."""
     import hashlib
     import json
 
     first = next(iter(batch.values()))
     digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-    f.write(json.dumps({"step": state["step"] + 1, "epoch": state["epoch"], "batch": state["batch_in_epoch"],
-                        "fp": digest, "lr": float(engine.get_lr()[0])}) + "\n")
-    f.flush()
+    return json.dumps({"step": state["step"] + 1, "epoch": state["epoch"], "batch": state["batch_in_epoch"],
+                       "fp": digest, "lr": float(engine.get_lr()[0]), "pid": os.getpid()}) + "\n"
 
 
 def _epoch_batches(shard, cfg: RunConfig, epoch: int) -> Iterator[Mapping[str, torch.Tensor]]:

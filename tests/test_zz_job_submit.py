@@ -46,14 +46,16 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", "megaray", "train", "configs/gpt_debug.yaml",
-             "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
-             "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=10",
-             "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-        )
+        cmd = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+               "--", "megaray", "train", "configs/gpt_debug.yaml",
+               "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
+               "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=10",
+               "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
+        for _ in range(12):  # the dashboard's job agent comes up a little after `ray start` returns
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(5)
         out = job.stdout + job.stderr
         assert job.returncode == 0, out[-4000:]
         assert "succeeded" in out, out[-4000:]

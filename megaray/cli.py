@@ -117,6 +117,105 @@ def prepare_text_cmd(
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
 
 
+@prepare_app.command("audio")
+def prepare_audio_cmd(
+    source: List[str] = typer.Option(["espeak"], "--source", "-s", help="folder of wav/flac/ogg, a jsonl/csv manifest (path, text, speaker), or an s3:// gs:// URI; 'espeak' = build the embedded espeak-ng speech corpus first"),
+    out: str = typer.Option("data/speech", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
+    sample_rate: int = typer.Option(16000, help="target sample rate in Hz"),
+    n_mels: int = typer.Option(80),
+    n_fft: int = typer.Option(1024),
+    hop_length: int = typer.Option(256, help="hop length in samples"),
+    normalize: str = typer.Option("peak", help="peak | loudness"),
+    clips: int = typer.Option(300, help="clips to render for --source espeak"),
+) -> None:
+    """Decode, resample, normalise and log-mel audio in Ray Data; write train/val shards.
+    Corrupt, truncated, empty or silent files are skipped and reported by name."""
+    from megaray.data.audio import prepare_audio
+    from megaray.data.sources import DataError
+    from megaray.data.speech_corpus import EspeakMissing, build_speech_corpus
+
+    _setup_logging()
+    try:
+        sources = list(source)
+        if "espeak" in sources:
+            corpus = Path(out).with_name(Path(out).name + "-raw")
+            sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
+        from megaray.trainers.launch import ensure_ray
+
+        ensure_ray()
+        manifest = prepare_audio(sources, out, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
+                                 hop_length=hop_length, normalize=normalize)
+    except (DataError, ConfigError, EspeakMissing, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps({k: v for k, v in manifest.items() if k not in ("speakers",)}, indent=2, default=str)[:4000])
+
+
+@prepare_app.command("audio-latents")
+def prepare_audio_latents_cmd(
+    vae_checkpoint: str = typer.Option(..., help="audio VAE checkpoint (or its run directory)"),
+    shards: Optional[str] = typer.Option(None, help="audio shards to encode (default: the VAE run's data.shards)"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory for latent shards"),
+    concurrency: int = typer.Option(1, help="actors holding the VAE"),
+) -> None:
+    """Encode audio shards to VAE latents with Ray Data (an actor pool holding the model)."""
+    from megaray.data.audio import encode_latents
+    from megaray.data.sources import DataError
+    from megaray.trainers.checkpoint import CheckpointError, load_for_inference
+
+    _setup_logging()
+    try:
+        vae, cfg, _ = load_for_inference(vae_checkpoint)
+        if cfg.model.family != "audio_vae":
+            raise ConfigError(f"{vae_checkpoint}: a {cfg.model.family!r} checkpoint, not an audio_vae one")
+        from megaray.trainers.launch import ensure_ray
+
+        ensure_ray()
+        manifest = encode_latents(shards or cfg.data.shards, out, vae, concurrency=concurrency)
+    except (DataError, ConfigError, CheckpointError) as e:
+        _fail(e)
+    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
+
+
+@app.command("vocode")
+def vocode_cmd(
+    checkpoint: str = typer.Option(..., help="vocoder checkpoint (or its run directory)"),
+    input: Path = typer.Option(..., "--input", "-i", help="audio file to analyse (any soundfile format)"),
+    output: Path = typer.Option(..., "--output", "-o", help="wav to write"),
+) -> None:
+    """Analysis -> log-mel -> vocoder -> waveform; prints the real-time factor."""
+    from megaray.models.audio.vocoder import vocode_file
+    from megaray.trainers.checkpoint import CheckpointError, load_for_inference
+
+    try:
+        if not input.is_file():
+            raise CheckpointError(f"input not found: {input}")
+        model, cfg, _ = load_for_inference(checkpoint)
+        if cfg.model.family != "vocoder":
+            raise ConfigError(f"{checkpoint}: a {cfg.model.family!r} checkpoint, not a vocoder")
+        out = vocode_file(model, cfg.model, str(input), str(output))
+    except (ConfigError, CheckpointError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps({"output": str(output), **out}, indent=2))
+
+
+@app.command("tune")
+def tune_cmd(
+    config: Path = typer.Argument(..., help="tune config YAML (see configs/tune/)"),
+    set_: List[str] = typer.Option([], "--set", help="override in the tune config, e.g. --set search.num_samples=8"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted search; finished trials are not re-run"),
+) -> None:
+    """Ray Tune search: every trial is a Ray Train run (its own MLflow child run)."""
+    from megaray.data.sources import DataError
+    from megaray.tune.search import run_search
+
+    _setup_logging()
+    try:
+        result = run_search(config, set_, resume=resume)
+    except (ConfigError, DataError) as e:
+        _fail(e)
+    typer.echo(str(result))
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: str = typer.Option(..., help="checkpoint directory, or a run directory (its latest checkpoint)"),

@@ -39,6 +39,18 @@ REGISTRY: Dict[str, ModelSpec] = {
         build="megaray.models.gpt.model:GPT",
         task="megaray.trainers.text_task:TextTask",
     ),
+    "vocoder": ModelSpec(
+        family="vocoder",
+        config="megaray.models.audio.config:VocoderConfig",
+        build="megaray.models.audio.vocoder:build_vocoder",
+        task="megaray.trainers.audio_task:VocoderTask",
+    ),
+    "audio_vae": ModelSpec(
+        family="audio_vae",
+        config="megaray.models.audio.config:AudioVAEConfig",
+        build="megaray.models.audio.vae:build_audio_vae",
+        task="megaray.trainers.audio_task:AudioVAETask",
+    ),
 }
 
 

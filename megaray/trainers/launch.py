@@ -54,7 +54,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
         n = num_cpus or max(8, os.cpu_count() or 1)
-        ray.init(num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
+        ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"

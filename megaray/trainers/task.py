@@ -97,8 +97,8 @@ class Task:
 
         Called on rank 0 only, and only when the module holds full weights (ZeRO stage < 3).
         Returns extra text to log (e.g. ``{"sample": "..."}``)."""
+        return {}
 
     def checkpoint_files(self) -> Dict[str, str]:
         """``{file name: text}`` written into every checkpoint by rank 0 (e.g. tokenizer.json)."""
-        return {}
         return {}

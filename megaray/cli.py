@@ -104,6 +104,7 @@ def prepare_text_cmd(
     vocab_size: int = typer.Option(8192, help="BPE vocabulary size when training a tokenizer"),
     tokenizer: Optional[str] = typer.Option(None, help="use this tokenizer.json instead of training one"),
     val_fraction: float = typer.Option(0.02, help="fraction of documents held out for validation"),
+    overwrite: bool = typer.Option(False, help="replace an existing prepared folder"),
 ) -> None:
     """Tokenize text sources with a byte-level BPE and write train/val parquet shards."""
     from megaray.data.sources import DataError
@@ -111,7 +112,8 @@ def prepare_text_cmd(
 
     _setup_logging()
     try:
-        manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction)
+        manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
+                                overwrite=overwrite)
     except (DataError, ConfigError) as e:
         _fail(e)
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
@@ -281,7 +283,7 @@ def demo_cmd(
             typer.echo(f"[demo] using prepared corpus {shards}")
         except DataError:
             typer.echo(f"[demo] preparing the stdlib docstring corpus into {shards}")
-            prepare_text(["stdlib"], shards, vocab_size=cfg.model.vocab_size)
+            prepare_text(["stdlib"], shards, vocab_size=cfg.model.vocab_size, val_fraction=0.05)
         result = _train(cfg)
     except (ConfigError, DataError) as e:
         _fail(e)

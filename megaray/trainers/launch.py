@@ -49,7 +49,13 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        # Ray Train's print patch tees worker prints into its logger *and* stdout: every
+        # progress line would reach the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:

@@ -51,7 +51,7 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
                "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
                "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=10",
                "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
-        for _ in range(12):  # the dashboard's job agent comes up a little after `ray start` returns
+        for _ in range(40):  # the dashboard's job agent comes up a little after `ray start` returns
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
             if "No available agent" not in job.stdout + job.stderr:
                 break

@@ -215,7 +215,7 @@ def tune_cmd(
         result = run_search(config, set_, resume=resume)
     except (ConfigError, DataError) as e:
         _fail(e)
-    typer.echo(str(result))
+    typer.echo(result.summary())
 
 
 @app.command("eval")

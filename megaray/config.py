@@ -177,23 +177,28 @@ def load_config(
         ConfigError: missing file, bad YAML, unknown/misspelled key, wrong type, impossible
             combination. The message names the dotted key path.
     """
-    if isinstance(source, dict):
-        raw = dict(source)
-        origin = "<dict>"
-    else:
-        origin = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {origin}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{origin}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
+    raw = dict(source) if isinstance(source, dict) else read_yaml_mapping(source)
     for item in overrides:
         apply_override(raw, item)
     return build_run_config(raw)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> Dict[str, Any]:
+    """The top-level mapping of a YAML file.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or a top level that is not a mapping.
+    """
+    origin = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} file not found: {origin}")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
 
 
 def build_run_config(raw: Dict[str, Any]) -> RunConfig:

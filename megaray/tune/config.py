@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from megaray.config import ConfigError, RunConfig, StrictConfig, apply_override, build_run_config, validate
+from megaray.config import (ConfigError, RunConfig, StrictConfig, apply_override, build_run_config, read_yaml_mapping,
+                            validate)
 
 log = logging.getLogger("megaray.tune")
 
@@ -296,19 +297,10 @@ def load_tune_config(
     """
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
-        origin = "<dict>"
         here = Path(base_dir) if base_dir is not None else Path.cwd()
     else:
-        origin = str(source)
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"tune config file not found: {origin}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{origin}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "tune config")
         here = Path(base_dir) if base_dir is not None else path.resolve().parent
     for item in overrides:
         apply_tune_override(raw, item)

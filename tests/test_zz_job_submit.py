@@ -37,10 +37,15 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    import ray
+
+    ray.shutdown()  # the session's in-process cluster: its dashboard agent would hold the default agent ports
+    gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
     start = subprocess.run(
         [str(bin_dir / "ray"), "start", "--head", "--num-cpus=8", f"--port={gcs}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr

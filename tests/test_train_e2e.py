@@ -151,9 +151,11 @@ def test_zero_stage_trains_and_checkpoints(ray_cluster, text_shards, tmp_path, s
     from megaray.trainers.launch import fit
 
     cfg = _cfg(text_shards, tmp_path, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=4",
-               "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=2", "tracking.enabled=false")
+               "train.checkpoint_every=3", "train.eval_every=4", "train.log_every=2", "tracking.enabled=false")
     result = fit(cfg)
     assert result.metrics["step"] == 4
+    # a checkpoint step that is not a logging step still checkpoints; the last step always does
+    assert sorted(p.name for p in (tmp_path / "runs" / f"zero{stage}").glob("step_*")) == ["step_00000003", "step_00000004"]
     assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["val_loss"])
     model, loaded, _ = load_for_inference(result.checkpoint)
     assert loaded.train.zero_stage == stage

@@ -146,11 +146,12 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                         for key, text in texts.items():
                             logger.text(text, f"{key}/step_{step:08d}.txt")
                             print(f"[megaray] {key} @ {step}: {text!r}", flush=True)
-            if not report:
+            checkpoint_due = step % t.checkpoint_every == 0 or last
+            if not report and not checkpoint_due:
                 continue
             report.update(step=step, tokens=state["tokens"], epoch=state["epoch"])
             logger.metrics({k: v for k, v in report.items() if k not in ("step",)}, step)
-            if step % t.checkpoint_every == 0 or last:
+            if checkpoint_due:
                 _report_with_checkpoint(report, engines, state, cfg, rank, task)
             else:
                 ray.train.report(report)

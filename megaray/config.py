@@ -160,7 +160,7 @@ class RunConfig(StrictConfig):
 
     def flat(self) -> Dict[str, Any]:
         """Flattened ``{'model.n_layer': 4, ...}`` view, for MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten(self.model_dump(mode="json"))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -276,12 +276,13 @@ def _suggest(word: str, valid: Any) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings stay as leaves)."""
     out: Dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

@@ -15,9 +15,9 @@ Prepare (driver-only, one process)::
 
 Train (Ray Data, streaming)::
 
-    read_parquet(shards of one split) -> map_batches(_Packer) -> {"input_ids", "targets"}
+    read_parquet(shards of one split) -> map_batches(Packer) -> {"input_ids", "targets"}
 
-``_Packer`` is a stateful actor that concatenates documents (each already ends in EOS), carries the
+``Packer`` is a stateful actor that concatenates documents (each already ends in EOS), carries the
 remainder over to its next batch and cuts windows of ``block_size + 1`` tokens:
 ``input_ids = w[:-1]``, ``targets = w[1:]``, both int64 of shape ``(block_size,)``. With the default
 single packer only the final remainder of the stream is lost, so the number of windows is exactly
@@ -750,7 +750,7 @@ def check_shards(shards: str, manifest: Optional[Dict[str, Any]] = None, splits:
                 raise DataError(f"shard {where} has {md.num_rows} rows, manifest says {entry['documents']}; re-run prepare")
 
 
-class _Packer:
+class Packer:
     """Ray Data callable class: documents (``tokens`` list column) -> LM windows.
 
     State: the tail of the token stream that did not fill a window, prepended to the next batch.
@@ -842,7 +842,7 @@ def text_datasets(
             shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
         )
         out[split] = ds.map_batches(
-            _Packer,
+            Packer,
             fn_constructor_kwargs={"block_size": block_size, "shuffle_seed": seed if shuffle else None},
             batch_format="pyarrow",
             batch_size=pack_batch_size,
@@ -905,7 +905,7 @@ class _TokenizePack:
     def __init__(self, tokenizer_path: str, block_size: int):
         self.tok = load_tokenizer(tokenizer_path)
         self.eos = eos_id(self.tok)
-        self.packer = _Packer(block_size)
+        self.packer = Packer(block_size)
         self.skipped = 0
 
     def __call__(self, batch: pa.Table) -> Dict[str, np.ndarray]:

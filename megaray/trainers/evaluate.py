@@ -23,7 +23,7 @@ def iter_windows(shards: str, split: str, block_size: int, batch_size: int) -> I
     manifest = text.load_manifest(shards)
     text.check_shards(shards, manifest, splits=[split])
     fs, paths = text.shard_paths(shards, manifest, split)
-    packer = text._Packer(block_size)
+    packer = text.Packer(block_size)
     pending = []
     for path in paths:
         with fs.open_input_file(path) as fh:

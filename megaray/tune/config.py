@@ -39,8 +39,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from megaray.config import (ConfigError, RunConfig, StrictConfig, apply_override, build_run_config, read_yaml_mapping,
-                            validate)
+from megaray.config import (ConfigError, RunConfig, StrictConfig, apply_override, build_run_config, flatten,
+                            read_yaml_mapping, validate)
 
 log = logging.getLogger("megaray.tune")
 
@@ -156,7 +156,7 @@ class TuneSearchConfig(StrictConfig):
     def _flatten_overrides(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("overrides"), dict):
             data = dict(data)
-            data["overrides"] = _flatten(data["overrides"])
+            data["overrides"] = flatten(data["overrides"])
         return data
 
 
@@ -258,7 +258,7 @@ class TuneSearch:
         for k, d in c.space.items():
             out[f"tune.space.{k}"] = d.describe()
         for section in ("search", "scheduler", "trial"):
-            for k, v in _flatten(getattr(c, section).model_dump(mode="json")).items():
+            for k, v in flatten(getattr(c, section).model_dump(mode="json")).items():
                 out[f"tune.{section}.{k}"] = v
         return out
 
@@ -364,7 +364,7 @@ def apply_tune_override(raw: Dict[str, Any], item: str) -> None:
     if head in RUN_SECTIONS:
         if not isinstance(raw.get("overrides"), dict):
             raw["overrides"] = {}
-        raw["overrides"] = _flatten(raw["overrides"])
+        raw["overrides"] = flatten(raw["overrides"])
         raw["overrides"][key] = parsed
     elif head in ("space", "overrides") and "." in key:
         rest = key.split(".", 1)[1]
@@ -372,7 +372,7 @@ def apply_tune_override(raw: Dict[str, Any], item: str) -> None:
         if not isinstance(section, dict):
             section = raw[head] = {}
         if head == "overrides":
-            raw["overrides"] = section = _flatten(section)
+            raw["overrides"] = section = flatten(section)
         section[rest] = parsed
     else:
         apply_override(raw, item)
@@ -437,7 +437,7 @@ def _check_space(search: TuneSearch) -> None:
                 if isinstance(v, dict):
                     if not isinstance(target, (BaseModel, dict)):
                         raise ConfigError(f"space.{key}: a mapping value {v!r} needs {key!r} to be a section (e.g. model)")
-                    for sub in _flatten(v):
+                    for sub in flatten(v):
                         _, ok = _lookup(target, sub.split("."))
                         if not ok:
                             sub_valid = sorted(_all_paths(_dump(target)))
@@ -505,7 +505,7 @@ def _apply_trial_section(raw: Dict[str, Any], trial: TrialSection) -> None:
 
 def _apply_value(raw: Dict[str, Any], key: str, value: Any) -> None:
     if isinstance(value, dict):
-        for sub, v in _flatten(value).items():
+        for sub, v in flatten(value).items():
             _set_dotted(raw, f"{key}.{sub}", v)
     else:
         _set_dotted(raw, key, value)
@@ -552,17 +552,6 @@ def _all_paths(d: Dict[str, Any], prefix: str = "") -> List[str]:
     return out
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _labels(cfg: TuneSearchConfig) -> Dict[str, Dict[str, Any]]:
     """String labels for choice/grid values that are not scalars (Optuna and Tune's tables need
     scalars); ``{key: {label: value}}``."""
@@ -574,7 +563,7 @@ def _labels(cfg: TuneSearchConfig) -> Dict[str, Dict[str, Any]]:
         table: Dict[str, Any] = {}
         for v in vals:
             if isinstance(v, dict):
-                label = ",".join(f"{k}={json.dumps(x) if not isinstance(x, str) else x}" for k, x in _flatten(v).items())
+                label = ",".join(f"{k}={json.dumps(x) if not isinstance(x, str) else x}" for k, x in flatten(v).items())
             else:
                 label = json.dumps(v, default=str)
             base, n = label, 2

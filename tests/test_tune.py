@@ -238,7 +238,8 @@ def test_asha_search_killed_and_resumed(ray_cluster, text_shards, tmp_path):
     by_lr = {t.params["train.lr"]: t for t in result.trials}
     bad = by_lr[10.0]
     assert bad.outcome == "stopped_early" and bad.last_step < 10, bad
-    assert by_lr[3e-3].outcome == "completed" and by_lr[3e-3].last_step == 10
+    # which good lr survives the rung depends on arrival order at the rung; at least one runs to max_t
+    assert any(t.outcome == "completed" and t.last_step == 10 for t in result.trials), result.table()
     assert all(t.outcome in ("completed", "stopped_early") for t in result.trials)
     assert result.best is not None and result.best.params["train.lr"] != 10.0
     assert result.best.metric < bad.metric

@@ -176,6 +176,33 @@ def test_resumable_asha_replays_trials_finished_before_a_restore(tmp_path):
     assert plain.on_trial_result(None, bad, {"step": 5, "loss": 1443.0}) == "CONTINUE"  # what Tune alone does
 
 
+def test_resumable_asha_never_stops_a_trial_at_max_t():
+    """With max_t = grace_period * reduction_factor, ASHA has a rung at max_t itself: a trial that
+    reaches it behind the leader would be stopped while its Train run writes the final checkpoint
+    and closes its MLflow run (seen in CI: a completed trial's run ended FAILED). Ours lets it end."""
+    from types import SimpleNamespace
+
+    from megaray.tune.search import ResumableASHA
+
+    def make(cls):
+        s = cls(time_attr="step", max_t=10, grace_period=5, reduction_factor=2, stop_last_trials=False)
+        s.set_search_properties("loss", "min")
+        lead, late, bad = (SimpleNamespace(trial_id=t, status="RUNNING") for t in ("lead", "late", "bad"))
+        for t in (lead, late, bad):
+            s.on_trial_add(None, t)
+        assert s.on_trial_result(None, lead, {"step": 5, "loss": 6.0}) == "CONTINUE"
+        assert s.on_trial_result(None, lead, {"step": 10, "loss": 5.0}) == "CONTINUE"
+        assert s.on_trial_result(None, late, {"step": 5, "loss": 5.9}) == "CONTINUE"
+        return s, late, bad
+
+    ours, late, bad = make(ResumableASHA)
+    assert ours.on_trial_result(None, late, {"step": 10, "loss": 5.8}) == "CONTINUE"
+    assert ours.on_trial_result(None, bad, {"step": 5, "loss": 99.0}) == "STOP"  # rungs below max_t still cut
+    assert ours._num_stopped == 1
+    plain, late, _ = make(ResumableASHA.__mro__[1])
+    assert plain.on_trial_result(None, late, {"step": 10, "loss": 5.8}) == "STOP"  # what ASHA alone does
+
+
 # ----------------------------------------------------------------------------- a real search
 
 

@@ -460,6 +460,21 @@ class ResumableASHA(ASHAScheduler):
     (the trial's ``result.json`` in storage) replayed into the rungs when Tune re-adds it.
     """
 
+    def on_trial_result(self, tune_controller, trial, result: Dict) -> str:
+        """As ASHA, except that a report at ``max_t`` never stops the trial.
+
+        With ``max_t == grace_period * reduction_factor**k`` ASHA has a rung *at* ``max_t``, and a
+        trial that reaches it below the cutoff is stopped, though it has nothing left to train.
+        The STOP lands while its Train run is writing the final checkpoint and closing its
+        MLflow run, which then ends ``FAILED`` with no final checkpoint recorded. The result is
+        still recorded in the rung (later cutoffs see it); the trial ends by itself.
+        """
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get(self._time_attr, -1) >= self._max_t:
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return action
+
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
         if trial.status not in ("TERMINATED", "ERROR"):

@@ -40,15 +40,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def ray_local(ray_cluster):
-    """The session cluster for Ray Data tests, with Ray Data's progress bars off."""
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    return ray_cluster
-
-
 @pytest.fixture(scope="session")
 def text_shards(tmp_path_factory):
     """The stdlib-docstring corpus (a deterministic subset) tokenized with a 512-token BPE."""

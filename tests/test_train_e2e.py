@@ -107,6 +107,14 @@ def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, t
     steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
     assert sorted(steps) == [3, 6, 9, 12]
 
+    # a third run of the same command has nothing to train: it hands back the final report
+    # (what a Tune trial restarted after finishing needs) and logs nothing new
+    again = fit(cfg)
+    assert again.metrics["step"] == 12 and again.checkpoint == result.checkpoint
+    assert again.metrics["val_loss"] == pytest.approx(result.metrics["val_loss"])
+    assert [r["step"] for r in _trace(tmp_path / "crash", 0)] == list(range(1, 13))  # no batch trained
+    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == [3, 6, 9, 12]
+
 
 def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards, tmp_path, monkeypatch):
     import os

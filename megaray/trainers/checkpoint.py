@@ -9,7 +9,8 @@ Layout of one checkpoint directory (``<storage_path>/<run>/step_00000100/``)::
     model.pt          consolidated weights (``engine.save_16bit_model``; fp32 when training fp32)
     config.yaml       the resolved run config
     tokenizer.json    copied from the data shards (text runs)
-    megaray.json      step, tokens seen, epoch, batches consumed; written LAST by rank 0
+    megaray.json      step, tokens seen, epoch, batches consumed, the metrics reported with this
+                      checkpoint; written LAST by rank 0
 
 Crash safety: every rank writes into a fresh local temporary directory; Ray Train copies the
 merged result into storage and only then registers it as the latest checkpoint, so a crash in

@@ -160,6 +160,14 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 pacer.sent()
             if debug.get("fault_at_step") and step == int(debug["fault_at_step"]) and rank == 0:
                 raise RuntimeError(f"MEGARAY_FAULT_AT_STEP: injected failure after step {step}")
+    if state["step"] == start_step and state.get("metrics"):
+        # Nothing left to train (a re-run of a finished run, or a Tune trial restarted after it
+        # finished but before Tune saved that): hand Ray Train the final report again, so the
+        # result and Tune's view of the trial end at max_steps. MLflow already has it.
+        if rank == 0:
+            print(f"[megaray] run already at step {state['step']} of {t.max_steps}: nothing to train; "
+                  "re-reporting its final metrics", flush=True)
+        ray.train.report(dict(state["metrics"]))
     if rank == 0:
         paced = f" ({pacer.skipped} progress report(s) kept from Ray Train by pacing; all are in MLflow)" if pacer.skipped else ""
         print(f"[megaray] done: step {state['step']}, {state['tokens']:,} {task.unit}{paced}", flush=True)
@@ -169,7 +177,8 @@ def _report_with_checkpoint(report, engines, state, cfg, rank, task) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="megaray-ckpt-") as d:
-        checkpoint.save(d, engines, dict(state), cfg, rank, task.checkpoint_files())
+        # the report goes into megaray.json too: a resumed run with nothing left to train re-reports it
+        checkpoint.save(d, engines, dict(state, metrics=dict(report)), cfg, rank, task.checkpoint_files())
         torch.distributed.barrier()
         ray.train.report(
             report,

@@ -233,9 +233,17 @@ def _mean_across_ranks(values: Dict[str, float], world: int) -> Dict[str, float]
     if world == 1 or not values or not torch.distributed.is_initialized():
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
     torch.distributed.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: NCCL (Ray Train's backend with GPUs)
+    only takes CUDA tensors, gloo takes CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class _ReportPacer:
@@ -259,6 +267,7 @@ class _ReportPacer:
     def due(self, rank: int, world: int) -> bool:
         go = torch.tensor([float(time.monotonic() - self.last >= self.interval_s)])
         if world > 1 and torch.distributed.is_initialized():
+            go = go.to(_collective_device())
             torch.distributed.broadcast(go, src=0)
         if not go.item():
             self.skipped += 1

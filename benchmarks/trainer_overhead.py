@@ -24,8 +24,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bare_loop(cfg, steps: int, warmup: int) -> float:
-    """Steps/s of forward + backward + AdamW step on fixed random batches."""
+def _model_and_batch(cfg):
+    """The model, its AdamW groups (the task's own ``param_groups``) and one fixed (B, T) batch
+    of token ids and targets, one torch thread, seeded: what both bare sides train on."""
     import torch
 
     from megaray.models import registry
@@ -33,61 +34,56 @@ def bare_loop(cfg, steps: int, warmup: int) -> float:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = registry.build_model(cfg.model)
-    t = cfg.train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t.lr, betas=tuple(t.betas))
+    groups = registry.task_class(cfg.model.family)(cfg).param_groups("model", model)
     B, T, V = cfg.data.batch_size, cfg.model.block_size, cfg.model.vocab_size
-    x = torch.randint(0, V, (B, T))
-    y = torch.randint(0, V, (B, T))
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+    return model, groups, torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+
+
+def _steps_per_s(step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - t0)
+
+
+def bare_loop(cfg, steps: int, warmup: int) -> float:
+    """Steps/s of forward + backward + clip + AdamW step on a fixed batch, plain PyTorch."""
+    import torch
+
+    model, groups, x, y = _model_and_batch(cfg)
+    t = cfg.train
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+    def step():
         _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return steps / (time.perf_counter() - t0)
+
+    return _steps_per_s(step, steps, warmup)
 
 
 def bare_deepspeed(cfg, steps: int, warmup: int) -> float:
     """Steps/s of the same step through megaray's DeepSpeed engine (``build_engine``: same
-    DeepSpeed config, ZeRO stage, optimizer and schedule) on fixed batches, world size 1, in
+    DeepSpeed config, ZeRO stage, optimizer and schedule) on the fixed batch, world size 1, in
     this process: the DeepSpeed share of the overhead, without Ray Data or Ray Train."""
-    import socket
+    from gpt_throughput import _init_dist  # benchmarks/ is on sys.path when run as a script
 
-    import torch
-    import torch.distributed as dist
-
-    from megaray.models import registry
     from megaray.trainers.deepspeed import build_engine
 
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = registry.build_model(cfg.model)
-    t = cfg.train
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    _init_dist("cpu")
+    model, groups, x, y = _model_and_batch(cfg)
     engine, _ = build_engine(model, groups, cfg, "fp32")
-    B, T, V = cfg.data.batch_size, cfg.model.block_size, cfg.model.vocab_size
-    x = torch.randint(0, V, (B, T))
-    y = torch.randint(0, V, (B, T))
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+
+    def step():
         _, loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-    return steps / (time.perf_counter() - t0)
+
+    return _steps_per_s(step, steps, warmup)
 
 
 def megaray_run(cfg) -> dict:

@@ -222,21 +222,32 @@ def apply_override(raw: Dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.n_layer=4")
     key, value = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    if not [p for p in key.strip().split(".") if p]:
         raise ConfigError(f"override {item!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    set_dotted(raw, key.strip(), parsed, where=f"override {item!r}")
+
+
+def set_dotted(raw: Dict[str, Any], key: str, value: Any, where: Optional[str] = None) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"`` in place, creating missing sections.
+
+    Raises:
+        ConfigError: a prefix of the key names a value that is not a mapping; the message
+            starts with ``where`` (default: the key).
+    """
+    parts = [p for p in key.split(".") if p]
     node = raw
     for p in parts[:-1]:
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {p} is not a section")
+            raise ConfigError(f"{where or key}: {p} is not a section")
         node = nxt
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = value
 
 
 def validate(cls: type[BaseModel], data: Dict[str, Any], prefix: str = "") -> Any:

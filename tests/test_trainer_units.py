@@ -14,14 +14,14 @@ def test_report_pacer_holds_back_progress_reports_inside_the_poll_interval(monke
     monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
     p = loop._ReportPacer()
-    assert p.due(rank=0, world=1)  # nothing sent yet
+    assert p.due(world=1)  # nothing sent yet
     p.sent()
     now[0] += 0.5
-    assert not p.due(rank=0, world=1)
+    assert not p.due(world=1)
     now[0] += 1.0
-    assert not p.due(rank=0, world=1)
+    assert not p.due(world=1)
     now[0] += 0.5  # 2.0 s after the last report
-    assert p.due(rank=0, world=1)
+    assert p.due(world=1)
     assert p.skipped == 2
 
 

@@ -155,7 +155,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             if checkpoint_due:
                 _report_with_checkpoint(report, engines, state, cfg, rank, task)
                 pacer.sent()
-            elif any(k.startswith("val_") for k in report) or pacer.due(rank, world):
+            elif any(k.startswith("val_") for k in report) or pacer.due(world):
                 ray.train.report(report)
                 pacer.sent()
             if debug.get("fault_at_step") and step == int(debug["fault_at_step"]) and rank == 0:
@@ -264,7 +264,7 @@ class _ReportPacer:
         self.last = -math.inf
         self.skipped = 0
 
-    def due(self, rank: int, world: int) -> bool:
+    def due(self, world: int) -> bool:
         go = torch.tensor([float(time.monotonic() - self.last >= self.interval_s)])
         if world > 1 and torch.distributed.is_initialized():
             go = go.to(_collective_device())

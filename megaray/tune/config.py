@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from megaray.config import (ConfigError, RunConfig, StrictConfig, apply_override, build_run_config, flatten,
-                            read_yaml_mapping, validate)
+                            read_yaml_mapping, set_dotted, validate)
 
 log = logging.getLogger("megaray.tune")
 
@@ -330,7 +330,7 @@ def load_tune_config(
         return _defer(search, f"model family {family!r} is not registered (known: {', '.join(sorted(registry.REGISTRY))})", strict)
 
     for key, value in cfg.overrides.items():
-        _set_dotted(base_raw, key, value)
+        set_dotted(base_raw, key, copy.deepcopy(value))
     _apply_trial_section(base_raw, cfg.trial)
     try:
         base = build_run_config(base_raw)
@@ -506,22 +506,9 @@ def _apply_trial_section(raw: Dict[str, Any], trial: TrialSection) -> None:
 def _apply_value(raw: Dict[str, Any], key: str, value: Any) -> None:
     if isinstance(value, dict):
         for sub, v in flatten(value).items():
-            _set_dotted(raw, f"{key}.{sub}", v)
+            set_dotted(raw, f"{key}.{sub}", copy.deepcopy(v))
     else:
-        _set_dotted(raw, key, value)
-
-
-def _set_dotted(raw: Dict[str, Any], key: str, value: Any) -> None:
-    parts = [p for p in key.split(".") if p]
-    node = raw
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{key}: {p} is not a section")
-        node = nxt
-    node[parts[-1]] = copy.deepcopy(value)
+        set_dotted(raw, key, copy.deepcopy(value))
 
 
 def _lookup(obj: Any, parts: List[str]) -> Tuple[Any, bool]:

@@ -29,28 +29,6 @@ BAD = {"corrupt.wav", "empty.wav", "notes.wav", "silent.wav", "truncated.wav"}
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        for attempt in range(3):  # a raylet can miss its 30 s start window on an overloaded 2-core box
-            try:
-                ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception:
-                ray.shutdown()
-                if attempt == 2:
-                    raise
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     if not HAVE_ESPEAK:
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")

@@ -51,27 +51,6 @@ def _read_rows(shards: str, split: str):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    from ray.data import DataContext
-
-    started = not ray.is_initialized()
-    if started:
-        for attempt in range(2):  # Ray waits a fixed 30 s for its raylet: retry once on an overloaded machine
-            try:
-                ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-                break
-            except Exception as e:
-                ray.shutdown()
-                if attempt or "timed out during startup" not in str(e):
-                    raise
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "stdlib"
     # small shards and row groups so the Ray tests cross file and row-group boundaries

@@ -29,7 +29,7 @@ def _model_and_batch(cfg):
     of token ids and targets, one torch thread, seeded: what both bare sides train on."""
     import torch
 
-    from megaray.models import registry
+    from megaray import families as registry
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def bare_deepspeed(cfg, steps: int, warmup: int) -> float:
     this process: the DeepSpeed share of the overhead, without Ray Data or Ray Train."""
     from gpt_throughput import _init_dist  # benchmarks/ is on sys.path when run as a script
 
-    from megaray.trainers.deepspeed import build_engine
+    from megaray.train.engines import build_engine
 
     _init_dist("cpu")
     model, groups, x, y = _model_and_batch(cfg)
@@ -98,7 +98,7 @@ def megaray_run(cfg) -> dict:
     """
     from mlflow.tracking import MlflowClient
 
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     result = fit(cfg)
     client = MlflowClient(result.tracking_uri)
@@ -125,9 +125,9 @@ def main() -> None:
     ap.add_argument("--shards", default=None, help="prepared shards (default: prepare a stdlib subset)")
     args = ap.parse_args()
 
-    from megaray.config import load_config
+    from megaray.families import load_config
     from megaray.data.text import prepare_text
-    from megaray.trainers.launch import ensure_ray
+    from megaray.train.launch import ensure_ray
 
     work = Path(tempfile.mkdtemp(prefix="megaray-bench-"))
     shards = args.shards or str(work / "shards")

@@ -49,7 +49,7 @@ def config_cmd(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Validate a run config and print it fully resolved (presets expanded, defaults filled)."""
-    from megaray.config import load_config
+    from megaray.families import load_config
 
     try:
         typer.echo(load_config(config, set_).to_yaml(), nl=False)
@@ -64,9 +64,9 @@ def train_cmd(
 ) -> None:
     """Train with Ray Train + DeepSpeed. Re-running the same command resumes the run from its
     latest checkpoint; RAY_ADDRESS picks an existing cluster, else a local one starts."""
-    from megaray.config import load_config
+    from megaray.families import load_config
     from megaray.data.sources import DataError
-    from megaray.trainers.checkpoint import CheckpointError
+    from megaray.train.checkpoint import CheckpointError
 
     _setup_logging()
     try:
@@ -78,13 +78,13 @@ def train_cmd(
 
 
 def _train(cfg):
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     return fit(cfg)
 
 
 def _print_result(result) -> None:
-    from megaray.tracking.mlflow import run_url
+    from megaray.train.mlflow import run_url
 
     m = result.metrics
     typer.echo("")
@@ -142,7 +142,7 @@ def prepare_audio_cmd(
         if "espeak" in sources:
             corpus = Path(out).with_name(Path(out).name + "-raw")
             sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
-        from megaray.trainers.launch import ensure_ray
+        from megaray.train.launch import ensure_ray
 
         ensure_ray()
         manifest = prepare_audio(sources, out, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
@@ -162,14 +162,14 @@ def prepare_audio_latents_cmd(
     """Encode audio shards to VAE latents with Ray Data (an actor pool holding the model)."""
     from megaray.data.audio import encode_latents
     from megaray.data.sources import DataError
-    from megaray.trainers.checkpoint import CheckpointError, load_for_inference
+    from megaray.train.checkpoint import CheckpointError, load_for_inference
 
     _setup_logging()
     try:
         vae, cfg, _ = load_for_inference(vae_checkpoint)
         if cfg.model.family != "audio_vae":
             raise ConfigError(f"{vae_checkpoint}: a {cfg.model.family!r} checkpoint, not an audio_vae one")
-        from megaray.trainers.launch import ensure_ray
+        from megaray.train.launch import ensure_ray
 
         ensure_ray()
         manifest = encode_latents(shards or cfg.data.shards, out, vae, concurrency=concurrency)
@@ -186,7 +186,7 @@ def vocode_cmd(
 ) -> None:
     """Analysis -> log-mel -> vocoder -> waveform; prints the real-time factor."""
     from megaray.models.audio.vocoder import vocode_file
-    from megaray.trainers.checkpoint import CheckpointError, load_for_inference
+    from megaray.train.checkpoint import CheckpointError, load_for_inference
 
     try:
         if not input.is_file():
@@ -228,8 +228,8 @@ def eval_cmd(
 ) -> None:
     """Perplexity of a trained text model on a prepared split (single process, CPU or CUDA)."""
     from megaray.data.sources import DataError
-    from megaray.trainers.checkpoint import CheckpointError
-    from megaray.trainers.evaluate import evaluate_text
+    from megaray.train.checkpoint import CheckpointError
+    from megaray.inference.eval import evaluate_text
 
     try:
         out = evaluate_text(checkpoint, shards=shards, split=split, max_batches=max_batches, batch_size=batch_size)
@@ -249,8 +249,8 @@ def generate_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Continue a prompt with a trained text model (KV-cached sampling)."""
-    from megaray.trainers.checkpoint import CheckpointError, load_for_inference
-    from megaray.trainers.text_task import sample_text
+    from megaray.train.checkpoint import CheckpointError, load_for_inference
+    from megaray.tasks.lm import sample_text
 
     try:
         model, cfg, ckpt = load_for_inference(checkpoint)
@@ -270,7 +270,7 @@ def demo_cmd(
 ) -> None:
     """The main job on the embedded default: prepare the stdlib-docstring corpus, train a small GPT
     with 2 Ray Train workers under ZeRO-2, evaluate against the unigram baseline, generate."""
-    from megaray.config import load_config
+    from megaray.families import load_config
     from megaray.data.text import load_manifest, prepare_text
     from megaray.data.sources import DataError
 
@@ -295,8 +295,8 @@ def demo_cmd(
         typer.secho(f"  val loss {val:.3f} nats/token vs unigram baseline {baseline:.3f} ({verdict}; "
                     f"ppl {math.exp(val):.1f} vs {math.exp(baseline):.1f})", bold=True)
     if result.checkpoint:
-        from megaray.trainers.checkpoint import load_for_inference
-        from megaray.trainers.text_task import sample_text
+        from megaray.train.checkpoint import load_for_inference
+        from megaray.tasks.lm import sample_text
 
         model, _, ckpt = load_for_inference(result.checkpoint)
         sample = sample_text(model, (ckpt / "tokenizer.json").read_text(), "Return the", 40, seed=0)

@@ -9,7 +9,7 @@ A run config is one YAML file::
     scaling: {num_workers: 2}
     tracking: {experiment: megaray}
 
-``model`` is resolved through :mod:`megaray.models.registry`: ``family`` picks the config
+``model`` is resolved through :mod:`megaray.families`: ``family`` picks the config
 class, ``preset`` names one of that family's presets, every other key overrides a field.
 
 Every error is a :class:`ConfigError` that names the full dotted key path (``model.n_layr``) and,
@@ -26,12 +26,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type, or impossible combination.
-
-    The message names the full dotted key path and what to do about it.
-    """
+from megaray.errors import ConfigError
 
 
 class StrictConfig(BaseModel):
@@ -62,7 +57,7 @@ class ModelConfig(StrictConfig):
             if name not in cls.PRESETS:
                 raise ConfigError(
                     f"model.preset: unknown preset {name!r} for family {cls.model_fields['family'].default!r}"
-                    f"{_suggest(name, cls.PRESETS)}; valid presets: {', '.join(sorted(cls.PRESETS))}"
+                    f"{suggest(name, cls.PRESETS)}; valid presets: {', '.join(sorted(cls.PRESETS))}"
                 )
             base = dict(cls.PRESETS[name])
         base.update(overrides)
@@ -73,14 +68,42 @@ class ModelConfig(StrictConfig):
 # ----------------------------------------------------------------------------- run sections
 
 
-class DataConfig(StrictConfig):
-    """Where training data comes from and how it is batched (per worker)."""
+class DataSource(StrictConfig):
+    """One prepared shard set in a weighted mixture."""
 
-    kind: Literal["text", "audio", "image"] = "text"
+    shards: str = Field(..., description="directory written by `megaray prepare` (local, s3://, gs://)")
+    weight: float = Field(1.0, gt=0, description="relative share of training batches drawn from this source")
+
+
+class DataConfig(StrictConfig):
+    """Where training data comes from and how it is batched (per worker).
+
+    Either ``shards`` (one prepared set) or ``sources`` (a weighted mixture; its order is a
+    function of (seed, epoch, position), so resume stays exact). Paths are resolved once, on
+    the driver.
+    """
+
     shards: str = Field("data/stdlib", description="directory written by `megaray prepare` (local, s3://, gs://)")
+    sources: Optional[List[DataSource]] = Field(
+        None, min_length=1, description="weighted mixture [{shards, weight}]; replaces `shards` when given")
     batch_size: int = Field(8, gt=0, description="micro-batch size per worker (sequences)")
     shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer; 0 disables")
     num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")
+    on_corrupt: Literal["error", "skip"] = Field(
+        "error", description="a shard row group that cannot be read: end the run naming it, or skip and count it")
+
+    def resolved_sources(self) -> List[DataSource]:
+        """``sources``, or ``shards`` as a one-entry mixture of weight 1."""
+        return list(self.sources) if self.sources else [DataSource(shards=self.shards)]
+
+
+class ModuleOptim(StrictConfig):
+    """Optimizer settings of one named module (e.g. a GAN discriminator ``disc``); unset = ``train.*``."""
+
+    lr: Optional[float] = Field(None, gt=0)
+    min_lr: Optional[float] = Field(None, ge=0)
+    betas: Optional[List[float]] = Field(None, min_length=2, max_length=2)
+    weight_decay: Optional[float] = Field(None, ge=0)
 
 
 class TrainConfig(StrictConfig):
@@ -103,6 +126,11 @@ class TrainConfig(StrictConfig):
     log_every: int = Field(10, gt=0)
     seed: int = 1337
     peak_flops: Optional[float] = Field(None, description="device peak FLOP/s for MFU; None = look up")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="EMA of the model's weights (e.g. 0.9999), saved in checkpoints and used "
+        "for evaluation and sampling; None = off")
+    modules: Dict[str, ModuleOptim] = Field(
+        default_factory=dict, description="per-module optimizer settings by module name, e.g. {disc: {lr: 1e-4}}")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -166,23 +194,6 @@ class RunConfig(StrictConfig):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(
-    source: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = ()
-) -> RunConfig:
-    """Load a run config from a YAML path (or a dict), apply ``key.path=value`` overrides.
-
-    Override values are parsed as YAML scalars (``3e-4`` -> float, ``true`` -> bool).
-
-    Raises:
-        ConfigError: missing file, bad YAML, unknown/misspelled key, wrong type, impossible
-            combination. The message names the dotted key path.
-    """
-    raw = dict(source) if isinstance(source, dict) else read_yaml_mapping(source)
-    for item in overrides:
-        apply_override(raw, item)
-    return build_run_config(raw)
-
-
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> Dict[str, Any]:
     """The top-level mapping of a YAML file.
 
@@ -199,22 +210,6 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> Dict[str
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
     return raw
-
-
-def build_run_config(raw: Dict[str, Any]) -> RunConfig:
-    """Validate a raw nested dict into a :class:`RunConfig` (model section via the registry)."""
-    from megaray.models import registry
-
-    raw = dict(raw)
-    model_raw = raw.get("model")
-    if not isinstance(model_raw, dict):
-        raise ConfigError("model: required mapping with at least 'family' (e.g. {family: gpt, preset: debug})")
-    model_raw = dict(model_raw)
-    family = model_raw.pop("family", "gpt")
-    preset = model_raw.pop("preset", None)
-    cls = registry.config_class(family)
-    raw["model"] = cls.from_name(preset, **model_raw)
-    return validate(RunConfig, raw)
 
 
 def apply_override(raw: Dict[str, Any], item: str) -> None:
@@ -265,7 +260,7 @@ def _format_errors(cls: type[BaseModel], err: ValidationError, prefix: str) -> s
         path = ".".join(([prefix] if prefix else []) + loc)
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
-            lines.append(f"{path}: unknown key{_suggest(loc[-1], valid)}")
+            lines.append(f"{path}: unknown key{suggest(loc[-1], valid)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{path or (prefix or cls.__name__)}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and not isinstance(e.get("input"), dict) else ""))
@@ -282,7 +277,8 @@ def _fields_at(cls: Any, loc: List[str]) -> List[str]:
     return list(getattr(cls, "model_fields", {}).keys())
 
 
-def _suggest(word: str, valid: Any) -> str:
+def suggest(word: str, valid: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``valid`` to ``word``, else ``""`` (the one did-you-mean)."""
     close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 

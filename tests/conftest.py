@@ -33,7 +33,7 @@ def ray_cluster():
     Ray Data tasks must be schedulable side by side on a 2-core machine)."""
     import ray
 
-    from megaray.trainers.launch import ensure_ray
+    from megaray.train.launch import ensure_ray
 
     ensure_ray(num_cpus=8)
     yield ray
@@ -71,6 +71,20 @@ def text_shards(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("data") / "stdlib-512"
     prepare_text(["stdlib"], str(out), vocab_size=512, stdlib_max_docs=3000)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def speech_shards(ray_cluster, tmp_path_factory):
+    """12 espeak-ng clips (several voices) prepared into 16 kHz shards: 80 mels, n_fft 512, hop 128."""
+    from megaray.data.audio import prepare_audio
+    from megaray.data.speech_corpus import build_speech_corpus
+
+    root = tmp_path_factory.mktemp("speech")
+    corpus = build_speech_corpus(str(root / "raw"), n_clips=12, include_alsa=False)
+    out = root / "shards"
+    prepare_audio([str(corpus)], str(out), sample_rate=16000, n_mels=80, n_fft=512, hop_length=128,
+                  val_fraction=0.25, concurrency=2, verbose=False)
     return str(out)
 
 

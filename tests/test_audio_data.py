@@ -246,15 +246,15 @@ def test_encode_latents_writes_vae_latents(prepared, tmp_path):
 
 
 def _run_cfg(shards, model):
-    from megaray.config import build_run_config
+    from megaray.families import build_run_config
 
-    return build_run_config({"model": model, "data": {"kind": "audio", "shards": shards, "batch_size": 2},
+    return build_run_config({"model": model, "data": {"shards": shards, "batch_size": 2},
                              "scaling": {"num_workers": 1}})
 
 
 def test_vocoder_task_datasets_eval_and_artifacts(prepared, tmp_path):
     from megaray.config import ConfigError
-    from megaray.trainers.audio_task import VocoderTask
+    from megaray.tasks.audio import VocoderTask
 
     cfg = _run_cfg(prepared["out"], {"family": "vocoder", "preset": "tiny_splitband_freq_domain_vocoder"})
     task = VocoderTask(cfg)
@@ -277,7 +277,7 @@ def test_vocoder_task_datasets_eval_and_artifacts(prepared, tmp_path):
 
 
 def test_audio_vae_task_eval_artifacts(prepared, tmp_path):
-    from megaray.trainers.audio_task import AudioVAETask
+    from megaray.tasks.audio import AudioVAETask
 
     task = AudioVAETask(_run_cfg(prepared["out"], {"family": "audio_vae", "preset": "tiny"}))
     task.datasets()

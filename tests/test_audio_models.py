@@ -15,8 +15,9 @@ import textwrap
 import pytest
 import torch
 
-from megaray.config import ConfigError, build_run_config
-from megaray.models import registry
+from megaray.config import ConfigError
+from megaray.families import build_run_config
+from megaray import families as registry
 from megaray.models.audio.config import AudioVAEConfig, VocoderConfig
 from megaray.models.audio.discriminators import AudioDiscriminator
 from megaray.models.audio.features import MelFeatures
@@ -203,7 +204,7 @@ def _changed(before, m):
 
 
 def test_gan_train_step_updates_generator_and_discriminator_after_warmup():
-    from megaray.trainers.audio_task import VocoderTask
+    from megaray.tasks.audio import VocoderTask
 
     torch.manual_seed(0)
     cfg = build_run_config({"model": {"family": "vocoder", "preset": TINY[0], "adversarial": True, "adv_start_step": 2}})
@@ -237,12 +238,12 @@ def test_gan_train_step_with_real_deepspeed_engines(tmp_path):
         import os, json, torch
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         import deepspeed
-        from megaray.config import build_run_config
-        from megaray.trainers.audio_task import VocoderTask
-        from megaray.trainers.deepspeed import build_engine
+        from megaray.families import build_run_config
+        from megaray.tasks.audio import VocoderTask
+        from megaray.train.engines import build_engine
         cfg = build_run_config({"model": {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder",
                                           "adversarial": True, "adv_start_step": 1},
-                                "data": {"kind": "audio", "batch_size": 2},
+                                "data": {"batch_size": 2},
                                 "train": {"zero_stage": 2, "max_steps": 10, "warmup_steps": 0}, "scaling": {"num_workers": 1}})
         deepspeed.init_distributed(dist_backend="gloo")
         task = VocoderTask(cfg)
@@ -332,7 +333,7 @@ def test_vae_speaker_vector_source_and_loss_backward():
 
 
 def test_vae_task_loss_decreases_on_one_batch():
-    from megaray.trainers.audio_task import AudioVAETask
+    from megaray.tasks.audio import AudioVAETask
 
     torch.manual_seed(0)
     cfg = build_run_config({"model": {"family": "audio_vae", "preset": "tiny"}})

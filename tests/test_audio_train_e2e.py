@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from megaray.config import load_config
+from megaray.families import load_config
 
 from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")]
-
-
-@pytest.fixture(scope="module")
-def speech_shards(ray_cluster, tmp_path_factory):
-    from megaray.data.audio import prepare_audio
-    from megaray.data.speech_corpus import build_speech_corpus
-
-    root = tmp_path_factory.mktemp("speech")
-    corpus = build_speech_corpus(str(root / "raw"), n_clips=12, include_alsa=False)
-    out = root / "shards"
-    prepare_audio([str(corpus)], str(out), sample_rate=16000, n_mels=80, n_fft=512, hop_length=128,
-                  val_fraction=0.25, concurrency=2, verbose=False)
-    return str(out)
 
 
 def _trace(prefix: Path, rank: int):
@@ -54,7 +41,7 @@ def _check_run(result, tmp_path, steps, modules):
 
 
 def test_gan_vocoder_trains_crashes_resumes_and_logs_audio(speech_shards, tmp_path, monkeypatch):
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     cfg = _audio_cfg("vocoder_tiny.yaml", speech_shards, tmp_path, "train.max_steps=4", "model.adv_start_step=1")
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
@@ -73,7 +60,7 @@ def test_gan_vocoder_trains_crashes_resumes_and_logs_audio(speech_shards, tmp_pa
 
 def test_audio_vae_trains_and_logs_audio(speech_shards, tmp_path):
     """Resume is the same loop code the vocoder test crashes and resumes; one run here."""
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     result = fit(_audio_cfg("audio_vae_small.yaml", speech_shards, tmp_path, "train.max_steps=2"))
     assert result.metrics["step"] == 2

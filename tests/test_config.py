@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from megaray.config import ConfigError, load_config
+from megaray.config import ConfigError
+from megaray.families import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))

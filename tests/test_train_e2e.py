@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megaray.config import load_config
+from megaray.families import load_config
 
 from conftest import REPO
 
@@ -37,7 +37,7 @@ def _trace(prefix: Path, rank: int):
 def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, text_shards, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     cfg = _cfg(text_shards, tmp_path, "zero2", f"tracking.tracking_uri={mlflow_server}", "train.max_steps=30",
                "train.lr=3e-3", "train.eval_every=15", "train.checkpoint_every=15", "train.log_every=5",
@@ -77,8 +77,8 @@ def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, t
     continues at step 7 with the scheduled lr and the next unseen batches, in the same MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from megaray.trainers.launch import fit
-    from megaray.trainers.schedule import lr_factor
+    from megaray.train.launch import fit
+    from megaray.train.schedule import lr_factor
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "crash"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "6")
@@ -120,7 +120,7 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     import os
     import signal
 
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "kill"))
     cfg = _cfg(text_shards, tmp_path, "kill", "train.zero_stage=0", "train.max_steps=30", "train.checkpoint_every=5", "train.log_every=5",
@@ -155,8 +155,8 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
 def test_zero_stage_trains_and_checkpoints(ray_cluster, text_shards, tmp_path, stage):
     import torch
 
-    from megaray.trainers.checkpoint import load_for_inference
-    from megaray.trainers.launch import fit
+    from megaray.train.checkpoint import load_for_inference
+    from megaray.train.launch import fit
 
     cfg = _cfg(text_shards, tmp_path, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=4",
                "train.checkpoint_every=3", "train.eval_every=4", "train.log_every=2", "tracking.enabled=false")

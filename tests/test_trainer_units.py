@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megaray.trainers import loop
+from megaray.train import loop
 
 
 def test_report_pacer_holds_back_progress_reports_inside_the_poll_interval(monkeypatch):

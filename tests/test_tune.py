@@ -214,7 +214,7 @@ def test_asha_search_killed_and_resumed(ray_cluster, text_shards, tmp_path):
     holds one parent run with 4 nested child runs."""
     import ray
 
-    from megaray.tracking.mlflow import experiment_id
+    from megaray.train.mlflow import experiment_id
     from megaray.tune.search import run_search
 
     # ASHA decides on the training loss (reported every 5 steps; an eval costs a Ray Data pass, so

@@ -22,12 +22,9 @@ from typing import Iterator, List, Tuple
 
 import pyarrow.fs as pafs
 
+from megaray.errors import DataError  # re-exported: megaray.data.sources.DataError
+
 _GLOB_CHARS = "*?["
-
-
-class DataError(ValueError):
-    """Data that cannot be used: a missing or empty source, a corrupt file, an unprepared shard
-    directory. The message names the path and says what to do."""
 
 
 @dataclass(frozen=True)

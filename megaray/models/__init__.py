@@ -1,1 +1,1 @@
-"""Model families. Each registers a :class:`megaray.models.registry.ModelSpec`."""
+"""Model families (network code only: no files, data or tasks). Each package registers itself in :mod:`megaray.families`."""

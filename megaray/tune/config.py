@@ -39,8 +39,9 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from megaray.config import (ConfigError, RunConfig, StrictConfig, apply_override, build_run_config, flatten,
-                            read_yaml_mapping, set_dotted, validate)
+from megaray.config import (ConfigError, RunConfig, StrictConfig, apply_override, flatten, read_yaml_mapping,
+                            set_dotted, validate)
+from megaray.families import build_run_config
 
 log = logging.getLogger("megaray.tune")
 
@@ -324,10 +325,10 @@ def load_tune_config(
     for key, value in cfg.overrides.items():
         if key == "model.family":
             family = value
-    from megaray.models import registry
+    from megaray import families
 
-    if family not in registry.REGISTRY:
-        return _defer(search, f"model family {family!r} is not registered (known: {', '.join(sorted(registry.REGISTRY))})", strict)
+    if family not in families.registry():
+        return _defer(search, f"model family {family!r} is not registered (known: {', '.join(sorted(families.registry()))})", strict)
 
     for key, value in cfg.overrides.items():
         set_dotted(base_raw, key, copy.deepcopy(value))

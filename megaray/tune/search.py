@@ -121,7 +121,7 @@ class SearchResult:
                       f"  params      {json.dumps(self.best.params, default=str)}",
                       f"  checkpoint  {self.best.checkpoint}"]
         if self.parent_run_id:
-            from megaray.tracking.mlflow import run_url
+            from megaray.train.mlflow import run_url
 
             lines.append(f"  mlflow      {run_url(self.tracking_uri, self.parent_run_id)}")
             lines.append(f"  children    mlflow.search_runs(filter_string=\"tags.mlflow.parentRunId = "
@@ -290,7 +290,7 @@ def megaray_trial(config: Dict[str, Any], search: TuneSearch = None, parent_run_
     """Tune trial driver: build the trial's RunConfig and fit a TorchTrainer (Train V2 pattern)."""
     from ray import tune
 
-    from megaray.trainers.launch import fit
+    from megaray.train.launch import fit
 
     if os.environ.get("MEGARAY_DATA_PROGRESS", "0") != "1":  # ensure_ray() does this only in a fresh driver
         from ray.data import DataContext
@@ -332,7 +332,7 @@ def run_search(tune_cfg_path: str | os.PathLike | Dict[str, Any], overrides: Seq
     """
     from ray import tune
 
-    from megaray.trainers.launch import ensure_ray
+    from megaray.train.launch import ensure_ray
 
     t0 = time.time()
     search = load_tune_config(tune_cfg_path, overrides, base_dir=base_dir, strict=True)
@@ -388,7 +388,7 @@ def run_search(tune_cfg_path: str | os.PathLike | Dict[str, Any], overrides: Seq
         grid = tuner.fit()
     except BaseException as e:
         if parent:
-            from megaray.tracking import mlflow as tracking
+            from megaray.train import mlflow as tracking
 
             tracking.end_run(uri, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -501,7 +501,7 @@ def _stored_results(trial) -> List[Dict[str, Any]]:
 
 
 def _start_parent(search: TuneSearch, uri: str, resume: bool) -> str:
-    from megaray.tracking import mlflow as tracking
+    from megaray.train import mlflow as tracking
 
     base = search.require_base()
     exp_path = search.experiment_path()
@@ -532,7 +532,7 @@ def _start_parent(search: TuneSearch, uri: str, resume: bool) -> str:
 
 
 def _finish_parent(search: TuneSearch, result: SearchResult) -> None:
-    from megaray.tracking import mlflow as tracking
+    from megaray.train import mlflow as tracking
 
     uri, parent = result.tracking_uri, result.parent_run_id
     rl = tracking.RunLogger(uri, parent)
@@ -622,7 +622,7 @@ def _series(df, column: str) -> List[tuple]:
 
 
 def _children(uri: str, search: TuneSearch, parent: str) -> Dict[str, Any]:
-    from megaray.tracking import mlflow as tracking
+    from megaray.train import mlflow as tracking
 
     c = tracking.client(uri)
     exp = tracking.experiment_id(uri, search.require_base().tracking.experiment)
@@ -633,7 +633,7 @@ def _children(uri: str, search: TuneSearch, parent: str) -> Dict[str, Any]:
 def _close_child(uri: str, run, outcome: str) -> None:
     """Tag the outcome; a trial stopped by the scheduler had its driver killed, so its run is
     still RUNNING: mark it KILLED."""
-    from megaray.tracking import mlflow as tracking
+    from megaray.train import mlflow as tracking
 
     c = tracking.client(uri)
     c.set_tag(run.info.run_id, "megaray.tune.outcome", outcome)

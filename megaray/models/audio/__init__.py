@@ -4,8 +4,24 @@ Configs: :class:`VocoderConfig`, :class:`AudioVAEConfig` (presets via ``from_nam
 Networks: :class:`~megaray.models.audio.vocoder.Vocoder`,
 :class:`~megaray.models.audio.vae.AudioVAE`,
 :class:`~megaray.models.audio.discriminators.AudioDiscriminator`.
+
+Importing this package registers both families (import strings only).
 """
 
-from megaray.models.audio.config import AudioVAEConfig, VocoderConfig
+from megaray.families import FamilySpec, register
 
-__all__ = ["AudioVAEConfig", "VocoderConfig"]
+register(FamilySpec(family="vocoder", config="megaray.models.audio.config:VocoderConfig",
+                    build="megaray.models.audio.vocoder:build_vocoder", task="megaray.tasks.audio:VocoderTask"))
+register(FamilySpec(family="audio_vae", config="megaray.models.audio.config:AudioVAEConfig",
+                    build="megaray.models.audio.vae:build_audio_vae", task="megaray.tasks.audio:AudioVAETask"))
+
+_LAZY = {"AudioVAEConfig": "megaray.models.audio.config", "VocoderConfig": "megaray.models.audio.config"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megaray.models.audio' has no attribute {name!r}")

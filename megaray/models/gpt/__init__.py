@@ -2,26 +2,28 @@
 
 ``GPT(GPTConfig.from_name("debug"))`` builds a model; ``generate`` samples from it; ``from_hf`` /
 ``to_hf`` convert Hugging Face GPT-2 and Llama models (needs ``transformers``).
+
+Importing this package registers the ``gpt`` family and nothing heavier: the names below are
+loaded on first use (PEP 562), so reading a config does not import torch.
 """
 
-from megaray.models.gpt.config import PRESETS, GPTConfig
-from megaray.models.gpt.flops import estimate_mfu, flops_per_token, peak_flops
-from megaray.models.gpt.generate import generate
-from megaray.models.gpt.model import GPT
+from megaray.families import FamilySpec, register
+
+register(FamilySpec(family="gpt", config="megaray.models.gpt.config:GPTConfig",
+                    build="megaray.models.gpt.model:GPT", task="megaray.tasks.lm:LMTask"))
+
+_LAZY = {
+    "GPT": "megaray.models.gpt.model", "GPTConfig": "megaray.models.gpt.config", "PRESETS": "megaray.models.gpt.config",
+    "generate": "megaray.models.gpt.sampling", "from_hf": "megaray.models.gpt.convert",
+    "to_hf": "megaray.models.gpt.convert", "flops_per_token": "megaray.models.gpt.flops",
+    "estimate_mfu": "megaray.models.gpt.flops", "peak_flops": "megaray.models.gpt.flops",
+}
+__all__ = sorted(_LAZY)
 
 
-def from_hf(hf_model):
-    """Convert a HF ``GPT2LMHeadModel`` / ``LlamaForCausalLM``; see :mod:`megaray.models.gpt.convert`."""
-    from megaray.models.gpt.convert import from_hf as _from_hf
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    return _from_hf(hf_model)
-
-
-def to_hf(model):
-    """Convert a :class:`GPT` back to HF; see :mod:`megaray.models.gpt.convert`."""
-    from megaray.models.gpt.convert import to_hf as _to_hf
-
-    return _to_hf(model)
-
-
-__all__ = ["GPT", "GPTConfig", "PRESETS", "generate", "from_hf", "to_hf", "flops_per_token", "estimate_mfu", "peak_flops"]
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megaray.models.gpt' has no attribute {name!r}")

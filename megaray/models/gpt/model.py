@@ -171,7 +171,7 @@ class GPT(nn.Module):
         return flops_per_token(self.config, self.num_params(non_embedding=True, active=True), seq_len)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """``(B, T)`` -> ``(B, T + n)`` int64; see :func:`megaray.models.gpt.generate.generate`."""
-        from megaray.models.gpt.generate import generate
+        """``(B, T)`` -> ``(B, T + n)`` int64; see :func:`megaray.models.gpt.sampling.generate`."""
+        from megaray.models.gpt.sampling import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)

@@ -29,14 +29,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from megaray.config import RunConfig, load_config
+from megaray.config import RunConfig
+from megaray.errors import CheckpointError
+from megaray.families import load_config
 
 STATE_FILE = "megaray.json"
 WEIGHTS_FILE = "model.pt"
 
 
-class CheckpointError(FileNotFoundError):
-    """No usable checkpoint where one was asked for; the message names the path."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -134,14 +134,14 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Tuple[to
     Raises:
         CheckpointError: no complete checkpoint or no consolidated weights in it.
     """
-    from megaray.models import registry
+    from megaray import families
 
     ckpt = resolve(path)
     cfg = load_config(ckpt / "config.yaml")
     weights = ckpt / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} (consolidated weights) in this checkpoint")
-    model = registry.build_model(cfg.model)
+    model = families.build_model(cfg.model)
     sd = torch.load(weights, map_location=device, weights_only=True)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(device).eval(), cfg, ckpt

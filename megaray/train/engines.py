@@ -1,7 +1,7 @@
 """The DeepSpeed side of a run: config derived from :class:`megaray.config.RunConfig`, engines.
 
 DeepSpeed owns the optimizer step, ZeRO partitioning (stages 0-3), bf16, gradient accumulation,
-gradient clipping; the LR schedule is :mod:`megaray.trainers.schedule` (linear warmup, cosine
+gradient clipping; the LR schedule is :mod:`megaray.train.schedule` (linear warmup, cosine
 decay to ``min_lr``), stepped and checkpointed by DeepSpeed. Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Tuple
 import torch
 
 from megaray.config import RunConfig
-from megaray.trainers.schedule import warmup_cosine
+from megaray.train.schedule import warmup_cosine
 
 log = logging.getLogger("megaray.train")
 

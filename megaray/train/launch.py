@@ -97,12 +97,12 @@ def fit(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from megaray.models import registry
-    from megaray.tracking import mlflow as tracking
-    from megaray.trainers.loop import train_loop_per_worker
+    from megaray import families
+    from megaray.train import mlflow as tracking
+    from megaray.train.loop import train_loop_per_worker
 
     ensure_ray()
-    task = registry.task_class(cfg.model.family)(cfg)
+    task = families.task_class(cfg.model.family)(cfg)
     datasets = task.datasets()
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"

@@ -1,4 +1,4 @@
-"""TextTask: causal language modelling on prepared token shards (the GPT family)."""
+"""LMTask: causal language modelling on prepared token shards (the GPT family)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from megaray.config import ConfigError
-from megaray.trainers.task import Task
+from megaray.tasks.base import Task
 
 
-class TextTask(Task):
+class LMTask(Task):
     """Next-token prediction. Batches are ``{"input_ids": (B, T) int64, "targets": (B, T) int64}``
     windows packed by :func:`megaray.data.text.text_datasets`; the loss is mean cross-entropy plus
     the MoE load-balancing loss (``model.aux_loss``, zero for dense models)."""
@@ -96,7 +96,7 @@ def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_ne
     """Decode ``max_new_tokens`` after ``prompt`` with the run's tokenizer; returns prompt + text."""
     from tokenizers import Tokenizer
 
-    from megaray.models.gpt.generate import generate
+    from megaray.models.gpt.sampling import generate
 
     tok = Tokenizer.from_str(tokenizer_json)
     ids = tok.encode(prompt).ids or [0]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megaray.config import ConfigError
-from megaray.trainers.task import Task
+from megaray.tasks.base import Task
 
 
 def _unwrap(model: Any) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """Task: what one model family supplies to the generic training loop.
 
-The loop (:mod:`megaray.trainers.loop`) owns distribution, DeepSpeed engines, checkpoints,
+The loop (:mod:`megaray.train.loop`) owns distribution, DeepSpeed engines, checkpoints,
 schedules, logging and resume. A family's :class:`Task` owns the model, its loss, its Ray
 datasets and its evaluation artifacts. A family with a second network (a GAN discriminator)
 returns it from :meth:`Task.build_modules`; the loop gives every module its own DeepSpeed engine
@@ -35,9 +35,9 @@ class Task:
     # -- model -----------------------------------------------------------------------------
     def build_modules(self) -> Dict[str, torch.nn.Module]:
         """``{"model": module, ...}``; every entry gets its own DeepSpeed engine and optimizer."""
-        from megaray.models import registry
+        from megaray import families
 
-        return {"model": registry.build_model(self.cfg.model)}
+        return {"model": families.build_model(self.cfg.model)}
 
     def param_groups(self, name: str, module: torch.nn.Module) -> list:
         """AdamW groups: weight decay on >=2-D weights, none on biases, norms and gains."""

@@ -22,16 +22,17 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 import numpy as np
 import torch
 
-from megaray.config import RunConfig, build_run_config
-from megaray.trainers import checkpoint
-from megaray.trainers.deepspeed import build_engine, resolve_precision
+from megaray.config import RunConfig
+from megaray.families import build_run_config
+from megaray.train import checkpoint
+from megaray.train.engines import build_engine, resolve_precision
 
 log = logging.getLogger("megaray.train")
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``config`` = ``{"run": resolved config dict, "info": task info,
-    "mlflow": {"uri", "run_id"} or None, "debug": {...}}`` (built by :func:`megaray.trainers.launch.fit`).
+    "mlflow": {"uri", "run_id"} or None, "debug": {...}}`` (built by :func:`megaray.train.launch.fit`).
 
     ``debug`` carries two test hooks read from the driver's environment:
     ``MEGARAY_TRACE=path`` appends one JSON line per micro-batch (rank, step, epoch, batch index,
@@ -40,8 +41,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from megaray.models import registry
-    from megaray.tracking.mlflow import RunLogger
+    from megaray import families
+    from megaray.train.mlflow import RunLogger
 
     cfg: RunConfig = build_run_config(config["run"])
     ctx = ray.train.get_context()
@@ -51,7 +52,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     precision = resolve_precision(cfg.train.precision, device)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-    task = registry.task_class(cfg.model.family)(cfg, info=config["info"])
+    task = families.task_class(cfg.model.family)(cfg, info=config["info"])
     modules = task.build_modules()
     engines = {}
     for name, module in modules.items():

@@ -56,7 +56,7 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
         CheckpointError: no complete checkpoint; DataError: no prepared split.
     """
     from megaray.data import text
-    from megaray.trainers.checkpoint import load_for_inference, read_state
+    from megaray.train.checkpoint import load_for_inference, read_state
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, ckpt = load_for_inference(checkpoint, device)

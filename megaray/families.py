@@ -1,0 +1,123 @@
+"""Model families: ``model.family`` -> :class:`FamilySpec` (config class, builder, training task).
+
+Each family package registers itself when imported (``megaray/models/gpt/__init__.py`` calls
+:func:`register`); :data:`PACKAGES` lists the packages, so **a new family is one package plus
+one line here**. Specs hold import strings, so loading a config imports a family's config class
+and nothing heavier. See ``docs/architecture.md`` ("Adding a family").
+
+This module also turns YAML into a typed :class:`~megaray.config.RunConfig`
+(:func:`load_config`): the model section needs the family's config class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Sequence
+
+from megaray.config import RunConfig, apply_override, read_yaml_mapping, suggest, validate
+from megaray.errors import ConfigError
+
+#: family packages; each registers its families on import
+PACKAGES = (
+    "megaray.models.gpt",
+    "megaray.models.audio",
+)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How megaray finds a family's pieces.
+
+    Attributes:
+        family: the name used in YAML (``model.family``).
+        config: ``"module:Class"`` of the family's :class:`megaray.config.ModelConfig` subclass.
+        build: ``"module:callable"``; ``callable(config) -> torch.nn.Module``.
+        task: ``"module:Class"``; a :class:`megaray.tasks.base.Task` subclass that supplies the
+            loss, datasets and evaluation for the one training loop.
+    """
+
+    family: str
+    config: str
+    build: str
+    task: str
+
+
+_REGISTRY: Dict[str, FamilySpec] = {}
+
+
+def register(spec: FamilySpec) -> FamilySpec:
+    """Add ``spec`` (called by a family package's ``__init__``). Raises ValueError on a duplicate."""
+    old = _REGISTRY.get(spec.family)
+    if old is not None and old != spec:
+        raise ValueError(f"family {spec.family!r} registered twice ({old} and {spec})")
+    _REGISTRY[spec.family] = spec
+    return spec
+
+
+def registry() -> Dict[str, FamilySpec]:
+    """Every registered family (imports the packages in :data:`PACKAGES` once)."""
+    for pkg in PACKAGES:
+        importlib.import_module(pkg)
+    return dict(_REGISTRY)
+
+
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def spec(family: str) -> FamilySpec:
+    """The :class:`FamilySpec` of ``family``. Raises ConfigError naming the valid families."""
+    known = registry()
+    if family not in known:
+        raise ConfigError(f"model.family: unknown family {family!r}{suggest(str(family), known)}; "
+                          f"known: {', '.join(sorted(known))}")
+    return known[family]
+
+
+def config_class(family: str) -> Any:
+    """The config class of ``family``."""
+    return _load(spec(family).config)
+
+
+def build_model(config: Any) -> Any:
+    """Instantiate the ``torch.nn.Module`` for a family config."""
+    return _load(spec(config.family).build)(config)
+
+
+def task_class(family: str) -> Any:
+    """The training :class:`~megaray.tasks.base.Task` class of ``family``."""
+    return _load(spec(family).task)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a run config from a YAML path (or a dict), apply ``key.path=value`` overrides.
+
+    Override values are parsed as YAML scalars (``3e-4`` -> float, ``true`` -> bool).
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown/misspelled key, wrong type, impossible
+            combination. The message names the dotted key path.
+    """
+    raw = dict(source) if isinstance(source, dict) else read_yaml_mapping(source)
+    for item in overrides:
+        apply_override(raw, item)
+    return build_run_config(raw)
+
+
+def build_run_config(raw: Dict[str, Any]) -> RunConfig:
+    """Validate a raw nested dict into a :class:`RunConfig` (the model section via its family)."""
+    raw = dict(raw)
+    model_raw = raw.get("model")
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model: required mapping with at least 'family' (e.g. {family: gpt, preset: debug})")
+    model_raw = dict(model_raw)
+    family = model_raw.pop("family", "gpt")
+    preset = model_raw.pop("preset", None)
+    raw["model"] = config_class(family).from_name(preset, **model_raw)
+    return validate(RunConfig, raw)

@@ -1,0 +1,1 @@
+"""Inference on trained checkpoints: evaluation, generation, vocoding, latent encoding (file I/O lives here)."""

@@ -1,0 +1,1 @@
+"""Tasks: what each model family supplies to the one training loop (loss, data, evaluation)."""

@@ -1,0 +1,1 @@
+"""Training: launch (driver), the loop run by every Ray Train worker, and its parts."""

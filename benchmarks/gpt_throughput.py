@@ -9,7 +9,7 @@ config). Prints one JSON object::
 
 ``torch`` uses ``torch.autocast`` for bf16 (fp32 weights); DeepSpeed's ``bf16`` section keeps
 bf16 weights with fp32 master copies, so the two bf16 numbers are not the same recipe. MFU uses
-:func:`megaray.models.gpt.flops.peak_flops` (None on CPU / unknown GPUs; pass ``--peak-flops``).
+:func:`megaray.train.device.peak_flops` (None on CPU / unknown GPUs; pass ``--peak-flops``).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     from megaray.models.gpt import GPT, GPTConfig
-    from megaray.models.gpt.flops import estimate_mfu, flops_per_token, peak_flops
+    from megaray.models.gpt.flops import estimate_mfu, flops_per_token
+    from megaray.train.device import peak_flops
 
     cfg = GPTConfig.from_name(args.preset, **_overrides(args.set))
     args.seq_len = args.seq_len or cfg.block_size

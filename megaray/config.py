@@ -136,7 +136,21 @@ class TrainConfig(StrictConfig):
     def _check(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for name in self.modules:
+            opt = self.optim_for(name)
+            if opt.min_lr > opt.lr:
+                raise ValueError(f"modules.{name}: min_lr ({opt.min_lr}) must not exceed lr ({opt.lr})")
         return self
+
+    def optim_for(self, module: str) -> ModuleOptim:
+        """Optimizer settings of module ``module`` with every field set: ``modules[module]``, unset
+        fields from ``train.*``; an unset ``min_lr`` keeps ``train``'s ratio ``min_lr / lr``."""
+        m = self.modules.get(module) or ModuleOptim()
+        lr = m.lr if m.lr is not None else self.lr
+        min_lr = m.min_lr if m.min_lr is not None else (self.min_lr if m.lr is None else lr * self.min_lr / self.lr)
+        return ModuleOptim(lr=lr, min_lr=min_lr,
+                           betas=list(m.betas or self.betas),
+                           weight_decay=m.weight_decay if m.weight_decay is not None else self.weight_decay)
 
 
 class ScalingSection(StrictConfig):
@@ -214,6 +228,16 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> Dict[str
 
 def apply_override(raw: Dict[str, Any], item: str) -> None:
     """Apply one ``a.b.c=value`` override in place (value parsed as YAML)."""
+    key, parsed = parse_override(item)
+    set_dotted(raw, key, parsed, where=f"override {item!r}")
+
+
+def parse_override(item: str) -> "tuple[str, Any]":
+    """``"a.b=3e-4"`` -> ``("a.b", 0.0003)``: the one ``KEY=VALUE`` parser (value parsed as YAML).
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.n_layer=4")
     key, value = item.split("=", 1)
@@ -223,7 +247,7 @@ def apply_override(raw: Dict[str, Any], item: str) -> None:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         parsed = value
-    set_dotted(raw, key.strip(), parsed, where=f"override {item!r}")
+    return key.strip(), parsed
 
 
 def set_dotted(raw: Dict[str, Any], key: str, value: Any, where: Optional[str] = None) -> None:

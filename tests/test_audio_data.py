@@ -21,6 +21,10 @@ import torch
 
 from megaray.data import audio as A
 from megaray.data import speech_corpus as SC
+from megaray.data.audio.datasets import _crop_batch
+from megaray.data.splits import split_of
+from megaray.errors import DataError
+from megaray.inference.latents import encode_latents
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng not installed (apt-get install espeak-ng)")
@@ -97,7 +101,7 @@ def test_decode_rejects_bad_files_with_reasons():
 
 def test_process_clip_resamples_normalises_and_checks_rate():
     settings = A.AudioPrepSettings(**PREP)
-    feats = A._features(settings)
+    feats = A.mel_features(settings)
     stereo = 0.1 * np.random.default_rng(0).standard_normal((22050, 2)).astype(np.float32)
     out = A.process_clip(_wav_bytes(stereo, 22050, "FLOAT"), settings, feats)
     assert out["waveform"].shape == (16000,) and out["duration"] == pytest.approx(1.0)
@@ -114,12 +118,12 @@ def test_process_clip_resamples_normalises_and_checks_rate():
 
 
 def test_crop_padding_uses_the_mel_log_floor():
-    from megaray.models.audio.features import LOG_FLOOR
+    from megaray.models.common.dsp import LOG_FLOOR
 
     assert A.MEL_LOG_FLOOR == LOG_FLOOR
     batch = {"path": np.array(["a"]), "waveform": [np.ones(300, np.float32)], "mel": [np.zeros(80 * 3, np.float32)],
              "n_frames": np.array([3]), "speaker_id": np.array([2])}
-    out = A._crop_batch(batch, segment=512, hop=128, n_mels=80, seed=0, train=True, with_vector=False)
+    out = _crop_batch(batch, segment=512, hop=128, n_mels=80, seed=0, train=True, with_vector=False)
     assert out["audio"].shape == (1, 512) and out["audio"][0, :300].sum() == 300 and out["audio"][0, 300:].sum() == 0
     assert (out["mel"][0, :, :3] == 0).all() and np.allclose(out["mel"][0, :, 3:], math.log(LOG_FLOOR))
 
@@ -135,8 +139,30 @@ def test_collect_sources_reads_jsonl_and_csv_manifests(tmp_path):
         (str(tmp_path / "a" / "x.wav"), "hi", "s1"), (str(tmp_path / "a" / "y.flac"), "hello there", "s2")]
     folder = A.collect_sources(str(tmp_path))  # folder: recursive, speaker = first sub-folder
     assert sorted(r["name"] for r in folder) == ["a/x.wav", "a/y.flac"] and {r["speaker"] for r in folder} == {"a"}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="audio source not found: .*missing"):
         A.collect_sources(str(tmp_path / "missing"))
+
+
+def test_train_crops_are_a_function_of_seed_clip_and_pass():
+    """No process state: the same (seed, clip, pass) always gives the same crop, another pass
+    or seed another one; two calls (two executions of an epoch) agree exactly."""
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(4000 + 300 * i).astype(np.float32) for i in range(4)]
+    batch = {"name": np.array([f"spk/c{i}.wav" for i in range(4)]), "waveform": waves,
+             "mel": [np.zeros(80 * (len(w) // 128 + 1), np.float32) for w in waves],
+             "n_frames": np.array([len(w) // 128 + 1 for w in waves]), "speaker_id": np.arange(4)}
+    kw = dict(segment=1024, hop=128, n_mels=80, train=True, with_vector=False)
+    first = _crop_batch(dict(batch, **{"pass": np.zeros(4, np.int64)}), seed=3, **kw)
+    again = _crop_batch(dict(batch, **{"pass": np.zeros(4, np.int64)}), seed=3, **kw)
+    np.testing.assert_array_equal(first["audio"], again["audio"])
+    other_pass = _crop_batch(dict(batch, **{"pass": np.ones(4, np.int64)}), seed=3, **kw)
+    other_seed = _crop_batch(dict(batch, **{"pass": np.zeros(4, np.int64)}), seed=4, **kw)
+    assert not np.array_equal(first["audio"], other_pass["audio"])
+    assert not np.array_equal(first["audio"], other_seed["audio"])
+    for i, w in enumerate(waves):  # every crop is a hop-aligned piece of its clip
+        start = A.crop_start(3, f"spk/c{i}.wav", 0, (len(w) - 1024) // 128, 128)
+        assert start % 128 == 0
+        np.testing.assert_array_equal(first["audio"][i], w[start:start + 1024])
 
 
 # --------------------------------------------------------------------------- prepare (Ray)
@@ -162,18 +188,23 @@ def prepared(ray_local, corpus, tmp_path_factory):
     (root / "readme.md").write_text("not an audio extension: ignored")
     out = tmp_path_factory.mktemp("shards") / "speech"
     manifest = A.prepare_audio(str(root), str(out), val_fraction=0.25, concurrency=2, **PREP)
+    assert manifest["format"] == "megaray" and manifest["kind"] == "audio"
     return {"root": root, "out": str(out), "manifest": manifest, "rows": rows}
 
 
 def test_prepare_audio_keeps_good_clips_and_reports_bad_ones_by_name(prepared):
     man = prepared["manifest"]
-    rejected = {r["name"]: r["reason"] for r in man["rejected"]}
+    # one reject scheme: counted by reason code, each example "<name>: <detail>"
+    by_reason = man["rejected"]["by_reason"]
+    rejected = {e.split(": ", 1)[0]: (code, e.split(": ", 1)[1]) for code, v in by_reason.items() for e in v["examples"]}
     assert set(rejected) == BAD, rejected
-    assert "empty" in rejected["empty.wav"]
-    assert "unreadable" in rejected["notes.wav"] and "unreadable" in rejected["corrupt.wav"]
-    assert "BytesIO" not in rejected["notes.wav"]
-    assert "silent" in rejected["silent.wav"] and "truncated" in rejected["truncated.wav"]
-    assert man["clips"] == 8 and man["num_rejected"] == 5
+    assert {k: v["count"] for k, v in by_reason.items()} == {"empty_file": 1, "unreadable": 2, "silent": 1, "truncated": 1}
+    assert rejected["empty.wav"][0] == "empty_file" and "empty" in rejected["empty.wav"][1]
+    assert rejected["notes.wav"][0] == rejected["corrupt.wav"][0] == "unreadable"
+    assert "BytesIO" not in rejected["notes.wav"][1]
+    assert rejected["silent.wav"][0] == "silent" and rejected["truncated.wav"][0] == "truncated"
+    assert "truncated" in rejected["truncated.wav"][1]
+    assert man["clips"] == 8 and man["rejected"]["total"] == 5
     assert man["splits"]["train"]["clips"] + man["splits"]["val"]["clips"] == 8
     assert man["splits"]["val"]["clips"] >= 1
     assert 0 < man["hours"] < 0.05
@@ -198,12 +229,37 @@ def test_prepared_shards_hold_resampled_waveforms_mels_text_and_speakers(prepare
         assert row["n_frames"] == len(wave) // 128 + 1 and len(row["mel"]) == 80 * row["n_frames"]
         assert row["duration"] == pytest.approx(len(wave) / 16000, rel=1e-5)
         assert np.abs(wave).max() == pytest.approx(0.95, abs=1e-3)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DataError, match="already holds prepared data.*overwrite"):
         A.prepare_audio(str(prepared["root"]), prepared["out"], **PREP)
+    # the split is a hash of each clip's name; at most one train clip is moved to fill an empty val
+    val, train = _split_names(prepared["out"], "val"), _split_names(prepared["out"], "train")
+    assert len(val) + len(train) == 8 and not set(val) & set(train)
+    assert all(split_of(n, 0.25, 0) == "train" for n in train)
+    assert len([n for n in val if split_of(n, 0.25, 0) != "val"]) <= 1
+
+
+def _split_names(out, split):
+    import pyarrow.parquet as pq
+
+    return [n for f in glob.glob(os.path.join(out, split, "*.parquet")) for n in pq.read_table(f, columns=["name"]).column(0).to_pylist()]
+
+
+def test_prepare_audio_refuses_missing_sources_and_busy_folders_before_ray(tmp_path):
+    import ray
+
+    started = ray.is_initialized()
+    with pytest.raises(DataError, match=f"audio source not found: {tmp_path / 'nope'}"):
+        A.prepare_audio([str(tmp_path / "nope")], str(tmp_path / "out"), **PREP)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    with pytest.raises(DataError, match="not an empty folder.*overwrite"):
+        A.prepare_audio([str(tmp_path)], str(busy), **PREP)
+    assert ray.is_initialized() == started and (busy / "keep.txt").read_text() == "user data"
 
 
 def test_audio_datasets_give_fixed_shape_aligned_crops(prepared):
-    from megaray.models.audio.features import MelFeatures
+    from megaray.models.common.dsp import MelFeatures
 
     seg = 8192
     ds = A.audio_datasets(prepared["out"], segment_samples=seg, seed=0)
@@ -227,6 +283,20 @@ def test_audio_datasets_give_fixed_shape_aligned_crops(prepared):
         A.audio_datasets(prepared["out"], segment_samples=seg, expect={"n_mels": 100})
 
 
+def test_train_crops_repeat_exactly_across_executions(prepared):
+    """Each execution of the train dataset (one per epoch in the loop) gives the same crops; the
+    passes carried in the data give different crops of the same clips."""
+    ds = A.audio_datasets(prepared["out"], segment_samples=4096, seed=5, crop_passes=2)["train"]
+
+    def crops():
+        return sorted(r["audio"].tobytes() for r in ds.take_all())
+
+    first, second = crops(), crops()
+    n_train = prepared["manifest"]["splits"]["train"]["clips"]
+    assert len(first) == 2 * n_train and first == second
+    assert len(set(first)) > n_train  # pass 1 cropped (some) clips elsewhere than pass 0
+
+
 def test_encode_latents_writes_vae_latents(prepared, tmp_path):
     import pyarrow.parquet as pq
 
@@ -234,7 +304,11 @@ def test_encode_latents_writes_vae_latents(prepared, tmp_path):
     from megaray.models.audio.vae import AudioVAE
 
     cfg = AudioVAEConfig.from_name("tiny")
-    man = A.encode_latents(prepared["out"], str(tmp_path / "lat"), AudioVAE(cfg), concurrency=1)
+    man = encode_latents(prepared["out"], str(tmp_path / "lat"), AudioVAE(cfg), concurrency=1)
+    assert man["kind"] == "audio_latents"
+    wrong = AudioVAE(AudioVAEConfig.from_name("tiny", n_mels=64))
+    with pytest.raises(DataError, match="n_mels=64.*n_mels=80"):
+        encode_latents(prepared["out"], str(tmp_path / "lat2"), wrong, concurrency=1)
     assert man["clips"] == 8 and man["vae_config"]["latent_channels"] == 4
     rows = pq.read_table(glob.glob(str(tmp_path / "lat" / "train" / "*.parquet"))).to_pylist()
     for r in rows:
@@ -254,18 +328,18 @@ def _run_cfg(shards, model):
 
 def test_vocoder_task_datasets_eval_and_artifacts(prepared, tmp_path):
     from megaray.config import ConfigError
-    from megaray.tasks.audio import VocoderTask
+    from megaray.tasks.vocoder import VocoderTask
 
     cfg = _run_cfg(prepared["out"], {"family": "vocoder", "preset": "tiny_splitband_freq_domain_vocoder"})
     task = VocoderTask(cfg)
     ds = task.datasets()
     n_train = prepared["manifest"]["splits"]["train"]["clips"]
-    assert task.info["batches_per_epoch"] == n_train // 2 and task.info["val_batches"] >= 1
+    assert task.info.batches_per_epoch == n_train // 2 and task.info.val_batches >= 1
     model = task.build_modules()["model"]
     batch = next(iter(ds["val"].iter_torch_batches(batch_size=2)))
-    metrics = task.eval_step(model, task.collate(batch, torch.device("cpu")))
+    metrics = task.eval_step({"model": model}, task.collate(batch, torch.device("cpu")))
     assert {"val_loss", "val_mel_l1", "val_mrstft"} <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
-    texts = task.eval_artifacts(model, str(tmp_path), step=7)
+    texts = task.eval_artifacts({"model": model}, str(tmp_path), step=7)
     wavs, pngs = sorted(glob.glob(str(tmp_path / "*.wav"))), sorted(glob.glob(str(tmp_path / "*.png")))
     assert len(wavs) == 2 * len(pngs) >= 2 and "clip0" in texts["audio_clips"]
     audio, sr = sf.read(wavs[-1])
@@ -277,10 +351,10 @@ def test_vocoder_task_datasets_eval_and_artifacts(prepared, tmp_path):
 
 
 def test_audio_vae_task_eval_artifacts(prepared, tmp_path):
-    from megaray.tasks.audio import AudioVAETask
+    from megaray.tasks.audio_vae import AudioVAETask
 
     task = AudioVAETask(_run_cfg(prepared["out"], {"family": "audio_vae", "preset": "tiny"}))
     task.datasets()
     model = task.build_modules()["model"]
-    task.eval_artifacts(model, str(tmp_path), step=0)
+    task.eval_artifacts({"model": model}, str(tmp_path), step=0)
     assert glob.glob(str(tmp_path / "clip0_mel.png")) and glob.glob(str(tmp_path / "clip0_recon_griffinlim.wav"))

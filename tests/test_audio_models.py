@@ -20,10 +20,11 @@ from megaray.families import build_run_config
 from megaray import families as registry
 from megaray.models.audio.config import AudioVAEConfig, VocoderConfig
 from megaray.models.audio.discriminators import AudioDiscriminator
-from megaray.models.audio.features import MelFeatures
+from megaray.models.common.dsp import MelFeatures
 from megaray.models.audio.losses import MultiResolutionSTFTLoss, mel_l1
 from megaray.models.audio.vae import AudioVAE, kl_divergence
-from megaray.models.audio.vocoder import HEADS, Vocoder, vocode_file
+from megaray.inference.vocode import vocode_file
+from megaray.models.audio.vocoder import HEADS, Vocoder
 
 TINY = ["tiny_lightheaded_freq_domain_vocoder", "tiny_splitband_freq_domain_vocoder"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +205,7 @@ def _changed(before, m):
 
 
 def test_gan_train_step_updates_generator_and_discriminator_after_warmup():
-    from megaray.tasks.audio import VocoderTask
+    from megaray.tasks.vocoder import VocoderTask
 
     torch.manual_seed(0)
     cfg = build_run_config({"model": {"family": "vocoder", "preset": TINY[0], "adversarial": True, "adv_start_step": 2}})
@@ -239,7 +240,7 @@ def test_gan_train_step_with_real_deepspeed_engines(tmp_path):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         import deepspeed
         from megaray.families import build_run_config
-        from megaray.tasks.audio import VocoderTask
+        from megaray.tasks.vocoder import VocoderTask
         from megaray.train.engines import build_engine
         cfg = build_run_config({"model": {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder",
                                           "adversarial": True, "adv_start_step": 1},
@@ -333,7 +334,7 @@ def test_vae_speaker_vector_source_and_loss_backward():
 
 
 def test_vae_task_loss_decreases_on_one_batch():
-    from megaray.tasks.audio import AudioVAETask
+    from megaray.tasks.audio_vae import AudioVAETask
 
     torch.manual_seed(0)
     cfg = build_run_config({"model": {"family": "audio_vae", "preset": "tiny"}})
@@ -343,9 +344,9 @@ def test_vae_task_loss_decreases_on_one_batch():
     y = torch.stack([harmonic_clip(8192, 16000, seed=s) for s in range(2)])
     mel = MelFeatures(16000, 512, 128, 80)(y)
     batch = {"mel": mel, "speaker_id": torch.tensor([0, 1])}
-    first = task.eval_step(model, batch)
+    first = task.eval_step({"model": model}, batch)
     for step in range(30):
         task.train_step({"model": engine}, batch, step)
-    last = task.eval_step(model, batch)
+    last = task.eval_step({"model": model}, batch)
     assert {"val_loss", "val_mel_l1", "val_kl"} <= set(last)
     assert last["val_mel_l1"] < 0.7 * first["val_mel_l1"], (first, last)

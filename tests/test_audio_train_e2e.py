@@ -1,5 +1,6 @@
 """Audio families through the one training loop: 2 Ray Train workers, DeepSpeed engines (two for
-the GAN vocoder), a crash after a checkpoint, a resumed re-run, and wav/PNG artifacts in MLflow."""
+the GAN vocoder), a crash after a checkpoint, a resumed re-run whose per-step losses equal an
+uninterrupted run's, EMA, a relative data path, and wav/PNG artifacts in MLflow."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def _audio_cfg(config, speech_shards, tmp_path, *extra):
         "train.log_every=1", "train.warmup_steps=1", "scaling.max_failures=0", *extra])
 
 
+def _history(tmp_path, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
 def _check_run(result, tmp_path, steps, modules):
     from mlflow.tracking import MlflowClient
 
@@ -40,10 +48,17 @@ def _check_run(result, tmp_path, steps, modules):
     assert {".wav", ".png"} <= files  # reconstructed audio and input-vs-output mel images
 
 
-def test_gan_vocoder_trains_crashes_resumes_and_logs_audio(speech_shards, tmp_path, monkeypatch):
+def test_gan_vocoder_trains_crashes_resumes_exactly_and_logs_audio(speech_shards, tmp_path, monkeypatch):
+    """Crashed right after its step-2 checkpoint and re-run, the GAN run's per-step losses (generator,
+    discriminator, feature matching) and its EMA weights equal an uninterrupted run's: generator,
+    discriminator, EMA, RNG and data position (crops are a function of seed, clip and pass) resume."""
+    import torch
+
     from megaray.train.launch import fit
 
-    cfg = _audio_cfg("vocoder_tiny.yaml", speech_shards, tmp_path, "train.max_steps=4", "model.adv_start_step=1")
+    extra = ("train.max_steps=4", "model.adv_start_step=1", "train.ema_decay=0.5",
+             "train.modules.disc.lr=1e-4", "train.modules.disc.betas=[0.5,0.9]")
+    cfg = _audio_cfg("vocoder_tiny.yaml", speech_shards, tmp_path, "name=gan-crash", *extra)
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "2")
     with pytest.raises(Exception, match="injected failure"):
@@ -57,11 +72,34 @@ def test_gan_vocoder_trains_crashes_resumes_and_logs_audio(speech_shards, tmp_pa
         assert got[1]["pid"] != got[2]["pid"]
     _check_run(result, tmp_path, 4, {"model", "disc"})
 
+    monkeypatch.delenv("MEGARAY_TRACE")
+    straight = fit(_audio_cfg("vocoder_tiny.yaml", speech_shards, tmp_path, "name=gan-straight", *extra))
+    for key in ("loss", "loss_disc", "loss_fm", "loss_gen_adv"):
+        resumed, want = _history(tmp_path, result.mlflow_run_id, key), _history(tmp_path, straight.mlflow_run_id, key)
+        steps = sorted(want)
+        assert sorted(resumed) == steps and steps[-3:] == [2, 3, 4], key  # GAN terms from step 2 (adv_start_step 1)
+        assert [resumed[s] for s in steps] == pytest.approx([want[s] for s in steps], abs=1e-6, rel=1e-6), key
+    lr_disc = _history(tmp_path, result.mlflow_run_id, "lr_disc")
+    assert lr_disc[1] < 1e-4 * 1.0001 and lr_disc[1] != _history(tmp_path, result.mlflow_run_id, "lr")[1]  # its own lr
+    ema, ema_straight = (torch.load(Path(r.checkpoint) / "ema.pt") for r in (result, straight))
+    model = torch.load(Path(result.checkpoint) / "model.pt")
+    for k in ema:
+        torch.testing.assert_close(ema[k], ema_straight[k], atol=1e-6, rtol=1e-6)
+    assert any(not torch.allclose(ema[k], model[k].float()) for k in ema)  # an average, not the last weights
+    assert result.metrics["val_loss"] == pytest.approx(straight.metrics["val_loss"], abs=1e-6, rel=1e-6)
 
-def test_audio_vae_trains_and_logs_audio(speech_shards, tmp_path):
-    """Resume is the same loop code the vocoder test crashes and resumes; one run here."""
+
+def test_audio_vae_trains_from_a_relative_data_path_and_logs_audio(speech_shards, tmp_path, monkeypatch):
+    """Resume is the same loop code the vocoder test crashes and resumes; one run here. The data
+    path is relative to the driver's working directory (as in the README): evaluation artifacts,
+    read inside the workers, find it because the driver resolved it."""
+    import os
+
     from megaray.train.launch import fit
 
-    result = fit(_audio_cfg("audio_vae_small.yaml", speech_shards, tmp_path, "train.max_steps=2"))
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(speech_shards, tmp_path)
+    assert not Path(relative).is_absolute()
+    result = fit(_audio_cfg("audio_vae_small.yaml", relative, tmp_path, "train.max_steps=2"))
     assert result.metrics["step"] == 2
     _check_run(result, tmp_path, 2, {"model"})

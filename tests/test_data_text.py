@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from megaray.data import text
-from megaray.data.corpus import build_stdlib_corpus, iter_stdlib_docstrings
+from megaray.data.stdlib import build_stdlib_corpus, iter_stdlib_docstrings
 from megaray.data.sources import DataError, list_files
 from megaray.data.text import (
     equal_batches,
@@ -28,6 +28,7 @@ from megaray.data.text import (
     text_datasets,
     unigram_entropy,
 )
+from megaray.data.text.writer import ShardWriter
 from megaray.data.tokenizer import EOS, load_tokenizer
 
 PROSE = [
@@ -243,7 +244,7 @@ def test_crash_mid_write_leaves_no_complete_output(tmp_path, monkeypatch):
     def boom(self):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(text._ShardWriter, "close", boom)
+    monkeypatch.setattr(ShardWriter, "close", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_text([str(src)], str(tmp_path / "out"), vocab_size=300, progress=False, verbose=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from megaray import families as registry
 from megaray.models.gpt import GPT, GPTConfig, generate
 from megaray.models.gpt import model as model_mod
-from megaray.models.gpt.flops import estimate_mfu, flops_per_token, peak_flops
+from megaray.models.gpt.flops import estimate_mfu, flops_per_token
+from megaray.train.device import peak_flops
 from megaray.models.gpt.sampling import sample_next
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, mlp_hidden=48)

@@ -151,6 +151,41 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     assert [r["step"] for r in recs[i:]] == list(range(resumed_at + 1, 31))
 
 
+def _corrupt_data_pages(shard: Path) -> None:
+    """Overwrite every byte between the leading magic and the footer of a parquet file: the
+    footer still parses (the driver's up-front check passes), decoding any page fails."""
+    import struct
+
+    data = bytearray(shard.read_bytes())
+    footer = struct.unpack("<I", bytes(data[-8:-4]))[0]
+    end = len(data) - 8 - footer
+    data[4:end] = b"\xff" * (end - 4)
+    shard.write_bytes(bytes(data))
+
+
+def test_data_error_inside_a_worker_ends_the_run_at_once_with_its_message(ray_cluster, text_shards, tmp_path, monkeypatch):
+    """A corrupt data page is found only when a worker reads it: the DataError naming the shard
+    and row group ends the run without the 2 retries max_failures allows, and fit() raises it."""
+    import shutil
+
+    from megaray.errors import DataError
+    from megaray.train.launch import fit
+
+    shards = tmp_path / "shards"
+    shutil.copytree(text_shards, shards)
+    first = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
+    _corrupt_data_pages(shards / first)
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "bad"))
+    cfg = _cfg(str(shards), tmp_path, "bad-data", "train.max_steps=4", "scaling.max_failures=2", "tracking.enabled=false")
+    t0 = time.time()
+    with pytest.raises(DataError, match=rf"{first}: row group 0 is corrupt .*data.on_corrupt=skip"):
+        fit(cfg)
+    for rank in (0, 1):  # one attempt: each rank's worker started once
+        assert len(Path(f"{tmp_path / 'bad'}.starts.rank{rank}").read_text().splitlines()) == 1
+    assert not _trace(tmp_path / "bad", 0)  # no batch was trained on
+    assert time.time() - t0 < 240
+
+
 @pytest.mark.parametrize("stage", [3])  # 0: the kill test; 1: the resume test; 2: the MLflow-server test
 def test_zero_stage_trains_and_checkpoints(ray_cluster, text_shards, tmp_path, stage):
     import torch

@@ -1,19 +1,19 @@
-"""Unit tests of the training loop's helpers (no Ray cluster, no DeepSpeed engine)."""
+"""Unit tests of the training loop's parts and the task hooks (no Ray cluster, no DeepSpeed engine)."""
 
 from __future__ import annotations
 
 import pytest
 
-from megaray.train import loop
+from megaray.train import reporter
 
 
 def test_report_pacer_holds_back_progress_reports_inside_the_poll_interval(monkeypatch):
     """Ray Train V2 drains one report per worker every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; a
     progress report sooner than that would block the loop, so the pacer holds it back."""
     now = [100.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(reporter.time, "monotonic", lambda: now[0])
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
-    p = loop._ReportPacer()
+    p = reporter.ReportPacer()
     assert p.due(world=1)  # nothing sent yet
     p.sent()
     now[0] += 0.5
@@ -27,13 +27,13 @@ def test_report_pacer_holds_back_progress_reports_inside_the_poll_interval(monke
 
 def test_report_pacer_reads_the_controller_poll_interval(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    assert loop._ReportPacer().interval_s == pytest.approx(0.25)
+    assert reporter.ReportPacer().interval_s == pytest.approx(0.25)
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    assert loop._ReportPacer().interval_s == pytest.approx(2.0)  # Ray Train V2's default
+    assert reporter.ReportPacer().interval_s == pytest.approx(2.0)  # Ray Train V2's default
 
 
 def test_meter_throughput_and_data_wait():
-    m = loop._Meter()
+    m = reporter.Meter()
     m.add({"loss": 4.0}, data_s=0.1, total_s=1.0, units=100)
     m.add({"loss": 2.0}, data_s=0.3, total_s=1.0, units=300)
     out = m.summary(flops_per_unit=10.0, peak=4000.0, world=2)
@@ -41,3 +41,243 @@ def test_meter_throughput_and_data_wait():
     assert out["throughput"] == pytest.approx(200.0)  # 400 units in 2 s
     assert out["data_wait_frac"] == pytest.approx(0.2)
     assert out["mfu"] == pytest.approx(10.0 * 200.0 / (4000.0 * 2))
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+def test_ema_follows_the_polyak_update_in_fp32_and_round_trips():
+    import torch
+
+    from megaray.train.ema import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    ema = EMA(net, decay=0.9)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in ema.module.parameters())
+    start = [p.detach().float().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    for e, s, p in zip(ema.module.parameters(), start, net.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * p.float())  # ema = d * ema + (1 - d) * w
+    other = EMA(torch.nn.Linear(4, 3), decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    for a, b in zip(other.module.parameters(), ema.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_ema_is_refused_under_zero3_with_the_reason():
+    from megaray.errors import ConfigError
+    from megaray.families import build_run_config
+    from megaray.train.ema import check_supported
+
+    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}, "train": {"ema_decay": 0.999, "zero_stage": 3}})
+    with pytest.raises(ConfigError, match=r"train.ema_decay: .*ZeRO stage 3 partitions"):
+        check_supported(cfg)
+    check_supported(build_run_config({"model": {"family": "gpt", "preset": "debug"}, "train": {"ema_decay": 0.999}}))
+
+
+# --------------------------------------------------------------------------- per-module optimizer settings
+
+
+def test_module_optimizer_settings_fall_back_to_train_and_unknown_modules_are_named():
+    from megaray.errors import ConfigError
+    from megaray.families import build_run_config
+    from megaray.tasks.vocoder import VocoderTask
+    from megaray.train.launch import check_run
+
+    cfg = build_run_config({"model": {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder", "adversarial": True},
+                            "train": {"lr": 2e-4, "min_lr": 2e-5, "betas": [0.8, 0.99],
+                                      "modules": {"disc": {"lr": 1e-4, "betas": [0.5, 0.9]}}}})
+    disc, gen = cfg.train.optim_for("disc"), cfg.train.optim_for("model")
+    assert (disc.lr, disc.betas, disc.weight_decay) == (1e-4, [0.5, 0.9], cfg.train.weight_decay)
+    assert disc.min_lr == pytest.approx(1e-5)  # train's min_lr / lr ratio kept
+    assert (gen.lr, gen.min_lr, gen.betas) == (2e-4, 2e-5, [0.8, 0.99])
+    task = VocoderTask(cfg)
+    check_run(cfg, task)
+    groups = task.param_groups("disc", task.build_modules()["disc"])
+    assert groups[0]["weight_decay"] == cfg.train.weight_decay and groups[1]["weight_decay"] == 0.0
+    bad = cfg.model_copy(deep=True)
+    bad.train.modules = {"dsic": {"lr": 1e-4}}
+    with pytest.raises(ConfigError, match=r"train.modules.dsic: .*no module 'dsic'.*disc"):
+        check_run(bad, task)
+
+
+# --------------------------------------------------------------------------- adversarial step
+
+
+class _Engine:
+    """What a task needs of a DeepSpeed engine: call, backward, step (SGD, lr 0.1)."""
+
+    def __init__(self, module):
+        import torch
+
+        self.module, self.steps = module, 0
+        self.opt = torch.optim.SGD(module.parameters(), lr=0.1)
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+
+
+def _toy_gan():
+    import torch
+
+    torch.manual_seed(0)
+    gen = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    disc = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LeakyReLU(0.1), torch.nn.Linear(8, 1))
+    return gen, disc, torch.randn(4, 8), torch.randn(4, 8)
+
+
+def test_adaptive_weight_is_taming_transformers_calculate_adaptive_weight():
+    """Reference: taming/modules/losses/vqperceptual.py, VQLPIPSWithDiscriminator.calculate_adaptive_weight."""
+    import torch
+
+    from megaray.tasks.adversarial import AdversarialStep
+
+    gen, disc, x, real = _toy_gan()
+    fake = gen(x)
+    rec = (fake - real).abs().mean()
+    last = gen[2].weight
+    g_loss = -disc(fake).mean()
+    nll_grads = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    expected = 0.5 * torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach()
+
+    step = AdversarialStep(lambda r, f: (1 - r).relu().mean() + (1 + f).relu().mean(), lambda f: -f.mean(),
+                           adv_weight=0.5, adaptive=True)
+    loss, m = step.generator_loss(_Engine(disc), real, fake, rec, last_layer=last)
+    assert m["adv_weight"] == pytest.approx(float(expected))
+    assert float(loss.detach()) == pytest.approx(float((rec + expected * g_loss).detach()), rel=1e-6)
+    with pytest.raises(ValueError, match="last_layer"):
+        AdversarialStep(lambda r, f: r.mean(), lambda f: f.mean(), adaptive=True).generator_loss(disc, real, fake, rec)
+
+
+def test_adversarial_step_trains_the_discriminator_from_start_step_and_leaves_it_no_generator_grads():
+    import torch
+
+    from megaray.tasks.adversarial import AdversarialStep
+
+    gen, disc, x, real = _toy_gan()
+    d_engine = _Engine(disc)
+    lsgan_d = lambda r, f: ((r - 1) ** 2).mean() + (f ** 2).mean()  # noqa: E731
+    step = AdversarialStep(lsgan_d, lambda f: ((f - 1) ** 2).mean(), lambda r, f: (r - f).abs().mean(),
+                           start_step=3, adv_weight=1.0, fm_weight=2.0)
+    fake = gen(x)
+    base = (fake - real).abs().mean()
+    loss, m = step(d_engine, real, fake, base, step=2)
+    assert loss is base and m == {} and d_engine.steps == 0  # before start_step: reconstruction only
+    before = [p.detach().clone() for p in disc.parameters()]
+    loss, m = step(d_engine, real, fake, base, step=3)
+    assert d_engine.steps == 1 and any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
+    with torch.no_grad():  # the generator's loss through the *updated* discriminator
+        d_fake, d_real = disc(fake), disc(real)
+        want = base + ((d_fake - 1) ** 2).mean() + 2.0 * (d_real - d_fake).abs().mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert {"loss_disc", "loss_gen_adv", "loss_fm"} == set(m)
+    loss.backward()
+    assert all(p.grad is None and p.requires_grad for p in disc.parameters())
+    assert all(p.grad is not None for p in gen.parameters())
+
+
+# --------------------------------------------------------------------------- errors inside workers
+
+
+def test_user_errors_end_the_run_and_crashes_are_retried():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from megaray.errors import DataError
+    from megaray.train.ray_compat import UserErrorFailurePolicy, user_error
+
+    bad = DataError("shard data/x/train-00000.parquet row group 3 is corrupt")
+    wrapped = RuntimeError("reading failed")
+    wrapped.__cause__ = bad
+    for failures in ({1: bad}, {0: RuntimeError("collateral: gloo connection reset"), 1: wrapped}):
+        err = WorkerGroupError("boom", failures)
+        assert user_error(err) is bad
+        assert UserErrorFailurePolicy(FailureConfig(max_failures=2)).make_decision(err) == FailureDecision.RAISE
+    crash = WorkerGroupError("boom", {0: RuntimeError("worker died")})
+    assert user_error(crash) is None
+    policy = UserErrorFailurePolicy(FailureConfig(max_failures=1))
+    assert policy.make_decision(crash) == FailureDecision.RETRY
+    assert policy.make_decision(crash) == FailureDecision.RAISE  # max_failures spent
+
+
+def test_data_paths_are_resolved_on_the_driver(tmp_path, monkeypatch):
+    from megaray.families import build_run_config
+    from megaray.train.launch import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"},
+                            "data": {"shards": "data/speech-tiny",
+                                     "sources": [{"shards": "data/a", "weight": 2}, {"shards": "s3://bucket/b"}]}})
+    out = resolve_paths(cfg)
+    assert out.data.shards == str(tmp_path / "data" / "speech-tiny")
+    assert [s.shards for s in out.data.sources] == [str(tmp_path / "data" / "a"), "s3://bucket/b"]
+    assert out.data.sources[0].weight == 2 and cfg.data.shards == "data/speech-tiny"  # the input is untouched
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+def test_truncated_weights_name_the_file_and_ema_weights_are_preferred(tmp_path):
+    import json
+
+    import torch
+
+    from megaray.errors import CheckpointError
+    from megaray.families import build_model, build_run_config
+    from megaray.train.checkpoint import EMA_FILE, STATE_FILE, WEIGHTS_FILE, load_for_inference
+
+    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug", "n_layer": 1}})
+    ckpt = tmp_path / "run" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    cfg.to_yaml(ckpt / "config.yaml")
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 4}))
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model).state_dict(), ckpt / WEIGHTS_FILE)
+    ema = {k: torch.full_like(v, 0.5) for k, v in build_model(cfg.model).state_dict().items()}
+    torch.save(ema, ckpt / EMA_FILE)
+    model, _, _ = load_for_inference(tmp_path / "run")
+    assert all(torch.all(p == 0.5) for p in model.parameters())  # EMA weights when the run kept them
+    data = (ckpt / EMA_FILE).read_bytes()
+    (ckpt / EMA_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"step_00000004/ema.pt is truncated or corrupt \("):
+        load_for_inference(ckpt)
+    (ckpt / EMA_FILE).unlink()
+    data = (ckpt / WEIGHTS_FILE).read_bytes()
+    (ckpt / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"step_00000004/model.pt is truncated or corrupt \("):
+        load_for_inference(ckpt)
+
+
+def test_micro_batches_continue_from_the_saved_epoch_position():
+    from megaray.families import build_run_config
+    from megaray.train.checkpoint import TrainState
+    from megaray.train.loop import _micro_batches
+
+    class Shard:  # epoch e yields batches (e, 0), (e, 1), ...; order depends on the seed per epoch
+        def iter_torch_batches(self, local_shuffle_seed=None, **_):
+            return iter([(local_shuffle_seed, i) for i in range(5)])
+
+    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}, "data": {"shuffle_buffer": 8},
+                            "train": {"seed": 100}})
+    state = TrainState(epoch=1, batch_in_epoch=2)
+    it = _micro_batches(Shard(), cfg, state, per_epoch=3)
+    got = []
+    for _ in range(4):
+        got.append(next(it))
+        state.batch_in_epoch += 1  # the loop does this once a batch is trained on
+    assert got == [(101, 2), (102, 0), (102, 1), (102, 2)]  # the rest of epoch 1, then epoch 2 from its start
+    assert (state.epoch, state.batch_in_epoch) == (2, 3)

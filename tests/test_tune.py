@@ -124,7 +124,8 @@ def test_bad_values_and_combinations_fail_with_reasons(tmp_path, text_shards):
 
 def test_search_algorithms_propose_valid_trials(tmp_path, text_shards):
     """Optuna TPE and the random generator sample the space (labels for multi-key choices)."""
-    from megaray.tune.search import param_space, search_algorithm
+    from megaray.tune.schedulers import search_algorithm
+    from megaray.tune.space import param_space
 
     space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.warmup_steps": {"randint": [0, 8]},
              "model": {"choice": [{"n_layer": 2, "n_embd": 64}, {"n_layer": 4, "n_embd": 128}]},
@@ -152,7 +153,7 @@ def test_resumable_asha_replays_trials_finished_before_a_restore(tmp_path):
 
     import pyarrow.fs
 
-    from megaray.tune.search import ResumableASHA
+    from megaray.train.ray_compat import ResumableASHA
 
     def trial(tid, status):
         d = tmp_path / tid
@@ -182,7 +183,7 @@ def test_resumable_asha_never_stops_a_trial_at_max_t():
     and closes its MLflow run (seen in CI: a completed trial's run ended FAILED). Ours lets it end."""
     from types import SimpleNamespace
 
-    from megaray.tune.search import ResumableASHA
+    from megaray.train.ray_compat import ResumableASHA
 
     def make(cls):
         s = cls(time_attr="step", max_t=10, grace_period=5, reduction_factor=2, stop_last_trials=False)
@@ -201,6 +202,78 @@ def test_resumable_asha_never_stops_a_trial_at_max_t():
     assert ours._num_stopped == 1
     plain, late, _ = make(ResumableASHA.__mro__[1])
     assert plain.on_trial_result(None, late, {"step": 10, "loss": 5.8}) == "STOP"  # what ASHA alone does
+
+
+def test_readme_search_without_its_data_fails_before_any_trial(tmp_path, monkeypatch):
+    """`megaray tune configs/tune/transformer.yaml` from a clone that never prepared
+    data/stdlib-512 (as the README once listed it): one DataError naming the folder and the exact
+    prepare command, before Ray, Tune, MLflow or any trial directory is touched."""
+    import ray
+
+    from megaray.errors import DataError, MegarayError
+    from megaray.tune.search import run_search
+
+    monkeypatch.chdir(tmp_path)  # the base's relative data/stdlib-512 and runs/ resolve here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ray_was_up = ray.is_initialized()
+    t0 = time.time()
+    with pytest.raises(DataError) as e:
+        run_search(REPO / "configs" / "tune" / "transformer.yaml")
+    msg = str(e.value)
+    assert isinstance(e.value, MegarayError)
+    assert "data/stdlib-512" in msg and "gpt_debug.yaml" in msg
+    assert "megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512" in msg
+    assert time.time() - t0 < 20, "the data check must not wait for Ray or a trial"
+    assert not (tmp_path / "runs").exists()  # no experiment, no trial dirs
+    assert not (tmp_path / "mlflow.db").exists()
+    assert ray.is_initialized() == ray_was_up
+    # a searched data.shards value is checked too, not only trial 0's
+    from megaray.data.manifest import new_manifest, write_manifest
+
+    (tmp_path / "ok").mkdir()
+    write_manifest(str(tmp_path / "ok"), new_manifest("text"))
+    s = load_tune_config(REPO / "configs" / "tune" / "transformer.yaml",
+                         [f"data.shards={tmp_path}/ok", f"space.data.shards={{choice: [{tmp_path}/ok, {tmp_path}/nope]}}"])
+    with pytest.raises(DataError, match=r"nope"):
+        s.check_data()
+
+
+def test_failure_reason_unwraps_ray_errors():
+    """The summary shows the root error's type and first line, not Ray's wrapper."""
+    from ray.exceptions import RayTaskError
+    from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from megaray.errors import DataError
+    from megaray.tune.report import failure_reason
+
+    root = DataError("shard folder not found: /x/y\nsecond line")
+    wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...\nDataError: shard folder", root)
+    assert failure_reason(wrapped) == "DataError: shard folder not found: /x/y"
+    workers = WorkerGroupError("Training failed due to worker errors:\n[Rank 0]: ...", {0: root})
+    assert failure_reason(workers) == "DataError: shard folder not found: /x/y"
+    assert failure_reason(TrainingFailedError("plain")) == "TrainingFailedError: plain"
+
+
+def test_search_in_which_every_trial_fails_raises_search_error(ray_cluster, text_shards, tmp_path):
+    """Each value is valid alone (checked up front) but n_embd 48 with n_head 32 is not: every
+    trial fails in its driver. run_search raises SearchError with the reason, the table shows it,
+    and the parent MLflow run ends FAILED."""
+    from megaray.errors import SearchError
+    from megaray.tune.search import run_search
+
+    cfg = _search(tmp_path, text_shards, "allfail", {"model.n_head": {"choice": [32]}, "model.n_embd": {"choice": [48]}},
+                  search={"num_samples": 2})
+    with pytest.raises(SearchError) as e:
+        run_search(cfg)
+    msg = str(e.value)
+    assert "all 2 trials failed" in msg
+    assert "ConfigError" in msg and "n_embd (48) must be divisible by n_head (32)" in msg
+    parents = _runs(tmp_path, role="search")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    c = _client(tmp_path)
+    table = Path(c.download_artifacts(parents[0].info.run_id, "tune/trials.md", str(tmp_path))).read_text()
+    assert "| error |" in table and table.count("must be divisible by n_head") == 2
 
 
 # ----------------------------------------------------------------------------- a real search

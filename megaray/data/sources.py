@@ -1,9 +1,8 @@
 """Resolve data sources: local paths, globs and ``s3://`` / ``gs://`` / ``file://`` URIs.
 
 Every source string becomes a sorted list of :class:`SourceFile` (a pyarrow filesystem plus a
-path on it), so readers never care where bytes live. Local paths use
-:class:`pyarrow.fs.LocalFileSystem`; anything with a ``scheme://`` goes through
-:func:`pyarrow.fs.FileSystem.from_uri` (S3 and GCS credentials come from the usual environment).
+path on it), so readers never care where bytes live; locations are resolved by
+:mod:`megaray.fs` (the one file-system layer).
 
 Hidden files and folders (name starting with ``.``) are not listed; callers see how many were
 skipped through :attr:`Listing.hidden`.
@@ -18,11 +17,14 @@ import glob as _glob
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Iterator, List, Tuple
+from typing import Iterator, List
 
 import pyarrow.fs as pafs
 
-from megaray.errors import DataError  # re-exported: megaray.data.sources.DataError
+from megaray.errors import DataError
+from megaray.fs import is_uri, join, resolve
+
+__all__ = ["DataError", "Listing", "SourceFile", "list_files", "is_uri", "join", "resolve"]
 
 _GLOB_CHARS = "*?["
 
@@ -85,34 +87,6 @@ class Listing:
 
     files: List[SourceFile] = field(default_factory=list)
     hidden: int = 0
-
-
-def is_uri(source: str) -> bool:
-    """True for ``scheme://...`` strings (``s3://``, ``gs://``, ``file://``, ...)."""
-    head, sep, _ = source.partition("://")
-    return bool(sep) and head.isalnum() and len(head) > 1
-
-
-def resolve(source: str) -> Tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or a URI (no globbing, no existence check).
-
-    Raises:
-        DataError: the URI scheme is unknown to pyarrow or its filesystem cannot be created
-            (e.g. missing credentials support); the message names the URI.
-    """
-    if is_uri(source):
-        try:
-            return pafs.FileSystem.from_uri(source)
-        except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
-            raise DataError(f"cannot open {source}: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
-
-
-def join(base: str, *parts: str) -> str:
-    """Join a local path or a URI with relative ``/``-separated parts."""
-    if is_uri(base):
-        return "/".join([base.rstrip("/"), *parts])
-    return os.path.join(base, *parts)
 
 
 def _hidden(rel: str) -> bool:

@@ -1,8 +1,7 @@
 """The embedded default speech corpus: real English sentences, synthetic voices, no download.
 
-Sentences come from the docstrings of the Python standard library (walked with :mod:`ast`
-under ``sysconfig.get_paths()["stdlib"]``, skipping tests and ``site-packages``), filtered to
-short, clean English prose. Each is rendered by Debian's ``espeak-ng`` with one of several
+Sentences come from the docstrings of the Python standard library (the one walker,
+:mod:`megaray.data.stdlib`), filtered to short, clean English prose. Each is rendered by Debian's ``espeak-ng`` with one of several
 English voices; every voice is one speaker. The ALSA test sounds
 (``/usr/share/sounds/alsa/*.wav``, from ``alsa-utils``) join as speaker ``alsa`` when present.
 
@@ -15,16 +14,16 @@ Feed ``out_dir/manifest.jsonl`` to :func:`megaray.data.audio.prepare_audio`.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
 import shutil
 import subprocess
-import sysconfig
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
+
+from megaray import fs
+from megaray.data.stdlib import iter_docstrings
 
 #: espeak-ng voices used as speakers (``espeak-ng --voices=en`` lists languages; ``+f3`` etc.
 #: are the bundled variants). Each is a distinct timbre/accent.
@@ -35,7 +34,8 @@ ALSA_DIR = "/usr/share/sounds/alsa"
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _CLEAN = re.compile(r"^[A-Z][A-Za-z ,;'\-]+[a-z][.!?]$")
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "turtledemo"}
+#: folders skipped on top of megaray.data.stdlib.SKIP_DIRS (code samples, not prose)
+_EXTRA_SKIP_DIRS = ("lib2to3", "turtledemo")
 
 
 class EspeakMissing(RuntimeError):
@@ -52,54 +52,36 @@ def _espeak() -> str:
     return exe
 
 
-def _docstrings(path: str) -> Iterator[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                yield doc
-
-
 def stdlib_sentences(n: int, min_words: int = 5, max_words: int = 16, per_file: int = 3) -> List[str]:
-    """Up to ``n`` distinct clean English sentences from stdlib docstrings, in a fixed order.
+    """Up to ``n`` distinct clean English sentences from stdlib docstrings, in a fixed order
+    (the docstrings come from :func:`megaray.data.stdlib.iter_docstrings`, the one walker).
 
     A sentence is kept when it has ``min_words``..``max_words`` words, starts with a capital,
     ends with ``.``/``!``/``?`` and holds only letters, spaces and ``,;'-`` (no code, digits,
-    URLs or identifiers). At most ``per_file`` come from one file, for variety.
+    URLs or identifiers). At most ``per_file`` come from one file, for variety; ``test_*.py``
+    files and the ``lib2to3``/``turtledemo`` folders are skipped.
     """
-    root = sysconfig.get_paths()["stdlib"]
     seen, out = set(), []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-        for fn in sorted(filenames):
-            if not fn.endswith(".py") or fn.startswith("test_"):
-                continue
-            taken = 0
-            for doc in _docstrings(os.path.join(dirpath, fn)):
-                for para in doc.split("\n\n"):
-                    text = " ".join(para.split())
-                    for s in _SENTENCE_SPLIT.split(text):
-                        words = s.split()
-                        if not (min_words <= len(words) <= max_words) or not _CLEAN.match(s) or s in seen:
-                            continue
-                        if any(w.isupper() and len(w) > 1 for w in words) or "  " in s:
-                            continue
-                        seen.add(s)
-                        out.append(s)
-                        taken += 1
-                        if len(out) >= n:
-                            return out
-                        if taken >= per_file:
-                            break
-                    if taken >= per_file:
-                        break
-                if taken >= per_file:
+    taken: Dict[str, int] = {}
+    for doc in iter_docstrings(min_chars=0, dedupe=False, extra_skip_dirs=_EXTRA_SKIP_DIRS):
+        if doc.file.rsplit("/", 1)[-1].startswith("test_") or taken.get(doc.file, 0) >= per_file:
+            continue
+        for para in doc.text.split("\n\n"):
+            for s in _SENTENCE_SPLIT.split(" ".join(para.split())):
+                words = s.split()
+                if not (min_words <= len(words) <= max_words) or not _CLEAN.match(s) or s in seen:
+                    continue
+                if any(w.isupper() and len(w) > 1 for w in words) or "  " in s:
+                    continue
+                seen.add(s)
+                out.append(s)
+                taken[doc.file] = taken.get(doc.file, 0) + 1
+                if len(out) >= n:
+                    return out
+                if taken[doc.file] >= per_file:
                     break
+            if taken.get(doc.file, 0) >= per_file:
+                break
     return out
 
 
@@ -145,7 +127,8 @@ def build_speech_corpus(
     """Render ``n_clips`` stdlib sentences with espeak-ng voices (round-robin) into ``out_dir``.
 
     Args:
-        out_dir: destination folder (built in a temp folder and renamed into place).
+        out_dir: destination folder (built in a temp sibling, published atomically by
+            :func:`megaray.fs.staged_dir`).
         n_clips: espeak-ng clips (the ALSA sounds come on top when ``include_alsa``).
         voices: espeak-ng voice names, one speaker each (default :data:`DEFAULT_VOICES`,
             filtered to those installed).
@@ -158,26 +141,20 @@ def build_speech_corpus(
 
     Raises:
         EspeakMissing: espeak-ng is not installed (``apt-get install espeak-ng``).
-        FileExistsError: ``out_dir`` holds a manifest and ``overwrite`` is False.
+        DataError: ``out_dir`` holds a manifest or is not empty and ``overwrite`` is False.
         RuntimeError: espeak-ng failed on a sentence (stderr included), or no voice is usable.
     """
     exe = _espeak()
     out = os.path.abspath(out_dir)
     manifest = os.path.join(out, "manifest.jsonl")
-    if os.path.exists(manifest) and not overwrite:
-        raise FileExistsError(f"{manifest} exists; pass overwrite=True to rebuild")
     voices = available_voices(voices or DEFAULT_VOICES)
     if not voices:
         raise RuntimeError("none of the requested espeak-ng voices is installed (see `espeak-ng --voices=en`)")
     sentences = stdlib_sentences(n_clips)
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(os.path.join(tmp, "wavs"))
-    try:
-        jobs = []
-        for i, text in enumerate(sentences):
-            voice = voices[i % len(voices)]
-            rel = f"wavs/{_speaker_name(voice)}_{i:05d}.wav"
-            jobs.append((rel, text, voice))
+    jobs = [(f"wavs/{_speaker_name(voices[i % len(voices)])}_{i:05d}.wav", text, voices[i % len(voices)])
+            for i, text in enumerate(sentences)]
+    with fs.staged_dir(out, overwrite, marker="manifest.jsonl") as tmp:
+        os.makedirs(os.path.join(tmp, "wavs"))
 
         def render(job):
             rel, text, voice = job
@@ -196,13 +173,5 @@ def build_speech_corpus(
                     stem = os.path.splitext(fn)[0]
                     text = "" if stem.lower() == "noise" else stem.replace("_", " ")
                     rows.append({"path": f"wavs/alsa_{fn}", "text": text, "speaker": "alsa"})
-        with open(os.path.join(tmp, "manifest.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fs.write_text(os.path.join(tmp, "manifest.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     return manifest

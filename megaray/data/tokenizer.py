@@ -15,7 +15,8 @@ from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megaray.data.sources import DataError, is_uri, resolve
+from megaray.errors import DataError
+from megaray.fs import is_uri, resolve
 
 #: end-of-document token, appended after every document.
 EOS = "<|endoftext|>"

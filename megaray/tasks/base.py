@@ -1,60 +1,110 @@
-"""Task: what one model family supplies to the generic training loop.
+"""Task: what one model family supplies to the generic training loop, and the hooks it may use.
 
-The loop (:mod:`megaray.train.loop`) owns distribution, DeepSpeed engines, checkpoints,
-schedules, logging and resume. A family's :class:`Task` owns the model, its loss, its Ray
-datasets and its evaluation artifacts. A family with a second network (a GAN discriminator)
-returns it from :meth:`Task.build_modules`; the loop gives every module its own DeepSpeed engine
-and hands all engines to :meth:`Task.train_step`.
+The loop (:mod:`megaray.train.loop`) owns distribution, DeepSpeed engines, checkpoints, the
+schedule, EMA, logging and resume. A family's :class:`Task` owns its networks, loss, Ray
+datasets, evaluation and artifacts. The hooks, in the order the loop calls them:
+
+==========================  =====================================================================
+``datasets()``              driver: Ray datasets; fills :attr:`Task.info` (a :class:`TaskInfo`)
+``build_modules()``         worker: trainable networks ``{"model": ..., "disc": ...}``; one
+                            DeepSpeed engine each, optimizer settings from ``train.modules.<name>``
+``param_groups(name, m)``   worker: AdamW groups of one module
+``frozen_modules()``        worker: networks loaded from another run (a VAE, a vocoder used to
+                            decode samples): no engine, eval mode, moved to the device
+``train_step(engines, b)``  one micro-batch: forward, ``engine.backward``, ``engine.step``
+``global_step(engines)``    the step clock: optimizer steps taken (``engines["model"]``'s)
+``after_step(engines, s)``  after every optimizer step (nGPT re-normalises its weights here)
+``eval_step(modules, b)``   validation metrics of one batch; ``modules`` holds every module
+                            (the EMA copy as ``"model"`` when ``train.ema_decay`` is on) plus
+                            the frozen ones
+``eval_artifacts(...)``     rank 0: samples, audio, images from the same ``modules``
+==========================  =====================================================================
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from megaray.config import RunConfig
 
 
+@dataclass
+class TaskInfo:
+    """What the driver finds while building the datasets, shipped to every worker (pickled by Ray).
+
+    Attributes:
+        batches_per_epoch: micro-batches per rank per epoch, equal on every rank (so collectives
+            never wait on a rank with a shorter epoch).
+        val_batches: validation batches per rank per evaluation.
+        manifest: the shard manifest, read once on the driver (workers never read it again).
+    """
+
+    batches_per_epoch: int = 0
+    val_batches: int = 0
+    manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def unwrap(module: Any) -> torch.nn.Module:
+    """The ``torch.nn.Module`` inside a DeepSpeed engine (or the module itself)."""
+    return getattr(module, "module", module)
+
+
 class Task:
     """Base class. Subclasses implement :meth:`loss` and :meth:`datasets`.
 
     Args:
-        cfg: the resolved run config.
-        info: facts the driver found while building the datasets (vocabulary, batch counts),
-            handed to the workers; :meth:`datasets` fills it on the driver.
+        cfg: the resolved run config (its paths already absolute: :func:`megaray.train.launch.fit`).
+        info: what :meth:`datasets` found on the driver; None on the driver before that.
     """
 
     #: how many tokens / samples one batch row counts as, for throughput; set by subclasses.
     unit: str = "samples"
+    #: the :class:`TaskInfo` subclass :meth:`datasets` fills
+    info_class: type = TaskInfo
 
-    def __init__(self, cfg: RunConfig, info: Optional[Dict[str, Any]] = None):
+    def __init__(self, cfg: RunConfig, info: Optional[TaskInfo] = None):
         self.cfg = cfg
-        self.info: Dict[str, Any] = dict(info or {})
+        self.info = info if info is not None else self.info_class()
 
-    # -- model -----------------------------------------------------------------------------
+    # -- modules ---------------------------------------------------------------------------
+    def module_names(self) -> List[str]:
+        """Names :meth:`build_modules` returns (checked against ``train.modules`` on the driver)."""
+        return ["model"]
+
     def build_modules(self) -> Dict[str, torch.nn.Module]:
         """``{"model": module, ...}``; every entry gets its own DeepSpeed engine and optimizer."""
         from megaray import families
 
         return {"model": families.build_model(self.cfg.model)}
 
+    def frozen_modules(self) -> Dict[str, torch.nn.Module]:
+        """Networks the task uses but does not train (loaded from another run's checkpoint, e.g. a
+        VAE or vocoder that decodes samples). The loop moves them to the device, puts them in
+        eval mode without gradients, and hands them to :meth:`eval_step` / :meth:`eval_artifacts`."""
+        return {}
+
     def param_groups(self, name: str, module: torch.nn.Module) -> list:
-        """AdamW groups: weight decay on >=2-D weights, none on biases, norms and gains."""
+        """AdamW groups: weight decay (``train.modules.<name>.weight_decay``, else
+        ``train.weight_decay``) on >=2-D weights, none on biases, norms and gains."""
+        wd = self.cfg.train.optim_for(name).weight_decay
         decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": self.cfg.train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
     # -- data ------------------------------------------------------------------------------
     def datasets(self) -> Dict[str, Any]:
         """``{"train": ray.data.Dataset, "val": ray.data.Dataset}``, built on the driver.
 
-        Must set ``self.info["batches_per_epoch"]`` (micro-batches per rank per epoch, equal on
-        every rank) and ``self.info["val_batches"]`` (validation batches per rank per eval)."""
+        Must fill :attr:`info` (``batches_per_epoch``, ``val_batches``, the manifest)."""
         raise NotImplementedError
+
+    def prepare_command(self, shards: str) -> Optional[str]:
+        """The ``megaray prepare ...`` command that writes shards this task can train on into
+        ``shards`` (for hints in error messages); None when there is none."""
+        return None
 
     def collate(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
         """Move one ``iter_torch_batches`` batch to ``device`` (override to reshape)."""
@@ -71,17 +121,26 @@ class Task:
 
     def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
         """One micro-batch: forward, ``engine.backward``, ``engine.step`` (DeepSpeed handles
-        accumulation boundaries). Returns metrics including ``loss``."""
+        accumulation boundaries). ``step``: optimizer steps taken so far. Returns metrics
+        including ``loss``."""
         engine = engines["model"]
         loss, metrics = self.loss(engine, batch)
         engine.backward(loss)
         engine.step()
         return {"loss": float(loss.detach()), **metrics}
 
+    def global_step(self, engines: Mapping[str, Any]) -> int:
+        """The step clock: optimizer steps taken. Default: the ``"model"`` engine's count (a
+        GAN's discriminator may step less often)."""
+        return int(engines["model"].global_steps)
+
+    def after_step(self, engines: Mapping[str, Any], step: int) -> None:
+        """Called once after every optimizer step ``step`` (1-based), before the EMA update."""
+
     @torch.no_grad()
-    def eval_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    def eval_step(self, modules: Mapping[str, Any], batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
         """Validation metrics of one batch (means); the loop averages across batches and ranks."""
-        loss, metrics = self.loss(model, batch)
+        loss, metrics = self.loss(modules["model"], batch)
         return {"val_loss": float(loss), **{f"val_{k}": v for k, v in metrics.items()}}
 
     def finalize_eval(self, metrics: Dict[str, float]) -> Dict[str, float]:
@@ -92,11 +151,12 @@ class Task:
         """Training FLOPs per :attr:`unit` (forward + backward), for MFU; None if unknown."""
         return None
 
-    def eval_artifacts(self, model: torch.nn.Module, out_dir: str, step: int) -> Dict[str, Any]:
-        """Write evaluation artifacts (samples, audio, images) into ``out_dir`` on rank 0.
+    def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
+        """Write evaluation artifacts (samples, audio, images) into ``out_dir``.
 
-        Called on rank 0 only, and only when the module holds full weights (ZeRO stage < 3).
-        Returns extra text to log (e.g. ``{"sample": "..."}``)."""
+        Called on rank 0 only, and only when modules hold full weights (ZeRO stage < 3).
+        ``modules``: plain ``torch.nn.Module``s, as for :meth:`eval_step`. Returns extra text
+        to log (e.g. ``{"sample": "..."}``)."""
         return {}
 
     def checkpoint_files(self) -> Dict[str, str]:

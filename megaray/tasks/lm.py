@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from megaray.config import ConfigError
-from megaray.tasks.base import Task
+from megaray.fs import join
+from megaray.tasks.base import Task, TaskInfo, unwrap
+
+
+@dataclass
+class LMInfo(TaskInfo):
+    """:class:`TaskInfo` of a language-model run.
+
+    Attributes:
+        vocab_size: the tokenizer's vocabulary (<= ``model.vocab_size``).
+        tokenizer_path: the run's ``tokenizer.json`` (absolute path or URI, resolved on the
+            driver; read where needed: sampling, checkpoints).
+        unigram_entropy: nats/token of the val split's unigram distribution (a baseline the
+            val loss must beat); None when unknown.
+        train_windows: packed training windows per epoch (all ranks together).
+    """
+
+    vocab_size: int = 0
+    tokenizer_path: Optional[str] = None
+    unigram_entropy: Optional[float] = None
+    train_windows: int = 0
 
 
 class LMTask(Task):
@@ -17,59 +39,65 @@ class LMTask(Task):
     the MoE load-balancing loss (``model.aux_loss``, zero for dense models)."""
 
     unit = "tokens"
+    info_class = LMInfo
 
     def datasets(self) -> Dict[str, Any]:
+        """Packed windows of ``data.shards`` or of the weighted mixture ``data.sources`` (which
+        must share one tokenizer); fills :class:`LMInfo`."""
         from megaray.data import text
 
-        shards = self.cfg.data.shards
-        manifest = text.load_manifest(shards)
+        sources = self.cfg.data.resolved_sources()
+        where = sources[0].shards if len(sources) == 1 else "data.sources"
+        manifest = text.check_same_tokenizer(sources)  # the first source's manifest
         vocab = int(manifest["tokenizer"]["vocab_size"])
         if vocab > self.cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                f"({vocab}) in {shards}/manifest.json: set model.vocab_size >= {vocab}"
+                f"({vocab}) in {sources[0].shards}/manifest.json: set model.vocab_size >= {vocab}"
             )
-        T = self.cfg.model.block_size
+        T, seed = self.cfg.model.block_size, self.cfg.train.seed
         world = self.cfg.scaling.num_workers
         B = self.cfg.data.batch_size
-        train_windows = text.num_windows(manifest, T, "train")
-        val_windows = text.num_windows(manifest, T, "val")
+        counted = manifest if len(sources) == 1 else sources  # one source: counted from its manifest
+        train_windows = text.num_windows(counted, T, "train", seed=seed)
+        val_windows = text.num_windows(counted, T, "val", seed=seed)
         bpe = text.equal_batches(train_windows, world, B)
         if bpe < self.cfg.train.grad_accum_steps:
             raise ConfigError(
-                f"data: the train split of {shards} packs into {train_windows} windows of {T + 1} tokens, "
+                f"data: the train split of {where} packs into {train_windows} windows of {T + 1} tokens, "
                 f"too few for {world} workers x batch_size {B} x grad_accum_steps {self.cfg.train.grad_accum_steps}; "
                 "prepare more text or lower data.batch_size / model.block_size"
             )
         val_batches = min(self.cfg.data.num_val_batches, text.equal_batches(val_windows, world, B))
         if val_batches < 1:
             raise ConfigError(
-                f"data: the val split of {shards} packs into {val_windows} windows, fewer than "
+                f"data: the val split of {where} packs into {val_windows} windows, fewer than "
                 f"{world} workers x batch_size {B}; prepare with a larger val fraction or lower data.batch_size"
             )
-        self.info.update(
-            batches_per_epoch=bpe,
-            val_batches=val_batches,
-            train_windows=train_windows,
-            vocab_size=vocab,
-            unigram_entropy=manifest["splits"]["val"].get("unigram_entropy_nats"),
-            tokenizer_json=text.manifest_tokenizer(shards).to_str(),
+        self.info = LMInfo(
+            batches_per_epoch=bpe, val_batches=val_batches, manifest=manifest, vocab_size=vocab,
+            tokenizer_path=join(sources[0].shards, manifest["tokenizer"]["path"]), train_windows=train_windows,
+            unigram_entropy=manifest["splits"]["val"].get("unigram_entropy_nats") if len(sources) == 1 else None,
         )
-        return text.text_datasets(shards, block_size=T, seed=self.cfg.train.seed, shuffle_buffer=0)
+        arg = sources[0].shards if len(sources) == 1 else sources
+        return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt)
+
+    def prepare_command(self, shards: str) -> Optional[str]:
+        return f"megaray prepare text --source stdlib --out {shards} --vocab-size {self.cfg.model.vocab_size}"
 
     def batch_units(self, batch: Mapping[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].numel())
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         _, ce = model(batch["input_ids"], batch["targets"])
-        aux = getattr(model, "module", model).aux_loss
+        aux = unwrap(model).aux_loss
         if isinstance(aux, torch.Tensor) and aux.requires_grad:
             return ce + aux, {"ce": float(ce.detach()), "moe_aux": float(aux.detach())}
         return ce, {}
 
     @torch.no_grad()
-    def eval_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-        _, ce = model(batch["input_ids"], batch["targets"])
+    def eval_step(self, modules: Mapping[str, Any], batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        _, ce = modules["model"](batch["input_ids"], batch["targets"])
         return {"val_loss": float(ce)}
 
     def finalize_eval(self, metrics: Dict[str, float]) -> Dict[str, float]:
@@ -80,25 +108,37 @@ class LMTask(Task):
         return float(modules["model"].flops_per_token())
 
     def checkpoint_files(self) -> Dict[str, str]:
-        return {"tokenizer.json": self.info["tokenizer_json"]} if self.info.get("tokenizer_json") else {}
+        path = self.info.tokenizer_path
+        return {"tokenizer.json": _tokenizer(path).to_str()} if path else {}
 
-    def eval_artifacts(self, model: torch.nn.Module, out_dir: str, step: int) -> Dict[str, Any]:
+    def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
         """A sample continuation of ``tracking.sample_prompt`` (top-k 40, temperature 0.8)."""
         n = self.cfg.tracking.sample_tokens
-        if not n or not self.info.get("tokenizer_json"):
+        if not n or not self.info.tokenizer_path:
             return {}
-        return {"sample": sample_text(model, self.info["tokenizer_json"], self.cfg.tracking.sample_prompt, n, seed=step)}
+        tok = _tokenizer(self.info.tokenizer_path)
+        return {"sample": sample_text(modules["model"], tok, self.cfg.tracking.sample_prompt, n, seed=step)}
 
 
-def sample_text(model: torch.nn.Module, tokenizer_json: str, prompt: str, max_new_tokens: int,
+@lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """The tokenizer at ``path``, read once per process (raises DataError naming the file)."""
+    from megaray.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
                 temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = None,
                 seed: int = 0) -> str:
-    """Decode ``max_new_tokens`` after ``prompt`` with the run's tokenizer; returns prompt + text."""
+    """Decode ``max_new_tokens`` after ``prompt``; returns prompt + text.
+
+    ``tokenizer``: a ``tokenizers.Tokenizer`` or the text of a ``tokenizer.json``."""
     from tokenizers import Tokenizer
 
     from megaray.models.gpt.sampling import generate
 
-    tok = Tokenizer.from_str(tokenizer_json)
+    tok = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else tokenizer
     ids = tok.encode(prompt).ids or [0]
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)

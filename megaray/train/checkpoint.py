@@ -7,6 +7,7 @@ Layout of one checkpoint directory (``<storage_path>/<run>/step_00000100/``)::
     disc/ ...         one tag per extra module of a task (GAN discriminator)
     rng_rank{r}.pt    python / numpy / torch RNG state of rank r
     model.pt          consolidated weights (``engine.save_16bit_model``; fp32 when training fp32)
+    ema.pt            the EMA of the model's weights (fp32), when ``train.ema_decay`` is on
     config.yaml       the resolved run config
     tokenizer.json    copied from the data shards (text runs)
     megaray.json      step, tokens seen, epoch, batches consumed, the metrics reported with this
@@ -16,13 +17,20 @@ Crash safety: every rank writes into a fresh local temporary directory; Ray Trai
 merged result into storage and only then registers it as the latest checkpoint, so a crash in
 the middle of a write leaves the previous checkpoint untouched. ``megaray.json`` is written last
 and :func:`resolve` ignores directories without it.
+
+:class:`Checkpointer` is the loop's part: it decides when a checkpoint is due, restores the
+latest one at start and writes + reports one through Ray Train.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -35,8 +43,44 @@ from megaray.families import load_config
 
 STATE_FILE = "megaray.json"
 WEIGHTS_FILE = "model.pt"
+EMA_FILE = "ema.pt"
+#: what ``torch.load`` raises on a truncated or overwritten file
+_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands; saved as ``megaray.json`` in every checkpoint.
+
+    Attributes:
+        step: optimizer steps taken.
+        tokens: units (tokens, samples) trained on, all ranks together.
+        epoch: current epoch (0-based).
+        batch_in_epoch: micro-batches of this epoch already trained on (per rank).
+        world_size: ranks of the run that wrote it.
+        metrics: the report made with this checkpoint (a re-run with nothing left to train
+            hands it to Ray Train again).
+    """
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    world_size: int = 1
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Dict[str, Any]) -> "TrainState":
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def torch_load(path: Path, **kwargs: Any) -> Any:
+    """``torch.load(path)``; a truncated or corrupt file raises CheckpointError naming it."""
+    try:
+        return torch.load(path, **kwargs)
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                              "resume from an earlier step_* checkpoint or retrain") from None
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -47,40 +91,44 @@ def checkpoint_dir_name(step: int) -> str:
 def save(
     out_dir: str,
     engines: Mapping[str, Any],
-    state: Dict[str, Any],
+    state: TrainState,
     cfg: RunConfig,
     rank: int,
     extra_files: Mapping[str, str] = {},
+    ema: Optional[Any] = None,
 ) -> None:
     """Write this rank's share of a checkpoint into ``out_dir`` (a fresh local directory).
 
-    ``extra_files`` maps file names to text written by rank 0 (the task's tokenizer.json).
+    ``extra_files`` maps file names to text written by rank 0 (the task's tokenizer.json);
+    ``ema`` (a :class:`megaray.train.ema.EMA`) is written by rank 0 as ``ema.pt``.
 
     Collective: every rank must call it (DeepSpeed barriers inside ``save_checkpoint`` and, under
     ZeRO-3, the gather in ``save_16bit_model``).
     """
     os.makedirs(out_dir, exist_ok=True)
+    raw = asdict(state)
     for name, engine in engines.items():
-        engine.save_checkpoint(out_dir, tag=name, client_state={"megaray": state})
+        engine.save_checkpoint(out_dir, tag=name, client_state={"megaray": raw})
     engines["model"].save_16bit_model(out_dir, WEIGHTS_FILE)
     torch.save(_rng_state(), os.path.join(out_dir, f"rng_rank{rank}.pt"))
     if rank == 0:
         cfg.to_yaml(os.path.join(out_dir, "config.yaml"))
         for name, text in extra_files.items():
             Path(out_dir, name).write_text(text)
+        if ema is not None:
+            torch.save(ema.state_dict(), os.path.join(out_dir, EMA_FILE))
         tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(state, f, indent=2)
+            json.dump(raw, f, indent=2)
         os.replace(tmp, os.path.join(out_dir, STATE_FILE))
 
 
-def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int) -> Dict[str, Any]:
-    """Restore every engine (module, optimizer, scheduler) and this rank's RNG from ``ckpt_dir``.
-
-    Returns the megaray state dict (step, tokens, epoch, batch_in_epoch).
+def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any] = None) -> TrainState:
+    """Restore every engine (module, optimizer, scheduler), the EMA and this rank's RNG from ``ckpt_dir``.
 
     Raises:
-        CheckpointError: the directory has no ``megaray.json`` or an engine's tag is missing.
+        CheckpointError: the directory has no ``megaray.json``, an engine's tag or the EMA is
+            missing, or a file is truncated or corrupt (the message names it).
     """
     state_path = Path(ckpt_dir) / STATE_FILE
     if not state_path.is_file():
@@ -88,13 +136,23 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int) -> Dict[str, Any]
     for name, engine in engines.items():
         if not (Path(ckpt_dir) / name).is_dir():
             raise CheckpointError(f"{ckpt_dir}: no DeepSpeed state for module {name!r}")
-        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=name)
+        try:
+            load_path, _ = engine.load_checkpoint(ckpt_dir, tag=name)
+        except _UNREADABLE as e:
+            raise CheckpointError(f"{ckpt_dir}/{name} is truncated or corrupt ({type(e).__name__}: {e}); "
+                                  "resume from an earlier step_* checkpoint or retrain") from None
         if load_path is None:
             raise CheckpointError(f"{ckpt_dir}/{name}: DeepSpeed could not load this checkpoint")
+    if ema is not None:
+        path = Path(ckpt_dir) / EMA_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt_dir}: no {EMA_FILE}, but train.ema_decay is set (the run that wrote it had "
+                                  "no EMA); unset train.ema_decay or start a new run name")
+        ema.load_state_dict(torch_load(path, map_location="cpu", weights_only=True))
     rng = Path(ckpt_dir) / f"rng_rank{rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads(state_path.read_text())
+        _set_rng_state(torch_load(rng, weights_only=False))
+    return TrainState.from_json(json.loads(state_path.read_text()))
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -129,20 +187,23 @@ def latest_complete(run_dir: Optional[str], world_size: int) -> Optional[Path]:
 def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Tuple[torch.nn.Module, RunConfig, Path]:
     """Rebuild the trained model from a checkpoint for generation, evaluation or vocoding.
 
-    Returns ``(model in eval mode, resolved run config, checkpoint directory)``.
+    The EMA weights (``ema.pt``) when the run kept them (``train.ema_decay``), else the
+    consolidated weights (``model.pt``). Returns ``(model in eval mode, resolved run config,
+    checkpoint directory)``.
 
     Raises:
-        CheckpointError: no complete checkpoint or no consolidated weights in it.
+        CheckpointError: no complete checkpoint, no weights in it, or a truncated/corrupt weights
+            file (``<checkpoint>/model.pt is truncated or corrupt (...)``).
     """
     from megaray import families
 
     ckpt = resolve(path)
     cfg = load_config(ckpt / "config.yaml")
-    weights = ckpt / WEIGHTS_FILE
+    weights = ckpt / (EMA_FILE if (ckpt / EMA_FILE).is_file() else WEIGHTS_FILE)
     if not weights.is_file():
         raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} (consolidated weights) in this checkpoint")
     model = families.build_model(cfg.model)
-    sd = torch.load(weights, map_location=device, weights_only=True)
+    sd = torch_load(weights, map_location=device, weights_only=True)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(device).eval(), cfg, ckpt
 
@@ -163,3 +224,58 @@ def _set_rng_state(s: Dict[str, Any]) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
+
+
+class Checkpointer:
+    """The loop's checkpoint part: restore at start, decide when a save is due, save + report.
+
+    Args:
+        cfg: the run config (``train.checkpoint_every``).
+        run_dir: ``<storage_path>/<name>`` (local directories are searched directly, see
+            :meth:`restore`).
+        rank, world: this worker's rank and the world size.
+        extra_files: ``{file name: text}`` rank 0 writes into every checkpoint.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Optional[str], rank: int, world: int,
+                 extra_files: Optional[Mapping[str, str]] = None):
+        self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        self.extra_files = dict(extra_files or {})
+
+    def due(self, step: int) -> bool:
+        """Every ``train.checkpoint_every`` steps and at ``train.max_steps``."""
+        return step % self.cfg.train.checkpoint_every == 0 or step >= self.cfg.train.max_steps
+
+    def restore(self, engines: Mapping[str, Any], ema: Optional[Any] = None) -> Tuple[TrainState, Optional[str]]:
+        """Load the latest checkpoint into ``engines`` (and ``ema``); returns ``(state, where)``,
+        a fresh state and None when there is none.
+
+        Local storage: the newest checkpoint every rank finished (Ray registers reports
+        asynchronously, and a worker killed right after a report can restart before it has).
+        Remote storage (s3://, gs://): the one Ray Train hands over.
+        """
+        import ray.train
+
+        where = latest_complete(self.run_dir, self.world)
+        if where is not None:
+            return load(str(where), engines, self.rank, ema), str(where)
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return TrainState(world_size=self.world), None
+        with restored.as_directory() as d:
+            state = load(d, engines, self.rank, ema)
+        return state, restored.path
+
+    def save_and_report(self, report: Dict[str, Any], engines: Mapping[str, Any], state: TrainState,
+                        ema: Optional[Any] = None) -> None:
+        """Every rank writes its share into a fresh local directory, then all report it (with
+        ``report``) to Ray Train, which copies it into storage. Collective."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="megaray-ckpt-") as d:
+            # the report goes into megaray.json too: a resumed run with nothing left to train re-reports it
+            state.metrics = dict(report)
+            save(d, engines, state, self.cfg, self.rank, self.extra_files, ema)
+            torch.distributed.barrier()
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=checkpoint_dir_name(state.step))

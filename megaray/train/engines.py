@@ -2,13 +2,14 @@
 
 DeepSpeed owns the optimizer step, ZeRO partitioning (stages 0-3), bf16, gradient accumulation,
 gradient clipping; the LR schedule is :mod:`megaray.train.schedule` (linear warmup, cosine
-decay to ``min_lr``), stepped and checkpointed by DeepSpeed. Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
+decay to ``min_lr``), stepped and checkpointed by DeepSpeed. Each module of a task gets its own engine
+with its own optimizer settings (``train.modules.<name>``). Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, Mapping, Tuple
 
 import torch
 
@@ -59,31 +60,45 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
 
 
 def build_engine(
-    module: torch.nn.Module, param_groups: Iterable[dict], cfg: RunConfig, precision: str
+    module: torch.nn.Module, param_groups: Iterable[dict], cfg: RunConfig, precision: str, name: str = "model"
 ) -> Tuple[Any, Dict[str, Any]]:
     """``deepspeed.initialize`` one module with AdamW (decay/no-decay groups) and the schedule.
 
-    On CUDA the optimizer is DeepSpeed's fused AdamW (named in the config); elsewhere it is
-    ``torch.optim.AdamW`` handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam
-    needs a C++ build). Returns ``(engine, ds_config)``.
+    The module's optimizer settings are ``cfg.train.optim_for(name)``: ``train.modules.<name>``
+    (lr, min_lr, betas, weight_decay) with unset fields from ``train.*``, so a GAN discriminator
+    can have its own lr and betas. On CUDA the optimizer is DeepSpeed's fused AdamW (named in the
+    config); elsewhere it is ``torch.optim.AdamW`` handed to DeepSpeed as a client optimizer
+    (DeepSpeed's own CPU Adam needs a C++ build). Returns ``(engine, ds_config)``.
     """
     import deepspeed
 
     ds = deepspeed_config(cfg, precision)
     groups = list(param_groups)
-    betas = tuple(cfg.train.betas)
+    opt = cfg.train.optim_for(name)
+    betas = tuple(opt.betas)
     if torch.cuda.is_available():
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": list(betas), "weight_decay": cfg.train.weight_decay}}
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(betas), "weight_decay": opt.weight_decay}}
         optimizer = None
     else:
         ds["zero_allow_untested_optimizer"] = True
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=betas, weight_decay=opt.weight_decay)
     t = cfg.train
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=groups if optimizer is None else None,
         optimizer=optimizer,
-        lr_scheduler=warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr / t.lr),
+        lr_scheduler=warmup_cosine(t.warmup_steps, t.max_steps, opt.min_lr / opt.lr),
         config=ds,
     )
     return engine, ds
+
+
+def build_engines(task: Any, modules: Mapping[str, torch.nn.Module], cfg: RunConfig, precision: str,
+                  device: torch.device) -> Dict[str, Any]:
+    """One DeepSpeed engine per trainable module of ``task`` (moved to ``device`` first), in the
+    order the task returned them; groups from ``task.param_groups(name, module)``."""
+    engines = {}
+    for name, module in modules.items():
+        module.to(device)
+        engines[name], _ = build_engine(module, task.param_groups(name, module), cfg, precision, name)
+    return engines

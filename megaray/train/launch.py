@@ -3,6 +3,12 @@
 ``fit(cfg)`` is what ``megaray train`` calls and what every Tune trial calls. Re-running with
 the same ``name`` and ``scaling.storage_path`` resumes from the latest checkpoint (Ray Train V2
 restores the run state from ``<storage_path>/<name>``), and continues the same MLflow run.
+
+Everything a user can get wrong is checked here, before any worker starts: paths are made
+absolute once (a worker's working directory is Ray's, not the user's), the manifest is read
+once, ``train.modules`` must name modules of the family, EMA needs ZeRO <= 2. A
+:class:`~megaray.errors.MegarayError` raised later inside a worker ends the run at once (no
+retry) and ``fit`` raises it again on the driver; only crashes are retried.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from megaray.config import RunConfig
+from megaray.config import ConfigError, RunConfig, suggest
+from megaray.tasks.base import TaskInfo
 
 log = logging.getLogger("megaray.train")
 
@@ -28,7 +35,8 @@ class FitResult:
         run_dir: ``<storage_path>/<name>``.
         mlflow_run_id: the MLflow run (None when tracking is off).
         tracking_uri: where that run lives.
-        info: what the task found on the driver (e.g. ``unigram_entropy`` of the val split).
+        info: what the task found on the driver (a :class:`~megaray.tasks.base.TaskInfo`; the
+            LM's has ``unigram_entropy`` of the val split).
     """
 
     metrics: Dict[str, Any]
@@ -36,7 +44,7 @@ class FitResult:
     run_dir: str
     mlflow_run_id: Optional[str]
     tracking_uri: Optional[str]
-    info: Dict[str, Any]
+    info: TaskInfo
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
@@ -67,10 +75,37 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"
 
 
+def _absolute(p: str) -> str:
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
 def storage_dir(cfg: RunConfig) -> str:
     """``scaling.storage_path`` made absolute when local (Ray needs absolute local paths)."""
-    p = cfg.scaling.storage_path
-    return p if "://" in p else str(Path(p).expanduser().resolve())
+    return _absolute(cfg.scaling.storage_path)
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose data paths (``data.shards``, ``data.sources[*].shards``) are
+    absolute (URIs unchanged): resolved once, on the driver, against its working directory,
+    because Ray Train workers run in Ray's own working directory."""
+    out = cfg.model_copy(deep=True)
+    out.data.shards = _absolute(cfg.data.shards)
+    if cfg.data.sources:
+        out.data.sources = [s.model_copy(update={"shards": _absolute(s.shards)}) for s in cfg.data.sources]
+    return out
+
+
+def check_run(cfg: RunConfig, task: Any) -> None:
+    """Driver-side checks of what only the task knows: ``train.modules`` names modules of the
+    family, and EMA is possible under the ZeRO stage. Raises ConfigError."""
+    from megaray.train.ema import check_supported
+
+    names = task.module_names()
+    for name in cfg.train.modules:
+        if name not in names:
+            raise ConfigError(f"train.modules.{name}: family {cfg.model.family!r} has no module {name!r}"
+                              f"{suggest(name, names)}; its modules: {', '.join(names)}")
+    check_supported(cfg)
 
 
 def fit(
@@ -90,19 +125,23 @@ def fit(
         mlflow_run_name: display name in MLflow (default ``cfg.name``).
 
     Raises:
-        megaray.data.sources.DataError / ConfigError: bad data or config, before any worker starts.
-        ray.train.TrainingFailedError: training failed more than ``scaling.max_failures`` times.
+        DataError / ConfigError / CheckpointError (any MegarayError): bad data, config or
+            checkpoint, found on the driver before any worker starts, or raised inside a worker
+            (the run ends at once, without retries, and the worker's error is raised here).
+        ray.train.TrainingFailedError: training crashed more than ``scaling.max_failures`` times.
     """
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from megaray import families
     from megaray.train import mlflow as tracking
     from megaray.train.loop import train_loop_per_worker
+    from megaray.train.ray_compat import TorchTrainer, user_error
 
-    ensure_ray()
+    cfg = resolve_paths(cfg)
     task = families.task_class(cfg.model.family)(cfg)
+    check_run(cfg, task)
+    ensure_ray()
     datasets = task.datasets()
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
@@ -144,9 +183,12 @@ def fit(
     )
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         if run_id:
             tracking.end_run(uri, run_id, "FAILED")
+        cause = user_error(e)
+        if cause is not None:
+            raise cause from None
         raise
     ckpt = result.checkpoint.path if result.checkpoint else None
     if run_id:
@@ -157,5 +199,5 @@ def fit(
         tracking.end_run(uri, run_id, "FINISHED")
     return FitResult(
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
-        mlflow_run_id=run_id, tracking_uri=uri, info=dict(task.info),
+        mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
     )

@@ -4,18 +4,23 @@
     search = load_tune_config("configs/tune/transformer.yaml")      # validate only (no Ray)
     result = run_search("configs/tune/transformer.yaml")            # run; resume=True continues it
 
-See docs/tune.md. ``run_search`` and ``SearchResult`` import Ray Tune on first use.
+Modules: ``config`` (the YAML, overrides, checks before any trial), ``space`` (distributions,
+Tune domains), ``schedulers`` (search algorithm, ASHA), ``search`` (the Tune run, the trial
+driver, MLflow parent), ``report`` (per-trial summary, table, plot). Ray workarounds live in
+:mod:`megaray.train.ray_compat`. See docs/tune.md. ``run_search`` imports Ray Tune on first use.
 """
 
-from megaray.tune.config import Distribution, TuneSearch, TuneSearchConfig, load_tune_config
+from megaray.tune.config import TuneSearch, TuneSearchConfig, load_tune_config
+from megaray.tune.report import SearchResult, TrialSummary
+from megaray.tune.space import Distribution
 
 __all__ = ["Distribution", "TuneSearch", "TuneSearchConfig", "load_tune_config", "run_search", "SearchResult",
            "TrialSummary"]
 
 
 def __getattr__(name):
-    if name in ("run_search", "SearchResult", "TrialSummary"):
-        from megaray.tune import search
+    if name == "run_search":
+        from megaray.tune.search import run_search
 
-        return getattr(search, name)
+        return run_search
     raise AttributeError(name)

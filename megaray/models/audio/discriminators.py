@@ -20,8 +20,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from megaray.models.audio.config import VocoderConfig
+from megaray.models.common.dsp import stft_magnitude
 
 LRELU_SLOPE = 0.1
+#: one ``(logits (B, N_k), [feature maps])`` per sub-discriminator ``k``
 DiscOutput = List[Tuple[torch.Tensor, List[torch.Tensor]]]
 
 
@@ -80,11 +82,7 @@ class ResolutionDiscriminator(nn.Module):
         self.post = weight_norm(nn.Conv2d(channels, 1, (3, 3), padding=(1, 1)))
 
     def forward(self, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        with torch.autocast(device_type=y.device.type, enabled=False):
-            spec = torch.stft(
-                y.float(), self.n_fft, self.hop_length, self.win_length,
-                window=torch.hann_window(self.win_length, device=y.device), center=True, return_complex=True,
-            ).abs()  # (B, bins, frames)
+        spec = stft_magnitude(y, self.n_fft, self.hop_length, self.win_length)  # (B, bins, frames)
         x = spec.transpose(1, 2).unsqueeze(1).to(self.post.bias.dtype)  # (B, 1, frames, bins)
         fmaps = []
         for conv in self.convs:
@@ -110,7 +108,3 @@ class AudioDiscriminator(nn.Module):
         y = y.to(dtype) if y.dtype != dtype else y
         return [d(y) for d in self.discs]
 
-
-def build_discriminator(cfg: VocoderConfig) -> AudioDiscriminator:
-    """``cfg -> AudioDiscriminator`` (MPD over ``mpd_periods`` + MRD over ``mrd_resolutions``)."""
-    return AudioDiscriminator(cfg)

@@ -11,15 +11,14 @@ All take waveforms ``(B, L)`` (float32 internally) and return scalars.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaray.models.audio.features import MelFeatures, stft_magnitude
-
-DiscOutput = List[Tuple[torch.Tensor, List[torch.Tensor]]]
+from megaray.models.audio.discriminators import DiscOutput
+from megaray.models.common.dsp import MelFeatures, stft_magnitude
 
 
 def spectral_convergence(mag_hat: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:

@@ -23,40 +23,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaray.models.audio.config import AudioVAEConfig
-from megaray.models.audio.features import LOG_FLOOR
+from megaray.models.common.conv import Downsample2d, ResnetBlock2d, Upsample2d, group_norm
+from megaray.models.common.dsp import LOG_FLOOR
+
+#: GroupNorm settings of every norm in the audio VAE (groups = gcd(width, 8), PyTorch's default eps)
+_GROUPS, _EPS = 8, 1e-5
 
 
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(ch, 8), ch)
+    return group_norm(ch, _GROUPS, _EPS)
+
+
+def _block(cin: int, cout: int, cond_dim: int = 0) -> ResnetBlock2d:
+    """A ResNet block; with ``cond_dim`` the speaker enters through FiLM after the second norm."""
+    return ResnetBlock2d(cin, cout, emb_dim=cond_dim, emb_mode="film", emb_act=False, groups=_GROUPS, eps=_EPS)
 
 
 def _stage_strides(cfg: AudioVAEConfig) -> List[Tuple[int, int]]:
     """Per-stage (freq, time) strides: stage i halves freq while i < log2(down_freq), same for time."""
     nf, nt = cfg.down_freq.bit_length() - 1, cfg.down_time.bit_length() - 1
     return [(2 if i < nf else 1, 2 if i < nt else 1) for i in range(len(cfg.channels))]
-
-
-class ResBlock2d(nn.Module):
-    """``(B, Cin, M, T) -> (B, Cout, M, T)``; GroupNorm-SiLU-conv twice, optional FiLM after the 2nd norm."""
-
-    def __init__(self, cin: int, cout: int, cond_dim: int = 0):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.film = nn.Linear(cond_dim, 2 * cout) if cond_dim else None
-        if self.film is not None:  # start as identity modulation
-            nn.init.zeros_(self.film.weight)
-            nn.init.zeros_(self.film.bias)
-
-    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h)
-        if self.film is not None:
-            gamma, beta = self.film(cond)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-            h = h * (1 + gamma) + beta
-        h = self.conv2(F.silu(h))
-        return self.skip(x) + h
 
 
 class AudioEncoder(nn.Module):
@@ -68,8 +54,8 @@ class AudioEncoder(nn.Module):
         self.conv_in = nn.Conv2d(1, chans[0], 3, padding=1)
         blocks, downs, cin = [], [], chans[0]
         for ch, (sf, st) in zip(chans, _stage_strides(cfg)):
-            blocks.append(ResBlock2d(cin, ch))
-            downs.append(nn.Conv2d(ch, ch, 3, stride=(sf, st), padding=1) if sf * st > 1 else nn.Identity())
+            blocks.append(_block(cin, ch))
+            downs.append(Downsample2d(ch, (sf, st), padding="symmetric") if sf * st > 1 else nn.Identity())
             cin = ch
         self.blocks, self.downs = nn.ModuleList(blocks), nn.ModuleList(downs)
         self.norm_out = _norm(cin)
@@ -91,23 +77,20 @@ class AudioDecoder(nn.Module):
         chans = list(reversed(cfg.channels))
         strides = list(reversed(_stage_strides(cfg)))
         self.conv_in = nn.Conv2d(cfg.latent_channels, chans[0], 3, padding=1)
-        self.strides = strides
         blocks, ups, cin = [], [], chans[0]
         for ch, (sf, st) in zip(chans, strides):
-            blocks.append(ResBlock2d(cin, ch, cfg.speaker_dim))
-            ups.append(nn.Conv2d(ch, ch, 3, padding=1) if sf * st > 1 else nn.Identity())
+            blocks.append(_block(cin, ch, cfg.speaker_dim))
+            ups.append(Upsample2d(ch, (sf, st)) if sf * st > 1 else nn.Identity())
             cin = ch
         self.blocks, self.ups = nn.ModuleList(blocks), nn.ModuleList(ups)
-        self.out_block = ResBlock2d(cin, cin, cfg.speaker_dim)
+        self.out_block = _block(cin, cin, cfg.speaker_dim)
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 1, 3, padding=1)
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)
-        for block, up, (sf, st) in zip(self.blocks, self.ups, self.strides):
-            x = block(x, cond)
-            if sf * st > 1:
-                x = up(F.interpolate(x, scale_factor=(sf, st), mode="nearest"))
+        for block, up in zip(self.blocks, self.ups):
+            x = up(block(x, cond))
         x = self.out_block(x, cond)
         return self.conv_out(F.silu(self.norm_out(x)))
 

@@ -12,14 +12,13 @@ Swapping the head is a config change (``head: full | light | splitband``).
 
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
 from megaray.models.audio.config import VocoderConfig
-from megaray.models.audio.features import MelFeatures
+from megaray.models.common.dsp import MelFeatures, istft
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -104,9 +103,7 @@ class ISTFTHead(nn.Module):
             mag = torch.clip(torch.exp(log_mag.float()), max=self.mag_clip)
             phase = phase.float()
             spec = torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
-            wave = torch.istft(
-                spec, self.n_fft, self.hop_length, self.win_length, window=torch.hann_window(self.win_length, device=spec.device), center=True
-            )
+        wave = istft(spec, self.n_fft, self.hop_length, self.win_length)
         return wave, spec
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -189,56 +186,3 @@ def build_vocoder(cfg: VocoderConfig) -> Vocoder:
     """Registry builder: ``cfg -> Vocoder``."""
     return Vocoder(cfg)
 
-
-# --------------------------------------------------------------------------- inference helper
-
-
-def load_wave(path: str, sample_rate: int, normalize: Optional[str] = "peak") -> torch.Tensor:
-    """Read ``path`` (local, ``s3://``, ``gs://``) with soundfile -> mono float32 ``(L,)`` at ``sample_rate`` Hz.
-
-    ``normalize``: ``"peak"`` (to 0.95, as ``prepare_audio``'s default) or ``None``.
-
-    Raises:
-        megaray.data.audio.RejectedClip (a ValueError): the file cannot be decoded or holds no samples.
-    """
-    from megaray.data.audio import decode_audio, peak_normalize, read_bytes, resample_mono
-
-    wave, sr = decode_audio(read_bytes(path), name=os.path.basename(path))
-    wave = resample_mono(wave, sr, sample_rate)
-    if normalize == "peak":
-        wave = peak_normalize(wave)
-    return wave
-
-
-@torch.no_grad()
-def vocode_file(model: Any, cfg: VocoderConfig, in_path: str, out_path: str, normalize: Optional[str] = "peak") -> Dict[str, float]:
-    """Analysis -> log-mel -> vocoder -> ``soundfile.write`` (PCM_16 wav, or by extension).
-
-    Args:
-        model: a :class:`Vocoder` (or a DeepSpeed engine wrapping one).
-        cfg: its config (``sample_rate`` in Hz decides the output rate).
-        in_path: any soundfile-readable file; resampled to ``cfg.sample_rate``, mixed to mono.
-        out_path: destination; its folder is created.
-
-    Returns:
-        ``{"seconds": audio length, "compute_seconds": ..., "rtf": seconds / compute_seconds}``.
-    """
-    import time
-
-    import soundfile as sf
-
-    net = getattr(model, "module", model)
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    wave = load_wave(in_path, cfg.sample_rate, normalize).to(device)
-    t0 = time.perf_counter()
-    mel = net.features(wave[None])  # (1, n_mels, F)
-    out, _ = net(mel)
-    dt = time.perf_counter() - t0
-    net.train(was_training)
-    audio = out[0].float().clamp(-1, 1).cpu().numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    sf.write(out_path, audio, cfg.sample_rate)
-    seconds = len(audio) / cfg.sample_rate
-    return {"seconds": seconds, "compute_seconds": dt, "rtf": seconds / max(dt, 1e-9)}

@@ -1,1 +1,7 @@
-"""megaray.models.common"""
+"""Network components shared by the model families (network code only: no files, data or tasks).
+
+``attention`` (self-attention causal or bidirectional, spans, cross-attention, kernels),
+``position`` (1-D schemes, 2-D sin-cos and RoPE), ``norm``, ``mlp``, ``moe``, ``conditioning``
+(FiLM, adaLN-Zero, timestep embedding), ``conv`` (ResNet block, down/upsampling) and ``dsp``
+(STFT, iSTFT, mel filterbank, log-mel, Griffin-Lim). See docs/models.md.
+"""

@@ -1,4 +1,4 @@
-"""Position information for decoder-only transformers, one class per scheme.
+"""Position information: 1-D schemes for token sequences, 2-D sin-cos tables for image patches.
 
 Every scheme is a :class:`Position` module with the same three hooks, so the model never branches
 on the scheme name:
@@ -9,6 +9,10 @@ on the scheme name:
 
 The hooks a scheme does not use are identities / ``None``. Select a scheme with
 ``build_position(cfg)``, where ``cfg.position`` is one of :data:`POSITIONS`.
+
+For a grid of image patches (ViT / MAE / DiT), :func:`sincos_2d` gives the fixed 2-D table
+that DiT adds to its patch embeddings, and :func:`rope_2d` axial rotary tables for
+:func:`apply_rope`.
 """
 
 from __future__ import annotations
@@ -174,3 +178,60 @@ def build_position(cfg) -> Position:
     if cfg.position not in POSITIONS:
         raise ValueError(f"unknown position {cfg.position!r}; known: {', '.join(POSITIONS)}")
     return POSITIONS[cfg.position](cfg)
+
+
+# ----------------------------------------------------------------------------- 2-D (image patches)
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """MAE's 1-D table: positions ``(N,)`` -> ``(N, dim)`` float32, ``[sin(p * w), cos(p * w)]``
+    with ``w[i] = 10000^(-i / (dim/2))``, ``i < dim/2`` (sines first, not interleaved).
+
+    Raises:
+        ValueError: odd ``dim``.
+    """
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dim, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))  # (dim/2,)
+    out = pos.to(torch.float64).reshape(-1)[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table of a ``grid_h x grid_w`` patch grid -> ``(grid_h * grid_w, dim)``.
+
+    Row-major over patches (patch ``(r, c)`` is row ``r * grid_w + c``, the order of
+    ``x.flatten(2).transpose(1, 2)`` after a patch-embedding conv). The first ``dim/2`` columns
+    encode the column index ``c``, the last ``dim/2`` the row index ``r``, each with
+    :func:`sincos_1d`: this is ``get_2d_sincos_pos_embed`` of MAE (He et al. 2022,
+    github.com/facebookresearch/mae ``util/pos_embed.py``), which DiT (Peebles & Xie 2023) uses.
+    Computed in float64, returned float32.
+
+    Raises:
+        ValueError: ``dim`` not a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs dim divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (H, W) each
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)  # (H*W, dim)
+
+
+def rope_2d(dim: int, grid_h: int, grid_w: int, theta: float = 10000.0) -> RopeTables:
+    """Axial 2-D rotary tables for a row-major ``grid_h x grid_w`` patch grid: ``(cos, sin)``
+    each ``(grid_h * grid_w, dim)`` float32, to use with :func:`apply_rope` (head dim ``dim``).
+
+    :func:`apply_rope` rotates pairs ``(i, i + dim/2)``; here the first ``dim/4`` pairs turn with
+    the column index and the last ``dim/4`` with the row index, each axis with the 1-D
+    frequencies ``theta^(-2k / (dim/2))`` (axial RoPE, Heo et al. 2024, arXiv:2403.13298), so a
+    query-key score depends only on the row and column offsets between two patches.
+
+    Raises:
+        ValueError: ``dim`` not a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D rope needs a head dim divisible by 4, got {dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim // 2, 2, dtype=torch.float32) / (dim // 2)))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (H, W) each
+    angles = torch.cat([cols.reshape(-1, 1).float() * inv_freq, rows.reshape(-1, 1).float() * inv_freq], dim=1)  # (HW, dim/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (HW, dim)
+    return emb.cos(), emb.sin()

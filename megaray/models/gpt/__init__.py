@@ -16,7 +16,7 @@ _LAZY = {
     "GPT": "megaray.models.gpt.model", "GPTConfig": "megaray.models.gpt.config", "PRESETS": "megaray.models.gpt.config",
     "generate": "megaray.models.gpt.sampling", "from_hf": "megaray.models.gpt.convert",
     "to_hf": "megaray.models.gpt.convert", "flops_per_token": "megaray.models.gpt.flops",
-    "estimate_mfu": "megaray.models.gpt.flops", "peak_flops": "megaray.models.gpt.flops",
+    "estimate_mfu": "megaray.models.gpt.flops",
 }
 __all__ = sorted(_LAZY)
 

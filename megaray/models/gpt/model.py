@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megaray.models.common.attention import KVCache, build_attention
+from megaray.models.common.attention import KVCache, build_attention, span_mask
 from megaray.models.common.moe import MoE, build_feed_forward
 from megaray.models.common.norm import RESIDUALS, build_final_norm, build_norm
 from megaray.models.common.position import build_position
@@ -37,8 +37,9 @@ from megaray.models.gpt.config import GPTConfig
 class Block(nn.Module):
     """One transformer layer: ``(B, T, C) -> (B, T, C)``.
 
-    ``forward(x, rope, bias, cache)`` passes the position tables (``rope``), the additive
-    attention bias (``bias``) and this layer's :class:`KVCache` (or None) to attention.
+    ``forward(x, rope, bias, cache, mask)`` passes the position tables (``rope``), the additive
+    attention bias (``bias``), this layer's :class:`KVCache` (or None) and a boolean attention
+    mask (or None: causal) to attention.
     """
 
     def __init__(self, config: GPTConfig):
@@ -50,8 +51,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.residual = RESIDUALS[config.norm_placement]
 
-    def forward(self, x, rope=None, bias=None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache), self.drop)
+    def forward(self, x, rope=None, bias=None, cache: Optional[KVCache] = None, mask=None) -> torch.Tensor:
+        x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache, mask), self.drop)
         return self.residual(x, self.ln_2, self.mlp, self.drop)
 
 
@@ -102,11 +103,14 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[KVCache]] = None
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[KVCache]] = None,
+        span_ids: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss].
 
         ``cache`` (from :meth:`new_cache`) makes the call continue after the cached tokens.
+        ``span_ids`` ``(B, cached + T)`` int: bidirectional spans inside the causal sequence
+        (0 = none; see :func:`megaray.models.common.attention.span_mask`); None = plain causal.
 
         Raises:
             ValueError: cached length + ``T`` exceeds ``block_size``.
@@ -120,11 +124,12 @@ class GPT(nn.Module):
         k_pos = torch.arange(0, start + T, device=idx.device)  # (Tk,)
         x = tr.drop(tr.pos.embed(tr.wte(idx), q_pos))  # (B, T, C)
         rope, bias = tr.pos.rope(q_pos), tr.pos.attn_bias(q_pos, k_pos)  # (T, d) x2, (nh, T, Tk)
+        mask = None if span_ids is None else span_mask(span_ids, T)  # (B, 1, T, Tk)
         for i, block in enumerate(tr.h):
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, bias, use_reentrant=False)
+                x = checkpoint(block, x, rope, bias, None, mask, use_reentrant=False)
             else:
-                x = block(x, rope, bias, cache[i] if cache is not None else None)
+                x = block(x, rope, bias, cache[i] if cache is not None else None, mask)
         logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
         aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
         self.aux_loss = torch.stack(aux).sum() if aux else torch.zeros((), device=idx.device)

@@ -1,6 +1,6 @@
-"""The embedded default corpus: docstrings of the running Python's standard library.
+"""The one walker of the standard library's docstrings, and the embedded default text corpus.
 
-Real English technical prose that exists on every machine with Python, so the whole platform can
+The docstrings of the running Python's standard library are real English technical prose that exists on every machine with Python, so the whole platform can
 be exercised with no download. One document per module, class and function docstring
 (``ast.get_docstring(..., clean=True)``, i.e. :func:`inspect.cleandoc`), found by parsing every
 ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` with :mod:`ast` (nothing is imported).
@@ -12,7 +12,7 @@ module's pure-Python twin would otherwise land in both splits).
 
 Each document has a stable id ``stdlib:<relative file>:<qualname>`` (``stdlib:json/decoder.py:
 JSONDecoder.decode``); the train/validation split hashes that id (see
-:func:`megaray.data.text.split_of`), so it does not move when unrelated docstrings change.
+:func:`megaray.data.splits.split_of`), so it does not move when unrelated docstrings change.
 """
 
 from __future__ import annotations
@@ -24,10 +24,20 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+from megaray.data.splits import split_of
 
 #: folder names never descended into.
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+class Docstring(NamedTuple):
+    """One docstring: stable id ``stdlib:<file>:<qualname>``, its file (relative, ``/``), text."""
+
+    id: str
+    file: str
+    text: str
 
 _DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -40,22 +50,41 @@ def stdlib_root() -> Path:
 def iter_stdlib_docstrings(
     root: Optional[os.PathLike] = None, min_chars: int = 64, stats: Optional[Dict[str, int]] = None
 ) -> Iterator[Tuple[str, str]]:
-    """Yield ``(doc_id, text)`` for every docstring of the standard library, in a fixed order.
+    """Yield ``(doc_id, text)`` for every docstring of the standard library, in a fixed order
+    (:func:`iter_docstrings` with its defaults: the text corpus)."""
+    for d in iter_docstrings(root, min_chars=min_chars, stats=stats):
+        yield d.id, d.text
 
-    Files are visited sorted by relative path; inside a file, definitions in source order.
-    Duplicated texts are yielded once (first occurrence). ``stats`` (if given) receives counters:
-    ``files``, ``unparsable_files``, ``too_short``, ``duplicates``, ``documents``.
+
+def iter_docstrings(
+    root: Optional[os.PathLike] = None,
+    *,
+    min_chars: int = 64,
+    dedupe: bool = True,
+    extra_skip_dirs: Iterable[str] = (),
+    stats: Optional[Dict[str, int]] = None,
+) -> Iterator[Docstring]:
+    """Every docstring of the standard library as :class:`Docstring`, in a fixed order.
+
+    Files are visited sorted by relative path; inside a file, definitions in source order
+    (module, then classes and functions depth-first). Folders in :data:`SKIP_DIRS` (and
+    ``extra_skip_dirs``) and hidden folders are not descended into; unparsable files are skipped.
 
     Args:
         root: stdlib folder (default: :func:`stdlib_root`).
         min_chars: docstrings shorter than this (after cleandoc and strip) are skipped.
+        dedupe: yield an exact duplicate text once (first occurrence).
+        extra_skip_dirs: more folder names to skip (the speech corpus skips ``lib2to3``...).
+        stats: receives counters ``files``, ``unparsable_files``, ``too_short``, ``duplicates``,
+            ``documents``.
     """
     root = Path(root) if root is not None else stdlib_root()
     st = stats if stats is not None else {}
     for k in ("files", "unparsable_files", "too_short", "duplicates", "documents"):
         st.setdefault(k, 0)
+    skip = SKIP_DIRS | frozenset(extra_skip_dirs)
     seen: set = set()
-    for path in _py_files(root):
+    for path in _py_files(root, skip):
         rel = path.relative_to(root).as_posix()
         st["files"] += 1
         try:
@@ -72,22 +101,23 @@ def iter_stdlib_docstrings(
             if len(text) < min_chars:
                 st["too_short"] += 1
                 continue
-            key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            if key in seen:
-                st["duplicates"] += 1
-                continue
-            seen.add(key)
+            if dedupe:
+                key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                if key in seen:
+                    st["duplicates"] += 1
+                    continue
+                seen.add(key)
             n = used.get(qualname, 0) + 1
             used[qualname] = n
             doc_id = f"stdlib:{rel}:{qualname}" + (f"#{n}" if n > 1 else "")
-            yield doc_id, text
+            yield Docstring(doc_id, rel, text)
             st["documents"] += 1  # counted once consumed
 
 
-def _py_files(root: Path) -> List[Path]:
+def _py_files(root: Path, skip: frozenset) -> List[Path]:
     out = []
     for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith("."))
+        dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith("."))
         out.extend(Path(d) / f for f in files if f.endswith(".py"))
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
@@ -137,8 +167,6 @@ def build_stdlib_corpus(
     Returns:
         ``Path(out_dir)``.
     """
-    from megaray.data.text import split_of
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats: Dict[str, int] = {}

@@ -1,0 +1,142 @@
+"""``megaray prepare text | audio | audio-latents``: raw sources -> shards + manifest.json.
+
+Everything a command can check cheaply (options, source paths, the output folder through
+:func:`megaray.fs.check_target`, the VAE's ``n_mels`` against the shards') is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from megaray.cli.app import prepare_app, setup_logging
+from megaray.cli.options import at_least, in_interval, input_file, one_of, require_local_sources
+
+_POSITIVE = at_least(1)
+_OVERWRITE_HELP = "replace a non-empty --out folder"
+
+
+@prepare_app.command("text")
+def prepare_text_cmd(
+    source: List[str] = typer.Option(
+        ["stdlib"], "--source", "-s", help="folder, glob, file or s3:// gs:// URI of .txt .md .jsonl .parquet; "
+                                           "'stdlib' = the embedded corpus of Python stdlib docstrings"),
+    out: str = typer.Option("data/stdlib", "--out", "-o",
+                            help="output directory (shards + manifest.json + tokenizer.json)"),
+    vocab_size: int = typer.Option(8192, callback=_POSITIVE, help="BPE vocabulary size when training a tokenizer"),
+    tokenizer: Optional[str] = typer.Option(None, callback=input_file,
+                                            help="use this tokenizer.json instead of training one"),
+    val_fraction: float = typer.Option(0.02, callback=in_interval(0, 1, low_open=False, high_open=True),
+                                       help="fraction of documents held out for validation"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Tokenize text sources with a byte-level BPE and write train/val parquet shards.
+
+    Example: megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512
+    """
+    from megaray.data.text import prepare_text
+    from megaray.fs import check_target
+
+    require_local_sources(source, keywords=("stdlib",))
+    check_target(out, overwrite)
+    setup_logging()
+    manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
+                            overwrite=overwrite)
+    typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
+
+
+@prepare_app.command("audio")
+def prepare_audio_cmd(
+    source: List[str] = typer.Option(
+        ["espeak"], "--source", "-s", help="folder of wav/flac/ogg, a jsonl/csv manifest (path, text, speaker), "
+                                           "or an s3:// gs:// URI; 'espeak' = build the embedded espeak-ng "
+                                           "speech corpus first"),
+    out: str = typer.Option("data/speech", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
+    sample_rate: int = typer.Option(16000, callback=_POSITIVE, help="target sample rate in Hz"),
+    n_mels: int = typer.Option(80, callback=_POSITIVE, help="mel bands"),
+    n_fft: int = typer.Option(1024, callback=_POSITIVE, help="FFT size in samples"),
+    hop_length: int = typer.Option(256, callback=_POSITIVE, help="hop length in samples"),
+    normalize: str = typer.Option("peak", callback=one_of(("peak", "loudness", "none")),
+                                  help="peak | loudness | none"),
+    clips: int = typer.Option(300, callback=_POSITIVE, help="clips to render for --source espeak"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Decode, resample, normalise and log-mel audio in Ray Data; write train/val shards.
+
+    Corrupt, truncated, empty or silent files are skipped and reported by name.
+
+    Example: megaray prepare audio --source espeak --out data/speech-tiny --n-fft 512 --hop-length 128
+    """
+    from megaray.data.audio import prepare_audio
+    from megaray.data.speech_corpus import build_speech_corpus
+    from megaray.fs import check_target
+    from megaray.train.launch import ensure_ray
+
+    require_local_sources(source, keywords=("espeak",))
+    check_target(out, overwrite)
+    setup_logging()
+    sources = list(source)
+    if "espeak" in sources:
+        corpus = Path(out).with_name(Path(out).name + "-raw")
+        sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
+    ensure_ray()
+    manifest = prepare_audio(sources, out, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
+                             hop_length=hop_length, normalize=normalize, overwrite=overwrite)
+    typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "speakers"}, indent=2, default=str)[:4000])
+
+
+@prepare_app.command("audio-latents")
+def prepare_audio_latents_cmd(
+    vae_checkpoint: str = typer.Option(..., help="audio VAE checkpoint (or its run directory)"),
+    shards: Optional[str] = typer.Option(None, help="audio shards to encode (default: the VAE run's data.shards)"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory for latent shards"),
+    concurrency: int = typer.Option(1, callback=_POSITIVE, help="actors holding the VAE"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Encode audio shards to VAE latents with Ray Data (an actor pool holding the model).
+
+    Example: megaray prepare audio-latents --vae-checkpoint runs/audio-vae-small --out data/speech-latents
+    """
+    from megaray.fs import check_target
+    from megaray.inference.latents import encode_latents
+    from megaray.train.checkpoint import load_for_inference
+    from megaray.train.launch import ensure_ray
+
+    check_target(out, overwrite)
+    shards = _check_latent_inputs(vae_checkpoint, shards)
+    setup_logging()
+    vae, _, _ = load_for_inference(vae_checkpoint)
+    ensure_ray()
+    manifest = encode_latents(shards, out, vae, concurrency=concurrency, overwrite=overwrite)
+    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
+
+
+def _check_latent_inputs(vae_checkpoint: str, shards: Optional[str]) -> str:
+    """The shards to encode, after checking (from the checkpoint's config.yaml and the shards'
+    manifest.json only, no weights and no Ray) that the checkpoint is an audio VAE whose
+    ``n_mels`` matches the shards'.
+
+    Raises:
+        CheckpointError: no complete checkpoint. ConfigError: not an audio_vae checkpoint.
+        DataError: no manifest in ``shards``, or an ``n_mels`` mismatch (both named).
+    """
+    from megaray.data.manifest import read_manifest
+    from megaray.errors import ConfigError, DataError
+    from megaray.families import load_config
+    from megaray.train.checkpoint import resolve
+
+    ckpt = resolve(vae_checkpoint)
+    cfg = load_config(ckpt / "config.yaml")
+    if cfg.model.family != "audio_vae":
+        raise ConfigError(f"--vae-checkpoint {ckpt}: a {cfg.model.family!r} checkpoint, not an audio_vae one "
+                          "(train one with `megaray train configs/audio_vae_small.yaml`)")
+    shards = shards or cfg.data.shards
+    n_mels = read_manifest(shards, kind="audio").get("n_mels")
+    if n_mels != cfg.model.n_mels:
+        raise DataError(f"--shards {shards} hold n_mels={n_mels} but the VAE at {ckpt} expects "
+                        f"n_mels={cfg.model.n_mels}; prepare the audio with `megaray prepare audio "
+                        f"--n-mels {cfg.model.n_mels}` or pass that run's --shards")
+    return shards

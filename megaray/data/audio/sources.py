@@ -1,0 +1,105 @@
+"""Audio sources -> clip records ``{path, name, text, speaker[, speaker_vector]}``.
+
+* a folder, searched recursively for ``.wav``/``.flac``/``.ogg``; a sidecar ``name.txt`` or
+  ``name.lab`` gives the text; the first sub-folder under the root names the speaker (files at
+  the root get speaker ``default``);
+* a manifest ``.jsonl`` (one ``{"path", "text"?, "speaker"?, "speaker_vector"?}`` object a line)
+  or ``.csv`` (header with at least ``path``); relative paths are relative to the manifest;
+* a single audio file.
+
+Locations are local paths or URIs (:mod:`megaray.fs`). A record's ``name`` is its clip id (the
+path relative to the folder, or as written in the manifest): the split hashes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any, Dict, List, Sequence, Union
+
+import pyarrow.fs as pafs
+
+from megaray import fs
+from megaray.errors import DataError
+
+AUDIO_EXTS = (".wav", ".flac", ".ogg")
+TEXT_SIDECARS = (".txt", ".lab")
+
+
+def _list_folder(root: str) -> List[Dict[str, Any]]:
+    filesystem, base = fs.resolve(root)
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    present = set(files)
+    prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
+    records = []
+    for p in files:
+        stem, ext = os.path.splitext(p)
+        if ext.lower() not in AUDIO_EXTS:
+            continue
+        rel = os.path.relpath(p, base)
+        parts = rel.split(os.sep)
+        text = ""
+        for side in TEXT_SIDECARS:
+            if stem + side in present:
+                text = fs.read_text(prefix + stem + side).strip()
+                break
+        records.append({"path": prefix + p, "name": rel, "text": text, "speaker": parts[0] if len(parts) > 1 else "default"})
+    return records
+
+
+def _read_manifest_rows(uri: str) -> List[Dict[str, Any]]:
+    text = fs.read_text(uri)
+    if uri.lower().endswith(".csv"):
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{uri}:{n}: not valid JSON ({e})") from None
+    base = fs.dirname(uri)
+    records = []
+    for n, row in enumerate(rows, 1):
+        if not row.get("path"):
+            raise DataError(f"{uri}: row {n} has no 'path'")
+        rec = {
+            "path": fs.join(base, str(row["path"])),
+            "name": str(row["path"]),
+            "text": str(row.get("text") or ""),
+            "speaker": str(row.get("speaker") or "default"),
+        }
+        vec = row.get("speaker_vector")
+        if vec not in (None, ""):
+            rec["speaker_vector"] = [float(v) for v in (json.loads(vec) if isinstance(vec, str) else vec)]
+        records.append(rec)
+    return records
+
+
+def collect_sources(sources: Union[str, Sequence[str]]) -> List[Dict[str, Any]]:
+    """Expand folders / manifests / single files into records ``{path, name, text, speaker[, speaker_vector]}``.
+
+    Raises:
+        DataError: a source does not exist (named); a manifest row without ``path`` or with bad
+            JSON (file and line named).
+    """
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [str(sources)]
+    records: List[Dict[str, Any]] = []
+    for src in map(str, sources):
+        filesystem, path = fs.resolve(src)
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"audio source not found: {src}")
+        if info.type == pafs.FileType.Directory:
+            records += _list_folder(src)
+        elif src.lower().endswith((".jsonl", ".csv")):
+            records += _read_manifest_rows(src)
+        else:
+            records.append({"path": src, "name": os.path.basename(path), "text": "", "speaker": "default"})
+    return records

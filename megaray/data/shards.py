@@ -1,0 +1,118 @@
+"""Training reads of parquet shards, one row group at a time, naming any corrupt one.
+
+A shard whose footer parses but whose data pages are corrupt passes the up-front footer check
+(:func:`row_groups`) and fails only when a page is decoded. ``ray.data.read_parquet`` would then
+kill the run with an error naming no file. Here the read is a Ray Dataset of
+``(path, row_group)`` items (:func:`read_dataset`), each read with pyarrow in a map task
+(:func:`read_row_group`, page checksums verified when the writer stored them), so a bad row
+group is either a :class:`DataError` ``"<shard>: row group <i> is corrupt (...); re-run ...
+or set data.on_corrupt=skip"`` or, with ``on_corrupt="skip"``, skipped with a warning line on the
+console naming it (``megaray.data.shards: skipped corrupt row group ...``).
+
+The row-group order is the manifest's shard order, then row-group order inside each file; with
+``preserve_order`` (set by :mod:`megaray.train.launch`) every epoch reads the same rows in the
+same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from megaray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ON_CORRUPT = ("error", "skip")
+
+
+def row_groups(fs: pafs.FileSystem, paths: Sequence[str], displays: Sequence[str], hint: str) -> List[Dict[str, Any]]:
+    """Open every shard's footer (one small read each) and list its row groups.
+
+    Returns:
+        Items ``{"path", "display", "row_group", "rows", "values"}`` in file then row-group
+        order; ``values`` counts the first column's leaf values (tokens of a ``tokens`` list).
+
+    Raises:
+        DataError: a shard is missing or its footer is unreadable; names the shard and ends
+            with ``hint`` (the prepare command to re-run).
+    """
+    items: List[Dict[str, Any]] = []
+    for path, display in zip(paths, displays):
+        try:
+            with fs.open_input_file(path) as fh:
+                md = pq.ParquetFile(fh).metadata
+        except FileNotFoundError:
+            raise DataError(f"shard missing: {display} (listed in the manifest); {hint}") from None
+        except Exception as e:  # ArrowInvalid / OSError: bad magic, truncated footer
+            raise DataError(f"corrupt shard {display}: {e}; {hint}") from None
+        for i in range(md.num_row_groups):
+            rg = md.row_group(i)
+            values = rg.column(0).num_values if rg.num_columns else 0
+            items.append({"path": path, "display": display, "row_group": i, "rows": rg.num_rows, "values": values})
+    return items
+
+
+def read_row_group(fs: pafs.FileSystem, item: Dict[str, Any], columns: Sequence[str], on_corrupt: str,
+                   hint: str) -> Optional[pa.Table]:
+    """Read one row group (``columns`` only). Returns None when it is corrupt and
+    ``on_corrupt == "skip"`` (after logging a warning that names it).
+
+    Raises:
+        DataError: the row group cannot be read or decoded and ``on_corrupt == "error"``.
+    """
+    try:
+        with fs.open_input_file(item["path"]) as fh:
+            table = pq.ParquetFile(fh, page_checksum_verification=True).read_row_group(
+                int(item["row_group"]), columns=list(columns))
+        if table.num_rows != int(item["rows"]):
+            raise OSError(f"decoded {table.num_rows} rows, footer says {item['rows']}")
+        return table
+    except (OSError, pa.ArrowException) as e:
+        what = f"{item['display']}: row group {item['row_group']} is corrupt ({str(e)[:200]})"
+        if on_corrupt == "skip":
+            log.warning("skipped corrupt row group: %s [data.on_corrupt=skip]", what)
+            return None
+        raise DataError(f"{what}; {hint} or set data.on_corrupt=skip") from None
+
+
+def _read_batch(batch: Dict[str, np.ndarray], *, fs: pafs.FileSystem, columns: Sequence[str], schema: pa.Schema,
+                on_corrupt: str, hint: str) -> pa.Table:
+    """``map_batches`` function (Ray task): a batch of items -> the rows of their row groups."""
+    tables = []
+    for i in range(len(batch["path"])):
+        item = {k: batch[k][i] for k in ("path", "display", "row_group", "rows")}
+        t = read_row_group(fs, item, columns, on_corrupt, hint)
+        if t is not None:
+            tables.append(t.cast(schema) if t.schema != schema else t)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_dataset(fs: pafs.FileSystem, items: List[Dict[str, Any]], columns: Sequence[str], schema: pa.Schema,
+                 on_corrupt: str = "error", hint: str = "re-run `megaray prepare`") -> Any:
+    """A Ray Dataset of the rows of ``items`` (from :func:`row_groups`), one block per row group.
+
+    Args:
+        fs: filesystem of the item paths (pickled to the read tasks).
+        columns: columns to read; ``schema``: their arrow schema (for empty results).
+        on_corrupt: ``"error"`` (raise :class:`DataError` naming shard and row group) or
+            ``"skip"`` (skip it, log a warning naming it).
+        hint: what to do, appended to the error (``re-run `megaray prepare text ...```).
+
+    Raises:
+        DataError: ``on_corrupt`` not one of :data:`ON_CORRUPT`; no items.
+    """
+    import ray
+
+    if on_corrupt not in ON_CORRUPT:
+        raise DataError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+    if not items:
+        raise DataError("no row groups to read (the shards hold no rows)")
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    kw = dict(fs=fs, columns=list(columns), schema=schema, on_corrupt=on_corrupt, hint=hint)
+    return ds.map_batches(_read_batch, fn_kwargs=kw, batch_size=1, batch_format="numpy")

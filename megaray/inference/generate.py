@@ -1,0 +1,33 @@
+"""``megaray generate``: continue a prompt with a trained text model, in one process."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+
+def generate_text(checkpoint: str | os.PathLike, prompt: str, max_new_tokens: int = 64,
+                  temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = None,
+                  seed: int = 0) -> str:
+    """Load a text checkpoint and its tokenizer, sample with a KV cache; returns prompt + continuation.
+
+    Sampling is :func:`megaray.tasks.lm.sample_text` (temperature 0 = greedy; top-k, then nucleus
+    top-p after Holtzman et al. 2020), seeded with ``seed``; CUDA when available, else CPU.
+
+    Raises:
+        CheckpointError: no complete checkpoint, corrupt weights, or no ``tokenizer.json`` in it
+            (not a text model).
+    """
+    from megaray.errors import CheckpointError
+    from megaray.tasks.lm import sample_text
+    from megaray.train.checkpoint import load_for_inference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg, ckpt = load_for_inference(checkpoint, device)
+    tok = ckpt / "tokenizer.json"
+    if not tok.is_file():
+        raise CheckpointError(f"{ckpt}: no tokenizer.json in this checkpoint; `megaray generate` needs a text "
+                              f"model's checkpoint (this one is {cfg.model.family!r})")
+    return sample_text(model, tok.read_text(), prompt, max_new_tokens, temperature, top_k, top_p, seed)

@@ -1,0 +1,89 @@
+"""The loop's evaluation part: when it is due, validation metrics with every module, then artifacts.
+
+Evaluation sees every module of the task: the trainable ones (their DeepSpeed engines for the
+metrics, the plain modules for artifacts), the EMA copy as ``"model"`` when ``train.ema_decay``
+is on, and the task's frozen modules (a VAE or vocoder that decodes samples).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from megaray.config import RunConfig
+from megaray.train.reporter import Reporter, mean_across_ranks
+
+
+class Evaluator:
+    """Validation metrics on ``info.val_batches`` batches per rank and rank-0 artifacts.
+
+    Args:
+        task: the run's :class:`~megaray.tasks.base.Task`.
+        cfg: the run config (``train.eval_every``, ``data.batch_size``, ``train.zero_stage``).
+        val_shard: this rank's ``ray.train.get_dataset_shard("val")``.
+        frozen: the task's frozen modules, already on the device in eval mode.
+        ema: the :class:`~megaray.train.ema.EMA` or None.
+    """
+
+    def __init__(self, task: Any, cfg: RunConfig, val_shard: Any, world: int,
+                 frozen: Mapping[str, torch.nn.Module], ema: Optional[Any] = None):
+        self.task, self.cfg, self.val_shard, self.world = task, cfg, val_shard, world
+        self.frozen, self.ema = dict(frozen), ema
+
+    def due(self, step: int) -> bool:
+        """Every ``train.eval_every`` steps and at ``train.max_steps``."""
+        return step % self.cfg.train.eval_every == 0 or step >= self.cfg.train.max_steps
+
+    def modules(self, engines: Mapping[str, Any], plain: bool = False) -> Dict[str, Any]:
+        """Every module for evaluation: engines (or their plain modules when ``plain``), the EMA
+        copy in place of ``"model"`` when on, and the frozen modules."""
+        out = {name: (e.module if plain else e) for name, e in engines.items()}
+        if self.ema is not None:
+            out["model"] = self.ema.module
+        return {**out, **self.frozen}
+
+    @torch.no_grad()
+    def metrics(self, engines: Mapping[str, Any]) -> Dict[str, float]:
+        """Mean of the task's eval metrics over ``info.val_batches`` batches per rank, averaged
+        across ranks (every rank runs the same number of forwards: ZeRO-3 gathers need that).
+        Collective."""
+        modules = self.modules(engines)
+        trained = [m for m in modules.values() if m.training]
+        for m in trained:
+            m.eval()
+        device = engines["model"].device
+        sums: Dict[str, float] = {}
+        n = int(self.task.info.val_batches)
+        it = iter(self.val_shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True))
+        for _ in range(n):
+            batch = self.task.collate(next(it), device)
+            for k, v in self.task.eval_step(modules, batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+        for m in trained:
+            m.train()
+        means = mean_across_ranks({k: v / n for k, v in sums.items()}, self.world)
+        return self.task.finalize_eval(means)
+
+    def artifacts(self, engines: Mapping[str, Any], step: int, reporter: Reporter) -> None:
+        """Rank 0: the task's artifacts (samples, audio, images) into MLflow under
+        ``eval/step_<step>`` and its texts under ``<key>/step_<step>.txt``. Skipped under ZeRO-3,
+        where no rank holds full weights."""
+        if reporter.rank != 0 or self.cfg.train.zero_stage >= 3:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            texts = self.task.eval_artifacts(self.modules(engines, plain=True), d, step)
+            if any(os.scandir(d)):
+                reporter.logger.artifact(d, f"eval/step_{step:08d}")
+        for key, text in texts.items():
+            reporter.logger.text(text, f"{key}/step_{step:08d}.txt")
+            reporter.say(f"{key} @ {step}: {text!r}")
+
+    def run(self, engines: Mapping[str, Any], step: int, reporter: Reporter) -> Dict[str, float]:
+        """Metrics (collective), the console line and artifacts (rank 0); returns the metrics."""
+        out = self.metrics(engines)
+        reporter.say(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items() if k.startswith("val_")))
+        self.artifacts(engines, step, reporter)
+        return out

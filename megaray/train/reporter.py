@@ -1,0 +1,176 @@
+"""The loop's reporting part: meter, progress lines, MLflow metrics and paced Ray Train reports.
+
+Per optimizer step the loop asks :meth:`Reporter.progress` (due every ``train.log_every`` steps
+and at the last step: averaged metrics, lr, grad norm, throughput, data wait, MFU, all averaged
+across ranks) and hands the step's report to :meth:`Reporter.publish`, which logs it to MLflow
+(rank 0, every logged step) and to Ray Train: with a checkpoint when one is due, with
+validation metrics always, and otherwise no more often than the controller drains reports
+(:class:`ReportPacer`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+
+from megaray.train.mlflow import RunLogger
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: NCCL (Ray Train's backend with GPUs)
+    only takes CUDA tensors, gloo takes CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_across_ranks(values: Dict[str, float], world: int) -> Dict[str, float]:
+    """Average scalar metrics over ``world`` ranks (all-reduce in float64). Collective."""
+    if world == 1 or not values or not torch.distributed.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+class ReportPacer:
+    """Decides whether a metrics-only progress report goes to Ray Train (and so to Tune).
+
+    Ray Train V2's controller takes one report per worker every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+    (2 s by default; ``ray/train/v2/_internal/execution/controller/controller.py``) and a worker's
+    result queue holds one, so a report made sooner blocks the training loop until the next poll:
+    with ``log_every`` steps taking under 2 s that cost up to 25% of steps/s (measured with
+    ``benchmarks/trainer_overhead.py``). Progress reports are therefore sent at most that often;
+    reports with a checkpoint or validation metrics always go, and MLflow gets every logged step.
+    Rank 0's clock decides and the decision is broadcast, since every rank must make the same
+    sequence of ``ray.train.report`` calls.
+    """
+
+    def __init__(self) -> None:
+        self.interval_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+        self.last = -math.inf
+        self.skipped = 0
+
+    def due(self, world: int) -> bool:
+        go = torch.tensor([float(time.monotonic() - self.last >= self.interval_s)])
+        if world > 1 and torch.distributed.is_initialized():
+            go = go.to(collective_device())
+            torch.distributed.broadcast(go, src=0)
+        if not go.item():
+            self.skipped += 1
+        return bool(go.item())
+
+    def sent(self) -> None:
+        self.last = time.monotonic()
+
+
+class Meter:
+    """Accumulates per-micro-batch metrics and timings between progress lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: Dict[str, float] = {}
+        self.n = 0
+        self.data_s = self.total_s = 0.0
+        self.units = 0
+
+    def add(self, metrics: Mapping[str, float], data_s: float, total_s: float, units: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+        self.data_s += data_s
+        self.total_s += total_s
+        self.units += units
+
+    def summary(self, flops_per_unit: Optional[float], peak: Optional[float], world: int) -> Dict[str, float]:
+        """Mean metrics, ``throughput`` (units/s, all ranks), ``data_wait_frac`` and, when the
+        FLOPs per unit and the peak FLOP/s are known, ``mfu`` (PaLM appendix B)."""
+        out = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        rate = self.units / self.total_s if self.total_s else 0.0
+        out["throughput"] = rate
+        out["data_wait_frac"] = self.data_s / self.total_s if self.total_s else 0.0
+        if flops_per_unit and peak:
+            out["mfu"] = flops_per_unit * rate / (peak * world)
+        return out
+
+
+class Reporter:
+    """Progress lines, MLflow metrics and Ray Train reports of one worker.
+
+    Args:
+        cfg_train: ``cfg.train`` (``log_every``, ``max_steps``).
+        logger: MLflow logger (a no-op one on ranks other than 0).
+        rank, world: this worker's rank and the world size.
+        unit: what throughput counts (``tokens``, ``samples``).
+        flops_per_unit, peak: for MFU (None: not reported).
+        start_step: the step this attempt started at (for the ETA).
+    """
+
+    def __init__(self, cfg_train: Any, logger: RunLogger, rank: int, world: int, unit: str,
+                 flops_per_unit: Optional[float], peak: Optional[float], start_step: int):
+        self.t, self.logger, self.rank, self.world, self.unit = cfg_train, logger, rank, world, unit
+        self.flops_per_unit, self.peak, self.start_step = flops_per_unit, peak, start_step
+        self.meter, self.pacer = Meter(), ReportPacer()
+        self.t0 = time.perf_counter()
+
+    def due(self, step: int) -> bool:
+        return step % self.t.log_every == 0 or step >= self.t.max_steps
+
+    def progress(self, engines: Mapping[str, Any], step: int) -> Dict[str, float]:
+        """The progress metrics since the last line (averaged across ranks; collective), printed
+        by rank 0. ``lr`` / ``grad_norm`` are the model's; other modules add ``lr_<name>``."""
+        report = self.meter.summary(self.flops_per_unit, self.peak, self.world)
+        for name, engine in engines.items():
+            report["lr" if name == "model" else f"lr_{name}"] = float(engine.get_lr()[0])
+        gn = engines["model"].get_global_grad_norm()
+        if gn is not None:
+            report["grad_norm"] = float(gn)
+        report = mean_across_ranks(report, self.world)
+        self.meter.reset()
+        if self.rank == 0:
+            eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.t.max_steps - step)
+            self._print_progress(step, report, eta)
+        return report
+
+    def publish(self, report: Dict[str, float], step: int, state: Any,
+                checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        """Log ``report`` (plus step, tokens, epoch) to MLflow and report it to Ray Train:
+        through ``checkpoint(report)`` when given, else now if it holds validation metrics or
+        the pacer allows. Every rank calls it with the same arguments."""
+        import ray.train
+
+        report.update(step=step, tokens=state.tokens, epoch=state.epoch)
+        self.logger.metrics({k: v for k, v in report.items() if k != "step"}, step)
+        if checkpoint is not None:
+            checkpoint(report)
+            self.pacer.sent()
+        elif any(k.startswith("val_") for k in report) or self.pacer.due(self.world):
+            ray.train.report(report)
+            self.pacer.sent()
+
+    def say(self, line: str) -> None:
+        """A console line from rank 0."""
+        if self.rank == 0:
+            print(f"[megaray] {line}", flush=True)
+
+    def _print_progress(self, step: int, m: Mapping[str, float], eta_s: float) -> None:
+        mfu = f"{m['mfu']*100:.1f}%" if "mfu" in m else "n/a"
+        parts = [f"step {step}/{self.t.max_steps}", f"loss {m.get('loss', float('nan')):.4f}", f"lr {m.get('lr', 0):.2e}"]
+        if "grad_norm" in m:
+            parts.append(f"gnorm {m['grad_norm']:.2f}")
+        parts += [f"{m['throughput']:,.0f} {self.unit}/s", f"MFU {mfu}", f"data-wait {m['data_wait_frac']*100:.0f}%",
+                  f"ETA {fmt_s(eta_s)}"]
+        self.say(" | ".join(parts))
+
+
+def fmt_s(s: float) -> str:
+    """``75 -> "1m15s"``, ``3700 -> "1h01m"``."""
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

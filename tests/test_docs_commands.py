@@ -1,0 +1,239 @@
+"""The README's and docs' commands work as written, in the order written, on a fresh clone; and every
+``megaray ...`` hint an error message prints names a command and options that exist.
+
+``test_doc_commands_run_in_order`` copies the repository's files (``git ls-files``: tracked and
+untracked-but-not-ignored, i.e. what a commit holds) into a temporary folder and runs every
+command of every fenced block of README.md and docs/*.md there, file by file in :data:`ORDER`,
+with the venv's ``megaray`` on PATH and no ``RAY_ADDRESS`` / ``MLFLOW_TRACKING_URI``. Prepared
+data is shared between blocks and files as a reader following the docs would share it. The only
+changes to the commands are the small overrides in :data:`OVERRIDES` (fewer steps, trials and
+clips); commands that cannot run in a test are listed in :data:`SKIP`, each with its reason; the
+documented error examples must fail exactly as documented (:data:`EXPECTED_ERRORS`).
+
+A command is: every line of a ```bash block, and every line of an unlabelled block that starts
+with ``$ `` or with a known program (``megaray``, ``make``, ``ray``, ...). A command this test
+does not know how to treat fails the test (add it to a table with a reason).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: files in the order a reader follows them (README, then its Documentation list); every
+#: docs/*.md must be here.
+ORDER = ["README.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/tune.md"]
+
+_TRAIN = "--set train.max_steps=4 --set train.eval_every=4 --set train.checkpoint_every=4 --set train.log_every=2"
+_TUNE = ("--set search.num_samples=2 --set train.max_steps=4 --set train.eval_every=2 --set train.checkpoint_every=2 "
+         "--set train.log_every=2 --set scheduler.max_t=4 --set scheduler.grace_period=2 --set storage_path=runs/tune-{doc}")
+
+#: (regex on the command as written, appended arguments, why). The first match applies.
+OVERRIDES: List[Tuple[str, str, str]] = [
+    (r"^megaray train ", _TRAIN, "4 optimizer steps (one eval and one checkpoint at step 4) instead of hundreds"),
+    (r"^megaray tune ", _TUNE, "2 trials of 4 steps (ASHA rungs at 2 and 4); each file's searches in their own "
+                               "storage, so a later file's 'start' command starts a fresh search"),
+    (r"^megaray prepare audio ", "--clips 32", "32 espeak clips instead of 300 (enough for 2 workers x batch 8)"),
+    (r"^megaray eval ", "--max-batches 2", "2 batches instead of 50"),
+]
+
+#: (regex on the command, reason it is not run here).
+SKIP: List[Tuple[str, str]] = [
+    (r"^make (demo|test)\b", "installs .venv and runs the demo / the whole suite: `make` is what runs this test"),
+    (r"^ray start\b", "starts a long-lived cluster; `ray start` + `ray job submit` are covered by tests/test_zz_job_submit.py"),
+    (r"^(RAY_AUTH_MODE=token )?ray job submit\b", "covered by tests/test_zz_job_submit.py"),
+    (r"^(\.venv/bin/)?mlflow ui\b", "starts a web server that never exits"),
+    (r"^python benchmarks/", "benchmarks print measurements (BENCHMARKS.md); never asserted in tests"),
+    (r"^python -m pytest\b", "runs part of this test suite"),
+    (r"^python -c \"from megaray.data.text import prepare_text", "the Python API; tests/test_data_text.py runs it"),
+    (r"^megaray tune .*use_gpu=true", "needs 8 GPU workers and an s3:// bucket"),
+]
+
+#: documented error examples: command -> (exit code, text the output must contain).
+EXPECTED_ERRORS = {
+    "megaray config configs/demo.yaml --set model.n_layr=3": (2, "model.n_layr: unknown key; did you mean 'n_layer'?"),
+    "megaray generate --checkpoint runs/nope": (2, "error: checkpoint not found: runs/nope"),
+}
+
+PROGRAMS = ("megaray", "make", "ray", "RAY_AUTH_MODE=token", "mlflow", ".venv/bin/mlflow", "python", "espeak-ng")
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def doc_commands(path: Path) -> List[str]:
+    """The commands of ``path``'s fenced blocks, in order (continuations joined, comments dropped)."""
+    out: List[str] = []
+    for m in re.finditer(r"^```(\w*)[^\n]*\n(.*?)^```", path.read_text(), re.S | re.M):
+        lang, body = m.group(1), m.group(2)
+        if lang not in ("", "bash", "sh", "shell", "console"):
+            continue
+        pending = ""
+        for raw in body.splitlines():
+            line = raw.rstrip()
+            if pending:
+                line, pending = pending + " " + line.strip(), ""
+            elif line.startswith("$ "):
+                line = line[2:]
+            elif lang == "" and not line.startswith(tuple(p + " " for p in PROGRAMS)):
+                continue  # output shown in an unlabelled block
+            if line.endswith("\\"):
+                pending = line[:-1].rstrip()
+                continue
+            cmd = _strip_comment(line).strip()
+            if cmd and not cmd.startswith("#"):
+                out.append(re.sub(r"\s+", " ", cmd))
+    return out
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a trailing ``# comment`` (a ``#`` after whitespace, outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
+def plan(doc: str) -> List[Tuple[str, str, str]]:
+    """``[(action, command as written, command to run)]``: action is run / expect_error / skip:<reason>."""
+    steps = []
+    for cmd in doc_commands(REPO / doc):
+        skip = next((why for pat, why in SKIP if re.search(pat, cmd)), None)
+        if skip:
+            steps.append((f"skip: {skip}", cmd, ""))
+        elif cmd in EXPECTED_ERRORS:
+            steps.append(("expect_error", cmd, cmd))
+        elif cmd.startswith(("megaray ", "espeak-ng ")):
+            extra = next((args for pat, args, _ in OVERRIDES if re.search(pat, cmd)), "")
+            stem = Path(doc).stem.lower()
+            steps.append(("run", cmd, f"{cmd} {extra.format(doc=stem)}".strip()))
+        else:
+            steps.append(("unknown", cmd, ""))
+    return steps
+
+
+def test_every_doc_is_in_order_and_every_command_has_a_plan():
+    """Cheap: each docs/*.md is listed, and every command is run, skipped with a reason, or a
+    documented error (no command slips through untested)."""
+    assert set(ORDER) == {"README.md", *(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))}
+    unknown = [(doc, cmd) for doc in ORDER for action, cmd, _ in plan(doc) if action == "unknown"]
+    assert not unknown, f"commands with no plan (add them to SKIP with a reason, or make them runnable): {unknown}"
+    assert any(cmd.startswith("megaray tune") for doc in ORDER for a, cmd, _ in plan(doc) if a == "run")
+
+
+# ----------------------------------------------------------------------------- running them
+
+
+def _fresh_clone(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+@pytest.mark.slow
+def test_doc_commands_run_in_order(tmp_path):
+    clone = _fresh_clone(tmp_path / "clone")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MEGARAY_DEBUG")}
+    env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    failures, report = [], []
+    t_all = time.time()
+    for doc in ORDER:
+        for action, written, cmd in plan(doc):
+            if action.startswith("skip"):
+                report.append(f"{doc}: SKIP {written}  ({action[6:]})")
+                continue
+            t0 = time.time()
+            p = subprocess.run(cmd, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+            out = p.stdout + p.stderr
+            report.append(f"{doc}: {p.returncode} {time.time() - t0:5.0f} s  {cmd}")
+            if action == "expect_error":
+                rc, text = EXPECTED_ERRORS[written]
+                ok = p.returncode == rc and text in out and "Traceback" not in out
+            else:
+                ok = p.returncode == 0
+            if not ok:
+                failures.append(f"--- {doc}: `{written}` (ran `{cmd}`) exited {p.returncode}:\n{out[-3000:]}")
+    print(f"\n{time.time() - t_all:.0f} s in all\n" + "\n".join(report))
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- hints in error messages
+
+
+HINT = re.compile(r"megaray (?:prepare (?:text|audio-latents|audio)|train|tune|eval|generate|vocode|config|demo)(?=[\s`\"']|$)"
+                  r"[^`\"'\n)]*")
+
+
+def _hints() -> List[Tuple[str, str]]:
+    found = []
+    for path in sorted((REPO / "megaray").rglob("*.py")):
+        for m in HINT.finditer(path.read_text()):
+            found.append((str(path.relative_to(REPO)), m.group(0).strip()))
+    return found
+
+
+def _command_problems(root, hint: str) -> List[str]:
+    """What is wrong with ``hint`` (``megaray <command> [args] [--option value ...]``) for the CLI
+    ``root``: an unknown command, or arguments its parser rejects (unknown option, extra
+    positional words such as ``SOURCES... OUT_DIR`` for a command that takes options only).
+    ``{placeholder}`` values count as ``1``, ``...`` marks elided arguments, and a missing
+    required option or option value is allowed (a hint may leave one out, or name an option)."""
+    hint = re.split(r"\s{2,}", hint.strip())[0]  # docstring tables: command, then prose
+    if "|" in hint:  # `megaray prepare text | audio | audio-latents`: a list of commands
+        return [why for sub in hint.split("|") for why in _command_problems(root, "megaray prepare " + sub.split()[-1])]
+    words = [re.sub(r"\{[^}]*\}", "1", w) for w in shlex.split(hint)[1:] if w != "..."]
+    cmd, path = root, []
+    while words and hasattr(cmd, "commands") and words[0] in cmd.commands:
+        path.append(words[0])
+        cmd = cmd.commands[words.pop(0)]
+    if hasattr(cmd, "commands"):
+        return [f"no command {' '.join(words[:1]) or '(missing)'} under `{' '.join(['megaray', *path])}`"]
+    try:
+        cmd.make_context(" ".join(["megaray", *path]), list(words))
+    except Exception as e:  # click's UsageError / BadParameter (typer vendors click: no stable import path)
+        msg = getattr(e, "format_message", lambda: str(e))()
+        if not msg.startswith(("Missing option", "Missing argument", "Missing parameter")) \
+                and not msg.endswith("requires an argument."):  # value cut at a quote, or a mention of the option
+            return [msg]
+    return []
+
+
+def test_every_hint_names_a_command_and_options_that_exist():
+    """Every ``megaray <command> --option`` written in megaray/ (hints in error messages, docstrings),
+    and the prepare command each shipped config's task names for missing data, is a command of
+    the CLI with options that command has."""
+    import typer
+
+    from megaray import families
+    from megaray.cli import app
+
+    root = typer.main.get_command(app)
+    hints = _hints()
+    assert any("megaray prepare text" in h for _, h in hints)  # the extraction finds the data hints
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = families.load_config(path)
+        cmd = families.task_class(cfg.model.family)(cfg).prepare_command(cfg.data.shards)
+        hints += [(f"prepare_command of {path.name}", cmd)] if cmd else []
+    assert any("--vocab-size 512" in h for _, h in hints)
+    bad = [f"{where}: `{hint}`: {why}" for where, hint in hints for why in _command_problems(root, hint)]
+    assert not bad, "\n".join(bad)

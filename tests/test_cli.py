@@ -97,3 +97,39 @@ def test_commands_named_in_messages_exist(hint):
         if type(e).__name__ == "MissingParameter":  # a hint may leave required options to the reader
             return
         pytest.fail(f"`{hint}` is not a valid megaray command line: {e}")
+
+
+def test_eval_and_generate_on_a_checkpoint_without_ray(tmp_path):
+    """The success path of the inference commands: shards prepared by the CLI from real text
+    (docs/*.md), a checkpoint holding a randomly initialised debug GPT and the shards'
+    tokenizer; an untrained model's loss is close to ln(vocab)."""
+    import json
+    import math
+
+    import torch
+
+    from megaray.families import build_model, load_config
+    from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
+
+    shards = tmp_path / "docs-300"
+    r = runner.invoke(app, ["prepare", "text", "--source", str(REPO / "docs"), "--out", str(shards),
+                            "--vocab-size", "300", "--val-fraction", "0.3"])
+    assert r.exit_code == 0, r.output
+    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", ["model.vocab_size=300", f"data.shards={shards}"])
+    ckpt = tmp_path / "run" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    cfg.to_yaml(ckpt / "config.yaml")
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model).state_dict(), ckpt / WEIGHTS_FILE)
+    (ckpt / "tokenizer.json").write_text((shards / "tokenizer.json").read_text())
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 1}))
+
+    r = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--batch-size", "1", "--max-batches", "2"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["step"] == 1 and out["split"] == "val" and out["tokens"] == 2 * cfg.model.block_size
+    assert abs(out["loss"] - math.log(300)) < 0.5, out
+
+    r = runner.invoke(app, ["generate", "--checkpoint", str(ckpt), "--prompt", "The model", "--max-new-tokens", "5"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("The model")

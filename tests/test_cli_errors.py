@@ -100,6 +100,13 @@ def test_truncated_model_pt_is_named(truncated_gpt_checkpoint, cmd):
     _assert_user_error(r, f"{checkpoint_dir_name(4)}/{WEIGHTS_FILE} is truncated or corrupt")
 
 
+@pytest.mark.parametrize("cmd", ["eval", "generate"])
+def test_text_commands_on_a_vocoder_checkpoint_say_so(tmp_path, cmd):
+    ckpt = _write_checkpoint(tmp_path / "voc-run", REPO / "configs" / "vocoder_tiny.yaml")
+    r = _run(cmd, "--checkpoint", ckpt.parent)
+    _assert_cli_error(r, ckpt, "not a text model's checkpoint", "'vocoder'")
+
+
 def test_debug_env_shows_the_traceback_and_still_exits_2(tmp_path):
     r = _megaray("generate", "--checkpoint", tmp_path / "no-such-run", env={"MEGARAY_DEBUG": "1"})
     assert r.returncode == 2
@@ -201,6 +208,14 @@ def test_prepare_audio_into_non_empty_folder_needs_overwrite(no_ray, tmp_path):
     r = _run("prepare", "audio", "--source", src, "--out", out)
     _assert_cli_error(r, out, "--overwrite")
     assert (out / "keep.txt").read_text() == "someone's files"
+
+
+def test_prepare_audio_without_espeak_says_how_to_install_it(no_ray, monkeypatch, tmp_path):
+    import megaray.data.speech_corpus as speech_corpus
+
+    monkeypatch.setattr(speech_corpus.shutil, "which", lambda name: None)
+    r = _run("prepare", "audio", "--source", "espeak", "--out", tmp_path / "speech")
+    _assert_cli_error(r, "espeak-ng not found", "apt-get install espeak-ng")
 
 
 def test_prepare_text_into_non_empty_folder_needs_overwrite(tmp_path):

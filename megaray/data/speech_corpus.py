@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megaray import fs
 from megaray.data.stdlib import iter_docstrings
+from megaray.errors import DataError
 
 #: espeak-ng voices used as speakers (``espeak-ng --voices=en`` lists languages; ``+f3`` etc.
 #: are the bundled variants). Each is a distinct timbre/accent.
@@ -38,8 +39,8 @@ _CLEAN = re.compile(r"^[A-Z][A-Za-z ,;'\-]+[a-z][.!?]$")
 _EXTRA_SKIP_DIRS = ("lib2to3", "turtledemo")
 
 
-class EspeakMissing(RuntimeError):
-    """espeak-ng is not installed."""
+class EspeakMissing(DataError, RuntimeError):
+    """espeak-ng is not installed (a DataError: the CLI reports it as ``error: ...``)."""
 
 
 def _espeak() -> str:

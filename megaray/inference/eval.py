@@ -7,35 +7,43 @@ import time
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 
-def iter_windows(shards: str, split: str, block_size: int, batch_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+def iter_windows(shards: str, split: str, block_size: int, batch_size: int,
+                 on_corrupt: str = "error") -> Iterator[Dict[str, torch.Tensor]]:
     """Packed LM windows of ``split`` in file order, without Ray: batches of
     ``input_ids``/``targets`` int64 ``(batch_size, block_size)`` (the same packing as training).
 
+    Row groups are read one at a time through :func:`megaray.data.shards.read_row_group`, so a
+    corrupt data page is named (shard and row group), or skipped when ``on_corrupt="skip"``.
+
     Raises:
-        DataError: missing manifest or corrupt shard (named).
+        DataError: missing manifest, missing or corrupt shard (named).
     """
+    from megaray import fs
     from megaray.data import text
+    from megaray.data.manifest import prepare_hint
+    from megaray.data.shards import read_row_group, row_groups
 
     manifest = text.load_manifest(shards)
     text.check_shards(shards, manifest, splits=[split])
-    fs, paths = text.shard_paths(shards, manifest, split)
+    filesystem, paths = text.shard_paths(shards, manifest, split)
+    displays = [fs.join(shards, e["path"]) for e in manifest["splits"][split]["shards"]]
+    hint = prepare_hint("text", shards)
     packer = text.Packer(block_size)
     pending = []
-    for path in paths:
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            for i in range(pf.num_row_groups):
-                col = pf.read_row_group(i, columns=["tokens"]).column("tokens").combine_chunks()
-                w = packer.pack(col.flatten().to_numpy(zero_copy_only=False))
-                pending.extend(zip(w["input_ids"], w["targets"]))
-                while len(pending) >= batch_size:
-                    chunk, pending = pending[:batch_size], pending[batch_size:]
-                    yield {"input_ids": torch.from_numpy(np.stack([c[0] for c in chunk])),
-                           "targets": torch.from_numpy(np.stack([c[1] for c in chunk]))}
+    for item in row_groups(filesystem, paths, displays, hint):
+        table = read_row_group(filesystem, item, ["tokens"], on_corrupt, hint)
+        if table is None:  # skipped (on_corrupt="skip"), logged by read_row_group
+            continue
+        col = table.column("tokens").combine_chunks()
+        w = packer.pack(col.flatten().to_numpy(zero_copy_only=False))
+        pending.extend(zip(w["input_ids"], w["targets"]))
+        while len(pending) >= batch_size:
+            chunk, pending = pending[:batch_size], pending[batch_size:]
+            yield {"input_ids": torch.from_numpy(np.stack([c[0] for c in chunk])),
+                   "targets": torch.from_numpy(np.stack([c[1] for c in chunk]))}
 
 
 @torch.no_grad()
@@ -53,17 +61,19 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
         ``{"checkpoint", "step", "split", "tokens", "loss", "ppl", "unigram_entropy", "seconds"}``.
 
     Raises:
-        CheckpointError: no complete checkpoint; DataError: no prepared split.
+        CheckpointError: no complete checkpoint, corrupt weights, not a text model's.
+        DataError: no prepared split, a missing or corrupt shard (named), too few windows.
     """
     from megaray.data import text
-    from megaray.train.checkpoint import load_for_inference, read_state
+    from megaray.inference.text import load_text_model
+    from megaray.train.checkpoint import read_state
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, ckpt = load_for_inference(checkpoint, device)
+    model, cfg, ckpt, _ = load_text_model(checkpoint, device)
     shards = shards or cfg.data.shards
     t0 = time.perf_counter()
     total, tokens = 0.0, 0
-    for i, batch in enumerate(iter_windows(shards, split, cfg.model.block_size, batch_size)):
+    for i, batch in enumerate(iter_windows(shards, split, cfg.model.block_size, batch_size, cfg.data.on_corrupt)):
         if i >= max_batches:
             break
         _, loss = model(batch["input_ids"].to(device), batch["targets"].to(device))
@@ -71,9 +81,10 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
         total += float(loss) * n
         tokens += n
     if tokens == 0:
-        from megaray.data.sources import DataError
+        from megaray.errors import DataError
 
-        raise DataError(f"{shards}: split {split!r} has fewer than {batch_size} windows of {cfg.model.block_size + 1} tokens")
+        raise DataError(f"{shards}: split {split!r} has fewer than {batch_size} windows of "
+                        f"{cfg.model.block_size + 1} tokens; lower --batch-size")
     loss = total / tokens
     manifest = text.load_manifest(shards)
     return {

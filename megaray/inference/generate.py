@@ -17,17 +17,12 @@ def generate_text(checkpoint: str | os.PathLike, prompt: str, max_new_tokens: in
     top-p after Holtzman et al. 2020), seeded with ``seed``; CUDA when available, else CPU.
 
     Raises:
-        CheckpointError: no complete checkpoint, corrupt weights, or no ``tokenizer.json`` in it
-            (not a text model).
+        CheckpointError: no complete checkpoint, corrupt weights, or not a text model's
+            (see :func:`megaray.inference.text.load_text_model`).
     """
-    from megaray.errors import CheckpointError
+    from megaray.inference.text import load_text_model
     from megaray.tasks.lm import sample_text
-    from megaray.train.checkpoint import load_for_inference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, ckpt = load_for_inference(checkpoint, device)
-    tok = ckpt / "tokenizer.json"
-    if not tok.is_file():
-        raise CheckpointError(f"{ckpt}: no tokenizer.json in this checkpoint; `megaray generate` needs a text "
-                              f"model's checkpoint (this one is {cfg.model.family!r})")
-    return sample_text(model, tok.read_text(), prompt, max_new_tokens, temperature, top_k, top_p, seed)
+    model, _, _, tokenizer_json = load_text_model(checkpoint, device)
+    return sample_text(model, tokenizer_json, prompt, max_new_tokens, temperature, top_k, top_p, seed)

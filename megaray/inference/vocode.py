@@ -22,12 +22,10 @@ def load_wave(path: str, sample_rate: int, normalize: Optional[str] = "peak") ->
     Raises:
         DataError: the file is missing, cannot be read or decoded, or holds no samples (named).
     """
-    from megaray.data.audio import decode_audio, peak_normalize, read_bytes, resample_mono
+    from megaray import fs
+    from megaray.data.audio import decode_audio, peak_normalize, resample_mono
 
-    try:
-        data = read_bytes(path)
-    except OSError as e:  # FileNotFoundError, permission, object-store errors
-        raise DataError(f"input audio not readable: {path} ({e})") from None
+    data = fs.read_bytes(path)  # DataError naming the file
     try:
         wave, sr = decode_audio(data, name=os.path.basename(path))
     except ValueError as e:  # RejectedClip: empty, truncated, not audio

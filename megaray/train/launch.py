@@ -130,57 +130,23 @@ def fit(
             (the run ends at once, without retries, and the worker's error is raised here).
         ray.train.TrainingFailedError: training crashed more than ``scaling.max_failures`` times.
     """
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
-
     from megaray import families
     from megaray.train import mlflow as tracking
-    from megaray.train.loop import train_loop_per_worker
-    from megaray.train.ray_compat import TorchTrainer, user_error
+    from megaray.train.ray_compat import keep_user_errors_in_ray_data, user_error
 
     cfg = resolve_paths(cfg)
     task = families.task_class(cfg.model.family)(cfg)
     check_run(cfg, task)
     ensure_ray()
+    keep_user_errors_in_ray_data()
     datasets = task.datasets()
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
-
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()
-        run_id = tracking.start_run(
-            uri, cfg.tracking.experiment, run_key=run_dir, run_name=mlflow_run_name or cfg.name,
-            params=cfg.flat(), tags={"megaray.family": cfg.model.family, **(extra_tags or {})},
-            parent_run_id=parent_run_id,
-        )
-        rl = tracking.RunLogger(uri, run_id)
-        rl.text(cfg.to_yaml(), "config/resolved.yaml")
-        for name, text in task.checkpoint_files().items():
-            rl.text(text, f"config/{name}")
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True  # deterministic order per epoch: exact resume of data position
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": {"uri": uri, "run_id": run_id}, "run_dir": run_dir,
-                           "debug": {"trace": os.environ.get("MEGARAY_TRACE"),
-                                     "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP")}},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=dict(cfg.scaling.resources_per_worker),
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.num_to_keep),
-            callbacks=list(callbacks),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(execution_options=options),
-    )
+        run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
+    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks)
     try:
         result = trainer.fit()
     except BaseException as e:
@@ -200,4 +166,55 @@ def fit(
     return FitResult(
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
         mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
+    )
+
+
+def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: Optional[str],
+                  extra_tags: Optional[Dict[str, str]], parent_run_id: Optional[str]) -> str:
+    """Create or find the run's MLflow run; log the resolved config and the task's files."""
+    from megaray.train import mlflow as tracking
+
+    run_id = tracking.start_run(
+        uri, cfg.tracking.experiment, run_key=run_dir, run_name=run_name or cfg.name,
+        params=cfg.flat(), tags={"megaray.family": cfg.model.family, **(extra_tags or {})},
+        parent_run_id=parent_run_id,
+    )
+    rl = tracking.RunLogger(uri, run_id)
+    rl.text(cfg.to_yaml(), "config/resolved.yaml")
+    for name, text in task.checkpoint_files().items():
+        rl.text(text, f"config/{name}")
+    return run_id
+
+
+def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
+             mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any]) -> Any:
+    """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
+    error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+
+    from megaray.train.loop import train_loop_per_worker
+    from megaray.train.ray_compat import TorchTrainer
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True  # deterministic order per epoch: exact resume of data position
+    debug = {"trace": os.environ.get("MEGARAY_TRACE"), "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP")}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
+                           "run_dir": run_dir, "debug": debug},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=dict(cfg.scaling.resources_per_worker),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.num_to_keep),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=options),
     )

@@ -240,6 +240,17 @@ def _remove_placement_group(trial_id: str, hex_id: str) -> None:
 # by overriding the private ``_initialize_and_run_controller(**controller_init_kwargs)``
 # (``data_parallel_trainer.py:267``).
 
+def keep_user_errors_in_ray_data() -> None:
+    """Make Ray Data raise a map function's own exception (a DataError naming a corrupt shard)
+    instead of ``UserCodeException("UDF failed to process a data block.") from e``
+    (``ray/data/_internal/planner/plan_udf_map_op.py:479``, ``_try_wrap_udf_exception``): the
+    ``from e`` link does not survive pickling to the Train worker, so the DataError's type and
+    message would be lost. Sets the driver's DataContext, which datasets created after it carry."""
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True
+
+
 from ray.train.torch import TorchTrainer as _TorchTrainer  # noqa: E402
 from ray.train.v2._internal.execution.failure_handling import (  # noqa: E402
     DefaultFailurePolicy as _DefaultFailurePolicy,

@@ -143,7 +143,8 @@ def summarize(search: TuneSearch, result, trial_id: str, mlflow_run_id: Optional
 
 
 def failure_reason(error: BaseException) -> str:
-    """``"DataError: shard folder not found: ..."``: the root error of a failed trial, first line.
+    """``"DataError: shard folder not found: ..."``: the root error of a failed trial, first line
+    (with the next one when the first is a heading such as ``invalid config:``).
 
     Unwraps Ray's wrappers: a ``RayTaskError``'s ``cause``, a Train ``WorkerGroupError``'s first
     worker failure, a ``ControllerError``'s ``controller_failure``, then ``__cause__``.
@@ -157,8 +158,9 @@ def failure_reason(error: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         error = inner
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()] or [""]
+    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "invalid config:"
+    return f"{type(error).__name__}: {first}"[:300]
 
 
 def _series(df, column: str) -> List[tuple]:

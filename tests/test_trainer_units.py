@@ -182,7 +182,7 @@ def test_adversarial_step_trains_the_discriminator_from_start_step_and_leaves_it
     with torch.no_grad():  # the generator's loss through the *updated* discriminator
         d_fake, d_real = disc(fake), disc(real)
         want = base + ((d_fake - 1) ** 2).mean() + 2.0 * (d_real - d_fake).abs().mean()
-    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-6)
     assert {"loss_disc", "loss_gen_adv", "loss_fm"} == set(m)
     loss.backward()
     assert all(p.grad is None and p.requires_grad for p in disc.parameters())
@@ -281,3 +281,53 @@ def test_micro_batches_continue_from_the_saved_epoch_position():
         state.batch_in_epoch += 1  # the loop does this once a batch is trained on
     assert got == [(101, 2), (102, 0), (102, 1), (102, 2)]  # the rest of epoch 1, then epoch 2 from its start
     assert (state.epoch, state.batch_in_epoch) == (2, 3)
+
+
+def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_decide_if_due():
+    from megaray.train.loop import Debug, _Worker
+
+    calls = []
+
+    class Part:
+        def __init__(self, name, every):
+            self.name, self.every = name, every
+
+        def due(self, step):
+            return step % self.every == 0
+
+    class Task:
+        def after_step(self, engines, step):
+            calls.append(("after_step", step))
+
+    class Ema:
+        def update(self, module):
+            calls.append(("ema", module))
+
+    class Reporter(Part):
+        def progress(self, engines, step):
+            calls.append(("progress", step))
+            return {"loss": 1.0}
+
+        def publish(self, report, step, state, checkpoint):
+            calls.append(("publish", step, sorted(report), checkpoint is not None))
+
+    class Evaluator(Part):
+        def run(self, engines, step, reporter):
+            calls.append(("eval", step))
+            return {"val_loss": 2.0}
+
+    class Engine:
+        module = "the model"
+
+    w = object.__new__(_Worker)
+    w.task, w.ema, w.engines, w.state = Task(), Ema(), {"model": Engine()}, None
+    w.reporter, w.evaluator, w.checkpointer = Reporter("log", 2), Evaluator("eval", 3), Part("ckpt", 4)
+    w.debug = Debug({}, rank=0)
+    for step in (1, 2, 3, 4):
+        w.end_of_step(step)
+    assert calls == [
+        ("after_step", 1), ("ema", "the model"),
+        ("after_step", 2), ("ema", "the model"), ("progress", 2), ("publish", 2, ["loss"], False),
+        ("after_step", 3), ("ema", "the model"), ("eval", 3), ("publish", 3, ["val_loss"], False),
+        ("after_step", 4), ("ema", "the model"), ("progress", 4), ("publish", 4, ["loss"], True),
+    ]

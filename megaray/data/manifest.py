@@ -51,12 +51,14 @@ def write_manifest(folder: str, manifest: Dict[str, Any]) -> None:
     fs.write_text(fs.join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def read_manifest(folder: str, kind: Optional[str] = None) -> Dict[str, Any]:
+def read_manifest(folder: str, kind: Optional[str] = None, command: Optional[str] = None) -> Dict[str, Any]:
     """Read and check ``<folder>/manifest.json``.
 
     Args:
         folder: prepared folder (local path or URI).
         kind: the kind the caller needs (``"text"``, ``"audio"``, ...); None accepts any.
+        command: the exact command that writes this folder for the caller's config (e.g.
+            :meth:`megaray.tasks.base.Task.prepare_command`); named instead of the kind's generic one.
 
     Raises:
         DataError: the folder or manifest is missing (not prepared, or a prepare that did not
@@ -66,6 +68,7 @@ def read_manifest(folder: str, kind: Optional[str] = None) -> Dict[str, Any]:
     """
     folder = str(folder)
     hint = prepare_hint(kind or "text", folder) if kind else "re-run the `megaray prepare` command that wrote it"
+    hint = f"run `{command}`" if command else hint
     if not fs.exists(folder):
         raise DataError(f"prepared folder not found: {folder}; {hint}")
     path = fs.join(folder, MANIFEST)

@@ -115,4 +115,8 @@ def read_dataset(fs: pafs.FileSystem, items: List[Dict[str, Any]], columns: Sequ
         raise DataError("no row groups to read (the shards hold no rows)")
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     kw = dict(fs=fs, columns=list(columns), schema=schema, on_corrupt=on_corrupt, hint=hint)
-    return ds.map_batches(_read_batch, fn_kwargs=kw, batch_size=1, batch_format="numpy")
+    out = ds.map_batches(_read_batch, fn_kwargs=kw, batch_size=1, batch_format="numpy")
+    # a DataError from a read task reaches the consumer as itself (an instance of DataError), not
+    # wrapped in Ray Data's UserCodeException, so a training run can end with its message
+    out.context.raise_original_map_exception = True
+    return out

@@ -91,6 +91,26 @@ def _stored_results(trial) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def root_error(error: BaseException) -> BaseException:
+    """The exception at the bottom of Ray's wrappers around a failed trial or run.
+
+    Follows a ``RayTaskError``'s ``cause`` (``ray/exceptions.py``, the exception the task
+    raised), a Train ``WorkerGroupError``'s first ``worker_failures`` entry, a
+    ``ControllerError``'s ``controller_failure`` (``ray/train/v2/api/exceptions.py``), then
+    ``__cause__``.
+    """
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        inner = ((failures[min(failures)] if failures else None) or getattr(error, "controller_failure", None)
+                 or getattr(error, "cause", None) or error.__cause__)
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
 # --- Train worker placement groups of trials a scheduler stopped -------------------------------
 #
 # When ASHA stops a trial, Tune ends the trial's driver actor and its Train controller dies with

@@ -223,21 +223,19 @@ def check_data(cfg: RunConfig, base_path: str = "") -> None:
     :func:`megaray.data.manifest.read_manifest`, no Ray).
 
     Raises:
-        DataError: the reader's message (folder missing, unfinished or corrupt), followed by the
-            exact command that prepares the folder for this config (:meth:`Task.prepare_command`).
+        DataError: the reader's message (folder missing, unfinished or corrupt) naming the exact
+            command that prepares the folder for this config (:meth:`Task.prepare_command`).
     """
     from megaray import families
     from megaray.data.manifest import read_manifest
 
     task = families.task_class(cfg.model.family)(cfg)
+    where = f"data.shards of {base_path}" if base_path else "data.shards"
     for source in cfg.data.resolved_sources():
         try:
-            read_manifest(source.shards)
+            read_manifest(source.shards, command=task.prepare_command(source.shards))
         except DataError as e:
-            cmd = task.prepare_command(source.shards)
-            where = f"data.shards of {base_path}" if base_path else "data.shards"
-            todo = f"; the command that prepares it for this config:\n  {cmd}" if cmd else ""
-            raise DataError(f"{where}: {e}{todo}") from None
+            raise DataError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- loading

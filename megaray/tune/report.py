@@ -143,23 +143,18 @@ def summarize(search: TuneSearch, result, trial_id: str, mlflow_run_id: Optional
 
 
 def failure_reason(error: BaseException) -> str:
-    """``"DataError: shard folder not found: ..."``: the root error of a failed trial, first line
-    (with the next one when the first is a heading such as ``invalid config:``).
+    """``"DataError: shard folder not found: ..."``: why a trial failed, in one line.
 
-    Unwraps Ray's wrappers: a ``RayTaskError``'s ``cause``, a Train ``WorkerGroupError``'s first
-    worker failure, a ``ControllerError``'s ``controller_failure``, then ``__cause__``.
+    The error is the user's error behind Ray's wrappers when there is one
+    (:func:`megaray.train.ray_compat.user_error`), else the root error
+    (:func:`~megaray.train.ray_compat.root_error`); its first line is kept, with the next one
+    when the first is a heading such as ``invalid config:``.
     """
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        failures = getattr(error, "worker_failures", None)
-        inner = (next(iter(failures.values())) if failures else None) or getattr(error, "controller_failure", None) \
-            or getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
+    from megaray.train.ray_compat import root_error, user_error
+
+    error = user_error(error) or root_error(error)
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()] or [""]
-    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "invalid config:"
+    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return f"{type(error).__name__}: {first}"[:300]
 
 

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import BaseModel, Field, model_validator
 
 from megaray.config import ConfigError, StrictConfig, flatten, suggest
 from megaray.families import build_run_config
-
-if TYPE_CHECKING:
-    from megaray.tune.config import TuneSearch
 
 PRIMITIVE = (str, int, float, bool, type(None))
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -104,8 +101,9 @@ def labels(space: Dict[str, Distribution]) -> Dict[str, Dict[str, Any]]:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_space(search: "TuneSearch") -> None:
-    """Every space key exists in the resolved base config and every probe gives a valid run config.
+def check_space(search: Any) -> None:
+    """Every space key of ``search`` (a :class:`megaray.tune.config.TuneSearch`, which imports
+    this module) exists in the resolved base config, and every probe gives a valid run config.
 
     Raises:
         ConfigError: ``space.<key>: no key ...; did you mean ...?`` or ``space.<key>: value v
@@ -170,8 +168,9 @@ def _all_paths(d: Dict[str, Any], prefix: str = "") -> List[str]:
 # ----------------------------------------------------------------------------- Ray Tune domains
 
 
-def param_space(search: "TuneSearch") -> Dict[str, Any]:
-    """The Tune ``param_space``: one Tune domain per space key (labels for non-scalar choices)."""
+def param_space(search: Any) -> Dict[str, Any]:
+    """The Tune ``param_space`` of a :class:`megaray.tune.config.TuneSearch`: one Tune domain per
+    space key (labels for non-scalar choices)."""
     from ray import tune
 
     out: Dict[str, Any] = {}

@@ -232,7 +232,7 @@ def apply_override(raw: Dict[str, Any], item: str) -> None:
     set_dotted(raw, key, parsed, where=f"override {item!r}")
 
 
-def parse_override(item: str) -> "tuple[str, Any]":
+def parse_override(item: str) -> tuple[str, Any]:
     """``"a.b=3e-4"`` -> ``("a.b", 0.0003)``: the one ``KEY=VALUE`` parser (value parsed as YAML).
 
     Raises:

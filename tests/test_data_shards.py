@@ -112,8 +112,6 @@ def test_mixture_follows_weights_and_repeats_exactly(ray_local, shard_sets):
     again = _ordered(lambda: _windows(text_datasets(sources, block_size=BLOCK, seed=7)["train"]))
     np.testing.assert_array_equal(first, again)  # same (seed, epoch) -> same rows in the same order
     assert len(first) == num_windows(sources, BLOCK, seed=7)
-    other = _ordered(lambda: _windows(text_datasets(sources, block_size=BLOCK, seed=8)["train"]))
-    assert not np.array_equal(first, other) and sorted(map(bytes, first)) == sorted(map(bytes, other))
     # composition: tokens taken from each source, in whole row groups, reach its target
     from megaray.data.text.datasets import _plan
 
@@ -132,12 +130,14 @@ def test_mixture_needs_one_tokenizer(shard_sets):
 def test_mixed_dataset_on_ray_datasets(ray_local):
     import ray
 
-    a, b = ray.data.range(10), ray.data.range(5).map(lambda r: {"id": r["id"] + 100})
-    ds = mixture.mixed_dataset([a, b], [10, 5], [1.0, 1.0], seed=1)
-    ids = [r["id"] for r in ds.take_all()]
+    def mixed():
+        a, b = ray.data.range(10), ray.data.range(5).map(lambda r: {"id": r["id"] + 100})
+        return [r["id"] for r in mixture.mixed_dataset([a, b], [10, 5], [1.0, 1.0], seed=1).take_all()]
+
+    ids = _ordered(mixed)
     # N = 15, each source round(7.5) = 8 rows: a truncated to 0..7, b repeated 100..104,100..102
     assert sorted(ids) == sorted(list(range(8)) + [100, 101, 102, 103, 104, 100, 101, 102])
-    assert [r["id"] for r in ds.take_all()] == ids
+    assert _ordered(mixed) == ids  # under preserve_order, as in training
     assert mixture.interleave([2, 1], 0) == [(0, 0), (1, 0), (0, 1)]
     with pytest.raises(DataError, match="weight must be > 0"):
         mixture.plan([1, 2], [1.0, 0.0])

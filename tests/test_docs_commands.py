@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: files in the order a reader follows them (README, then its Documentation list); every
 #: docs/*.md must be here.
-ORDER = ["README.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/tune.md"]
+ORDER = ["README.md", "docs/architecture.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/tune.md"]
 
 _TRAIN = "--set train.max_steps=4 --set train.eval_every=4 --set train.checkpoint_every=4 --set train.log_every=2"
 _TUNE = ("--set search.num_samples=2 --set train.max_steps=4 --set train.eval_every=2 --set train.checkpoint_every=2 "
@@ -55,6 +55,7 @@ SKIP: List[Tuple[str, str]] = [
     (r"^(\.venv/bin/)?mlflow ui\b", "starts a web server that never exits"),
     (r"^python benchmarks/", "benchmarks print measurements (BENCHMARKS.md); never asserted in tests"),
     (r"^python -m pytest\b", "runs part of this test suite"),
+    (r"^MEGARAY_UPDATE_GOLDEN=1 ", "rewrites the stored golden losses on purpose; tests/test_golden_losses.py checks them"),
     (r"^python -c \"from megaray.data.text import prepare_text", "the Python API; tests/test_data_text.py runs it"),
     (r"^megaray tune .*use_gpu=true", "needs 8 GPU workers and an s3:// bucket"),
 ]
@@ -65,7 +66,8 @@ EXPECTED_ERRORS = {
     "megaray generate --checkpoint runs/nope": (2, "error: checkpoint not found: runs/nope"),
 }
 
-PROGRAMS = ("megaray", "make", "ray", "RAY_AUTH_MODE=token", "mlflow", ".venv/bin/mlflow", "python", "espeak-ng")
+PROGRAMS = ("megaray", "make", "ray", "mlflow", ".venv/bin/mlflow", "python", ".venv/bin/python", "espeak-ng")
+ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S* )+")  # VAR=value before a program
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -85,7 +87,7 @@ def doc_commands(path: Path) -> List[str]:
                 line, pending = pending + " " + line.strip(), ""
             elif line.startswith("$ "):
                 line = line[2:]
-            elif lang == "" and not line.startswith(tuple(p + " " for p in PROGRAMS)):
+            elif lang == "" and not ENV_PREFIX.sub("", line).startswith(tuple(p + " " for p in PROGRAMS)):
                 continue  # output shown in an unlabelled block
             if line.endswith("\\"):
                 pending = line[:-1].rstrip()
@@ -196,12 +198,12 @@ def _command_problems(root, hint: str) -> List[str]:
     """What is wrong with ``hint`` (``megaray <command> [args] [--option value ...]``) for the CLI
     ``root``: an unknown command, or arguments its parser rejects (unknown option, extra
     positional words such as ``SOURCES... OUT_DIR`` for a command that takes options only).
-    ``{placeholder}`` values count as ``1``, ``...`` marks elided arguments, and a missing
+    ``{placeholder}`` values (also one cut off at a quote) count as ``1``, ``...`` marks elided arguments, and a missing
     required option or option value is allowed (a hint may leave one out, or name an option)."""
     hint = re.split(r"\s{2,}", hint.strip())[0]  # docstring tables: command, then prose
     if "|" in hint:  # `megaray prepare text | audio | audio-latents`: a list of commands
         return [why for sub in hint.split("|") for why in _command_problems(root, "megaray prepare " + sub.split()[-1])]
-    words = [re.sub(r"\{[^}]*\}", "1", w) for w in shlex.split(hint)[1:] if w != "..."]
+    words = [re.sub(r"\{[^}]*\}?", "1", w) for w in shlex.split(hint)[1:] if w != "..."]  # "{cfg[" cut at a quote
     cmd, path = root, []
     while words and hasattr(cmd, "commands") and words[0] in cmd.commands:
         path.append(words[0])

@@ -207,6 +207,10 @@ def test_user_errors_end_the_run_and_crashes_are_retried():
         err = WorkerGroupError("boom", failures)
         assert user_error(err) is bad
         assert UserErrorFailurePolicy(FailureConfig(max_failures=2)).make_decision(err) == FailureDecision.RAISE
+    noted = DataError(f"{bad}\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+                      "To change retry attempts, backoff, ... configure `ray.data.DataContext.get_current()`")
+    found = user_error(WorkerGroupError("boom", {0: noted}))  # Ray Data's retry note is cut
+    assert type(found) is DataError and str(found) == str(bad)
     crash = WorkerGroupError("boom", {0: RuntimeError("worker died")})
     assert user_error(crash) is None
     policy = UserErrorFailurePolicy(FailureConfig(max_failures=1))

@@ -238,6 +238,26 @@ def test_readme_search_without_its_data_fails_before_any_trial(tmp_path, monkeyp
         s.check_data()
 
 
+def test_trial_paths_resolve_on_the_search_driver(tmp_path, monkeypatch):
+    """A trial's driver runs in Ray's own working directory: the relative data path, storage path
+    and default MLflow store of the base config must point where the search was started (seen in
+    the README's search: every trial failed with "prepared folder not found: /tmp/ray/session_.../
+    working_dirs/trial_.../data/stdlib-512")."""
+    import pickle
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    s = load_tune_config(REPO / "configs" / "tune" / "transformer.yaml",
+                         ["space.data.shards={choice: [data/stdlib-512, data/other]}"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # as in a Tune trial
+    cfg = pickle.loads(pickle.dumps(s)).trial_config({"train.lr": 1e-3, "train.warmup_steps": 0, "model.attention": "mha",
+                                                      "model": "n_layer=2,n_embd=64", "data.shards": "data/other"}, "t_00000")
+    assert cfg.data.shards == str(tmp_path / "data" / "other")
+    assert cfg.scaling.storage_path == str(tmp_path / "runs" / "transformer-search" / "runs")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 def test_failure_reason_unwraps_ray_errors():
     """The summary shows the root error's type and first line, not Ray's wrapper."""
     from ray.exceptions import RayTaskError

@@ -70,8 +70,10 @@ def mixed_dataset(datasets: Sequence[Any], sizes: Sequence[int], weights: Sequen
         datasets: one Ray Dataset per source (deterministic order, e.g. under ``preserve_order``).
         sizes: rows of each dataset (known from the manifests; not counted here).
         weights: positive source weights.
-        seed: orders the blocks of the mixture (``randomize_block_order(seed)``), so sources
-            interleave at block granularity; the same seed gives the same order every epoch.
+        seed: unused for now: the sources follow each other (source 0's rows first) and the
+            loop's local shuffle (seed + epoch) mixes neighbouring rows. ``randomize_block_order``
+            was tried and is not reproducible across executions, which exact resume needs; with
+            ``preserve_order`` (set by :mod:`megaray.train.launch`) this concatenation is.
 
     Returns:
         A Ray Dataset of ``sum(plan(sizes, weights))`` rows. One source with any weight is
@@ -90,5 +92,4 @@ def mixed_dataset(datasets: Sequence[Any], sizes: Sequence[int], weights: Sequen
         reps = -(-n // size)
         full = ds.union(*([ds] * (reps - 1))) if reps > 1 else ds
         parts.append(full.limit(n))
-    mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return mixed.randomize_block_order(seed=seed)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

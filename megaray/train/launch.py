@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from megaray.config import ConfigError, RunConfig, suggest
 from megaray.tasks.base import TaskInfo
@@ -75,8 +75,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"
 
 
-def _absolute(p: str) -> str:
-    return p if "://" in p else str(Path(p).expanduser().resolve())
+def _absolute(p: str, base_dir: Optional[str] = None) -> str:
+    return p if "://" in p else str(Path(base_dir or ".").joinpath(Path(p).expanduser()).resolve())
 
 
 def storage_dir(cfg: RunConfig) -> str:
@@ -84,14 +84,15 @@ def storage_dir(cfg: RunConfig) -> str:
     return _absolute(cfg.scaling.storage_path)
 
 
-def resolve_paths(cfg: RunConfig) -> RunConfig:
+def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
     """A copy of ``cfg`` whose data paths (``data.shards``, ``data.sources[*].shards``) are
-    absolute (URIs unchanged): resolved once, on the driver, against its working directory,
-    because Ray Train workers run in Ray's own working directory."""
+    absolute (URIs unchanged): resolved once, on the driver, against its working directory
+    (or ``base_dir``: a Tune trial resolves against the search driver's), because Ray Train
+    workers and Tune trials run in Ray's own working directory."""
     out = cfg.model_copy(deep=True)
-    out.data.shards = _absolute(cfg.data.shards)
+    out.data.shards = _absolute(cfg.data.shards, base_dir)
     if cfg.data.sources:
-        out.data.sources = [s.model_copy(update={"shards": _absolute(s.shards)}) for s in cfg.data.sources]
+        out.data.sources = [s.model_copy(update={"shards": _absolute(s.shards, base_dir)}) for s in cfg.data.sources]
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional
 
@@ -260,17 +261,6 @@ def _remove_placement_group(trial_id: str, hex_id: str) -> None:
 # by overriding the private ``_initialize_and_run_controller(**controller_init_kwargs)``
 # (``data_parallel_trainer.py:267``).
 
-def keep_user_errors_in_ray_data() -> None:
-    """Make Ray Data raise a map function's own exception (a DataError naming a corrupt shard)
-    instead of ``UserCodeException("UDF failed to process a data block.") from e``
-    (``ray/data/_internal/planner/plan_udf_map_op.py:479``, ``_try_wrap_udf_exception``): the
-    ``from e`` link does not survive pickling to the Train worker, so the DataError's type and
-    message would be lost. Sets the driver's DataContext, which datasets created after it carry."""
-    from ray.data import DataContext
-
-    DataContext.get_current().raise_original_map_exception = True
-
-
 from ray.train.torch import TorchTrainer as _TorchTrainer  # noqa: E402
 from ray.train.v2._internal.execution.failure_handling import (  # noqa: E402
     DefaultFailurePolicy as _DefaultFailurePolicy,
@@ -297,9 +287,23 @@ def user_error(error: BaseException) -> Optional[BaseException]:
                 exc = inner  # (RayTaskError subclasses its cause's type; the cause has the plain message)
                 continue
             if isinstance(exc, MegarayError):
-                return exc
+                return _without_ray_data_retry_note(exc)
             exc = exc.__cause__ or exc.__context__
     return None
+
+
+#: Ray Data appends this (and how to configure its retries) to the message of an exception that
+#: exhausted its task retries (``ray/data/_internal/util.py:1590``, ``_annotate_exception_with_retry_context``)
+_RAY_DATA_RETRY_NOTE = re.compile(r"\nFailed to .* after \d+/\d+ attempts \(total backoff .*", re.S)
+
+
+def _without_ray_data_retry_note(exc: BaseException) -> BaseException:
+    """``exc`` with Ray Data's retry note cut from its message (a user's error says what to do
+    about the data, not how to tune Ray's retries)."""
+    msg = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+    if msg is None or not _RAY_DATA_RETRY_NOTE.search(msg):
+        return exc
+    return type(exc)(_RAY_DATA_RETRY_NOTE.sub("", msg))
 
 
 class UserErrorFailurePolicy(_DefaultFailurePolicy):
@@ -319,3 +323,17 @@ class TorchTrainer(_TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+# --- Ray Data errors inside Train workers ---------------------------------------------------------
+
+
+def keep_user_errors_in_ray_data() -> None:
+    """Make Ray Data raise a map function's own exception (a DataError naming a corrupt shard)
+    instead of ``UserCodeException("UDF failed to process a data block.") from e``
+    (``ray/data/_internal/planner/plan_udf_map_op.py:479``, ``_try_wrap_udf_exception``): the
+    ``from e`` link does not survive pickling to the Train worker, so the DataError's type and
+    message would be lost. Sets the driver's DataContext, which datasets created after it carry."""
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True

@@ -124,6 +124,8 @@ class TuneSearch:
         base: the resolved base :class:`RunConfig` (None while validation is deferred).
         deferred: why base validation was deferred (None when it ran), see :func:`load_tune_config`.
         labels: ``{key: {label: value}}`` for non-scalar choices (see :func:`megaray.tune.space.labels`).
+        cwd: the search driver's working directory: relative data paths of every trial resolve
+            against it (a trial's driver runs in Ray's own working directory).
     """
 
     config: TuneSearchConfig
@@ -133,6 +135,7 @@ class TuneSearch:
     base: Optional[RunConfig] = None
     deferred: Optional[str] = None
     labels: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    cwd: str = field(default_factory=os.getcwd)
 
     @property
     def name(self) -> str:
@@ -145,9 +148,9 @@ class TuneSearch:
         return self.base
 
     def storage(self) -> str:
-        """Absolute (local) or URI storage root of the search."""
+        """Absolute (local, resolved against :attr:`cwd`) or URI storage root of the search."""
         p = self.config.storage_path or self.require_base().scaling.storage_path
-        return p if "://" in p else str(Path(p).expanduser().resolve())
+        return p if "://" in p else str(Path(self.cwd).joinpath(Path(p).expanduser()).resolve())
 
     def experiment_path(self) -> str:
         """``<storage>/<name>``: the Tune experiment (trial dirs, experiment state)."""
@@ -177,8 +180,14 @@ class TuneSearch:
 
     def trial_config(self, sampled: Dict[str, Any], trial_id: str) -> RunConfig:
         """The trial's :class:`RunConfig`: named ``trial_<id>`` under :meth:`runs_path`, so a
-        restarted trial resumes its own checkpoints and MLflow run."""
-        return build_run_config(self.trial_raw(self.decode(sampled), trial_run_name(trial_id)))
+        restarted trial resumes its own checkpoints and MLflow run. Data paths are absolute
+        (resolved against :attr:`cwd`)."""
+        return self._build(self.decode(sampled), trial_run_name(trial_id))
+
+    def _build(self, values: Dict[str, Any], name: str) -> RunConfig:
+        from megaray.train.launch import resolve_paths
+
+        return resolve_paths(build_run_config(self.trial_raw(values, name)), base_dir=self.cwd)
 
     def check_data(self) -> None:
         """The data a trial reads is prepared: the base config's (with overrides and the trial
@@ -193,6 +202,7 @@ class TuneSearch:
             if key.split(".")[0] == "data":
                 points += [{key: v} for v in dist.probes()]
         for point in points:
+            # paths as the user wrote them (this runs on the search driver, in cwd)
             check_data(build_run_config(self.trial_raw(point, trial_run_name("check"))), self.base_path)
 
     def spec_hash(self) -> str:
@@ -294,6 +304,9 @@ def load_tune_config(
         search.base = build_run_config(base_raw)
     except ConfigError as e:
         raise ConfigError(f"base {base_path} with the tune overrides: {e}") from None
+    if search.base.tracking.enabled:  # every trial logs where this (the search) driver's default points
+        set_dotted(base_raw, "tracking.tracking_uri", search.base.tracking.resolved_uri())
+        search.base = build_run_config(base_raw)
     search.base_raw = base_raw
     check_space(search)
     _check_scheduler(search)

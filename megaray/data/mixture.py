@@ -71,9 +71,11 @@ def mixed_dataset(datasets: Sequence[Any], sizes: Sequence[int], weights: Sequen
         sizes: rows of each dataset (known from the manifests; not counted here).
         weights: positive source weights.
         seed: unused for now: the sources follow each other (source 0's rows first) and the
-            loop's local shuffle (seed + epoch) mixes neighbouring rows. ``randomize_block_order``
-            was tried and is not reproducible across executions, which exact resume needs; with
-            ``preserve_order`` (set by :mod:`megaray.train.launch`) this concatenation is.
+            loop's local shuffle (seed + epoch) mixes neighbouring rows. Known limit: with a
+            repeated or truncated source (``ds.union(ds).limit(n)``) Ray Data did not pick the same
+            rows in the same order on every execution in tests (the counts are exact), so exact
+            resume holds for text mixtures (planned per row
+            group by :mod:`megaray.data.text.datasets`), not yet for this generic path.
 
     Returns:
         A Ray Dataset of ``sum(plan(sizes, weights))`` rows. One source with any weight is

@@ -72,9 +72,9 @@ def mixed_dataset(datasets: Sequence[Any], sizes: Sequence[int], weights: Sequen
         weights: positive source weights.
         seed: unused for now: the sources follow each other (source 0's rows first) and the
             loop's local shuffle (seed + epoch) mixes neighbouring rows. Known limit: with a
-            repeated or truncated source (``ds.union(ds).limit(n)``) Ray Data did not pick the same
-            rows in the same order on every execution in tests (the counts are exact), so exact
-            resume holds for text mixtures (planned per row
+            source repeated as ``ds.union(ds).limit(n)`` Ray Data did not pick the same rows on every
+            execution; whole copies plus ``ds.limit(rest)`` are used instead, but the row order
+            across executions is only tested for the text path, so exact resume is claimed for text mixtures (planned per row
             group by :mod:`megaray.data.text.datasets`), not yet for this generic path.
 
     Returns:
@@ -91,7 +91,6 @@ def mixed_dataset(datasets: Sequence[Any], sizes: Sequence[int], weights: Sequen
     for ds, size, n in zip(datasets, sizes, counts):
         if n <= 0:
             continue
-        reps = -(-n // size)
-        full = ds.union(*([ds] * (reps - 1))) if reps > 1 else ds
-        parts.append(full.limit(n))
+        full, rest = divmod(n, size)
+        parts += [ds] * full + ([ds.limit(rest)] if rest else [])
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -57,7 +57,7 @@ class ClipDataset:
 
         if self.features is None:
             torch.set_num_threads(1)
-            self.features = A._features(self.settings)
+            self.features = A.mel_features(self.settings)
         r = self.records[i]
         try:
             out = A.process_clip(A.read_bytes(r["path"]), self.settings, self.features, r["name"])

@@ -12,7 +12,9 @@ Both paths start from the same raw jsonl files (the stdlib docstring corpus, rep
 
 For reference it also times :func:`~megaray.data.text.prepare_text` on the same files (with the
 same tokenizer) and the training-time path over its shards (:func:`~megaray.data.text.text_datasets`:
-``read_parquet`` -> packer actor -> ``iter_batches``, train split only).
+``(shard, row group)`` items read with pyarrow in Ray tasks -> packer actor -> ``iter_batches``,
+train split only), alternated with the previous read path (``ray.data.read_parquet`` -> the same
+packer), so the row-group reader that names corrupt row groups can be compared with it.
 
 The Ray timing starts after ``ray.init`` and includes planning, actor start-up and reading; it
 is run ``--runs`` times (each execution starts fresh actors), alternating with the baseline so a
@@ -41,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megaray.data.corpus import build_stdlib_corpus  # noqa: E402
+from megaray.data.stdlib import build_stdlib_corpus  # noqa: E402
 from megaray.data.tokenizer import eos_id, load_tokenizer, train_tokenizer  # noqa: E402
 
 
@@ -158,6 +160,29 @@ def shards_path(shards: str, block: int) -> dict:
             "tokens_per_cpu_s": tokens / cpu_s}
 
 
+def shards_path_read_parquet(shards: str, block: int) -> dict:
+    """The previous training read: ``ray.data.read_parquet`` of the shard files -> the same packer."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from megaray.data.text import Packer, load_manifest, shard_paths
+
+    cpu = TreeCPU()
+    t0 = time.perf_counter()
+    fs, paths = shard_paths(shards, load_manifest(shards), "train")
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["tokens"]).map_batches(
+        Packer, fn_constructor_kwargs={"block_size": block}, batch_format="pyarrow", batch_size=256,
+        compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+    windows = 0
+    for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        windows += len(b["input_ids"])
+    dt = time.perf_counter() - t0
+    cpu_s = cpu.stop()
+    tokens = windows * (block + 1)
+    return {"seconds": dt, "cpu_seconds": cpu_s, "tokens": tokens, "windows": windows, "tokens_per_s": tokens / dt,
+            "tokens_per_cpu_s": tokens / cpu_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=4, help="copies of the stdlib corpus")
@@ -168,6 +193,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2, help="tokenizer actors in the Ray path")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--runs", type=int, default=2, help="Ray executions to time")
+    ap.add_argument("--shards-only", action="store_true", help="time only the two shard read paths")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -193,13 +219,32 @@ def main() -> None:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         DataContext.get_current().enable_progress_bars = False
         # alternate the two paths so a shared machine's changing load hits both alike
-        bases, runs, shard_runs = [], [], []
+        bases, runs, shard_runs, old_runs = [], [], [], []
         for _ in range(args.runs):
-            bases.append(baseline(paths, tok_path, args.block_size, args.batch_size))
-            runs.append(ray_path(paths, tok_path, args.block_size, args.batch_size, args.concurrency))
+            if not args.shards_only:
+                bases.append(baseline(paths, tok_path, args.block_size, args.batch_size))
+                runs.append(ray_path(paths, tok_path, args.block_size, args.batch_size, args.concurrency))
             shard_runs.append(shards_path(shards, args.block_size))
+            old_runs.append(shards_path_read_parquet(shards, args.block_size))
         ray.shutdown()
 
+    def rounded(rs):
+        return [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rs]
+
+    reads = {
+        "shards_path_runs (train split only)": rounded(shard_runs),
+        "read_parquet_path_runs (previous read, train split only)": rounded(old_runs),
+        "shards_path_tokens_per_s_best": round(max(r["tokens_per_s"] for r in shard_runs)),
+        "read_parquet_path_tokens_per_s_best": round(max(r["tokens_per_s"] for r in old_runs)),
+        "ratio_row_group_reader_over_read_parquet": round(max(r["tokens_per_s"] for r in shard_runs)
+                                                          / max(r["tokens_per_s"] for r in old_runs), 3),
+        "ratio_per_cpu_s": round(max(r["tokens_per_cpu_s"] for r in shard_runs)
+                                 / max(r["tokens_per_cpu_s"] for r in old_runs), 3),
+    }
+    if args.shards_only:
+        print(json.dumps({"benchmark": "ingest_text (shard reads)", "args": vars(args), "machine": {
+            "cpu_count": os.cpu_count(), "load_avg_1m_start_end": [load0, round(os.getloadavg()[0], 2)]}, **reads}, indent=2))
+        return
     base = max(bases, key=lambda r: r["tokens_per_s"])
     best = max(runs, key=lambda r: r["tokens_per_s"])
     print(
@@ -212,8 +257,7 @@ def main() -> None:
                 "baseline_runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in bases],
                 "ray_data_runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
                 "prepare_text_single_process": {k: round(v, 3) for k, v in prep.items()},
-                "shards_path_runs (train split only)": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in shard_runs],
-                "shards_path_tokens_per_s_best": round(max(r["tokens_per_s"] for r in shard_runs)),
+                **reads,
                 "ray_tokens_per_s_best": round(best["tokens_per_s"]),
                 "baseline_tokens_per_s_best": round(base["tokens_per_s"]),
                 "ratio_ray_over_baseline": round(best["tokens_per_s"] / base["tokens_per_s"], 3),

@@ -164,6 +164,15 @@ def _fill_val(good, val_fraction: float, seed: int) -> None:
         good.loc[good["name"] == name, "split"] = "val"
 
 
+def _check_args(normalize: str, positive: Sequence[int], val_fraction: float) -> None:
+    if normalize not in ("peak", "loudness", "none"):
+        raise DataError(f"normalize must be 'peak', 'loudness' or 'none', got {normalize!r}")
+    if min(positive) <= 0:
+        raise DataError("sample_rate, n_fft, hop_length, n_mels, concurrency and batch_size must be positive")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
 def prepare_audio(
     sources: Union[str, Sequence[str]],
     out_dir: str,
@@ -213,12 +222,7 @@ def prepare_audio(
         DataError: bad settings; a missing source (named, before any Ray work); ``out_dir`` not
             empty without ``overwrite``; no usable clip at all (the rejects are listed).
     """
-    if normalize not in ("peak", "loudness", "none"):
-        raise DataError(f"normalize must be 'peak', 'loudness' or 'none', got {normalize!r}")
-    if min(hop_length, n_fft, n_mels, sample_rate, concurrency, batch_size) <= 0:
-        raise DataError("sample_rate, n_fft, hop_length, n_mels, concurrency and batch_size must be positive")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_args(normalize, (hop_length, n_fft, n_mels, sample_rate, concurrency, batch_size), val_fraction)
     sources = [str(sources)] if isinstance(sources, (str, os.PathLike)) else [str(s) for s in sources]
     settings = AudioPrepSettings(
         sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft, hop_length=hop_length, win_length=win_length,

@@ -28,7 +28,7 @@ demo: install sysdeps
 	$(VENV)/bin/megaray demo
 
 test: install sysdeps
-	$(PY) -m pytest -q --timeout=900 --durations=15
+	$(PY) -m pytest -q --timeout=900 --durations=30
 
 bench: install
 	$(PY) benchmarks/gpt_throughput.py --preset debug

@@ -331,10 +331,14 @@ def test_vocoder_task_datasets_eval_and_artifacts(prepared, tmp_path):
     from megaray.tasks.vocoder import VocoderTask
 
     cfg = _run_cfg(prepared["out"], {"family": "vocoder", "preset": "tiny_splitband_freq_domain_vocoder"})
+    n_train = prepared["manifest"]["splits"]["train"]["clips"]
+    cfg.train.max_steps = 2 * (n_train // 2) + 1  # a run of just over two passes over the clips
     task = VocoderTask(cfg)
     ds = task.datasets()
-    n_train = prepared["manifest"]["splits"]["train"]["clips"]
-    assert task.info.batches_per_epoch == n_train // 2 and task.info.val_batches >= 1
+    # one epoch of the train dataset holds as many differently cropped passes as the run needs
+    assert task.info.crop_passes == 3
+    assert task.info.batches_per_epoch == 3 * n_train // 2 and task.info.val_batches >= 1
+    assert ds["train"].count() == 3 * n_train
     model = task.build_modules()["model"]
     batch = next(iter(ds["val"].iter_torch_batches(batch_size=2)))
     metrics = task.eval_step({"model": model}, task.collate(batch, torch.device("cpu")))

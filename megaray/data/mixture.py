@@ -10,13 +10,16 @@ depends on process state, so every epoch (and a resumed run) reads the same comp
 same order; Ray's per-epoch local shuffle (seed + epoch) then mixes neighbouring rows.
 
 Text mixes at row-group granularity before packing (:func:`take_measured`: whole row groups
-until a source's token target is reached); other data uses :func:`mixed_dataset` on Ray Datasets.
+until a source's token target is reached), as one list of read items: a ``union`` of Ray Datasets
+would interleave its inputs in completion order, which differs between executions. The audio
+families train on one source today; a modality mixture (the multimodal issue) plans its items the
+same way.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from megaray.errors import DataError
 
@@ -61,36 +64,3 @@ def interleave(counts: Sequence[int], seed: int = 0) -> List[Tuple[int, int]]:
     keyed = [((k + 0.5) / n, tie(i), i, k) for i, n in enumerate(counts) for k in range(n)]
     keyed.sort()
     return [(i, k) for _, _, i, k in keyed]
-
-
-def mixed_dataset(datasets: Sequence[Any], sizes: Sequence[int], weights: Sequence[float], seed: int = 0) -> Any:
-    """One Ray Dataset following the mixture rule above, from per-source Ray Datasets.
-
-    Args:
-        datasets: one Ray Dataset per source (deterministic order, e.g. under ``preserve_order``).
-        sizes: rows of each dataset (known from the manifests; not counted here).
-        weights: positive source weights.
-        seed: unused for now: the sources follow each other (source 0's rows first) and the
-            loop's local shuffle (seed + epoch) mixes neighbouring rows. Known limit: with a
-            source repeated as ``ds.union(ds).limit(n)`` Ray Data did not pick the same rows on every
-            execution; whole copies plus ``ds.limit(rest)`` are used instead, but the row order
-            across executions is only tested for the text path, so exact resume is claimed for text mixtures (planned per row
-            group by :mod:`megaray.data.text.datasets`), not yet for this generic path.
-
-    Returns:
-        A Ray Dataset of ``sum(plan(sizes, weights))`` rows. One source with any weight is
-        returned unchanged.
-
-    Raises:
-        DataError: see :func:`plan`.
-    """
-    counts = plan(sizes, weights)
-    if len(datasets) == 1:
-        return datasets[0]
-    parts = []
-    for ds, size, n in zip(datasets, sizes, counts):
-        if n <= 0:
-            continue
-        full, rest = divmod(n, size)
-        parts += [ds] * full + ([ds.limit(rest)] if rest else [])
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -89,13 +89,24 @@ def _read_batch(batch: Dict[str, np.ndarray], *, fs: pafs.FileSystem, columns: S
         item = {k: batch[k][i] for k in ("path", "display", "row_group", "rows")}
         t = read_row_group(fs, item, columns, on_corrupt, hint)
         if t is not None:
-            tables.append(t.cast(schema) if t.schema != schema else t)
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+            t = t.cast(schema) if t.schema != schema else t
+            if "pass" in batch:  # read_dataset(passes=k): the pass this read of the row group belongs to
+                t = t.append_column("pass", pa.array(np.full(t.num_rows, int(batch["pass"][i]), np.int64)))
+            tables.append(t)
+    if tables:
+        return pa.concat_tables(tables)
+    return schema.append(pa.field("pass", pa.int64())).empty_table() if "pass" in batch else schema.empty_table()
 
 
 def read_dataset(fs: pafs.FileSystem, items: List[Dict[str, Any]], columns: Sequence[str], schema: pa.Schema,
-                 on_corrupt: str = "error", hint: str = "re-run `megaray prepare`") -> Any:
+                 on_corrupt: str = "error", hint: str = "re-run `megaray prepare`", passes: Optional[int] = None) -> Any:
     """A Ray Dataset of the rows of ``items`` (from :func:`row_groups`), one block per row group.
+
+    ``passes=k`` reads every row group ``k`` times, pass-major (all of pass 0, then pass 1, ...),
+    and adds an int64 column ``pass``. The passes are one list of read items, not a ``union`` of
+    datasets: Ray Data's union interleaves its inputs in whatever order their blocks finish, so
+    its row order differs between executions, while one ``from_items`` keeps item order under
+    ``preserve_order`` (what exact resume needs).
 
     Args:
         fs: filesystem of the item paths (pickled to the read tasks).
@@ -113,6 +124,8 @@ def read_dataset(fs: pafs.FileSystem, items: List[Dict[str, Any]], columns: Sequ
         raise DataError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
     if not items:
         raise DataError("no row groups to read (the shards hold no rows)")
+    if passes is not None:
+        items = [dict(it, **{"pass": p}) for p in range(passes) for it in items]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     kw = dict(fs=fs, columns=list(columns), schema=schema, on_corrupt=on_corrupt, hint=hint)
     out = ds.map_batches(_read_batch, fn_kwargs=kw, batch_size=1, batch_format="numpy")

@@ -26,12 +26,14 @@ class AudioInfo(TaskInfo):
     Attributes:
         train_clips / val_clips: clips per split.
         val_repeats: fixed crops per validation clip (tiny val sets get several).
+        crop_passes: random crops of every training clip in one epoch of the train dataset.
         speakers: ``{speaker name: id}`` from the manifest.
     """
 
     train_clips: int = 0
     val_clips: int = 0
     val_repeats: int = 1
+    crop_passes: int = 1
     speakers: Dict[str, int] = field(default_factory=dict)
 
 
@@ -67,20 +69,36 @@ class AudioTask(Task):
         self._check_manifest(man)
         world, B = self.cfg.scaling.num_workers, self.cfg.data.batch_size
         n_train, n_val = man["splits"]["train"]["clips"], man["splits"]["val"]["clips"]
-        bpe = n_train // (world * B)
-        if bpe < self.cfg.train.grad_accum_steps:
+        per_pass = n_train // (world * B)
+        if per_pass < self.cfg.train.grad_accum_steps:
             raise ConfigError(
                 f"data: {shards} has {n_train} training clips, too few for {world} workers x batch_size {B} "
                 f"x grad_accum_steps {self.cfg.train.grad_accum_steps}; prepare more audio or lower data.batch_size"
             )
         if n_val < 1:
             raise ConfigError(f"data: {shards} has no validation clips; prepare with val_fraction > 0")
+        passes = self.crop_passes(per_pass)
+        bpe = passes * n_train // (world * B)
         repeats = max(1, math.ceil(world * B / n_val))  # extra fixed crops per val clip for tiny val sets
         val_batches = min(self.cfg.data.num_val_batches, (n_val * repeats) // (world * B))
         self.info = AudioInfo(batches_per_epoch=bpe, val_batches=val_batches, manifest=man, train_clips=n_train,
-                              val_clips=n_val, val_repeats=repeats, speakers=man.get("speakers", {}))
+                              val_clips=n_val, val_repeats=repeats, crop_passes=passes,
+                              speakers=man.get("speakers", {}))
         return audio.audio_datasets(shards, self.cfg.model.segment_samples, seed=self.cfg.train.seed,
-                                    expect=self._expect(), val_repeats=repeats, on_corrupt=self.cfg.data.on_corrupt)
+                                    expect=self._expect(), val_repeats=repeats, crop_passes=passes,
+                                    on_corrupt=self.cfg.data.on_corrupt)
+
+    #: most crop passes in one epoch of the train dataset (each pass is one more union in the plan)
+    max_crop_passes: int = 16
+
+    def crop_passes(self, batches_per_pass: int) -> int:
+        """How many differently cropped passes over the training clips one epoch holds: as many as
+        the run needs (``max_steps * grad_accum_steps / batches_per_pass``), at most
+        :attr:`max_crop_passes`. Crops are a function of (seed, clip, pass) (see
+        :mod:`megaray.data.audio.datasets`), so a run sees new crops of each clip on every pass
+        and a resumed run sees exactly the crops an uninterrupted one would."""
+        t = self.cfg.train
+        return max(1, min(self.max_crop_passes, math.ceil(t.max_steps * t.grad_accum_steps / batches_per_pass)))
 
     def prepare_command(self, shards: str) -> Optional[str]:
         m = self.cfg.model

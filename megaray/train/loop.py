@@ -101,7 +101,7 @@ class _Worker:
         self.ema = _ema(cfg, modules["model"])
         self.checkpointer = Checkpointer(cfg, config.get("run_dir"), rank, world, task.checkpoint_files() if rank == 0 else {})
         self.state, where = self.checkpointer.restore(self.engines, self.ema)
-        self.debug.started(self.state)
+        self.debug.started(self.state, modules)
 
         mlflow_cfg = config.get("mlflow") or {}
         logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
@@ -161,9 +161,15 @@ def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, per_epoch: int
             prefetch_batches=2,
         ))
         for _ in range(state.batch_in_epoch):  # resume mid-epoch: skip what was trained on
-            next(it)
+            next(it, None)
         while state.batch_in_epoch < per_epoch:
-            yield next(it)
+            batch = next(it, None)
+            if batch is None:
+                # data.on_corrupt=skip dropped row groups: the epoch is shorter than the manifest
+                # said, on every rank alike (streaming_split(equal=True) splits rows evenly)
+                state.batch_in_epoch = per_epoch
+                break
+            yield batch
 
 
 class Debug:
@@ -171,7 +177,8 @@ class Debug:
 
     ``MEGARAY_TRACE=path``: one JSON line per micro-batch (step, epoch, batch index, a
     fingerprint of the batch, lr, pid) appended to ``path.rank<r>`` once it has been trained
-    on, and one line per worker start (pid, the step it starts at) to ``path.starts.rank<r>``.
+    on, and one line per worker start (pid, the step it starts at, the L1 norm of each module's
+    weights after restore) to ``path.starts.rank<r>``.
     ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
     resume tests).
     """
@@ -182,10 +189,12 @@ class Debug:
         self.trace = open(f"{self.path}.rank{rank}", "a") if self.path else None
         self.pending: Optional[str] = None
 
-    def started(self, state: TrainState) -> None:
+    def started(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
         if self.path:
+            weights = {name: float(sum(p.detach().double().abs().sum() for p in m.parameters()))
+                       for name, m in modules.items()}
             with open(f"{self.path}.starts.rank{self.rank}", "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "step": state.step}) + "\n")
+                f.write(json.dumps({"pid": os.getpid(), "step": state.step, "weights_l1": weights}) + "\n")
 
     def before(self, batch: Mapping[str, torch.Tensor], state: TrainState, engine: Any) -> None:
         if self.trace is None:

@@ -14,11 +14,13 @@ is; a per-process counter (the old ``_CROP_PASSES``) restarts at zero after a wo
 so a resumed run cropped differently from an uninterrupted one. With the pass column, the crops
 of every execution are identical, so re-running epoch ``e`` (after a crash) gives the same crops
 as the first time, and the order still changes per epoch through the loop's local shuffle
-(seed + epoch). An epoch covers ``crop_passes`` different crops of every clip; a task that wants
-new crops every epoch sets ``crop_passes`` to its epoch count and counts
-``crop_passes * clips`` rows per epoch.
+(seed + epoch). An epoch covers ``crop_passes`` different crops of every clip; the audio tasks
+(:meth:`megaray.tasks.audio.AudioTask.crop_passes`) set it to the passes the run needs (at most
+16), so a run sees new crops of each clip on every pass.
 
-Val crops are fixed: the crop starting ``(r + 0.5) / val_repeats`` of the way through each clip.
+Val crops are fixed: pass ``r`` of ``val_repeats`` crops ``(r + 0.5) / val_repeats`` of the way
+through each clip. Passes are read items, not a ``union`` of datasets (see
+:func:`megaray.data.shards.read_dataset`), so the row order is the same on every execution.
 """
 
 from __future__ import annotations
@@ -70,12 +72,12 @@ def crop_start(seed: int, clip: str, pass_index: int, slots: int, hop: int) -> i
 
 
 def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels: int, seed: int,
-                train: bool, with_vector: bool, val_offset: float = 0.5) -> Dict[str, np.ndarray]:
+                train: bool, with_vector: bool, val_repeats: int = 1) -> Dict[str, np.ndarray]:
     """Rows of whole clips -> fixed-shape crops: ``audio`` (n, segment), ``mel`` (n, n_mels,
     segment // hop + 1), ``speaker_id`` (n,) [, ``speaker_vector`` (n, D)]. Train: start from
     :func:`crop_start` (clip id = ``name``, else ``path``; pass from the ``pass`` column, else
-    0); val: ``val_offset`` of the way through the clip. Short clips are zero-padded (mel padded
-    with the log floor)."""
+    0); val: ``(pass + 0.5) / val_repeats`` of the way through the clip. Short clips are
+    zero-padded (mel padded with the log floor)."""
     n = len(batch["n_frames"])
     frames = segment // hop + 1
     ids = batch["name"] if "name" in batch else batch["path"]
@@ -89,7 +91,7 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels:
         if train:
             start = crop_start(seed, str(ids[i]), int(passes[i]), slots, hop)
         else:
-            start = int(val_offset * slots) * hop if slots > 0 else 0
+            start = int((int(passes[i]) + 0.5) / val_repeats * slots) * hop if slots > 0 else 0
         piece = wave[start:start + segment]
         audio[i, :len(piece)] = piece
         mpiece = m[:, start // hop:start // hop + frames]
@@ -100,17 +102,10 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels:
     return out
 
 
-def _with_pass(p: int):
-    def fn(t):
-        import pyarrow as pa
-
-        return t.append_column("pass", pa.array(np.full(t.num_rows, p, np.int64)))
-
-    return fn
-
-
-def _clips(shards: str, man: Dict[str, Any], split: str, cols: List[str], on_corrupt: str) -> Any:
-    """Ray Dataset of one split's whole-clip rows, read by row group (corrupt ones named)."""
+def _clips(shards: str, man: Dict[str, Any], split: str, cols: List[str], on_corrupt: str,
+           passes: Optional[int] = None) -> Any:
+    """Ray Dataset of one split's whole-clip rows, read by row group (corrupt ones named);
+    ``passes=k``: every row ``k`` times, pass-major, with a ``pass`` column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -122,7 +117,7 @@ def _clips(shards: str, man: Dict[str, Any], split: str, cols: List[str], on_cor
     with filesystem.open_input_file(paths[0]) as fh:
         full = pq.ParquetFile(fh).schema_arrow
     schema = pa.schema([full.field(c) for c in cols])
-    return shard_io.read_dataset(filesystem, items, cols, schema, on_corrupt, hint)
+    return shard_io.read_dataset(filesystem, items, cols, schema, on_corrupt, hint, passes=passes)
 
 
 def audio_datasets(
@@ -175,16 +170,12 @@ def audio_datasets(
     with_vector = bool(man.get("speaker_vector_dim"))
     cols = ["name", "waveform", "mel", "n_frames", "speaker_id"] + (["speaker_vector"] if with_vector else [])
     kw = dict(hop=hop, n_mels=n_mels, seed=seed, with_vector=with_vector)
-    train = _clips(shards, man, "train", cols, on_corrupt)
-    passes = [train.map_batches(_with_pass(p), batch_format="pyarrow") for p in range(crop_passes)]
-    train = passes[0].union(*passes[1:]) if crop_passes > 1 else passes[0]
+    train = _clips(shards, man, "train", cols, on_corrupt, passes=crop_passes)
     out = {"train": train.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
                                       fn_kwargs=dict(kw, segment=segment_samples, train=True))}
-    val = _clips(shards, man, "val", cols, on_corrupt)
-    parts = [val.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
-                             fn_kwargs=dict(kw, segment=val_seg, train=False, val_offset=(r + 0.5) / val_repeats))
-             for r in range(val_repeats)]
-    out["val"] = parts[0].union(*parts[1:]) if val_repeats > 1 else parts[0]
+    val = _clips(shards, man, "val", cols, on_corrupt, passes=val_repeats)
+    out["val"] = val.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
+                                 fn_kwargs=dict(kw, segment=val_seg, train=False, val_repeats=val_repeats))
     return out
 
 

@@ -21,6 +21,7 @@ list<float32> holding the ``(n_mels, n_frames)`` log-mel row-major (see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict
@@ -235,7 +236,8 @@ def prepare_audio(
     if verbose:
         print(f"[prepare_audio] {len(records)} files -> {out_dir} ({sample_rate} Hz, {n_mels} mels, "
               f"hop {hop_length}, normalize={normalize}, {concurrency} actors)")
-    processed, meta = _process(records, settings, concurrency, batch_size)
+    with _ordered_execution():
+        processed, meta = _process(records, settings, concurrency, batch_size)
     rejects = Rejects(max_examples=20)
     for name, code, reason in zip(meta.loc[~meta["ok"], "name"], meta.loc[~meta["ok"], "code"], meta.loc[~meta["ok"], "reason"]):
         rejects.add(code, name, detail=reason)
@@ -245,12 +247,29 @@ def prepare_audio(
     _fill_val(good, val_fraction, seed)
     extra = {"all_speakers": sorted({r["speaker"] for r in records}),
              "vector_dim": len(records[0]["speaker_vector"]) if "speaker_vector" in records[0] else None}
-    manifest = _write(processed, good, rejects, sources, settings, out_dir, overwrite, **extra)
+    with _ordered_execution():
+        manifest = _write(processed, good, rejects, sources, settings, out_dir, overwrite, **extra)
     manifest["seconds"] = round(time.time() - t0, 2)
     manifest["out_dir"] = out_dir if fs.is_uri(out_dir) else os.path.abspath(out_dir)
     if verbose:
         print(summary(manifest))
     return manifest
+
+
+@contextlib.contextmanager
+def _ordered_execution():
+    """Ray Data keeps row order while this is open (``preserve_order``): the actor pool finishes
+    batches in whatever order the load allows, and without it the shards' row order (so a
+    training run's batch order) would differ from one ``prepare`` to the next."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
 
 
 def _write(processed, good, rejects: Rejects, sources: List[str], settings: AudioPrepSettings, out_dir: str,

@@ -150,6 +150,11 @@ def shards_path(shards: str, block: int) -> dict:
     cpu = TreeCPU()
     t0 = time.perf_counter()
     ds = text_datasets(shards, block_size=block, seed=0, shuffle_buffer=0)["train"]
+    return _drain(ds, block, cpu, t0)
+
+
+def _drain(ds, block: int, cpu: "TreeCPU", t0: float) -> dict:
+    """Iterate ``ds`` to the end; wall and CPU seconds since ``t0`` and tokens per second."""
     windows = 0
     for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
         windows += len(b["input_ids"])
@@ -173,14 +178,7 @@ def shards_path_read_parquet(shards: str, block: int) -> dict:
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["tokens"]).map_batches(
         Packer, fn_constructor_kwargs={"block_size": block}, batch_format="pyarrow", batch_size=256,
         compute=ActorPoolStrategy(size=1), num_cpus=0.25)
-    windows = 0
-    for b in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        windows += len(b["input_ids"])
-    dt = time.perf_counter() - t0
-    cpu_s = cpu.stop()
-    tokens = windows * (block + 1)
-    return {"seconds": dt, "cpu_seconds": cpu_s, "tokens": tokens, "windows": windows, "tokens_per_s": tokens / dt,
-            "tokens_per_cpu_s": tokens / cpu_s}
+    return _drain(ds, block, cpu, t0)
 
 
 def main() -> None:

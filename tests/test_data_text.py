@@ -315,6 +315,17 @@ def test_packed_windows_match_token_stream(ray_local, small_shards):
     np.testing.assert_array_equal(y, w[:, 1:])
 
 
+def test_packer_actors_run_batches_in_arrival_order(ray_local, small_shards):
+    """The packer is stateful (it carries the stream tail), so its actors must not run batches out
+    of order, which Ray Data's actor pools allow by default; the order bug it guards against showed
+    up only under load (a short row group packed first, shifting every window)."""
+    ds = text_datasets(small_shards, block_size=16, seed=0, shuffle_buffer=0)["train"]
+    op = ds._logical_plan.dag
+    assert op.name.endswith("Packer)"), op.name
+    assert op.ray_remote_args["allow_out_of_order_execution"] is False
+    assert op.ray_remote_args["max_restarts"] == 0
+
+
 def test_streaming_split_equal_batches_per_rank(ray_local, small_shards):
     block, bs, world = 16, 4, 2
     ds = text_datasets(small_shards, block_size=block, seed=3, shuffle_buffer=16)["train"]

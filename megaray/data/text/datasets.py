@@ -210,6 +210,14 @@ def manifest_tokenizer(shards: str):
     return load_tokenizer(fs.join(shards, load_manifest(shards)["tokenizer"]["path"]))
 
 
+# The packer carries state between calls, so each actor must run its batches in the order they
+# arrive. Ray Data's actor pools default to ``allow_out_of_order_execution=True`` (a batch whose
+# input is ready runs before an earlier one still being fetched), which reorders the token stream
+# under load; and a restarted actor would silently drop its carry, so a crash fails the epoch
+# (Ray Train then resumes from the last checkpoint) instead of being retried.
+PACKER_ACTOR_OPTIONS = {"allow_out_of_order_execution": False, "max_restarts": 0, "max_task_retries": 0}
+
+
 class Packer:
     """Ray Data callable class: documents (``tokens`` list column) -> LM windows.
 
@@ -306,6 +314,7 @@ def text_datasets(
             batch_size=pack_batch_size,
             compute=ActorPoolStrategy(size=pack_concurrency),
             num_cpus=pack_num_cpus,
+            **PACKER_ACTOR_OPTIONS,
         )
     return out
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from megaray.data.sources import list_files
-from megaray.data.text.datasets import Packer
+from megaray.data.text.datasets import PACKER_ACTOR_OPTIONS, Packer
 from megaray.data.text.documents import SUPPORTED_EXTENSIONS
 from megaray.data.text.writer import encode
 from megaray.data.tokenizer import eos_id, load_tokenizer
@@ -110,4 +110,5 @@ def raw_text_dataset(
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
+        **PACKER_ACTOR_OPTIONS,
     )

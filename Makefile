@@ -1,13 +1,14 @@
 # Two commands on a fresh machine:
 #   make demo   installs everything into .venv and runs the main job on the embedded default
-#   make test   installs everything into .venv and runs the whole test suite
+#   make test   installs everything into .venv and runs the whole test suite (but the `cluster` tests)
+#   make test-cluster   the tests that start a Ray of their own: a fake autoscaling cluster, moto S3
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megaray-installed
 
-.PHONY: demo test install sysdeps bench clean
+.PHONY: demo test test-cluster install sysdeps bench clean
 
 install: $(STAMP)
 
@@ -28,7 +29,12 @@ demo: install sysdeps
 	$(VENV)/bin/megaray demo
 
 test: install sysdeps
-	$(PY) -m pytest -q --timeout=900 --durations=30
+	$(PY) -m pytest -q --timeout=900 --durations=30 -m "not cluster"
+
+# A separate pytest process: these start their own Ray (with the S3 environment, or a fake
+# autoscaling cluster), which the in-process session cluster of `make test` would stand in for.
+test-cluster: install
+	$(PY) -m pytest -q --timeout=900 --durations=10 -m cluster
 
 bench: install
 	$(PY) benchmarks/gpt_throughput.py --preset debug

@@ -1,4 +1,4 @@
-"""Training throughput and MFU of a GPT preset: plain PyTorch vs a single-process DeepSpeed engine.
+"""Training throughput and MFU of a GPT preset: plain PyTorch, a DeepSpeed engine, ``megaray train``.
 
 Both sides run the same model (same seed) for ``--steps`` timed steps of forward + backward +
 AdamW after ``--warmup`` untimed ones, on random tokens; the DeepSpeed side wraps the model in
@@ -6,6 +6,16 @@ AdamW after ``--warmup`` untimed ones, on random tokens; the DeepSpeed side wrap
 config). Prints one JSON object::
 
     python benchmarks/gpt_throughput.py --preset debug --device cpu --steps 10
+
+``--sides megaray`` adds megaray's own loop: :func:`megaray.train.launch.fit` with one Ray Train
+worker (GPU when ``--device cuda``) on the prepared text shards ``--shards``, tracking off,
+``2 x --steps`` optimizer steps; its tokens/s and MFU are the loop's own report over the last
+``--steps`` steps (the first window holds Ray, engine and compile start-up). ``--attention`` and
+``--compile`` take several values; every side runs each combination (``flash`` only where
+flash-attn is importable) and the JSON lists them under ``runs``::
+
+    python benchmarks/gpt_throughput.py --preset gpt2_small --precision bf16 --batch-size 16 \
+        --sides torch deepspeed megaray --attention sdpa flash --compile off on --shards data/stdlib
 
 ``torch`` uses ``torch.autocast`` for bf16 (fp32 weights); DeepSpeed's ``bf16`` section keeps
 bf16 weights with fp32 master copies, so the two bf16 numbers are not the same recipe. MFU uses
@@ -38,6 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s; default: lookup")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="GPTConfig overrides, e.g. n_layer=4")
+    p.add_argument("--sides", nargs="+", choices=list(SIDES), default=["torch", "deepspeed"])
+    p.add_argument("--attention", nargs="+", choices=["auto", "sdpa", "flash", "reference"], default=None,
+                   help="model.attn_backend values to run (default: the preset's); flash is skipped where flash-attn is not importable")
+    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"], help="torch.compile off/on")
+    p.add_argument("--compile-sides", nargs="+", choices=list(SIDES), default=None,
+                   help="sides that also run compile=on (default: all)")
+    p.add_argument("--shards", default=None, help="prepared text shards for --sides megaray")
+    p.add_argument("--runs-jsonl", default=None, help="also append each run, as it finishes, to this JSON-lines file")
     return p.parse_args(argv)
 
 
@@ -71,11 +89,13 @@ def _batch(args, vocab: int):
     return x[:, :-1], x[:, 1:]
 
 
-def bench_torch(cfg, args) -> dict:
+def bench_torch(cfg, args, compiled: bool) -> dict:
     from megaray.models.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(cfg).to(args.device).train()
+    if compiled:
+        model.compile()  # in place: the fused optimizer below sees the same parameters
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=args.device == "cuda")  # fmt: skip
     x, y = _batch(args, cfg.vocab_size)
@@ -104,7 +124,7 @@ def _init_dist(device: str) -> None:
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def bench_deepspeed(cfg, args) -> dict:
+def bench_deepspeed(cfg, args, compiled: bool) -> dict:
     import deepspeed
 
     from megaray.models.gpt import GPT
@@ -123,6 +143,8 @@ def bench_deepspeed(cfg, args) -> dict:
         "wall_clock_breakdown": False,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if compiled:
+        engine.compile()  # what megaray's train.compile does
     x, y = _batch(args, cfg.vocab_size)
     x, y = x.to(engine.device), y.to(engine.device)
 
@@ -133,6 +155,36 @@ def bench_deepspeed(cfg, args) -> dict:
         return loss.detach()
 
     return dict(_time(step, args), zero_stage=args.zero_stage)
+
+
+def bench_megaray(cfg, args, compiled: bool) -> dict:
+    """``megaray train`` through Ray Train (one worker), tracking off; the loop's last report."""
+    import tempfile
+
+    from megaray.families import build_run_config
+    from megaray.train.launch import fit
+
+    if not args.shards:
+        raise SystemExit("--sides megaray needs --shards (a `megaray prepare text` folder)")
+    with tempfile.TemporaryDirectory() as storage:
+        run = build_run_config({
+            "name": "bench", "model": {"family": "gpt", **cfg.model_dump(mode="json")},
+            "data": {"shards": args.shards, "batch_size": args.batch_size, "num_val_batches": 1},
+            "train": {"max_steps": 2 * args.steps, "log_every": args.steps, "eval_every": 10**6,
+                      "checkpoint_every": 10**6, "warmup_steps": 0, "lr": args.lr, "zero_stage": args.zero_stage,
+                      "precision": args.precision, "compile": compiled, "peak_flops": args.peak_flops},
+            "scaling": {"num_workers": 1, "use_gpu": args.device == "cuda", "storage_path": storage,
+                        "resources_per_worker": {"CPU": 1, **({"GPU": 1} if args.device == "cuda" else {})}},
+            "tracking": {"enabled": False},
+        })
+        t0 = time.perf_counter()
+        m = fit(run).metrics
+    rate = float(m["throughput"])
+    return dict(step_ms=1000 * args.batch_size * args.seq_len / rate, tokens_per_sec=rate, final_loss=float(m["loss"]),
+                wall_s=time.perf_counter() - t0, loop_mfu=m.get("mfu"), zero_stage=args.zero_stage)
+
+
+SIDES = {"torch": bench_torch, "deepspeed": bench_deepspeed, "megaray": bench_megaray}
 
 
 @contextlib.contextmanager
@@ -169,12 +221,40 @@ def main(argv=None) -> dict:
         precision=args.precision, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
         n_params_non_embedding=n_active, flops_per_token=fpt, peak_flops=peak, torch_version=torch.__version__,
     )  # fmt: skip
+    from megaray.models.common.attention import FLASH_AVAILABLE
+
+    attentions = [a for a in (args.attention or [cfg.attn_backend]) if a != "flash" or FLASH_AVAILABLE]
+    result["skipped"] = ["attention=flash (flash-attn not importable)"] if len(attentions) < len(args.attention or [cfg.attn_backend]) else []
+    runs = result["runs"] = []
     with _stdout_to_stderr():
-        for name, fn in [("torch", bench_torch), ("deepspeed", bench_deepspeed)]:
-            r = fn(cfg, args)
-            r["mfu"] = estimate_mfu(fpt, r["tokens_per_sec"], peak)
-            result[name] = r
-    result["deepspeed_over_torch"] = result["deepspeed"]["tokens_per_sec"] / result["torch"]["tokens_per_sec"]
+        for attention in attentions:  # cheapest first: all sides at one setting, then the next setting
+            for comp in args.compile:
+                for side in args.sides:
+                    if comp == "on" and args.compile_sides is not None and side not in args.compile_sides:
+                        continue
+                    run_cfg = cfg.model_copy(update={"attn_backend": attention})
+                    t0 = time.perf_counter()
+                    try:
+                        r = SIDES[side](run_cfg, args, comp == "on")
+                    except Exception as e:  # one failing combination must not lose the others' figures
+                        r = {"error": f"{type(e).__name__}: {e}"[:500]}
+                    r = {"side": side, "attention": attention, "compile": comp, **r,
+                         "bench_wall_s": round(time.perf_counter() - t0, 1)}
+                    if "tokens_per_sec" in r:
+                        r["mfu"] = estimate_mfu(fpt, r["tokens_per_sec"], peak)
+                    runs.append(r)
+                    if args.runs_jsonl:  # kept even if a later run hangs and the caller kills this one
+                        with open(args.runs_jsonl, "a") as f:
+                            f.write(json.dumps(r) + "\n")
+    first = {}
+    for r in runs:
+        first.setdefault(r["side"], r)
+    for side, r in first.items():
+        result[side] = r
+    if "tokens_per_sec" in first.get("torch", {}) and "tokens_per_sec" in first.get("deepspeed", {}):
+        result["deepspeed_over_torch"] = first["deepspeed"]["tokens_per_sec"] / first["torch"]["tokens_per_sec"]
+    if "tokens_per_sec" in first.get("deepspeed", {}) and "tokens_per_sec" in first.get("megaray", {}):
+        result["megaray_over_deepspeed"] = first["megaray"]["tokens_per_sec"] / first["deepspeed"]["tokens_per_sec"]
     print(json.dumps(result, indent=2))
     return result
 

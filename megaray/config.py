@@ -106,6 +106,13 @@ class ModuleOptim(StrictConfig):
     weight_decay: Optional[float] = Field(None, ge=0)
 
 
+class GrokfastConfig(StrictConfig):
+    """Grokfast EMA gradient filter (Lee et al. 2024, arXiv:2405.20233): ``g + lamb * EMA_alpha(g)``."""
+
+    alpha: float = Field(0.98, ge=0, lt=1, description="EMA momentum")
+    lamb: float = Field(2.0, ge=0, description="amplification of the slow gradient component")
+
+
 class TrainConfig(StrictConfig):
     """Optimisation and loop settings. Steps count optimizer steps (after accumulation)."""
 
@@ -131,11 +138,23 @@ class TrainConfig(StrictConfig):
         "for evaluation and sampling; None = off")
     modules: Dict[str, ModuleOptim] = Field(
         default_factory=dict, description="per-module optimizer settings by module name, e.g. {disc: {lr: 1e-4}}")
+    grokfast: Optional[GrokfastConfig] = Field(
+        None, description="Grokfast EMA gradient filter before every optimizer step (megaray.train.grokfast); null = off")
+    compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine.compile()")
+    init_from: Optional[str] = Field(
+        None, description="checkpoint (or run directory: its latest) whose model weights start this run "
+        "(fine-tuning); optimizer and step start fresh; a resumed run keeps its own checkpoint instead")
+    task: Optional[str] = Field(
+        None, description="training task; None = the family's own (gpt: causal LM); 'sft' = supervised "
+        "fine-tuning on `megaray prepare sft` shards (the family's `tasks`)")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.grokfast is not None and self.zero_stage == 3:
+            raise ValueError("grokfast needs zero_stage <= 2: the filter reads every parameter's full gradient each "
+                             "step, which ZeRO-3's partitioning is meant to avoid (untested path); set zero_stage 2")
         for name in self.modules:
             opt = self.optim_for(name)
             if opt.min_lr > opt.lr:
@@ -156,12 +175,44 @@ class TrainConfig(StrictConfig):
 class ScalingSection(StrictConfig):
     """Maps onto Ray Train's ScalingConfig, FailureConfig, CheckpointConfig and RunConfig."""
 
-    num_workers: int = Field(2, gt=0)
+    num_workers: int | List[int] = Field(
+        2, description="Ray Train workers: a number, or [min, max] for elastic training (Ray Train V2 starts "
+                       "with what the cluster offers, at least min, and grows up to max)")
+    elastic_resize_s: float = Field(60.0, gt=0, description="an elastic run checks this often whether the "
+                                    "cluster offers more workers (restarting from its last checkpoint to use them)")
     use_gpu: bool = False
     resources_per_worker: Dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept")
     storage_path: str = Field("runs", description="shared storage for checkpoints (local dir, s3://, gs://)")
+    data_label_selector: Dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels every Ray Data task and actor of the run's datasets "
+        "must match (Ray Data ExecutionOptions.label_selector), e.g. {megaray.io/role: data} for the CPU data "
+        "nodes of cluster/; {} = any node")
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> "ScalingSection":
+        n = self.num_workers
+        if isinstance(n, list) and not (len(n) == 2 and 0 < n[0] <= n[1]):
+            raise ValueError(f"num_workers: {n} is not [min, max] with 0 < min <= max; give a number "
+                             "or two, such as [1, 4]")
+        if isinstance(n, int) and n < 1:
+            raise ValueError(f"num_workers: {n} must be at least 1")
+        return self
+
+    @property
+    def min_workers(self) -> int:
+        """Fewest workers the run starts with (``num_workers`` when fixed)."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """Most workers the run grows to (``num_workers`` when fixed)."""
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def ray_num_workers(self) -> int | tuple:
+        """``num_workers`` as Ray Train's ``ScalingConfig`` takes it: an int, or ``(min, max)``."""
+        return tuple(self.num_workers) if isinstance(self.num_workers, list) else self.num_workers
 
 
 class TrackingConfig(StrictConfig):
@@ -172,6 +223,12 @@ class TrackingConfig(StrictConfig):
     experiment: str = "megaray"
     sample_prompt: str = "The "
     sample_tokens: int = Field(48, ge=0)
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="seconds between system metrics samples (CPU, memory, GPU) on the rank-0 worker; 0 = off")
+    log_model: bool = Field(
+        True, description="log the final checkpoint as an MLflow pyfunc model (families that have one; not in Tune trials)")
+    register_model: Optional[str] = Field(
+        None, description="register the logged model as a new version of this Model Registry name")
 
     def resolved_uri(self) -> str:
         """The MLflow tracking URI this run logs to (absolute for local SQLite)."""
@@ -183,6 +240,15 @@ class TrackingConfig(StrictConfig):
         return "sqlite:///" + str(Path("mlflow.db").resolve())
 
 
+class EvalConfig(StrictConfig):
+    """Extra evaluations at every ``train.eval_every`` (text runs)."""
+
+    hellaswag: Optional[str] = Field(
+        None, description="HellaSwag JSONL (ctx, endings, label per line) scored at every evaluation "
+        "(hellaswag_acc, hellaswag_acc_norm); None = off")
+    hellaswag_limit: Optional[int] = Field(None, gt=0, description="score only the first N examples; None = all")
+
+
 class RunConfig(StrictConfig):
     """A whole run: model, data, optimisation, scaling and tracking."""
 
@@ -192,6 +258,7 @@ class RunConfig(StrictConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_yaml(self, path: Optional[str | os.PathLike] = None) -> str:
         """The fully resolved config as YAML; also written to ``path`` when given."""

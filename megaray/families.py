@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from megaray.config import RunConfig, apply_override, read_yaml_mapping, suggest, validate
 from megaray.errors import ConfigError
@@ -23,6 +23,8 @@ from megaray.errors import ConfigError
 PACKAGES = (
     "megaray.models.gpt",
     "megaray.models.audio",
+    "megaray.models.mamba",
+    "megaray.models.ngpt",
 )
 
 
@@ -36,12 +38,15 @@ class FamilySpec:
         build: ``"module:callable"``; ``callable(config) -> torch.nn.Module``.
         task: ``"module:Class"``; a :class:`megaray.tasks.base.Task` subclass that supplies the
             loss, datasets and evaluation for the one training loop.
+        tasks: other tasks the family trains with, ``((name, "module:Class"), ...)``, picked by
+            ``train.task: name`` (e.g. ``("sft", "megaray.tasks.finetune:SFTTask")``).
     """
 
     family: str
     config: str
     build: str
     task: str
+    tasks: Tuple[Tuple[str, str], ...] = ()
 
 
 _REGISTRY: Dict[str, FamilySpec] = {}
@@ -87,9 +92,17 @@ def build_model(config: Any) -> Any:
     return _load(spec(config.family).build)(config)
 
 
-def task_class(family: str) -> Any:
-    """The training :class:`~megaray.tasks.base.Task` class of ``family``."""
-    return _load(spec(family).task)
+def task_class(family: str, task: Optional[str] = None) -> Any:
+    """The training :class:`~megaray.tasks.base.Task` class of ``family`` (``task``: one of its
+    ``tasks`` by name, from ``train.task``; None = its own). Raises ConfigError naming the valid ones."""
+    s = spec(family)
+    if task is None:
+        return _load(s.task)
+    named = dict(s.tasks)
+    if task not in named:
+        raise ConfigError(f"train.task: family {family!r} has no task {task!r}{suggest(task, named)}; "
+                          f"its tasks: {', '.join(sorted(named)) or 'none besides its default (unset train.task)'}")
+    return _load(named[task])
 
 
 # ----------------------------------------------------------------------------- loading

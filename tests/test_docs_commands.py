@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: files in the order a reader follows them (README, then its Documentation list); every
 #: docs/*.md must be here.
-ORDER = ["README.md", "docs/architecture.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/tune.md"]
+ORDER = ["README.md", "docs/architecture.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/tune.md",
+         "docs/cluster.md"]
 
 _TRAIN = "--set train.max_steps=4 --set train.eval_every=4 --set train.checkpoint_every=4 --set train.log_every=2"
 _TUNE = ("--set search.num_samples=2 --set train.max_steps=4 --set train.eval_every=2 --set train.checkpoint_every=2 "
@@ -60,6 +61,10 @@ SKIP: List[Tuple[str, str]] = [
     (r"^MEGARAY_UPDATE_GOLDEN=1 ", "rewrites the stored golden losses on purpose; tests/test_golden_losses.py checks them"),
     (r"^python -c \"from megaray.data.text import prepare_text", "the Python API; tests/test_data_text.py runs it"),
     (r"^megaray tune .*use_gpu=true", "needs 8 GPU workers and an s3:// bucket"),
+    (r"^(?:[A-Z_]+=\S+ )*(?:ray (?:up|down|dashboard|exec|get-auth-token|job submit)|kubectl|helm|docker|ssh)\b",
+     "needs a cloud account, a registry or a Kubernetes cluster (docs/cluster.md); tests/test_cluster_configs.py "
+     "validates the configs offline"),
+    (r"^pip wheel --no-deps -w dist \.$", "builds the wheel that `ray up` installs on the cluster's nodes (docs/cluster.md)"),
 ]
 
 #: documented error examples: command -> (exit code, text the output must contain).

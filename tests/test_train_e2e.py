@@ -34,15 +34,22 @@ def _trace(prefix: Path, rank: int):
     return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is skipped
 
 
-def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, text_shards, mlflow_server, tmp_path):
+def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, text_shards, mlflow_server, tmp_path,
+                                                                  monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from megaray.train.launch import fit
 
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "zero2"))
     cfg = _cfg(text_shards, tmp_path, "zero2", f"tracking.tracking_uri={mlflow_server}", "train.max_steps=30",
-               "train.lr=3e-3", "train.eval_every=15", "train.checkpoint_every=15", "train.log_every=5",
+               "train.lr=3e-3", "train.eval_every=10", "train.checkpoint_every=15", "train.log_every=5",
                "train.zero_stage=2", "tracking.sample_tokens=8")
     result = fit(cfg)
+
+    # three evaluations, one Ray Data execution of the validation split per worker
+    for rank in (0, 1):
+        evals = [json.loads(x) for x in Path(f"{tmp_path / 'zero2'}.evals.rank{rank}").read_text().splitlines()]
+        assert [(e["step"], e["val_reads"]) for e in evals] == [(10, 1), (20, 1), (30, 1)]
 
     assert result.metrics["step"] == 30
     ckpt = Path(result.checkpoint)
@@ -57,13 +64,18 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, te
     assert run.info.status == "FINISHED"
     assert run.data.params["model.n_layer"] == str(cfg.model.n_layer)
     assert run.data.params["train.zero_stage"] == "2"
-    for key in ("loss", "lr", "grad_norm", "throughput", "data_wait_frac", "val_loss", "val_ppl"):
+    for key in ("loss", "lr", "grad_norm", "throughput", "data_wait_frac", "val_loss", "val_ppl",
+                "goodput", "time/startup_s", "time/eval_s", "time/checkpoint_s", "time/step_s"):
         assert key in run.data.metrics, key
+    m = run.data.metrics
+    assert 0 < m["goodput"] < 1 and 0 < m["time/startup_s"] < m["time/wall_s"]
+    assert m["time/eval_s"] > 0 and m["time/checkpoint_s"] > 0  # three evals, a checkpoint at 15
+    assert m["time/step_s"] + m["time/eval_s"] + m["time/startup_s"] < m["time/wall_s"] * 1.01
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(loss) == 6
     assert loss[-1] < loss[0] - 0.5, loss  # it learns
     val = client.get_metric_history(run.info.run_id, "val_loss")
-    assert sorted(m.step for m in val) == [15, 30]
+    assert sorted(m.step for m in val) == [10, 20, 30]
     assert run.data.metrics["val_ppl"] == pytest.approx(math.exp(run.data.metrics["val_loss"]), rel=1e-4)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "sample", "final_checkpoint.txt"} <= arts

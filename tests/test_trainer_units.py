@@ -308,6 +308,8 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
             calls.append(("ema", module))
 
     class Reporter(Part):
+        time = reporter.TimeAccount(None)
+
         def progress(self, engines, step):
             calls.append(("progress", step))
             return {"loss": 1.0}
@@ -316,6 +318,8 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
             calls.append(("publish", step, sorted(report), checkpoint is not None))
 
     class Evaluator(Part):
+        reads = 1
+
         def run(self, engines, step, reporter):
             calls.append(("eval", step))
             return {"val_loss": 2.0}

@@ -10,7 +10,7 @@
 
 Modules: ``app`` (the app, error reporting), ``options`` (up-front option checks), ``run``
 (config, train, tune, demo), ``prepare`` (prepare text/audio/audio-latents), ``infer`` (eval,
-generate, vocode).
+generate, vocode, export).
 """
 
 # each module registers its commands; --help lists them in this order

@@ -1,5 +1,6 @@
-"""Commands on trained checkpoints: ``eval``, ``generate``, ``vocode`` (single process, CPU or CUDA;
-the work lives in :mod:`megaray.inference`)."""
+"""Commands on trained checkpoints: ``eval`` (perplexity, HellaSwag), ``generate``, ``vocode``,
+``export`` (single process, CPU or CUDA; HellaSwag over Ray Data for large files; the work lives
+in :mod:`megaray.inference`)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,28 @@ def eval_cmd(
     split: str = typer.Option("val", callback=one_of(("val", "train")), help="split to evaluate: val | train"),
     max_batches: int = typer.Option(50, callback=at_least(1), help="batches to evaluate"),
     batch_size: int = typer.Option(8, callback=at_least(1), help="windows of block_size tokens per batch"),
+    task: str = typer.Option("perplexity", callback=one_of(("perplexity", "hellaswag")),
+                             help="perplexity (on shards) | hellaswag (multiple choice on --data)"),
+    data: Optional[str] = typer.Option(None, help="hellaswag: the JSONL file (ctx, endings, label per line)"),
+    limit: Optional[int] = typer.Option(None, callback=at_least(1), help="hellaswag: first N examples only"),
+    ray_above: int = typer.Option(2000, callback=at_least(0),
+                                  help="hellaswag: score over Ray Data (actor pool) above this many examples"),
+    tracking_uri: Optional[str] = typer.Option(None, help="hellaswag: MLflow URI to log to (default $MLFLOW_TRACKING_URI)"),
 ) -> None:
-    """Perplexity of a trained text model on a prepared split; prints JSON.
+    """Perplexity of a trained text model on a prepared split, or its HellaSwag accuracy; prints JSON.
 
     Example: megaray eval --checkpoint runs/gpt-debug --max-batches 20
+    Example: megaray eval --task hellaswag --data hellaswag_val.jsonl --checkpoint runs/gpt-debug
     """
+    if task == "hellaswag":
+        from megaray.errors import ConfigError
+        from megaray.inference.hellaswag import evaluate_hellaswag
+
+        if not data:
+            raise ConfigError("--task hellaswag needs --data FILE.jsonl (HellaSwag's own JSONL: ctx, endings, label)")
+        out = evaluate_hellaswag(checkpoint, data, limit=limit, ray_above=ray_above, tracking_uri=tracking_uri)
+        typer.echo(json.dumps(out, indent=2))
+        return
     from megaray.inference.eval import evaluate_text
 
     out = evaluate_text(checkpoint, shards=shards, split=split, max_batches=max_batches, batch_size=batch_size)
@@ -67,3 +85,20 @@ def vocode_cmd(
     from megaray.inference.vocode import vocode_checkpoint
 
     typer.echo(json.dumps(vocode_checkpoint(checkpoint, str(input), str(output)), indent=2))
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: str = typer.Option(..., help=_CHECKPOINT_HELP),
+    format: str = typer.Option("hf", "--format", callback=one_of(("hf",)), help="hf = a Hugging Face model directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write (new or empty)"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+) -> None:
+    """Write a GPT checkpoint as a Hugging Face directory (config.json, model.safetensors, tokenizer
+    files) that transformers' AutoModelForCausalLM / AutoTokenizer load; prints JSON.
+
+    Example: megaray export --checkpoint runs/gpt-debug --format hf --out exports/gpt-debug
+    """
+    from megaray.inference.export import export_checkpoint
+
+    typer.echo(json.dumps(export_checkpoint(checkpoint, out, format, overwrite), indent=2))

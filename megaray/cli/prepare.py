@@ -1,4 +1,4 @@
-"""``megaray prepare text | audio | audio-latents``: raw sources -> shards + manifest.json.
+"""``megaray prepare text | sft | audio | audio-latents``: raw sources -> shards + manifest.json.
 
 Everything a command can check cheaply (options, source paths, the output folder through
 :func:`megaray.fs.check_target`, the VAE's ``n_mels`` against the shards') is checked before Ray starts.
@@ -26,14 +26,16 @@ def prepare_text_cmd(
                                            "'stdlib' = the embedded corpus of Python stdlib docstrings"),
     out: str = typer.Option("data/stdlib", "--out", "-o",
                             help="output directory (shards + manifest.json + tokenizer.json)"),
-    vocab_size: int = typer.Option(8192, callback=_POSITIVE, help="BPE vocabulary size when training a tokenizer"),
+    vocab_size: int = typer.Option(8192, callback=_POSITIVE, help="vocabulary size when training a tokenizer"),
+    tokenizer_kind: str = typer.Option("bpe", callback=one_of(("bpe", "unigram")),
+                                       help="tokenizer to train: bpe (byte-level BPE) | unigram (SentencePiece-style)"),
     tokenizer: Optional[str] = typer.Option(None, callback=input_file,
                                             help="use this tokenizer.json instead of training one"),
     val_fraction: float = typer.Option(0.02, callback=in_interval(0, 1, low_open=False, high_open=True),
                                        help="fraction of documents held out for validation"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
-    """Tokenize text sources with a byte-level BPE and write train/val parquet shards.
+    """Tokenize text sources with a byte-level BPE (or unigram) and write train/val parquet shards.
 
     Example: megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512
     """
@@ -44,7 +46,7 @@ def prepare_text_cmd(
     check_target(out, overwrite)
     setup_logging()
     manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
-                            overwrite=overwrite)
+                            overwrite=overwrite, tokenizer_kind=tokenizer_kind)
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
 
 
@@ -140,3 +142,29 @@ def _check_latent_inputs(vae_checkpoint: str, shards: Optional[str]) -> str:
                         f"n_mels={cfg.model.n_mels}; prepare the audio with `megaray prepare audio "
                         f"--n-mels {cfg.model.n_mels}` or pass that run's --shards")
     return shards
+
+
+@prepare_app.command("sft")
+def prepare_sft_cmd(
+    source: List[str] = typer.Option(..., "--source", "-s",
+                                     help=".jsonl file, folder, glob or URI of {prompt, completion} or {messages} records"),
+    tokenizer: str = typer.Option(..., help="tokenizer.json, or a folder holding one (prepared shards, a checkpoint)"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory (shards + manifest.json + tokenizer + chat template)"),
+    max_tokens: int = typer.Option(1024, callback=at_least(2),
+                                   help="records longer than this are rejected; use the model's block_size + 1"),
+    val_fraction: float = typer.Option(0.1, callback=in_interval(0, 1, low_open=False, high_open=True),
+                                       help="fraction of records held out for validation"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Tokenize chat/completion JSONL through the chat template into fine-tuning shards (loss mask on completions).
+
+    Example: megaray prepare sft --source tests/assets/sft_tiny.jsonl --tokenizer data/stdlib-512 --out data/sft-tiny
+    """
+    from megaray.data.sft import prepare_sft
+    from megaray.fs import check_target
+
+    require_local_sources(source)
+    check_target(out, overwrite)
+    setup_logging()
+    manifest = prepare_sft(source, out, tokenizer, max_tokens=max_tokens, val_fraction=val_fraction, overwrite=overwrite)
+    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])

@@ -48,6 +48,24 @@ def train_cmd(
     print_result(fit(cfg))
 
 
+@app.command("finetune")
+def finetune_cmd(
+    config: Path = typer.Argument(..., help="run config YAML whose data.shards come from `megaray prepare sft`"),
+    from_: str = typer.Option(..., "--from", help="checkpoint (or run directory) whose weights start the run"),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Supervised fine-tuning: `train` with train.task=sft and train.init_from=--from (loss on completions only).
+
+    Example: megaray finetune configs/finetune_tiny.yaml --from runs/gpt-debug
+    """
+    from megaray.families import load_config
+    from megaray.train.launch import fit
+
+    setup_logging()
+    cfg = load_config(config, [*set_, "train.task=sft", f"train.init_from={from_}"])
+    print_result(fit(cfg))
+
+
 def print_result(result) -> None:
     """The final metrics, checkpoint and MLflow link of a finished run."""
     from megaray.train.mlflow import run_url

@@ -67,7 +67,7 @@ class AudioTask(Task):
                     f"set model.{key}={man.get(key)} or re-prepare the audio"
                 )
         self._check_manifest(man)
-        world, B = self.cfg.scaling.num_workers, self.cfg.data.batch_size
+        world, B = self.cfg.scaling.max_workers, self.cfg.data.batch_size  # elastic: checks hold for the largest
         n_train, n_val = man["splits"]["train"]["clips"], man["splits"]["val"]["clips"]
         per_pass = n_train // (world * B)
         if per_pass < self.cfg.train.grad_accum_steps:
@@ -83,7 +83,10 @@ class AudioTask(Task):
         val_batches = min(self.cfg.data.num_val_batches, (n_val * repeats) // (world * B))
         self.info = AudioInfo(batches_per_epoch=bpe, val_batches=val_batches, manifest=man, train_clips=n_train,
                               val_clips=n_val, val_repeats=repeats, crop_passes=passes,
-                              speakers=man.get("speakers", {}))
+                              speakers=man.get("speakers", {}),
+                              per_world={w: (passes * n_train // (w * B),
+                                             min(self.cfg.data.num_val_batches, (n_val * repeats) // (w * B)))
+                                         for w in range(self.cfg.scaling.min_workers, world + 1)})
         return audio.audio_datasets(shards, self.cfg.model.segment_samples, seed=self.cfg.train.seed,
                                     expect=self._expect(), val_repeats=repeats, crop_passes=passes,
                                     on_corrupt=self.cfg.data.on_corrupt)

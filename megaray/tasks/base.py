@@ -23,7 +23,7 @@ datasets, evaluation and artifacts. The hooks, in the order the loop calls them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -40,11 +40,22 @@ class TaskInfo:
             never wait on a rank with a shorter epoch).
         val_batches: validation batches per rank per evaluation.
         manifest: the shard manifest, read once on the driver (workers never read it again).
+        per_world: ``{world size: (batches_per_epoch, val_batches)}`` for every world size an
+            elastic run (``scaling.num_workers: [min, max]``) may get; Ray Train picks the size
+            when it starts the worker group, so each worker takes its own (:meth:`for_world`).
     """
 
     batches_per_epoch: int = 0
     val_batches: int = 0
     manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
+    per_world: Dict[int, Tuple[int, int]] = field(default_factory=dict)
+
+    def for_world(self, world: int) -> "TaskInfo":
+        """A copy whose ``batches_per_epoch`` and ``val_batches`` are those of ``world`` ranks."""
+        if world not in self.per_world:
+            return self
+        bpe, val = self.per_world[world]
+        return replace(self, batches_per_epoch=bpe, val_batches=val)
 
 
 def unwrap(module: Any) -> torch.nn.Module:
@@ -162,3 +173,19 @@ class Task:
     def checkpoint_files(self) -> Dict[str, str]:
         """``{file name: text}`` written into every checkpoint by rank 0 (e.g. tokenizer.json)."""
         return {}
+
+    # -- export ----------------------------------------------------------------------------
+    def mlflow_model(self) -> Optional[Dict[str, Any]]:
+        """How the final checkpoint is served as an MLflow ``pyfunc`` model
+        (:func:`megaray.train.mlflow.log_model`), or None (the default): no model is logged.
+
+        Returns ``{"input": input column name, "files": [checkpoint files :meth:`predict` reads,
+        besides the weights and config], "params": {name: default (int, float, bool or str)}}``."""
+        return None
+
+    def predict(self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any],
+                params: Mapping[str, Any]) -> List[Any]:
+        """The served model's answer, one output per input. ``model``: the network in eval mode
+        (from :func:`megaray.train.checkpoint.load_for_inference`); ``files``: ``{name: local
+        path}`` of the spec's files; ``params``: the spec's params, overridden by the caller's."""
+        raise NotImplementedError(f"{type(self).__name__} serves no MLflow model")

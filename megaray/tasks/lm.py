@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -25,12 +25,15 @@ class LMInfo(TaskInfo):
         unigram_entropy: nats/token of the val split's unigram distribution (a baseline the
             val loss must beat); None when unknown.
         train_windows: packed training windows per epoch (all ranks together).
+        hellaswag: ``eval.hellaswag``'s examples, tokenized on the driver
+            (:class:`megaray.tasks.hellaswag.Example`); None when off.
     """
 
     vocab_size: int = 0
     tokenizer_path: Optional[str] = None
     unigram_entropy: Optional[float] = None
     train_windows: int = 0
+    hellaswag: Optional[list] = None
 
 
 class LMTask(Task):
@@ -40,6 +43,7 @@ class LMTask(Task):
 
     unit = "tokens"
     info_class = LMInfo
+    _hellaswag: Optional[Dict[str, float]] = None  # this evaluation's HellaSwag metrics (eval.hellaswag)
 
     def datasets(self) -> Dict[str, Any]:
         """Packed windows of ``data.shards`` or of the weighted mixture ``data.sources`` (which
@@ -56,7 +60,7 @@ class LMTask(Task):
                 f"({vocab}) in {sources[0].shards}/manifest.json: set model.vocab_size >= {vocab}"
             )
         T, seed = self.cfg.model.block_size, self.cfg.train.seed
-        world = self.cfg.scaling.num_workers
+        world = self.cfg.scaling.max_workers  # an elastic run's checks hold for its largest world
         B = self.cfg.data.batch_size
         counted = manifest if len(sources) == 1 else sources  # one source: counted from its manifest
         train_windows = text.num_windows(counted, T, "train", seed=seed)
@@ -78,7 +82,15 @@ class LMTask(Task):
             batches_per_epoch=bpe, val_batches=val_batches, manifest=manifest, vocab_size=vocab,
             tokenizer_path=join(sources[0].shards, manifest["tokenizer"]["path"]), train_windows=train_windows,
             unigram_entropy=manifest["splits"]["val"].get("unigram_entropy_nats") if len(sources) == 1 else None,
+            per_world={w: (text.equal_batches(train_windows, w, B),
+                           min(self.cfg.data.num_val_batches, text.equal_batches(val_windows, w, B)))
+                       for w in range(self.cfg.scaling.min_workers, world + 1)},
         )
+        if self.cfg.eval.hellaswag:  # read and tokenized once, on the driver (bad lines counted, named)
+            from megaray.tasks.hellaswag import read_hellaswag
+
+            self.info.hellaswag = read_hellaswag(self.cfg.eval.hellaswag, _tokenizer(self.info.tokenizer_path),
+                                                 T, self.cfg.eval.hellaswag_limit).examples
         arg = sources[0].shards if len(sources) == 1 else sources
         return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt)
 
@@ -92,16 +104,25 @@ class LMTask(Task):
         _, ce = model(batch["input_ids"], batch["targets"])
         aux = unwrap(model).aux_loss
         if isinstance(aux, torch.Tensor) and aux.requires_grad:
-            return ce + aux, {"ce": float(ce.detach()), "moe_aux": float(aux.detach())}
+            metrics = {"ce": float(ce.detach()), "moe_aux": float(aux.detach())}
+            # per-step moe_aux (balance), moe_z_loss, moe_dropped_frac where the model reports them
+            metrics.update({k: float(v) for k, v in getattr(unwrap(model), "moe_stats", {}).items()})
+            return ce + aux, metrics
         return ce, {}
 
     @torch.no_grad()
     def eval_step(self, modules: Mapping[str, Any], batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
         _, ce = modules["model"](batch["input_ids"], batch["targets"])
-        return {"val_loss": float(ce)}
+        out = {"val_loss": float(ce)}
+        if self.info.hellaswag:  # scored on the first batch of an evaluation, each rank a share
+            if self._hellaswag is None:
+                self._hellaswag = _hellaswag_share(modules["model"], self.info.hellaswag)
+            out.update(self._hellaswag)
+        return out
 
     def finalize_eval(self, metrics: Dict[str, float]) -> Dict[str, float]:
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        self._hellaswag = None  # the next evaluation scores again
         return metrics
 
     def flops_per_unit(self, modules: Mapping[str, torch.nn.Module]) -> Optional[float]:
@@ -111,6 +132,18 @@ class LMTask(Task):
         path = self.info.tokenizer_path
         return {"tokenizer.json": _tokenizer(path).to_str()} if path else {}
 
+    def mlflow_model(self) -> Optional[Dict[str, Any]]:
+        """Text generation: a prompt in, the prompt and its continuation out (:func:`sample_text`)."""
+        return {"input": "prompt", "files": ["tokenizer.json"],
+                "params": {"max_new_tokens": self.cfg.tracking.sample_tokens or 48, "temperature": 0.8, "top_k": 40}}
+
+    def predict(self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any],
+                params: Mapping[str, Any]) -> List[Any]:
+        tok = _tokenizer(files["tokenizer.json"])
+        top_k = int(params["top_k"]) or None
+        return [sample_text(model, tok, str(p), int(params["max_new_tokens"]), temperature=float(params["temperature"]),
+                            top_k=top_k) for p in inputs]
+
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
         """A sample continuation of ``tracking.sample_prompt`` (top-k 40, temperature 0.8)."""
         n = self.cfg.tracking.sample_tokens
@@ -118,6 +151,17 @@ class LMTask(Task):
             return {}
         tok = _tokenizer(self.info.tokenizer_path)
         return {"sample": sample_text(modules["model"], tok, self.cfg.tracking.sample_prompt, n, seed=step)}
+
+
+def _hellaswag_share(model: Any, examples: list) -> Dict[str, float]:
+    """HellaSwag accuracies of this rank's share, scaled so the loop's mean over ranks is the
+    accuracy over all examples (:func:`megaray.tasks.hellaswag.shared_metrics`)."""
+    from megaray.tasks.hellaswag import shared_metrics
+
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    device = getattr(model, "device", None) or next(unwrap(model).parameters()).device
+    return shared_metrics(model, examples, rank, world, device)
 
 
 @lru_cache(maxsize=4)

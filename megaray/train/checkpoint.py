@@ -25,14 +25,17 @@ latest one at start and writes + reports one through Ray Train.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
+import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +43,8 @@ import torch
 from megaray.config import RunConfig
 from megaray.errors import CheckpointError
 from megaray.families import load_config
+
+log = logging.getLogger("megaray.checkpoint")
 
 STATE_FILE = "megaray.json"
 WEIGHTS_FILE = "model.pt"
@@ -184,6 +189,49 @@ def latest_complete(run_dir: Optional[str], world_size: int) -> Optional[Path]:
     return max(done, key=lambda d: d.name) if done else None
 
 
+def resume_world(run_dir: str) -> Optional[int]:
+    """World size of the newest complete checkpoint under ``run_dir`` (a local path or a URI,
+    read through :mod:`megaray.fs`), or None when there is none yet."""
+    import pyarrow.fs as pafs
+
+    from megaray import fs
+
+    filesystem, path = fs.resolve(run_dir)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return None
+    steps = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")),
+                   reverse=True)
+    for name in steps:
+        state = fs.join(run_dir, name, STATE_FILE)
+        if fs.exists(state):
+            return int(json.loads(fs.read_text(state)).get("world_size", 1))
+    return None
+
+
+def check_world(saved: int, world: int, where: str, zero_stage: int) -> None:
+    """Refuse to resume a checkpoint written by ``saved`` ranks with ``world`` ranks.
+
+    Two things are tied to the data-parallel world size: DeepSpeed's ZeRO optimizer shards (stage
+    >= 1 partitions the optimizer state over the ranks) and the data position (``batch_in_epoch``
+    counts batches of each rank's ``streaming_split`` share, and the shares are cut differently
+    for another world size), so a resume with another world would repeat or skip samples.
+
+    Raises:
+        CheckpointError: ``saved != world``, naming both sizes, the reason and what to do.
+    """
+    if saved == world:
+        return
+    shards = (f"its ZeRO stage-{zero_stage} optimizer state is partitioned over {saved} ranks, and "
+              if zero_stage >= 1 else "")
+    raise CheckpointError(
+        f"{where} was written by {saved} workers but this run has {world}: {shards}its data position "
+        f"(batches per rank of a {saved}-way split of the epoch) cannot be mapped onto {world} ranks without "
+        f"repeating or skipping samples; resume with scaling.num_workers={saved}, or start a new run name "
+        "(an elastic run, scaling.num_workers: [min, max], may only change size before its first checkpoint)")
+
+
 def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Tuple[torch.nn.Module, RunConfig, Path]:
     """Rebuild the trained model from a checkpoint for generation, evaluation or vocoding.
 
@@ -206,6 +254,23 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Tuple[to
     sd = torch_load(weights, map_location=device, weights_only=True)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.to(device).eval(), cfg, ckpt
+
+
+def init_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Load the weights of checkpoint ``path`` (as :func:`load_for_inference` picks them: EMA
+    when kept) into ``model`` (``train.init_from``); returns the checkpoint directory.
+
+    Raises:
+        CheckpointError: no complete checkpoint, or its weights do not fit ``model`` (another
+            architecture or vocabulary size; the first mismatching names are given).
+    """
+    src, _, ckpt = load_for_inference(path)
+    try:
+        model.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise CheckpointError(f"train.init_from {ckpt}: its weights do not fit this model "
+                              f"(same family, sizes and vocab_size needed): {str(e)[:400]}") from None
+    return ckpt
 
 
 def read_state(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
@@ -258,24 +323,99 @@ class Checkpointer:
 
         where = latest_complete(self.run_dir, self.world)
         if where is not None:
+            self._check_world(where, str(where))
             return load(str(where), engines, self.rank, ema), str(where)
         restored = ray.train.get_checkpoint()
         if restored is None:
             return TrainState(world_size=self.world), None
         with restored.as_directory() as d:
+            self._check_world(Path(d), restored.path)
             state = load(d, engines, self.rank, ema)
         return state, restored.path
 
-    def save_and_report(self, report: Dict[str, Any], engines: Mapping[str, Any], state: TrainState,
-                        ema: Optional[Any] = None) -> None:
-        """Every rank writes its share into a fresh local directory, then all report it (with
-        ``report``) to Ray Train, which copies it into storage. Collective."""
-        import ray.train
+    def _check_world(self, ckpt: Path, where: str) -> None:
+        if (ckpt / STATE_FILE).is_file():
+            saved = int(json.loads((ckpt / STATE_FILE).read_text()).get("world_size", self.world))
+            check_world(saved, self.world, where, self.cfg.train.zero_stage)
 
-        with tempfile.TemporaryDirectory(prefix="megaray-ckpt-") as d:
+    def save_and_report(self, report: Dict[str, Any], engines: Mapping[str, Any], state: TrainState,
+                        ema: Optional[Any] = None) -> float:
+        """Every rank writes its share into a fresh local directory, then all report it (with
+        ``report``) to Ray Train, which copies it into storage. Collective.
+
+        Remote storage (``s3://``, ``gs://``): the upload runs in Ray Train's background thread
+        (``CheckpointUploadMode.ASYNC``), so training goes on while it copies; each attempt is
+        retried on transient storage errors (:func:`upload_with_retry`) and Ray deletes the local
+        copy once uploaded. Local storage: a synchronous copy (a local copy is fast, and an
+        asynchronous one would only race the next save for disk).
+
+        Returns:
+            Seconds the training loop was held up by this checkpoint (write + report; the
+            background upload's own duration is in :attr:`last_upload_s` once it finished).
+        """
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        t0 = time.perf_counter()
+        remote = bool(self.run_dir) and "://" in self.run_dir
+        d = tempfile.mkdtemp(prefix="megaray-ckpt-")
+        try:
             # the report goes into megaray.json too: a resumed run with nothing left to train re-reports it
+            state.world_size = self.world
             state.metrics = dict(report)
             save(d, engines, state, self.cfg, self.rank, self.extra_files, ema)
             torch.distributed.barrier()
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=checkpoint_dir_name(state.step))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            if remote:
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step),
+                                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                                 delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=self._upload)
+                d = None  # Ray's upload thread owns it now and deletes it when uploaded
+            else:
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
+        finally:
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+        return time.perf_counter() - t0
+
+    #: seconds the last finished background upload took (remote storage), None before the first
+    last_upload_s: Optional[float] = None
+
+    def _upload(self, checkpoint: Any, dir_name: str) -> Any:
+        """Ray Train's ``checkpoint_upload_fn``: copy into the run's storage, with retries."""
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        t0 = time.perf_counter()
+        out = upload_with_retry(lambda: storage.persist_current_checkpoint(checkpoint, dir_name), dir_name)
+        self.last_upload_s = time.perf_counter() - t0
+        return out
+
+
+#: attempts of one checkpoint upload, and the first back-off (doubled after each failure)
+UPLOAD_ATTEMPTS, UPLOAD_BACKOFF_S = 4, 1.0
+
+
+def upload_with_retry(upload: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS,
+                      backoff_s: float = UPLOAD_BACKOFF_S) -> Any:
+    """``upload()``, retried with exponential back-off on transient storage errors.
+
+    Object stores fail transiently (throttling, a dropped connection, a 5xx); pyarrow raises these
+    as ``OSError`` (``ConnectionError``, ``TimeoutError`` are ``OSError`` too). A missing local
+    source (``FileNotFoundError``) or a permission error is not transient and is raised at once.
+
+    Raises:
+        OSError: the last attempt's error, after ``attempts`` tries.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return upload()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as e:
+            if attempt == attempts:
+                raise
+            wait = backoff_s * 2 ** (attempt - 1)
+            log.warning("checkpoint %s: upload attempt %d/%d failed (%s); retrying in %.1fs",
+                        what, attempt, attempts, e, wait)
+            time.sleep(wait)

@@ -68,7 +68,10 @@ def build_engine(
     (lr, min_lr, betas, weight_decay) with unset fields from ``train.*``, so a GAN discriminator
     can have its own lr and betas. On CUDA the optimizer is DeepSpeed's fused AdamW (named in the
     config); elsewhere it is ``torch.optim.AdamW`` handed to DeepSpeed as a client optimizer
-    (DeepSpeed's own CPU Adam needs a C++ build). Returns ``(engine, ds_config)``.
+    (DeepSpeed's own CPU Adam needs a C++ build). ``train.grokfast`` attaches the Grokfast filter
+    (:func:`megaray.train.grokfast.attach`); ``train.compile`` calls ``engine.compile()`` (DeepSpeed
+    >= 0.14: ``torch.compile`` of the wrapped module, after ZeRO has set up its hooks). Returns
+    ``(engine, ds_config)``.
     """
     import deepspeed
 
@@ -90,6 +93,12 @@ def build_engine(
         lr_scheduler=warmup_cosine(t.warmup_steps, t.max_steps, opt.min_lr / opt.lr),
         config=ds,
     )
+    if t.grokfast is not None:  # filter gradients between backward and step (megaray.train.grokfast)
+        from megaray.train.grokfast import attach
+
+        attach(engine, t.grokfast.alpha, t.grokfast.lamb)
+    if t.compile:  # nn.Module.compile in place: state_dict keys unchanged, checkpoints stay compatible
+        engine.compile()
     return engine, ds
 
 

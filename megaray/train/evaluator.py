@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -28,10 +28,16 @@ class Evaluator:
         ema: the :class:`~megaray.train.ema.EMA` or None.
     """
 
+    #: validation batches up to this many bytes per rank are read once and kept in memory
+    CACHE_BYTES = int(os.environ.get("MEGARAY_VAL_CACHE_MB", "1024")) << 20
+
     def __init__(self, task: Any, cfg: RunConfig, val_shard: Any, world: int,
                  frozen: Mapping[str, torch.nn.Module], ema: Optional[Any] = None):
         self.task, self.cfg, self.val_shard, self.world = task, cfg, val_shard, world
         self.frozen, self.ema = dict(frozen), ema
+        self.cache: Optional[List[Mapping[str, torch.Tensor]]] = None
+        #: Ray Data executions of the validation split by this rank (1 when the cache holds it)
+        self.reads = 0
 
     def due(self, step: int) -> bool:
         """Every ``train.eval_every`` steps and at ``train.max_steps``."""
@@ -56,16 +62,37 @@ class Evaluator:
             m.eval()
         device = engines["model"].device
         sums: Dict[str, float] = {}
-        n = int(self.task.info.val_batches)
-        it = iter(self.val_shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True))
-        for _ in range(n):
-            batch = self.task.collate(next(it), device)
+        batches = self.batches()
+        for raw in batches:
+            batch = self.task.collate(raw, device)
             for k, v in self.task.eval_step(modules, batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         for m in trained:
             m.train()
+        n = len(batches)
         means = mean_across_ranks({k: v / n for k, v in sums.items()}, self.world)
         return self.task.finalize_eval(means)
+
+    def batches(self) -> List[Mapping[str, torch.Tensor]]:
+        """This rank's ``info.val_batches`` validation batches (CPU tensors).
+
+        The first call runs the Ray Data pipeline; when the batches fit in
+        :attr:`CACHE_BYTES` (``MEGARAY_VAL_CACHE_MB``, default 1024) they are kept, so every
+        later evaluation is forward passes only (no new Ray Data execution, which costs seconds
+        to tens of seconds). Larger splits are streamed again at every evaluation."""
+        if self.cache is not None:
+            return self.cache
+        self.reads += 1
+        n = int(self.task.info.val_batches)
+        it = iter(self.val_shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True))
+        out, size = [], 0
+        for _ in range(n):
+            batch = next(it)
+            size += sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor))
+            out.append(batch)
+        if size <= self.CACHE_BYTES:
+            self.cache = out
+        return out
 
     def artifacts(self, engines: Mapping[str, Any], step: int, reporter: Reporter) -> None:
         """Rank 0: the task's artifacts (samples, audio, images) into MLflow under

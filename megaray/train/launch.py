@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -93,6 +94,10 @@ def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
     out.data.shards = _absolute(cfg.data.shards, base_dir)
     if cfg.data.sources:
         out.data.sources = [s.model_copy(update={"shards": _absolute(s.shards, base_dir)}) for s in cfg.data.sources]
+    if cfg.train.init_from:
+        out.train.init_from = _absolute(cfg.train.init_from, base_dir)
+    if cfg.eval.hellaswag:
+        out.eval.hellaswag = _absolute(cfg.eval.hellaswag, base_dir)
     return out
 
 
@@ -107,6 +112,10 @@ def check_run(cfg: RunConfig, task: Any) -> None:
             raise ConfigError(f"train.modules.{name}: family {cfg.model.family!r} has no module {name!r}"
                               f"{suggest(name, names)}; its modules: {', '.join(names)}")
     check_supported(cfg)
+    if cfg.train.init_from:
+        from megaray.train.checkpoint import resolve
+
+        resolve(cfg.train.init_from)  # CheckpointError before any worker starts
 
 
 def fit(
@@ -135,19 +144,21 @@ def fit(
     from megaray.train import mlflow as tracking
     from megaray.train.ray_compat import keep_user_errors_in_ray_data, user_error
 
+    t0 = time.time()  # the run's wall clock starts here (goodput, time/startup_s)
     cfg = resolve_paths(cfg)
-    task = families.task_class(cfg.model.family)(cfg)
+    task = families.task_class(cfg.model.family, cfg.train.task)(cfg)
     check_run(cfg, task)
+    storage = storage_dir(cfg)
+    run_dir = f"{storage.rstrip('/')}/{cfg.name}"
+    _check_resume_world(cfg, run_dir)
     ensure_ray()
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
-    storage = storage_dir(cfg)
-    run_dir = f"{storage.rstrip('/')}/{cfg.name}"
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()
         run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
-    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks)
+    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0)
     try:
         result = trainer.fit()
     except BaseException as e:
@@ -163,11 +174,26 @@ def fit(
         if ckpt:
             rl.tag("megaray.final_checkpoint", ckpt)
             rl.text(ckpt + "\n", "final_checkpoint.txt")
+            if cfg.tracking.log_model and parent_run_id is None:  # a Tune trial logs no model
+                from megaray.train.mlflow_model import log_model
+
+                log_model(uri, run_id, task, ckpt, cfg.tracking.register_model)
         tracking.end_run(uri, run_id, "FINISHED")
     return FitResult(
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
         mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
     )
+
+
+def _check_resume_world(cfg: RunConfig, run_dir: str) -> None:
+    """Before any worker starts: a resumed run keeps its checkpoint's world size (CheckpointError
+    otherwise, :func:`megaray.train.checkpoint.check_world` says why)."""
+    from megaray.train.checkpoint import check_world, resume_world
+
+    saved = resume_world(run_dir)
+    if saved is not None:
+        world = min(max(saved, cfg.scaling.min_workers), cfg.scaling.max_workers)
+        check_world(saved, world, run_dir, cfg.train.zero_stage)
 
 
 def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: Optional[str],
@@ -177,9 +203,11 @@ def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: O
 
     run_id = tracking.start_run(
         uri, cfg.tracking.experiment, run_key=run_dir, run_name=run_name or cfg.name,
-        params=cfg.flat(), tags={"megaray.family": cfg.model.family, **(extra_tags or {})},
+        params=cfg.flat(), tags={"megaray.family": cfg.model.family, tracking.NOTE_TAG: tracking.command_line(),
+                                 **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
+    tracking.log_datasets(uri, run_id, _manifests(cfg, task))
     rl = tracking.RunLogger(uri, run_id)
     rl.text(cfg.to_yaml(), "config/resolved.yaml")
     for name, text in task.checkpoint_files().items():
@@ -187,8 +215,18 @@ def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: O
     return run_id
 
 
+def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
+    """``{prepared folder: manifest}`` of the run's data (the task's, already read, for one folder)."""
+    from megaray.data.manifest import read_manifest
+
+    sources = [s.shards for s in cfg.data.resolved_sources()]
+    if len(sources) == 1 and task.info.manifest:
+        return {sources[0]: task.info.manifest}
+    return {s: read_manifest(s) for s in sources}
+
+
 def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
-             mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any]) -> Any:
+             mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
     error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``."""
     import ray.train
@@ -199,13 +237,15 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # deterministic order per epoch: exact resume of data position
+    options.label_selector = dict(cfg.scaling.data_label_selector) or None  # e.g. CPU data nodes (cluster/)
     debug = {"trace": os.environ.get("MEGARAY_TRACE"), "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP")}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
-                           "run_dir": run_dir, "debug": debug},
+                           "run_dir": run_dir, "debug": debug, "t0": t0},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic scaling policy
+            elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_s,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=dict(cfg.scaling.resources_per_worker),
         ),

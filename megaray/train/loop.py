@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from megaray.config import RunConfig
-from megaray.train.checkpoint import Checkpointer, TrainState
+from megaray.train.checkpoint import Checkpointer, TrainState, init_weights
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
@@ -53,7 +53,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         units = task.batch_units(batch) * w.world
         state.batch_in_epoch += 1
         state.tokens += units
-        w.reporter.meter.add(metrics, data_s=t1 - t0, total_s=time.perf_counter() - t0, units=units)
+        t2 = time.perf_counter()
+        w.reporter.meter.add(metrics, data_s=t1 - t0, total_s=t2 - t0, units=units)
+        w.reporter.time.micro_batch(data_s=t1 - t0, compute_s=t2 - t1)
         step = task.global_step(engines)
         if step == state.step:  # inside a gradient-accumulation window
             continue
@@ -68,6 +70,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     skipped = w.reporter.pacer.skipped
     paced = f" ({skipped} progress report(s) kept from Ray Train by pacing; all are in MLflow)" if skipped else ""
     w.reporter.say(f"done: step {state.step}, {state.tokens:,} {task.unit}{paced}")
+    w.reporter.say(w.reporter.time.summary())
 
 
 class _Worker:
@@ -94,8 +97,10 @@ class _Worker:
         precision = resolve_precision(cfg.train.precision, device)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-        self.task = task = families.task_class(cfg.model.family)(cfg, info=config["info"])
+        self.task = task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=config["info"].for_world(world))
         modules = task.build_modules()
+        if cfg.train.init_from:  # fine-tuning: start from another run's weights
+            init_weights(modules["model"], cfg.train.init_from)
         self.engines = build_engines(task, modules, cfg, precision, device)
         frozen = {name: m.to(device).eval().requires_grad_(False) for name, m in task.frozen_modules().items()}
         self.ema = _ema(cfg, modules["model"])
@@ -105,8 +110,9 @@ class _Worker:
 
         mlflow_cfg = config.get("mlflow") or {}
         logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
+        logger.start_system_metrics(cfg.tracking.system_metrics_interval_s)  # no-op off rank 0
         self.reporter = Reporter(cfg.train, logger, rank, world, task.unit, task.flops_per_unit(modules),
-                                 cfg.train.peak_flops or peak_flops(device), self.state.step)
+                                 cfg.train.peak_flops or peak_flops(device), self.state.step, config.get("t0"))
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
         s = self.state
         if where is not None:
@@ -126,13 +132,22 @@ class _Worker:
         report: Dict[str, float] = {}
         if self.reporter.due(step):
             report.update(self.reporter.progress(self.engines, step))
+        clock = self.reporter.time
         if self.evaluator.due(step):
+            t0 = time.perf_counter()
             report.update(self.evaluator.run(self.engines, step, self.reporter))
+            clock.add("eval", time.perf_counter() - t0)
+            self.debug.evaluated(step, self.evaluator.reads)
         save = self.checkpointer.due(step)
         if report or save:
-            checkpoint = (lambda r: self.checkpointer.save_and_report(r, self.engines, self.state, self.ema)) if save else None
+            checkpoint = self._save if save else None
             self.reporter.publish(report, step, self.state, checkpoint)
         self.debug.after_step(step)
+
+    def _save(self, report: Dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self.checkpointer.save_and_report(report, self.engines, self.state, self.ema)
+        self.reporter.time.add("checkpoint", time.perf_counter() - t0)
 
 
 def _ema(cfg: RunConfig, model: torch.nn.Module) -> Optional[Any]:
@@ -177,8 +192,9 @@ class Debug:
 
     ``MEGARAY_TRACE=path``: one JSON line per micro-batch (step, epoch, batch index, a
     fingerprint of the batch, lr, pid) appended to ``path.rank<r>`` once it has been trained
-    on, and one line per worker start (pid, the step it starts at, the L1 norm of each module's
-    weights after restore) to ``path.starts.rank<r>``.
+    on, one line per worker start (pid, the step it starts at, the L1 norm of each module's
+    weights after restore) to ``path.starts.rank<r>``, and one per evaluation (step, Ray Data
+    executions of the validation split so far) to ``path.evals.rank<r>``.
     ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
     resume tests).
     """
@@ -195,6 +211,13 @@ class Debug:
                        for name, m in modules.items()}
             with open(f"{self.path}.starts.rank{self.rank}", "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "step": state.step, "weights_l1": weights}) + "\n")
+
+    def evaluated(self, step: int, reads: int) -> None:
+        """One line per evaluation to ``path.evals.rank<r>``: the step and how many times this
+        rank has executed the validation pipeline so far."""
+        if self.path:
+            with open(f"{self.path}.evals.rank{self.rank}", "a") as f:
+                f.write(json.dumps({"step": step, "val_reads": reads, "pid": os.getpid()}) + "\n")
 
     def before(self, batch: Mapping[str, torch.Tensor], state: TrainState, engine: Any) -> None:
         if self.trace is None:

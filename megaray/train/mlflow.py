@@ -5,19 +5,32 @@ finds the one a previous attempt of the same run made, by the ``megaray.run_key`
 its id to the workers. Rank 0 logs through :class:`RunLogger`. Everything goes through
 ``MlflowClient`` with an explicit run id, so nothing depends on MLflow's global active run and
 Tune trials can log nested child runs side by side.
+
+What a complete run holds besides params and metrics: the command line (the run description,
+:func:`command_line`), the prepared data as MLflow dataset inputs (:func:`log_datasets`), system
+metrics sampled on the rank-0 worker (:meth:`RunLogger.start_system_metrics`) and the final model
+as an MLflow ``pyfunc`` model (:func:`megaray.train.mlflow_model.log_model`, optionally registered).
+Only that module imports MLflow at import time: a run with tracking off needs no MLflow.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 log = logging.getLogger("megaray.tracking")
 
 RUN_KEY_TAG = "megaray.run_key"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run description shown in the MLflow UI
+#: manifest fields that change on every prepare without changing the data (left out of digests)
+_VOLATILE = ("created", "seconds")
 
 
 def client(uri: str):
@@ -86,6 +99,57 @@ def start_run(
     return run.info.run_id
 
 
+def command_line(argv: Optional[List[str]] = None) -> str:
+    """The command that started this process (``sys.argv``, shell-quoted), for the run description."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(("/megaray", "/megaray.exe")):
+        argv[0] = "megaray"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def manifest_digest(manifest: Mapping[str, Any], split: Optional[str] = None) -> str:
+    """Content hash of a prepared folder's manifest (16 hex digits of SHA-256 over its canonical
+    JSON, without the ``created`` and ``seconds`` fields), or of one split's entry (its shard
+    list: paths, rows, tokens, bytes). Equal manifests give equal digests across machines."""
+    if split is not None:
+        content: Any = manifest["splits"][split]
+    else:
+        content = {k: v for k, v in manifest.items() if k not in _VOLATILE}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def log_datasets(uri: str, run_id: str, folders: Mapping[str, Mapping[str, Any]]) -> None:
+    """Log each prepared folder's splits as MLflow dataset inputs of the run.
+
+    ``folders``: ``{folder path or URI: its manifest}``. Each split becomes a dataset named
+    ``<folder name>/<split>`` with :func:`manifest_digest` of that split, the folder as source,
+    and the input context ``training`` (split ``train``) or ``validation`` (``val``); a manifest
+    without splits is one ``training`` dataset digested whole.
+    """
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    contexts = {"train": "training", "val": "validation"}
+    inputs = []
+    for folder, manifest in folders.items():
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways" for local paths
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(folder))
+        base = str(folder).rstrip("/").rsplit("/", 1)[-1]
+        splits = [s for s in manifest.get("splits", {}) if s in contexts] or [None]
+        for split in splits:
+            ds = MetaDataset(source, name=f"{base}/{split}" if split else base, digest=manifest_digest(manifest, split))
+            tag = InputTag(MLFLOW_DATASET_CONTEXT, contexts.get(split, "training"))
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[tag]))
+    if inputs:
+        client(uri).log_inputs(run_id, datasets=inputs)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
     client(uri).set_terminated(run_id, status=status)
@@ -147,6 +211,20 @@ class RunLogger:
     def tag(self, key: str, value: str) -> None:
         if self.enabled:
             self._client.set_tag(self.run_id, key, value)
+
+    def start_system_metrics(self, interval_s: float) -> None:
+        """Sample CPU, memory, disk, network and (with ``nvidia-ml-py`` installed) GPU utilisation
+        and memory of this node every ``interval_s`` seconds into ``system/...`` metrics, in a
+        daemon thread (MLflow's ``SystemMetricsMonitor``) that stops by itself once the run is no
+        longer RUNNING. Call it on the rank-0 worker; ``interval_s <= 0`` or tracking off: nothing.
+        A resumed run continues the ``system/`` step count."""
+        if not self.enabled or interval_s <= 0 or getattr(self, "_monitor", None) is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                             tracking_uri=self.uri)
+        self._monitor.start()
 
 
 def _str(v: Any) -> str:

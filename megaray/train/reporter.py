@@ -101,6 +101,49 @@ class Meter:
         return out
 
 
+class TimeAccount:
+    """Where a run's wall time went, for goodput (issue: a run spends its time training).
+
+    ``run_t0``: wall-clock (``time.time()``) when the driver's ``fit`` started; every figure is
+    cumulative since then, across restarts of the worker group within one ``fit``.
+
+    Metrics (:meth:`metrics`): ``goodput`` = seconds inside optimizer-step compute (forward,
+    backward, step; data wait excluded) / wall seconds since ``run_t0``; ``time/startup_s``
+    = ``run_t0`` to this attempt's first trained micro-batch; ``time/step_s``, ``time/data_wait_s``,
+    ``time/eval_s``, ``time/checkpoint_s``: seconds spent in each; ``time/wall_s``.
+    """
+
+    def __init__(self, run_t0: Optional[float]):
+        self.run_t0 = run_t0 if run_t0 is not None else time.time()
+        self.startup_s: Optional[float] = None
+        self.spent: Dict[str, float] = {"step": 0.0, "data_wait": 0.0, "eval": 0.0, "checkpoint": 0.0}
+
+    def micro_batch(self, data_s: float, compute_s: float) -> None:
+        if self.startup_s is None:
+            self.startup_s = time.time() - data_s - compute_s - self.run_t0
+        self.spent["data_wait"] += data_s
+        self.spent["step"] += compute_s
+
+    def add(self, what: str, seconds: float) -> None:
+        self.spent[what] = self.spent.get(what, 0.0) + seconds
+
+    def metrics(self) -> Dict[str, float]:
+        wall = max(1e-9, time.time() - self.run_t0)
+        out = {f"time/{k}_s": v for k, v in self.spent.items()}
+        out.update({"time/wall_s": wall, "goodput": self.spent["step"] / wall})
+        if self.startup_s is not None:
+            out["time/startup_s"] = self.startup_s
+        return out
+
+    def summary(self) -> str:
+        m = self.metrics()
+        parts = [f"goodput {m['goodput'] * 100:.0f}% of {fmt_s(m['time/wall_s'])}"]
+        if "time/startup_s" in m:
+            parts.append(f"startup {m['time/startup_s']:.1f}s")
+        parts += [f"{k} {self.spent[k]:.1f}s" for k in ("step", "data_wait", "eval", "checkpoint")]
+        return "time: " + ", ".join(parts)
+
+
 class Reporter:
     """Progress lines, MLflow metrics and Ray Train reports of one worker.
 
@@ -111,13 +154,16 @@ class Reporter:
         unit: what throughput counts (``tokens``, ``samples``).
         flops_per_unit, peak: for MFU (None: not reported).
         start_step: the step this attempt started at (for the ETA).
+        run_t0: ``time.time()`` when the driver's ``fit`` started (for :class:`TimeAccount`).
     """
 
     def __init__(self, cfg_train: Any, logger: RunLogger, rank: int, world: int, unit: str,
-                 flops_per_unit: Optional[float], peak: Optional[float], start_step: int):
+                 flops_per_unit: Optional[float], peak: Optional[float], start_step: int,
+                 run_t0: Optional[float] = None):
         self.t, self.logger, self.rank, self.world, self.unit = cfg_train, logger, rank, world, unit
         self.flops_per_unit, self.peak, self.start_step = flops_per_unit, peak, start_step
         self.meter, self.pacer = Meter(), ReportPacer()
+        self.time = TimeAccount(run_t0)
         self.t0 = time.perf_counter()
 
     def due(self, step: int) -> bool:
@@ -127,6 +173,7 @@ class Reporter:
         """The progress metrics since the last line (averaged across ranks; collective), printed
         by rank 0. ``lr`` / ``grad_norm`` are the model's; other modules add ``lr_<name>``."""
         report = self.meter.summary(self.flops_per_unit, self.peak, self.world)
+        report.update(self.time.metrics())
         for name, engine in engines.items():
             report["lr" if name == "model" else f"lr_{name}"] = float(engine.get_lr()[0])
         gn = engines["model"].get_global_grad_norm()

@@ -43,7 +43,7 @@ from megaray.tune.space import Distribution, check_space, labels
 log = logging.getLogger("megaray.tune")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-RUN_SECTIONS = ("model", "data", "train", "scaling", "tracking")
+RUN_SECTIONS = ("model", "data", "train", "scaling", "tracking", "eval")
 # Keys a trial sets itself: a search over them would break resume or tracking.
 RESERVED_KEYS = ("name", "scaling.storage_path", "tracking")
 
@@ -239,7 +239,7 @@ def check_data(cfg: RunConfig, base_path: str = "") -> None:
     from megaray import families
     from megaray.data.manifest import read_manifest
 
-    task = families.task_class(cfg.model.family)(cfg)
+    task = families.task_class(cfg.model.family, cfg.train.task)(cfg)
     where = f"data.shards of {base_path}" if base_path else "data.shards"
     for source in cfg.data.resolved_sources():
         try:
@@ -261,7 +261,7 @@ def load_tune_config(
     """Load and validate a tune config from a YAML path (or a dict).
 
     ``overrides`` are ``KEY=VALUE`` strings (values parsed as YAML). A key starting with a run
-    config section (``model.``, ``data.``, ``train.``, ``scaling.``, ``tracking.``) overrides the
+    config section (``model.``, ``data.``, ``train.``, ``scaling.``, ``tracking.``, ``eval.``) overrides the
     base run config; ``space.<dotted key>=<YAML mapping>`` sets one space entry; any other key
     (``search.num_samples=8``, ``trial.num_workers=4``, ``name=x``) is a key of the tune config.
 

@@ -17,6 +17,8 @@ from megaray.tune.config import TuneSearch, trial_run_name
 # must rank last (ASHA treats NaN as "no information" and would let it run on).
 DIVERGED = 1e30
 OUTCOMES = ("completed", "stopped_early", "error")
+#: metrics of extra evaluations shown in the table and plot when trials report them
+EXTRA_EVALS = ("hellaswag_acc", "hellaswag_acc_norm")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class TrialSummary:
         best_metric: best value reported over the trial.
         curve: ``[(step, metric)]`` of every report carrying the metric.
         val_curve: ``[(step, val_loss)]`` when the metric is not val_loss (for the plot).
+        evals: ``{name: [(step, value)]}`` of the extra evaluations a trial reported
+            (:data:`EXTRA_EVALS`, e.g. HellaSwag accuracy when ``eval.hellaswag`` is set).
         checkpoint: latest Train checkpoint of the trial.
         run_dir: the trial's Ray Train run directory.
         mlflow_run_id: the trial's nested MLflow run.
@@ -47,6 +51,7 @@ class TrialSummary:
     best_metric: Optional[float]
     curve: List[tuple] = field(default_factory=list)
     val_curve: List[tuple] = field(default_factory=list)
+    evals: Dict[str, List[tuple]] = field(default_factory=dict)
     checkpoint: Optional[str] = None
     run_dir: Optional[str] = None
     mlflow_run_id: Optional[str] = None
@@ -112,6 +117,7 @@ def summarize(search: TuneSearch, result, trial_id: str, mlflow_run_id: Optional
     metric = search.config.search.metric
     df = result.metrics_dataframe
     last_step = ckpt = None
+    evals: Dict[str, List[tuple]] = {}
     curve: List[tuple] = []
     val_curve: List[tuple] = []
     if df is not None and len(df) and "step" in df:
@@ -119,6 +125,7 @@ def summarize(search: TuneSearch, result, trial_id: str, mlflow_run_id: Optional
         last_step = int(steps.iloc[-1]) if len(steps) else None
         curve = _series(df, metric)
         val_curve = _series(df, "val_loss") if metric != "val_loss" else []
+        evals = {k: _series(df, k) for k in EXTRA_EVALS if k != metric and k in df}
         if "checkpoint_path" in df:
             c = df["checkpoint_path"].dropna()
             ckpt = str(c.iloc[-1]) if len(c) else None
@@ -137,7 +144,8 @@ def summarize(search: TuneSearch, result, trial_id: str, mlflow_run_id: Optional
     return TrialSummary(
         trial_id=trial_id, params=search.decode(result.config or {}), outcome=outcome, last_step=last_step,
         metric=values[-1] if values else None, best_metric=better(values) if values else None, curve=curve,
-        val_curve=val_curve, checkpoint=ckpt, run_dir=f"{search.runs_path()}/{trial_run_name(trial_id)}",
+        val_curve=val_curve, evals={k: v for k, v in evals.items() if v}, checkpoint=ckpt,
+        run_dir=f"{search.runs_path()}/{trial_run_name(trial_id)}",
         mlflow_run_id=mlflow_run_id, error=failure_reason(result.error) if result.error is not None else None,
     )
 
@@ -179,22 +187,24 @@ def best_trial(trials: List[TrialSummary], mode: str) -> Optional[TrialSummary]:
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return "diverged" if abs(v) >= DIVERGED else f"{v:.4g}"
-    if isinstance(v, dict):  # a multi-key choice: n_layer=4,n_embd=64
-        return ",".join(f"{k}={fmt(x)}" for k, x in v.items())
+    if isinstance(v, dict):  # a multi-key choice: n_layer=4,n_embd=64; {} = the base config unchanged
+        return ",".join(f"{k}={fmt(x)}" for k, x in v.items()) or "(base)"
     return "" if v is None else (v if isinstance(v, str) else json.dumps(v, default=str))
 
 
 def markdown(trials: List[TrialSummary], metric: str, best: Optional[TrialSummary]) -> str:
-    """One row per trial; an ``error`` column when some trial failed (the reason, first line)."""
+    """One row per trial; a column per extra evaluation some trial reported (its last value, e.g.
+    ``hellaswag_acc_norm``); an ``error`` column when some trial failed (the reason, first line)."""
     keys = sorted({k for t in trials for k in t.params})
+    evals = _eval_names(trials)
     errors = any(t.error for t in trials)
-    head = ["trial", "outcome", "last step", f"{metric} (last)", f"{metric} (best)", *keys, "mlflow run"]
+    head = ["trial", "outcome", "last step", f"{metric} (last)", f"{metric} (best)", *evals, *keys, "mlflow run"]
     head += ["error"] if errors else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         mark = " **best**" if best is not None and t.trial_id == best.trial_id else ""
         row = [t.trial_id + mark, t.outcome, fmt(t.last_step), fmt(t.metric), fmt(t.best_metric),
-               *[fmt(t.params.get(k)) for k in keys], t.mlflow_run_id or ""]
+               *[fmt(_last(t, e)) for e in evals], *[fmt(t.params.get(k)) for k in keys], t.mlflow_run_id or ""]
         row += [(t.error or "").replace("|", "\\|")] if errors else []
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines) + "\n"
@@ -202,32 +212,45 @@ def markdown(trials: List[TrialSummary], metric: str, best: Optional[TrialSummar
 
 def to_csv(trials: List[TrialSummary], metric: str) -> str:
     keys = sorted({k for t in trials for k in t.params})
+    evals = _eval_names(trials)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial_id", "outcome", "last_step", f"{metric}_last", f"{metric}_best", *keys, "mlflow_run_id",
-                "checkpoint", "error"])
+    w.writerow(["trial_id", "outcome", "last_step", f"{metric}_last", f"{metric}_best", *[f"{e}_last" for e in evals],
+                *keys, "mlflow_run_id", "checkpoint", "error"])
     for t in trials:
-        w.writerow([t.trial_id, t.outcome, t.last_step, t.metric, t.best_metric,
+        w.writerow([t.trial_id, t.outcome, t.last_step, t.metric, t.best_metric, *[_last(t, e) for e in evals],
                     *[fmt(t.params.get(k)) for k in keys], t.mlflow_run_id, t.checkpoint, t.error])
     return buf.getvalue()
 
 
+def _eval_names(trials: List[TrialSummary]) -> List[str]:
+    return [e for e in EXTRA_EVALS if any(t.evals.get(e) for t in trials)]
+
+
+def _last(t: TrialSummary, name: str) -> Optional[float]:
+    series = t.evals.get(name)
+    return series[-1][1] if series else None
+
+
 def plot(result: SearchResult) -> Optional[bytes]:
     """PNG of every trial's curve of the search metric (and of val_loss when the metric is another
-    one), step on x; trials stopped early dashed, the best one bold. None when nothing was reported."""
+    one, and of ``hellaswag_acc_norm`` when trials reported it), step on x; trials stopped early
+    dashed, the best one bold. None when nothing was reported."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(result.metric, "curve")]
+    panels = [(result.metric, lambda t: t.curve)]
     if result.metric != "val_loss" and any(t.val_curve for t in result.trials):
-        panels.append(("val_loss", "val_curve"))
-    if not any(getattr(t, attr) for _, attr in panels for t in result.trials):
+        panels.append(("val_loss", lambda t: t.val_curve))
+    if "hellaswag_acc_norm" in _eval_names(result.trials):
+        panels.append(("hellaswag_acc_norm", lambda t: t.evals.get("hellaswag_acc_norm", [])))
+    if not any(get(t) for _, get in panels for t in result.trials):
         return None
     fig = Figure(figsize=(9 * len(panels), 5 + 0.17 * len(result.trials)), dpi=100)
     FigureCanvasAgg(fig)
-    for i, (name, attr) in enumerate(panels):
+    for i, (name, get) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        curves = [(t, [(s, v) for s, v in getattr(t, attr) if abs(v) < DIVERGED]) for t in result.trials]
+        curves = [(t, [(s, v) for s, v in get(t) if abs(v) < DIVERGED]) for t in result.trials]
         vals = [v for _, c in curves for _, v in c]
         for t, c in curves:
             if not c:

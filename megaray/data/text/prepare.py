@@ -7,7 +7,7 @@ Driver-only, one process::
       -> _read_and_split: validated documents (rejects counted), split by a hash of each id,
          spooled to local disk per split
       -> _fill_empty_split: one document moved when hashing left a split empty
-      -> _make_tokenizer: byte-level BPE trained on the train split, or loaded
+      -> _make_tokenizer: byte-level BPE (or unigram) trained on the train split, or loaded
       -> _write_shards: parquet shards, one row per document: tokens list<int32> ending in EOS
       -> manifest.json (kind "text"), written last by the atomic publish (megaray.fs.staged_dir)
 
@@ -34,7 +34,7 @@ from megaray.data.sources import SourceFile, list_files
 from megaray.data.splits import SPLITS, split_key
 from megaray.data.text.documents import iter_documents
 from megaray.data.text.writer import ShardWriter, Spool, cross_entropy, encode, entropy, spool_item
-from megaray.data.tokenizer import EOS, eos_id, load_tokenizer, train_tokenizer
+from megaray.data.tokenizer import EOS, eos_id, load_tokenizer, tokenizer_kind, train_tokenizer
 from megaray.errors import DataError
 
 STDLIB = "stdlib"
@@ -70,6 +70,7 @@ def prepare_text(
     stdlib_max_docs: Optional[int] = None,
     progress: bool = True,
     verbose: bool = True,
+    tokenizer_kind: str = "bpe",
 ) -> Dict[str, Any]:
     """Tokenize text sources into train/val parquet shards plus ``manifest.json``.
 
@@ -96,6 +97,9 @@ def prepare_text(
         overwrite: replace an existing prepared ``out_dir``.
         stdlib_max_docs: cap on documents taken from ``"stdlib"`` (tests, demos).
         progress: show tqdm bars (stderr). verbose: print the summary (stdout).
+        tokenizer_kind: what to train when ``tokenizer`` is None: ``"bpe"`` (byte-level BPE) or
+            ``"unigram"`` (SentencePiece-style, :mod:`megaray.data.tokenizer`). The manifest's
+            ``tokenizer.kind`` records the kind (also of a loaded tokenizer).
 
     Returns:
         The manifest dict (schema in ``docs/data.md``). Token counts include the EOS appended to
@@ -116,7 +120,7 @@ def prepare_text(
         read = _read_and_split(listings, stage, dedupe, val_fraction, seed, progress)
         read.hidden = hidden
         _fill_empty_split(read, sources)
-        tok, tok_info = _make_tokenizer(read, tokenizer, vocab_size, min_frequency, progress)
+        tok, tok_info = _make_tokenizer(read, tokenizer, vocab_size, min_frequency, progress, tokenizer_kind)
         tok.save(str(stage / "tokenizer.json"))
         writers = _write_shards(read, tok, stage, rows_per_group, group_tokens, tokens_per_shard, progress)
         manifest = _build_manifest(read, writers, sources, tok_info, val_fraction, seed, dedupe)
@@ -230,17 +234,18 @@ def _split_texts(read: _Read, split: str) -> Iterator[List[str]]:
 
 
 def _make_tokenizer(read: _Read, tokenizer: Optional[str], vocab_size: int, min_frequency: int,
-                    progress: bool) -> Tuple[Any, Dict[str, Any]]:
-    """Stage 5: train a byte-level BPE on the train split, or load ``tokenizer``."""
+                    progress: bool, kind: str = "bpe") -> Tuple[Any, Dict[str, Any]]:
+    """Stage 5: train a tokenizer of ``kind`` on the train split, or load ``tokenizer``."""
     if tokenizer is None:
         n_train = read.spools["train"].count - (read.moved is not None and read.moved[0] == "train")
         tok = train_tokenizer((t for batch in _split_texts(read, "train") for t in batch), vocab_size,
-                              min_frequency=min_frequency, length=n_train, show_progress=progress)
+                              min_frequency=min_frequency, length=n_train, show_progress=progress, kind=kind)
         info = {"path": "tokenizer.json", "trained": True, "source": None, "min_frequency": min_frequency}
     else:
         tok = load_tokenizer(tokenizer)
         info = {"path": "tokenizer.json", "trained": False, "source": str(tokenizer)}
-    info.update({"vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_token": EOS, "eos_id": eos_id(tok)})
+    info.update({"kind": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+                 "eos_token": EOS, "eos_id": eos_id(tok)})
     return tok, info
 
 
@@ -297,7 +302,8 @@ def _build_manifest(read: _Read, writers: Dict[str, ShardWriter], sources: List[
 def summarize(manifest: Dict[str, Any], out_dir: str = "") -> str:
     """Human-readable multi-line summary of a text manifest (what :func:`prepare_text` prints)."""
     sp, tok = manifest["splits"], manifest["tokenizer"]
-    how = "trained byte-level BPE" if tok["trained"] else f"loaded {tok['source']}"
+    kind = {"bpe": "byte-level BPE", "unigram": "unigram"}.get(tok.get("kind", "bpe"), tok.get("kind"))
+    how = f"trained {kind}" if tok["trained"] else f"loaded {tok['source']}"
     lines = [
         f"prepared text -> {out_dir or '.'}  ({manifest.get('seconds', 0):.1f} s)",
         f"  sources:   {', '.join(manifest['sources'])}  ({manifest['files']['read']} files: "

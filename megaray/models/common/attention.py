@@ -159,9 +159,12 @@ def flash_attention(q, k, v, bias=None, dropout_p: float = 0.0, scale: Optional[
         raise RuntimeError(f"attn_backend 'flash' needs CUDA fp16/bf16 tensors, got {q.device} {q.dtype}")
     from flash_attn import flash_attn_func
 
-    dv = v.size(-1)
-    if dv != q.size(-1):  # MLA: v is narrower than q/k; pad, then slice the output
-        v = F.pad(v, (0, q.size(-1) - dv))
+    dv, dq = v.size(-1), q.size(-1)
+    scale = scale if scale is not None else 1.0 / math.sqrt(dq)
+    if dv < dq:  # MLA: v narrower than q/k; pad, then slice the output
+        v = F.pad(v, (0, dq - dv))
+    elif dv > dq:  # MLA with v_head_dim > qk dim: zero-padding q and k leaves the scores unchanged
+        q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, softmax_scale=scale, causal=causal
     )  # (B, Tq, nh, d)
@@ -249,15 +252,20 @@ class SelfAttention(nn.Module):
 
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2 §2.1, arXiv:2405.04434; reference code
-    ``DeepseekV2Attention`` in HF transformers), with ``d = head_dim`` for the non-rotary part of
-    q/k and for v, and ``dr = qk_rope_head_dim``:
+    ``DeepseekV3Attention`` in HF transformers, logits equal within 1e-5: tests/test_gpt_mla_parity.py),
+    with ``d = qk_nope_head_dim`` for the non-rotary part of q/k, ``dv = v_head_dim`` for v (both
+    default to ``head_dim``: ``cfg.nope_head_dim`` / ``cfg.value_head_dim`` when present) and
+    ``dr = qk_rope_head_dim``:
 
     * queries: ``wq`` = one Linear ``C -> nh*(d+dr)``, or with ``q_lora_rank`` the low-rank
-      ``C -> d_c' -> RMSNorm -> nh*(d+dr)``;
+      ``C -> d_c' -> RMSNorm -> nh*(d+dr)``; per head ``[q_nope (d), q_pe (dr)]``;
     * keys/values: ``kv_down: C -> r + dr`` gives the latent ``c_kv`` (RMSNorm'd) and the decoupled
-      key ``k_pe`` (one head, rotated by RoPE); ``kv_up: r -> nh*2d`` rebuilds ``k_nope, v``;
+      key ``k_pe`` (one head, rotated by RoPE); ``kv_up: r -> nh*(d+dv)`` rebuilds per head
+      ``[k_nope (d), v (dv)]``;
     * scores use ``[q_nope, rope(q_pe)] . [k_nope, rope(k_pe)]`` scaled by ``1/sqrt(d + dr)``;
-      QK-norm (if on) normalises ``q_nope`` and ``k_nope``.
+      QK-norm (if on) normalises ``q_nope`` and ``k_nope``. RoPE is the half-split layout;
+      DeepSeek's interleaved layout (``rope_interleave``) is the same map after permuting the rope
+      rows of the weights (done by :func:`megaray.models.gpt.convert.from_hf`).
 
     The cache holds ``c_kv (B, T, r)`` and ``k_pe (B, 1, T, dr)``, ``r + dr`` numbers per token.
     ``forward`` and ``causal`` as :class:`SelfAttention`.
@@ -266,8 +274,9 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, cfg, causal: bool = True):
         super().__init__()
         self.causal = causal
-        nh, d, dr, r = cfg.n_head, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        self.nh, self.d, self.dr, self.r = nh, d, dr, r
+        nh, dr, r = cfg.n_head, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        d, dv = getattr(cfg, "nope_head_dim", cfg.head_dim), getattr(cfg, "value_head_dim", cfg.head_dim)
+        self.nh, self.d, self.dv, self.dr, self.r = nh, d, dv, dr, r
         if cfg.q_lora_rank:
             self.wq = nn.Sequential(
                 nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=cfg.bias),
@@ -278,8 +287,8 @@ class MultiHeadLatentAttention(nn.Module):
             self.wq = nn.Linear(cfg.n_embd, nh * (d + dr), bias=cfg.bias)
         self.kv_down = nn.Linear(cfg.n_embd, r + dr, bias=cfg.bias)
         self.kv_norm = nn.RMSNorm(r, eps=cfg.norm_eps)
-        self.kv_up = nn.Linear(r, nh * 2 * d, bias=cfg.bias)
-        self.c_proj = nn.Linear(nh * d, cfg.n_embd, bias=cfg.bias)
+        self.kv_up = nn.Linear(r, nh * (d + dv), bias=cfg.bias)
+        self.c_proj = nn.Linear(nh * dv, cfg.n_embd, bias=cfg.bias)
         self.q_norm, self.k_norm = _qk_norm(cfg, d), _qk_norm(cfg, d)
         self.attend, self.dropout = resolve_backend(cfg.attn_backend, getattr(cfg, "position", None)), cfg.dropout
 
@@ -293,14 +302,14 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe)  # (B, Tk, r), (B, 1, Tk, dr)
         Tk = c_kv.size(1)
-        kv = self.kv_up(c_kv).view(B, Tk, self.nh, 2 * self.d).transpose(1, 2)  # (B, nh, Tk, 2d)
-        k_nope, v = kv.split([self.d, self.d], dim=-1)
+        kv = self.kv_up(c_kv).view(B, Tk, self.nh, self.d + self.dv).transpose(1, 2)  # (B, nh, Tk, d+dv)
+        k_nope, v = kv.split([self.d, self.dv], dim=-1)
         q = torch.cat([self.q_norm(q_nope), apply_rope(q_pe, rope)], dim=-1)  # (B, nh, T, d+dr)
         k = torch.cat([self.k_norm(k_nope), k_pe.expand(B, self.nh, Tk, self.dr)], dim=-1)  # (B, nh, Tk, d+dr)
         scale = 1.0 / math.sqrt(self.d + self.dr)
         drop = self.dropout if self.training else 0.0
-        y = self.attend(q, k, v, bias, drop, scale, mask=mask, causal=self.causal)  # (B, nh, T, d)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.d))
+        y = self.attend(q, k, v, bias, drop, scale, mask=mask, causal=self.causal)  # (B, nh, T, dv)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.dv))
 
 
 class CrossAttention(nn.Module):

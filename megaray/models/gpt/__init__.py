@@ -10,7 +10,8 @@ loaded on first use (PEP 562), so reading a config does not import torch.
 from megaray.families import FamilySpec, register
 
 register(FamilySpec(family="gpt", config="megaray.models.gpt.config:GPTConfig",
-                    build="megaray.models.gpt.model:GPT", task="megaray.tasks.lm:LMTask"))
+                    build="megaray.models.gpt.model:GPT", task="megaray.tasks.lm:LMTask",
+                    tasks=(("sft", "megaray.tasks.finetune:SFTTask"),)))
 
 _LAZY = {
     "GPT": "megaray.models.gpt.model", "GPTConfig": "megaray.models.gpt.config", "PRESETS": "megaray.models.gpt.config",

@@ -50,6 +50,8 @@ class GPTConfig(ModelConfig):
     kv_lora_rank: int = Field(64, gt=0, description="MLA compressed KV dim d_c")
     q_lora_rank: Optional[int] = Field(None, gt=0, description="MLA compressed query dim d_c'; None = full-rank q")
     qk_rope_head_dim: int = Field(16, gt=0, description="MLA decoupled RoPE dim per head d_h^R")
+    qk_nope_head_dim: Optional[int] = Field(None, gt=0, description="MLA non-rotary q/k dim per head d_h; None = head_dim")
+    v_head_dim: Optional[int] = Field(None, gt=0, description="MLA value dim per head; None = head_dim")
     position: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     rope_theta: float = Field(10000.0, gt=0)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -61,6 +63,15 @@ class GPTConfig(ModelConfig):
     n_experts: int = Field(0, ge=0, description="MoE experts per layer; 0 = dense MLP")
     moe_top_k: int = Field(2, gt=0)
     moe_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss")
+    moe_router: Literal["top_k", "expert_choice"] = Field(
+        "top_k", description="token-choice top-k (Mixtral) or expert choice (Zhou et al. 2022)")
+    moe_capacity_factor: float = Field(
+        1.0, gt=0, description="expert choice: each expert takes ceil(B*T*factor/n_experts) tokens")
+    moe_z_loss_coef: float = Field(0.0, ge=0, description="weight of the ST-MoE router z-loss (paper: 1e-3)")
+    residual: Literal["plain", "rezero"] = Field(
+        "plain", description="rezero: x + alpha*f(norm(x)) with alpha=0 at init (Bachlechner et al. 2020)")
+    init: Literal["gpt2", "admin"] = Field(
+        "gpt2", description="admin: post-norm residual x*omega + f(x), omega profiled at init (Liu et al. 2020)")
     bias: bool = True
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
@@ -82,7 +93,11 @@ class GPTConfig(ModelConfig):
             raise ValueError("attention 'mla' carries its own decoupled RoPE keys: set position 'rope'")
         if self.position == "rope" and self.attention != "mla" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
-        if self.n_experts and self.moe_top_k > self.n_experts:
+        if self.residual == "rezero" and self.norm_placement != "pre":
+            raise ValueError("residual 'rezero' gates a pre-norm branch (identity at init): set norm_placement 'pre'")
+        if self.init == "admin" and self.norm_placement != "post":
+            raise ValueError("init 'admin' rescales the post-norm residual (Liu et al. 2020): set norm_placement 'post'")
+        if self.n_experts and self.moe_router == "top_k" and self.moe_top_k > self.n_experts:
             raise ValueError(f"moe_top_k ({self.moe_top_k}) exceeds n_experts ({self.n_experts})")
         return self
 
@@ -90,6 +105,16 @@ class GPTConfig(ModelConfig):
     def head_dim(self) -> int:
         """Per-head dimension ``n_embd // n_head``."""
         return self.n_embd // self.n_head
+
+    @property
+    def nope_head_dim(self) -> int:
+        """MLA non-rotary q/k dim per head: ``qk_nope_head_dim`` or ``head_dim``."""
+        return self.qk_nope_head_dim or self.head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        """MLA value dim per head: ``v_head_dim`` or ``head_dim``."""
+        return self.v_head_dim or self.head_dim
 
     @property
     def kv_heads(self) -> int:

@@ -1,7 +1,9 @@
 """Weight conversion between megaray :class:`GPT` and Hugging Face ``transformers`` models.
 
-* ``from_hf(hf_model) -> GPT`` for ``GPT2LMHeadModel`` (``model_type == "gpt2"``) and
-  ``LlamaForCausalLM`` (``"llama"``), weights copied, logits equal in float32.
+* ``from_hf(hf_model) -> GPT`` for ``GPT2LMHeadModel`` (``model_type == "gpt2"``),
+  ``LlamaForCausalLM`` (``"llama"``) and all-dense ``DeepseekV3ForCausalLM`` (``"deepseek_v3"``,
+  multi-head latent attention; DeepSeek's interleaved RoPE is turned into megaray's half-split RoPE
+  by permuting the rope rows of ``q`` and ``kv_a``), weights copied, logits equal in float32.
 * ``to_hf(model) -> PreTrainedModel`` for a GPT whose config is GPT-2-shaped (mha, learned
   positions, LayerNorm, pre-norm, GELU MLP) or Llama-shaped (mha/mqa/gqa, RoPE, RMSNorm, pre-norm,
   SwiGLU); anything else raises ``ValueError`` naming what does not fit.
@@ -120,18 +122,100 @@ def _llama_from_hf(hf) -> GPT:
     return _load(GPT(cfg), sd, hf.dtype)
 
 
+def _deinterleave(w: torch.Tensor, start: int, dr: int) -> torch.Tensor:
+    """Rows ``start : start+dr`` of ``w`` reordered ``[0, 2, 4, ..., 1, 3, 5, ...]``.
+
+    DeepSeek's interleaved RoPE rotates pairs ``(x_2i, x_2i+1)`` and returns ``cat(evens', odds')``;
+    that is exactly half-split RoPE (megaray's) applied to ``cat(evens, odds)``, so permuting the
+    rope output rows of the projection makes the two models compute the same q, k."""
+    perm = torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)]) + start
+    w = w.clone()
+    w[start:start + dr] = w[perm]
+    return w
+
+
+def _deepseek_v3_from_hf(hf) -> GPT:
+    c = hf.config
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    nh, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    bad = []
+    if (c.first_k_dense_replace or 0) < c.num_hidden_layers:
+        bad.append(f"first_k_dense_replace {c.first_k_dense_replace} < num_hidden_layers {c.num_hidden_layers} "
+                   "(MoE layers with DeepSeek's grouped sigmoid router and shared experts; only all-dense models)")
+    if c.hidden_act != "silu":
+        bad.append(f"hidden_act {c.hidden_act!r} (megaray swiglu uses silu)")
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        bad.append(f"rope_type {rope.get('rope_type')!r} (only the default RoPE; YaRN is not implemented)")
+    if c.attention_bias:
+        bad.append("attention_bias (DeepSeek biases only some projections; megaray has one bias flag)")
+    if c.num_key_value_heads != nh:
+        bad.append(f"num_key_value_heads {c.num_key_value_heads} != num_attention_heads {nh}")
+    if c.hidden_size % nh:
+        bad.append(f"hidden_size {c.hidden_size} not divisible by num_attention_heads {nh}")
+    if c.rms_norm_eps != 1e-6:
+        bad.append(f"rms_norm_eps {c.rms_norm_eps} (DeepSeek's latent norms always use 1e-6; megaray one norm_eps)")
+    if bad:
+        raise ValueError("cannot convert this DeepseekV3: " + "; ".join(bad))
+    cfg = GPTConfig(
+        vocab_size=c.vocab_size, block_size=c.max_position_embeddings, n_layer=c.num_hidden_layers, n_head=nh,
+        n_embd=c.hidden_size, attention="mla", q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+        qk_rope_head_dim=dr, qk_nope_head_dim=dn, v_head_dim=dv, position="rope", rope_theta=theta,
+        norm="rmsnorm", norm_eps=c.rms_norm_eps, mlp="swiglu", mlp_hidden=c.intermediate_size, bias=False,
+        dropout=0.0, tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+    )  # fmt: skip
+    src = hf.state_dict()
+    sd = {
+        "transformer.wte.weight": src["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": src["model.norm.weight"],
+        "lm_head.weight": hf.get_output_embeddings().weight,
+    }
+
+    def q_rows(w: torch.Tensor) -> torch.Tensor:  # (nh*(dn+dr), in): de-interleave each head's rope rows
+        if not c.rope_interleave:
+            return w
+        w = w.view(nh, dn + dr, -1)
+        return torch.stack([_deinterleave(h, dn, dr) for h in w]).reshape(nh * (dn + dr), -1)
+
+    for i in range(c.num_hidden_layers):
+        a, b = f"model.layers.{i}.", f"transformer.h.{i}."
+        at = a + "self_attn."
+        sd[b + "ln_1.weight"] = src[a + "input_layernorm.weight"]
+        sd[b + "ln_2.weight"] = src[a + "post_attention_layernorm.weight"]
+        if c.q_lora_rank:
+            sd[b + "attn.wq.0.weight"] = src[at + "q_a_proj.weight"]
+            sd[b + "attn.wq.1.weight"] = src[at + "q_a_layernorm.weight"]
+            sd[b + "attn.wq.2.weight"] = q_rows(src[at + "q_b_proj.weight"])
+        else:
+            sd[b + "attn.wq.weight"] = q_rows(src[at + "q_proj.weight"])
+        kv_a = src[at + "kv_a_proj_with_mqa.weight"]
+        sd[b + "attn.kv_down.weight"] = _deinterleave(kv_a, c.kv_lora_rank, dr) if c.rope_interleave else kv_a
+        sd[b + "attn.kv_norm.weight"] = src[at + "kv_a_layernorm.weight"]
+        sd[b + "attn.kv_up.weight"] = src[at + "kv_b_proj.weight"]
+        sd[b + "attn.c_proj.weight"] = src[at + "o_proj.weight"]
+        sd[b + "mlp.c_gate.weight"] = src[a + "mlp.gate_proj.weight"]
+        sd[b + "mlp.c_fc.weight"] = src[a + "mlp.up_proj.weight"]
+        sd[b + "mlp.c_proj.weight"] = src[a + "mlp.down_proj.weight"]
+    return _load(GPT(cfg), sd, hf.dtype)
+
+
 #: HF ``config.model_type`` -> converter
-FROM_HF: Dict[str, Callable[[Any], GPT]] = {"gpt2": _gpt2_from_hf, "llama": _llama_from_hf}
+FROM_HF: Dict[str, Callable[[Any], GPT]] = {
+    "gpt2": _gpt2_from_hf, "llama": _llama_from_hf, "deepseek_v3": _deepseek_v3_from_hf,
+}
 
 
 def from_hf(hf_model) -> GPT:
     """A :class:`GPT` with the weights of a HF causal LM, in eval mode and the HF dtype.
 
     Args:
-        hf_model: ``transformers.GPT2LMHeadModel`` or ``transformers.LlamaForCausalLM``.
+        hf_model: ``transformers.GPT2LMHeadModel``, ``LlamaForCausalLM``, or a
+            ``DeepseekV3ForCausalLM`` whose layers are all dense (``first_k_dense_replace >=
+            num_hidden_layers``), converted to ``attention="mla"``.
     Raises:
         ValueError: another ``model_type``, or a variant megaray cannot express (e.g. exact-erf
-            GELU, scaled RoPE, different attention/MLP bias flags); the message says which.
+            GELU, scaled RoPE, different attention/MLP bias flags, DeepSeek MoE layers); the
+            message says which.
     """
     mt = getattr(hf_model.config, "model_type", None)
     if mt not in FROM_HF:

@@ -24,8 +24,9 @@ def flops_per_token(cfg, n_params_non_embedding: int, seq_len: Optional[int] = N
         FLOPs (multiply-adds count 2) per trained token.
     """
     T = seq_len or cfg.block_size
-    q_qk = cfg.head_dim + (cfg.qk_rope_head_dim if cfg.attention == "mla" else 0)
-    q_v = cfg.head_dim
+    mla = cfg.attention == "mla"
+    q_qk = cfg.nope_head_dim + cfg.qk_rope_head_dim if mla else cfg.head_dim
+    q_v = cfg.value_head_dim if mla else cfg.head_dim
     return 6.0 * n_params_non_embedding + 6.0 * cfg.n_layer * cfg.n_head * T * (q_qk + q_v)
 
 

@@ -11,6 +11,8 @@ attention      mha, mqa, gqa, mla; backends auto/sdpa/flash/ref     ``common/att
 position       learned, sinusoidal, rope, alibi, none              ``common/position.py``
 norm           layernorm, rmsnorm; pre / post; final norm           ``common/norm.py``
 feed-forward   gelu, relu, silu, swiglu, geglu; MoE if n_experts   ``common/mlp.py``, ``moe.py``
+               (router top_k or expert_choice)
+residual       plain (by norm_placement), rezero; init gpt2/admin   this module
 =============  ==================================================  ===========================
 
 Sources: nanoGPT ``model.py`` (Karpathy) for the layout, names and GPT-2 init; litgpt for
@@ -20,14 +22,14 @@ config-driven variants.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megaray.models.common.attention import KVCache, build_attention, span_mask
+from megaray.models.common.attention import KVCache, build_attention, causal_mask, span_mask
 from megaray.models.common.moe import MoE, build_feed_forward
 from megaray.models.common.norm import RESIDUALS, build_final_norm, build_norm
 from megaray.models.common.position import build_position
@@ -40,6 +42,15 @@ class Block(nn.Module):
     ``forward(x, rope, bias, cache, mask)`` passes the position tables (``rope``), the additive
     attention bias (``bias``), this layer's :class:`KVCache` (or None) and a boolean attention
     mask (or None: causal) to attention.
+
+    Each of the two sublayers ``f`` (attention, feed-forward) joins the residual stream as
+    ``cfg.norm_placement`` says (``x + f(norm(x))`` or ``norm(x + f(x))``), or:
+
+    * ``residual="rezero"`` (Bachlechner et al. 2020, "ReZero is All You Need"):
+      ``x + alpha * f(norm(x))`` with one scalar ``alpha`` per sublayer, 0 at init, so every block
+      starts as the identity;
+    * ``init="admin"`` (Liu et al. 2020, "Understanding the Difficulty of Training Transformers"):
+      ``norm(x * omega + f(x))`` with ``omega`` ``(C,)`` per sublayer, set by :meth:`GPT.admin_init`.
     """
 
     def __init__(self, config: GPTConfig):
@@ -50,10 +61,28 @@ class Block(nn.Module):
         self.mlp = build_feed_forward(config)
         self.drop = nn.Dropout(config.dropout)
         self.residual = RESIDUALS[config.norm_placement]
+        self.rezero, self.admin = config.residual == "rezero", config.init == "admin"
+        if self.rezero:
+            self.alpha_attn, self.alpha_mlp = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+        if self.admin:
+            self.omega_attn = nn.Parameter(torch.ones(config.n_embd))
+            self.omega_mlp = nn.Parameter(torch.ones(config.n_embd))
+        #: set to a list by :meth:`GPT.admin_init`: each sublayer appends ``Var[f(x)]`` (float)
+        self.admin_profile: Optional[List[float]] = None
 
     def forward(self, x, rope=None, bias=None, cache: Optional[KVCache] = None, mask=None) -> torch.Tensor:
-        x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache, mask), self.drop)
-        return self.residual(x, self.ln_2, self.mlp, self.drop)
+        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache, mask), "attn")
+        return self._sublayer(x, self.ln_2, self.mlp, "mlp")
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, name: str) -> torch.Tensor:
+        if self.rezero:
+            return x + getattr(self, f"alpha_{name}") * self.drop(fn(norm(x)))
+        if self.admin:
+            fx = self.drop(fn(x))
+            if self.admin_profile is not None:
+                self.admin_profile.append(float(fx.float().var()))
+            return norm(x * getattr(self, f"omega_{name}") + fx)
+        return self.residual(x, norm, fn, self.drop)
 
 
 class GPT(nn.Module):
@@ -64,9 +93,11 @@ class GPT(nn.Module):
 
     ``model(idx)`` maps ``(B, T)`` int64 token ids to ``(B, T, V)`` float logits;
     ``model(idx, targets)`` returns ``(logits, loss)`` with ``loss`` the mean cross-entropy over
-    positions whose target is not ``-1``. The MoE load-balancing loss of the last forward
-    (coefficient applied, summed over layers; 0 for dense models) is :attr:`aux_loss`: add it to
-    ``loss`` when training. ``T`` (plus the cache length) must not exceed ``config.block_size``.
+    positions whose target is not ``-1``. The MoE auxiliary loss of the last forward
+    (load balancing + router z-loss, coefficients applied, summed over layers; 0 for dense models)
+    is :attr:`aux_loss`: add it to ``loss`` when training. :attr:`moe_stats` holds the last
+    forward's detached ``moe_aux``, ``moe_z_loss``, ``moe_dropped_frac`` (see
+    :mod:`megaray.models.common.moe`). ``T`` (plus the cache length) must not exceed ``config.block_size``.
     """
 
     def __init__(self, config: GPTConfig):
@@ -86,11 +117,55 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.activation_checkpointing = config.activation_checkpointing
         self.aux_loss = torch.zeros(())
+        self.moe_stats: Dict[str, torch.Tensor] = {}
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "admin":
+            self.admin_init()
+
+    @torch.no_grad()
+    def admin_init(self, idx: Optional[torch.Tensor] = None) -> List[float]:
+        """Admin's profiling pass (Liu et al. 2020, section 4.3): with every ``omega = 1``, one
+        forward (eval mode) records ``Var[x_0]`` (the embedded input of the first block) and
+        ``Var[f_j(x_{j-1})]`` of every sublayer ``j`` in order (attn 0, mlp 0, attn 1, ...); then
+        ``omega_i = sqrt(Var[x_0] + sum_{j<i} Var[f_j(x_{j-1})])``, the accumulated variance of the
+        residual stream entering sublayer ``i`` (the paper's ``sum_{j<i}``, with the embedding
+        counted as the first term so ``omega_1`` is not 0).
+
+        Args:
+            idx: ``(B, T)`` token ids to profile on; default ``B=2``, ``T=min(block_size, 128)``
+                ids drawn from a generator seeded 0 (at init the statistics barely depend on data).
+        Returns:
+            ``[Var[x_0], Var[f_1], ..., Var[f_{2L}]]``.
+        """
+        cfg, tr = self.config, self.transformer
+        if idx is None:
+            gen = torch.Generator().manual_seed(0)
+            idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.block_size, 128)), generator=gen)
+        idx = idx.to(self.lm_head.weight.device)
+        blocks = list(tr.h)
+        profile: List[float] = []
+        for b in blocks:
+            b.omega_attn.fill_(1.0), b.omega_mlp.fill_(1.0)
+            b.admin_profile = profile
+        handle = tr.drop.register_forward_hook(lambda m, i, out: profile.append(float(out.float().var())))
+        was_training = self.training
+        try:
+            self.eval()
+            self(idx)
+        finally:
+            handle.remove()
+            self.train(was_training)
+            for b in blocks:
+                b.admin_profile = None
+        acc = torch.tensor(profile, dtype=torch.float64).cumsum(0)  # acc[i] = Var[x_0] + sum_{j<=i} Var[f_j]
+        omegas = acc[:-1].sqrt()  # one per sublayer, in order
+        for i, b in enumerate(blocks):
+            b.omega_attn.fill_(float(omegas[2 * i])), b.omega_mlp.fill_(float(omegas[2 * i + 1]))
+        return profile
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -104,13 +179,15 @@ class GPT(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[KVCache]] = None,
-        span_ids: Optional[torch.Tensor] = None,
+        span_ids: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss].
 
         ``cache`` (from :meth:`new_cache`) makes the call continue after the cached tokens.
         ``span_ids`` ``(B, cached + T)`` int: bidirectional spans inside the causal sequence
         (0 = none; see :func:`megaray.models.common.attention.span_mask`); None = plain causal.
+        ``doc_ids`` ``(B, T)`` int (no cache): packed documents; position ``i`` attends only to
+        earlier positions with the same id (a document mask, for packed fine-tuning records).
 
         Raises:
             ValueError: cached length + ``T`` exceeds ``block_size``.
@@ -125,14 +202,21 @@ class GPT(nn.Module):
         x = tr.drop(tr.pos.embed(tr.wte(idx), q_pos))  # (B, T, C)
         rope, bias = tr.pos.rope(q_pos), tr.pos.attn_bias(q_pos, k_pos)  # (T, d) x2, (nh, T, Tk)
         mask = None if span_ids is None else span_mask(span_ids, T)  # (B, 1, T, Tk)
+        if doc_ids is not None:  # document mask: causal and within one packed document
+            same = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]  # (B, 1, T, T)
+            mask = same & (causal_mask(T, T, idx.device) if mask is None else mask)
         for i, block in enumerate(tr.h):
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, bias, None, mask, use_reentrant=False)
             else:
                 x = block(x, rope, bias, cache[i] if cache is not None else None, mask)
         logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
-        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
-        self.aux_loss = torch.stack(aux).sum() if aux else torch.zeros((), device=idx.device)
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        self.aux_loss = torch.stack([m.aux_loss for m in moes]).sum() if moes else torch.zeros((), device=idx.device)
+        if moes:  # load-balancing term summed over layers; z-loss and dropped fraction averaged
+            stat = lambda k: torch.stack([m.stats[k] for m in moes])  # noqa: E731
+            self.moe_stats = dict(moe_aux=stat("moe_aux").sum(), moe_z_loss=stat("moe_z_loss").mean(),
+                                  moe_dropped_frac=stat("moe_dropped_frac").mean())
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -165,7 +249,7 @@ class GPT(nn.Module):
             for m in self.modules():
                 if isinstance(m, MoE):
                     per_expert = sum(p.numel() for p in m.experts[0].parameters())
-                    n -= (m.n_experts - m.top_k) * per_expert
+                    n -= int((m.n_experts - m.active_experts) * per_expert)
         return n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:

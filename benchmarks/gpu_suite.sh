@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# GPT throughput suite for a bare GPU host, in at most --budget-s seconds (default 450, under 8 min).
+#
+# Prints one JSON object (also written to $OUT/gpu_suite.json when $OUT is set) with tokens/s and MFU
+# (nanoGPT's formula, benchmarks/gpt_throughput.py) of `--preset` (default gpt2_small, block 1024),
+# bf16 on CUDA:
+#   torch      the bare model (autocast bf16, fused AdamW), SDPA and flash-attn (where importable),
+#              torch.compile off and on;
+#   deepspeed  the same model in a single-process DeepSpeed engine (ZeRO 0), compile off and on;
+#   megaray    `megaray train`'s loop: fit() with one Ray Train worker on one GPU, tracking off,
+#              on stdlib shards prepared here (`megaray prepare text`, offline).
+# plus megaray_over_deepspeed (target >= 0.97) and deepspeed_over_torch.
+#
+# The host has Python 3.12 + torch but no deepspeed, ray, pydantic, mlflow: prepare wheels first,
+# with network, on this side:  benchmarks/gpu-wheels.sh --ray   (fills .whl, .whl2; see it for the
+# two transfers). Here .whl/*.whl (and the ray wheel joined from /root/stash/ray.part.aa +
+# .whl/ray.part.ab) are installed into /tmp/site, which goes first on PYTHONPATH.
+#
+#   bash benchmarks/gpu_suite.sh                                   # on the GPU host
+#   bash benchmarks/gpu_suite.sh --device cpu --preset debug --no-install --steps 3   # proof on CPU
+set -euo pipefail
+device=cuda preset=gpt2_small batch=16 steps=20 warmup=3 budget=450 install=1 precision=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) device=$2; shift 2 ;;
+    --preset) preset=$2; shift 2 ;;
+    --batch-size) batch=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --warmup) warmup=$2; shift 2 ;;
+    --budget-s) budget=$2; shift 2 ;;
+    --precision) precision=$2; shift 2 ;;
+    --no-install) install=0; shift ;;
+    *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$precision" ] || { [ "$device" = cuda ] && precision=bf16 || precision=fp32; }
+t_start=$(date +%s)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+work=${SUITE_DIR:-/tmp/gpu_suite}
+mkdir -p "$work"
+left() { echo $(( budget - ($(date +%s) - t_start) )); }
+log() { echo "[gpu_suite $(( $(date +%s) - t_start ))s] $*" >&2; }
+
+# 1. wheels carried from benchmarks/gpu-wheels.sh
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$install" = 1 ] && [ -d .whl ]; then
+  extra=()
+  if [ -f .whl/ray.part.ab ] && [ -f /root/stash/ray.part.aa ]; then
+    cat /root/stash/ray.part.aa .whl/ray.part.ab > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
+    extra=(/tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl)
+  fi
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl "${extra[@]}" >&2
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  log "installed $(ls .whl/*.whl | wc -l) wheels ${extra[*]:+and ray}"
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false RAY_TRAIN_V2_ENABLED=1
+[ "$device" = cpu ] && export DS_ACCELERATOR=cpu
+
+# 2. fail fast, naming what is missing, before any minute is spent on a benchmark
+$PY - "$device" >&2 <<'PYEOF'
+import importlib, sys
+need = ["torch", "deepspeed", "ray", "ray.train.torch", "pydantic", "tokenizers", "pyarrow", "typer",
+        "megaray.train.launch", "megaray.train.loop", "megaray.data.text"]
+missing = []
+for m in need:
+    try:
+        importlib.import_module(m)
+    except Exception as e:
+        missing.append(f"{m} ({type(e).__name__}: {e})")
+if missing:
+    sys.exit("gpu_suite: cannot import " + "; ".join(missing) + " -- prepare wheels with benchmarks/gpu-wheels.sh --ray")
+import torch
+if sys.argv[1] == "cuda" and not torch.cuda.is_available():
+    sys.exit("gpu_suite: --device cuda but torch sees no GPU")
+print("imports ok; torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+PYEOF
+
+common=(--preset "$preset" --device "$device" --precision "$precision" --batch-size "$batch"
+        --steps "$steps" --warmup "$warmup" --runs-jsonl "$work/runs.jsonl")
+rm -f "$work/runs.jsonl"
+bench() {  # bench SECONDS_TO_KEEP NAME ARGS...: one gpt_throughput.py call within the budget
+  local keep=$1 name=$2; shift 2
+  local t=$(( $(left) - keep ))
+  if [ "$t" -lt 20 ]; then log "$name skipped: budget spent"; return; fi
+  timeout "$t" $PY benchmarks/gpt_throughput.py "${common[@]}" "$@" > "$work/$name.json" \
+    || log "$name ended early (rc $?); its finished runs are kept"
+  log "$name done"
+}
+# 3. the reference figures first: bare model and DeepSpeed engine, SDPA, no compile
+bench 240 reference --sides torch deepspeed --attention sdpa --compile off
+# 4. megaray's loop: fit() through Ray Train on one device, on stdlib shards prepared here (offline)
+if [ ! -f "$work/stdlib/manifest.json" ]; then
+  $PY -m megaray.cli prepare text --source stdlib --out "$work/stdlib" --vocab-size 8192 --overwrite >&2
+fi
+bench 100 megaray --sides megaray --attention sdpa --compile off --shards "$work/stdlib"
+# 5. variants with what is left: torch.compile, then flash-attn (skipped where not importable)
+bench 50 compile --sides torch deepspeed --attention sdpa --compile on
+bench 10 flash --sides torch deepspeed --attention flash --compile off on
+
+# 6. one JSON: the header of the first part, every run that finished
+$PY - "$work" "$(( $(date +%s) - t_start ))" <<'PYEOF' | tee "${OUT:-$work}/gpu_suite.json"
+import json, os, sys
+work = sys.argv[1]
+out = {}
+for name in ("reference", "megaray", "compile", "flash"):
+    try:
+        part = json.load(open(os.path.join(work, name + ".json")))
+    except Exception:
+        continue
+    out = out or {k: v for k, v in part.items() if k not in ("runs", "torch", "deepspeed", "megaray", "skipped")}
+    out.setdefault("skipped", []).extend(part.get("skipped", []))
+path = os.path.join(work, "runs.jsonl")
+out["runs"] = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+out["errors"] = [f"{r['side']}/{r['attention']}/compile {r['compile']}: {r['error']}" for r in out["runs"] if "error" in r]
+pick = lambda side: next((r for r in out["runs"] if r["side"] == side and r["attention"] == "sdpa"
+                          and r["compile"] == "off" and "tokens_per_sec" in r), None)
+for side in ("torch", "deepspeed", "megaray"):
+    out[side] = pick(side)
+if out["deepspeed"] and out["megaray"]:
+    out["megaray_over_deepspeed"] = out["megaray"]["tokens_per_sec"] / out["deepspeed"]["tokens_per_sec"]
+if out["torch"] and out["deepspeed"]:
+    out["deepspeed_over_torch"] = out["deepspeed"]["tokens_per_sec"] / out["torch"]["tokens_per_sec"]
+out["suite_wall_s"] = int(sys.argv[2])
+print(json.dumps(out, indent=2))
+PYEOF

@@ -1,0 +1,105 @@
+"""Ablation grids: the named configs under configs/ablation/ each change one component of the
+baseline, configs/tune/ablation.yaml runs the same changes as a grid, and a 2-experiment grid runs
+on CPU and leaves its comparison artifacts (with HellaSwag accuracy) in the MLflow parent run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megaray.families import load_config
+from megaray.tune.config import load_tune_config
+
+from conftest import REPO
+
+ABLATION = REPO / "configs" / "ablation"
+TUNE = REPO / "configs" / "tune" / "ablation.yaml"
+
+#: each experiment's change to the baseline's model section (mla's decoupled RoPE keys need rope)
+EXPECTED = {
+    "baseline": {},
+    "alibi": {"position": "alibi"}, "rope": {"position": "rope"}, "sine": {"position": "sinusoidal"},
+    "mqa": {"attention": "mqa"}, "gqa": {"attention": "gqa", "n_kv_heads": 2},
+    "mla": {"attention": "mla", "position": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "geglu": {"mlp": "geglu"}, "swiglu": {"mlp": "swiglu"}, "silu": {"mlp": "silu"}, "relu": {"mlp": "relu"},
+}
+
+
+def _model_diff(cfg, base):
+    a, b = cfg.model.model_dump(mode="json"), base.model.model_dump(mode="json")
+    return {k: v for k, v in a.items() if v != b[k]}
+
+
+def test_every_ablation_config_changes_exactly_its_component():
+    assert {p.stem for p in ABLATION.glob("*.yaml")} == set(EXPECTED)
+    base = load_config(ABLATION / "baseline.yaml")
+    assert (base.model.position, base.model.attention, base.model.norm, base.model.mlp) == ("learned", "mha", "layernorm", "gelu")
+    for name, change in EXPECTED.items():
+        cfg = load_config(ABLATION / f"{name}.yaml")
+        assert _model_diff(cfg, base) == change, name
+        assert cfg.name == f"ablation-{name}"
+        rest, base_rest = cfg.model_dump(mode="json"), base.model_dump(mode="json")
+        for section in ("data", "train", "scaling", "tracking", "eval"):  # equal token budget and tracking
+            assert rest[section] == base_rest[section], (name, section)
+
+
+def test_tune_grid_is_the_ablation_configs():
+    s = load_tune_config(TUNE, strict=True)
+    assert s.base_path == str(ABLATION / "baseline.yaml")
+    assert s.config.search.algorithm == "grid" and s.config.scheduler.type == "fifo"  # no early stop: equal budget
+    grid = s.config.space["model"].grid
+    assert sorted(map(json.dumps, grid)) == sorted(json.dumps(c) for c in EXPECTED.values())
+    base = load_config(ABLATION / "baseline.yaml")
+    for label, value in s.labels["model"].items():
+        name = next(n for n, c in EXPECTED.items() if c == value)
+        trial = s.trial_config({"model": label}, "abc_00001")
+        assert trial.model == load_config(ABLATION / f"{name}.yaml").model, name
+        assert _model_diff(trial, base) == EXPECTED[name]
+
+
+HELLASWAG = [
+    {"ctx": "Return the number of", "label": 0, "endings": ["items in the list.", "cats", "blue sky", "the of of"]},
+    {"ctx": "If the argument is omitted,", "label": 1,
+     "endings": ["the sun sets.", "None is used.", "return return", "a file is opened twice."]},
+    {"ctx": "Raise ValueError when", "label": 2, "endings": ["the moon", "zebra", "the value is invalid.", "x"]},
+]
+
+
+def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from megaray.inference.hellaswag import evaluate_hellaswag
+    from megaray.tune.search import run_search
+
+    data = tmp_path / "hellaswag.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in HELLASWAG) + "{broken\n")
+    result = run_search(TUNE, [
+        "space.model={grid: [{}, {position: rope}]}", "model.n_layer=1", "model.n_embd=64", "model.block_size=32",
+        "data.batch_size=4", "data.num_val_batches=2", "train.max_steps=4", "train.warmup_steps=1",
+        "train.eval_every=2", "train.checkpoint_every=4", f"data.shards={text_shards}", f"eval.hellaswag={data}",
+        f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=ablation-test",
+        f"storage_path={tmp_path / 'runs'}",
+    ])
+    assert [t.outcome for t in result.trials] == ["completed", "completed"]
+    assert sorted(json.dumps(t.params["model"]) for t in result.trials) == ['{"position": "rope"}', "{}"]
+    for t in result.trials:
+        assert [s for s, _ in t.curve] == [2, 4]
+        (step, acc), = t.evals["hellaswag_acc"][-1:]
+        # the periodic evaluation of the final weights equals `megaray eval --task hellaswag` on its checkpoint
+        offline = evaluate_hellaswag(t.checkpoint, str(data))
+        assert step == 4 and offline["examples"] == 3 and offline["bad_lines"] == 1
+        assert acc == pytest.approx(offline["acc"]) and t.evals["hellaswag_acc_norm"][-1][1] == pytest.approx(offline["acc_norm"])
+    c = MlflowClient(mlflow_server)
+    files = {f.path for f in c.list_artifacts(result.parent_run_id, "tune")}
+    assert {"tune/trials.md", "tune/trials.csv", "tune/curves.png"} <= files
+    table = c.download_artifacts(result.parent_run_id, "tune/trials.md", str(tmp_path))
+    text = open(table).read()
+    assert "val_loss (last)" in text and "hellaswag_acc" in text and "hellaswag_acc_norm" in text
+    assert "(base)" in text and "position=rope" in text
+    csv_text = open(c.download_artifacts(result.parent_run_id, "tune/trials.csv", str(tmp_path))).read()
+    assert csv_text.splitlines()[0].startswith("trial_id,outcome,last_step,val_loss_last,val_loss_best,"
+                                              "hellaswag_acc_last,hellaswag_acc_norm_last")
+    png = open(c.download_artifacts(result.parent_run_id, "tune/curves.png", str(tmp_path)), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

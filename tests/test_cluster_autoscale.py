@@ -1,0 +1,171 @@
+"""An autoscaling Ray cluster on this one machine: Ray's fake multi-node provider.
+
+``ray start --head --autoscaling-config=...`` with ``RAY_FAKE_CLUSTER=1`` runs the autoscaler
+(v1) with the ``fake_multinode`` provider, which "launches" a node by starting another raylet
+on this machine. The head offers one ``trainer`` slot (a custom resource every Train worker
+asks for); worker nodes offer one each. So:
+
+1. ``ray job submit`` (runtime env ``cluster/runtime_env.yaml``) of ``megaray train`` with two
+   workers cannot start on the head alone: the autoscaler adds a node and the job succeeds;
+2. an elastic run (``scaling.num_workers: [1, 3]``) starts with the slots there are and grows
+   to three workers once the autoscaler has added the nodes it asked for;
+3. when nothing runs, the worker nodes are removed (idle timeout 0.1 min; Ray Train's resource
+   requests to the autoscaler expire after about 180 s, hence the generous wait).
+
+The wheel has no ``fake_multi_node/example.yaml`` (which ``ray.cluster_utils.AutoscalingCluster``
+reads), so the full config is built here from Ray's example. ``AutoscalingCluster.start`` also
+runs ``ray stop --force``, which would kill every Ray on a shared machine: this module starts
+and stops only its own processes (by GCS port). Marker ``cluster``: ``make test-cluster``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.cluster
+
+BIN = Path(sys.executable).parent
+#: head node: 2 CPUs (Ray Data, the job driver) and one Train worker slot
+HEAD = {"CPU": 2, "trainer": 1}
+WORKER = {"CPU": 2, "trainer": 1}
+TRAIN_RESOURCES = "scaling.resources_per_worker={CPU: 1, trainer: 1}"
+
+
+def fake_cluster_config(head: dict, max_nodes: int) -> dict:
+    """The autoscaler config of Ray's ``fake_multi_node/example.yaml`` with our node types."""
+    return {
+        "cluster_name": "megaray-fake",
+        "max_workers": max_nodes,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": dict(head), "node_config": {}, "max_workers": 0},
+            "ray.worker.trainer": {"resources": dict(WORKER), "node_config": {}, "min_workers": 0,
+                                   "max_workers": max_nodes},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def _stop(gcs_port: int) -> None:
+    """Kill this cluster's processes only (their command lines name its GCS port)."""
+    import psutil
+
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] != me and (f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd
+                                    or f"--port={gcs_port}" in cmd):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory):
+    """A fake autoscaling cluster (head + up to 2 worker nodes); yields ``(gcs address, dashboard URL)``
+    with this process connected to it."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("needs a Ray of its own (run with -m cluster)")
+    root = tmp_path_factory.mktemp("fake-cluster")
+    config = root / "autoscaler.json"
+    head = dict(HEAD)
+    cfg = fake_cluster_config(head, max_nodes=2)
+    cfg["provider"]["head_resources"] = dict(head)
+    config.write_text(json.dumps(cfg))
+    gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--autoscaling-config={config}", f"--num-cpus={head.pop('CPU')}",
+         f"--resources={json.dumps(head)}", f"--port={gcs}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+    finally:
+        ray.shutdown()
+        _stop(gcs)
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
+def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
+    _, dashboard = fake_cluster
+    assert _alive_nodes() == 1
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+           "--", "megaray", "train", "configs/gpt_debug.yaml", "--set", "name=grow",
+           "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
+           "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=6",
+           "--set", "train.checkpoint_every=6", "--set", "train.eval_every=6", "--set", "scaling.num_workers=2",
+           "--set", TRAIN_RESOURCES]
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    most = 1
+    for _ in range(40):  # the dashboard's job agent comes up a little after `ray start` returns
+        job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        while job.poll() is None:
+            most = max(most, _alive_nodes())
+            time.sleep(1)
+        out = job.stdout.read()
+        if "No available agent" not in out:
+            break
+        time.sleep(3)
+    assert job.returncode == 0, out[-4000:]
+    assert "succeeded" in out, out[-4000:]
+    assert most >= 2, "the autoscaler added no node for the second Train worker"
+    state = json.loads((storage / "grow" / "step_00000006" / "megaray.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2
+
+
+def test_elastic_run_starts_with_what_is_there_and_grows(fake_cluster, text_shards, tmp_path, monkeypatch):
+    from megaray.families import load_config
+    from megaray.train.launch import fit
+
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
+    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", [
+        "name=elastic", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.num_workers=[1, 3]",
+        "scaling.elastic_resize_s=5", TRAIN_RESOURCES, "train.max_steps=400", "train.checkpoint_every=400",
+        "train.eval_every=400", "train.log_every=50", "tracking.sample_tokens=0"])
+    result = fit(cfg)
+    assert result.metrics["step"] == 400
+    worlds = [sum(1 for r in range(3) if Path(f"{tmp_path / 'trace'}.starts.rank{r}").exists())]
+    starts = Path(f"{tmp_path / 'trace'}.starts.rank0").read_text().splitlines()
+    assert len(starts) >= 2, "the worker group never grew"  # restarted to use the new nodes
+    assert Path(f"{tmp_path / 'trace'}.starts.rank2").exists(), worlds  # ... and ended with three workers
+    assert json.loads((tmp_path / "runs" / "elastic" / "step_00000400" / "megaray.json").read_text())["world_size"] == 3
+
+
+def test_idle_worker_nodes_are_removed(fake_cluster):
+    deadline = time.monotonic() + 300  # Train's resource requests expire ~180 s after the last run
+    while _alive_nodes() > 1 and time.monotonic() < deadline:
+        time.sleep(5)
+    assert _alive_nodes() == 1, "idle worker nodes were not removed"

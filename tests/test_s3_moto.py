@@ -1,0 +1,123 @@
+"""``s3://`` storage against a real S3 API on this machine: moto's server on 127.0.0.1.
+
+One run proves: text shards prepared straight into a bucket, training from them with
+``scaling.storage_path: s3://...`` (checkpoints uploaded asynchronously by Ray Train),
+MLflow artifacts in the bucket, a crash, a resume from the bucket that repeats and skips no
+batch, and a resume with another worker count rejected before any work with the reason.
+
+pyarrow's S3 filesystem (shards, Ray Train storage), boto3 (MLflow artifacts) and every Ray
+worker read ``AWS_ENDPOINT_URL`` from the environment, set here before Ray starts (workers
+inherit the raylet's environment). Runs in ``make test-cluster`` (marker ``cluster``): it needs a
+Ray of its own started with that environment, not the session cluster of ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+
+pytestmark = pytest.mark.cluster
+
+BUCKET = "megaray-test"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback with one bucket, the AWS environment pointing at it, and a
+    local Ray started after (so its workers inherit that environment). Yields a boto3 client."""
+    pytest.importorskip("moto")
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from megaray.train.launch import ensure_ray
+
+    if ray.is_initialized():
+        pytest.skip("needs a Ray of its own started with the S3 environment (run with -m cluster)")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    ensure_ray(num_cpus=8)
+    try:
+        yield client
+    finally:
+        ray.shutdown()
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _trace(prefix: Path, rank: int) -> list[dict]:
+    p = Path(f"{prefix}.rank{rank}")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.endswith("}")] if p.exists() else []
+
+
+def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from megaray.data.text import prepare_text
+    from megaray.errors import CheckpointError
+    from megaray.families import load_config
+    from megaray.train.launch import fit
+
+    shards = f"s3://{BUCKET}/data/stdlib-512"
+    prepare_text(["stdlib"], shards, vocab_size=512, stdlib_max_docs=800)
+    assert f"data/stdlib-512/manifest.json" in _keys(s3, "data/stdlib-512/")
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(db).create_experiment("s3", artifact_location=f"s3://{BUCKET}/mlflow")  # artifacts in the bucket
+    args = [f"data.shards={shards}", f"scaling.storage_path=s3://{BUCKET}/runs", f"tracking.tracking_uri={db}",
+            "tracking.experiment=s3", "name=s3run", "train.max_steps=8", "train.checkpoint_every=2",
+            "train.eval_every=4", "train.log_every=2", "train.zero_stage=1", "scaling.max_failures=0",
+            "tracking.sample_tokens=4", "data.num_val_batches=2"]
+    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", args)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("MEGARAY_TRACE", str(trace))
+    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "5")
+    with pytest.raises(Exception, match="injected failure"):
+        fit(cfg)
+    # uploads run in the background: the crash may cut the step-4 one short, never the step-2 one
+    assert "runs/s3run/step_00000002/megaray.json" in _keys(s3, "runs/s3run/step_00000002/")
+
+    # another world size: rejected on the driver, reading the bucket, before any worker starts
+    with pytest.raises(CheckpointError, match=r"written by 2 workers but this run has 1: its ZeRO stage-1"):
+        fit(load_config(REPO / "configs" / "gpt_debug.yaml", args + ["scaling.num_workers=1"]))
+    assert len(_trace(trace, 0)) == 5  # ... so nothing was trained
+
+    monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
+    result = fit(cfg)
+    assert result.metrics["step"] == 8
+    assert result.checkpoint.endswith("runs/s3run/step_00000008")
+    state = json.loads(s3.get_object(Bucket=BUCKET, Key="runs/s3run/step_00000008/megaray.json")["Body"].read())
+    assert state["step"] == 8 and state["world_size"] == 2
+    starts = [json.loads(line)["step"] for line in Path(f"{trace}.starts.rank0").read_text().splitlines()]
+    assert starts[0] == 0 and starts[-1] in (2, 4), starts  # resumed from a checkpoint in the bucket
+    k = starts[-1]
+    for rank in (0, 1):
+        got = _trace(trace, rank)
+        first, second = got[:5], got[5:]
+        assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+        assert [r["step"] for r in second] == list(range(k + 1, 9))  # nothing before the checkpoint retrained
+        assert [r["fp"] for r in second[:5 - k]] == [r["fp"] for r in first[k:]]  # same data position
+        fps = [r["fp"] for r in first[:k] + second]
+        assert len(set(fps)) == 8  # eight distinct batches: none repeated or skipped
+    arts = _keys(s3, "mlflow/")
+    assert any(k.endswith("config/resolved.yaml") for k in arts), arts
+    assert any(k.endswith("final_checkpoint.txt") for k in arts), arts

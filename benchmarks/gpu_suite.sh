@@ -16,6 +16,10 @@
 # two transfers). Here .whl/*.whl (and the ray wheel joined from /root/stash/ray.part.aa +
 # .whl/ray.part.ab) are installed into /tmp/site, which goes first on PYTHONPATH.
 #
+# DeepSpeed's fused AdamW (deepspeed and megaray sides on CUDA) is JIT-built on first use and needs
+# nvcc (CUDA_HOME); the JSON's "nvcc" says whether the host had one, a side that failed says why
+# under "errors", and the other sides' figures are kept.
+#
 #   bash benchmarks/gpu_suite.sh                                   # on the GPU host
 #   bash benchmarks/gpu_suite.sh --device cpu --preset debug --no-install --steps 3   # proof on CPU
 set -euo pipefail
@@ -90,10 +94,13 @@ bench() {  # bench SECONDS_TO_KEEP NAME ARGS...: one gpt_throughput.py call with
 # 3. the reference figures first: bare model and DeepSpeed engine, SDPA, no compile
 bench 240 reference --sides torch deepspeed --attention sdpa --compile off
 # 4. megaray's loop: fit() through Ray Train on one device, on stdlib shards prepared here (offline)
-if [ ! -f "$work/stdlib/manifest.json" ]; then
-  $PY -m megaray.cli prepare text --source stdlib --out "$work/stdlib" --vocab-size 8192 --overwrite >&2
+# a 512-token BPE: the most windows from the small corpus (gpt2_small's 40 steps x 16 x 1024 tokens
+# stay inside one epoch); the model's vocab_size, and so its compute, is the preset's
+vocab=512
+if [ ! -f "$work/stdlib-$vocab/manifest.json" ]; then
+  $PY -m megaray.cli prepare text --source stdlib --out "$work/stdlib-$vocab" --vocab-size "$vocab" --val-fraction 0.1 --overwrite >&2
 fi
-bench 100 megaray --sides megaray --attention sdpa --compile off --shards "$work/stdlib"
+bench 100 megaray --sides megaray --attention sdpa --compile off --shards "$work/stdlib-$vocab"
 # 5. variants with what is left: torch.compile, then flash-attn (skipped where not importable)
 bench 50 compile --sides torch deepspeed --attention sdpa --compile on
 bench 10 flash --sides torch deepspeed --attention flash --compile off on
@@ -122,5 +129,9 @@ if out["deepspeed"] and out["megaray"]:
 if out["torch"] and out["deepspeed"]:
     out["deepspeed_over_torch"] = out["deepspeed"]["tokens_per_sec"] / out["torch"]["tokens_per_sec"]
 out["suite_wall_s"] = int(sys.argv[2])
+import shutil
+# DeepSpeed's fused AdamW (the deepspeed and megaray sides on CUDA) is JIT-built with nvcc
+home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+out["nvcc"] = shutil.which("nvcc") or (os.path.join(home, "bin/nvcc") if os.path.exists(os.path.join(home, "bin/nvcc")) else None)
 print(json.dumps(out, indent=2))
 PYEOF

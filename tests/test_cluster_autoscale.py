@@ -90,6 +90,8 @@ def fake_cluster(tmp_path_factory):
     cfg["provider"]["head_resources"] = dict(head)
     config.write_text(json.dumps(cfg))
     gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # the head, this process, `ray job submit`: one token (~/.ray/auth_token)
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
@@ -100,13 +102,14 @@ def fake_cluster(tmp_path_factory):
          f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
     try:
+        assert start.returncode == 0, start.stdout + start.stderr
         ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
         ray.shutdown()
         _stop(gcs)
+        os.environ.pop("RAY_AUTH_MODE") if auth is None else os.environ.__setitem__("RAY_AUTH_MODE", auth)
 
 
 def _alive_nodes() -> int:

@@ -137,7 +137,7 @@ def _cfg(tmp_path, name, shards, **train):
     from megaray.families import load_config
 
     return load_config({
-        "name": name, "model": {"family": "gpt", "preset": "debug", "vocab_size": 512, "block_size": 64},
+        "name": name, "model": {"family": "gpt", "preset": "debug", "vocab_size": 512, "block_size": 128},
         "data": {"shards": shards, "batch_size": 2, "num_val_batches": 1, "shuffle_buffer": 0},
         "train": {"warmup_steps": 0, "eval_every": 1000, "log_every": 1000, "zero_stage": 0, "precision": "fp32",
                   **train},
@@ -151,7 +151,7 @@ def _completion_loss(ckpt: str, shards: str) -> float:
 
     model, _, _ = load_for_inference(ckpt)
     m = sft.load_manifest(shards)
-    batch, _ = sft.pack(sft.read_split(shards, m, "train"), 64, m["eos_id"])
+    batch, _ = sft.pack(sft.read_split(shards, m, "train"), 128, m["eos_id"])
     with torch.no_grad():
         _, loss = model(*(torch.from_numpy(batch[k]) for k in ("input_ids", "targets")),
                         doc_ids=torch.from_numpy(batch["doc_ids"]))
@@ -165,7 +165,7 @@ def test_finetune_lowers_completion_loss(ray_cluster, unigram_shards, tmp_path):
     pre = fit(_cfg(tmp_path, "pre", unigram_shards, max_steps=3, checkpoint_every=3))
     assert pre.checkpoint and np.isfinite(pre.metrics["loss"])
     shards = str(tmp_path / "sft")
-    m = sft.prepare_sft([str(ASSET)], shards, pre.checkpoint, max_tokens=65, val_fraction=0.2, verbose=False)
+    m = sft.prepare_sft([str(ASSET)], shards, pre.checkpoint, max_tokens=129, val_fraction=0.2, verbose=False)
     assert m["tokenizer"]["kind"] == "unigram" and m["rejected"]["total"] == 0
     ft = fit(_cfg(tmp_path, "ft", shards, task="sft", init_from=pre.checkpoint, max_steps=25, checkpoint_every=25,
                   lr=2e-3, min_lr=2e-4, weight_decay=0.0))

@@ -125,7 +125,7 @@ def test_every_step_under_zero_keeps_rows_unit_with_two_workers(zero_stage, ray_
         f"name=ngpt-z{zero_stage}", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.zero_stage={zero_stage}",
         f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
-        f"train.checkpoint_every={steps}", "tracking.sample_tokens=8", "train.lr=1e-2",
+        f"train.checkpoint_every={steps}", f"tracking.sample_tokens={8 if zero_stage == 2 else 0}",
     ])
     result = fit(cfg)
     assert result.metrics["step"] == steps
@@ -150,5 +150,6 @@ def test_every_step_under_zero_keeps_rows_unit_with_two_workers(zero_stage, ray_
     assert _max_dev(model) < TOL
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), NGPT(cfg.model).parameters()))
     loss = history("loss")
-    assert loss[steps] < loss[1] - 0.3, loss  # it learns
-    assert 0 < result.metrics["val_loss"] < 6.3  # below uniform over 512 tokens (ln 512 = 6.24 + slack)
+    # it learns: nGPT starts at ~ln(512) = 6.24 (logits are cosines times s_z = 1)
+    assert loss[steps] < loss[1] - 0.1, loss
+    assert result.metrics["val_loss"] < 6.2

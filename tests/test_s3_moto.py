@@ -8,7 +8,8 @@ batch, and a resume with another worker count rejected before any work with the 
 pyarrow's S3 filesystem (shards, Ray Train storage), boto3 (MLflow artifacts) and every Ray
 worker read ``AWS_ENDPOINT_URL`` from the environment, set here before Ray starts (workers
 inherit the raylet's environment). Runs in ``make test-cluster`` (marker ``cluster``): it needs a
-Ray of its own started with that environment, not the session cluster of ``make test``.
+Ray of its own started with that environment, not the session cluster of ``make test``. The
+unit tests at the end (retry, world-size check, elastic config) run in ``make test``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
-
-pytestmark = pytest.mark.cluster
 
 BUCKET = "megaray-test"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -69,6 +68,7 @@ def _trace(prefix: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.endswith("}")] if p.exists() else []
 
 
+@pytest.mark.cluster
 def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -121,3 +121,59 @@ def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
     arts = _keys(s3, "mlflow/")
     assert any(k.endswith("config/resolved.yaml") for k in arts), arts
     assert any(k.endswith("final_checkpoint.txt") for k in arts), arts
+
+
+def test_upload_is_retried_on_transient_errors_only():
+    from megaray.train.checkpoint import upload_with_retry
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "uploaded"
+
+    assert upload_with_retry(flaky, "step_1", attempts=4, backoff_s=0.0) == "uploaded" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(OSError, match="503"):
+        upload_with_retry(lambda: calls.append(1) or (_ for _ in ()).throw(OSError("HTTP 503 SlowDown")),
+                          "step_1", attempts=2, backoff_s=0.0)
+    assert len(calls) == 2
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # not transient: no retry
+        upload_with_retry(lambda: calls.append(1) or (_ for _ in ()).throw(FileNotFoundError("gone")), "s", 4, 0.0)
+    assert len(calls) == 1
+
+
+def test_resume_with_another_world_size_is_refused_with_the_reason(tmp_path):
+    from megaray.errors import CheckpointError
+    from megaray.train.checkpoint import check_world, resume_world
+
+    assert resume_world(str(tmp_path / "nothing")) is None
+    for step, world in ((2, 2), (4, 4)):
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        (d / "megaray.json").write_text(json.dumps({"step": step, "world_size": world}))
+    (tmp_path / "step_00000006").mkdir()  # incomplete: no megaray.json
+    assert resume_world(str(tmp_path)) == 4
+    check_world(4, 4, "x", 2)
+    with pytest.raises(CheckpointError, match=r"x was written by 4 workers but this run has 2: its ZeRO stage-2 "
+                                              r"optimizer state is partitioned over 4 ranks.*num_workers=4"):
+        check_world(4, 2, "x", 2)
+
+
+def test_num_workers_range_and_per_world_batches():
+    from megaray.config import ConfigError
+    from megaray.families import build_run_config
+    from megaray.tasks.base import TaskInfo
+
+    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}, "scaling": {"num_workers": [1, 3]}})
+    assert cfg.scaling.ray_num_workers() == (1, 3) and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 3)
+    assert build_run_config({"model": {"family": "gpt", "preset": "debug"}}).scaling.ray_num_workers() == 2
+    for bad in ([3, 1], [0, 2], [1, 2, 3]):
+        with pytest.raises(ConfigError, match=r"scaling: num_workers: .* is not \[min, max\]"):
+            build_run_config({"model": {"family": "gpt", "preset": "debug"}, "scaling": {"num_workers": bad}})
+    info = TaskInfo(batches_per_epoch=10, val_batches=2, per_world={1: (30, 8), 3: (10, 2)})
+    assert (info.for_world(1).batches_per_epoch, info.for_world(1).val_batches) == (30, 8)
+    assert info.for_world(3) is not info and info.for_world(2) is info

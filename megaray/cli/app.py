@@ -59,9 +59,21 @@ prepare_app = typer.Typer(
 app.add_typer(prepare_app, name="prepare")
 
 
-def setup_logging() -> None:
-    """INFO logging for commands that run Ray or long data work."""
+def setup_logging(verbose: bool = False) -> None:
+    """Logging for commands that run Ray or long data work: megaray's INFO lines; other libraries'
+    INFO chatter and deprecation warnings only with ``verbose`` (``--verbose``, or
+    ``MEGARAY_VERBOSE=1``, which also brings back every Ray worker's output)."""
+    if verbose:
+        os.environ["MEGARAY_VERBOSE"] = "1"
+    from megaray.train.console import quiet_driver
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_driver()
+
+
+#: ``--verbose`` of the commands that start Ray
+VERBOSE_OPTION = typer.Option(False, "--verbose", "-v",
+                              help="show Ray's, DeepSpeed's and the workers' own output (also MEGARAY_VERBOSE=1)")
 
 
 def main() -> None:  # pragma: no cover - the console entry point

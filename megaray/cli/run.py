@@ -9,7 +9,7 @@ from typing import List
 
 import typer
 
-from megaray.cli.app import app, setup_logging
+from megaray.cli.app import VERBOSE_OPTION, app, setup_logging
 from megaray.cli.options import SET_HELP
 
 _DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -33,6 +33,7 @@ def config_cmd(
 def train_cmd(
     config: Path = typer.Argument(..., help="run config YAML (see configs/)"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same command resumes from the latest checkpoint.
 
@@ -43,7 +44,7 @@ def train_cmd(
     from megaray.families import load_config
     from megaray.train.launch import fit
 
-    setup_logging()
+    setup_logging(verbose)
     cfg = load_config(config, set_)
     print_result(fit(cfg))
 
@@ -53,6 +54,7 @@ def finetune_cmd(
     config: Path = typer.Argument(..., help="run config YAML whose data.shards come from `megaray prepare sft`"),
     from_: str = typer.Option(..., "--from", help="checkpoint (or run directory) whose weights start the run"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Supervised fine-tuning: `train` with train.task=sft and train.init_from=--from (loss on completions only).
 
@@ -61,7 +63,7 @@ def finetune_cmd(
     from megaray.families import load_config
     from megaray.train.launch import fit
 
-    setup_logging()
+    setup_logging(verbose)
     cfg = load_config(config, [*set_, "train.task=sft", f"train.init_from={from_}"])
     print_result(fit(cfg))
 
@@ -87,6 +89,7 @@ def tune_cmd(
     set_: List[str] = typer.Option([], "--set", help="override in the tune config, e.g. --set search.num_samples=8"),
     resume: bool = typer.Option(False, "--resume",
                                 help="continue an interrupted search; finished trials are not re-run"),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Ray Tune search: every trial is a Ray Train run (its own MLflow child run).
 
@@ -94,7 +97,7 @@ def tune_cmd(
     """
     from megaray.tune.search import run_search
 
-    setup_logging()
+    setup_logging(verbose)
     typer.echo(run_search(config, set_, resume=resume).summary())
 
 
@@ -102,6 +105,7 @@ def tune_cmd(
 def demo_cmd(
     config: Path = typer.Option(_DEMO_CONFIG, help="run config"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """The main job: prepare the stdlib-docstring corpus, train a small GPT, evaluate, generate.
 
@@ -116,7 +120,7 @@ def demo_cmd(
     from megaray.inference.generate import generate_text
     from megaray.train.launch import fit
 
-    setup_logging()
+    setup_logging(verbose)
     cfg = load_config(config, set_)
     shards = cfg.data.shards
     try:

@@ -65,12 +65,19 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         # progress line would reach the driver twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }}
+    # Workers' output (Ray's per-report dicts and controller chatter, library warnings) stays in
+    # Ray's session logs unless --verbose: rank 0 sends megaray's own lines through the console
+    # channel (megaray.train.console).
+    from megaray.train.console import quiet_driver, verbose
+
+    quiet_driver()
+    logs = verbose()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=logs)
     else:
         n = num_cpus or max(8, os.cpu_count() or 1)
         # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
-        ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=logs)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"
@@ -125,6 +132,7 @@ def fit(
     parent_run_id: Optional[str] = None,
     mlflow_run_name: Optional[str] = None,
     extra_tags: Optional[Dict[str, str]] = None,
+    console: bool = True,
 ) -> FitResult:
     """Train ``cfg`` with Ray Train + DeepSpeed; returns a :class:`FitResult`.
 
@@ -133,6 +141,9 @@ def fit(
         callbacks: Ray Train ``UserCallback``s (Tune passes ``TuneReportCallback``).
         parent_run_id: MLflow parent run (Tune search); the run is logged as its child.
         mlflow_run_name: display name in MLflow (default ``cfg.name``).
+        console: draw the run's progress bar and lines on this process's stdout
+            (:mod:`megaray.train.console`); Tune trials pass False. Ignored under ``--verbose``,
+            where the workers print their own lines.
 
     Raises:
         DataError / ConfigError / CheckpointError (any MegarayError): bad data, config or
@@ -142,6 +153,7 @@ def fit(
     """
     from megaray import families
     from megaray.train import mlflow as tracking
+    from megaray.train.console import Channel, run_with_console, verbose
     from megaray.train.ray_compat import keep_user_errors_in_ray_data, user_error
 
     t0 = time.time()  # the run's wall clock starts here (goodput, time/startup_s)
@@ -158,9 +170,13 @@ def fit(
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()
         run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
-    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0)
+    channel = Channel() if console and not verbose() else None
+    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0, channel)
     try:
-        result = trainer.fit()
+        if channel is not None:
+            result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)
+        else:
+            result = trainer.fit()
     except BaseException as e:
         if run_id:
             tracking.end_run(uri, run_id, "FAILED")
@@ -226,7 +242,8 @@ def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
 
 
 def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
-             mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None) -> Any:
+             mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None,
+             channel: Optional[Any] = None) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
     error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``."""
     import ray.train
@@ -242,7 +259,7 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
-                           "run_dir": run_dir, "debug": debug, "t0": t0},
+                           "run_dir": run_dir, "debug": debug, "t0": t0, "console": channel},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic scaling policy
             elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_s,

@@ -112,7 +112,8 @@ class _Worker:
         logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
         logger.start_system_metrics(cfg.tracking.system_metrics_interval_s)  # no-op off rank 0
         self.reporter = Reporter(cfg.train, logger, rank, world, task.unit, task.flops_per_unit(modules),
-                                 cfg.train.peak_flops or peak_flops(device), self.state.step, config.get("t0"))
+                                 cfg.train.peak_flops or peak_flops(device), self.state.step, config.get("t0"),
+                                 config.get("console"))
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
         s = self.state
         if where is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -90,7 +91,9 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
         for name in names:
             if (ckpt / name).is_file():
                 shutil.copy2(ckpt / name, staged / name)
-        with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # the signature is explicit; an input example would make MLflow load and run the model here
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=CheckpointModel(), artifacts={"checkpoint": str(staged)},
                 signature=signature, registered_model_name=register_as,

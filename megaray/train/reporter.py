@@ -155,12 +155,15 @@ class Reporter:
         flops_per_unit, peak: for MFU (None: not reported).
         start_step: the step this attempt started at (for the ETA).
         run_t0: ``time.time()`` when the driver's ``fit`` started (for :class:`TimeAccount`).
+        channel: the driver's :class:`~megaray.train.console.Channel` (rank 0's lines and
+            progress go there instead of stdout), or None.
     """
 
     def __init__(self, cfg_train: Any, logger: RunLogger, rank: int, world: int, unit: str,
                  flops_per_unit: Optional[float], peak: Optional[float], start_step: int,
-                 run_t0: Optional[float] = None):
+                 run_t0: Optional[float] = None, channel: Optional[Any] = None):
         self.t, self.logger, self.rank, self.world, self.unit = cfg_train, logger, rank, world, unit
+        self.channel = channel if rank == 0 else None
         self.flops_per_unit, self.peak, self.start_step = flops_per_unit, peak, start_step
         self.meter, self.pacer = Meter(), ReportPacer()
         self.time = TimeAccount(run_t0)
@@ -181,7 +184,9 @@ class Reporter:
             report["grad_norm"] = float(gn)
         report = mean_across_ranks(report, self.world)
         self.meter.reset()
-        if self.rank == 0:
+        if self.rank == 0 and self.channel is not None:
+            self.channel.send("progress", {**report, "step": step})
+        elif self.rank == 0:
             eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.t.max_steps - step)
             self._print_progress(step, report, eta)
         return report
@@ -203,8 +208,10 @@ class Reporter:
             self.pacer.sent()
 
     def say(self, line: str) -> None:
-        """A console line from rank 0."""
-        if self.rank == 0:
+        """A console line from rank 0 (to the driver's console when there is one)."""
+        if self.rank == 0 and self.channel is not None:
+            self.channel.send("line", line)
+        elif self.rank == 0:
             print(f"[megaray] {line}", flush=True)
 
     def _print_progress(self, step: int, m: Mapping[str, float], eta_s: float) -> None:

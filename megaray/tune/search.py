@@ -88,7 +88,8 @@ def megaray_trial(config: Dict[str, Any], search: TuneSearch = None, parent_run_
             "megaray.tune.sampled": json.dumps(values, default=str)[:5000]}
     sc = search.config.search
     fit(cfg, callbacks=[MetricReportCallback(sc.metric, sc.mode), *ray_compat.tracking_callbacks()],
-        parent_run_id=parent_run_id, mlflow_run_name=f"{search.name}/{trial_id}", extra_tags=tags)
+        parent_run_id=parent_run_id, mlflow_run_name=f"{search.name}/{trial_id}", extra_tags=tags,
+        console=False)  # the search's console is Tune's trial table
 
 
 # ----------------------------------------------------------------------------- the search

@@ -21,9 +21,11 @@
 # under "errors", and the other sides' figures are kept.
 #
 #   bash benchmarks/gpu_suite.sh                                   # on the GPU host
-#   bash benchmarks/gpu_suite.sh --device cpu --preset debug --no-install --steps 3   # proof on CPU
+#   bash benchmarks/gpu_suite.sh --device cpu --preset debug --no-install --simulate-bare --steps 3   # proof on CPU
+# --simulate-bare makes what the bare host lacks and the wheels do not carry (mlflow, soundfile,
+# optuna, matplotlib) unimportable, here and in Ray's workers, so a CPU proof catches such imports.
 set -euo pipefail
-device=cuda preset=gpt2_small batch=16 steps=20 warmup=3 budget=450 install=1 precision=
+device=cuda preset=gpt2_small batch=16 steps=20 warmup=3 budget=450 install=1 precision= simulate=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device=$2; shift 2 ;;
@@ -34,6 +36,7 @@ while [ $# -gt 0 ]; do
     --budget-s) budget=$2; shift 2 ;;
     --precision) precision=$2; shift 2 ;;
     --no-install) install=0; shift ;;
+    --simulate-bare) simulate=1; shift ;;
     *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -57,6 +60,19 @@ if [ "$install" = 1 ] && [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl "${extra[@]}" >&2
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
   log "installed $(ls .whl/*.whl | wc -l) wheels ${extra[*]:+and ray}"
+fi
+if [ "$simulate" = 1 ]; then
+  mkdir -p "$work/bare_sim"
+  cat > "$work/bare_sim/sitecustomize.py" <<'PYEOF'
+import sys
+BLOCKED = {"mlflow", "soundfile", "optuna", "matplotlib"}
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (gpu_suite --simulate-bare)", name=name)
+sys.meta_path.insert(0, _Blocker())
+PYEOF
+  export PYTHONPATH="$work/bare_sim:$PYTHONPATH"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false RAY_TRAIN_V2_ENABLED=1
 [ "$device" = cpu ] && export DS_ACCELERATOR=cpu

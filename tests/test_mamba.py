@@ -139,7 +139,7 @@ def test_mamba_ssm_kernel_agrees_with_the_pytorch_scan():
 
 @pytest.mark.slow
 def test_mamba_trains_with_two_workers_and_samples(ray_cluster, text_shards, tmp_path):
-    """configs/mamba_tiny.yaml under Ray Train + DeepSpeed ZeRO-3 (2 CPU workers): loss falls below the
+    """configs/mamba_tiny.yaml under Ray Train + DeepSpeed ZeRO-2 (2 CPU workers): loss falls below the
     uniform baseline, and the eval sample is decoded through the recurrent cache."""
     from mlflow.tracking import MlflowClient
 
@@ -150,7 +150,7 @@ def test_mamba_trains_with_two_workers_and_samples(ray_cluster, text_shards, tmp
     cfg = load_config(REPO / "configs" / "mamba_tiny.yaml", [
         "name=mamba-e2e", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{db}", "train.max_steps=10", "train.lr=3e-3", "train.eval_every=10",
-        "train.checkpoint_every=10", "train.log_every=5", "train.zero_stage=3", "tracking.sample_tokens=8"])
+        "train.checkpoint_every=10", "train.log_every=5", "tracking.sample_tokens=8"])
     result = fit(cfg)
     assert result.metrics["step"] == 10
     assert result.metrics["val_loss"] < math.log(512) - 0.3  # below a uniform guess over the vocabulary

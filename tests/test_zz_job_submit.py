@@ -52,7 +52,7 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
     try:
         storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
         cmd = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-               "--", "megaray", "train", "configs/gpt_debug.yaml",
+               "--", "megaray", "train", "configs/gpt_debug.yaml", "--verbose",
                "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
                "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=10",
                "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
@@ -64,6 +64,8 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
         out = job.stdout + job.stderr
         assert job.returncode == 0, out[-4000:]
         assert "succeeded" in out, out[-4000:]
+        # --verbose: the workers' and Ray Train's own lines reach the console again
+        assert "Reporting training result" in out and "[megaray] step 10/10" in out, out[-4000:]
         ckpt = storage / "gpt-debug" / "step_00000010"
         assert json.loads((ckpt / "megaray.json").read_text())["step"] == 10
         from mlflow.tracking import MlflowClient

@@ -81,22 +81,64 @@ class Channel:
 
 
 def progress_postfix(m: Dict[str, float], unit: str) -> str:
-    """``loss 6.05 | lr 3.0e-05 | 3,545 tokens/s | MFU 41.0% | data-wait 2%``"""
+    """``loss 6.0507 | lr 3.0e-05 | 3,545 tokens/s | MFU 41.0% | data-wait 2% | ETA 0m11s``"""
+    from megaray.train.reporter import fmt_s
+
     parts = [f"loss {m.get('loss', float('nan')):.4f}", f"lr {m.get('lr', 0.0):.1e}"]
+    if "grad_norm" in m:
+        parts.append(f"gnorm {m['grad_norm']:.2f}")
     parts.append(f"{m.get('throughput', 0.0):,.0f} {unit}/s")
     if "mfu" in m:
         parts.append(f"MFU {m['mfu'] * 100:.1f}%")
     parts.append(f"data-wait {m.get('data_wait_frac', 0.0) * 100:.0f}%")
+    if "eta_s" in m:
+        parts.append(f"ETA {fmt_s(m['eta_s'])}")
     return " | ".join(parts)
+
+
+class _Lines:
+    """Display for a file that is not a terminal (CI logs, ``ray job logs``): one line per event."""
+
+    def __init__(self, total: int, unit: str, file: Any):
+        self.total, self.unit, self.file = total, unit, file
+
+    def progress(self, m: Dict[str, Any]) -> None:
+        print(f"step {int(m['step'])}/{self.total} | {progress_postfix(m, self.unit)}", file=self.file, flush=True)
+
+    def line(self, text: str) -> None:
+        print(text, file=self.file, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar(_Lines):
+    """Display for a terminal: one tqdm bar (its postfix carries rank 0's ETA, which leaves out
+    the start-up), lines printed above it."""
+
+    def __init__(self, total: int, unit: str, file: Any):
+        from tqdm import tqdm
+
+        super().__init__(total, unit, file)
+        self.bar = tqdm(total=total, desc="train", unit="step", file=file, dynamic_ncols=True,
+                        bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} | {postfix}")
+
+    def progress(self, m: Dict[str, Any]) -> None:
+        self.bar.set_postfix_str(progress_postfix(m, self.unit), refresh=False)
+        self.bar.update(int(m["step"]) - self.bar.n)
+
+    def line(self, text: str) -> None:
+        self.bar.write(text, file=self.file)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run_with_console(work: Callable[[], Any], channel: Channel, total_steps: int, unit: str,
                      file: Any = None) -> Any:
-    """Run ``work()`` (the blocking ``trainer.fit()``) in a thread while drawing rank 0's events;
-    returns its result or raises its exception. ``total_steps``: the bar's length
-    (``train.max_steps``)."""
-    from tqdm import tqdm
-
+    """Run ``work()`` (the blocking ``trainer.fit()``) in a thread while showing rank 0's events
+    on ``file`` (stdout): a tqdm bar on a terminal, plain lines otherwise. Returns ``work()``'s
+    result or raises its exception. ``total_steps``: ``train.max_steps``."""
     file = file or sys.stdout
     box: Dict[str, Any] = {}
 
@@ -108,21 +150,11 @@ def run_with_console(work: Callable[[], Any], channel: Channel, total_steps: int
 
     thread = threading.Thread(target=target, name="megaray-fit", daemon=True)
     thread.start()
-    bar = tqdm(total=total_steps, desc="train", unit="step", file=file, dynamic_ncols=True,
-               mininterval=1.0 if file.isatty() else 30.0, leave=True)
+    display = (_Bar if file.isatty() else _Lines)(total_steps, unit, file)
 
     def show(event: Tuple[str, Any]) -> None:
         kind, payload = event
-        if kind == "progress":
-            step = int(payload.get("step", bar.n))
-            if bar.n == 0 and step > 1:  # a resumed run: the bar starts where the run stands
-                bar.n = bar.last_print_n = step
-                bar.refresh()
-            else:
-                bar.set_postfix_str(progress_postfix(payload, unit), refresh=False)
-                bar.update(step - bar.n)
-        else:
-            bar.write(str(payload), file=file)
+        display.progress(payload) if kind == "progress" else display.line(str(payload))
 
     try:
         while thread.is_alive():
@@ -132,7 +164,7 @@ def run_with_console(work: Callable[[], Any], channel: Channel, total_steps: int
         for event in channel.drain():
             show(event)
     finally:
-        bar.close()
+        display.close()
         channel.close()
     if "error" in box:
         raise box["error"]

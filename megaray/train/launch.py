@@ -76,8 +76,12 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=logs)
     else:
         n = num_cpus or max(8, os.cpu_count() or 1)
+        # as many Python workers may start at once as there are logical CPUs (Ray's default is the
+        # core count, and the raylet prints a warning on the console each time more start)
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
         # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
         ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=logs)
+    quiet_driver()  # ray.init resets its loggers' levels
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"

@@ -184,10 +184,10 @@ class Reporter:
             report["grad_norm"] = float(gn)
         report = mean_across_ranks(report, self.world)
         self.meter.reset()
+        eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.t.max_steps - step)
         if self.rank == 0 and self.channel is not None:
-            self.channel.send("progress", {**report, "step": step})
+            self.channel.send("progress", {**report, "step": step, "eta_s": eta})
         elif self.rank == 0:
-            eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.t.max_steps - step)
             self._print_progress(step, report, eta)
         return report
 

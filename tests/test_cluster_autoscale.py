@@ -79,10 +79,6 @@ def _stop(gcs_port: int) -> None:
 def fake_cluster(tmp_path_factory):
     """A fake autoscaling cluster (head + up to 2 worker nodes); yields ``(gcs address, dashboard URL)``
     with this process connected to it."""
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("needs a Ray of its own (run with -m cluster)")
     root = tmp_path_factory.mktemp("fake-cluster")
     config = root / "autoscaler.json"
     head = dict(HEAD)
@@ -104,71 +100,77 @@ def fake_cluster(tmp_path_factory):
     )
     try:
         assert start.returncode == 0, start.stdout + start.stderr
-        ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
-        ray.shutdown()
         _stop(gcs)
         os.environ.pop("RAY_AUTH_MODE") if auth is None else os.environ.__setitem__("RAY_AUTH_MODE", auth)
 
 
-def _alive_nodes() -> int:
-    import ray
+def _alive_nodes(gcs: str) -> int:
+    """Alive nodes, asked from a fresh process (Ray reads RAY_AUTH_MODE when it is imported, and
+    this process imported it before the token mode was set)."""
+    code = f"import ray; ray.init(address='{gcs}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
-    return sum(1 for n in ray.nodes() if n["Alive"])
 
-
-def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
-    _, dashboard = fake_cluster
-    assert _alive_nodes() == 1
-    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+def _submit(dashboard: str, *args: str, gcs: str) -> tuple[str, int, int]:
+    """``ray job submit`` of ``megaray train`` (runtime env ``cluster/runtime_env.yaml``); returns
+    (output, exit code, most alive nodes seen while it ran)."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
-           "--", "megaray", "train", "configs/gpt_debug.yaml", "--set", "name=grow",
-           "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
-           "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=6",
-           "--set", "train.checkpoint_every=6", "--set", "train.eval_every=6", "--set", "scaling.num_workers=2",
-           "--set", TRAIN_RESOURCES]
+           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", *args]
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     most = 1
     for _ in range(40):  # the dashboard's job agent comes up a little after `ray start` returns
         job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         while job.poll() is None:
-            most = max(most, _alive_nodes())
-            time.sleep(1)
+            most = max(most, _alive_nodes(gcs))
+            time.sleep(2)
         out = job.stdout.read()
         if "No available agent" not in out:
-            break
+            return out, job.returncode, most
         time.sleep(3)
-    assert job.returncode == 0, out[-4000:]
-    assert "succeeded" in out, out[-4000:]
+    return out, job.returncode, most
+
+
+def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
+    gcs, dashboard = fake_cluster
+    assert _alive_nodes(gcs) == 1
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    out, rc, most = _submit(
+        dashboard, "megaray", "train", "configs/gpt_debug.yaml", "--set", "name=grow",
+        "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
+        "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=6",
+        "--set", "train.checkpoint_every=6", "--set", "train.eval_every=6", "--set", "scaling.num_workers=2",
+        "--set", TRAIN_RESOURCES, gcs=gcs)
+    assert rc == 0 and "succeeded" in out, out[-4000:]
     assert most >= 2, "the autoscaler added no node for the second Train worker"
     state = json.loads((storage / "grow" / "step_00000006" / "megaray.json").read_text())
     assert state["step"] == 6 and state["world_size"] == 2
 
 
-def test_elastic_run_starts_with_what_is_there_and_grows(fake_cluster, text_shards, tmp_path, monkeypatch):
-    from megaray.families import load_config
-    from megaray.train.launch import fit
-
-    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", [
-        "name=elastic", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.num_workers=[1, 3]",
-        "scaling.elastic_resize_s=5", TRAIN_RESOURCES, "train.max_steps=400", "train.checkpoint_every=400",
-        "train.eval_every=400", "train.log_every=50", "tracking.sample_tokens=0"])
-    result = fit(cfg)
-    assert result.metrics["step"] == 400
-    worlds = [sum(1 for r in range(3) if Path(f"{tmp_path / 'trace'}.starts.rank{r}").exists())]
-    starts = Path(f"{tmp_path / 'trace'}.starts.rank0").read_text().splitlines()
-    assert len(starts) >= 2, "the worker group never grew"  # restarted to use the new nodes
-    assert Path(f"{tmp_path / 'trace'}.starts.rank2").exists(), worlds  # ... and ended with three workers
-    assert json.loads((tmp_path / "runs" / "elastic" / "step_00000400" / "megaray.json").read_text())["world_size"] == 3
+def test_elastic_run_starts_with_what_is_there_and_grows(fake_cluster, text_shards, tmp_path):
+    gcs, dashboard = fake_cluster
+    trace = tmp_path / "trace"
+    out, rc, _ = _submit(
+        dashboard, "env", f"MEGARAY_TRACE={trace}", "megaray", "train", "configs/gpt_debug.yaml",
+        "--set", "name=elastic", "--set", f"data.shards={text_shards}",
+        "--set", f"scaling.storage_path={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}",
+        "--set", "scaling.num_workers=[1, 3]", "--set", "scaling.elastic_resize_s=5", "--set", TRAIN_RESOURCES,
+        "--set", "train.max_steps=400", "--set", "train.checkpoint_every=400", "--set", "train.eval_every=400",
+        "--set", "train.log_every=50", "--set", "tracking.sample_tokens=0", gcs=gcs)
+    assert rc == 0 and "succeeded" in out, out[-4000:]
+    starts = Path(f"{trace}.starts.rank0").read_text().splitlines()
+    assert len(starts) >= 2, "the worker group never grew"  # restarted to use the added nodes
+    assert Path(f"{trace}.starts.rank2").exists()  # ... and ended with three workers
+    state = json.loads((tmp_path / "runs" / "elastic" / "step_00000400" / "megaray.json").read_text())
+    assert state["step"] == 400 and state["world_size"] == 3
 
 
 def test_idle_worker_nodes_are_removed(fake_cluster):
+    gcs, _ = fake_cluster
     deadline = time.monotonic() + 300  # Train's resource requests expire ~180 s after the last run
-    while _alive_nodes() > 1 and time.monotonic() < deadline:
+    while _alive_nodes(gcs) > 1 and time.monotonic() < deadline:
         time.sleep(5)
-    assert _alive_nodes() == 1, "idle worker nodes were not removed"
+    assert _alive_nodes(gcs) == 1, "idle worker nodes were not removed"

@@ -133,12 +133,12 @@ def test_bad_records_are_counted_and_named(bpe_tokenizer, tmp_path):
         sft.prepare_sft([str(empty)], str(tmp_path / "out2"), bpe_tokenizer, verbose=False)
 
 
-def _cfg(tmp_path, name, shards, **train):
+def _cfg(tmp_path, name, shards, batch_size=2, **train):
     from megaray.families import load_config
 
     return load_config({
         "name": name, "model": {"family": "gpt", "preset": "debug", "vocab_size": 512, "block_size": 128},
-        "data": {"shards": shards, "batch_size": 2, "num_val_batches": 1, "shuffle_buffer": 0},
+        "data": {"shards": shards, "batch_size": batch_size, "num_val_batches": 1, "shuffle_buffer": 0},
         "train": {"warmup_steps": 0, "eval_every": 1000, "log_every": 1000, "zero_stage": 0, "precision": "fp32",
                   **train},
         "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
@@ -167,7 +167,7 @@ def test_finetune_lowers_completion_loss(ray_cluster, unigram_shards, tmp_path):
     shards = str(tmp_path / "sft")
     m = sft.prepare_sft([str(ASSET)], shards, pre.checkpoint, max_tokens=129, val_fraction=0.2, verbose=False)
     assert m["tokenizer"]["kind"] == "unigram" and m["rejected"]["total"] == 0
-    ft = fit(_cfg(tmp_path, "ft", shards, task="sft", init_from=pre.checkpoint, max_steps=25, checkpoint_every=25,
+    ft = fit(_cfg(tmp_path, "ft", shards, batch_size=1, task="sft", init_from=pre.checkpoint, max_steps=25, checkpoint_every=25,
                   lr=2e-3, min_lr=2e-4, weight_decay=0.0))
     assert (Path(ft.checkpoint) / "chat_template.json").is_file()
     before, after = _completion_loss(pre.checkpoint, shards), _completion_loss(ft.checkpoint, shards)

@@ -165,11 +165,11 @@ def _fresh_clone(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.slow
 #: what a run's console must not show without --verbose (test_zz_job_submit checks --verbose brings it back)
 NOISE = ("PlacementGroupCleaner", "FutureWarning", "Reporting training result", "TrainController")
 
 
+@pytest.mark.slow
 def test_doc_commands_run_in_order(tmp_path):
     clone = _fresh_clone(tmp_path / "clone")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MEGARAY_DEBUG")}

@@ -84,8 +84,12 @@ def fake_cluster(tmp_path_factory):
     head = dict(HEAD)
     cfg = fake_cluster_config(head, max_nodes=2)
     cfg["provider"]["head_resources"] = dict(head)
-    config.write_text(json.dumps(cfg))
     gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
+    # the fake provider starts worker raylets against this address (default: <ip>:6379)
+    from ray._private.services import get_node_ip_address
+
+    cfg["provider"]["gcs_address"] = f"{get_node_ip_address()}:{gcs}"
+    config.write_text(json.dumps(cfg))
     auth = os.environ.get("RAY_AUTH_MODE")
     # Token auth off for this throwaway local cluster: the fake provider's node launcher (inside
     # the autoscaler monitor) connects to the GCS without the token and times out otherwise

@@ -12,6 +12,7 @@ Loading it back needs megaray and torch importable::
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -86,6 +87,13 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
     names = ["config.yaml", STATE_FILE, WEIGHTS_FILE, EMA_FILE, *spec["files"]]
 
     with tempfile.TemporaryDirectory() as tmp:
+        try:  # MLflow's log_model reads the working directory (uv project detection)
+            os.getcwd()
+        except FileNotFoundError:
+            # it can vanish under a `ray job submit` driver: the job's working_dir package is
+            # garbage-collected by a node's runtime-env agent once its Train workers are gone
+            # (seen on the fake multi-node cluster, whose nodes share one session directory)
+            os.chdir(tempfile.gettempdir())
         staged = Path(tmp) / "checkpoint"
         staged.mkdir()
         for name in names:

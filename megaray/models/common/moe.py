@@ -40,7 +40,7 @@ when ``cfg.n_experts > 0``, else the dense MLP.
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -142,3 +142,18 @@ class MoE(nn.Module):
 def build_feed_forward(cfg) -> nn.Module:
     """:class:`MoE` when ``cfg.n_experts > 0``, else the dense ``build_mlp(cfg)``."""
     return MoE(cfg) if cfg.n_experts else build_mlp(cfg)
+
+
+def gather_moe_losses(model: nn.Module, device: torch.device) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    """After a forward: the model's MoE auxiliary loss (every :class:`MoE` layer's ``aux_loss``
+    summed; a zero scalar for dense models) and its per-step statistics (``moe_aux`` summed over
+    layers, ``moe_z_loss`` and ``moe_dropped_frac`` averaged), or None when there is no MoE.
+    Shared by the GPT and Mamba families."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        return torch.zeros((), device=device), None
+    stat = lambda k: torch.stack([m.stats[k] for m in moes])  # noqa: E731
+    stats = dict(moe_aux=stat("moe_aux").sum(), moe_z_loss=stat("moe_z_loss").mean(),
+                 moe_dropped_frac=stat("moe_dropped_frac").mean())
+    return torch.stack([m.aux_loss for m in moes]).sum(), stats
+

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megaray.models.common.attention import KVCache, build_attention, causal_mask, span_mask
-from megaray.models.common.moe import MoE, build_feed_forward
+from megaray.models.common.moe import MoE, build_feed_forward, gather_moe_losses
 from megaray.models.common.norm import RESIDUALS, build_final_norm, build_norm
 from megaray.models.common.position import build_position
 from megaray.models.gpt.config import GPTConfig
@@ -211,12 +211,9 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, bias, cache[i] if cache is not None else None, mask)
         logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
-        moes = [m for m in self.modules() if isinstance(m, MoE)]
-        self.aux_loss = torch.stack([m.aux_loss for m in moes]).sum() if moes else torch.zeros((), device=idx.device)
-        if moes:  # load-balancing term summed over layers; z-loss and dropped fraction averaged
-            stat = lambda k: torch.stack([m.stats[k] for m in moes])  # noqa: E731
-            self.moe_stats = dict(moe_aux=stat("moe_aux").sum(), moe_z_loss=stat("moe_z_loss").mean(),
-                                  moe_dropped_frac=stat("moe_dropped_frac").mean())
+        self.aux_loss, stats = gather_moe_losses(self, idx.device)
+        if stats is not None:
+            self.moe_stats = stats
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaray.models.common.moe import MoE, build_feed_forward
+from megaray.models.common.moe import MoE, build_feed_forward, gather_moe_losses
 from megaray.models.mamba.config import MambaConfig
 from megaray.models.mamba.ssd import kernel_available, ssd_chunked, ssd_mamba_ssm, ssd_recurrent
 
@@ -190,12 +190,9 @@ class Mamba(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             x = layer(x, cache[i] if cache is not None else None)
         logits = self.lm_head(self.backbone.norm_f(x))  # (B, T, V)
-        moes = [m for m in self.modules() if isinstance(m, MoE)]
-        self.aux_loss = torch.stack([m.aux_loss for m in moes]).sum() if moes else torch.zeros((), device=idx.device)
-        if moes:  # as GPT: load-balancing term summed over layers; z-loss and dropped fraction averaged
-            stat = lambda k: torch.stack([m.stats[k] for m in moes])  # noqa: E731
-            self.moe_stats = dict(moe_aux=stat("moe_aux").sum(), moe_z_loss=stat("moe_z_loss").mean(),
-                                  moe_dropped_frac=stat("moe_dropped_frac").mean())
+        self.aux_loss, stats = gather_moe_losses(self, idx.device)
+        if stats is not None:
+            self.moe_stats = stats
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -86,7 +86,9 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, te
 
 def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, text_shards, tmp_path, monkeypatch):
     """ZeRO-1 run that crashes right after its step-6 checkpoint; re-running the same command
-    continues at step 7 with the scheduled lr and the next unseen batches, in the same MLflow run."""
+    continues at step 7 with the scheduled lr and the next unseen batches, in the same MLflow run,
+    reading from its position (no consumed batch is produced again) with the losses of a run that
+    never crashed."""
     from mlflow.tracking import MlflowClient
 
     from megaray.train.launch import fit
@@ -110,6 +112,7 @@ def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, t
         assert got[5]["pid"] != got[6]["pid"]  # steps 7.. come from the re-run
         assert [r["batch"] for r in got] == list(range(12))  # data position continues in the epoch
         assert len({r["fp"] for r in got}) == 12  # no batch seen twice
+        assert all(r["replayed"] == 0 for r in got)  # the re-run started reading at its position
         expected = [t.lr * lr_factor(s - 1, t.warmup_steps, t.max_steps, t.min_lr / t.lr) for s in range(1, 13)]
         assert [r["lr"] for r in got] == pytest.approx(expected)  # the LR schedule continues
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -126,6 +129,14 @@ def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, t
     assert again.metrics["val_loss"] == pytest.approx(result.metrics["val_loss"])
     assert [r["step"] for r in _trace(tmp_path / "crash", 0)] == list(range(1, 13))  # no batch trained
     assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == [3, 6, 9, 12]
+
+    # the same run without the crash: the same batches and the same per-step losses
+    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "whole"))
+    fit(cfg.model_copy(update={"name": "whole", "tracking": cfg.tracking.model_copy(update={"enabled": False})}))
+    for rank in (0, 1):
+        whole, resumed = _trace(tmp_path / "whole", rank), _trace(tmp_path / "crash", rank)
+        assert [r["fp"] for r in whole] == [r["fp"] for r in resumed]
+        assert [r["loss"] for r in whole] == pytest.approx([r["loss"] for r in resumed], abs=1e-6)
 
 
 def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards, tmp_path, monkeypatch):

@@ -43,12 +43,16 @@ class TaskInfo:
         per_world: ``{world size: (batches_per_epoch, val_batches)}`` for every world size an
             elastic run (``scaling.num_workers: [min, max]``) may get; Ray Train picks the size
             when it starts the worker group, so each worker takes its own (:meth:`for_world`).
+        positioned: the train dataset is the task's positioned stream (:meth:`Task.train_stream`):
+            one stream for the rest of the run that starts at the checkpoint's position, rather
+            than one execution per epoch replayed up to the position.
     """
 
     batches_per_epoch: int = 0
     val_batches: int = 0
     manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
     per_world: Dict[int, Tuple[int, int]] = field(default_factory=dict)
+    positioned: bool = False
 
     def for_world(self, world: int) -> "TaskInfo":
         """A copy whose ``batches_per_epoch`` and ``val_batches`` are those of ``world`` ranks."""
@@ -111,6 +115,18 @@ class Task:
 
         Must fill :attr:`info` (``batches_per_epoch``, ``val_batches``, the manifest)."""
         raise NotImplementedError
+
+    #: whether :meth:`train_stream` serves the train split as a positioned stream
+    positioned_stream: bool = False
+
+    def train_stream(self, epoch: int, batch: int, world: int) -> Any:
+        """The train split as one Ray Dataset over the rest of the run, starting at micro-batch
+        ``batch`` of ``epoch`` for ``world`` ranks, built by Ray Train each time it starts the
+        worker group (so a restart starts reading at the checkpoint's position, in constant
+        time, and epochs follow each other without a new execution). Rows carry ``epoch`` and
+        ``index`` (served position in the epoch); blocks deal round robin to the ranks. Only
+        called when :attr:`positioned_stream` is True; see :mod:`megaray.data.text.stream`."""
+        raise NotImplementedError(f"{type(self).__name__} has no positioned train stream")
 
     def prepare_command(self, shards: str) -> Optional[str]:
         """The ``megaray prepare ...`` command that writes shards this task can train on into

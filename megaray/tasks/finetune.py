@@ -40,6 +40,7 @@ class SFTTask(LMTask):
     """Completion-only next-token loss on packed, document-masked chat records."""
 
     info_class = SFTInfo
+    positioned_stream = False  # SFT packs chat records with masks: one execution per epoch, replayed to resume
 
     def datasets(self) -> Dict[str, Any]:
         """Packed windows of both splits of ``data.shards`` (an ``sft`` manifest); fills :class:`SFTInfo`.

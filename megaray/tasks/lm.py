@@ -94,6 +94,25 @@ class LMTask(Task):
         arg = sources[0].shards if len(sources) == 1 else sources
         return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt)
 
+    positioned_stream = True
+
+    def train_stream(self, epoch: int, batch: int, world: int) -> Any:
+        """Packed windows of epochs ``epoch ..`` the last one ``train.max_steps`` needs, from
+        micro-batch ``batch`` of ``epoch`` on (:func:`megaray.data.text.text_stream`); windows are
+        shuffled inside chunks of ``data.shuffle_buffer`` rows per rank, seeded by (seed, epoch)."""
+        from megaray.data import text
+
+        t, B = self.cfg.train, self.cfg.data.batch_size
+        bpe = self.info.for_world(world).batches_per_epoch
+        if batch >= bpe:  # the checkpoint closed an epoch
+            epoch, batch = epoch + 1, 0
+        spec = text.StreamSpec(block_size=self.cfg.model.block_size, world=world, batch_size=B, batches_per_epoch=bpe,
+                               seed=t.seed, chunk=text.chunk_windows(self.cfg.data.shuffle_buffer, world, B))
+        last = max(epoch, (t.max_steps * t.grad_accum_steps - 1) // bpe)
+        sources = self.cfg.data.resolved_sources()
+        arg = sources[0].shards if len(sources) == 1 else sources
+        return text.text_stream(arg, spec, epoch, batch, last, on_corrupt=self.cfg.data.on_corrupt)
+
     def prepare_command(self, shards: str) -> Optional[str]:
         return f"megaray prepare text --source stdlib --out {shards} --vocab-size {self.cfg.model.vocab_size}"
 

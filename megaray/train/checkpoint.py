@@ -189,9 +189,11 @@ def latest_complete(run_dir: Optional[str], world_size: int) -> Optional[Path]:
     return max(done, key=lambda d: d.name) if done else None
 
 
-def resume_world(run_dir: str) -> Optional[int]:
-    """World size of the newest complete checkpoint under ``run_dir`` (a local path or a URI,
-    read through :mod:`megaray.fs`), or None when there is none yet."""
+def resume_state(run_dir: str) -> Optional[TrainState]:
+    """The :class:`TrainState` of the checkpoint a resumed run starts from: the newest one under
+    ``run_dir`` (a local path or a URI, read through :mod:`megaray.fs`) whose state file exists
+    and, on local storage, that every rank finished (as :meth:`Checkpointer.restore` picks it);
+    None when there is none yet."""
     import pyarrow.fs as pafs
 
     from megaray import fs
@@ -204,10 +206,21 @@ def resume_world(run_dir: str) -> Optional[int]:
     steps = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")),
                    reverse=True)
     for name in steps:
-        state = fs.join(run_dir, name, STATE_FILE)
-        if fs.exists(state):
-            return int(json.loads(fs.read_text(state)).get("world_size", 1))
+        where = fs.join(run_dir, name, STATE_FILE)
+        if not fs.exists(where):
+            continue
+        state = TrainState.from_json(json.loads(fs.read_text(where)))
+        if not fs.is_uri(run_dir) and not all((Path(run_dir) / name / f"rng_rank{r}.pt").is_file()
+                                              for r in range(state.world_size)):
+            continue
+        return state
     return None
+
+
+def resume_world(run_dir: str) -> Optional[int]:
+    """World size of the checkpoint a resumed run starts from (:func:`resume_state`), or None."""
+    state = resume_state(run_dir)
+    return None if state is None else int(state.world_size)
 
 
 def check_world(saved: int, world: int, where: str, zero_stage: int) -> None:

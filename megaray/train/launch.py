@@ -13,6 +13,7 @@ retry) and ``fit`` raises it again on the driver; only crashes are retried.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -109,6 +110,9 @@ def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
         out.train.init_from = _absolute(cfg.train.init_from, base_dir)
     if cfg.eval.hellaswag:
         out.eval.hellaswag = _absolute(cfg.eval.hellaswag, base_dir)
+    for key in ("vae_checkpoint", "vocoder_checkpoint", "text_encoder_path"):
+        if getattr(cfg.diffusion, key):
+            setattr(out.diffusion, key, _absolute(getattr(cfg.diffusion, key), base_dir))
     return out
 
 
@@ -170,6 +174,11 @@ def fit(
     ensure_ray()
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
+    if task.positioned_stream and cfg.scaling.min_workers == cfg.scaling.max_workers:
+        # Ray Train calls this at every worker-group start: the train stream starts at the
+        # checkpoint's position (constant-time resume) and spans every epoch (no epoch stalls)
+        task.info.positioned = True
+        datasets["train"] = functools.partial(positioned_train, cfg.model_dump(mode="json"), task.info, run_dir)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()
@@ -203,6 +212,22 @@ def fit(
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
         mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
     )
+
+
+def positioned_train(run: Dict[str, Any], info: Any, run_dir: str) -> Any:
+    """The task's positioned train stream (:meth:`megaray.tasks.base.Task.train_stream`) from the
+    checkpoint a (re)started worker group resumes from (:func:`megaray.train.checkpoint.resume_state`),
+    or from the start. Ray Train V2 calls it in its controller each time it starts the worker
+    group; the workers check that the stream starts at their restored position."""
+    from megaray import families
+    from megaray.families import build_run_config
+    from megaray.train.checkpoint import resume_state
+
+    cfg = build_run_config(run)
+    task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info)
+    state = resume_state(run_dir)
+    epoch, batch = (state.epoch, state.batch_in_epoch) if state is not None else (0, 0)
+    return task.train_stream(epoch, batch, cfg.scaling.max_workers)
 
 
 def _check_resume_world(cfg: RunConfig, run_dir: str) -> None:

@@ -10,8 +10,10 @@ paced Ray reports), the :class:`~megaray.train.evaluator.Evaluator` and the
 
 Every rank consumes the same number of micro-batches per epoch (computed on the driver), so
 collectives never hang on an uneven last batch. Data order is deterministic per epoch (Ray Data
-``preserve_order`` and a local shuffle seeded with ``seed + epoch``), which is what lets a
-resumed run skip exactly the batches it already trained on.
+``preserve_order``). Tasks with a positioned stream (text LM) read one stream for the rest of
+the run that Ray Train builds at the checkpoint's position (:func:`positioned_batches`: no
+replay, no new execution per epoch); the others re-execute each epoch, with a local shuffle
+seeded by ``seed + epoch``, and replay up to the position (:func:`_micro_batches`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     cfg, task, engines, state = w.cfg, w.task, w.engines, w.state
     t = cfg.train
     start_step = state.step
-    batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg, state, task.info.batches_per_epoch)
+    if task.info.positioned:
+        batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, w.debug)
+    else:
+        batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg, state, task.info.batches_per_epoch, w.debug)
     while state.step < t.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -49,7 +54,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         batch = task.collate(batch, w.device)
         w.debug.before(batch, state, engines["model"])
         metrics = task.train_step(engines, batch, state.step)
-        w.debug.after()
+        w.debug.after(metrics.get("loss"))
         units = task.batch_units(batch) * w.world
         state.batch_in_epoch += 1
         state.tokens += units
@@ -92,6 +97,11 @@ class _Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.debug = Debug(config.get("debug") or {}, rank)
+        info = config["info"]
+        # a positioned stream does not depend on the restored state: start reading now, while
+        # the engines build (fast start)
+        self.head = (Prefetch(ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2)) if info.positioned else None)
         _seed_everything(cfg.train.seed + rank)
         self.device = device = ray.train.torch.get_device()
         precision = resolve_precision(cfg.train.precision, device)
@@ -159,12 +169,76 @@ def _ema(cfg: RunConfig, model: torch.nn.Module) -> Optional[Any]:
     return EMA(model, cfg.train.ema_decay)
 
 
-def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, per_epoch: int) -> Iterator[Mapping[str, torch.Tensor]]:
-    """Micro-batches from where ``state`` stands (epoch, ``batch_in_epoch``), epoch after epoch.
+class Prefetch:
+    """An iterator whose first item is fetched by a background thread from construction on
+    (the first Ray Data execution overlaps DeepSpeed's set-up); errors surface on ``next``."""
+
+    def __init__(self, iterable: Any):
+        import threading
+
+        self._it = iter(iterable)
+        self._first: Any = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._fetch, name="megaray-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it, _END)
+        except BaseException as e:  # re-raised in the training thread
+            self._error = e
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not _END:
+            yield self._first
+            self._first = None
+            yield from self._it
+
+
+_END = object()
+
+
+def positioned_batches(batches: Any, batch_size: int, state: TrainState, rank: int, world: int,
+                       debug: Optional["Debug"] = None) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Micro-batches of a positioned stream (:meth:`megaray.tasks.base.Task.train_stream`) from
+    where ``state`` stands, checked against the stream's ``epoch``/``index`` columns (removed).
+
+    Rank ``r``'s batch ``k`` of an epoch must start at served window ``(k * world + r) *
+    batch_size``. Batches before the position (a stream built from an older checkpoint than
+    the one restored) are skipped and counted in ``debug.replayed``; a stream past the position
+    raises RuntimeError. The caller advances ``state.batch_in_epoch`` after training on a batch."""
+    replayed = 0
+    for batch in batches:
+        epoch, first = int(batch.pop("epoch")[0]), int(batch.pop("index")[0])
+        if epoch > state.epoch:  # the stream moved on to the next epoch
+            state.epoch, state.batch_in_epoch = epoch, 0
+        want = (state.batch_in_epoch * world + rank) * batch_size
+        if (epoch, first) < (state.epoch, want):
+            replayed += 1
+            if debug is not None:
+                debug.replayed = replayed
+            continue
+        if (epoch, first) != (state.epoch, want):
+            raise RuntimeError(f"rank {rank}: the train stream is at epoch {epoch}, window {first}, past this worker's "
+                               f"position (epoch {state.epoch}, window {want}): its checkpoint is older than the one "
+                               "the stream was built from")
+        yield batch
+    raise RuntimeError(f"rank {rank}: the train stream ended at epoch {state.epoch}, batch {state.batch_in_epoch} "
+                       "before train.max_steps")
+
+
+def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, per_epoch: int,
+                   debug: Optional["Debug"] = None) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Micro-batches from where ``state`` stands (epoch, ``batch_in_epoch``), epoch after epoch,
+    for tasks without a positioned stream.
 
     Each epoch is a fresh ``iter_torch_batches`` whose order is a function of (seed, epoch);
-    a resumed run skips the ``batch_in_epoch`` batches it already trained on. The caller
-    advances ``state.batch_in_epoch`` once a batch has been trained on."""
+    a resumed run replays (reads and drops) the ``batch_in_epoch`` batches it already trained
+    on, counted in ``debug.replayed``. The caller advances ``state.batch_in_epoch`` once a
+    batch has been trained on."""
     while True:
         if state.batch_in_epoch >= per_epoch:
             state.epoch += 1
@@ -178,6 +252,8 @@ def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, per_epoch: int
         ))
         for _ in range(state.batch_in_epoch):  # resume mid-epoch: skip what was trained on
             next(it, None)
+            if debug is not None:
+                debug.replayed += 1
         while state.batch_in_epoch < per_epoch:
             batch = next(it, None)
             if batch is None:
@@ -192,8 +268,8 @@ class Debug:
     """Test hooks read from the driver's environment by :func:`megaray.train.launch.fit`.
 
     ``MEGARAY_TRACE=path``: one JSON line per micro-batch (step, epoch, batch index, a
-    fingerprint of the batch, lr, pid) appended to ``path.rank<r>`` once it has been trained
-    on, one line per worker start (pid, the step it starts at, the L1 norm of each module's
+    fingerprint of the batch, lr, pid, batches replayed to reach the resume position, the
+    micro-batch's loss) appended to ``path.rank<r>`` once it has been trained on, one line per worker start (pid, the step it starts at, the L1 norm of each module's
     weights after restore) to ``path.starts.rank<r>``, and one per evaluation (step, Ray Data
     executions of the validation split so far) to ``path.evals.rank<r>``.
     ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
@@ -204,7 +280,8 @@ class Debug:
         self.path, self.rank = debug.get("trace"), rank
         self.fault_at = int(debug["fault_at_step"]) if debug.get("fault_at_step") else None
         self.trace = open(f"{self.path}.rank{rank}", "a") if self.path else None
-        self.pending: Optional[str] = None
+        self.pending: Optional[Dict[str, Any]] = None
+        self.replayed = 0  # batches read again to reach the resume position
 
     def started(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
         if self.path:
@@ -225,12 +302,12 @@ class Debug:
             return
         first = next(iter(batch.values()))
         digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-        self.pending = json.dumps({"step": state.step + 1, "epoch": state.epoch, "batch": state.batch_in_epoch,
-                                   "fp": digest, "lr": float(engine.get_lr()[0]), "pid": os.getpid()}) + "\n"
+        self.pending = {"step": state.step + 1, "epoch": state.epoch, "batch": state.batch_in_epoch, "fp": digest,
+                        "lr": float(engine.get_lr()[0]), "pid": os.getpid(), "replayed": self.replayed}
 
-    def after(self) -> None:
+    def after(self, loss: Optional[float] = None) -> None:
         if self.trace is not None and self.pending is not None:
-            self.trace.write(self.pending)
+            self.trace.write(json.dumps({**self.pending, "loss": loss}) + "\n")
             self.trace.flush()
             self.pending = None
 

@@ -9,7 +9,10 @@
 #   deepspeed  the same model in a single-process DeepSpeed engine (ZeRO 0), compile off and on;
 #   megaray    `megaray train`'s loop: fit() with one Ray Train worker on one GPU, tracking off,
 #              on stdlib shards prepared here (`megaray prepare text`, offline).
-# plus megaray_over_deepspeed (target >= 0.97) and deepspeed_over_torch.
+# plus megaray_over_deepspeed (target >= 0.97) and deepspeed_over_torch; and under "dit" the
+# training steps/s of DiT-XL/2 at batch 128 on 32x32x4 latents (256x256 images), bf16 autocast,
+# fused AdamW (benchmarks/dit_throughput.py, megaray's DiT; fast-DiT reports 0.84 steps/s on one
+# A100), with --dit-preset / --dit-batch-size to change it (on --device cpu: tiny, batch 4).
 #
 # The host has Python 3.12 + torch but no deepspeed, ray, pydantic, mlflow: prepare wheels first,
 # with network, on this side:  benchmarks/gpu-wheels.sh --ray   (fills .whl, .whl2; see it for the
@@ -26,6 +29,7 @@
 # optuna, matplotlib) unimportable, here and in Ray's workers, so a CPU proof catches such imports.
 set -euo pipefail
 device=cuda preset=gpt2_small batch=16 steps=20 warmup=3 budget=450 install=1 precision= simulate=0
+dit_preset= dit_batch=
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device=$2; shift 2 ;;
@@ -37,10 +41,14 @@ while [ $# -gt 0 ]; do
     --precision) precision=$2; shift 2 ;;
     --no-install) install=0; shift ;;
     --simulate-bare) simulate=1; shift ;;
+    --dit-preset) dit_preset=$2; shift 2 ;;
+    --dit-batch-size) dit_batch=$2; shift 2 ;;
     *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$precision" ] || { [ "$device" = cuda ] && precision=bf16 || precision=fp32; }
+[ -n "$dit_preset" ] || { [ "$device" = cuda ] && dit_preset=DiT-XL/2 || dit_preset=tiny; }
+[ -n "$dit_batch" ] || { [ "$device" = cuda ] && dit_batch=128 || dit_batch=4; }
 t_start=$(date +%s)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -98,7 +106,7 @@ PYEOF
 
 common=(--preset "$preset" --device "$device" --precision "$precision" --batch-size "$batch"
         --steps "$steps" --warmup "$warmup" --runs-jsonl "$work/runs.jsonl")
-rm -f "$work/runs.jsonl"
+rm -f "$work/runs.jsonl" "$work/dit.json"
 bench() {  # bench SECONDS_TO_KEEP NAME ARGS...: one gpt_throughput.py call within the budget
   local keep=$1 name=$2; shift 2
   local t=$(( $(left) - keep ))
@@ -117,6 +125,16 @@ if [ ! -f "$work/stdlib-$vocab/manifest.json" ]; then
   $PY -m megaray.cli prepare text --source stdlib --out "$work/stdlib-$vocab" --vocab-size "$vocab" --val-fraction 0.1 --overwrite >&2
 fi
 bench 100 megaray --sides megaray --attention sdpa --compile off --shards "$work/stdlib-$vocab"
+# 4b. DiT training steps/s (megaray's DiT alone: the bare host has no diffusers)
+t=$(( $(left) - 50 ))
+if [ "$t" -ge 20 ]; then
+  timeout "$t" $PY benchmarks/dit_throughput.py --preset "$dit_preset" --batch-size "$dit_batch" --device "$device" \
+    --precision "$precision" --sides megaray --steps 10 --warmup 3 --rounds 1 --out "$work/dit.json" > /dev/null \
+    || log "dit ended early (rc $?)"
+  log "dit done"
+else
+  log "dit skipped: budget spent"
+fi
 # 5. variants with what is left: torch.compile, then flash-attn (skipped where not importable)
 bench 50 compile --sides torch deepspeed --attention sdpa --compile on
 bench 10 flash --sides torch deepspeed --attention flash --compile off on
@@ -144,6 +162,13 @@ if out["deepspeed"] and out["megaray"]:
     out["megaray_over_deepspeed"] = out["megaray"]["tokens_per_sec"] / out["deepspeed"]["tokens_per_sec"]
 if out["torch"] and out["deepspeed"]:
     out["deepspeed_over_torch"] = out["deepspeed"]["tokens_per_sec"] / out["torch"]["tokens_per_sec"]
+try:
+    dit = json.load(open(os.path.join(work, "dit.json")))
+    out["dit"] = {k: dit[k] for k in ("preset", "batch_size", "precision", "latent")}
+    out["dit"].update(dit["runs"][0])
+    out["dit"]["fast_dit_a100_steps_per_sec"] = 0.84
+except Exception as e:
+    out["dit"] = {"error": f"no DiT figure ({type(e).__name__}: {e})"}
 out["suite_wall_s"] = int(sys.argv[2])
 import shutil
 # DeepSpeed's fused AdamW (the deepspeed and megaray sides on CUDA) is JIT-built with nvcc

@@ -25,6 +25,8 @@ PACKAGES = (
     "megaray.models.audio",
     "megaray.models.mamba",
     "megaray.models.ngpt",
+    "megaray.models.image",
+    "megaray.models.diffusion",
 )
 
 

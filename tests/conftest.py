@@ -88,6 +88,17 @@ def speech_shards(ray_cluster, tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def image_shards(ray_cluster, tmp_path_factory):
+    """scikit-image's bundled photographs (+ random crops, lfw faces) prepared at size 32
+    (kind "images", label = image name): the prepared folder path."""
+    from megaray.data.image import prepare_images
+
+    out = tmp_path_factory.mktemp("images") / "skimage-32"
+    prepare_images("skimage", str(out), size=32, val_fraction=0.1, seed=0, concurrency=2, verbose=False)
+    return str(out)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

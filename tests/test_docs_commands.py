@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: files in the order a reader follows them (README, then its Documentation list); every
 #: docs/*.md must be here.
-ORDER = ["README.md", "docs/architecture.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/tune.md",
-         "docs/cluster.md"]
+ORDER = ["README.md", "docs/architecture.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/diffusion.md",
+         "docs/tune.md", "docs/cluster.md"]
 
 _TRAIN = "--set train.max_steps=4 --set train.eval_every=4 --set train.checkpoint_every=4 --set train.log_every=2"
 _TUNE = ("--set search.num_samples=2 --set train.max_steps=4 --set train.eval_every=2 --set train.checkpoint_every=2 "

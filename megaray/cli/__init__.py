@@ -9,8 +9,8 @@
     megaray config configs/demo.yaml --set model.n_layer=2   (print the resolved config)
 
 Modules: ``app`` (the app, error reporting), ``options`` (up-front option checks), ``run``
-(config, train, tune, demo), ``prepare`` (prepare text/audio/audio-latents), ``infer`` (eval,
-generate, vocode, export).
+(config, train, tune, demo), ``prepare`` (prepare text/audio/audio-latents/images/image-latents),
+``infer`` (eval, generate, vocode, sample, export).
 """
 
 # each module registers its commands; --help lists them in this order

@@ -1,5 +1,5 @@
 """Commands on trained checkpoints: ``eval`` (perplexity, HellaSwag), ``generate``, ``vocode``,
-``export`` (single process, CPU or CUDA; HellaSwag over Ray Data for large files; the work lives
+``sample`` (DiT images or mels), ``export`` (single process, CPU or CUDA; HellaSwag over Ray Data for large files; the work lives
 in :mod:`megaray.inference`)."""
 
 from __future__ import annotations
@@ -85,6 +85,31 @@ def vocode_cmd(
     from megaray.inference.vocode import vocode_checkpoint
 
     typer.echo(json.dumps(vocode_checkpoint(checkpoint, str(input), str(output)), indent=2))
+
+
+@app.command("sample")
+def sample_cmd(
+    checkpoint: str = typer.Option(..., help="dit checkpoint, or its run directory (its latest)"),
+    n: int = typer.Option(16, "--n", callback=at_least(1), help="samples to draw"),
+    output: Path = typer.Option(Path("grid.png"), "--output", "-o",
+                                help="image runs: the PNG grid; mel runs: <stem>_mel.png and <stem>N.wav"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="class name (image runs; default: every class in turn)"),
+    text: Optional[str] = typer.Option(None, help="transcript to speak (mel runs; default: the run's eval texts)"),
+    cfg: Optional[float] = typer.Option(None, "--cfg", callback=at_least(1),
+                                        help="classifier-free guidance scale, 1 = none (default: the run's diffusion.cfg_scale)"),
+    steps: Optional[int] = typer.Option(None, callback=at_least(1), help="DDIM steps (default: the run's diffusion.sample_steps)"),
+    seed: int = typer.Option(0, help="seed of the initial noise"),
+    vocoder: Optional[str] = typer.Option(None, help="vocoder checkpoint for mel runs (default: the run's diffusion.vocoder_checkpoint)"),
+) -> None:
+    """Sample a trained DiT: a PNG grid of images, or log-mel PNGs and wavs; prints JSON.
+
+    Example: megaray sample --checkpoint runs/dit-tiny --n 16 --class astronaut --output grid.png
+    Example: megaray sample --checkpoint runs/mel-dit-tiny --n 2 --text "hello world" --output hello.png
+    """
+    from megaray.inference.sample import sample_checkpoint
+
+    typer.echo(json.dumps(sample_checkpoint(checkpoint, str(output), n=n, class_name=class_name, text=text,
+                                            cfg_scale=cfg, steps=steps, seed=seed, vocoder=vocoder), indent=2))
 
 
 @app.command("export")

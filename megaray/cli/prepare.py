@@ -1,4 +1,4 @@
-"""``megaray prepare text | sft | audio | audio-latents``: raw sources -> shards + manifest.json.
+"""``megaray prepare text | sft | audio | audio-latents | images | image-latents``: sources -> shards + manifest.json.
 
 Everything a command can check cheaply (options, source paths, the output folder through
 :func:`megaray.fs.check_target`, the VAE's ``n_mels`` against the shards') is checked before Ray starts.
@@ -90,6 +90,37 @@ def prepare_audio_cmd(
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "speakers"}, indent=2, default=str)[:4000])
 
 
+@prepare_app.command("images")
+def prepare_images_cmd(
+    source: List[str] = typer.Option(
+        ["skimage"], "--source", "-s", help="folder of jpg/png/webp (labels: sub-folder names, sidecar .txt/.json), "
+                                            "WebDataset .tar, parquet with image bytes, jsonl/csv manifest, or an "
+                                            "s3:// gs:// URI; 'skimage' = scikit-image's bundled photographs"),
+    out: str = typer.Option("data/images", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
+    size: int = typer.Option(256, callback=_POSITIVE, help="stored shorter side in pixels"),
+    val_fraction: float = typer.Option(0.1, callback=in_interval(0, 1, low_open=False, high_open=True),
+                                       help="fraction of images held out for validation (by a hash of the name)"),
+    seed: int = typer.Option(0, help="seed of the train/val split"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Decode, orient, convert to RGB and resize images in Ray Data; write train/val shards.
+
+    Truncated, undecodable or non-image files are skipped and reported by name.
+
+    Example: megaray prepare images --source skimage --out data/images-64 --size 64
+    """
+    from megaray.data.image import prepare_images
+    from megaray.fs import check_target
+    from megaray.train.launch import ensure_ray
+
+    require_local_sources(source, keywords=("skimage",))
+    check_target(out, overwrite)
+    setup_logging()
+    manifest = prepare_images(source, out, size=size, val_fraction=val_fraction, seed=seed, overwrite=overwrite,
+                              before_ray=ensure_ray)
+    typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "labels"}, indent=2, default=str)[:4000])
+
+
 @prepare_app.command("audio-latents")
 def prepare_audio_latents_cmd(
     vae_checkpoint: str = typer.Option(..., help="audio VAE checkpoint (or its run directory)"),
@@ -142,6 +173,44 @@ def _check_latent_inputs(vae_checkpoint: str, shards: Optional[str]) -> str:
                         f"n_mels={cfg.model.n_mels}; prepare the audio with `megaray prepare audio "
                         f"--n-mels {cfg.model.n_mels}` or pass that run's --shards")
     return shards
+
+
+@prepare_app.command("image-latents")
+def prepare_image_latents_cmd(
+    vae_checkpoint: str = typer.Option(..., help="image VAE checkpoint (or its run directory)"),
+    source: str = typer.Option(..., "--source", "-s", help="images prepared by `megaray prepare images`"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory for latent shards"),
+    flip: bool = typer.Option(False, help="also encode every image's horizontally flipped copy"),
+    concurrency: int = typer.Option(1, callback=_POSITIVE, help="actors holding the VAE"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Encode prepared images to image-VAE latents (scaling_factor * posterior mean of centre crops)
+    with Ray Data, for DiT training.
+
+    Example: megaray prepare image-latents --vae-checkpoint runs/image-vae-tiny --source data/skimage --out data/skimage-latents
+    """
+    from megaray.data.manifest import read_manifest
+    from megaray.errors import ConfigError
+    from megaray.families import load_config
+    from megaray.fs import check_target
+    from megaray.inference.latents import encode_image_latents
+    from megaray.train.checkpoint import load_for_inference, resolve
+    from megaray.train.launch import ensure_ray
+
+    check_target(out, overwrite)
+    ckpt = resolve(vae_checkpoint).resolve()  # CheckpointError naming the path, before Ray starts; absolute
+    family = load_config(ckpt / "config.yaml").model.family
+    if family != "image_vae":
+        raise ConfigError(f"--vae-checkpoint {ckpt}: a {family!r} checkpoint, not an image_vae one "
+                          "(train one with `megaray train configs/image_vae_tiny.yaml`)")
+    read_manifest(source, kind="images")
+    setup_logging()
+    vae, _, _ = load_for_inference(ckpt)
+    ensure_ray()
+    manifest = encode_image_latents(source, out, vae, vae_checkpoint=str(ckpt), flip=flip,
+                                    concurrency=concurrency, overwrite=overwrite)
+    typer.echo(json.dumps({k: v for k, v in manifest.items() if k not in ("labels", "vae_config")},
+                          indent=2, default=str))
 
 
 @prepare_app.command("sft")

@@ -29,6 +29,8 @@ PREPARE_COMMANDS = {
     "text": "megaray prepare text --source SOURCE --out {folder}",
     "audio": "megaray prepare audio --source SOURCE --out {folder}",
     "audio_latents": "megaray prepare audio-latents --vae-checkpoint CHECKPOINT --out {folder}",
+    "images": "megaray prepare images --source SOURCE --out {folder}",
+    "image_latents": "megaray prepare image-latents --vae-checkpoint CHECKPOINT --source IMAGES --out {folder}",
 }
 
 

@@ -17,7 +17,7 @@ same order.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -133,3 +133,47 @@ def read_dataset(fs: pafs.FileSystem, items: List[Dict[str, Any]], columns: Sequ
     # wrapped in Ray Data's UserCodeException, so a training run can end with its message
     out.context.raise_original_map_exception = True
     return out
+
+
+def split_files(shards: str, man: Dict[str, Any], split: str) -> Tuple[pafs.FileSystem, List[str], List[str]]:
+    """``(filesystem, paths, display names)`` of a prepared folder's split (``man["splits"][split]["dir"]``),
+    its ``*.parquet`` files sorted by name.
+
+    Raises:
+        DataError: the split folder is missing; names it and the prepare command.
+    """
+    from megaray import fs as mfs
+    from megaray.data.manifest import prepare_hint
+
+    folder = mfs.join(shards, man["splits"][split]["dir"])
+    filesystem, base = mfs.resolve(folder)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    except (FileNotFoundError, OSError):
+        raise DataError(f"{folder} is missing; {prepare_hint(man.get('kind', 'text'), shards)}") from None
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    return filesystem, paths, [mfs.join(folder, p.replace("\\", "/").rsplit("/", 1)[-1]) for p in paths]
+
+
+def read_split(shards: str, man: Dict[str, Any], split: str, columns: Sequence[str], on_corrupt: str = "error",
+               passes: Optional[int] = None) -> Any:
+    """Ray Dataset of ``columns`` of one split of a prepared folder, one block per row group
+    (:func:`read_dataset`: corrupt row groups named or skipped; ``passes=k`` reads it ``k`` times,
+    pass-major, with a ``pass`` column).
+
+    Raises:
+        DataError: the split holds no parquet file, or a shard is missing or has a corrupt footer;
+            the message names it and the prepare command (with ``--overwrite``).
+    """
+    from megaray import fs as mfs
+    from megaray.data.manifest import prepare_hint
+
+    filesystem, paths, displays = split_files(shards, man, split)
+    hint = prepare_hint(man.get("kind", "text"), shards) + " with --overwrite"
+    if not paths:
+        raise DataError(f"{mfs.join(shards, man['splits'][split]['dir'])} holds no parquet files; {hint}")
+    items = row_groups(filesystem, paths, displays, hint)
+    with filesystem.open_input_file(paths[0]) as fh:
+        full = pq.ParquetFile(fh).schema_arrow
+    schema = pa.schema([full.field(c) for c in columns])
+    return read_dataset(filesystem, items, columns, schema, on_corrupt, hint, passes=passes)

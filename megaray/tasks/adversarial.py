@@ -74,7 +74,10 @@ class AdversarialStep:
         """``base_loss + w_adv * g_loss + fm_weight * fm_loss`` through a frozen ``disc``.
 
         Returns ``(loss, metrics)``; metrics hold ``loss_gen_adv``, ``loss_fm`` and, when adaptive,
-        ``adv_weight``. Raises ValueError when ``adaptive`` and no ``last_layer`` is given."""
+        ``adv_weight``. ``last_layer``: the generator's last-layer weight, or a callable returning
+        the :func:`adaptive_weight` ratio itself (for engines whose backward hooks forbid a
+        ``torch.autograd.grad`` through their graph, e.g. DeepSpeed ZeRO). Raises ValueError when
+        ``adaptive`` and no ``last_layer`` is given."""
         module = unwrap(disc)
         flags = [p.requires_grad for p in module.parameters()]
         module.requires_grad_(False)
@@ -92,7 +95,8 @@ class AdversarialStep:
         if self.adaptive:
             if last_layer is None:
                 raise ValueError("AdversarialStep(adaptive=True) needs the generator's last_layer weight")
-            weight = self.adv_weight * adaptive_weight(base_loss, adv, last_layer)
+            ratio = last_layer() if callable(last_layer) else adaptive_weight(base_loss, adv, last_layer)
+            weight = self.adv_weight * ratio
             metrics["adv_weight"] = float(weight)
         loss = base_loss + weight * adv
         if fm is not None:

@@ -71,8 +71,19 @@ def crop_start(seed: int, clip: str, pass_index: int, slots: int, hop: int) -> i
     return int(rng.integers(0, slots + 1)) * hop
 
 
+def text_bytes(texts: List[str], max_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Byte-level token ids of transcripts: ``ids (n, max_len) int64`` = UTF-8 byte + 1 (0 = padding;
+    a vocabulary of 257) cut to ``max_len``, and ``mask (n, max_len) bool`` (True = a real byte)."""
+    ids = np.zeros((len(texts), max_len), np.int64)
+    for i, t in enumerate(texts):
+        b = np.frombuffer(str(t).encode("utf-8")[:max_len], np.uint8)
+        ids[i, :len(b)] = b.astype(np.int64) + 1
+    return ids, ids > 0
+
+
 def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels: int, seed: int,
-                train: bool, with_vector: bool, val_repeats: int = 1) -> Dict[str, np.ndarray]:
+                train: bool, with_vector: bool, val_repeats: int = 1, from_start: bool = False,
+                text_max_len: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Rows of whole clips -> fixed-shape crops: ``audio`` (n, segment), ``mel`` (n, n_mels,
     segment // hop + 1), ``speaker_id`` (n,) [, ``speaker_vector`` (n, D)]. Train: start from
     :func:`crop_start` (clip id = ``name``, else ``path``; pass from the ``pass`` column, else
@@ -88,7 +99,9 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels:
         wave = np.asarray(batch["waveform"][i], np.float32)
         m = np.asarray(batch["mel"][i], np.float32).reshape(n_mels, int(batch["n_frames"][i]))
         slots = (len(wave) - segment) // hop  # number of hop-aligned starts minus one
-        if train:
+        if from_start:
+            start = 0
+        elif train:
             start = crop_start(seed, str(ids[i]), int(passes[i]), slots, hop)
         else:
             start = int((int(passes[i]) + 0.5) / val_repeats * slots) * hop if slots > 0 else 0
@@ -99,6 +112,8 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels:
     out = {"audio": audio, "mel": mel, "speaker_id": np.asarray(batch["speaker_id"], np.int64)}
     if with_vector:
         out["speaker_vector"] = np.stack([np.asarray(v, np.float32) for v in batch["speaker_vector"]])
+    if text_max_len:
+        out["text_ids"], out["text_mask"] = text_bytes(list(batch["text"]), text_max_len)
     return out
 
 
@@ -131,6 +146,8 @@ def audio_datasets(
     val_repeats: int = 1,
     crop_passes: int = 1,
     on_corrupt: str = "error",
+    from_start: bool = False,
+    text_max_len: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Ray datasets of fixed-shape crops from :func:`prepare_audio` shards.
 
@@ -150,6 +167,10 @@ def audio_datasets(
         val_repeats: fixed crops per val clip (at offsets ``(r + 0.5) / k``).
         crop_passes: random crops per train clip per epoch (pass ``p`` seeds its crops).
         on_corrupt: ``"error"`` or ``"skip"`` for a row group that cannot be decoded.
+        from_start: crop every clip (train and val) from its first sample, so the crop holds the
+            start of what its transcript says (the mel DiT); padded when shorter.
+        text_max_len: also give each row its transcript as ``text_ids`` int64 ``(text_max_len,)``
+            and ``text_mask`` bool (:func:`text_bytes`).
 
     Raises:
         DataError: no manifest; segment not a multiple of hop_length; an ``expect`` mismatch
@@ -168,8 +189,10 @@ def audio_datasets(
     if crop_passes < 1 or val_repeats < 1:
         raise DataError(f"crop_passes ({crop_passes}) and val_repeats ({val_repeats}) must be >= 1")
     with_vector = bool(man.get("speaker_vector_dim"))
-    cols = ["name", "waveform", "mel", "n_frames", "speaker_id"] + (["speaker_vector"] if with_vector else [])
-    kw = dict(hop=hop, n_mels=n_mels, seed=seed, with_vector=with_vector)
+    cols = (["name", "waveform", "mel", "n_frames", "speaker_id"] + (["speaker_vector"] if with_vector else [])
+            + (["text"] if text_max_len else []))
+    kw = dict(hop=hop, n_mels=n_mels, seed=seed, with_vector=with_vector, from_start=from_start,
+              text_max_len=text_max_len)
     train = _clips(shards, man, "train", cols, on_corrupt, passes=crop_passes)
     out = {"train": train.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
                                       fn_kwargs=dict(kw, segment=segment_samples, train=True))}

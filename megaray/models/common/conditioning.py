@@ -68,15 +68,16 @@ class AdaLNZero(nn.Module):
         return self.proj(F.silu(cond)).unsqueeze(1).chunk(self.n_chunks, dim=-1)  # n x (B, 1, dim)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps: ``(N,) -> (N, dim)`` float32.
 
-    ``freqs[i] = max_period ** (-i / half)`` for ``i < half = dim // 2``; the output is
-    ``[cos(t * freqs), sin(t * freqs)]``, zero-padded by one column when ``dim`` is odd (DiT's
-    ``TimestepEmbedder.timestep_embedding``).
+    ``freqs[i] = max_period ** (-i / (half - freq_shift))`` for ``i < half = dim // 2``; the output
+    is ``[cos(t * freqs), sin(t * freqs)]``, zero-padded by one column when ``dim`` is odd (DiT's
+    ``TimestepEmbedder.timestep_embedding`` with ``freq_shift=0``; diffusers'
+    ``DiTTransformer2DModel`` uses ``downscale_freq_shift=1``).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (N, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -89,14 +90,14 @@ class TimestepEmbedder(nn.Module):
     then ``Linear(freq_dim, hidden) -> SiLU -> Linear(hidden, hidden)`` (DiT; weights normal with
     std 0.02 as DiT's ``initialize_weights``, biases zero)."""
 
-    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0):
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0, freq_shift: float = 0.0):
         super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
+        self.freq_dim, self.max_period, self.freq_shift = freq_dim, max_period, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         for layer in (self.mlp[0], self.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.freq_dim, self.max_period)  # (N, freq_dim)
+        freq = timestep_embedding(t, self.freq_dim, self.max_period, self.freq_shift)  # (N, freq_dim)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))

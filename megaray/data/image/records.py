@@ -1,0 +1,24 @@
+"""The two record shapes of the image prepare: read units (listed on the driver) and items (read
+in Ray tasks). Every unit has the same keys, so a list of them is one Arrow table."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+#: label of an image with no class (no sub-folder, sidecar, member or column names one).
+DEFAULT_LABEL = "default"
+
+
+def unit(kind: str, uri: str, name: str, label: str = DEFAULT_LABEL, caption: str = "", sidecar: str = "",
+         index: int = 0, offset: int = 0) -> Dict[str, Any]:
+    """A read unit: ``kind`` is ``file`` (``sidecar``: its ``.json``/``.txt`` or ``""``) | ``tar``
+    | ``parquet`` (``index`` = row group, ``offset`` = its first row in the file) | ``skimage``
+    (``index`` = crop, -1 = the whole photograph) | ``lfw`` (``index`` = image in ``lfw_subset``)."""
+    return {"kind": kind, "uri": uri, "name": name, "label": label, "caption": caption, "sidecar": sidecar,
+            "index": int(index), "offset": int(offset)}
+
+
+def item(name: str, data: Optional[bytes], label: str = DEFAULT_LABEL, caption: str = "", code: str = "",
+         detail: str = "") -> Dict[str, Any]:
+    """One image to decode (``code`` empty), or a reject of ``name`` for ``code`` / ``detail``."""
+    return {"name": name, "data": data, "label": label, "caption": caption, "code": code, "detail": detail}

@@ -1,0 +1,30 @@
+"""DiT family (``dit``): ``from megaray.models.diffusion import DiT, DiTConfig, GaussianDiffusion``.
+
+The network (:mod:`.dit`, Peebles & Xie 2023) is separate from the diffusion process
+(:mod:`.process`: schedules, training loss, DDIM, classifier-free guidance), as in DiT's
+``models.py`` vs ``diffusion/``. :func:`from_diffusers` converts a diffusers
+``DiTTransformer2DModel``. See docs/diffusion.md.
+
+Importing this package registers the ``dit`` family and nothing heavier (PEP 562 lazy names).
+"""
+
+from megaray.families import FamilySpec, register
+
+register(FamilySpec(family="dit", config="megaray.models.diffusion.config:DiTConfig",
+                    build="megaray.models.diffusion.dit:DiT", task="megaray.tasks.diffusion:DiffusionTask"))
+
+_LAZY = {
+    "DiT": "megaray.models.diffusion.dit", "DiTConfig": "megaray.models.diffusion.config",
+    "PRESETS": "megaray.models.diffusion.config", "GaussianDiffusion": "megaray.models.diffusion.process",
+    "guided": "megaray.models.diffusion.process", "cfg_model_fn": "megaray.models.diffusion.process",
+    "from_diffusers": "megaray.models.diffusion.convert",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megaray.models.diffusion' has no attribute {name!r}")

@@ -22,12 +22,13 @@ ALLOWED = {
     "families": {"errors", "config"},
     "fs": {"errors"},
     "models": {"errors", "config", "families"},
+    "weights": {"errors", "config", "families", "fs", "models"},
     "data": {"errors", "config", "fs", "models"},
-    "tasks": {"errors", "config", "families", "fs", "models", "data"},
-    "train": {"errors", "config", "families", "fs", "models", "data", "tasks"},
-    "inference": {"errors", "config", "families", "fs", "models", "data", "tasks", "train"},
-    "tune": {"errors", "config", "families", "fs", "models", "data", "tasks", "train"},
-    "cli": {"errors", "config", "families", "fs", "models", "data", "tasks", "train", "inference", "tune"},
+    "tasks": {"errors", "config", "families", "fs", "models", "data", "weights"},
+    "train": {"errors", "config", "families", "fs", "models", "data", "tasks", "weights"},
+    "inference": {"errors", "config", "families", "fs", "models", "data", "tasks", "train", "weights"},
+    "tune": {"errors", "config", "families", "fs", "models", "data", "tasks", "train", "weights"},
+    "cli": {"errors", "config", "families", "fs", "models", "data", "tasks", "train", "inference", "tune", "weights"},
 }
 
 

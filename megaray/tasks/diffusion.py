@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megaray.config import ConfigError, RunConfig
+from megaray.errors import CheckpointError
 from megaray.tasks.base import Task, TaskInfo, unwrap
 
 KINDS = ("image_latents", "audio")
@@ -67,32 +68,24 @@ def _per_world(cfg: RunConfig, n_train: int, n_val: int) -> Dict[int, Tuple[int,
 
 
 def checkpoint_dir(path: str, key: str, what: str) -> Path:
-    """The absolute checkpoint directory at ``path`` (one holding ``config.yaml``), or the latest
-    complete ``step_*`` one below a run directory. Raises ConfigError naming ``key`` and ``path``.
+    """The absolute complete checkpoint directory at ``path`` (:func:`megaray.weights.resolve`:
+    the directory itself or the latest ``step_*`` below a run directory). Raises ConfigError
+    naming ``key``, ``path`` and what was expected."""
+    from megaray.weights import resolve
 
-    The layout is :mod:`megaray.train.checkpoint`'s (``megaray.json`` marks a complete one), read
-    here because tasks may not import the train layer (tests/test_architecture.py)."""
-    p = Path(path).expanduser().resolve()  # absolute: workers run in Ray's working directory
-    if (p / "megaray.json").is_file():
-        return p
-    found = sorted(d for d in p.glob("step_*") if (d / "megaray.json").is_file()) if p.is_dir() else []
-    if not found:
-        raise ConfigError(f"{key}: {path}: no {what} checkpoint there (a run directory with a complete step_* "
-                          "checkpoint, or one of them)")
-    return found[-1]  # step_%08d names sort by step
+    try:
+        return resolve(Path(path).expanduser().resolve())  # absolute: workers run in Ray's working directory
+    except CheckpointError as e:
+        raise ConfigError(f"{key}: no {what} checkpoint at {path}: {e}") from None
 
 
 def load_frozen(ckpt: str) -> torch.nn.Module:
-    """The network of checkpoint directory ``ckpt`` in eval mode, with the weights
-    :func:`megaray.train.checkpoint.load_for_inference` picks (``ema.pt`` when kept, else
-    ``model.pt``), on the CPU: a frozen VAE, vocoder or text encoder of a diffusion run."""
-    from megaray import families
+    """The network of checkpoint ``ckpt`` in eval mode on the CPU, with the weights
+    :func:`megaray.weights.load_for_inference` picks (``ema.pt`` when kept, else ``model.pt``):
+    a frozen VAE, vocoder or text encoder of a diffusion run."""
+    from megaray.weights import load_for_inference
 
-    cfg = families.load_config(Path(ckpt) / "config.yaml")
-    weights = Path(ckpt) / ("ema.pt" if (Path(ckpt) / "ema.pt").is_file() else "model.pt")
-    model = families.build_model(cfg.model)
-    model.load_state_dict({k: v.float() for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()})
-    return model.eval()
+    return load_for_inference(ckpt)[0]
 
 
 def check_vae(path: Optional[str], in_channels: int, key: str = "diffusion.vae_checkpoint") -> str:

@@ -16,7 +16,7 @@ Layout of one checkpoint directory (``<storage_path>/<run>/step_00000100/``)::
 Crash safety: every rank writes into a fresh local temporary directory; Ray Train copies the
 merged result into storage and only then registers it as the latest checkpoint, so a crash in
 the middle of a write leaves the previous checkpoint untouched. ``megaray.json`` is written last
-and :func:`resolve` ignores directories without it.
+and :func:`megaray.weights.resolve` ignores directories without it.
 
 :class:`Checkpointer` is the loop's part: it decides when a checkpoint is due, restores the
 latest one at start and writes + reports one through Ray Train.
@@ -27,12 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -42,15 +40,13 @@ import torch
 
 from megaray.config import RunConfig
 from megaray.errors import CheckpointError
-from megaray.families import load_config
+# the read side of the layout (one home: megaray/weights.py), re-exported for the train layer
+from megaray.weights import (  # noqa: F401
+    _UNREADABLE, EMA_FILE, STATE_FILE, WEIGHTS_FILE, load_for_inference, read_state, resolve, torch_load,
+)
 
 log = logging.getLogger("megaray.checkpoint")
 
-STATE_FILE = "megaray.json"
-WEIGHTS_FILE = "model.pt"
-EMA_FILE = "ema.pt"
-#: what ``torch.load`` raises on a truncated or overwritten file
-_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 
 @dataclass
@@ -77,15 +73,6 @@ class TrainState:
     @classmethod
     def from_json(cls, raw: Dict[str, Any]) -> "TrainState":
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-
-
-def torch_load(path: Path, **kwargs: Any) -> Any:
-    """``torch.load(path)``; a truncated or corrupt file raises CheckpointError naming it."""
-    try:
-        return torch.load(path, **kwargs)
-    except _UNREADABLE as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
-                              "resume from an earlier step_* checkpoint or retrain") from None
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -160,24 +147,6 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any
     return TrainState.from_json(json.loads(state_path.read_text()))
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A complete checkpoint directory from ``path``: the directory itself, or the latest
-    complete ``step_*`` checkpoint below a run directory.
-
-    Raises:
-        CheckpointError: nothing complete there; the message says what was looked for.
-    """
-    p = Path(path)
-    if (p / STATE_FILE).is_file():
-        return p
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} does not exist (pass a run directory such as runs/<name> or one of its step_* folders)")
-    found = sorted(d for d in p.glob("**/step_*") if (d / STATE_FILE).is_file())
-    if not found:
-        raise CheckpointError(f"no complete checkpoint under {p} (looked for step_*/{STATE_FILE}); has the run saved one yet?")
-    return max(found, key=lambda d: json.loads((d / STATE_FILE).read_text())["step"])
-
-
 def latest_complete(run_dir: Optional[str], world_size: int) -> Optional[Path]:
     """Newest checkpoint under a local ``run_dir`` that every one of ``world_size`` ranks finished
     writing (``megaray.json`` plus one ``rng_rank{r}.pt`` per rank), or None. URIs return None
@@ -245,30 +214,6 @@ def check_world(saved: int, world: int, where: str, zero_stage: int) -> None:
         "(an elastic run, scaling.num_workers: [min, max], may only change size before its first checkpoint)")
 
 
-def load_for_inference(path: str | os.PathLike, device: str = "cpu") -> Tuple[torch.nn.Module, RunConfig, Path]:
-    """Rebuild the trained model from a checkpoint for generation, evaluation or vocoding.
-
-    The EMA weights (``ema.pt``) when the run kept them (``train.ema_decay``), else the
-    consolidated weights (``model.pt``). Returns ``(model in eval mode, resolved run config,
-    checkpoint directory)``.
-
-    Raises:
-        CheckpointError: no complete checkpoint, no weights in it, or a truncated/corrupt weights
-            file (``<checkpoint>/model.pt is truncated or corrupt (...)``).
-    """
-    from megaray import families
-
-    ckpt = resolve(path)
-    cfg = load_config(ckpt / "config.yaml")
-    weights = ckpt / (EMA_FILE if (ckpt / EMA_FILE).is_file() else WEIGHTS_FILE)
-    if not weights.is_file():
-        raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} (consolidated weights) in this checkpoint")
-    model = families.build_model(cfg.model)
-    sd = torch_load(weights, map_location=device, weights_only=True)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return model.to(device).eval(), cfg, ckpt
-
-
 def init_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Load the weights of checkpoint ``path`` (as :func:`load_for_inference` picks them: EMA
     when kept) into ``model`` (``train.init_from``); returns the checkpoint directory.
@@ -284,14 +229,6 @@ def init_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"train.init_from {ckpt}: its weights do not fit this model "
                               f"(same family, sizes and vocab_size needed): {str(e)[:400]}") from None
     return ckpt
-
-
-def read_state(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
-    """The megaray state of the latest complete checkpoint under ``path``, or None."""
-    try:
-        return json.loads((resolve(path) / STATE_FILE).read_text())
-    except CheckpointError:
-        return None
 
 
 def _rng_state() -> Dict[str, Any]:

@@ -63,6 +63,20 @@ def register(spec: FamilySpec) -> FamilySpec:
     return spec
 
 
+def lazy_exports(package: str, names: Dict[str, str]) -> Any:
+    """A PEP 562 module ``__getattr__`` for a family package: ``names`` maps each public name to
+    the module defining it, imported on first use, so registering a family (importing its
+    package) imports nothing heavier than this module. Usage in ``__init__.py``:
+    ``__getattr__ = lazy_exports(__name__, _LAZY)``. Unknown names raise AttributeError."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def registry() -> Dict[str, FamilySpec]:
     """Every registered family (imports the packages in :data:`PACKAGES` once)."""
     for pkg in PACKAGES:

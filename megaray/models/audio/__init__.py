@@ -8,7 +8,7 @@ Networks: :class:`~megaray.models.audio.vocoder.Vocoder`,
 Importing this package registers both families (import strings only).
 """
 
-from megaray.families import FamilySpec, register
+from megaray.families import FamilySpec, lazy_exports, register
 
 register(FamilySpec(family="vocoder", config="megaray.models.audio.config:VocoderConfig",
                     build="megaray.models.audio.vocoder:build_vocoder", task="megaray.tasks.vocoder:VocoderTask"))
@@ -18,10 +18,4 @@ register(FamilySpec(family="audio_vae", config="megaray.models.audio.config:Audi
 _LAZY = {"AudioVAEConfig": "megaray.models.audio.config", "VocoderConfig": "megaray.models.audio.config"}
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megaray.models.audio' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

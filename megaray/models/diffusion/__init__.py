@@ -8,7 +8,7 @@ The network (:mod:`.dit`, Peebles & Xie 2023) is separate from the diffusion pro
 Importing this package registers the ``dit`` family and nothing heavier (PEP 562 lazy names).
 """
 
-from megaray.families import FamilySpec, register
+from megaray.families import FamilySpec, lazy_exports, register
 
 register(FamilySpec(family="dit", config="megaray.models.diffusion.config:DiTConfig",
                     build="megaray.models.diffusion.dit:DiT", task="megaray.tasks.diffusion:DiffusionTask"))
@@ -21,10 +21,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megaray.models.diffusion' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -7,7 +7,7 @@ Importing this package registers the ``gpt`` family and nothing heavier: the nam
 loaded on first use (PEP 562), so reading a config does not import torch.
 """
 
-from megaray.families import FamilySpec, register
+from megaray.families import FamilySpec, lazy_exports, register
 
 register(FamilySpec(family="gpt", config="megaray.models.gpt.config:GPTConfig",
                     build="megaray.models.gpt.model:GPT", task="megaray.tasks.lm:LMTask",
@@ -21,10 +21,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megaray.models.gpt' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

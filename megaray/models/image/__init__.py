@@ -8,7 +8,7 @@ The PatchGAN discriminator and hinge losses are in :mod:`megaray.models.image.di
 Importing this package registers the family and nothing heavier (PEP 562 lazy names).
 """
 
-from megaray.families import FamilySpec, register
+from megaray.families import FamilySpec, lazy_exports, register
 
 register(FamilySpec(family="image_vae", config="megaray.models.image.config:ImageVAEConfig",
                     build="megaray.models.image.vae:build_image_vae", task="megaray.tasks.image_vae:ImageVAETask"))
@@ -20,10 +20,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megaray.models.image' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -5,7 +5,7 @@ it trains with :class:`megaray.tasks.ngpt.NGPTTask`, which re-normalises the wei
 optimizer step. Importing this package registers the ``ngpt`` family and nothing heavier (PEP 562).
 """
 
-from megaray.families import FamilySpec, register
+from megaray.families import FamilySpec, lazy_exports, register
 
 register(FamilySpec(family="ngpt", config="megaray.models.ngpt.config:NGPTConfig",
                     build="megaray.models.ngpt.model:NGPT", task="megaray.tasks.ngpt:NGPTTask"))
@@ -16,10 +16,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megaray.models.ngpt' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

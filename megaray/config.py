@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator

@@ -84,51 +84,58 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, te
     assert run.data.tags["megaray.final_checkpoint"] == result.checkpoint
 
 
-def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, text_shards, tmp_path, monkeypatch):
-    """ZeRO-1 run that crashes right after its step-6 checkpoint; re-running the same command
-    continues at step 7 with the scheduled lr and the next unseen batches, in the same MLflow run,
-    reading from its position (no consumed batch is produced again) with the losses of a run that
-    never crashed."""
+def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, tmp_path, monkeypatch):
+    """ZeRO-1 run on a small corpus (many row groups) that crashes right after a checkpoint at 90%
+    of its first epoch; re-running the same command continues at the next step with the
+    scheduled lr and the next unseen batches, across the epoch boundary, in the same MLflow run,
+    reading from its position (no consumed batch is produced again) with the per-step losses of
+    a run that never crashed."""
     from mlflow.tracking import MlflowClient
 
+    from megaray.data.text import equal_batches, load_manifest, num_windows, prepare_text
     from megaray.train.launch import fit
     from megaray.train.schedule import lr_factor
 
+    shards = str(tmp_path / "small")
+    prepare_text(["stdlib"], shards, vocab_size=512, val_fraction=0.25, rows_per_group=4, stdlib_max_docs=60)
+    bpe = equal_batches(num_windows(load_manifest(shards), 64), 2, 4)  # gpt debug: block 64; 2 workers x 4
+    crash, total = max(2, round(bpe * 0.9)), bpe + 3
+    assert 6 <= bpe <= 40, bpe  # a short epoch: the run crosses its boundary
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "crash"))
-    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "6")
-    cfg = _cfg(text_shards, tmp_path, "crash", "train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
-               "train.log_every=3", "train.warmup_steps=4", "train.zero_stage=1", "scaling.max_failures=0",
-               "tracking.sample_tokens=0")
+    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", str(crash))
+    cfg = _cfg(shards, tmp_path, "crash", f"train.max_steps={total}", f"train.checkpoint_every={crash}",
+               f"train.eval_every={total}", "train.log_every=1", "train.warmup_steps=4", "train.zero_stage=1",
+               "scaling.max_failures=0", "tracking.sample_tokens=0", "data.num_val_batches=1")
     with pytest.raises(Exception, match="injected failure"):
         fit(cfg)
     monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
     result = fit(cfg)
-    assert result.metrics["step"] == 12
+    assert result.metrics["step"] == total
 
     t = cfg.train
+    steps = list(range(1, total + 1))
     for rank in (0, 1):
         got = _trace(tmp_path / "crash", rank)
-        assert [r["step"] for r in got] == list(range(1, 13))  # resumed at 7: nothing retrained, nothing skipped
-        assert got[5]["pid"] != got[6]["pid"]  # steps 7.. come from the re-run
-        assert [r["batch"] for r in got] == list(range(12))  # data position continues in the epoch
-        assert len({r["fp"] for r in got}) == 12  # no batch seen twice
+        assert [r["step"] for r in got] == steps  # resumed at crash + 1: nothing retrained, nothing skipped
+        assert got[crash - 1]["pid"] != got[crash]["pid"]  # the rest comes from the re-run
+        assert [(r["epoch"], r["batch"]) for r in got] == [divmod(i, bpe) for i in range(total)]  # across the boundary
+        assert len({r["fp"] for r in got[:bpe]}) == bpe  # no batch seen twice in the epoch
         assert all(r["replayed"] == 0 for r in got)  # the re-run started reading at its position
-        expected = [t.lr * lr_factor(s - 1, t.warmup_steps, t.max_steps, t.min_lr / t.lr) for s in range(1, 13)]
+        expected = [t.lr * lr_factor(s - 1, t.warmup_steps, t.max_steps, t.min_lr / t.lr) for s in steps]
         assert [r["lr"] for r in got] == pytest.approx(expected)  # the LR schedule continues
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("megaray").experiment_id
     runs = client.search_runs([exp], filter_string="tags.`megaray.run_key` LIKE '%/crash'")
     assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id  # same MLflow run
-    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
-    assert sorted(steps) == [3, 6, 9, 12]
+    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == steps
 
     # a third run of the same command has nothing to train: it hands back the final report
     # (what a Tune trial restarted after finishing needs) and logs nothing new
     again = fit(cfg)
-    assert again.metrics["step"] == 12 and again.checkpoint == result.checkpoint
+    assert again.metrics["step"] == total and again.checkpoint == result.checkpoint
     assert again.metrics["val_loss"] == pytest.approx(result.metrics["val_loss"])
-    assert [r["step"] for r in _trace(tmp_path / "crash", 0)] == list(range(1, 13))  # no batch trained
-    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == [3, 6, 9, 12]
+    assert [r["step"] for r in _trace(tmp_path / "crash", 0)] == steps  # no batch trained
+    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == steps
 
     # the same run without the crash: the same batches and the same per-step losses
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "whole"))

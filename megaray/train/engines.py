@@ -102,10 +102,28 @@ def build_engine(
     return engine, ds
 
 
+def skip_cpu_op_builds() -> None:
+    """On a CPU-only worker, tell DeepSpeed that none of its C++ ops are available, before it
+    first asks (``deepspeed.ops.__compatible_ops__``, probed lazily in ``deepspeed/ops/__init__.py``).
+
+    Otherwise the first engine probes every op with compiler subprocesses and JIT-compiles the
+    shared-memory all-reduce (``deepspeed_shm_comm``, ``deepspeed/comm/torch.py:build_shm_op``)
+    with g++ in every fresh environment: tens of seconds per worker on a 2-core machine, for a
+    kernel only DeepSpeed's inference all-reduce uses. megaray's CPU path needs none of them:
+    gradients go through torch.distributed (gloo) and the optimizer is ``torch.optim.AdamW``."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+
+
 def build_engines(task: Any, modules: Mapping[str, torch.nn.Module], cfg: RunConfig, precision: str,
                   device: torch.device) -> Dict[str, Any]:
     """One DeepSpeed engine per trainable module of ``task`` (moved to ``device`` first), in the
     order the task returned them; groups from ``task.param_groups(name, module)``."""
+    if device.type == "cpu":
+        skip_cpu_op_builds()
     engines = {}
     for name, module in modules.items():
         module.to(device)

@@ -27,6 +27,7 @@ PACKAGES = (
     "megaray.models.ngpt",
     "megaray.models.image",
     "megaray.models.diffusion",
+    "megaray.models.recurrent",
 )
 
 

@@ -76,7 +76,7 @@ def checkpoint_dir(path: str, key: str, what: str) -> Path:
     try:
         return resolve(Path(path).expanduser().resolve())  # absolute: workers run in Ray's working directory
     except CheckpointError as e:
-        raise ConfigError(f"{key}: no {what} checkpoint at {path}: {e}") from None
+        raise ConfigError(f"{key}: {path}: no {what} checkpoint there ({e})") from None
 
 
 def load_frozen(ckpt: str) -> torch.nn.Module:

@@ -151,12 +151,14 @@ def test_resume_with_another_world_size_is_refused_with_the_reason(tmp_path):
     from megaray.train.checkpoint import check_world, resume_world
 
     assert resume_world(str(tmp_path / "nothing")) is None
-    for step, world in ((2, 2), (4, 4)):
+    for step, world in ((2, 2), (4, 4), (5, 3)):
         d = tmp_path / f"step_{step:08d}"
         d.mkdir()
         (d / "megaray.json").write_text(json.dumps({"step": step, "world_size": world}))
+        for r in range(world if step != 5 else 2):  # step 5: rank 2 never finished writing
+            (d / f"rng_rank{r}.pt").write_bytes(b"")
     (tmp_path / "step_00000006").mkdir()  # incomplete: no megaray.json
-    assert resume_world(str(tmp_path)) == 4
+    assert resume_world(str(tmp_path)) == 4  # the newest checkpoint every rank finished, as restore picks
     check_world(4, 4, "x", 2)
     with pytest.raises(CheckpointError, match=r"x was written by 4 workers but this run has 2: its ZeRO stage-2 "
                                               r"optimizer state is partitioned over 4 ranks.*num_workers=4"):

@@ -68,7 +68,7 @@ def main() -> None:
 
     storage = tempfile.mkdtemp(prefix="megaray-goodput-")
     shards = f"{storage}/data"
-    prepare_text(["stdlib"], shards, vocab_size=4096, stdlib_max_docs=args.docs)
+    prepare_text(["stdlib"], shards, vocab_size=4096, val_fraction=0.1, stdlib_max_docs=args.docs)
     ensure_ray()
     batch = 4
     cfg = _cfg(shards, storage, "goodput", args.steps, args.eval_every, batch, args.steps)

@@ -49,17 +49,11 @@ def read_manifest(shards: str, kind: str = "audio") -> Dict[str, Any]:
 
 
 def split_files(shards: str, man: Dict[str, Any], split: str) -> Tuple[Any, List[str], List[str]]:
-    """``(filesystem, paths, display names)`` of a split's parquet files, sorted by name."""
-    import pyarrow.fs as pafs
+    """``(filesystem, paths, display names)`` of a split's parquet files, sorted by name
+    (the data core's :func:`megaray.data.shards.split_files`)."""
+    from megaray.data.shards import split_files as core_split_files
 
-    folder = fs.join(shards, man["splits"][split]["dir"])
-    filesystem, base = fs.resolve(folder)
-    try:
-        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
-    except (FileNotFoundError, OSError):
-        raise DataError(f"{folder} is missing; {prepare_hint(man.get('kind', 'audio'), shards)}") from None
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    return filesystem, paths, [fs.join(folder, p.replace("\\", "/").rsplit("/", 1)[-1]) for p in paths]
+    return core_split_files(shards, man, split)
 
 
 def crop_start(seed: int, clip: str, pass_index: int, slots: int, hop: int) -> int:

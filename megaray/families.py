@@ -140,6 +140,56 @@ def load_config(source: str | os.PathLike | Dict[str, Any], overrides: Sequence[
     return build_run_config(raw)
 
 
+#: the modalities a model section may name (``model.modalities``)
+MODALITIES = ("text", "audio", "image")
+
+
+def select_family(model_raw: Dict[str, Any]) -> str:
+    """The model type of a model section that names no ``family`` (the seeds' automatic choice).
+
+    * ``modalities`` naming anything besides ``text`` -> ``multimodal`` (one backbone over text,
+      speech and images); ``modalities: [text]`` is dropped and means the causal GPT;
+    * ``recurrent: true``, a ``recurrent_*`` key (e.g. ``recurrent_mean_thinking_steps``) or a ``recurrent*`` preset ->
+      ``recurrent`` (the recurrent-depth transformer);
+    * otherwise ``gpt``.
+
+    ``model_raw`` is edited in place (a text-only ``modalities`` is removed).
+
+    Raises:
+        ConfigError: ``modalities`` is not a list of known names (the message names the bad one
+            and the valid ones).
+    """
+    mods = model_raw.get("modalities")
+    if mods is not None:
+        if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not mods:
+            raise ConfigError(f"model.modalities: expected a non-empty list such as [text, audio], got {mods!r}")
+        for m in mods:
+            if m not in MODALITIES:
+                raise ConfigError(f"model.modalities: unknown modality {m!r}{suggest(str(m), MODALITIES)}; "
+                                  f"valid modalities: {', '.join(MODALITIES)}")
+        if set(mods) != {"text"}:
+            return "multimodal"
+        model_raw.pop("modalities")
+    flag = model_raw.pop("recurrent", None)  # `recurrent: true` names the type outright
+    if flag is not None and not isinstance(flag, bool):
+        raise ConfigError(f"model.recurrent: expected true or false, got {flag!r}")
+    if flag or any(str(k).startswith("recurrent") for k in model_raw) or str(model_raw.get("preset") or "").startswith("recurrent"):
+        return "recurrent"
+    return "gpt"
+
+
+def describe_model(config: Any) -> str:
+    """One line naming the model type a run builds, printed by ``megaray train`` and logged to
+    MLflow (tag ``megaray.model_type``): ``"multimodal (text, audio, image)"``, ``"recurrent
+    (mean depth 4)"``, ``"gpt"``."""
+    family = config.family
+    if family == "multimodal":
+        return f"multimodal ({', '.join(config.modalities)})"
+    if family == "recurrent":
+        return f"recurrent (mean depth {config.recurrent_mean_thinking_steps:g})"
+    return family
+
+
 def build_run_config(raw: Dict[str, Any]) -> RunConfig:
     """Validate a raw nested dict into a :class:`RunConfig` (the model section via its family)."""
     raw = dict(raw)
@@ -147,7 +197,7 @@ def build_run_config(raw: Dict[str, Any]) -> RunConfig:
     if not isinstance(model_raw, dict):
         raise ConfigError("model: required mapping with at least 'family' (e.g. {family: gpt, preset: debug})")
     model_raw = dict(model_raw)
-    family = model_raw.pop("family", "gpt")
+    family = model_raw.pop("family", None) or select_family(model_raw)
     preset = model_raw.pop("preset", None)
     raw["model"] = config_class(family).from_name(preset, **model_raw)
     return validate(RunConfig, raw)

@@ -41,11 +41,12 @@ def train_cmd(
 
     Example: megaray train configs/gpt_debug.yaml --set train.max_steps=50
     """
-    from megaray.families import load_config
+    from megaray.families import describe_model, load_config
     from megaray.train.launch import fit
 
     setup_logging(verbose)
     cfg = load_config(config, set_)
+    typer.echo(f"model type: {describe_model(cfg.model)}")
     print_result(fit(cfg))
 
 

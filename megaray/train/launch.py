@@ -244,12 +244,13 @@ def _check_resume_world(cfg: RunConfig, run_dir: str) -> None:
 def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: Optional[str],
                   extra_tags: Optional[Dict[str, str]], parent_run_id: Optional[str]) -> str:
     """Create or find the run's MLflow run; log the resolved config and the task's files."""
+    from megaray import families
     from megaray.train import mlflow as tracking
 
+    tags = {"megaray.family": cfg.model.family, "megaray.model_type": families.describe_model(cfg.model),
+            tracking.NOTE_TAG: tracking.command_line(), **(extra_tags or {})}
     run_id = tracking.start_run(
-        uri, cfg.tracking.experiment, run_key=run_dir, run_name=run_name or cfg.name,
-        params=cfg.flat(), tags={"megaray.family": cfg.model.family, tracking.NOTE_TAG: tracking.command_line(),
-                                 **(extra_tags or {})},
+        uri, cfg.tracking.experiment, run_key=run_dir, run_name=run_name or cfg.name, params=cfg.flat(), tags=tags,
         parent_run_id=parent_run_id,
     )
     tracking.log_datasets(uri, run_id, _manifests(cfg, task))

@@ -4,6 +4,7 @@ truncated backprop, exit criteria, FLOPs that follow depth, and a 2-worker Ray T
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -159,3 +160,11 @@ def test_two_workers_train_with_the_same_sampled_depth_per_step(ray_cluster, tex
     assert loss[steps] < loss[1], loss
     assert result.metrics["val_loss"] < math.log(512)
     assert "sample" in {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    # `megaray generate` on the checkpoint samples with the exit criterion and reports the depth used
+    from megaray.inference.generate import generate_text
+
+    out = generate_text(result.checkpoint, "def ", max_new_tokens=8, temperature=0, seed=0)
+    text, _, report = out.rpartition("\n")
+    assert text.startswith("def ")
+    mean = float(re.fullmatch(r"\[mean core iterations per token: ([0-9.]+)\]", report).group(1))
+    assert 1.0 <= mean <= cfg.model.max_inference_steps

@@ -106,3 +106,34 @@ def test_flat_params_cover_every_section():
     assert flat["model.n_layer"] == 4
     assert flat["train.zero_stage"] == 2
     assert "scaling.resources_per_worker.CPU" in flat
+
+
+def test_model_type_is_selected_from_the_config_as_in_the_seeds():
+    """No `family`: several modalities build the multimodal model, `recurrent` the recurrent-depth
+    model, anything else the causal GPT; each is described for the console and MLflow."""
+    from megaray.families import describe_model
+
+    def typed(model):
+        return load_config({"model": model}).model
+
+    multi = typed({"preset": "tiny", "modalities": ["text", "audio"]})
+    assert multi.family == "multimodal" and multi.modalities == ["text", "audio"]
+    assert describe_model(multi) == "multimodal (text, audio)"
+    assert typed({"preset": "tiny", "modalities": ["image"]}).family == "multimodal"  # any non-text mode
+    rec = typed({"preset": "tiny", "recurrent": True})
+    assert rec.family == "recurrent" and describe_model(rec) == "recurrent (mean depth 4)"
+    assert typed({"preset": "tiny", "recurrent_mean_thinking_steps": 3}).family == "recurrent"
+    plain = typed({"preset": "debug"})
+    assert plain.family == "gpt" and describe_model(plain) == "gpt"
+    assert typed({"preset": "debug", "modalities": ["text"]}).family == "gpt"  # text alone is the GPT
+    assert typed({"family": "recurrent", "preset": "tiny"}).family == "recurrent"  # an explicit family wins
+
+
+def test_an_unknown_modality_names_it_and_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"model\.modalities: unknown modality 'vidoe'.*valid modalities: "
+                                          r"text, audio, image"):
+        load_config({"model": {"modalities": ["text", "vidoe"]}})
+    with pytest.raises(ConfigError, match="model.modalities: expected a non-empty list"):
+        load_config({"model": {"modalities": "text"}})
+    with pytest.raises(ConfigError, match="model.recurrent: expected true or false"):
+        load_config({"model": {"recurrent": "yes"}})

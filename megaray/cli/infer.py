@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from megaray.cli.app import app
-from megaray.cli.options import at_least, in_interval, one_of
+from megaray.cli.options import at_least, in_interval, input_file, one_of
 
 _CHECKPOINT_HELP = "checkpoint directory, or a run directory (its latest checkpoint)"
 
@@ -54,7 +54,8 @@ def eval_cmd(
 @app.command("generate")
 def generate_cmd(
     checkpoint: str = typer.Option(..., help=_CHECKPOINT_HELP),
-    prompt: str = typer.Option("The ", help="text to continue"),
+    prompt: Optional[str] = typer.Option(None, help="text to continue (default 'The '); multimodal: the caption or "
+                                         "transcript to draw or speak, or the start of a transcription"),
     max_new_tokens: int = typer.Option(64, callback=at_least(1),
                                        help="tokens to add (fewer if the end-of-text token comes)"),
     temperature: float = typer.Option(0.8, callback=at_least(0), help="0 = greedy"),
@@ -62,14 +63,34 @@ def generate_cmd(
     top_p: Optional[float] = typer.Option(None, callback=in_interval(0, 1, low_open=True, high_open=False),
                                           help="nucleus sampling: the smallest set of tokens with this much probability"),
     seed: int = typer.Option(0, help="random seed of the sampler"),
+    to: str = typer.Option("text", callback=one_of(("text", "audio", "image")),
+                           help="multimodal checkpoints: what to generate: text | audio | image"),
+    out: Optional[Path] = typer.Option(None, help="--to audio: the wav (or .npy + _mel.png without --vocoder); "
+                                                  "--to image: the PNG"),
+    audio: Optional[Path] = typer.Option(None, callback=input_file, help="an audio file to transcribe (--to text)"),
+    image: Optional[Path] = typer.Option(None, callback=input_file, help="a picture to caption (--to text)"),
+    vocoder: Optional[str] = typer.Option(None, help="--to audio: vocoder checkpoint that turns the mel into a wav"),
+    vae: Optional[str] = typer.Option(None, help="image-VAE checkpoint of a model on latents (image_channels != 3)"),
 ) -> None:
-    """Continue a prompt with a trained text model (KV-cached sampling).
+    """Continue a prompt with a trained text model (KV-cached sampling), or continue an interleaved
+    prompt with a multimodal one: text -> image (PNG), text -> audio (wav), audio or image -> text.
 
     Example: megaray generate --checkpoint runs/gpt-debug --prompt "Return the" --max-new-tokens 20
+    Example: megaray generate --checkpoint runs/mm --prompt "a photo of astronaut" --to image --out astronaut.png
+    Example: megaray generate --checkpoint runs/mm --audio hello.wav --to text
     """
+    from megaray.inference.multimodal import checkpoint_family, generate
+
+    files = {"out": out, "audio": audio, "image": image, "vocoder": vocoder, "vae": vae}
+    if to != "text" or any(v is not None for v in files.values()) or checkpoint_family(checkpoint) == "multimodal":
+        result = generate(checkpoint, to=to, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed, **{k: v and str(v) for k, v in files.items()})
+        typer.echo(result["text"] if to == "text" else json.dumps(result, indent=2))
+        return
     from megaray.inference.generate import generate_text
 
-    typer.echo(generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    typer.echo(generate_text(checkpoint, "The " if prompt is None else prompt, max_new_tokens, temperature, top_k,
+                             top_p, seed))
 
 
 @app.command("vocode")

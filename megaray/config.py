@@ -179,7 +179,8 @@ class ScalingSection(StrictConfig):
         2, description="Ray Train workers: a number, or [min, max] for elastic training (Ray Train V2 starts "
                        "with what the cluster offers, at least min, and grows up to max)")
     elastic_resize_s: float = Field(60.0, gt=0, description="an elastic run checks this often whether the "
-                                    "cluster offers more workers (restarting from its last checkpoint to use them)")
+                                    "cluster offers more workers (restarting the run at step 0 to use them; from the first "
+                                    "checkpoint on, the run keeps that checkpoint's worker count)")
     use_gpu: bool = False
     resources_per_worker: Dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")

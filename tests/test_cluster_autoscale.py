@@ -3,14 +3,16 @@
 ``ray start --head --autoscaling-config=...`` with ``RAY_FAKE_CLUSTER=1`` runs the autoscaler
 (v1) with the ``fake_multinode`` provider, which "launches" a node by starting another raylet
 on this machine. The head offers one ``trainer`` slot (a custom resource every Train worker
-asks for); worker nodes offer one each. So:
+asks for); worker nodes offer one each. In this order (each test starts from the cluster the
+previous one left):
 
-1. ``ray job submit`` (runtime env ``cluster/runtime_env.yaml``) of ``megaray train`` with two
-   workers cannot start on the head alone: the autoscaler adds a node and the job succeeds;
-2. an elastic run (``scaling.num_workers: [1, 3]``) starts with the slots there are and
-   finishes (growing to three is not shown yet);
-3. when nothing runs, the worker nodes are removed (idle timeout 0.1 min; Ray Train's resource
-   requests to the autoscaler expire after about 180 s, hence the generous wait).
+1. an elastic run (``scaling.num_workers: [1, 3]``) on the bare cluster starts with the one slot
+   there is; Ray Train's elastic policy asks the autoscaler for three, which adds two nodes, and
+   the policy restarts the run with three workers, which finish it;
+2. when nothing runs, the worker nodes are removed (idle timeout 0.1 min; Ray Train's resource
+   requests to the autoscaler expire after about 180 s, hence the generous wait);
+3. ``ray job submit`` (runtime env ``cluster/runtime_env.yaml``) of ``megaray train`` with two
+   workers cannot start on the head alone: the autoscaler adds a node and the job succeeds.
 
 The wheel has no ``fake_multi_node/example.yaml`` (which ``ray.cluster_utils.AutoscalingCluster``
 reads), so the full config is built here from Ray's example. ``AutoscalingCluster.start`` also
@@ -142,6 +144,63 @@ def _submit(dashboard: str, *args: str, gcs: str) -> tuple[str, int, int]:
     return out, job.returncode, most
 
 
+#: the elastic run's ``scaling.elastic_resize_s`` (Ray's ``elastic_resize_monitor_interval_s``)
+RESIZE_S = 40
+
+
+def _lines(path: Path) -> list:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_elastic_run_starts_with_what_is_there_and_grows(fake_cluster, text_shards, tmp_path):
+    """``scaling.num_workers: [1, 3]`` does not wait for three Train slots: it starts with the one
+    the head has, and Ray Train's elastic policy (which asks the autoscaler for three) restarts it
+    with three once the autoscaler has added two nodes. The first group trains three steps and
+    then holds (``MEGARAY_HOLD_AT_STEP``, so the growth cannot race the end of the run); Ray's
+    first look at the cluster comes ``RESIZE_S`` after the group started, time for those three
+    steps (the nodes are there sooner). The run's first checkpoint comes after the growth (a
+    checkpoint's world size is kept: docs/cluster.md), so the larger group starts from step 0 and
+    trains every step once."""
+    gcs, dashboard = fake_cluster
+    assert _alive_nodes(gcs) == 1  # the bare cluster: one trainer slot
+    trace = tmp_path / "trace"
+    out, rc, most = _submit(
+        dashboard, "env", f"MEGARAY_TRACE={trace}", "MEGARAY_HOLD_AT_STEP=3", "megaray", "train",
+        "configs/gpt_debug.yaml", "--set", "name=elastic", "--set", f"data.shards={text_shards}",
+        "--set", f"scaling.storage_path={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}",
+        "--set", "scaling.num_workers=[1, 3]", "--set", f"scaling.elastic_resize_s={RESIZE_S}", "--set", TRAIN_RESOURCES,
+        "--set", "train.max_steps=30", "--set", "train.checkpoint_every=30", "--set", "train.eval_every=30",
+        "--set", "train.log_every=10", "--set", "tracking.sample_tokens=0", gcs=gcs)
+    assert rc == 0 and "succeeded" in out, out[-4000:]
+    assert Path(f"{trace}.starts.rank0").read_text().splitlines()  # rank 0 started
+    state = json.loads((tmp_path / "runs" / "elastic" / "step_00000030" / "megaray.json").read_text())
+    assert state["step"] == 30 and 1 <= state["world_size"] <= 3
+    steps = [json.loads(x)["step"] for x in Path(f"{trace}.rank0").read_text().splitlines()]
+    assert steps[-1] == 30 and len(set(steps)) == 30  # every step trained
+
+    # it grew: rank 0 started more than once, rank 2 only in the last group, which wrote the checkpoint
+    starts = [_lines(Path(f"{trace}.starts.rank{r}")) for r in range(3)]
+    assert len(starts[0]) >= 2, f"the worker group was never restarted: {starts[0]}"
+    assert len(starts[2]) == 1 and len(starts[1]) == len(starts[0]) - 1, starts  # the first group: rank 0 alone
+    assert state["world_size"] == 3 and most == 3
+    assert all(s["step"] == 0 for s in starts[0])  # no checkpoint before the growth: each group began at step 0
+    assert "world 1, " in out and "world 3, " in out and out.index("world 1, ") < out.index("world 3, ")
+    by_pid: dict = {}
+    for line in _lines(Path(f"{trace}.rank0")):
+        by_pid.setdefault(line["pid"], []).append(line["step"])
+    first, last = starts[0][0]["pid"], starts[0][-1]["pid"]
+    assert first != last and by_pid[first] == [1, 2, 3], by_pid  # the 1-worker group held after step 3
+    assert by_pid[last] == list(range(1, 31))  # the 3-worker group trained every step once
+
+
+def test_idle_worker_nodes_are_removed(fake_cluster):
+    gcs, _ = fake_cluster
+    deadline = time.monotonic() + 300  # Train's resource requests expire ~180 s after the last run
+    while _alive_nodes(gcs) > 1 and time.monotonic() < deadline:
+        time.sleep(5)
+    assert _alive_nodes(gcs) == 1, "idle worker nodes were not removed"
+
+
 def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
     gcs, dashboard = fake_cluster
     assert _alive_nodes(gcs) == 1
@@ -156,32 +215,3 @@ def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
     assert most >= 2, "the autoscaler added no node for the second Train worker"
     state = json.loads((storage / "grow" / "step_00000006" / "megaray.json").read_text())
     assert state["step"] == 6 and state["world_size"] == 2
-
-
-def test_elastic_run_starts_with_what_is_there(fake_cluster, text_shards, tmp_path):
-    """``scaling.num_workers: [1, 3]`` does not wait for three Train slots: it starts with the
-    slots there are and finishes. (Growing to three once the autoscaler adds nodes is not shown
-    yet: in the one run so far the worker group kept its first size for all 400 steps.)"""
-    gcs, dashboard = fake_cluster
-    trace = tmp_path / "trace"
-    out, rc, _ = _submit(
-        dashboard, "env", f"MEGARAY_TRACE={trace}", "megaray", "train", "configs/gpt_debug.yaml",
-        "--set", "name=elastic", "--set", f"data.shards={text_shards}",
-        "--set", f"scaling.storage_path={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}",
-        "--set", "scaling.num_workers=[1, 3]", "--set", "scaling.elastic_resize_s=5", "--set", TRAIN_RESOURCES,
-        "--set", "train.max_steps=30", "--set", "train.checkpoint_every=30", "--set", "train.eval_every=30",
-        "--set", "train.log_every=10", "--set", "tracking.sample_tokens=0", gcs=gcs)
-    assert rc == 0 and "succeeded" in out, out[-4000:]
-    assert Path(f"{trace}.starts.rank0").read_text().splitlines()  # rank 0 started
-    state = json.loads((tmp_path / "runs" / "elastic" / "step_00000030" / "megaray.json").read_text())
-    assert state["step"] == 30 and 1 <= state["world_size"] <= 3
-    steps = [json.loads(x)["step"] for x in Path(f"{trace}.rank0").read_text().splitlines()]
-    assert steps[-1] == 30 and len(set(steps)) == 30  # every step trained once
-
-
-def test_idle_worker_nodes_are_removed(fake_cluster):
-    gcs, _ = fake_cluster
-    deadline = time.monotonic() + 300  # Train's resource requests expire ~180 s after the last run
-    while _alive_nodes(gcs) > 1 and time.monotonic() < deadline:
-        time.sleep(5)
-    assert _alive_nodes(gcs) == 1, "idle worker nodes were not removed"

@@ -285,7 +285,8 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # deterministic order per epoch: exact resume of data position
     options.label_selector = dict(cfg.scaling.data_label_selector) or None  # e.g. CPU data nodes (cluster/)
-    debug = {"trace": os.environ.get("MEGARAY_TRACE"), "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP")}
+    debug = {"trace": os.environ.get("MEGARAY_TRACE"), "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP"),
+             "hold_at_step": os.environ.get("MEGARAY_HOLD_AT_STEP"), "max_world": cfg.scaling.max_workers}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
@@ -305,4 +306,5 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=options),
+        run_dir=run_dir,  # an elastic run keeps its checkpoint's world size (ray_compat.CheckpointSizedElasticPolicy)
     )

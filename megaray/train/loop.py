@@ -36,7 +36,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``config`` = ``{"run": resolved config dict, "info": TaskInfo,
     "mlflow": {"uri", "run_id"}, "run_dir": str, "debug": {...}}`` (from :func:`megaray.train.launch.fit`).
 
-    ``debug`` carries two test hooks read from the driver's environment (:class:`Debug`)."""
+    ``debug`` carries the test hooks read from the driver's environment (:class:`Debug`)."""
     import ray.train
 
     w = _Worker(config)
@@ -274,11 +274,17 @@ class Debug:
     executions of the validation split so far) to ``path.evals.rank<r>``.
     ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
     resume tests).
+    ``MEGARAY_HOLD_AT_STEP=N``: after step N, the ranks of a worker group smaller than
+    ``scaling.num_workers``' max wait (up to ``HOLD_S``) for Ray Train's elastic policy to replace
+    the group with a larger one (elastic growth tests).
     """
+
+    HOLD_S = 300.0
 
     def __init__(self, debug: Mapping[str, Any], rank: int):
         self.path, self.rank = debug.get("trace"), rank
         self.fault_at = int(debug["fault_at_step"]) if debug.get("fault_at_step") else None
+        self.hold_at, self.max_world = int(debug.get("hold_at_step") or 0), int(debug.get("max_world") or 0)
         self.trace = open(f"{self.path}.rank{rank}", "a") if self.path else None
         self.pending: Optional[Dict[str, Any]] = None
         self.replayed = 0  # batches read again to reach the resume position
@@ -314,6 +320,11 @@ class Debug:
     def after_step(self, step: int) -> None:
         if self.fault_at is not None and step == self.fault_at and self.rank == 0:
             raise RuntimeError(f"MEGARAY_FAULT_AT_STEP: injected failure after step {step}")
+        if self.hold_at and step == self.hold_at:
+            import ray.train
+
+            if ray.train.get_context().get_world_size() < self.max_world:
+                time.sleep(self.HOLD_S)  # Ray Train ends this worker when it resizes the group
 
 
 def _seed_everything(seed: int) -> None:

@@ -266,6 +266,11 @@ from ray.train.v2._internal.execution.failure_handling import (  # noqa: E402
     DefaultFailurePolicy as _DefaultFailurePolicy,
     FailureDecision as _FailureDecision,
 )
+from ray.train.v2._internal.execution.scaling_policy import (  # noqa: E402
+    ElasticScalingPolicy as _ElasticScalingPolicy,
+    NoopDecision as _NoopDecision,
+    ResizeDecision as _ResizeDecision,
+)
 
 
 def user_error(error: BaseException) -> Optional[BaseException]:
@@ -317,13 +322,84 @@ class UserErrorFailurePolicy(_DefaultFailurePolicy):
         return super().make_decision(training_failed_error)
 
 
+# --- Elastic runs keep their checkpoint's world size --------------------------------------------
+#
+# A megaray checkpoint resumes only with the world size that wrote it
+# (:func:`megaray.train.checkpoint.check_world`: ZeRO shards and the data position). Ray's
+# ElasticScalingPolicy restarts the worker group with more workers whenever more fit
+# (``ray/train/v2/_internal/execution/scaling_policy/elastic.py``,
+# ``make_decision_for_running_worker_group``), and restarts a failed group with whatever fits
+# (``make_decision_for_non_running_worker_group``); after the first checkpoint either restart would
+# end the run with that CheckpointError. CheckpointSizedElasticPolicy is Ray's policy until the run
+# has a checkpoint, and from then on holds the checkpoint's world size.
+
+
+class CheckpointSizedElasticPolicy(_ElasticScalingPolicy):
+    """Ray Train V2's elastic scaling policy, held at the world size of the run's checkpoint once
+    there is one (see the comment above).
+
+    Before the first checkpoint: Ray's policy (start with what fits, at least ``min``; grow toward
+    ``max`` every ``elastic_resize_monitor_interval_s``). After it: a running group is not resized;
+    a failed group restarts with the checkpoint's world size only (it waits until that many
+    workers fit); the autoscaler is asked for that many.
+
+    Args:
+        scaling_config: Ray Train's ``ScalingConfig`` with ``num_workers=(min, max)``.
+        run_dir: ``<storage_path>/<run name>`` (local path or URI), where the checkpoints are.
+    """
+
+    def __init__(self, scaling_config: Any, run_dir: str):
+        super().__init__(scaling_config)
+        self.run_dir = run_dir
+        self._held: Optional[int] = None  # the checkpoints' world size, once there is one
+
+    def held_world(self) -> Optional[int]:
+        """World size of the run's newest checkpoint, or None before the first (read from storage
+        until found; all later checkpoints share it)."""
+        if self._held is None:
+            from megaray.train.checkpoint import resume_world
+
+            self._held = resume_world(self.run_dir)
+        return self._held
+
+    def _get_num_workers_for_resource_request(self) -> int:
+        return self._held or super()._get_num_workers_for_resource_request()
+
+    def make_decision_for_non_running_worker_group(self):
+        decision = super().make_decision_for_non_running_worker_group()
+        held = self.held_world() if isinstance(decision, _ResizeDecision) else None
+        if held is None or decision.num_workers == held:
+            return decision
+        if decision.num_workers < held:
+            log.info("%d workers fit; waiting for %d, the world size of the run's checkpoint",
+                     decision.num_workers, held)
+            return _NoopDecision()
+        return _ResizeDecision(num_workers=held, resources_per_worker=decision.resources_per_worker)
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        if isinstance(decision, _ResizeDecision) and self.held_world() is not None:
+            log.info("not resizing to %d workers: the run has a checkpoint written by %d, and a checkpoint "
+                     "resumes only with its own world size", decision.num_workers, self._held)
+            return _NoopDecision()
+        return decision
+
+
 class TorchTrainer(_TorchTrainer):
     """``ray.train.torch.TorchTrainer`` whose controller uses :class:`UserErrorFailurePolicy`,
-    without Ray's ``PlacementGroupCleaner`` on a cluster that has no dashboard (see
-    :func:`without_blind_cleaner`)."""
+    an elastic run's :class:`CheckpointSizedElasticPolicy` (``run_dir``: where the run's
+    checkpoints are), and no Ray ``PlacementGroupCleaner`` on a cluster that has no dashboard
+    (see :func:`without_blind_cleaner`)."""
+
+    def __init__(self, *args: Any, run_dir: Optional[str] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._megaray_run_dir = run_dir
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(self.run_config.failure_config)
+        if self.scaling_config.elasticity_enabled and self._megaray_run_dir:
+            controller_init_kwargs["scaling_policy"] = CheckpointSizedElasticPolicy(self.scaling_config,
+                                                                                    self._megaray_run_dir)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _create_default_callbacks(self):

@@ -28,6 +28,7 @@ PACKAGES = (
     "megaray.models.image",
     "megaray.models.diffusion",
     "megaray.models.recurrent",
+    "megaray.models.multimodal",
 )
 
 

@@ -282,3 +282,20 @@ def test_bf16_training_step_and_generation_on_cuda_are_finite():
     assert all(torch.isfinite(out[k]) for k in ("loss", "loss/text", "loss/audio", "loss/image"))
     img = model.generate_image(torch.tensor([[5, 6, model.BOI]], device="cuda"))
     assert img.is_cuda and torch.isfinite(img).all()
+
+
+def test_every_parameter_gets_a_gradient_when_a_batch_lacks_a_modality():
+    """Ranks whose micro-batches hold different modalities must produce gradients for the same
+    parameters (ZeRO's gradient buckets and gloo's all-reduce need equal sizes): a text-only batch
+    gives every span adapter and head a (zero) gradient."""
+    for head in ("regression", "diffusion"):
+        model = MultimodalTransformer(MultimodalConfig.from_name("debug", continuous_head=head))
+        T = model.config.block_size
+        tokens = torch.randint(0, model.config.vocab_size, (2, T))
+        batch = {"tokens": tokens, "targets": tokens.roll(-1, 1), "audio_start": torch.full((2,), -1),
+                 "image_start": torch.full((2,), -1)}
+        model(batch)["loss"].backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert missing == [], (head, missing)
+        span_grads = [p.grad for n, p in model.named_parameters() if n.startswith("spans.")]
+        assert span_grads and all(float(g.abs().sum()) == 0 for g in span_grads)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from megaray.config import RunConfig
-from megaray.train.reporter import Reporter, mean_across_ranks
+from megaray.train.reporter import Reporter, mean_across_ranks, ratio_metrics
 
 
 class Evaluator:
@@ -70,7 +70,7 @@ class Evaluator:
         for m in trained:
             m.train()
         n = len(batches)
-        means = mean_across_ranks({k: v / n for k, v in sums.items()}, self.world)
+        means = ratio_metrics(mean_across_ranks({k: v / n for k, v in sums.items()}, self.world))
         return self.task.finalize_eval(means)
 
     def batches(self) -> List[Mapping[str, torch.Tensor]]:

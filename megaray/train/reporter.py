@@ -28,6 +28,20 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def ratio_metrics(values: Dict[str, float]) -> Dict[str, float]:
+    """Each ``<name>_sum`` / ``<name>_count`` pair -> ``<name>`` (their ratio), the ``_sum`` dropped.
+
+    Both are averaged alike over micro-batches and ranks, so the ratio is the count-weighted mean
+    over all of them (a per-modality loss of micro-batches that only sometimes hold that modality:
+    :mod:`megaray.tasks.multimodal`); a pair whose count is 0 gives no ``<name>``."""
+    out = dict(values)
+    for key in [k for k in values if k.endswith("_sum") and k[:-4] + "_count" in values]:
+        total, count = out.pop(key), values[key[:-4] + "_count"]
+        if count > 0:
+            out[key[:-4]] = total / count
+    return out
+
+
 def mean_across_ranks(values: Dict[str, float], world: int) -> Dict[str, float]:
     """Average scalar metrics over ``world`` ranks (all-reduce in float64). Collective."""
     if world == 1 or not values or not torch.distributed.is_initialized():
@@ -182,7 +196,7 @@ class Reporter:
         gn = engines["model"].get_global_grad_norm()
         if gn is not None:
             report["grad_norm"] = float(gn)
-        report = mean_across_ranks(report, self.world)
+        report = ratio_metrics(mean_across_ranks(report, self.world))
         self.meter.reset()
         eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.t.max_steps - step)
         if self.rank == 0 and self.channel is not None:

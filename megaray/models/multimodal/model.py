@@ -26,8 +26,9 @@ attention across the sequence and bidirectional attention inside each image). Re
 Which spans carry a loss: with a ``task`` in the batch, an audio span only in text->audio rows
 (task 2) and an image span only in text->image rows (task 4); in to-text rows (tasks 1, 3) the span
 is the condition: clean (``t = 0`` under diffusion) and without loss, as at inference. Without
-``task`` every span carries a loss. Adapters and heads run on every row (masked), so every
-parameter takes part in every step (DDP needs no ``find_unused_parameters``).
+``task`` every span carries a loss. Adapters and heads run on every row (masked), and a modality
+no row of the batch holds adds 0 x its parameters to the loss, so every parameter has a gradient
+on every rank at every step (ZeRO's buckets match; DDP needs no ``find_unused_parameters``).
 
 Deviations from Transfusion: linear patch maps only (no U-Net blocks); v rather than epsilon
 prediction by default (a small model's epsilon gives a far-off ``x0`` estimate at high ``t`` and DDIM
@@ -257,8 +258,19 @@ class MultimodalTransformer(nn.Module):
                 loss, count = self._content_loss(pred, targets_of[name], weights[name])
             out[f"loss/{name}"], out[f"count/{name}"] = loss, count
             total = total + getattr(cfg, f"{name}_loss_weight") * loss
-        out["loss"] = total + self.aux_loss
+        out["loss"] = total + self.aux_loss + self._untouched(spans)
         return out
+
+    def _untouched(self, spans: Mapping[str, Span]) -> torch.Tensor:
+        """0 times the parameters this batch did not use (the adapter and head of a modality no row
+        holds; the timestep MLP when no span is noised): every rank then has a gradient, zero or
+        not, for every parameter, so ZeRO's gradient buckets and DDP's all-reduce match across
+        ranks whose micro-batches hold different modalities."""
+        idle = [m for name, m in self.spans.items() if name not in spans]
+        if self.t_embed is not None and not spans:
+            idle.append(self.t_embed)
+        params = [p for m in idle for p in m.parameters()]
+        return sum((p.sum() for p in params), torch.zeros((), device=self.lm_head.weight.device)) * 0.0
 
     def _diffuse(self, x0: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Noise the supervised rows of ``x0 (B, N, D)`` at a random ``t`` each (torch's global RNG)

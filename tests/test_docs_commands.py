@@ -69,9 +69,10 @@ SKIP: List[Tuple[str, str]] = [
      "the mel DiT path (configs/mel_dit_tiny.yaml on espeak clips, `megaray sample --text`) runs in "
      "tests/test_diffusion_train.py::test_mel_dit_trains_on_speech_and_logs_a_vocoded_wav; this test's minutes go "
      "to the image pipeline before it (CI has a 40-minute budget)"),
-    (r"^megaray generate --checkpoint runs/multimodal-tiny\b",
-     "needs the multimodal run, which the docs do not train (CI has a 40-minute budget); `megaray generate` on "
-     "multimodal checkpoints runs in tests/test_multimodal_generate.py"),
+    (r"^megaray (train configs/multimodal_tiny\.yaml|generate --checkpoint runs/multimodal-tiny)\b",
+     "the multimodal run (configs/multimodal_tiny.yaml, 2 workers, crash and resume) runs in "
+     "tests/test_multimodal_train.py and `megaray generate` on multimodal checkpoints in "
+     "tests/test_multimodal_generate.py (CI has a 40-minute budget)"),
 ]
 
 #: documented error examples: command -> (exit code, text the output must contain).

@@ -37,9 +37,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "debug": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=512,
                   audio_frames=16, audio_patch=4, image_size=8, patch_size=4),
     # ~85M backbone (GPT-2 small shape, Llama-style parts) on the default 8192-token tokenizer:
-    # 64 audio tokens (256 mel frames / 4), 256 image tokens (64x64 pixels, patch 4)
+    # 64 audio tokens (512 mel frames / 8: 4.1 s at hop 128 and 16 kHz, a whole espeak sentence, so a
+    # transcript matches its span), 256 image tokens (64x64 pixels, patch 4)
     "multimodal_small": dict(n_layer=12, n_head=12, n_kv_heads=4, attention="gqa", n_embd=768, block_size=1024,
-                             vocab_size=8192, audio_frames=256, audio_patch=4, image_size=64, patch_size=4,
+                             vocab_size=8192, audio_frames=512, audio_patch=8, image_size=64, patch_size=4,
                              **_MODERN),
 }
 

@@ -121,7 +121,8 @@ def test_other_exceptions_keep_their_traceback(monkeypatch, tmp_path):
         raise RuntimeError("a bug, not the user's doing")
 
     monkeypatch.setattr(gen, "generate_text", crash)
-    r = _run("generate", "--checkpoint", tmp_path)
+    ckpt = _write_checkpoint(tmp_path / "gpt-run", REPO / "configs" / "gpt_debug.yaml")  # a real text checkpoint
+    r = _run("generate", "--checkpoint", ckpt.parent)
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
     assert "error: " not in r.output
 

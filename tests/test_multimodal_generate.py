@@ -274,3 +274,20 @@ def test_user_errors_name_the_file_or_option(ckpt, latent_ckpt, vocoder, tmp_pat
     assert r.exit_code == 2 and "--to audio: this checkpoint was trained on text, image" in r.output, r.output
     r = _run("--checkpoint", vocoder, "--prompt", "hi", "--to", "image", "--out", tmp_path / "o.png")
     assert r.exit_code == 2 and f"--checkpoint {vocoder}: a 'vocoder' checkpoint" in r.output, r.output
+
+
+def test_speech_in_or_out_of_an_audio_latent_run_is_refused_naming_why(tokenizer, tmp_path):
+    """Audio-VAE latent shards record no VAE, so nothing can turn a wav into the run's audio spans
+    or its spans into a mel: `--audio` and `--to audio` end in an error, not in a wrong mel."""
+    from megaray.tasks.multimodal import MultimodalInfo
+
+    tok, path = tokenizer
+    info = MultimodalInfo(tokenizer_path=str(path), eot_id=0, audio=MEL,
+                          audio_latents={"latent_channels": 4, "bands": 20, "down_time": 4})
+    ckpt = _save(tmp_path / "run" / "step_00000001",
+                 {"family": "multimodal", "preset": "tiny", "vocab_size": tok.get_vocab_size()}, info)
+    for args in (["--prompt", "hi", "--to", "audio", "--out", tmp_path / "o.wav"], ["--audio", _wav(tmp_path / "in.wav")]):
+        r = _run("--checkpoint", ckpt, *args)
+        assert r.exit_code == 2 and "its audio spans are audio-VAE latents" in r.output, (args, r.output)
+    r = _run("--checkpoint", ckpt, "--prompt", "hi", "--to", "image", "--out", tmp_path / "o.png")
+    assert r.exit_code == 0 and (tmp_path / "o.png").is_file(), r.output  # images are unaffected

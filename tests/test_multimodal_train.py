@@ -6,7 +6,8 @@ The first tests use no corpus; the next ones read the session's test corpora (``
 map function and the task's hooks directly; the end-to-end run is one crash and one re-run (each
 claim checked on it: per-modality metrics in MLflow, artifacts, checkpoint files, resume at the next
 unseen mixed batch with the same loss). Measured on the 2-core machine: about 76 s in all, 51 s of
-it the end-to-end run.
+it the end-to-end run. The latent-source test (image latents encoded with Ray, audio latents by the
+same encoder in-process) adds 7 to 17 s.
 """
 
 from __future__ import annotations
@@ -295,3 +296,155 @@ def test_two_workers_log_per_modality_losses_and_resume_at_the_next_mixed_batch(
     meta = json.loads((ckpt / "multimodal.json").read_text())
     assert meta["eot_id"] == 0 and meta["audio"]["hop_length"] == 128 and "astronaut" in meta["labels"]
     assert meta["caption_template"] == mm.CAPTION_TEMPLATE and (ckpt / "tokenizer.json").is_file()
+
+
+def _random_checkpoint(path: Path, model_section: dict) -> Path:
+    """A randomly initialised network of ``model_section`` saved as a one-step checkpoint (the layout
+    :func:`megaray.weights.load_for_inference` reads), as tests/test_diffusion_train.py does."""
+    import torch
+
+    from megaray.families import build_model, build_run_config
+    from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
+
+    torch.manual_seed(0)
+    cfg = build_run_config({"model": model_section})
+    path.mkdir(parents=True)
+    cfg.to_yaml(path / "config.yaml")
+    torch.save(build_model(cfg.model).state_dict(), path / WEIGHTS_FILE)
+    (path / STATE_FILE).write_text(json.dumps({"step": 1, "tokens": 0}))
+    return path
+
+
+def _audio_latents(speech_shards: str, out: Path, vae) -> str:
+    """``speech_shards`` encoded into an ``audio_latents`` folder by the UDF and manifest keys of
+    :func:`megaray.inference.latents.encode_latents`, in this process (its Ray read of the speech
+    parquet costs ~40 s on the 2-core machine; the image latents below go through Ray)."""
+    import pyarrow.parquet as pq
+
+    from megaray.data.manifest import new_manifest, read_manifest, write_manifest
+    from megaray.inference.latents import LatentEncoder
+
+    man, encoder = read_manifest(speech_shards), LatentEncoder(lambda: vae, kind="audio")
+    cols = ["path", "name", "text", "speaker", "speaker_id", "duration", "mel", "n_mels", "n_frames"]
+    for split in ("train", "val"):
+        table = pq.read_table(Path(speech_shards) / man["splits"][split]["dir"], columns=cols)
+        batch = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in cols}
+        batch["split"] = np.asarray([split] * table.num_rows, dtype=object)
+        (out / split).mkdir(parents=True)
+        pq.write_table(encoder(batch).drop_columns(["split"]), out / split / "part-0.parquet")
+    write_manifest(str(out), new_manifest(
+        "audio_latents", source_shards=speech_shards, sample_rate=man["sample_rate"], n_mels=man["n_mels"],
+        hop_length=man["hop_length"], speakers=man["speakers"], vae_config=vae.cfg.model_dump(mode="json"),
+        splits={s: {"dir": s, "clips": man["splits"][s]["clips"]} for s in ("train", "val")}, clips=man["clips"]))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def latent_sources(image_shards, speech_shards, tmp_path_factory):
+    """The test images and clips encoded by random tiny VAEs: image latents 4 x 16 x 16 (f 2) by
+    `megaray prepare image-latents`' function, naming their VAE checkpoint; audio latents 4 x 20
+    bands x ceil(F / 2) frames (80 mels, 4x down in frequency, 2x in time)."""
+    from megaray.inference.latents import encode_image_latents
+    from megaray.weights import load_for_inference
+
+    root = tmp_path_factory.mktemp("latents")
+    vae = _random_checkpoint(root / "image-vae" / "step_00000001", {"family": "image_vae", "preset": "tiny"})
+    audio_vae = _random_checkpoint(root / "audio-vae" / "step_00000001", {"family": "audio_vae", "preset": "tiny"})
+    images = encode_image_latents(image_shards, str(root / "images"), load_for_inference(vae)[0],
+                                  vae_checkpoint=str(vae), verbose=False)
+    speech = _audio_latents(speech_shards, root / "speech", load_for_inference(audio_vae)[0])
+    return {"images": images["out_dir"], "speech": speech, "vae": str(vae)}
+
+
+def _file_order_rows(shards: str, columns):
+    """A prepared split's rows in file order (the order the mixture's row indices count in)."""
+    import pyarrow.parquet as pq
+
+    from megaray.data.manifest import read_manifest
+    from megaray.data.shards import split_files
+
+    _, paths, _ = split_files(shards, read_manifest(shards), "val")
+    return [row for p in paths for row in pq.read_table(p, columns=columns).to_pylist()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_latent_sources_feed_their_latents_and_name_the_vae(text_shards, image_shards, latent_sources, tmp_path):
+    """Text + audio latents + image latents (configs/multimodal_latents_tiny.yaml's model): the
+    validation rows' spans equal the shards' latents (image: as stored; audio: the clip's first
+    audio_frames latent frames, channel-major, not normalised) with the label's / the transcript's
+    text; multimodal.json names the VAE; image.png is decoded by it (32 px images, not 16-cell
+    latents); config mismatches are ConfigErrors naming both values and what to set."""
+    from PIL import Image
+
+    from megaray.errors import ConfigError
+    from megaray.families import build_model, load_config
+    from megaray.tasks.multimodal import MultimodalInfo, MultimodalTask, _side_info
+
+    def config(*extra, images=latent_sources["images"]):
+        return load_config(REPO / "configs" / "multimodal_latents_tiny.yaml", [
+            f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {latent_sources['speech']}, weight: 1}}, "
+            f"{{shards: {images}, weight: 1}}]", *extra])
+
+    cfg = config()
+    task = MultimodalTask(cfg)
+    srcs = mm.open_sources(cfg.data.resolved_sources())
+    tok_path, eot = task._check_sources(srcs)
+    layout = mm.Layout.from_model(cfg.model, eot)
+    task.info = MultimodalInfo(tokenizer_path=tok_path, eot_id=eot, **_side_info(srcs, layout),
+                               sources=[{"shards": s.shards, "kind": s.kind} for s in srcs])
+    items = mm.plan_items([[int(g["rows"]) for g in s.groups["val"]] for s in srcs], [2, 1, 1], seed=0, split=1)
+    rows = mm.build_rows({k: np.array([it[k] for it in items]) for k in items[0]}, sources=mm.read_specs(srcs, "val"),
+                         layout=layout, tokenizer=tok_path, seed=0, split=1, train=False, on_corrupt="error")
+    tok = mm.cached_tokenizer(tok_path)
+    clips = _file_order_rows(latent_sources["speech"], ["latent", "latent_shape", "text"])
+    images = _file_order_rows(latent_sources["images"], ["latent", "label"])
+    names = mm.label_names(srcs[2].manifest)
+    seen = {1: set(), 2: set()}
+    for j, it in enumerate(items):
+        if it["source"] == 0:
+            continue
+        seen[it["source"]].add(it["row"])
+        stored = (clips if it["source"] == 1 else images)[it["row"]]
+        latent = np.asarray(stored["latent"], np.float32)
+        if it["source"] == 1:
+            c, bands, frames = stored["latent_shape"]
+            assert (c * bands, rows["audio"].shape[1]) == (80, 80) and frames > layout.audio_frames
+            assert np.array_equal(rows["audio"][j], latent.reshape(80, frames)[:, :layout.audio_frames])
+            assert rows["audio_valid"][j] == layout.audio_frames and rows["audio_start"][j] >= 1
+            text = stored["text"]
+        else:
+            assert rows["image"].shape[1:] == (4, 16, 16) and rows["image_start"][j] >= 1
+            assert np.array_equal(rows["image"][j], latent.reshape(4, 16, 16))
+            text = mm.CAPTION_TEMPLATE.format(label=names[stored["label"]])
+        ids = tok.encode(text).ids
+        assert any(list(rows["tokens"][j, k:k + len(ids)]) == ids for k in range(len(rows["tokens"][j])))
+    planned = [sum(it["source"] == i for it in items) for i in (1, 2)]
+    assert seen[1] == set(range(len(clips))) and len(seen[2]) == min(planned[1], len(images))  # no repeat early
+    assert len(rows["tokens"]) == len(items)
+
+    meta = json.loads(task.checkpoint_files()["multimodal.json"])
+    assert meta["vae_checkpoint"] == latent_sources["vae"]
+    assert meta["audio_latents"] == {"latent_channels": 4, "bands": 20, "down_time": 2}
+    import torch
+
+    torch.manual_seed(0)
+    modules = {"model": build_model(cfg.model).eval(), **task.frozen_modules()}
+    texts = task.eval_artifacts(modules, str(tmp_path), step=1)
+    assert Image.open(tmp_path / "image.png").size == (2 * 33 + 1, 34)  # two decoded 32 px images, padding 1
+    assert set(texts) == {"caption", "transcription"} and not (tmp_path / "mel.png").exists()
+
+    for overrides, message in (
+            (["model.image_channels=3"], r"model.image_channels \(3\) differs from the latent_channels \(4\) of the "
+                                         r"image latents .*; set model.image_channels=4"),
+            (["model.image_size=8", "model.patch_size=2"], r"model.image_size \(8\) differs from the latent_size "
+                                                           r"\(16\) .*; set model.image_size=16"),
+            (["model.n_mels=40"], r"model.n_mels \(40\) differs from the latent frame size .*= 80\); "
+                                  r"set model.n_mels=80")):
+        bad = config(*overrides)
+        with pytest.raises(ConfigError, match=message):
+            MultimodalTask(bad)._check_sources(mm.open_sources(bad.data.resolved_sources()))
+    mixed = config(images=image_shards)
+    mixed_srcs = mm.open_sources(mixed.data.resolved_sources() + cfg.data.resolved_sources()[2:])
+    with pytest.raises(ConfigError, match="the image sources mix the kinds image_latents and images"):
+        MultimodalTask(mixed)._check_sources(mixed_srcs)

@@ -190,6 +190,10 @@ def generate(checkpoint: str | os.PathLike, *, to: str = "text", prompt: Optiona
         prompt = "The " if source == "text" else ""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mm = load_multimodal(ckpt_dir, device)
+    if mm.info.get("audio_latents") and "audio" in (to, source):
+        raise ConfigError(f"--checkpoint {mm.path}: its audio spans are audio-VAE latents, and `megaray prepare "
+                          "audio-latents` records no VAE that could turn a wav into them or them into a mel; "
+                          "speech in or out needs a run trained on log-mels (`megaray prepare audio`)")
     g = torch.Generator(device=device).manual_seed(seed)
     if to == "image":
         vae_net = _image_vae(mm, vae)
@@ -310,7 +314,8 @@ def read_image_span(mm: MultimodalCheckpoint, path: str, vae: Optional[torch.nn.
 
 def _image_vae(mm: MultimodalCheckpoint, path: Optional[str]) -> Optional[torch.nn.Module]:
     """The image VAE that decodes / encodes the model's latents, on the model's device; None for a
-    model on pixels (``image_channels == 3``).
+    model on pixels (its sources in ``multimodal.json`` hold no ``image_latents``; files without
+    source kinds: ``image_channels == 3``).
 
     Raises:
         ConfigError: ``--vae`` for a pixel model; no VAE for a latent model; not an ``image_vae``
@@ -321,7 +326,9 @@ def _image_vae(mm: MultimodalCheckpoint, path: Optional[str]) -> Optional[torch.
     from megaray.weights import load_for_inference
 
     channels = mm.cfg.model.image_channels
-    if channels == 3:
+    kinds = {src.get("kind") for src in mm.info.get("sources") or []}
+    latent = "image_latents" in kinds if kinds - {None} else channels != 3  # older files: by channels
+    if not latent:
         if path:
             raise ConfigError(f"--vae {path}: the checkpoint {mm.path} generates pixels (model.image_channels=3); "
                               "drop --vae")

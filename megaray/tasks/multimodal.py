@@ -16,6 +16,14 @@ does not pull ``loss/image`` towards 0. ``rows/<task>`` counts the rows of each 
 Evaluation artifacts (rank 0): ``image.png`` (a validation image beside the image generated from
 its caption), ``mel.png`` (a validation clip's mel above the one generated from its transcript)
 and, as texts, the model's caption of that image and transcription of that clip.
+
+Latent sources (``image_latents``, ``audio_latents``; :mod:`megaray.data.multimodal`): the image
+VAE named in the image latents' manifest (``vae_checkpoint``) is checked on the driver, loaded on
+every worker as a frozen module (:meth:`MultimodalTask.frozen_modules`) and decodes both latents of
+``image.png``; its path goes into ``multimodal.json`` so ``megaray generate --to image`` decodes
+without ``--vae``. Latents prepared without a ``vae_checkpoint`` train, but get no ``image.png``.
+Audio-latent manifests name no VAE checkpoint: their runs write no ``mel.png`` (the transcription
+text still).
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 
 from megaray.config import ConfigError
@@ -52,6 +59,9 @@ class MultimodalInfo(TaskInfo):
             ``n_mels``, ``win_length``), empty without speech.
         labels: image label names by id, empty without images.
         examples: ``{"caption", "transcript"}`` of the first validation image / clip (artifacts).
+        vae_checkpoint: the image VAE checkpoint directory of image-latent sources (None: pixels,
+            or latents prepared without one). audio_latents: ``{"latent_channels", "bands",
+            "down_time"}`` of audio-latent sources (their audio VAE's), empty for log-mels.
     """
 
     tokenizer_path: str = ""
@@ -62,6 +72,8 @@ class MultimodalInfo(TaskInfo):
     audio: Dict[str, Any] = field(default_factory=dict)
     labels: List[str] = field(default_factory=list)
     examples: Dict[str, Any] = field(default_factory=dict)
+    vae_checkpoint: Optional[str] = None
+    audio_latents: Dict[str, Any] = field(default_factory=dict)
 
 
 class MultimodalTask(Task):
@@ -77,10 +89,13 @@ class MultimodalTask(Task):
 
         Raises:
             ConfigError: no text source (the tokenizer), ``model.vocab_size`` differs from the
-                tokenizer's, a source of a modality not in ``model.modalities``, speech shards whose
+                tokenizer's, a source of a modality not in ``model.modalities``, two kinds of one
+                modality (log-mels and audio latents, pixels and image latents), speech shards whose
                 ``n_mels`` differ from the model's or from each other's analysis, images stored
-                smaller than ``model.image_size`` or ``model.image_channels != 3``, too few rows for
-                the workers and batch size.
+                smaller than ``model.image_size`` or ``model.image_channels != 3``, latents whose
+                shape differs from ``model.image_channels`` / ``image_size`` (``n_mels``) or from
+                each other's VAE, an image VAE checkpoint in the manifest that is gone or does not
+                match, too few rows for the workers and batch size.
             DataError: a source is not prepared or corrupt (from the data layer).
         """
         from megaray.data import mixture
@@ -107,7 +122,7 @@ class MultimodalTask(Task):
         self.info = MultimodalInfo(
             batches_per_epoch=per_world[world][0], val_batches=per_world[world][1], manifest=srcs[0].manifest,
             per_world=per_world, tokenizer_path=tok_path, eot_id=eot, items_per_pass=n_train, passes=passes,
-            sources=[{"shards": s.shards, "modality": s.modality, "weight": s.weight} for s in srcs],
+            sources=[{"shards": s.shards, "modality": s.modality, "kind": s.kind, "weight": s.weight} for s in srcs],
             **_side_info(srcs, layout))
         return mm.mixture_datasets(srcs, layout, tok_path, seed=t.seed, passes=passes, rows_per_block=max(B, 64),
                                    on_corrupt=self.cfg.data.on_corrupt)
@@ -134,25 +149,23 @@ class MultimodalTask(Task):
         if tok.get_vocab_size() != m.vocab_size:
             raise ConfigError(f"model.vocab_size ({m.vocab_size}) must equal the vocabulary of the tokenizer "
                               f"{path} ({tok.get_vocab_size()}); set model.vocab_size={tok.get_vocab_size()}")
-        settings = ("sample_rate", "n_fft", "hop_length", "n_mels", "win_length")
-        speech = [s for s in srcs if s.modality == "audio"]
-        for s in speech:
-            if s.manifest["n_mels"] != m.n_mels:
-                raise ConfigError(f"model.n_mels ({m.n_mels}) differs from the n_mels ({s.manifest['n_mels']}) of "
-                                  f"{s.shards}; set model.n_mels={s.manifest['n_mels']} or re-prepare the audio "
-                                  f"with --n-mels {m.n_mels}")
-            if any(s.manifest.get(k) != speech[0].manifest.get(k) for k in settings):
-                raise ConfigError(f"data.sources: {s.shards} and {speech[0].shards} were prepared with different "
-                                  f"mel settings ({', '.join(settings)}); prepare every speech source alike")
-        for s in (s for s in srcs if s.modality == "image"):
-            if m.image_channels != 3:
-                raise ConfigError(f"model.image_channels ({m.image_channels}): image shards ({s.shards}) hold RGB "
-                                  "pixels; set model.image_channels=3")
-            if int(s.manifest["size"]) < m.image_size:
-                raise ConfigError(f"model.image_size ({m.image_size}) exceeds the size {s.manifest['size']} px "
-                                  f"{s.shards} was prepared at; run `megaray prepare images --source SOURCE --out "
-                                  f"{s.shards} --size {m.image_size} --overwrite` or lower model.image_size")
+        for modality in ("audio", "image"):
+            kinds = sorted({s.kind for s in srcs if s.modality == modality})
+            if len(kinds) > 1:
+                raise ConfigError(f"data.sources: the {modality} sources mix the kinds {' and '.join(kinds)}; the "
+                                  f"model's {modality} spans hold one or the other: drop the sources of one kind")
+        _check_audio([s for s in srcs if s.modality == "audio"], m)
+        _check_images([s for s in srcs if s.modality == "image"], m)
         return path, eos_id(tok)
+
+    def frozen_modules(self) -> Dict[str, torch.nn.Module]:
+        """``{"vae": the image VAE}`` that decodes image latents for ``image.png`` (loaded with
+        :func:`megaray.tasks.diffusion.load_frozen`), when the latents name one; else none."""
+        if not self.info.vae_checkpoint:
+            return {}
+        from megaray.tasks.diffusion import load_frozen
+
+        return {"vae": load_frozen(self.info.vae_checkpoint)}
 
     def prepare_command(self, shards: str) -> Optional[str]:
         return f"megaray prepare text --source stdlib --out {shards} --vocab-size {self.cfg.model.vocab_size}"
@@ -182,7 +195,8 @@ class MultimodalTask(Task):
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_files(self) -> Dict[str, str]:
         """``multimodal.json`` (tokenizer file, eot id, the speech shards' mel settings, image
-        label names, the caption template, the audio normalisation) and ``tokenizer.json``."""
+        label names, the caption template, the audio normalisation, the sources with their kinds,
+        the image VAE of latent images, the audio latents' shape) and ``tokenizer.json``."""
         from megaray import fs
         from megaray.data.multimodal import CAPTION_TEMPLATE, P_GENERATE
 
@@ -191,7 +205,8 @@ class MultimodalTask(Task):
             return {}
         meta = {"tokenizer": "tokenizer.json", "eot_id": info.eot_id, "audio": info.audio or None,
                 "labels": info.labels, "caption_template": CAPTION_TEMPLATE, "mel_mean": m.mel_mean,
-                "mel_std": m.mel_std, "p_generate": P_GENERATE, "sources": info.sources}
+                "mel_std": m.mel_std, "p_generate": P_GENERATE, "sources": info.sources,
+                "vae_checkpoint": info.vae_checkpoint, "audio_latents": info.audio_latents or None}
         return {INFO_FILE: json.dumps(meta, indent=1), "tokenizer.json": fs.read_bytes(info.tokenizer_path).decode()}
 
     # -- evaluation artifacts --------------------------------------------------------------
@@ -202,7 +217,8 @@ class MultimodalTask(Task):
 
     @torch.no_grad()
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
-        """``image.png`` and ``mel.png`` (module docstring) and the caption / transcription texts."""
+        """``image.png`` and ``mel.png`` (module docstring; image latents through ``modules["vae"]``,
+        none for latents without a VAE or for audio latents) and the caption / transcription texts."""
         from megaray.data import multimodal as mm
 
         net, ex = unwrap(modules["model"]), self.info.examples
@@ -212,24 +228,30 @@ class MultimodalTask(Task):
         texts: Dict[str, Any] = {}
         if "image" in ex:
             real = torch.from_numpy(ex["image"])[None].to(device)
-            prompt = _prompt(tok.encode(ex["caption"]).ids, layout.boi, layout.image_tokens, layout, device)
-            gen = net.generate_image(prompt, generator=self._noise(device))
-            from torchvision.utils import save_image
+            latent = any(s.get("kind") == "image_latents" for s in self.info.sources)
+            if not latent or "vae" in modules:  # latents without their VAE: no picture, the caption still
+                prompt = _prompt(tok.encode(ex["caption"]).ids, layout.boi, layout.image_tokens, layout, device)
+                pair = torch.cat([real, net.generate_image(prompt, generator=self._noise(device)).float()])
+                if latent:
+                    vae = unwrap(modules["vae"])
+                    pair = vae.decode(pair.to(next(vae.parameters()).device) / vae.cfg.scaling_factor).float()
+                from torchvision.utils import save_image
 
-            save_image((torch.cat([real, gen.float()]).clamp(-1, 1).cpu() + 1) / 2, os.path.join(out_dir, "image.png"),
-                       nrow=2, padding=1)
+                save_image((pair.clamp(-1, 1).cpu() + 1) / 2, os.path.join(out_dir, "image.png"), nrow=2, padding=1)
             texts["caption"] = f"{ex['caption']!r} -> " + _to_text(net, tok, layout, "image", real, device)
         if "mel" in ex:
-            from megaray.tasks.audio import plot_mels
-
             real = torch.from_numpy(ex["mel"])[None].to(device)
-            prompt = _prompt(tok.encode(ex["transcript"]).ids, layout.boa, layout.audio_tokens, layout, device)
-            gen = net.generate_audio(prompt, generator=self._noise(device))
-            denorm = [x[0].float().cpu() * layout.mel_std + layout.mel_mean for x in (real, gen)]
-            a = self.info.audio
-            plot_mels(os.path.join(out_dir, "mel.png"), [(f"validation clip: {ex['transcript'][:60]!r}", denorm[0]),
-                                                         (f"generated from its transcript (step {step})", denorm[1])],
-                      a["sample_rate"], a["hop_length"])
+            if not self.info.audio_latents:  # log-mels: plotted (audio latents: no VAE to decode them)
+                from megaray.tasks.audio import plot_mels
+
+                prompt = _prompt(tok.encode(ex["transcript"]).ids, layout.boa, layout.audio_tokens, layout, device)
+                gen = net.generate_audio(prompt, generator=self._noise(device))
+                denorm = [x[0].float().cpu() * layout.mel_std + layout.mel_mean for x in (real, gen)]
+                a = self.info.audio
+                plot_mels(os.path.join(out_dir, "mel.png"),
+                          [(f"validation clip: {ex['transcript'][:60]!r}", denorm[0]),
+                           (f"generated from its transcript (step {step})", denorm[1])],
+                          a["sample_rate"], a["hop_length"])
             texts["transcription"] = f"{ex['transcript']!r} -> " + _to_text(net, tok, layout, "audio", real, device)
         return texts
 
@@ -251,32 +273,96 @@ def _to_text(net: torch.nn.Module, tok: Any, layout: Any, name: str, content: to
     return tok.decode(out[0, prompt.size(1):].tolist(), skip_special_tokens=True)
 
 
+def _check_audio(speech: List[Any], m: Any) -> None:
+    """ConfigError unless every speech source fits ``model.n_mels`` (log-mels: their bands; audio
+    latents: ``latent_channels * n_mels / down_freq`` of their VAE) and all share one analysis
+    (log-mels: the mel settings; latents: the VAE config)."""
+    settings = ("sample_rate", "n_fft", "hop_length", "n_mels", "win_length")
+    for s in speech:
+        if s.kind == "audio_latents":
+            vae = s.manifest.get("vae_config")
+            if not vae:
+                raise ConfigError(f"data.sources: {s.shards} records no vae_config; prepare it with `megaray prepare "
+                                  f"audio-latents --vae-checkpoint CHECKPOINT --out {s.shards} --overwrite`")
+            frames = vae["latent_channels"] * (vae["n_mels"] // vae["down_freq"])
+            if frames != m.n_mels:
+                raise ConfigError(f"model.n_mels ({m.n_mels}) differs from the latent frame size of {s.shards} "
+                                  f"(latent_channels {vae['latent_channels']} x {vae['n_mels'] // vae['down_freq']} "
+                                  f"bands = {frames}); set model.n_mels={frames}")
+            if vae != speech[0].manifest.get("vae_config"):
+                raise ConfigError(f"data.sources: {s.shards} and {speech[0].shards} were encoded by different audio "
+                                  "VAEs; encode every audio-latent source with the same one")
+            continue
+        if s.manifest["n_mels"] != m.n_mels:
+            raise ConfigError(f"model.n_mels ({m.n_mels}) differs from the n_mels ({s.manifest['n_mels']}) of "
+                              f"{s.shards}; set model.n_mels={s.manifest['n_mels']} or re-prepare the audio "
+                              f"with --n-mels {m.n_mels}")
+        if any(s.manifest.get(k) != speech[0].manifest.get(k) for k in settings):
+            raise ConfigError(f"data.sources: {s.shards} and {speech[0].shards} were prepared with different "
+                              f"mel settings ({', '.join(settings)}); prepare every speech source alike")
+
+
+def _check_images(images: List[Any], m: Any) -> None:
+    """ConfigError unless every image source fits the model: pixels need ``image_channels`` 3 and
+    a stored size >= ``image_size``; latents need ``image_channels`` = ``latent_channels`` and
+    ``image_size`` = ``latent_size``, and one VAE (checkpoint and scaling) across sources."""
+    for s in images:
+        man = s.manifest
+        if s.kind == "image_latents":
+            for key, latent in (("image_channels", "latent_channels"), ("image_size", "latent_size")):
+                if getattr(m, key) != int(man[latent]):
+                    raise ConfigError(f"model.{key} ({getattr(m, key)}) differs from the {latent} ({man[latent]}) "
+                                      f"of the image latents {s.shards}; set model.{key}={man[latent]}")
+            first = images[0].manifest
+            if any(man.get(k) != first.get(k) for k in ("vae_checkpoint", "scaling_factor", "vae_config")):
+                raise ConfigError(f"data.sources: {s.shards} and {images[0].shards} were encoded by different image "
+                                  "VAEs (vae_checkpoint, scaling_factor); encode every image-latent source with one")
+            continue
+        if m.image_channels != 3:
+            raise ConfigError(f"model.image_channels ({m.image_channels}): image shards ({s.shards}) hold RGB "
+                              "pixels; set model.image_channels=3")
+        if int(man["size"]) < m.image_size:
+            raise ConfigError(f"model.image_size ({m.image_size}) exceeds the size {man['size']} px "
+                              f"{s.shards} was prepared at; run `megaray prepare images --source SOURCE --out "
+                              f"{s.shards} --size {m.image_size} --overwrite` or lower model.image_size")
+
+
 def _side_info(srcs: List[Any], layout: Any) -> Dict[str, Any]:
-    """The speech settings, image labels and the first validation image / clip of the mixture
-    (read with pyarrow on the driver, prepared as the validation data is): :class:`MultimodalInfo` fields."""
+    """The speech settings, image labels, the first validation image / clip of the mixture (read
+    with pyarrow on the driver, prepared as the validation data is), the image latents' VAE
+    (checked: :func:`megaray.tasks.diffusion.check_vae`) and the audio latents' shape:
+    :class:`MultimodalInfo` fields."""
     import pyarrow.dataset as pads
 
     from megaray.data import multimodal as mm
     from megaray.data.shards import split_files
+    from megaray.tasks.diffusion import check_vae
 
-    out: Dict[str, Any] = {"audio": {}, "labels": [], "examples": {}}
+    out: Dict[str, Any] = {"audio": {}, "labels": [], "examples": {}, "vae_checkpoint": None, "audio_latents": {}}
     for s in srcs:
+        man = s.manifest
         if s.modality == "audio" and not out["audio"]:
             keys = ("sample_rate", "n_fft", "hop_length", "n_mels", "win_length")
-            out["audio"] = {k: s.manifest.get(k) for k in keys}
+            out["audio"] = {k: man.get(k) for k in keys}
+            if s.kind == "audio_latents":
+                vae = man["vae_config"]
+                out["audio_latents"] = {"latent_channels": vae["latent_channels"],
+                                        "bands": vae["n_mels"] // vae["down_freq"], "down_time": vae["down_time"]}
         if s.modality == "image" and not out["labels"]:
-            out["labels"] = [name for name, _ in sorted(s.manifest["labels"].items(), key=lambda kv: kv[1])]
+            out["labels"] = mm.label_names(man)
+        if s.kind == "image_latents" and man.get("vae_checkpoint") and not out["vae_checkpoint"]:
+            out["vae_checkpoint"] = check_vae(man["vae_checkpoint"], layout.image_channels,
+                                              f"{s.shards}/manifest.json vae_checkpoint")
         key = {"audio": "mel", "image": "image"}.get(s.modality)
         if key is None or key in out["examples"] or s.rows("val") == 0:
             continue
-        filesystem, paths, _ = split_files(s.shards, s.manifest, "val")
-        row = pads.dataset(paths, filesystem=filesystem, format="parquet").head(
-            1, columns=mm.COLUMNS[s.modality]).to_pylist()[0]
+        filesystem, paths, _ = split_files(s.shards, man, "val")
+        cols = {k: [v] for k, v in pads.dataset(paths, filesystem=filesystem, format="parquet").head(
+            1, columns=mm.COLUMNS[s.kind]).to_pylist()[0].items()}
         if s.modality == "audio":
-            mel = np.asarray(row["mel"], np.float32).reshape(int(s.manifest["n_mels"]), int(row["n_frames"]))
-            out["examples"].update(mel=mm.crop_mel(mel, layout, None)[0], transcript=row["text"])
+            out["examples"].update(mel=mm.audio_content(s.kind, cols, 0, layout, None)[0], transcript=cols["text"][0])
         else:
-            out["examples"].update(image=mm.square_image(row["pixels"], int(row["height"]), int(row["width"]),
-                                                         layout.image_size),
-                                   caption=row["caption"] or mm.CAPTION_TEMPLATE.format(label=row["label"]))
+            spec = mm.read_specs([s], "val")[0]
+            caption, out["examples"]["image"] = mm.image_content(spec, cols, 0, layout)
+            out["examples"]["caption"] = caption
     return out

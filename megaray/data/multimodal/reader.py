@@ -1,28 +1,7 @@
-"""Text, speech and image shards mixed by weight into interleaved sequences (the multimodal family).
+"""The multimodal mixture: weighted text, speech and image sources -> Ray Datasets of sequences.
 
-Every source of ``data.sources`` is a prepared folder whose manifest says its kind: ``text``
-(``megaray prepare text``: documents as token lists), ``audio`` (``megaray prepare audio``:
-log-mels with transcripts) or ``images`` (``megaray prepare images``: pixels with a label and
-maybe a caption). One row of a source becomes one sequence of ``block_size`` positions:
-
-==================  ===========================================================  ================
-task (``task``)     sequence                                                     trained on
-==================  ===========================================================  ================
-0 text LM           ``doc tokens ...`` (its first ``block_size + 1`` tokens)     every next token
-1 audio -> text     ``<|audio|> [audio] <|/audio|> transcript <eot>``            transcript, eot
-2 text -> audio     ``transcript <|audio|> [audio] <|/audio|>``                  transcript,
-                                                                                 ``<|audio|>``, audio
-3 image -> text     ``<|image|> [image] <|/image|> caption <eot>``               caption, eot
-4 text -> image     ``caption <|image|> [image] <|/image|>``                     caption,
-                                                                                 ``<|image|>``, image
-==================  ===========================================================  ================
-
-``targets[t]`` is the id at ``t + 1`` where that position is trained on, else -100; content
-positions (a span's patches, token id 0) and the position just before a span never carry a text
-target, so the closing boundary is never predicted (spans have a fixed length: a generator
-appends it). Text that does not fit is truncated; padding is token 0 / target -100. A speech or
-image row is a to-text or a from-text example by a seeded coin (:data:`P_GENERATE` for
-from-text). Captions are the row's caption, else :data:`CAPTION_TEMPLATE` with its label.
+Sources and their kinds are read from each folder's manifest (:func:`open_sources`); each row
+becomes one sequence laid out by :mod:`megaray.data.multimodal.layout`.
 
 Order (the whole epoch is a pure function of ``(seed, pass)``, so the training loop's replay of
 ``batch_in_epoch`` batches after a crash reads exactly the batches an uninterrupted run would):
@@ -37,11 +16,6 @@ Order (the whole epoch is a pure function of ``(seed, pass)``, so the training l
 An epoch of the train dataset holds ``passes`` such passes, pass-major; the training loop's local
 shuffle (seed + epoch) mixes neighbouring rows. The item list is built on the driver and read by
 ``map_batches`` tasks that cache the row groups they read (:func:`build_rows`).
-
-Audio content is ``(log_mel - mel_mean) / mel_std`` cropped (train: a seeded offset; val: from
-the start) or zero-padded to ``audio_frames`` (``audio_valid`` counts the real frames). Image
-content is the centred square of the stored image, resized (box halvings, then bicubic) to
-``image_size``, as ``x / 127.5 - 1`` in [-1, 1].
 """
 
 from __future__ import annotations
@@ -56,103 +30,16 @@ import numpy as np
 from megaray import fs
 from megaray.data import mixture, shards as shard_io
 from megaray.data.manifest import prepare_hint, read_manifest
+from megaray.data.multimodal.layout import (
+    AUDIO_TO_TEXT, CAPTION_TEMPLATE, COLUMNS, IGNORE, IMAGE_TO_TEXT, MODALITY, P_GENERATE, TEXT_LM, TEXT_TO_AUDIO,
+    TEXT_TO_IMAGE, Layout, audio_latent_frames, crop_frames, crop_mel, sequence, square_image)
 from megaray.errors import DataError
-
-#: probability that a speech / image row is a from-text (generation) example
-P_GENERATE = 0.5
-#: caption of an image row without one
-CAPTION_TEMPLATE = "a photo of {label}"
-TEXT_LM, AUDIO_TO_TEXT, TEXT_TO_AUDIO, IMAGE_TO_TEXT, TEXT_TO_IMAGE = range(5)
-#: names of the ``task`` ids, for logging
-TASKS = ("text_lm", "audio_to_text", "text_to_audio", "image_to_text", "text_to_image")
-#: manifest kind -> modality
-MODALITY = {"text": "text", "audio": "audio", "images": "image"}
-#: columns read per modality
-COLUMNS = {"text": ["tokens"], "audio": ["mel", "n_frames", "text"],
-           "image": ["pixels", "height", "width", "label", "caption"]}
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Geometry of one sequence: from the model config (:meth:`from_model`) and the tokenizer.
-
-    ``vocab_size`` is the text vocabulary; the boundary ids follow it (``<|audio|>`` =
-    ``vocab_size``, ``<|/audio|>``, ``<|image|>``, ``<|/image|>``)."""
-
-    block_size: int
-    vocab_size: int
-    eot_id: int
-    n_mels: int = 80
-    audio_frames: int = 32
-    audio_patch: int = 4
-    image_size: int = 16
-    image_channels: int = 3
-    patch_size: int = 4
-    mel_mean: float = 0.0
-    mel_std: float = 1.0
-
-    @classmethod
-    def from_model(cls, model: Any, eot_id: int) -> "Layout":
-        keys = [f for f in cls.__dataclass_fields__ if f not in ("eot_id",)]
-        return cls(eot_id=eot_id, **{k: getattr(model, k) for k in keys})
-
-    @property
-    def boa(self) -> int:
-        return self.vocab_size
-
-    @property
-    def eoa(self) -> int:
-        return self.vocab_size + 1
-
-    @property
-    def boi(self) -> int:
-        return self.vocab_size + 2
-
-    @property
-    def eoi(self) -> int:
-        return self.vocab_size + 3
-
-    @property
-    def audio_tokens(self) -> int:
-        return self.audio_frames // self.audio_patch
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-def sequence(task: int, text: Sequence[int], L: Layout) -> Tuple[np.ndarray, np.ndarray, int]:
-    """One row's ``(tokens (T,) int64, targets (T,) int64, span_start)`` for ``task`` (module
-    docstring). ``text``: the document (task 0, EOS included) or the transcript / caption ids
-    (without eot). ``span_start``: first content position, -1 for text LM."""
-    T = L.block_size
-    tokens, targets = np.zeros(T, np.int64), np.full(T, IGNORE, np.int64)
-    if task == TEXT_LM:
-        w = np.asarray(text[:T + 1], np.int64)
-        tokens[:min(len(w), T)] = w[:T]
-        targets[:max(0, len(w) - 1)] = w[1:]
-        return tokens, targets, -1
-    audio = task in (AUDIO_TO_TEXT, TEXT_TO_AUDIO)
-    n = L.audio_tokens if audio else L.image_tokens
-    bo, eo = (L.boa, L.eoa) if audio else (L.boi, L.eoi)
-    if task in (AUDIO_TO_TEXT, IMAGE_TO_TEXT):  # span, then the text and eot: loss on text + eot
-        words = list(text[:max(0, T - n - 3)]) + [L.eot_id]
-        seq = [bo] + [0] * n + [eo] + words
-        tokens[:len(seq)] = seq
-        first = n + 1  # position of the closing boundary: it predicts the first text token
-        targets[first:first + len(words)] = words
-        return tokens, targets, 1
-    words = list(text[:max(0, T - n - 2)])  # text, then the span: loss on the text and <|open|>
-    seq = words + [bo] + [0] * n + [eo]
-    tokens[:len(seq)] = seq
-    targets[:len(words)] = seq[1:len(words) + 1]
-    return tokens, targets, len(words) + 1
 
 
 @dataclass
 class MixSource:
-    """One prepared folder of the mixture: its modality, weight and row groups per split."""
+    """One prepared folder of the mixture: its modality, weight and row groups per split
+    (``kind``: the manifest's)."""
 
     shards: str
     weight: float
@@ -160,6 +47,10 @@ class MixSource:
     manifest: Dict[str, Any]
     filesystem: Any = None
     groups: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["kind"])
 
     def rows(self, split: str) -> int:
         return sum(int(g["rows"]) for g in self.groups[split])
@@ -171,8 +62,9 @@ def open_sources(sources: Sequence[Any]) -> List[MixSource]:
     ``sources``: objects with ``.shards`` and ``.weight`` (``DataConfig.resolved_sources()``).
 
     Raises:
-        DataError: a folder is not prepared, is of a kind other than text / audio / images, or a
-            shard file is missing or has a corrupt footer (each named, with the prepare command).
+        DataError: a folder is not prepared, is of a kind other than text / audio / audio_latents /
+            images / image_latents, or a shard file is missing or has a corrupt footer (each
+            named, with the prepare command).
     """
     out = []
     for s in sources:
@@ -180,8 +72,8 @@ def open_sources(sources: Sequence[Any]) -> List[MixSource]:
         kind = man.get("kind")
         if kind not in MODALITY:
             raise DataError(f"data.sources: {s.shards} holds {kind!r} data; a multimodal run mixes text "
-                            f"(`megaray prepare text`), audio (`megaray prepare audio`) and images "
-                            f"(`megaray prepare images`)")
+                            f"(`megaray prepare text`), audio (`megaray prepare audio` or `audio-latents`) and "
+                            f"images (`megaray prepare images` or `image-latents`)")
         src = MixSource(str(s.shards), float(s.weight), MODALITY[kind], man)
         hint = prepare_hint(kind, src.shards) + " with --overwrite"
         for split in ("train", "val"):
@@ -256,35 +148,6 @@ def cached_tokenizer(path: str) -> Any:
     return load_tokenizer(path)
 
 
-def crop_mel(mel: np.ndarray, L: Layout, rng: Optional[np.random.Generator]) -> Tuple[np.ndarray, int]:
-    """Normalised ``(n_mels, audio_frames)`` crop of a log-mel ``(n_mels, F)`` and its valid
-    frames: offset uniform in ``[0, F - audio_frames]`` from ``rng`` (None: from the start);
-    shorter clips are zero-padded after normalisation."""
-    F = mel.shape[1]
-    start = int(rng.integers(0, F - L.audio_frames + 1)) if rng is not None and F > L.audio_frames else 0
-    piece = (mel[:, start:start + L.audio_frames] - L.mel_mean) / L.mel_std
-    out = np.zeros((L.n_mels, L.audio_frames), np.float32)
-    out[:, :piece.shape[1]] = piece
-    return out, int(piece.shape[1])
-
-
-def square_image(pixels: bytes, height: int, width: int, size: int) -> np.ndarray:
-    """A stored image's centred square, resized to ``size`` (box halvings, then bicubic, as the
-    prepare step), as float32 ``(3, size, size)`` in [-1, 1]."""
-    from megaray.data.image.datasets import center_box
-
-    side = min(height, width)
-    top, left = center_box(height, width, side)
-    hwc = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[top:top + side, left:left + side]
-    if side != size:
-        from PIL import Image
-
-        from megaray.data.image.decode import resize_shorter
-
-        hwc = np.asarray(resize_shorter(Image.fromarray(np.ascontiguousarray(hwc)), size))
-    return hwc.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
-
-
 def _empty(n: int, L: Layout) -> Dict[str, np.ndarray]:
     T = L.block_size
     return {"tokens": np.zeros((n, T), np.int64), "targets": np.full((n, T), IGNORE, np.int64),
@@ -300,8 +163,8 @@ def build_rows(batch: Dict[str, np.ndarray], *, sources: List[Dict[str, Any]], l
     """``map_batches`` function: items (:func:`plan_items`) of sources ``sources``
     (:func:`read_specs`) -> sequences (the model's batch
     columns: ``tokens``, ``targets``, ``audio``, ``audio_start``, ``audio_valid``, ``image``,
-    ``image_start``, ``task``). Rows of a corrupt row group are left out under
-    ``on_corrupt="skip"`` (else DataError naming it)."""
+    ``image_start``, ``task``; span content from :func:`audio_content` / :func:`image_content`).
+    Rows of a corrupt row group are left out under ``on_corrupt="skip"`` (else DataError naming it)."""
     L, tok = layout, cached_tokenizer(tokenizer)
     n = len(batch["source"])
     out, keep = _empty(n, L), np.zeros(n, bool)
@@ -318,13 +181,10 @@ def build_rows(batch: Dict[str, np.ndarray], *, sources: List[Dict[str, Any]], l
             task, ids = TEXT_LM, cols["tokens"][r]
         elif src["modality"] == "audio":
             task, ids = (TEXT_TO_AUDIO if generate else AUDIO_TO_TEXT), tok.encode(cols["text"][r]).ids
-            mel = np.asarray(cols["mel"][r], np.float32).reshape(L.n_mels, int(cols["n_frames"][r]))
-            out["audio"][j], out["audio_valid"][j] = crop_mel(mel, L, rng if train else None)
+            out["audio"][j], out["audio_valid"][j] = audio_content(src["kind"], cols, r, L, rng if train else None)
         else:
-            caption = cols["caption"][r] or CAPTION_TEMPLATE.format(label=cols["label"][r])
+            caption, out["image"][j] = image_content(src, cols, r, L)
             task, ids = (TEXT_TO_IMAGE if generate else IMAGE_TO_TEXT), tok.encode(caption).ids
-            out["image"][j] = square_image(cols["pixels"][r], int(cols["height"][r]), int(cols["width"][r]),
-                                           L.image_size)
         out["tokens"][j], out["targets"][j], start = sequence(task, ids, L)
         out["task"][j] = task
         if task in (AUDIO_TO_TEXT, TEXT_TO_AUDIO):
@@ -332,6 +192,33 @@ def build_rows(batch: Dict[str, np.ndarray], *, sources: List[Dict[str, Any]], l
         elif task != TEXT_LM:
             out["image_start"][j] = start
     return {k: v[keep] for k, v in out.items()}
+
+
+def audio_content(kind: str, cols: Dict[str, list], r: int, L: Layout,
+                  rng: Optional[np.random.Generator]) -> Tuple[np.ndarray, int]:
+    """Row ``r`` of an ``audio`` (normalised log-mel, :func:`crop_mel`) or ``audio_latents``
+    (latent frames as stored, :func:`audio_latent_frames`, :func:`crop_frames`) group: the
+    ``(n_mels, audio_frames)`` span and its valid frames."""
+    if kind == "audio":
+        return crop_mel(np.asarray(cols["mel"][r], np.float32).reshape(L.n_mels, int(cols["n_frames"][r])), L, rng)
+    return crop_frames(audio_latent_frames(cols["latent"][r], cols["latent_shape"][r]), L.audio_frames, rng)
+
+
+def image_content(src: Dict[str, Any], cols: Dict[str, list], r: int, L: Layout) -> Tuple[str, np.ndarray]:
+    """Row ``r`` of an ``images`` (pixels in [-1, 1], :func:`square_image`; the row's caption,
+    else :data:`CAPTION_TEMPLATE`) or ``image_latents`` group (the stored ``scaling_factor * z``
+    reshaped to ``src["latent_shape"]``; :data:`CAPTION_TEMPLATE` with ``src["labels"][label]``):
+    ``(caption, (image_channels, image_size, image_size) float32)``."""
+    if src["kind"] == "images":
+        caption = cols["caption"][r] or CAPTION_TEMPLATE.format(label=cols["label"][r])
+        return caption, square_image(cols["pixels"][r], int(cols["height"][r]), int(cols["width"][r]), L.image_size)
+    caption = CAPTION_TEMPLATE.format(label=src["labels"][int(cols["label"][r])])
+    return caption, np.asarray(cols["latent"][r], np.float32).reshape(src["latent_shape"])
+
+
+def label_names(manifest: Dict[str, Any]) -> List[str]:
+    """An image manifest's label names by id (its ``labels`` map ``{name: id}``)."""
+    return [name for name, _ in sorted(manifest.get("labels", {}).items(), key=lambda kv: kv[1])]
 
 
 class _Locate:
@@ -347,12 +234,19 @@ class _Locate:
 
 def read_specs(sources: List[MixSource], split: str) -> List[Dict[str, Any]]:
     """What :func:`build_rows` needs to read ``split`` of each source (picklable): modality,
-    filesystem, row groups, columns, a row locator, the prepare hint for corrupt groups and the
-    manifest's creation time (part of the row-group cache key)."""
-    return [{"modality": s.modality, "filesystem": s.filesystem, "groups": s.groups[split],
-             "columns": COLUMNS[s.modality], "locate": _Locate([int(g["rows"]) for g in s.groups[split]]),
-             "hint": prepare_hint(s.manifest["kind"], s.shards) + " with --overwrite",
-             "stamp": str(s.manifest.get("created"))} for s in sources]
+    kind, filesystem, row groups, columns, a row locator, the prepare hint for corrupt groups,
+    the manifest's creation time (part of the row-group cache key) and, for image latents, the
+    label names and the latent shape ``(C, h, w)``."""
+    out = []
+    for s in sources:
+        spec = {"modality": s.modality, "kind": s.kind, "filesystem": s.filesystem, "groups": s.groups[split],
+                "columns": COLUMNS[s.kind], "locate": _Locate([int(g["rows"]) for g in s.groups[split]]),
+                "hint": prepare_hint(s.kind, s.shards) + " with --overwrite", "stamp": str(s.manifest.get("created"))}
+        if s.kind == "image_latents":
+            m = s.manifest
+            spec.update(labels=label_names(m), latent_shape=(int(m["latent_channels"]),) + (int(m["latent_size"]),) * 2)
+        out.append(spec)
+    return out
 
 
 def mixture_datasets(sources: List[MixSource], layout: Layout, tokenizer: str, *, seed: int = 0, passes: int = 1,

@@ -48,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megaray.models.common.attention import KVCache, span_mask
 from megaray.models.common.conditioning import TimestepEmbedder
-from megaray.models.common.moe import MoE, gather_moe_losses
+from megaray.models.common.moe import gather_moe_losses
 from megaray.models.common.norm import build_final_norm
 from megaray.models.common.position import build_position, sincos_2d
 from megaray.models.diffusion.process import GaussianDiffusion
@@ -338,17 +338,9 @@ class MultimodalTransformer(nn.Module):
     # -- accounting ------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True, active: bool = False) -> int:
         """Parameter count (tied weights once); ``non_embedding`` and ``active`` as :meth:`GPT.num_params`
-        (span adapters and the timestep MLP count as non-embedding: they are matmuls)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for p in self.transformer.pos.parameters())
-            if not self.config.tie_embeddings:
-                n -= self.transformer.wte.weight.numel()
-        if active:
-            for m in self.modules():
-                if isinstance(m, MoE):
-                    n -= int((m.n_experts - m.active_experts) * sum(p.numel() for p in m.experts[0].parameters()))
-        return n
+        (span adapters and the timestep MLP count as non-embedding: they are matmuls). The same
+        ``transformer.wte`` / ``transformer.pos`` layout as GPT, so GPT's count applies as is."""
+        return GPT.num_params(self, non_embedding=non_embedding, active=active)
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token at ``T = seq_len or block_size`` (``6N + 12 LHQT``, as GPT;

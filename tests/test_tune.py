@@ -413,3 +413,14 @@ def _runs(tmp_path, role="trial"):
     if exp is None:
         return []
     return c.search_runs([exp.experiment_id], filter_string=f"tags.`megaray.tune.role` = '{role}'")
+
+
+def test_a_restored_trial_directory_with_a_suffix_keeps_its_trial_id():
+    """Seen in CI: the driver was killed after Tune had saved a pending trial but before the
+    trial's directory entered that state, so the restore made ``trial_<id>_<4 hex>`` and the
+    trial's summary lost its MLflow run. The id is the directory name without Ray's suffix."""
+    from megaray.tune.search import trial_id_of
+
+    assert trial_id_of("/runs/asha/trial_29f78_00003_c050") == "29f78_00003"
+    assert trial_id_of("/runs/asha/trial_29f78_00003") == "29f78_00003"
+    assert trial_id_of("s3://b/asha/trial_0a1b2_00012") == "0a1b2_00012"

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -193,11 +194,21 @@ def _trial_name(trial) -> str:
     return trial_run_name(trial.trial_id)
 
 
+def trial_id_of(path: str) -> str:
+    """The Tune trial id of a trial directory ``.../trial_<id>``. A trial restored after its
+    directory was made gets ``_<4 hex>`` appended (``ray/tune/experiment/trial.py``,
+    ``_create_unique_logdir_name``: a killed driver's last experiment state may predate the
+    directory), which is not part of the id the trial's MLflow run is tagged with."""
+    name = Path(path).name.removeprefix("trial_")
+    m = re.fullmatch(r"(.+_\d{5})_[0-9a-f]{4}", name)
+    return m.group(1) if m else name
+
+
 def _collect(search: TuneSearch, grid, uri: Optional[str], parent: Optional[str]) -> List[TrialSummary]:
     children = _children(uri, search, parent) if parent else {}
     trials: List[TrialSummary] = []
     for r in grid:
-        trial_id = Path(r.path).name.removeprefix("trial_")
+        trial_id = trial_id_of(r.path)
         run = children.get(trial_id)
         t = summarize(search, r, trial_id, run.info.run_id if run else None)
         trials.append(t)

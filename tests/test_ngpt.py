@@ -111,7 +111,10 @@ def test_renormalize_without_an_engine_matches_the_model_method():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+# ZeRO-1 and ZeRO-2 are one optimizer in DeepSpeed (stage_1_and_2.DeepSpeedZeroOptimizer, built with
+# partition_grads = stage == 2: deepspeed/runtime/engine.py); its fp32 master partitions, which the
+# task re-normalises, are the same in both, so stage 2 stands for both (CI minutes: 35 s per run).
+@pytest.mark.parametrize("zero_stage", [0, 2])
 def test_every_step_under_zero_keeps_rows_unit_with_two_workers(zero_stage, ray_cluster, text_shards, tmp_path):
     """2 workers, DeepSpeed ZeRO ``zero_stage``: after every optimizer step every normalised row of
     the module's weights (and of ZeRO's fp32 master partitions) has norm 1 within 1e-5, and the

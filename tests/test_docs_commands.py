@@ -69,6 +69,10 @@ SKIP: List[Tuple[str, str]] = [
      "the mel DiT path (configs/mel_dit_tiny.yaml on espeak clips, `megaray sample --text`) runs in "
      "tests/test_diffusion_train.py::test_mel_dit_trains_on_speech_and_logs_a_vocoded_wav; this test's minutes go "
      "to the image pipeline before it (CI has a 40-minute budget)"),
+    (r"^megaray tune configs/tune/transformer\.yaml --set name=transformer-16\b",
+     "the README's search of the same config ran above (a search and its --resume); this one differs only in "
+     "name, sample count and steps, which the test would cut to the same 2 samples x 4 steps (CI has a "
+     "40-minute budget)"),
     (r"^megaray (train configs/multimodal_tiny\.yaml|generate --checkpoint runs/multimodal-tiny)\b",
      "the multimodal run (configs/multimodal_tiny.yaml, 2 workers, crash and resume) runs in "
      "tests/test_multimodal_train.py and `megaray generate` on multimodal checkpoints in "

@@ -265,9 +265,9 @@ def _prompt(ids: List[int], opener: int, span: int, layout: Any, device: torch.d
 def _to_text(net: torch.nn.Module, tok: Any, layout: Any, name: str, content: torch.Tensor,
              device: torch.device) -> str:
     """Greedy text after ``<|name|> [content] <|/name|>`` (a caption or a transcription), decoded."""
-    n = layout.audio_tokens if name == "audio" else layout.image_tokens
-    bo, eo = (layout.boa, layout.eoa) if name == "audio" else (layout.boi, layout.eoi)
-    prompt = torch.tensor([[bo] + [0] * n + [eo]], dtype=torch.long, device=device)
+    from megaray.data.multimodal import span_prompt
+
+    prompt = torch.tensor([span_prompt(name, layout)], dtype=torch.long, device=device)
     start = torch.ones(1, dtype=torch.long, device=device)
     out = net.generate_text(prompt, ARTIFACT_TOKENS, stop_id=layout.eot_id, **{name: content, f"{name}_start": start})
     return tok.decode(out[0, prompt.size(1):].tolist(), skip_special_tokens=True)

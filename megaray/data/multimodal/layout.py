@@ -43,7 +43,7 @@ caption is :data:`CAPTION_TEMPLATE` with the label's name (latent shards keep no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -110,6 +110,14 @@ class Layout:
     @property
     def image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+def span_prompt(name: str, L: Layout) -> List[int]:
+    """The start of a to-text row (tasks 1 and 3): ``<|name|> [0] * N <|/name|>`` ids for ``name``
+    ``"audio"`` or ``"image"``; the span's content starts at position 1."""
+    n = L.audio_tokens if name == "audio" else L.image_tokens
+    bo, eo = (L.boa, L.eoa) if name == "audio" else (L.boi, L.eoi)
+    return [bo] + [0] * n + [eo]
 
 
 def sequence(task: int, text: Sequence[int], L: Layout) -> Tuple[np.ndarray, np.ndarray, int]:

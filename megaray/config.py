@@ -87,7 +87,10 @@ class DataConfig(StrictConfig):
     sources: Optional[List[DataSource]] = Field(
         None, min_length=1, description="weighted mixture [{shards, weight}]; replaces `shards` when given")
     batch_size: int = Field(8, gt=0, description="micro-batch size per worker (sequences)")
-    shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer; 0 disables")
+    shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer (families without a "
+                                "positioned stream); 0 disables")
+    shuffle_block: int = Field(1 << 16, ge=0, description="samples permuted together in a positioned stream (a "
+                               "resume re-reads one block; memory holds one); 0 = stream order, no shuffling")
     num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")
     on_corrupt: Literal["error", "skip"] = Field(
         "error", description="a shard row group that cannot be read: end the run naming it, or skip and count it")
@@ -123,7 +126,11 @@ class TrainConfig(StrictConfig):
     weight_decay: float = Field(0.1, ge=0)
     betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
-    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step at the largest world size "
+                                  "(derived from global_batch_size at other sizes)")
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="samples per optimizer step at every world size; None = batch_size x "
+        "grad_accum_steps x max workers. Another world size accumulates global / (batch_size x world) micro-batches")
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 on GPUs that support it, else fp32 (logged)"

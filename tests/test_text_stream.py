@@ -1,6 +1,6 @@
 """The positioned train stream (megaray/data/text/stream.py) without Ray: a stream resumed at any
-micro-batch serves exactly the rows an uninterrupted stream serves from there, reading only from
-the row group that holds its chunk's first token."""
+global cursor serves exactly the rows an uninterrupted stream serves from there, reading only from
+the row group that holds its shuffle block's first token; nothing in it depends on the world size."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from megaray.data.text.stream import StreamPacker, StreamSpec, chunk_windows, stream_items
+from megaray.data.order import BatchPlan, block_size
+from megaray.data.text.stream import StreamPacker, StreamSpec, stream_items
 
 
 def _corpus(seed=0, groups=9):
@@ -26,9 +27,9 @@ def _corpus(seed=0, groups=9):
     return items
 
 
-def _serve(items, spec, epoch, batch, last_epoch, pack_rows=3):
+def _serve(items, spec, epoch, cursor, last_epoch, pack_rows=3):
     """Feed a StreamPacker the rows the Ray pipeline would read, ``pack_rows`` rows per call."""
-    read, args = stream_items(items, spec, epoch, batch, last_epoch, spec.chunk > 0)
+    read, args = stream_items(items, spec, epoch, cursor, last_epoch, spec.chunk > 0)
     packer = StreamPacker(spec, **args)
     rows = [(d, it["pass"]) for it in read for d in it["docs"]]
     out = []
@@ -41,47 +42,62 @@ def _serve(items, spec, epoch, batch, last_epoch, pack_rows=3):
     return out, args
 
 
-@pytest.mark.parametrize("shuffle_buffer", [0, 5])
-def test_a_resumed_stream_serves_exactly_the_rest_of_the_uninterrupted_one(shuffle_buffer):
+def _spec(items, T, G, shuffle_block, seed=3):
+    plan = BatchPlan(sum(it["values"] for it in items) // (T + 1), G, 2)
+    return StreamSpec(block_size=T, global_batch=G, per_epoch=plan.served, seed=seed,
+                      chunk=block_size(shuffle_block, G)), plan
+
+
+@pytest.mark.parametrize("shuffle_block", [0, 5])
+def test_a_resumed_stream_serves_exactly_the_rest_of_the_uninterrupted_one(shuffle_block):
     items = _corpus()
-    W, B, T = 2, 2, 5
-    tokens = sum(it["values"] for it in items)
-    bpe = (tokens // (T + 1)) // (W * B)
-    spec = StreamSpec(block_size=T, world=W, batch_size=B, batches_per_epoch=bpe, seed=3,
-                      chunk=chunk_windows(shuffle_buffer, W, B))
+    T, G = 5, 4
+    spec, plan = _spec(items, T, G, shuffle_block)
     full, _ = _serve(items, spec, 0, 0, last_epoch=2)
-    # every epoch serves exactly batches_per_epoch * W * B windows, in served positions 0..n-1
+    # every epoch serves exactly steps_per_epoch * G windows, in served positions 0..n-1
     for e in range(3):
         assert [k for ep, k, _ in full if ep == e] == list(range(spec.per_epoch))
-    if not shuffle_buffer:  # unshuffled: windows are the epoch's token stream, cut in order
+    if not shuffle_block:  # unshuffled: windows are the epoch's token stream, cut in order
         stream = np.concatenate([np.array(d) for it in items for d in it["docs"]])
         first = [x for ep, _, x in full if ep == 0]
         assert first == [tuple(stream[j * (T + 1): j * (T + 1) + T]) for j in range(spec.per_epoch)]
-    else:  # shuffled: epochs differ in order, and each chunk holds the same windows as unshuffled
+    else:  # shuffled: epochs differ in order
         assert [x for ep, _, x in full if ep == 0] != [x for ep, _, x in full if ep == 1]
     for epoch in range(3):
-        for batch in range(bpe):
-            resumed, args = _serve(items, spec, epoch, batch, last_epoch=2)
-            expect = [r for r in full if (r[0], r[1]) >= (epoch, batch * W * B)]
-            assert resumed == expect, (epoch, batch)
-            # constant work: the packer re-cuts at most one chunk of windows before the position
-            assert args["drop_windows"] < (spec.chunk or W * B)
+        for step in range(plan.steps_per_epoch):
+            resumed, args = _serve(items, spec, epoch, step * G, last_epoch=2)
+            expect = [r for r in full if (r[0], r[1]) >= (epoch, step * G)]
+            assert resumed == expect, (epoch, step)
+            # constant work: the packer re-cuts at most one block of windows before the position
+            assert args["drop_windows"] < (spec.chunk or G)
 
 
-def test_rows_deal_round_robin_so_each_rank_resumes_at_its_next_batch():
-    """Rank r's k-th batch of an epoch is served windows [(k*W + r)*B, +B): what the loop checks."""
+def test_one_shuffle_block_as_large_as_the_epoch_is_a_full_permutation():
+    """shuffle_block >= the epoch: every window can land anywhere (no locality left)."""
+    items = _corpus(2, groups=12)
+    spec, plan = _spec(items, 4, 4, shuffle_block=10_000)
+    unshuffled, _ = _serve(items, _spec(items, 4, 4, shuffle_block=0)[0], 0, 0, last_epoch=0)
+    shuffled, _ = _serve(items, spec, 0, 0, last_epoch=0)
+    source = {x: k for _, k, x in unshuffled}
+    moved = [abs(source[x] - k) for _, k, x in shuffled if x in source]
+    assert sorted(x for *_, x in shuffled) != [x for *_, x in shuffled]
+    assert max(moved) > plan.served // 2  # windows travel across the whole epoch
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rows_deal_round_robin_into_the_same_global_batches_at_any_world_size(world):
+    """Rank r's k-th micro-batch of an epoch is served windows [(k*W + r)*B, +B), so the W * B *
+    accum windows of one optimizer step are positions [s*G, (s+1)*G) whatever W is."""
     items = _corpus(1, groups=12)
-    W, B, T = 3, 2, 4
-    bpe = (sum(it["values"] for it in items) // (T + 1)) // (W * B)
-    spec = StreamSpec(block_size=T, world=W, batch_size=B, batches_per_epoch=bpe, seed=0, chunk=chunk_windows(8, W, B))
+    B, G = 2, 12
+    spec, plan = _spec(items, 4, G, shuffle_block=8)
     full, _ = _serve(items, spec, 0, 0, last_epoch=0)
     blocks = [full[i: i + B] for i in range(0, len(full), B)]  # repartition(B, strict) blocks
+    accum = plan.accum(world)
+    steps = {}
     for n, block in enumerate(blocks):
-        rank, k = n % W, n // W
-        assert [idx for _, idx, _ in block] == list(range((k * W + rank) * B, (k * W + rank) * B + B))
-
-
-def test_chunk_is_a_multiple_of_the_global_batch():
-    assert chunk_windows(0, 4, 8) == 0
-    assert chunk_windows(256, 2, 8) == 512  # 256 rows per rank, as the local buffer held
-    assert chunk_windows(5, 2, 2) % 4 == 0
+        rank, k = n % world, n // world
+        assert [idx for _, idx, _ in block] == list(range((k * world + rank) * B, (k * world + rank) * B + B))
+        steps.setdefault(k // accum, []).extend(x for *_, x in block)
+    for s, windows in steps.items():
+        assert sorted(windows) == sorted(x for _, idx, x in full if s * G <= idx < (s + 1) * G)

@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from megaray.config import RunConfig
+from megaray.data import order
+from megaray.data.order import BatchPlan
 
 
 @dataclass
@@ -36,30 +38,34 @@ class TaskInfo:
     """What the driver finds while building the datasets, shipped to every worker (pickled by Ray).
 
     Attributes:
+        plan: the train split's :class:`~megaray.data.order.BatchPlan` (samples per epoch, the
+            global batch, the micro-batch): the same at every world size.
+        val_samples: validation samples (all ranks together); val_limit: ``data.num_val_batches``.
         batches_per_epoch: micro-batches per rank per epoch, equal on every rank (so collectives
-            never wait on a rank with a shorter epoch).
-        val_batches: validation batches per rank per evaluation.
+            never wait on a rank with a shorter epoch); val_batches: validation batches per rank
+            per evaluation. Both are those of the largest world size on the driver; each worker
+            takes its own (:meth:`for_world`).
         manifest: the shard manifest, read once on the driver (workers never read it again).
-        per_world: ``{world size: (batches_per_epoch, val_batches)}`` for every world size an
-            elastic run (``scaling.num_workers: [min, max]``) may get; Ray Train picks the size
-            when it starts the worker group, so each worker takes its own (:meth:`for_world`).
-        positioned: the train dataset is the task's positioned stream (:meth:`Task.train_stream`):
-            one stream for the rest of the run that starts at the checkpoint's position, rather
-            than one execution per epoch replayed up to the position.
+        positioned: the train dataset is the task's positioned stream (:meth:`Task.train_stream`),
+            built by rank 0 at the restored cursor, rather than one execution per epoch replayed
+            up to the position.
     """
 
+    plan: Optional[BatchPlan] = None
+    val_samples: int = 0
+    val_limit: int = 1
     batches_per_epoch: int = 0
     val_batches: int = 0
     manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
-    per_world: Dict[int, Tuple[int, int]] = field(default_factory=dict)
     positioned: bool = False
 
-    def for_world(self, world: int) -> "TaskInfo":
-        """A copy whose ``batches_per_epoch`` and ``val_batches`` are those of ``world`` ranks."""
-        if world not in self.per_world:
+    def for_world(self, world: int, global_batch: Optional[int] = None) -> "TaskInfo":
+        """A copy for ``world`` ranks (and, when given, the global batch a resumed run keeps)."""
+        if self.plan is None:
             return self
-        bpe, val = self.per_world[world]
-        return replace(self, batches_per_epoch=bpe, val_batches=val)
+        plan = self.plan if global_batch in (None, self.plan.global_batch) else replace(self.plan, global_batch=global_batch)
+        return replace(self, plan=plan, batches_per_epoch=plan.micro_batches(world),
+                       val_batches=order.val_batches(self.val_samples, world, plan.micro_batch, self.val_limit))
 
 
 def unwrap(module: Any) -> torch.nn.Module:
@@ -113,19 +119,43 @@ class Task:
     def datasets(self) -> Dict[str, Any]:
         """``{"train": ray.data.Dataset, "val": ray.data.Dataset}``, built on the driver.
 
-        Must fill :attr:`info` (``batches_per_epoch``, ``val_batches``, the manifest)."""
+        Must fill :attr:`info` (:meth:`batch_plan`'s fields, the manifest)."""
         raise NotImplementedError
+
+    def batch_plan(self, train_samples: int, val_samples: int, where: str, unit: str = "samples",
+                   hint: str = "prepare more data or lower data.batch_size") -> Dict[str, Any]:
+        """The :class:`TaskInfo` fields of the batch arithmetic (one home: :mod:`megaray.data.order`)
+        for a train split of ``train_samples`` and a val split of ``val_samples`` per epoch:
+        ``plan``, ``val_samples``, ``val_limit`` and the largest world size's batch counts.
+
+        Raises:
+            ConfigError: fewer train samples than one global batch, fewer val samples than
+                ``max_workers x batch_size``, or a world size in ``scaling.num_workers`` that
+                cannot divide ``train.global_batch_size`` (each names the counts).
+        """
+        c = self.cfg
+        B, lo, hi = c.data.batch_size, c.scaling.min_workers, c.scaling.max_workers
+        G = order.global_batch_size(c.train.global_batch_size, B, c.train.grad_accum_steps, hi)
+        plan = order.train_plan(train_samples, G, B, where, unit, hint)
+        if not plan.worlds(lo, hi):
+            plan.accum(hi)  # raises, naming the sizes that divide it
+        order.check_val(val_samples, hi, B, where, unit)
+        info = TaskInfo(plan=plan, val_samples=int(val_samples), val_limit=c.data.num_val_batches).for_world(hi)
+        return {"plan": plan, "val_samples": info.val_samples, "val_limit": info.val_limit,
+                "batches_per_epoch": info.batches_per_epoch, "val_batches": info.val_batches}
 
     #: whether :meth:`train_stream` serves the train split as a positioned stream
     positioned_stream: bool = False
 
-    def train_stream(self, epoch: int, batch: int, world: int) -> Any:
-        """The train split as one Ray Dataset over the rest of the run, starting at micro-batch
-        ``batch`` of ``epoch`` for ``world`` ranks, built by Ray Train each time it starts the
-        worker group (so a restart starts reading at the checkpoint's position, in constant
-        time, and epochs follow each other without a new execution). Rows carry ``epoch`` and
-        ``index`` (served position in the epoch); blocks deal round robin to the ranks. Only
-        called when :attr:`positioned_stream` is True; see :mod:`megaray.data.text.stream`."""
+    def train_stream(self, epoch: int, cursor: int, plan: BatchPlan) -> Any:
+        """The train split as one Ray Dataset over the rest of the run, starting at sample
+        ``cursor`` of ``epoch`` (a multiple of ``plan.global_batch``), built by rank 0 each time
+        the worker group starts, from the checkpoint it restores (so a restart starts reading at
+        its position, in constant time, at any world size, and epochs follow each other without a
+        new execution). Rows carry ``epoch`` and ``index`` (served position in the epoch, the same
+        at every world size: :mod:`megaray.data.order`) in blocks of ``plan.micro_batch`` rows,
+        dealt round robin to the ranks. Only called when :attr:`positioned_stream` is True; see
+        :mod:`megaray.data.text.stream`."""
         raise NotImplementedError(f"{type(self).__name__} has no positioned train stream")
 
     def prepare_command(self, shards: str) -> Optional[str]:

@@ -52,7 +52,6 @@ class SFTTask(LMTask):
         import ray
 
         from megaray.data import sft
-        from megaray.data.text import equal_batches
         from megaray.fs import read_text
 
         shards = self.cfg.data.shards
@@ -62,7 +61,6 @@ class SFTTask(LMTask):
             raise ConfigError(f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer's "
                               f"vocabulary ({vocab}) in {shards}/manifest.json: set model.vocab_size >= {vocab}")
         T, B = self.cfg.model.block_size, self.cfg.data.batch_size
-        world = self.cfg.scaling.max_workers
         packed, dropped = {}, {}
         for split in ("train", "val"):
             packed[split], dropped[split] = sft.pack(sft.read_split(shards, manifest, split), T, int(manifest["eos_id"]))
@@ -70,18 +68,10 @@ class SFTTask(LMTask):
                 log.warning("sft: %d %s record(s) longer than block_size + 1 = %d tokens left out; prepare with "
                             "--max-tokens %d to reject them by name", dropped[split], split, T + 1, T + 1)
         n_train, n_val = (len(packed[s]["input_ids"]) for s in ("train", "val"))
-        bpe = equal_batches(n_train, world, B)
-        if bpe < self.cfg.train.grad_accum_steps or equal_batches(n_val, world, B) < 1:
-            raise ConfigError(f"data: {shards} packs into {n_train} train and {n_val} val windows of {T + 1} tokens, "
-                              f"too few for {world} workers x batch_size {B} x grad_accum_steps "
-                              f"{self.cfg.train.grad_accum_steps}; add records or lower data.batch_size")
         self.info = SFTInfo(
-            batches_per_epoch=bpe, val_batches=min(self.cfg.data.num_val_batches, equal_batches(n_val, world, B)),
+            **self.batch_plan(n_train, n_val, shards, f"windows of {T + 1} tokens", "add records or lower data.batch_size"),
             manifest=manifest, vocab_size=vocab, tokenizer_path=join(shards, manifest["tokenizer"]["path"]),
             train_windows=n_train, chat_template=read_text(join(shards, manifest["chat_template"])), dropped=dropped,
-            per_world={w: (equal_batches(n_train, w, B),
-                           min(self.cfg.data.num_val_batches, equal_batches(n_val, w, B)))
-                       for w in range(self.cfg.scaling.min_workers, world + 1)},
         )
         return {s: ray.data.from_items([{k: v[i] for k, v in packed[s].items()} for i in range(len(packed[s]["input_ids"]))])
                 for s in ("train", "val")}

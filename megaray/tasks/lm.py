@@ -60,31 +60,15 @@ class LMTask(Task):
                 f"({vocab}) in {sources[0].shards}/manifest.json: set model.vocab_size >= {vocab}"
             )
         T, seed = self.cfg.model.block_size, self.cfg.train.seed
-        world = self.cfg.scaling.max_workers  # an elastic run's checks hold for its largest world
-        B = self.cfg.data.batch_size
         counted = manifest if len(sources) == 1 else sources  # one source: counted from its manifest
         train_windows = text.num_windows(counted, T, "train", seed=seed)
         val_windows = text.num_windows(counted, T, "val", seed=seed)
-        bpe = text.equal_batches(train_windows, world, B)
-        if bpe < self.cfg.train.grad_accum_steps:
-            raise ConfigError(
-                f"data: the train split of {where} packs into {train_windows} windows of {T + 1} tokens, "
-                f"too few for {world} workers x batch_size {B} x grad_accum_steps {self.cfg.train.grad_accum_steps}; "
-                "prepare more text or lower data.batch_size / model.block_size"
-            )
-        val_batches = min(self.cfg.data.num_val_batches, text.equal_batches(val_windows, world, B))
-        if val_batches < 1:
-            raise ConfigError(
-                f"data: the val split of {where} packs into {val_windows} windows, fewer than "
-                f"{world} workers x batch_size {B}; prepare with a larger val fraction or lower data.batch_size"
-            )
         self.info = LMInfo(
-            batches_per_epoch=bpe, val_batches=val_batches, manifest=manifest, vocab_size=vocab,
-            tokenizer_path=join(sources[0].shards, manifest["tokenizer"]["path"]), train_windows=train_windows,
+            **self.batch_plan(train_windows, val_windows, where, f"windows of {T + 1} tokens",
+                              "prepare more text or lower data.batch_size / model.block_size"),
+            manifest=manifest, vocab_size=vocab, train_windows=train_windows,
+            tokenizer_path=join(sources[0].shards, manifest["tokenizer"]["path"]),
             unigram_entropy=manifest["splits"]["val"].get("unigram_entropy_nats") if len(sources) == 1 else None,
-            per_world={w: (text.equal_batches(train_windows, w, B),
-                           min(self.cfg.data.num_val_batches, text.equal_batches(val_windows, w, B)))
-                       for w in range(self.cfg.scaling.min_workers, world + 1)},
         )
         if self.cfg.eval.hellaswag:  # read and tokenized once, on the driver (bad lines counted, named)
             from megaray.tasks.hellaswag import read_hellaswag
@@ -96,22 +80,22 @@ class LMTask(Task):
 
     positioned_stream = True
 
-    def train_stream(self, epoch: int, batch: int, world: int) -> Any:
-        """Packed windows of epochs ``epoch ..`` the last one ``train.max_steps`` needs, from
-        micro-batch ``batch`` of ``epoch`` on (:func:`megaray.data.text.text_stream`); windows are
-        shuffled inside chunks of ``data.shuffle_buffer`` rows per rank, seeded by (seed, epoch)."""
-        from megaray.data import text
+    def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
+        """Packed windows of epochs ``epoch ..`` the last one ``train.max_steps`` needs, from sample
+        ``cursor`` of ``epoch`` on (:func:`megaray.data.text.text_stream`); windows are permuted
+        inside blocks of ``data.shuffle_block`` windows, seeded by (seed, epoch, block)."""
+        from megaray.data import order, text
 
-        t, B = self.cfg.train, self.cfg.data.batch_size
-        bpe = self.info.for_world(world).batches_per_epoch
-        if batch >= bpe:  # the checkpoint closed an epoch
-            epoch, batch = epoch + 1, 0
-        spec = text.StreamSpec(block_size=self.cfg.model.block_size, world=world, batch_size=B, batches_per_epoch=bpe,
-                               seed=t.seed, chunk=text.chunk_windows(self.cfg.data.shuffle_buffer, world, B))
-        last = max(epoch, (t.max_steps * t.grad_accum_steps - 1) // bpe)
+        t = self.cfg.train
+        if cursor >= plan.served:  # the checkpoint closed an epoch
+            epoch, cursor = epoch + 1, 0
+        spec = text.StreamSpec(block_size=self.cfg.model.block_size, global_batch=plan.global_batch,
+                               per_epoch=plan.served, seed=t.seed,
+                               chunk=order.block_size(self.cfg.data.shuffle_block, plan.global_batch))
+        last = max(epoch, (t.max_steps - 1) // plan.steps_per_epoch)
         sources = self.cfg.data.resolved_sources()
         arg = sources[0].shards if len(sources) == 1 else sources
-        return text.text_stream(arg, spec, epoch, batch, last, on_corrupt=self.cfg.data.on_corrupt)
+        return text.text_stream(arg, spec, epoch, cursor, last, plan.micro_batch, on_corrupt=self.cfg.data.on_corrupt)
 
     def prepare_command(self, shards: str) -> Optional[str]:
         return f"megaray prepare text --source stdlib --out {shards} --vocab-size {self.cfg.model.vocab_size}"

@@ -10,8 +10,11 @@ Layout of one checkpoint directory (``<storage_path>/<run>/step_00000100/``)::
     ema.pt            the EMA of the model's weights (fp32), when ``train.ema_decay`` is on
     config.yaml       the resolved run config
     tokenizer.json    copied from the data shards (text runs)
-    megaray.json      step, tokens seen, epoch, batches consumed, the metrics reported with this
+    megaray.json      step, tokens seen, epoch, samples of the epoch consumed (the global cursor),
+                      the global batch, the world size, the metrics reported with this
                       checkpoint; written LAST by rank 0
+    model_universal/  DeepSpeed's universal form of ``model/`` (and of every other tag), made once
+                      when a ZeRO 1-3 checkpoint is resumed at another world size
 
 Crash safety: every rank writes into a fresh local temporary directory; Ray Train copies the
 merged result into storage and only then registers it as the latest checkpoint, so a crash in
@@ -57,7 +60,10 @@ class TrainState:
         step: optimizer steps taken.
         tokens: units (tokens, samples) trained on, all ranks together.
         epoch: current epoch (0-based).
-        batch_in_epoch: micro-batches of this epoch already trained on (per rank).
+        samples_in_epoch: samples of this epoch trained on, all ranks together (the global
+            cursor: a multiple of ``global_batch`` at every checkpoint; any world size resumes
+            from it, :mod:`megaray.data.order`).
+        global_batch: samples per optimizer step (kept across world sizes; 0 = not yet fixed).
         world_size: ranks of the run that wrote it.
         metrics: the report made with this checkpoint (a re-run with nothing left to train
             hands it to Ray Train again).
@@ -66,7 +72,8 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    samples_in_epoch: int = 0
+    global_batch: int = 0
     world_size: int = 1
     metrics: Dict[str, Any] = field(default_factory=dict)
 
@@ -115,8 +122,12 @@ def save(
         os.replace(tmp, os.path.join(out_dir, STATE_FILE))
 
 
-def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any] = None) -> TrainState:
+def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any] = None,
+         tags: Optional[Mapping[str, str]] = None, rng: bool = True) -> TrainState:
     """Restore every engine (module, optimizer, scheduler), the EMA and this rank's RNG from ``ckpt_dir``.
+
+    ``tags`` maps an engine to the DeepSpeed tag to load instead of its name (a universal
+    checkpoint, :mod:`megaray.train.universal`); ``rng=False`` leaves the RNG alone.
 
     Raises:
         CheckpointError: the directory has no ``megaray.json``, an engine's tag or the EMA is
@@ -126,10 +137,16 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any
     if not state_path.is_file():
         raise CheckpointError(f"{ckpt_dir}: not a complete megaray checkpoint (no {STATE_FILE})")
     for name, engine in engines.items():
-        if not (Path(ckpt_dir) / name).is_dir():
+        tag = (tags or {}).get(name, name)
+        if not (Path(ckpt_dir) / tag).is_dir():
             raise CheckpointError(f"{ckpt_dir}: no DeepSpeed state for module {name!r}")
         try:
-            load_path, _ = engine.load_checkpoint(ckpt_dir, tag=name)
+            if tag != name:
+                from megaray.train import universal
+
+                load_path = universal.load_engine(engine, ckpt_dir, tag)
+            else:
+                load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
         except _UNREADABLE as e:
             raise CheckpointError(f"{ckpt_dir}/{name} is truncated or corrupt ({type(e).__name__}: {e}); "
                                   "resume from an earlier step_* checkpoint or retrain") from None
@@ -141,21 +158,24 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any
             raise CheckpointError(f"{ckpt_dir}: no {EMA_FILE}, but train.ema_decay is set (the run that wrote it had "
                                   "no EMA); unset train.ema_decay or start a new run name")
         ema.load_state_dict(torch_load(path, map_location="cpu", weights_only=True))
-    rng = Path(ckpt_dir) / f"rng_rank{rank}.pt"
-    if rng.is_file():
-        _set_rng_state(torch_load(rng, weights_only=False))
+    rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
+    if rng and rng_file.is_file():
+        _set_rng_state(torch_load(rng_file, weights_only=False))
     return TrainState.from_json(json.loads(state_path.read_text()))
 
 
-def latest_complete(run_dir: Optional[str], world_size: int) -> Optional[Path]:
-    """Newest checkpoint under a local ``run_dir`` that every one of ``world_size`` ranks finished
-    writing (``megaray.json`` plus one ``rng_rank{r}.pt`` per rank), or None. URIs return None
-    (there Ray's own registry is the only source)."""
+def latest_local(run_dir: Optional[str]) -> Optional[Tuple[Path, TrainState]]:
+    """Newest checkpoint under a local ``run_dir`` that every rank of the world that wrote it
+    finished (``megaray.json`` plus one ``rng_rank{r}.pt`` per rank) and its state, or None.
+    URIs return None (there Ray's own registry is the only source)."""
     if not run_dir or "://" in run_dir or not Path(run_dir).is_dir():
         return None
-    done = [d for d in Path(run_dir).glob("step_*")
-            if (d / STATE_FILE).is_file() and all((d / f"rng_rank{r}.pt").is_file() for r in range(world_size))]
-    return max(done, key=lambda d: d.name) if done else None
+    for d in sorted(Path(run_dir).glob("step_*"), key=lambda d: d.name, reverse=True):
+        if (d / STATE_FILE).is_file():
+            state = TrainState.from_json(json.loads((d / STATE_FILE).read_text()))
+            if all((d / f"rng_rank{r}.pt").is_file() for r in range(state.world_size)):
+                return d, state
+    return None
 
 
 def resume_state(run_dir: str) -> Optional[TrainState]:
@@ -186,32 +206,14 @@ def resume_state(run_dir: str) -> Optional[TrainState]:
     return None
 
 
-def resume_world(run_dir: str) -> Optional[int]:
-    """World size of the checkpoint a resumed run starts from (:func:`resume_state`), or None."""
-    state = resume_state(run_dir)
-    return None if state is None else int(state.world_size)
-
-
-def check_world(saved: int, world: int, where: str, zero_stage: int) -> None:
-    """Refuse to resume a checkpoint written by ``saved`` ranks with ``world`` ranks.
-
-    Two things are tied to the data-parallel world size: DeepSpeed's ZeRO optimizer shards (stage
-    >= 1 partitions the optimizer state over the ranks) and the data position (``batch_in_epoch``
-    counts batches of each rank's ``streaming_split`` share, and the shares are cut differently
-    for another world size), so a resume with another world would repeat or skip samples.
-
-    Raises:
-        CheckpointError: ``saved != world``, naming both sizes, the reason and what to do.
-    """
-    if saved == world:
-        return
-    shards = (f"its ZeRO stage-{zero_stage} optimizer state is partitioned over {saved} ranks, and "
-              if zero_stage >= 1 else "")
-    raise CheckpointError(
-        f"{where} was written by {saved} workers but this run has {world}: {shards}its data position "
-        f"(batches per rank of a {saved}-way split of the epoch) cannot be mapped onto {world} ranks without "
-        f"repeating or skipping samples; resume with scaling.num_workers={saved}, or start a new run name "
-        "(an elastic run, scaling.num_workers: [min, max], may only change size before its first checkpoint)")
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy and torch from ``(seed, step, rank)``: a checkpoint resumed at another
+    world size has no RNG state for the new ranks (dropout, noise draws), so every rank starts a
+    fresh stream that is still a function of the run (documented as approximate in docs/training.md)."""
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
 
 
 def init_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
@@ -261,32 +263,67 @@ class Checkpointer:
         """Every ``train.checkpoint_every`` steps and at ``train.max_steps``."""
         return step % self.cfg.train.checkpoint_every == 0 or step >= self.cfg.train.max_steps
 
-    def restore(self, engines: Mapping[str, Any], ema: Optional[Any] = None) -> Tuple[TrainState, Optional[str]]:
-        """Load the latest checkpoint into ``engines`` (and ``ema``); returns ``(state, where)``,
-        a fresh state and None when there is none.
+    def locate(self) -> Tuple[Optional[Any], Optional[TrainState]]:
+        """The checkpoint this worker group resumes from and its :class:`TrainState`, read before
+        any engine is built (the train stream starts at its cursor); ``(None, None)`` for a new run.
 
-        Local storage: the newest checkpoint every rank finished (Ray registers reports
+        Local storage: the newest checkpoint every rank of its world finished (Ray registers reports
         asynchronously, and a worker killed right after a report can restart before it has).
-        Remote storage (s3://, gs://): the one Ray Train hands over.
+        Remote storage (s3://, gs://): the one Ray Train hands over (``ray.train.get_checkpoint()``);
+        only its ``megaray.json`` is read here. Every rank of a group gets the same answer.
         """
         import ray.train
 
-        where = latest_complete(self.run_dir, self.world)
-        if where is not None:
-            self._check_world(where, str(where))
-            return load(str(where), engines, self.rank, ema), str(where)
+        local = latest_local(self.run_dir)
+        if local is not None:
+            return local
         restored = ray.train.get_checkpoint()
         if restored is None:
-            return TrainState(world_size=self.world), None
-        with restored.as_directory() as d:
-            self._check_world(Path(d), restored.path)
-            state = load(d, engines, self.rank, ema)
-        return state, restored.path
+            return None, None
+        with restored.filesystem.open_input_stream(f"{restored.path.rstrip('/')}/{STATE_FILE}") as f:
+            state = TrainState.from_json(json.loads(f.read().decode()))
+        return restored, state
 
-    def _check_world(self, ckpt: Path, where: str) -> None:
-        if (ckpt / STATE_FILE).is_file():
-            saved = int(json.loads((ckpt / STATE_FILE).read_text()).get("world_size", self.world))
-            check_world(saved, self.world, where, self.cfg.train.zero_stage)
+    def restore(self, engines: Mapping[str, Any], source: Optional[Any], ema: Optional[Any] = None
+                ) -> Tuple[TrainState, Optional[str]]:
+        """Load ``source`` (from :meth:`locate`) into ``engines`` (and ``ema``); returns
+        ``(state, where)``, a fresh state and None when there is nothing to restore.
+
+        At another world size than the checkpoint's, ZeRO 1-3 optimizer state goes through
+        DeepSpeed's universal checkpoint (:mod:`megaray.train.universal`: converted once, cached
+        beside the checkpoint) and the RNG is re-seeded from ``(seed, step, rank)``.
+        """
+        if source is None:
+            return TrainState(world_size=self.world), None
+        if isinstance(source, Path):
+            return self._load(str(source), engines, ema), str(source)
+        with source.as_directory() as d:
+            return self._load(d, engines, ema), source.path
+
+    def _load(self, ckpt_dir: str, engines: Mapping[str, Any], ema: Optional[Any]) -> TrainState:
+        saved = TrainState.from_json(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())) \
+            if (Path(ckpt_dir) / STATE_FILE).is_file() else None
+        if saved is None or saved.world_size == self.world:
+            return load(ckpt_dir, engines, self.rank, ema)
+        from megaray.train import universal
+
+        tags = {}
+        if universal.needs_conversion(saved.world_size, self.world, self.cfg.train.zero_stage):
+            t0 = time.perf_counter()
+            if self.rank == 0:
+                for name in engines:
+                    universal.convert(ckpt_dir, name)
+            torch.distributed.barrier()
+            tags = {name: universal.universal_tag(name) for name in engines}
+            self.conversion_s = time.perf_counter() - t0
+        state = load(ckpt_dir, engines, self.rank, ema, tags=tags, rng=False)
+        reseed_rng(self.cfg.train.seed, state.step, self.rank)
+        log.info("resumed a %d-rank checkpoint on %d ranks (%s)", saved.world_size, self.world,
+                 "universal ZeRO state" if tags else "ZeRO 0: no conversion")
+        return state
+
+    #: seconds spent converting a checkpoint to DeepSpeed's universal form at this start (0: none)
+    conversion_s: float = 0.0
 
     def save_and_report(self, report: Dict[str, Any], engines: Mapping[str, Any], state: TrainState,
                         ema: Optional[Any] = None) -> float:

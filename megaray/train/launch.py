@@ -13,7 +13,6 @@ retry) and ``fit`` raises it again on the driver; only crashes are retried.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -170,27 +169,22 @@ def fit(
     check_run(cfg, task)
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
-    _check_resume_world(cfg, run_dir)
     ensure_ray()
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
-    # Remote storage: Ray Train restores the checkpoint it has registered, and with asynchronous
-    # uploads a newer one can already be complete in the bucket when a worker crashes; the stream's
-    # start (read from the bucket) and the workers' restore could then disagree, so remote runs
-    # replay to their position instead (seen in tests/test_s3_moto.py).
-    from megaray import fs
-
-    if task.positioned_stream and cfg.scaling.min_workers == cfg.scaling.max_workers and not fs.is_uri(run_dir):
-        # Ray Train calls this at every worker-group start: the train stream starts at the
-        # checkpoint's position (constant-time resume) and spans every epoch (no epoch stalls)
+    worlds = _check_worlds(cfg, task.info, run_dir)
+    if task.positioned_stream:
+        # rank 0 of each worker group builds the train stream at the cursor of the checkpoint it
+        # restores (megaray.train.loop._positioned_shard): constant-time resume at any world size
         task.info.positioned = True
-        datasets["train"] = functools.partial(positioned_train, cfg.model_dump(mode="json"), task.info, run_dir)
+        datasets.pop("train", None)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()
         run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
     channel = Channel() if console and not verbose() else None
-    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0, channel)
+    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0, channel,
+                       worlds)
     try:
         if channel is not None:
             result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)
@@ -220,31 +214,34 @@ def fit(
     )
 
 
-def positioned_train(run: Dict[str, Any], info: Any, run_dir: str) -> Any:
-    """The task's positioned train stream (:meth:`megaray.tasks.base.Task.train_stream`) from the
-    checkpoint a (re)started worker group resumes from (:func:`megaray.train.checkpoint.resume_state`),
-    or from the start. Ray Train V2 calls it in its controller each time it starts the worker
-    group; the workers check that the stream starts at their restored position."""
-    from megaray import families
-    from megaray.families import build_run_config
+def _check_worlds(cfg: RunConfig, info: TaskInfo, run_dir: str) -> list:
+    """Before any worker starts: the world sizes in ``scaling.num_workers`` that divide the run's
+    global batch (a resumed run keeps its checkpoint's, :func:`megaray.train.checkpoint.resume_state`).
+
+    Raises:
+        ConfigError: no size in ``[min, max]`` divides it (names the sizes that would).
+    """
+    from dataclasses import replace
+
     from megaray.train.checkpoint import resume_state
 
-    cfg = build_run_config(run)
-    task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info)
-    state = resume_state(run_dir)
-    epoch, batch = (state.epoch, state.batch_in_epoch) if state is not None else (0, 0)
-    return task.train_stream(epoch, batch, cfg.scaling.max_workers)
-
-
-def _check_resume_world(cfg: RunConfig, run_dir: str) -> None:
-    """Before any worker starts: a resumed run keeps its checkpoint's world size (CheckpointError
-    otherwise, :func:`megaray.train.checkpoint.check_world` says why)."""
-    from megaray.train.checkpoint import check_world, resume_world
-
-    saved = resume_world(run_dir)
-    if saved is not None:
-        world = min(max(saved, cfg.scaling.min_workers), cfg.scaling.max_workers)
-        check_world(saved, world, run_dir, cfg.train.zero_stage)
+    plan = info.plan
+    if plan is None:
+        return list(range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1))
+    saved = resume_state(run_dir)
+    if saved is not None and saved.global_batch and saved.global_batch != plan.global_batch:
+        log.info("resuming %s with its global batch %d (the config gives %d)", run_dir, saved.global_batch,
+                 plan.global_batch)
+        plan = replace(plan, global_batch=saved.global_batch)
+        info.plan = plan
+    worlds = plan.worlds(cfg.scaling.min_workers, cfg.scaling.max_workers)
+    if not worlds:
+        raise ConfigError(
+            f"scaling.num_workers {cfg.scaling.num_workers}: no world size in it divides the global batch "
+            f"{plan.global_batch} into micro-batches of {plan.micro_batch} (sizes that do: "
+            f"{plan.worlds(1, max(8, cfg.scaling.max_workers)) or 'none'}); set train.global_batch_size to a multiple "
+            "of data.batch_size x each size the run may have")
+    return worlds
 
 
 def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: Optional[str],
@@ -279,7 +276,7 @@ def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
 
 def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
              mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None,
-             channel: Optional[Any] = None) -> Any:
+             channel: Optional[Any] = None, worlds: Optional[Sequence[int]] = None) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
     error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``."""
     import ray.train
@@ -312,5 +309,5 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=options),
-        run_dir=run_dir,  # an elastic run keeps its checkpoint's world size (ray_compat.CheckpointSizedElasticPolicy)
+        run_dir=run_dir, worlds=worlds,  # an elastic run's sizes and growth (ray_compat.GlobalBatchElasticPolicy)
     )

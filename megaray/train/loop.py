@@ -46,7 +46,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     if task.info.positioned:
         batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, w.debug)
     else:
-        batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg, state, task.info.batches_per_epoch, w.debug)
+        batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg, state, task.info, w.world, w.debug)
     while state.step < t.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -56,7 +56,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         metrics = task.train_step(engines, batch, state.step)
         w.debug.after(metrics.get("loss"))
         units = task.batch_units(batch) * w.world
-        state.batch_in_epoch += 1
+        state.samples_in_epoch += cfg.data.batch_size * w.world
         state.tokens += units
         t2 = time.perf_counter()
         w.reporter.meter.add(metrics, data_s=t1 - t0, total_s=t2 - t0, units=units)
@@ -97,25 +97,34 @@ class _Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.debug = Debug(config.get("debug") or {}, rank)
-        info = config["info"]
-        # a positioned stream does not depend on the restored state: start reading now, while
-        # the engines build (fast start)
-        self.head = (Prefetch(ray.train.get_dataset_shard("train").iter_torch_batches(
+        # where this group resumes (read before anything is built: the stream starts at its cursor)
+        self.checkpointer = Checkpointer(cfg, config.get("run_dir"), rank, world)
+        source, saved = self.checkpointer.locate()
+        # the global batch is the run's, at any world size; the accumulation follows from it
+        info = config["info"].for_world(world, saved.global_batch if saved is not None and saved.global_batch else None)
+        if info.plan is not None:
+            cfg.train.grad_accum_steps = info.plan.accum(world)  # ConfigError when world cannot divide it
+        self.task = task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=info)
+        # a positioned stream: rank 0 builds it at the restored cursor and splits it over the ranks;
+        # reading starts now, while the engines build (fast start)
+        self.head = (Prefetch(_positioned_shard(task, saved, rank, world).iter_torch_batches(
             batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2)) if info.positioned else None)
         _seed_everything(cfg.train.seed + rank)
         self.device = device = ray.train.torch.get_device()
         precision = resolve_precision(cfg.train.precision, device)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-        self.task = task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=config["info"].for_world(world))
         modules = task.build_modules()
         if cfg.train.init_from:  # fine-tuning: start from another run's weights
             init_weights(modules["model"], cfg.train.init_from)
         self.engines = build_engines(task, modules, cfg, precision, device)
         frozen = {name: m.to(device).eval().requires_grad_(False) for name, m in task.frozen_modules().items()}
         self.ema = _ema(cfg, modules["model"])
-        self.checkpointer = Checkpointer(cfg, config.get("run_dir"), rank, world, task.checkpoint_files() if rank == 0 else {})
-        self.state, where = self.checkpointer.restore(self.engines, self.ema)
+        self.checkpointer.extra_files = task.checkpoint_files() if rank == 0 else {}
+        self.state, where = self.checkpointer.restore(self.engines, source, self.ema)
+        self.state.world_size = world
+        if info.plan is not None:
+            self.state.global_batch = info.plan.global_batch
         self.debug.started(self.state, modules)
 
         mlflow_cfg = config.get("mlflow") or {}
@@ -127,13 +136,19 @@ class _Worker:
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
         s = self.state
         if where is not None:
-            self.reporter.say(f"resumed from {where} at step {s.step} (epoch {s.epoch}, batch {s.batch_in_epoch})")
+            resized = f", written by {saved.world_size} workers" if saved is not None and saved.world_size != world else ""
+            converted = (f"; ZeRO state converted to universal in {self.checkpointer.conversion_s:.1f}s"
+                         if self.checkpointer.conversion_s else "")
+            self.reporter.say(f"resumed from {where} at step {s.step} (epoch {s.epoch}, sample {s.samples_in_epoch}"
+                              f"{resized}{converted})")
+            self.reporter.time.add("resize", self.checkpointer.conversion_s)
         n_params = sum(p.numel() for p in modules["model"].parameters())
         t = cfg.train
         ema = f", EMA {t.ema_decay}" if self.ema is not None else ""
         self.reporter.say(f"{cfg.model.family} {cfg.model.preset or ''}: {n_params/1e6:.2f}M params, world {world}, "
                           f"ZeRO stage {t.zero_stage}, precision {precision}, micro-batch {cfg.data.batch_size} "
-                          f"x accum {t.grad_accum_steps}{ema}")
+                          f"x accum {t.grad_accum_steps} x {world} = global batch "
+                          f"{cfg.data.batch_size * t.grad_accum_steps * world}{ema}")
 
     def end_of_step(self, step: int) -> None:
         """After optimizer step ``step``: the task's hook, the EMA, then whichever parts are due."""
@@ -201,65 +216,90 @@ class Prefetch:
 _END = object()
 
 
+def _positioned_shard(task: Any, saved: Optional[TrainState], rank: int, world: int) -> Any:
+    """This rank's share of the task's positioned train stream (:meth:`megaray.tasks.base.Task.train_stream`),
+    from the cursor of the checkpoint the group restores (``saved``; the start for a new run).
+
+    Rank 0 builds the stream and ``streaming_split(world, equal=True)``s it (blocks of one
+    micro-batch, dealt round robin, in order), then broadcasts the split iterators to the other
+    ranks (``torch.distributed.broadcast_object_list``). Built in the worker, not by the driver or
+    Ray Train's controller, because only here is the restored checkpoint known: the cursor and
+    the checkpoint are always the same one, on local and remote storage alike. Collective."""
+    import torch.distributed as dist
+
+    splits = None
+    if rank == 0:
+        from megaray.train.ray_compat import keep_user_errors_in_ray_data
+
+        keep_user_errors_in_ray_data()
+        epoch, cursor = (saved.epoch, saved.samples_in_epoch) if saved is not None else (0, 0)
+        ds = task.train_stream(epoch, cursor, task.info.plan)
+        ds.context.execution_options.preserve_order = True  # round robin in served order
+        splits = ds.streaming_split(world, equal=True)
+    if world == 1:
+        return splits[0]
+    box = [splits]
+    dist.broadcast_object_list(box, src=0)
+    return box[0][rank]
+
+
 def positioned_batches(batches: Any, batch_size: int, state: TrainState, rank: int, world: int,
                        debug: Optional["Debug"] = None) -> Iterator[Mapping[str, torch.Tensor]]:
     """Micro-batches of a positioned stream (:meth:`megaray.tasks.base.Task.train_stream`) from
     where ``state`` stands, checked against the stream's ``epoch``/``index`` columns (removed).
 
-    Rank ``r``'s batch ``k`` of an epoch must start at served window ``(k * world + r) *
-    batch_size``. Batches before the position (a stream built from an older checkpoint than
-    the one restored) are skipped and counted in ``debug.replayed``; a stream past the position
-    raises RuntimeError. The caller advances ``state.batch_in_epoch`` after training on a batch."""
-    replayed = 0
+    The next micro-batch of rank ``r`` must start at served position ``state.samples_in_epoch +
+    r * batch_size`` (the global cursor; :mod:`megaray.data.order`); a stream at another position
+    raises RuntimeError. The served positions go to ``debug.ids`` (the trace). The caller
+    advances ``state.samples_in_epoch`` by ``world * batch_size`` after training on a batch."""
     for batch in batches:
-        epoch, first = int(batch.pop("epoch")[0]), int(batch.pop("index")[0])
+        epoch, index = int(batch.pop("epoch")[0]), batch.pop("index")
+        first = int(index[0])
         if epoch > state.epoch:  # the stream moved on to the next epoch
-            state.epoch, state.batch_in_epoch = epoch, 0
-        want = (state.batch_in_epoch * world + rank) * batch_size
-        if (epoch, first) < (state.epoch, want):
-            replayed += 1
-            if debug is not None:
-                debug.replayed = replayed
-            continue
+            state.epoch, state.samples_in_epoch = epoch, 0
+        want = state.samples_in_epoch + rank * batch_size
         if (epoch, first) != (state.epoch, want):
-            raise RuntimeError(f"rank {rank}: the train stream is at epoch {epoch}, window {first}, past this worker's "
-                               f"position (epoch {state.epoch}, window {want}): its checkpoint is older than the one "
-                               "the stream was built from")
+            raise RuntimeError(f"rank {rank}: the train stream is at epoch {epoch}, sample {first}, but this worker "
+                               f"stands at epoch {state.epoch}, sample {want}: the stream and the restored "
+                               "checkpoint disagree")
+        if debug is not None:
+            debug.ids = index.tolist()
         yield batch
-    raise RuntimeError(f"rank {rank}: the train stream ended at epoch {state.epoch}, batch {state.batch_in_epoch} "
+    raise RuntimeError(f"rank {rank}: the train stream ended at epoch {state.epoch}, sample {state.samples_in_epoch} "
                        "before train.max_steps")
 
 
-def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, per_epoch: int,
+def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, info: Any, world: int,
                    debug: Optional["Debug"] = None) -> Iterator[Mapping[str, torch.Tensor]]:
-    """Micro-batches from where ``state`` stands (epoch, ``batch_in_epoch``), epoch after epoch,
+    """Micro-batches from where ``state`` stands (epoch, ``samples_in_epoch``), epoch after epoch,
     for tasks without a positioned stream.
 
     Each epoch is a fresh ``iter_torch_batches`` whose order is a function of (seed, epoch);
-    a resumed run replays (reads and drops) the ``batch_in_epoch`` batches it already trained
-    on, counted in ``debug.replayed``. The caller advances ``state.batch_in_epoch`` once a
-    batch has been trained on."""
+    a resumed run replays (reads and drops) the micro-batches it already trained on, counted in
+    ``debug.replayed``. The caller advances ``state.samples_in_epoch`` once a batch has been
+    trained on."""
+    B, per_epoch = cfg.data.batch_size, info.batches_per_epoch
     while True:
-        if state.batch_in_epoch >= per_epoch:
+        if state.samples_in_epoch >= per_epoch * B * world:
             state.epoch += 1
-            state.batch_in_epoch = 0
+            state.samples_in_epoch = 0
         it = iter(shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size,
+            batch_size=B,
             drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + state.epoch if cfg.data.shuffle_buffer else None,
             prefetch_batches=2,
         ))
-        for _ in range(state.batch_in_epoch):  # resume mid-epoch: skip what was trained on
+        for _ in range(state.samples_in_epoch // (B * world)):  # resume mid-epoch: skip what was trained on
             next(it, None)
             if debug is not None:
                 debug.replayed += 1
-        while state.batch_in_epoch < per_epoch:
+        while state.samples_in_epoch < per_epoch * B * world:
             batch = next(it, None)
             if batch is None:
                 # data.on_corrupt=skip dropped row groups: the epoch is shorter than the manifest
                 # said, on every rank alike (streaming_split(equal=True) splits rows evenly)
-                state.batch_in_epoch = per_epoch
+                state.samples_in_epoch = per_epoch * B * world
                 break
             yield batch
 
@@ -267,9 +307,9 @@ def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, per_epoch: int
 class Debug:
     """Test hooks read from the driver's environment by :func:`megaray.train.launch.fit`.
 
-    ``MEGARAY_TRACE=path``: one JSON line per micro-batch (step, epoch, batch index, a
-    fingerprint of the batch, lr, pid, batches replayed to reach the resume position, the
-    micro-batch's loss) appended to ``path.rank<r>`` once it has been trained on, one line per worker start (pid, the step it starts at, the L1 norm of each module's
+    ``MEGARAY_TRACE=path``: one JSON line per micro-batch (step, epoch, the global cursor before
+    it, its served sample positions, the world size, a fingerprint of the batch, lr, pid, batches
+    replayed to reach the resume position, the micro-batch's loss) appended to ``path.rank<r>`` once it has been trained on, one line per worker start (pid, the step it starts at, the L1 norm of each module's
     weights after restore) to ``path.starts.rank<r>``, and one per evaluation (step, Ray Data
     executions of the validation split so far) to ``path.evals.rank<r>``.
     ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
@@ -288,6 +328,7 @@ class Debug:
         self.trace = open(f"{self.path}.rank{rank}", "a") if self.path else None
         self.pending: Optional[Dict[str, Any]] = None
         self.replayed = 0  # batches read again to reach the resume position
+        self.ids: Optional[list] = None  # served positions of the current micro-batch (positioned streams)
 
     def started(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
         if self.path:
@@ -308,8 +349,9 @@ class Debug:
             return
         first = next(iter(batch.values()))
         digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-        self.pending = {"step": state.step + 1, "epoch": state.epoch, "batch": state.batch_in_epoch, "fp": digest,
-                        "lr": float(engine.get_lr()[0]), "pid": os.getpid(), "replayed": self.replayed}
+        self.pending = {"step": state.step + 1, "epoch": state.epoch, "cursor": state.samples_in_epoch, "fp": digest,
+                        "lr": float(engine.get_lr()[0]), "pid": os.getpid(), "replayed": self.replayed,
+                        "ids": self.ids, "world": state.world_size}
 
     def after(self, loss: Optional[float] = None) -> None:
         if self.trace is not None and self.pending is not None:

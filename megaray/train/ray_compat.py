@@ -322,84 +322,107 @@ class UserErrorFailurePolicy(_DefaultFailurePolicy):
         return super().make_decision(training_failed_error)
 
 
-# --- Elastic runs keep their checkpoint's world size --------------------------------------------
+# --- Elastic runs: any size that divides the global batch; growth at a checkpoint -----------------
 #
-# A megaray checkpoint resumes only with the world size that wrote it
-# (:func:`megaray.train.checkpoint.check_world`: ZeRO shards and the data position). Ray's
-# ElasticScalingPolicy restarts the worker group with more workers whenever more fit
-# (``ray/train/v2/_internal/execution/scaling_policy/elastic.py``,
-# ``make_decision_for_running_worker_group``), and restarts a failed group with whatever fits
-# (``make_decision_for_non_running_worker_group``); after the first checkpoint either restart would
-# end the run with that CheckpointError. CheckpointSizedElasticPolicy is Ray's policy until the run
-# has a checkpoint, and from then on holds the checkpoint's world size.
+# A megaray checkpoint resumes at any world size (the global cursor, :mod:`megaray.data.order`;
+# ZeRO state through DeepSpeed's universal checkpoint, :mod:`megaray.train.universal`), as long
+# as the size divides the run's global batch into whole micro-batches. Ray's ElasticScalingPolicy
+# (``ray/train/v2/_internal/execution/scaling_policy/elastic.py``) restarts a failed group with
+# whatever fits (``make_decision_for_non_running_worker_group``) and a running group with more
+# workers whenever more fit (``make_decision_for_running_worker_group``): the first may pick a
+# size that cannot divide the global batch, and the second throws away every step since the last
+# checkpoint. GlobalBatchElasticPolicy rounds both down to an allowed size, and defers growth of a
+# running group until the run's next checkpoint is in storage, then restarts from it.
 
 
-class CheckpointSizedElasticPolicy(_ElasticScalingPolicy):
-    """Ray Train V2's elastic scaling policy, held at the world size of the run's checkpoint once
-    there is one (see the comment above).
+class GlobalBatchElasticPolicy(_ElasticScalingPolicy):
+    """Ray Train V2's elastic scaling policy restricted to ``worlds`` (the sizes that divide the
+    global batch), growing a running group only right after a checkpoint.
 
-    Before the first checkpoint: Ray's policy (start with what fits, at least ``min``; grow toward
-    ``max`` every ``elastic_resize_monitor_interval_s``). After it: a running group is not resized;
-    a failed group restarts with the checkpoint's world size only (it waits until that many
-    workers fit); the autoscaler is asked for that many.
+    A failed or new group starts with the largest allowed size that fits (at least ``min``), not
+    the size of the checkpoint it resumes. When more workers fit while the group runs, the policy
+    waits for the next checkpoint (polled in storage every :attr:`POLL_S` seconds) and restarts
+    the group at the larger size from it.
 
     Args:
         scaling_config: Ray Train's ``ScalingConfig`` with ``num_workers=(min, max)``.
         run_dir: ``<storage_path>/<run name>`` (local path or URI), where the checkpoints are.
+        worlds: the allowed world sizes (ascending).
     """
 
-    def __init__(self, scaling_config: Any, run_dir: str):
+    POLL_S = 1.0
+
+    def __init__(self, scaling_config: Any, run_dir: str, worlds: List[int]):
         super().__init__(scaling_config)
-        self.run_dir = run_dir
-        self._held: Optional[int] = None  # the checkpoints' world size, once there is one
+        self.run_dir, self.worlds = run_dir, sorted(worlds)
+        self._grow_to: Optional[int] = None  # a larger size waiting for the next checkpoint
+        self._grow_after: Optional[int] = None  # the checkpoint step when growth was decided
+        self._polled = 0.0
 
-    def held_world(self) -> Optional[int]:
-        """World size of the run's newest checkpoint, or None before the first (read from storage
-        until found; all later checkpoints share it)."""
-        if self._held is None:
-            from megaray.train.checkpoint import resume_world
+    def allowed(self, n: int) -> Optional[int]:
+        """The largest allowed world size <= ``n`` (None when none is)."""
+        fits = [w for w in self.worlds if w <= n]
+        return fits[-1] if fits else None
 
-            self._held = resume_world(self.run_dir)
-        return self._held
+    def _checkpoint_step(self) -> int:
+        from megaray.train.checkpoint import resume_state
 
-    def _get_num_workers_for_resource_request(self) -> int:
-        return self._held or super()._get_num_workers_for_resource_request()
+        state = resume_state(self.run_dir)
+        return -1 if state is None else int(state.step)
 
     def make_decision_for_non_running_worker_group(self):
+        self._grow_to = None
         decision = super().make_decision_for_non_running_worker_group()
-        held = self.held_world() if isinstance(decision, _ResizeDecision) else None
-        if held is None or decision.num_workers == held:
+        if not isinstance(decision, _ResizeDecision):
             return decision
-        if decision.num_workers < held:
-            log.info("%d workers fit; waiting for %d, the world size of the run's checkpoint",
-                     decision.num_workers, held)
+        n = self.allowed(decision.num_workers)
+        if n is None:
+            log.info("%d workers fit; none of the allowed sizes %s (they divide the global batch)",
+                     decision.num_workers, self.worlds)
             return _NoopDecision()
-        return _ResizeDecision(num_workers=held, resources_per_worker=decision.resources_per_worker)
+        return _ResizeDecision(num_workers=n, resources_per_worker=decision.resources_per_worker)
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
-        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
-        if isinstance(decision, _ResizeDecision) and self.held_world() is not None:
-            log.info("not resizing to %d workers: the run has a checkpoint written by %d, and a checkpoint "
-                     "resumes only with its own world size", decision.num_workers, self._held)
+        if self._grow_to is not None:  # waiting for the next checkpoint
+            now = time.monotonic()
+            if now - self._polled < self.POLL_S:
+                return _NoopDecision()
+            self._polled = now
+            if self._checkpoint_step() > self._grow_after:
+                n, self._grow_to = self._grow_to, None
+                log.info("growing the worker group from %d to %d workers at its new checkpoint",
+                         worker_group_state.num_workers, n)
+                return _ResizeDecision(num_workers=n, resources_per_worker=self.scaling_config._resources_per_worker_not_none)
             return _NoopDecision()
-        return decision
+        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        if not isinstance(decision, _ResizeDecision):
+            return decision
+        n = self.allowed(decision.num_workers)
+        if n is None or n <= worker_group_state.num_workers:
+            return _NoopDecision()
+        self._grow_to, self._grow_after, self._polled = n, self._checkpoint_step(), time.monotonic()
+        log.info("%d workers fit (the group has %d): growing at the run's next checkpoint", n,
+                 worker_group_state.num_workers)
+        return _NoopDecision()
 
 
 class TorchTrainer(_TorchTrainer):
     """``ray.train.torch.TorchTrainer`` whose controller uses :class:`UserErrorFailurePolicy`,
-    an elastic run's :class:`CheckpointSizedElasticPolicy` (``run_dir``: where the run's
-    checkpoints are), and no Ray ``PlacementGroupCleaner`` on a cluster that has no dashboard
+    an elastic run's :class:`GlobalBatchElasticPolicy` (``run_dir``: where the run's checkpoints
+    are; ``worlds``: the sizes that divide its global batch), and no Ray ``PlacementGroupCleaner`` on a cluster that has no dashboard
     (see :func:`without_blind_cleaner`)."""
 
-    def __init__(self, *args: Any, run_dir: Optional[str] = None, **kwargs: Any):
+    def __init__(self, *args: Any, run_dir: Optional[str] = None, worlds: Optional[List[int]] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._megaray_run_dir = run_dir
+        self._megaray_run_dir, self._megaray_worlds = run_dir, worlds
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(self.run_config.failure_config)
         if self.scaling_config.elasticity_enabled and self._megaray_run_dir:
-            controller_init_kwargs["scaling_policy"] = CheckpointSizedElasticPolicy(self.scaling_config,
-                                                                                    self._megaray_run_dir)
+            worlds = self._megaray_worlds or list(range(self.scaling_config.min_workers,
+                                                        self.scaling_config.max_workers + 1))
+            controller_init_kwargs["scaling_policy"] = GlobalBatchElasticPolicy(self.scaling_config,
+                                                                                self._megaray_run_dir, worlds)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _create_default_callbacks(self):

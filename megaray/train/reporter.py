@@ -124,13 +124,15 @@ class TimeAccount:
     Metrics (:meth:`metrics`): ``goodput`` = seconds inside optimizer-step compute (forward,
     backward, step; data wait excluded) / wall seconds since ``run_t0``; ``time/startup_s``
     = ``run_t0`` to this attempt's first trained micro-batch; ``time/step_s``, ``time/data_wait_s``,
-    ``time/eval_s``, ``time/checkpoint_s``: seconds spent in each; ``time/wall_s``.
+    ``time/eval_s``, ``time/checkpoint_s``: seconds spent in each; ``time/resize_s``: seconds this
+    attempt spent converting a checkpoint written at another world size (DeepSpeed universal
+    checkpoint; an elastic restart's own start-up is ``time/startup_s``); ``time/wall_s``.
     """
 
     def __init__(self, run_t0: Optional[float]):
         self.run_t0 = run_t0 if run_t0 is not None else time.time()
         self.startup_s: Optional[float] = None
-        self.spent: Dict[str, float] = {"step": 0.0, "data_wait": 0.0, "eval": 0.0, "checkpoint": 0.0}
+        self.spent: Dict[str, float] = {"step": 0.0, "data_wait": 0.0, "eval": 0.0, "checkpoint": 0.0, "resize": 0.0}
 
     def micro_batch(self, data_s: float, compute_s: float) -> None:
         if self.startup_s is None:
@@ -155,6 +157,8 @@ class TimeAccount:
         if "time/startup_s" in m:
             parts.append(f"startup {m['time/startup_s']:.1f}s")
         parts += [f"{k} {self.spent[k]:.1f}s" for k in ("step", "data_wait", "eval", "checkpoint")]
+        if self.spent["resize"]:
+            parts.append(f"resize {self.spent['resize']:.1f}s")
         return "time: " + ", ".join(parts)
 
 
@@ -197,6 +201,8 @@ class Reporter:
         if gn is not None:
             report["grad_norm"] = float(gn)
         report = ratio_metrics(mean_across_ranks(report, self.world))
+        # an elastic run's size over steps (the global batch stays; the accumulation follows)
+        report.update(world_size=float(self.world), grad_accum_steps=float(self.t.grad_accum_steps))
         self.meter.reset()
         eta = (time.perf_counter() - self.t0) / max(1, step - self.start_step) * (self.t.max_steps - step)
         if self.rank == 0 and self.channel is not None:

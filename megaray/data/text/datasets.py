@@ -328,18 +328,21 @@ def _read(items: List[Tuple[pafs.FileSystem, Dict[str, Any]]], on_corrupt: str) 
                                  hint="re-run `megaray prepare text --overwrite` for that shard's folder")
 
 
-def text_stream(sources: Sources, spec: Any, epoch: int, batch: int, last_epoch: int, *, on_corrupt: str = "error",
+def text_stream(sources: Sources, spec: Any, epoch: int, cursor: int, last_epoch: int, micro_batch: int, *,
+                on_corrupt: str = "error",
                 pack_batch_size: int = 256, pack_num_cpus: float = 0.25) -> Any:
     """The train split as one positioned stream over epochs ``epoch .. last_epoch``, starting at
-    micro-batch ``batch`` of ``epoch`` (:mod:`megaray.data.text.stream` explains the order).
+    window ``cursor`` of ``epoch`` (served windows, all ranks together; :mod:`megaray.data.text.stream`
+    explains the order).
 
     Rows: ``input_ids``/``targets`` int64 ``(block_size,)`` plus ``epoch`` and ``index`` (the
-    row's served position in its epoch); blocks of exactly ``spec.batch_size`` rows, so Ray
-    Train's ``streaming_split(spec.world, equal=True)`` deals them round robin. Building it reads
-    no data (the row-group token counts come from the footers).
+    row's served position in its epoch, the same at any world size); blocks of exactly
+    ``micro_batch`` rows, so ``streaming_split(world, equal=True)`` deals them round robin.
+    Building it reads no data (the row-group token counts come from the footers).
 
     Args:
-        spec: a :class:`megaray.data.text.stream.StreamSpec`.
+        spec: a :class:`megaray.data.text.stream.StreamSpec`; micro_batch: rows per rank per
+            forward (``data.batch_size``).
 
     Raises:
         DataError: as :func:`text_datasets` (missing or corrupt shards, sources on different storage).
@@ -349,7 +352,7 @@ def text_stream(sources: Sources, spec: Any, epoch: int, batch: int, last_epoch:
     from megaray.data.text.stream import StreamPacker, stream_items
 
     plan = _plan(sources, "train", spec.seed)
-    items, packer_args = stream_items([it for _, it in plan.items], spec, epoch, batch, last_epoch, spec.chunk > 0)
+    items, packer_args = stream_items([it for _, it in plan.items], spec, epoch, cursor, last_epoch, spec.chunk > 0)
     filesystem = plan.items[0][0]
     return _read([(filesystem, it) for it in items], on_corrupt).map_batches(
         StreamPacker,
@@ -359,4 +362,4 @@ def text_stream(sources: Sources, spec: Any, epoch: int, batch: int, last_epoch:
         compute=ActorPoolStrategy(size=1),
         num_cpus=pack_num_cpus,
         **PACKER_ACTOR_OPTIONS,
-    ).repartition(target_num_rows_per_block=spec.batch_size, strict=True)
+    ).repartition(target_num_rows_per_block=micro_batch, strict=True)

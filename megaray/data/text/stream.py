@@ -9,19 +9,20 @@ How the position maps to bytes. Epoch ``e`` is the token stream of the split's r
 fixed order (a permutation seeded by ``(seed, e)`` when shuffling), cut into windows of
 ``block_size + 1`` tokens from the epoch's first token; so source window ``j`` of epoch ``e``
 starts at token ``j * (block_size + 1)``, and the footers' per-row-group token counts say which
-row group holds it (:func:`start_at`). Each epoch serves exactly ``batches_per_epoch * world *
-batch_size`` windows. With shuffling the windows are permuted inside aligned chunks of
-``chunk`` windows (a multiple of ``world * batch_size``) by a generator seeded with ``(seed,
-epoch, chunk index)``: a resume re-packs at most one chunk, never the epoch. This replaces Ray
-Data's local shuffle buffer, whose contents (and so order) depend on where a read started.
+row group holds it (:func:`start_at`). Each epoch serves ``per_epoch`` windows (whole global
+batches: :class:`megaray.data.order.BatchPlan`). With shuffling the windows are permuted inside
+aligned blocks of ``chunk`` windows (``data.shuffle_block`` rounded to whole global batches) by a
+generator seeded with ``(seed, epoch, block index)``: a resume re-packs at most one block, never
+the epoch, and nothing in the order depends on the world size.
 
-How the position maps to ranks. :class:`StreamPacker`'s output goes through
-``repartition(target_num_rows_per_block=batch_size, strict=True)``: every block holds exactly
-one micro-batch, and Ray Train's ``streaming_split(world, equal=True)`` hands equal blocks to
-the rank with the fewest rows so far, i.e. round robin under ``preserve_order``: rank ``r``'s
-``k``-th batch of an epoch is served windows ``[(k * world + r) * B, ... + B)``. Every row
-carries ``epoch`` and ``index`` (its served position in the epoch), so the loop checks that the
-stream starts where its checkpoint says (:func:`megaray.train.loop.positioned_batches`).
+How the position maps to ranks. :func:`megaray.data.text.text_stream` repartitions the
+packer's output into blocks of exactly one micro-batch, and ``streaming_split(world,
+equal=True)`` hands equal blocks to the rank with the fewest rows so far, i.e. round robin
+under ``preserve_order``: rank ``r``'s ``k``-th micro-batch of an epoch is served windows
+``[(k * world + r) * B, ... + B)``, so the ``world * B * accum`` windows of one optimizer step
+are the same global batch at any world size (:mod:`megaray.data.order`). Every row carries
+``epoch`` and ``index`` (its served position in the epoch), so the loop checks that the stream
+starts where its checkpoint says (:func:`megaray.train.loop.positioned_batches`).
 """
 
 from __future__ import annotations
@@ -36,43 +37,23 @@ import pyarrow as pa
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What fixes the served order of a train stream.
+    """What fixes the served order of a train stream (nothing here depends on the world size).
 
     Attributes:
         block_size: tokens per training sequence (windows hold ``block_size + 1``).
-        world: ranks the stream is split across; batch_size: rows per micro-batch.
-        batches_per_epoch: micro-batches per rank per epoch (the epoch serves
-            ``batches_per_epoch * world * batch_size`` windows; the rest of its tokens are dropped).
-        seed: seeds the per-epoch row-group order and the in-chunk permutations.
-        chunk: windows per shuffle chunk (a multiple of ``world * batch_size``); 0 = no shuffling
+        global_batch: windows per optimizer step (``train.global_batch_size``).
+        per_epoch: windows served per epoch (whole global batches; the rest of the tokens are
+            dropped): :attr:`megaray.data.order.BatchPlan.served`.
+        seed: seeds the per-epoch row-group order and the in-block permutations.
+        chunk: windows per shuffle block (a multiple of ``global_batch``); 0 = no shuffling
             (windows in stream order).
     """
 
     block_size: int
-    world: int
-    batch_size: int
-    batches_per_epoch: int
+    global_batch: int
+    per_epoch: int
     seed: int = 0
     chunk: int = 0
-
-    @property
-    def per_epoch(self) -> int:
-        """Windows served per epoch."""
-        return self.batches_per_epoch * self.world * self.batch_size
-
-    @property
-    def global_batch(self) -> int:
-        return self.world * self.batch_size
-
-
-def chunk_windows(shuffle_buffer: int, world: int, batch_size: int) -> int:
-    """Shuffle chunk for a ``data.shuffle_buffer`` of rows: the smallest multiple of
-    ``world * batch_size`` windows holding it per rank (``shuffle_buffer`` rows on each rank, as
-    Ray Data's local buffer would); 0 when ``shuffle_buffer`` is 0."""
-    if shuffle_buffer <= 0:
-        return 0
-    g = world * batch_size
-    return max(1, math.ceil(shuffle_buffer * world / g)) * g
 
 
 def epoch_order(n_items: int, seed: int, epoch: int, shuffle: bool) -> List[int]:
@@ -82,21 +63,20 @@ def epoch_order(n_items: int, seed: int, epoch: int, shuffle: bool) -> List[int]
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n_items).tolist()
 
 
-def start_at(tokens: List[int], spec: StreamSpec, batch: int) -> Tuple[int, int, int, int]:
-    """Where a stream resumed at ``batch`` (micro-batches each rank has trained on this epoch)
-    starts reading, for an epoch whose row groups (in that epoch's order) hold ``tokens``.
+def start_at(tokens: List[int], spec: StreamSpec, cursor: int) -> Tuple[int, int, int, int]:
+    """Where a stream resumed at ``cursor`` (windows of this epoch already served, all ranks
+    together) starts reading, for an epoch whose row groups (in that epoch's order) hold ``tokens``.
 
     Returns ``(item, skip_tokens, first_window, drop_windows)``: the first row group to read,
-    the tokens of it to skip, the source window the packer starts at (a chunk start) and how
-    many windows of that chunk were already served (dropped after the chunk is permuted)."""
-    served = batch * spec.global_batch
+    the tokens of it to skip, the source window the packer starts at (a block start) and how
+    many windows of that block were already served (dropped after the block is permuted)."""
     chunk = spec.chunk or spec.global_batch
-    first = (served // chunk) * chunk
+    first = (cursor // chunk) * chunk
     offset = first * (spec.block_size + 1)
     ends = np.cumsum(tokens)
     item = int(np.searchsorted(ends, offset, side="right"))
     before = int(ends[item - 1]) if item > 0 else 0
-    return item, offset - before, first, served - first
+    return item, offset - before, first, cursor - first
 
 
 class StreamPacker:
@@ -120,7 +100,7 @@ class StreamPacker:
                  drop_windows: int = 0):
         self.spec, self.window = spec, spec.block_size + 1
         self.epoch, self.skip, self.drop = first_epoch, skip_tokens, drop_windows
-        self.carry = np.empty(0, np.int64)
+        self.carry = np.empty(0, np.int32)  # pending tokens as int32: a block of 2**16 1k-token windows is 270 MB
         self.source = first_window  # windows of this epoch cut so far (the next one's index)
         self.pending: List[np.ndarray] = []
         self.pending_start = first_window
@@ -135,7 +115,7 @@ class StreamPacker:
             epoch = int(passes[lo])
             if epoch != self.epoch:
                 self._new_epoch(epoch)
-            values = col.slice(lo, hi - lo).flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            values = col.slice(lo, hi - lo).flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
             if self.skip:
                 k = min(self.skip, len(values))
                 values, self.skip = values[k:], self.skip - k
@@ -149,11 +129,11 @@ class StreamPacker:
         # an epoch that ended short (data.on_corrupt=skip dropped row groups): serve its whole
         # global batches, so every rank still gets the same number of rows and the next epoch
         # starts on rank 0
-        rows = np.concatenate(self.pending) if self.pending else np.empty((0, self.window), np.int64)
+        rows = np.concatenate(self.pending) if self.pending else np.empty((0, self.window), np.int32)
         whole = (len(rows) // self.spec.global_batch) * self.spec.global_batch
         if whole:
             self._emit(rows[:whole], self.pending_start)
-        self.epoch, self.carry, self.source, self.pending, self.pending_start = epoch, np.empty(0, np.int64), 0, [], 0
+        self.epoch, self.carry, self.source, self.pending, self.pending_start = epoch, np.empty(0, np.int32), 0, [], 0
 
     def _cut(self, values: np.ndarray) -> None:
         stream = np.concatenate([self.carry, values])
@@ -184,7 +164,7 @@ class StreamPacker:
             k = min(self.drop, len(rows))
             rows, index, self.drop = rows[k:], index[k:], self.drop - k
         if len(rows):
-            self.out.append({"input_ids": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:]),
+            self.out.append({"input_ids": rows[:, :-1].astype(np.int64), "targets": rows[:, 1:].astype(np.int64),
                              "epoch": np.full(len(rows), self.epoch, np.int64), "index": index})
 
 
@@ -193,12 +173,12 @@ def _empty(block_size: int) -> Dict[str, np.ndarray]:
     return {"input_ids": z, "targets": z.copy(), "epoch": np.empty(0, np.int64), "index": np.empty(0, np.int64)}
 
 
-def stream_items(items: List[Dict[str, Any]], spec: StreamSpec, epoch: int, batch: int, last_epoch: int,
+def stream_items(items: List[Dict[str, Any]], spec: StreamSpec, epoch: int, cursor: int, last_epoch: int,
                  shuffle: bool) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
     """Row-group read items of epochs ``epoch .. last_epoch`` (each with its ``pass``) starting at
-    micro-batch ``batch`` of ``epoch``, and the :class:`StreamPacker` arguments for that start."""
+    window ``cursor`` of ``epoch``, and the :class:`StreamPacker` arguments for that start."""
     order = [items[i] for i in epoch_order(len(items), spec.seed, epoch, shuffle)]
-    first, skip, first_window, drop = start_at([int(it["values"]) for it in order], spec, batch)
+    first, skip, first_window, drop = start_at([int(it["values"]) for it in order], spec, cursor)
     out = [dict(it, **{"pass": epoch}) for it in order[first:]]
     for e in range(epoch + 1, last_epoch + 1):
         out += [dict(items[i], **{"pass": e}) for i in epoch_order(len(items), spec.seed, e, shuffle)]

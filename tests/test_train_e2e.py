@@ -84,66 +84,90 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, te
     assert run.data.tags["megaray.final_checkpoint"] == result.checkpoint
 
 
-def test_resume_after_a_crash_continues_step_lr_and_data_position(ray_cluster, tmp_path, monkeypatch):
-    """ZeRO-1 run on a small corpus (many row groups) that crashes right after a checkpoint at 90%
-    of its first epoch; re-running the same command continues at the next step with the
-    scheduled lr and the next unseen batches, across the epoch boundary, in the same MLflow run,
-    reading from its position (no consumed batch is produced again) with the per-step losses of
-    a run that never crashed."""
+def _losses(uri: str, run_id: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from megaray.data.text import equal_batches, load_manifest, num_windows, prepare_text
+    return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")}
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluster, tmp_path, monkeypatch, stage):
+    """A 2-worker ZeRO run (global batch 12 = 2 workers x micro-batch 2 x accum 3) on a small corpus
+    (many row groups) crashes right after a checkpoint at 90% of its first epoch; the same command
+    re-run on 3 workers (accum 2; the ZeRO state converted to DeepSpeed's universal form) continues
+    at the next step with the scheduled lr, across the epoch boundary, in the same MLflow run, reading
+    from its cursor (no replay), with the per-step losses of a 2-worker run that never crashed
+    (within 1e-4: only the float reduction order differs), and every sample of the epoch trained
+    exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    from megaray.data.order import BatchPlan
+    from megaray.data.text import load_manifest, num_windows, prepare_text
     from megaray.train.launch import fit
     from megaray.train.schedule import lr_factor
 
     shards = str(tmp_path / "small")
     prepare_text(["stdlib"], shards, vocab_size=512, val_fraction=0.25, rows_per_group=4, stdlib_max_docs=60)
-    bpe = equal_batches(num_windows(load_manifest(shards), 64), 2, 4)  # gpt debug: block 64; 2 workers x 4
-    crash, total = max(2, round(bpe * 0.9)), bpe + 3
-    assert 6 <= bpe <= 40, bpe  # a short epoch: the run crosses its boundary
+    plan = BatchPlan(num_windows(load_manifest(shards), 64), 12, 2)  # gpt debug: block 64
+    spe = plan.steps_per_epoch
+    crash, total = max(2, round(spe * 0.9)), spe + 3
+    assert 5 <= spe <= 30, spe  # a short epoch: the run crosses its boundary
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "crash"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", str(crash))
     cfg = _cfg(shards, tmp_path, "crash", f"train.max_steps={total}", f"train.checkpoint_every={crash}",
-               f"train.eval_every={total}", "train.log_every=1", "train.warmup_steps=4", "train.zero_stage=1",
+               f"train.eval_every={total}", "train.log_every=1", "train.warmup_steps=4", f"train.zero_stage={stage}",
+               "data.batch_size=2", "train.global_batch_size=12", "scaling.num_workers=2",
                "scaling.max_failures=0", "tracking.sample_tokens=0", "data.num_val_batches=1")
     with pytest.raises(Exception, match="injected failure"):
         fit(cfg)
     monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
-    result = fit(cfg)
+    bigger = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 3})})
+    result = fit(bigger)
     assert result.metrics["step"] == total
 
     t = cfg.train
     steps = list(range(1, total + 1))
-    for rank in (0, 1):
-        got = _trace(tmp_path / "crash", rank)
-        assert [r["step"] for r in got] == steps  # resumed at crash + 1: nothing retrained, nothing skipped
-        assert got[crash - 1]["pid"] != got[crash]["pid"]  # the rest comes from the re-run
-        assert [(r["epoch"], r["batch"]) for r in got] == [divmod(i, bpe) for i in range(total)]  # across the boundary
-        assert len({r["fp"] for r in got[:bpe]}) == bpe  # no batch seen twice in the epoch
-        assert all(r["replayed"] == 0 for r in got)  # the re-run started reading at its position
-        expected = [t.lr * lr_factor(s - 1, t.warmup_steps, t.max_steps, t.min_lr / t.lr) for s in steps]
-        assert [r["lr"] for r in got] == pytest.approx(expected)  # the LR schedule continues
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    got = [r for rank in (0, 1, 2) for r in _trace(tmp_path / "crash", rank)]
+    # rank 1 of the crashed group may have trained micro-batches of step crash + 1 (no collective
+    # before its accumulation boundary) before the group was torn down: not a step of the run
+    crashed_pids = {r["pid"] for r in got if r["step"] <= crash}
+    got = [r for r in got if r["step"] <= crash or r["pid"] not in crashed_pids]
+    assert sorted({r["step"] for r in got}) == steps  # resumed at crash + 1: nothing retrained, nothing skipped
+    assert {r["world"] for r in got if r["step"] <= crash} == {2} and {r["world"] for r in got if r["step"] > crash} == {3}
+    assert all(r["replayed"] == 0 for r in got)  # the re-run started reading at its cursor
+    for epoch in (0, 1):  # every served sample of epoch 0 exactly once; epoch 1 from its start
+        ids = sorted(i for r in got if r["epoch"] == epoch for i in r["ids"])
+        assert ids == list(range(plan.served if epoch == 0 else (total - spe) * 12))
+    expected = {s: t.lr * lr_factor(s - 1, t.warmup_steps, t.max_steps, t.min_lr / t.lr) for s in steps}
+    assert {r["step"]: r["lr"] for r in got} == pytest.approx(expected)  # the LR schedule continues
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("megaray").experiment_id
     runs = client.search_runs([exp], filter_string="tags.`megaray.run_key` LIKE '%/crash'")
     assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id  # same MLflow run
-    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == steps
+    crashed = _losses(uri, result.mlflow_run_id)
+    assert sorted(crashed) == steps
+    sizes = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "world_size")}
+    assert sizes[crash] == 2 and sizes[total] == 3  # the size change is in the run's charts
+    accum = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "grad_accum_steps")}
+    assert accum[crash] == 3 and accum[total] == 2
 
     # a third run of the same command has nothing to train: it hands back the final report
     # (what a Tune trial restarted after finishing needs) and logs nothing new
-    again = fit(cfg)
+    again = fit(bigger)
     assert again.metrics["step"] == total and again.checkpoint == result.checkpoint
     assert again.metrics["val_loss"] == pytest.approx(result.metrics["val_loss"])
-    assert [r["step"] for r in _trace(tmp_path / "crash", 0)] == steps  # no batch trained
-    assert sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")) == steps
+    assert sorted({r["step"] for r in _trace(tmp_path / "crash", 0)}) == steps  # no batch trained
 
-    # the same run without the crash: the same batches and the same per-step losses
+    # the same run on 2 workers without the crash: the same global batches and per-step losses
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "whole"))
-    fit(cfg.model_copy(update={"name": "whole", "tracking": cfg.tracking.model_copy(update={"enabled": False})}))
-    for rank in (0, 1):
-        whole, resumed = _trace(tmp_path / "whole", rank), _trace(tmp_path / "crash", rank)
-        assert [r["fp"] for r in whole] == [r["fp"] for r in resumed]
-        assert [r["loss"] for r in whole] == pytest.approx([r["loss"] for r in resumed], abs=1e-6)
+    whole = fit(cfg.model_copy(update={"name": "whole"}))
+    reference = _losses(uri, whole.mlflow_run_id)
+    assert [crashed[s] for s in steps] == pytest.approx([reference[s] for s in steps], abs=1e-4)
+    ref = [r for rank in (0, 1) for r in _trace(tmp_path / "whole", rank)]
+    for step in steps:  # each optimizer step trained on the same sample ids at 2 and at 3 workers
+        assert sorted(i for r in ref if r["step"] == step for i in r["ids"]) == \
+            sorted(i for r in got if r["step"] == step for i in r["ids"])
 
 
 def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The audio families' shared task base: shard checks, rank-equal batch counts, example clips, mel plots.
+"""The audio families' shared task base: shard checks, the batch plan, the positioned crop stream, example clips, mel plots.
 
 :class:`AudioTask` is subclassed by :class:`megaray.tasks.vocoder.VocoderTask` and
 :class:`megaray.tasks.audio_vae.AudioVAETask`. Both read shards written by
@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from megaray.config import ConfigError
+from megaray.data import order
 from megaray.tasks.base import Task, TaskInfo
 
 
@@ -38,7 +39,8 @@ class AudioInfo(TaskInfo):
 
 
 class AudioTask(Task):
-    """Shared data plumbing: shard/config consistency checks and rank-equal batch counts."""
+    """Shared data plumbing: shard/config consistency checks, the batch plan (:meth:`Task.batch_plan`:
+    world-independent) and the positioned train stream (:func:`crop_stream`)."""
 
     unit = "samples"
     info_class = AudioInfo
@@ -67,41 +69,41 @@ class AudioTask(Task):
                     f"set model.{key}={man.get(key)} or re-prepare the audio"
                 )
         self._check_manifest(man)
-        world, B = self.cfg.scaling.max_workers, self.cfg.data.batch_size  # elastic: checks hold for the largest
+        t, B, world = self.cfg.train, self.cfg.data.batch_size, self.cfg.scaling.max_workers
         n_train, n_val = man["splits"]["train"]["clips"], man["splits"]["val"]["clips"]
-        per_pass = n_train // (world * B)
-        if per_pass < self.cfg.train.grad_accum_steps:
-            raise ConfigError(
-                f"data: {shards} has {n_train} training clips, too few for {world} workers x batch_size {B} "
-                f"x grad_accum_steps {self.cfg.train.grad_accum_steps}; prepare more audio or lower data.batch_size"
-            )
         if n_val < 1:
             raise ConfigError(f"data: {shards} has no validation clips; prepare with val_fraction > 0")
-        passes = self.crop_passes(per_pass)
-        bpe = passes * n_train // (world * B)
+        passes = self.crop_passes(n_train, order.global_batch_size(t.global_batch_size, B, t.grad_accum_steps, world))
         repeats = max(1, math.ceil(world * B / n_val))  # extra fixed crops per val clip for tiny val sets
-        val_batches = min(self.cfg.data.num_val_batches, (n_val * repeats) // (world * B))
-        self.info = AudioInfo(batches_per_epoch=bpe, val_batches=val_batches, manifest=man, train_clips=n_train,
-                              val_clips=n_val, val_repeats=repeats, crop_passes=passes,
-                              speakers=man.get("speakers", {}),
-                              per_world={w: (passes * n_train // (w * B),
-                                             min(self.cfg.data.num_val_batches, (n_val * repeats) // (w * B)))
-                                         for w in range(self.cfg.scaling.min_workers, world + 1)})
-        return audio.audio_datasets(shards, self.cfg.model.segment_samples, seed=self.cfg.train.seed,
+        self.info = AudioInfo(**self.batch_plan(passes * n_train, n_val * repeats, shards,
+                                                f"crops ({n_train} training clips x {passes} crop passes)",
+                                                "prepare more audio or lower data.batch_size"),
+                              manifest=man, train_clips=n_train, val_clips=n_val, val_repeats=repeats,
+                              crop_passes=passes, speakers=man.get("speakers", {}))
+        return audio.audio_datasets(shards, self.cfg.model.segment_samples, seed=t.seed,
                                     expect=self._expect(), val_repeats=repeats, crop_passes=passes,
                                     on_corrupt=self.cfg.data.on_corrupt)
 
-    #: most crop passes in one epoch of the train dataset (each pass is one more union in the plan)
+    #: most crop passes in one epoch of the train dataset
     max_crop_passes: int = 16
 
-    def crop_passes(self, batches_per_pass: int) -> int:
-        """How many differently cropped passes over the training clips one epoch holds: as many as
-        the run needs (``max_steps * grad_accum_steps / batches_per_pass``), at most
-        :attr:`max_crop_passes`. Crops are a function of (seed, clip, pass) (see
-        :mod:`megaray.data.audio.datasets`), so a run sees new crops of each clip on every pass
-        and a resumed run sees exactly the crops an uninterrupted one would."""
-        t = self.cfg.train
-        return max(1, min(self.max_crop_passes, math.ceil(t.max_steps * t.grad_accum_steps / batches_per_pass)))
+    def crop_passes(self, n_train: int, global_batch: int) -> int:
+        """How many differently cropped passes over the ``n_train`` training clips one epoch holds:
+        as many as the run needs (``ceil(max_steps x global_batch / n_train)``), at most
+        :attr:`max_crop_passes`; the same at every world size. Crops are a function of (seed,
+        clip, pass) (see :mod:`megaray.data.audio.datasets`), so a run sees new crops of each
+        clip on every pass and a resumed run sees exactly the crops an uninterrupted one would."""
+        need = math.ceil(self.cfg.train.max_steps * global_batch / max(1, n_train))
+        return max(1, min(self.max_crop_passes, need))
+
+    positioned_stream = True
+
+    def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
+        """Random crops of the training clips (:attr:`AudioInfo.crop_passes` passes an epoch) in the
+        world-independent served order of :mod:`megaray.data.rows`, from sample ``cursor`` of
+        ``epoch`` on (crops seeded by (seed, clip, pass), as :func:`megaray.data.audio.audio_datasets`)."""
+        return crop_stream(self.cfg, self.info.manifest, plan, epoch, cursor, segment=self.cfg.model.segment_samples,
+                           passes=self.info.crop_passes)
 
     def prepare_command(self, shards: str) -> Optional[str]:
         m = self.cfg.model
@@ -127,6 +129,29 @@ class AudioTask(Task):
         mel = torch.from_numpy(ex["mel"][:, : frames + 1])
         wave = torch.from_numpy(ex["waveform"][: frames * hop])
         return wave, mel
+
+
+def crop_stream(cfg: Any, man: Dict[str, Any], plan: Any, epoch: int, cursor: int, *, segment: int,
+                passes: int = 1, from_start: bool = False, text_max_len: Optional[int] = None) -> Any:
+    """The positioned train stream of an audio shard set (``cfg.data``'s one source, manifest
+    ``man``): clips in the served order of :func:`megaray.data.rows.positioned_rows` (``passes``
+    reads an epoch), cropped by :func:`megaray.data.audio.datasets._crop_batch` (train crops seeded
+    by (seed, clip, pass); ``from_start``: from the first sample; ``text_max_len``: transcripts as
+    byte ids), with ``epoch`` and ``index``, in blocks of ``plan.micro_batch`` rows."""
+    from megaray.data import rows
+    from megaray.data.audio.datasets import _crop_batch
+
+    shards, seed = cfg.data.resolved_sources()[0].shards, cfg.train.seed
+    with_vector = bool(man.get("speaker_vector_dim"))
+    cols = (["name", "waveform", "mel", "n_frames", "speaker_id"] + (["speaker_vector"] if with_vector else [])
+            + (["text"] if text_max_len else []))
+    filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
+    ds = rows.positioned_rows(filesystem, items, cols, schema, seed=seed, shuffle_block=cfg.data.shuffle_block,
+                              plan=plan, epoch=epoch, cursor=cursor, last_epoch=rows.last_epoch(cfg.train.max_steps, epoch, plan),
+                              passes=passes, on_corrupt=cfg.data.on_corrupt, hint=hint)
+    kw = dict(segment=segment, hop=int(man["hop_length"]), n_mels=int(man["n_mels"]), seed=seed, train=True,
+              with_vector=with_vector, from_start=from_start, text_max_len=text_max_len)
+    return rows.map_positioned(ds, _crop_batch, plan.micro_batch, fn_kwargs=kw)
 
 
 def plot_mels(path: str, panels: List[Tuple[str, Any]], sample_rate: int, hop_length: int) -> str:

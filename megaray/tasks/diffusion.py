@@ -61,12 +61,6 @@ class DiffusionInfo(TaskInfo):
     mel: Dict[str, int] = field(default_factory=dict)
 
 
-def _per_world(cfg: RunConfig, n_train: int, n_val: int) -> Dict[int, Tuple[int, int]]:
-    B = cfg.data.batch_size
-    return {w: (n_train // (w * B), min(cfg.data.num_val_batches, n_val // (w * B)))
-            for w in range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1)}
-
-
 def checkpoint_dir(path: str, key: str, what: str) -> Path:
     """The absolute complete checkpoint directory at ``path`` (:func:`megaray.weights.resolve`:
     the directory itself or the latest ``step_*`` below a run directory). Raises ConfigError
@@ -259,13 +253,32 @@ class DiffusionTask(Task):
                               on_corrupt=self.cfg.data.on_corrupt)
 
     def _set_info(self, man: Dict[str, Any], n_train: int, n_val: int, shards: str, **kw: Any) -> None:
-        world, B = self.cfg.scaling.max_workers, self.cfg.data.batch_size
-        if n_train // (world * B) < self.cfg.train.grad_accum_steps or n_val < world * B:
-            raise ConfigError(f"data: {shards} has {n_train} training / {n_val} validation examples, too few for "
-                              f"{world} workers x batch_size {B} x grad_accum_steps {self.cfg.train.grad_accum_steps}")
-        per_world = _per_world(self.cfg, n_train, n_val)
-        bpe, val = per_world[world]
-        self.info = DiffusionInfo(batches_per_epoch=bpe, val_batches=val, manifest=man, per_world=per_world, **kw)
+        self.info = DiffusionInfo(**self.batch_plan(n_train, n_val, shards, "examples"), manifest=man, **kw)
+
+    positioned_stream = True
+
+    def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
+        """The training examples in the world-independent served order of :mod:`megaray.data.rows`
+        from sample ``cursor`` of ``epoch`` on: image latents (``latent``, ``label``, as
+        :func:`_latent_split`) or mels cropped from the clip's start with their transcripts' byte
+        ids (:func:`megaray.tasks.audio.crop_stream`); blocks of ``plan.micro_batch`` rows."""
+        from megaray.data import rows
+
+        man, t = self.info.manifest, self.cfg.train
+        if self.info.kind == "audio":
+            from megaray.tasks.audio import crop_stream
+
+            frames = self.cfg.model.grid_input[1]
+            return crop_stream(self.cfg, man, plan, epoch, cursor, segment=(frames - 1) * int(man["hop_length"]),
+                               from_start=True, text_max_len=self.cfg.diffusion.text_max_len)
+        shards, cols = self.cfg.data.resolved_sources()[0].shards, ["latent", "label"]
+        filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
+        ds = rows.positioned_rows(filesystem, items, cols, schema, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
+                                  plan=plan, epoch=epoch, cursor=cursor,
+                                  last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
+                                  on_corrupt=self.cfg.data.on_corrupt, hint=hint)
+        shape = (self.cfg.model.in_channels, int(man["latent_size"]), int(man["latent_size"]))
+        return rows.map_positioned(ds, _reshape_latents, plan.micro_batch, fn_kwargs={"shape": shape})
 
     def checkpoint_files(self) -> Dict[str, str]:
         """``diffusion.json``: what ``megaray sample`` needs besides the weights (the shards' kind,
@@ -350,12 +363,13 @@ def _latent_split(shards: str, man: Dict[str, Any], split: str, shape: Sequence[
     from megaray.data.shards import read_split
 
     ds = read_split(shards, man, split, ["latent", "label"], on_corrupt)
+    return ds.map_batches(_reshape_latents, batch_format="numpy", fn_kwargs={"shape": tuple(shape)})
 
-    def reshape(b):
-        return {"latent": np.stack([np.asarray(v, np.float32).reshape(shape) for v in b["latent"]]),
-                "label": np.asarray(b["label"], np.int64)}
 
-    return ds.map_batches(reshape, batch_format="numpy")
+def _reshape_latents(b: Dict[str, np.ndarray], *, shape: Sequence[int]) -> Dict[str, np.ndarray]:
+    """Stored rows -> ``latent`` float32 ``(n, *shape)`` (row-major ``C*h*w``), ``label`` int64 ``(n,)``."""
+    return {"latent": np.stack([np.asarray(v, np.float32).reshape(shape) for v in b["latent"]]).reshape(-1, *shape),
+            "label": np.asarray(b["label"], np.int64)}
 
 
 @torch.no_grad()

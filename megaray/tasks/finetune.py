@@ -40,7 +40,7 @@ class SFTTask(LMTask):
     """Completion-only next-token loss on packed, document-masked chat records."""
 
     info_class = SFTInfo
-    positioned_stream = False  # SFT packs chat records with masks: one execution per epoch, replayed to resume
+    positioned_stream = True  # the packed windows, served from memory in the world-independent order
 
     def datasets(self) -> Dict[str, Any]:
         """Packed windows of both splits of ``data.shards`` (an ``sft`` manifest); fills :class:`SFTInfo`.
@@ -75,6 +75,22 @@ class SFTTask(LMTask):
         )
         return {s: ray.data.from_items([{k: v[i] for k, v in packed[s].items()} for i in range(len(packed[s]["input_ids"]))])
                 for s in ("train", "val")}
+
+    def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
+        """The packed train windows in the world-independent served order of
+        :func:`megaray.data.rows.positioned_table` (each epoch a permutation of the windows seeded
+        by (seed, epoch), then permuted inside blocks of ``data.shuffle_block``), from sample
+        ``cursor`` of ``epoch`` on. The records are re-read and packed here, on the process that
+        builds the stream (rank 0 of the worker group; packing is deterministic), and go to the
+        object store once."""
+        from megaray.data import sft
+        from megaray.data.rows import last_epoch, positioned_table
+
+        man, t = self.info.manifest, self.cfg.train
+        packed, _ = sft.pack(sft.read_split(self.cfg.data.shards, man, "train"), self.cfg.model.block_size,
+                             int(man["eos_id"]))
+        return positioned_table(packed, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block, plan=plan, epoch=epoch,
+                                cursor=cursor, last_epoch=last_epoch(t.max_steps, epoch, plan))
 
     def prepare_command(self, shards: str) -> Optional[str]:
         return (f"megaray prepare sft --source FILE.jsonl --tokenizer PRETRAINED_RUN_OR_SHARDS --out {shards} "

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megaray.config import ConfigError
+from megaray.data import order
 from megaray.tasks.adversarial import AdversarialStep
 from megaray.tasks.base import Task, TaskInfo, unwrap
 
@@ -87,25 +88,36 @@ class ImageVAETask(Task):
                               f"or re-prepare with --size {m.resolution}")
         if m.perceptual_weight > 0:
             self._check_vgg(m.lpips_vgg_path)
-        world, B = self.cfg.scaling.max_workers, self.cfg.data.batch_size
+        t, B, world = self.cfg.train, self.cfg.data.batch_size, self.cfg.scaling.max_workers
         n_train, n_val = man["splits"]["train"]["images"], man["splits"]["val"]["images"]
-        per_pass = n_train // (world * B)
-        if per_pass < self.cfg.train.grad_accum_steps:
-            raise ConfigError(f"data: {shards} has {n_train} training images, too few for {world} workers x "
-                              f"batch_size {B} x grad_accum_steps {self.cfg.train.grad_accum_steps}; lower data.batch_size")
-        if n_val < world * B:
-            raise ConfigError(f"data: {shards} has {n_val} validation images, fewer than {world} workers x batch_size "
-                              f"{B}; prepare with a larger --val-fraction or lower data.batch_size")
-        t = self.cfg.train
-        passes = max(1, min(self.max_passes, math.ceil(t.max_steps * t.grad_accum_steps / per_pass)))
-        nv = self.cfg.data.num_val_batches
+        G = order.global_batch_size(t.global_batch_size, B, t.grad_accum_steps, world)
+        passes = max(1, min(self.max_passes, math.ceil(t.max_steps * G / max(1, n_train))))  # world-independent
         self.info = ImageInfo(
-            batches_per_epoch=passes * n_train // (world * B), val_batches=min(nv, n_val // (world * B)), manifest=man,
-            train_images=n_train, val_images=n_val, passes=passes,
-            per_world={w: (passes * n_train // (w * B), min(nv, n_val // (w * B)))
-                       for w in range(self.cfg.scaling.min_workers, world + 1)})
+            **self.batch_plan(passes * n_train, n_val, shards, f"crops ({n_train} training images x {passes} passes)",
+                              "prepare more images or lower data.batch_size"),
+            manifest=man, train_images=n_train, val_images=n_val, passes=passes)
         return image.image_datasets(shards, m.resolution, seed=t.seed, crop="random", flip=True, passes=passes,
                                     on_corrupt=self.cfg.data.on_corrupt)
+
+    positioned_stream = True
+
+    def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
+        """Random ``model.resolution`` crops and flips of the training images (:attr:`ImageInfo.passes`
+        passes an epoch, seeded by (seed, image, pass) as :func:`megaray.data.image.image_datasets`)
+        in the world-independent served order of :mod:`megaray.data.rows`, from sample ``cursor``
+        of ``epoch`` on; blocks of ``plan.micro_batch`` rows."""
+        from megaray.data import rows
+        from megaray.data.image.datasets import _crop_batch
+
+        t, shards = self.cfg.train, self.cfg.data.resolved_sources()[0].shards
+        cols = ["name", "pixels", "height", "width", "label_id"]
+        filesystem, items, schema, hint = rows.split_items(shards, self.info.manifest, "train", cols)
+        ds = rows.positioned_rows(filesystem, items, cols, schema, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
+                                  plan=plan, epoch=epoch, cursor=cursor,
+                                  last_epoch=rows.last_epoch(t.max_steps, epoch, plan), passes=self.info.passes,
+                                  on_corrupt=self.cfg.data.on_corrupt, hint=hint)
+        return rows.map_positioned(ds, _crop_batch, plan.micro_batch,
+                                   fn_kwargs=dict(size=self.cfg.model.resolution, seed=t.seed, random=True, flip=True))
 
     def prepare_command(self, shards: str) -> Optional[str]:
         return f"megaray prepare images --source skimage --out {shards} --size {self.cfg.model.resolution}"

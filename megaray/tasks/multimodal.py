@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from megaray.config import ConfigError
+from megaray.data import order
 from megaray.tasks.base import Task, TaskInfo, unwrap
 
 #: written into every checkpoint (:meth:`MultimodalTask.checkpoint_files`), read by ``megaray generate``
@@ -108,24 +109,35 @@ class MultimodalTask(Task):
         weights = [s.weight for s in srcs]
         n_train = sum(mixture.plan([s.rows("train") for s in srcs], weights))
         n_val = sum(mixture.plan([max(1, s.rows("val")) for s in srcs], weights))
-        per_pass = n_train // (world * B)
-        if per_pass < t.grad_accum_steps:
-            raise ConfigError(f"data.sources: the mixture holds {n_train} training sequences per pass, too few for "
-                              f"{world} workers x batch_size {B} x grad_accum_steps {t.grad_accum_steps}; prepare "
-                              "more data or lower data.batch_size")
-        if n_val < world * B:
-            raise ConfigError(f"data.sources: the mixture holds {n_val} validation sequences, fewer than {world} "
-                              f"workers x batch_size {B}; prepare with a larger val fraction or lower data.batch_size")
-        passes = max(1, min(MAX_PASSES, math.ceil(t.max_steps * t.grad_accum_steps / per_pass)))
-        per_world = {w: (passes * n_train // (w * B), min(self.cfg.data.num_val_batches, n_val // (w * B)))
-                     for w in range(self.cfg.scaling.min_workers, world + 1)}
+        G = order.global_batch_size(t.global_batch_size, B, t.grad_accum_steps, world)
+        passes = max(1, min(MAX_PASSES, math.ceil(t.max_steps * G / max(1, n_train))))  # world-independent
         self.info = MultimodalInfo(
-            batches_per_epoch=per_world[world][0], val_batches=per_world[world][1], manifest=srcs[0].manifest,
-            per_world=per_world, tokenizer_path=tok_path, eot_id=eot, items_per_pass=n_train, passes=passes,
+            **self.batch_plan(passes * n_train, n_val, "data.sources", f"sequences ({n_train} per pass x {passes} passes)",
+                              "prepare more data or lower data.batch_size"),
+            manifest=srcs[0].manifest, tokenizer_path=tok_path, eot_id=eot, items_per_pass=n_train, passes=passes,
             sources=[{"shards": s.shards, "modality": s.modality, "kind": s.kind, "weight": s.weight} for s in srcs],
             **_side_info(srcs, layout))
         return mm.mixture_datasets(srcs, layout, tok_path, seed=t.seed, passes=passes, rows_per_block=max(B, 64),
                                    on_corrupt=self.cfg.data.on_corrupt)
+
+    positioned_stream = True
+
+    def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
+        """The mixture's sequences in a world-independent served order from sample ``cursor`` of
+        ``epoch`` on (:func:`megaray.data.multimodal.reader.mixture_stream`: epoch ``e`` is passes
+        ``e * passes ..`` of the mixture, permuted inside blocks of ``data.shuffle_block``); blocks
+        of ``plan.micro_batch`` rows."""
+        from megaray.data import multimodal as mm
+        from megaray.data.multimodal.reader import mixture_stream
+        from megaray.data.rows import last_epoch
+
+        t = self.cfg.train
+        srcs = mm.open_sources(self.cfg.data.resolved_sources())
+        layout = mm.Layout.from_model(self.cfg.model, self.info.eot_id)
+        return mixture_stream(srcs, layout, self.info.tokenizer_path, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
+                              plan=plan, epoch=epoch, cursor=cursor, last_epoch=last_epoch(t.max_steps, epoch, plan),
+                              passes=self.info.passes, on_corrupt=self.cfg.data.on_corrupt,
+                              rows_per_output=max(plan.micro_batch, 64))
 
     def _check_sources(self, srcs: List[Any]) -> Tuple[str, int]:
         """Config-vs-shards checks (ConfigError, see :meth:`datasets`); returns the tokenizer

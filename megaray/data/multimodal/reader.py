@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -107,17 +107,34 @@ def plan_items(sizes: Sequence[Sequence[int]], weights: Sequence[float], seed: i
 
     ``sizes[i]``: rows per row group of source ``i``. Per pass, source ``i`` contributes
     :func:`megaray.data.mixture.plan`'s count of rows, in :func:`source_order` (cycled), and
-    sources are interleaved by :func:`megaray.data.mixture.interleave`. ``index`` is the item's
-    position in its pass. Raises DataError (from ``plan``) for an empty source or a bad weight."""
-    totals = [int(sum(s)) for s in sizes]
-    counts = mixture.plan(totals, weights)
-    order = mixture.interleave(counts, seed)
+    sources are interleaved by :func:`megaray.data.mixture.interleave` (:func:`pass_plan`).
+    ``index`` is the item's position in its pass. Raises DataError (from ``plan``) for an empty
+    source or a bad weight."""
     items = []
     for p in range(passes):
-        rows = [source_order(s, seed, split, p, i) for i, s in enumerate(sizes)]
-        items += [{"source": i, "row": int(rows[i][k % totals[i]]), "pass": p, "index": j}
-                  for j, (i, k) in enumerate(order)]
+        source, row = pass_plan(sizes, weights, seed, split, p)
+        items += [{"source": int(i), "row": int(r), "pass": p, "index": j} for j, (i, r) in enumerate(zip(source, row))]
     return items
+
+
+@lru_cache(maxsize=8)
+def _interleaved(counts: Tuple[int, ...], seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`megaray.data.mixture.interleave` as ``(source, k)`` int64 arrays (cached per process)."""
+    pairs = np.asarray(mixture.interleave(list(counts), seed), np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def pass_plan(sizes: Sequence[Sequence[int]], weights: Sequence[float], seed: int, split: int,
+              pass_index: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Pass ``pass_index`` of the mixture as ``(source, row)`` int64 arrays (position ``j`` of the
+    pass is row ``row[j]`` of source ``source[j]``; :func:`plan_items` has the rule)."""
+    totals = [int(sum(s)) for s in sizes]
+    src, k = _interleaved(tuple(mixture.plan(totals, weights)), int(seed))
+    row = np.zeros(len(src), np.int64)
+    for i, s in enumerate(sizes):
+        at = src == i
+        row[at] = source_order(s, seed, split, pass_index, i)[k[at] % totals[i]]
+    return src, row
 
 
 # -- reading (inside Ray Data map tasks) ------------------------------------------------------
@@ -159,19 +176,23 @@ def _empty(n: int, L: Layout) -> Dict[str, np.ndarray]:
 
 def build_rows(batch: Dict[str, np.ndarray], *, sources: List[Dict[str, Any]], layout: Layout, tokenizer: str,
                seed: int, split: int, train: bool, on_corrupt: str,
-               p_generate: float = P_GENERATE) -> Dict[str, np.ndarray]:
+               p_generate: float = P_GENERATE,
+               groups: Optional[Mapping[Tuple[int, int], Optional[Dict[str, list]]]] = None) -> Dict[str, np.ndarray]:
     """``map_batches`` function: items (:func:`plan_items`) of sources ``sources``
     (:func:`read_specs`) -> sequences (the model's batch
     columns: ``tokens``, ``targets``, ``audio``, ``audio_start``, ``audio_valid``, ``image``,
     ``image_start``, ``task``; span content from :func:`audio_content` / :func:`image_content`).
-    Rows of a corrupt row group are left out under ``on_corrupt="skip"`` (else DataError naming it)."""
+    Rows of a corrupt row group are left out under ``on_corrupt="skip"`` (else DataError naming it).
+    ``groups``: the columns of row groups already read, ``{(source, group): columns or None}``
+    (:func:`mixture_stream`), instead of the per-process cache."""
     L, tok = layout, cached_tokenizer(tokenizer)
     n = len(batch["source"])
     out, keep = _empty(n, L), np.zeros(n, bool)
     for j in range(n):
-        src = sources[int(batch["source"][j])]
+        i = int(batch["source"][j])
+        src = sources[i]
         g, r = src["locate"](int(batch["row"][j]))
-        cols = _group(src, g, on_corrupt)
+        cols = groups[(i, g)] if groups is not None else _group(src, g, on_corrupt)
         if cols is None:
             continue
         keep[j] = True
@@ -280,3 +301,124 @@ def mixture_datasets(sources: List[MixSource], layout: Layout, tokenizer: str, *
             on_corrupt=on_corrupt))
         out[split].context.raise_original_map_exception = True  # a DataError reaches the run as itself
     return out
+
+
+# -- the positioned train stream ----------------------------------------------------------------
+def mixture_stream(sources: List[MixSource], layout: Layout, tokenizer: str, *, seed: int, shuffle_block: int,
+                   plan: Any, epoch: int, cursor: int, last_epoch: int, passes: int = 1, on_corrupt: str = "error",
+                   rows_per_output: int = 64) -> Any:
+    """The train split as one positioned stream (:mod:`megaray.data.rows`) over epochs ``epoch ..
+    last_epoch``, from served position ``cursor`` of ``epoch`` (a multiple of ``plan.global_batch``).
+
+    Epoch ``e`` is the mixture's passes ``e * passes .. (e + 1) * passes - 1`` (:func:`pass_plan`:
+    the mixture counts, the interleaving, the per-pass row orders, the coin and crop of position
+    ``j`` of pass ``p`` seeded by ``(seed, 0, p, j)``), concatenated: a pure function of ``(seed,
+    e)``, so every epoch draws new rows orders, coins and crops. Its positions are cut into shuffle
+    blocks of ``order.block_size(shuffle_block, G)`` (without shuffling: ``G``) and permuted inside
+    each (:func:`megaray.data.rows.block_permutation`); the epoch serves ``plan.served`` of them.
+    One ``from_items`` row per block; a ``map_batches`` task computes the block's items, reads the
+    row groups they need once (memory: one block's rows) and lays them out (:func:`build_rows`).
+
+    Rows: :func:`build_rows`'s columns plus ``epoch`` and ``index`` (served position), in blocks
+    of ``plan.micro_batch`` rows (``streaming_split(world, equal=True)`` deals them round robin).
+    With ``on_corrupt="skip"`` an item of a corrupt row group is replaced by a readable item of
+    the same block (cycled), so every position keeps a row.
+
+    Raises:
+        DataError: an empty train split; a bad ``on_corrupt`` (at build time); a block none of
+            whose row groups can be read (when read). ValueError: ``cursor`` not a multiple of ``G``.
+    """
+    import ray
+
+    from megaray.data import rows as rows_lib
+
+    if on_corrupt not in shard_io.ON_CORRUPT:
+        raise DataError(f"data.on_corrupt must be one of {', '.join(shard_io.ON_CORRUPT)}, got {on_corrupt!r}")
+    for s in sources:
+        if s.rows("train") == 0:
+            raise DataError(f"{s.shards}: the train split holds no rows; {prepare_hint(s.manifest['kind'], s.shards)}")
+    sizes = tuple(tuple(int(g["rows"]) for g in s.groups["train"]) for s in sources)
+    weights = tuple(float(s.weight) for s in sources)
+    per_pass = sum(mixture.plan([sum(x) for x in sizes], weights))
+    o = rows_lib.EpochOrder.of(plan, seed, shuffle_block, passes)
+    if passes * per_pass < o.served:
+        raise DataError(f"the mixture holds {passes * per_pass} sequences in {passes} pass(es), fewer than the "
+                        f"{o.served} an epoch serves")
+    if cursor < 0 or cursor % o.global_batch:
+        raise ValueError(f"cursor {cursor} is not a multiple of the global batch {o.global_batch}")
+    if cursor >= o.served:
+        epoch, cursor = epoch + 1, 0
+    target = o.block or o.global_batch
+    blocks = []
+    for e in range(epoch, max(epoch, last_epoch) + 1):
+        for k, start in enumerate(range(0, o.served, target)):
+            stop = min(start + target, o.served)
+            if e == epoch and stop <= cursor:
+                continue
+            blocks.append({"epoch": e, "block": k, "start": start, "rows": min(target, passes * per_pass - start),
+                           "first": max(start, cursor) if e == epoch else start, "stop": stop})
+    kw = dict(sources=read_specs(sources, "train"), sizes=sizes, weights=weights, per_pass=per_pass, order=o,
+              layout=layout, tokenizer=tokenizer, seed=seed, on_corrupt=on_corrupt, rows_per_output=rows_per_output)
+    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+    out = ds.map_batches(_mix_block, batch_size=1, batch_format="pyarrow", fn_kwargs=kw)
+    out.context.raise_original_map_exception = True  # a DataError reaches the run as itself
+    return out.repartition(target_num_rows_per_block=plan.micro_batch, strict=True)
+
+
+def block_items(b: Mapping[str, int], *, sizes: Tuple[Tuple[int, ...], ...], weights: Tuple[float, ...],
+                per_pass: int, order: Any, seed: int) -> Dict[str, np.ndarray]:
+    """The items (``source``, ``row``, ``pass``, ``index`` in the pass: :func:`build_rows`'s input)
+    of the kept served positions ``b["first"] .. b["stop"] - 1`` of one block of
+    :func:`mixture_stream`, in served order."""
+    from megaray.data.rows import block_permutation
+
+    passes = order.passes
+    perm = block_permutation(order, b["epoch"], b["block"], b["rows"])
+    pos = b["start"] + perm[b["first"] - b["start"]: b["stop"] - b["start"]]  # stream positions of the epoch
+    local, index = pos // per_pass, pos % per_pass
+    out = {"source": np.zeros(len(pos), np.int64), "row": np.zeros(len(pos), np.int64),
+           "pass": b["epoch"] * passes + local, "index": index}
+    for p in np.unique(local):
+        at = local == p
+        source, row = _pass_cached(sizes, weights, seed, int(b["epoch"] * passes + p))
+        out["source"][at], out["row"][at] = source[index[at]], row[index[at]]
+    return out
+
+
+@lru_cache(maxsize=4)
+def _pass_cached(sizes: Tuple[Tuple[int, ...], ...], weights: Tuple[float, ...], seed: int,
+                 pass_index: int) -> Tuple[np.ndarray, np.ndarray]:
+    return pass_plan(sizes, weights, seed, 0, pass_index)
+
+
+def _mix_block(batch: Any, *, sources: List[Dict[str, Any]], sizes: Tuple[Tuple[int, ...], ...],
+               weights: Tuple[float, ...], per_pass: int, order: Any, layout: Layout, tokenizer: str, seed: int,
+               on_corrupt: str, rows_per_output: int) -> Iterator[Dict[str, np.ndarray]]:
+    """``map_batches`` function: one block of :func:`mixture_stream` -> its sequences with
+    ``epoch`` and ``index``, ``rows_per_output`` at a time."""
+    b = batch.to_pylist()[0]
+    items = block_items(b, sizes=sizes, weights=weights, per_pass=per_pass, order=order, seed=seed)
+    where = [sources[int(i)]["locate"](int(r)) for i, r in zip(items["source"], items["row"])]
+    groups = {}
+    for i, (g, _) in zip(items["source"].tolist(), where):
+        if (i, g) not in groups:
+            groups[(i, g)] = _group(sources[i], g, on_corrupt)  # read once per block (the cache may evict it)
+    bad = np.array([groups[(int(i), g)] is None for i, (g, _) in zip(items["source"], where)], bool)
+    if bad.any():  # on_corrupt="skip": fill from the block's readable items, so every position keeps a row
+        good = np.flatnonzero(~bad)
+        names = sorted({f"{sources[i]['groups'][g]['display']} row group {sources[i]['groups'][g]['row_group']}"
+                        for (i, g), cols in groups.items() if cols is None})
+        if not len(good):
+            raise DataError(f"epoch {b['epoch']} shuffle block {b['block']}: no row group could be read "
+                            f"({', '.join(names)}); re-prepare the data")
+        fill = good[np.arange(int(bad.sum())) % len(good)]
+        for k in ("source", "row"):
+            items[k][bad] = items[k][fill]
+    index = np.arange(b["first"], b["stop"], dtype=np.int64)
+    for s in range(0, len(index), rows_per_output):
+        part = {k: v[s:s + rows_per_output] for k, v in items.items()}
+        out = build_rows(part, sources=sources, layout=layout, tokenizer=tokenizer, seed=seed, split=0, train=True,
+                         on_corrupt=on_corrupt, groups=groups)
+        out["epoch"] = np.full(len(part["row"]), b["epoch"], np.int64)
+        out["index"] = index[s:s + rows_per_output]
+        yield out

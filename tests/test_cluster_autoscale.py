@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,52 +146,107 @@ def _submit(dashboard: str, *args: str, gcs: str) -> tuple[str, int, int]:
 
 
 #: the elastic run's ``scaling.elastic_resize_s`` (Ray's ``elastic_resize_monitor_interval_s``)
-RESIZE_S = 40
+RESIZE_S = 20
 
 
 def _lines(path: Path) -> list:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")] if path.is_file() else []
 
 
-def test_elastic_run_starts_with_what_is_there_and_grows(fake_cluster, text_shards, tmp_path):
-    """``scaling.num_workers: [1, 3]`` does not wait for three Train slots: it starts with the one
-    the head has, and Ray Train's elastic policy (which asks the autoscaler for three) restarts it
-    with three once the autoscaler has added two nodes. The first group trains three steps and
-    then holds (``MEGARAY_HOLD_AT_STEP``, so the growth cannot race the end of the run); Ray's
-    first look at the cluster comes ``RESIZE_S`` after the group started, time for those three
-    steps (the nodes are there sooner). The run's first checkpoint comes after the growth (a
-    checkpoint's world size is kept: docs/cluster.md), so the larger group starts from step 0 and
-    trains every step once."""
+def _traced(trace: Path) -> list:
+    return [r for rank in range(3) for r in _lines(Path(f"{trace}.rank{rank}"))]
+
+
+def _kill_a_worker_node(trace: Path) -> int:
+    """Kill the raylet of a worker node (not the head) that hosts a Train worker of the running
+    group, as a lost spot node would; returns the killed raylet's pid. A Train worker is a child
+    process of its node's raylet."""
+    import psutil
+
+    rows = _traced(trace)
+    last = max(rows, key=lambda r: r["t"])
+    pids = {r["pid"] for r in rows if r["world"] == last["world"] and r["t"] > last["t"] - 5}
+    head = _head_raylet()
+    for pid in sorted(pids):
+        try:
+            raylet = psutil.Process(pid).parent()
+        except psutil.Error:
+            continue
+        if raylet is not None and "raylet" in raylet.name() and raylet.pid != head:
+            raylet.kill()
+            return raylet.pid
+    raise AssertionError(f"no Train worker on a worker node among {pids}")
+
+
+def _head_raylet() -> int:
+    """The head's raylet: the oldest raylet process (``ray start --head`` started it first)."""
+    import psutil
+
+    raylets = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "raylet"]
+    return min(raylets, key=lambda p: p.info["create_time"]).pid
+
+
+def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_cluster, text_shards, tmp_path):
+    """``scaling.num_workers: [1, 3]`` with a global batch of 12 (micro-batch 2: every size divides
+    it) on the bare cluster (one Train slot): it starts with one worker; Ray Train asks the
+    autoscaler for three, which adds two nodes, and the run grows to three at its next checkpoint.
+    Then a worker node is killed (a lost spot node): the run goes on with the two workers that fit,
+    from its last checkpoint, without waiting for the node; the autoscaler replaces the node and the
+    run grows back to three at the next checkpoint. One MLflow run; the same global batch
+    throughout (the accumulation follows the size); no sample trained twice in the epoch.
+    ``MEGARAY_STEP_SLEEP_S`` slows the steps so the cluster changes while the run trains."""
+    from mlflow.tracking import MlflowClient
+
     gcs, dashboard = fake_cluster
     assert _alive_nodes(gcs) == 1  # the bare cluster: one trainer slot
-    trace = tmp_path / "trace"
-    out, rc, most = _submit(
-        dashboard, "env", f"MEGARAY_TRACE={trace}", "MEGARAY_HOLD_AT_STEP=3", "megaray", "train",
-        "configs/gpt_debug.yaml", "--set", "name=elastic", "--set", f"data.shards={text_shards}",
-        "--set", f"scaling.storage_path={tmp_path / 'runs'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'db'}",
-        "--set", "scaling.num_workers=[1, 3]", "--set", f"scaling.elastic_resize_s={RESIZE_S}", "--set", TRAIN_RESOURCES,
-        "--set", "train.max_steps=30", "--set", "train.checkpoint_every=30", "--set", "train.eval_every=30",
-        "--set", "train.log_every=10", "--set", "tracking.sample_tokens=0", gcs=gcs)
+    trace, db, steps = tmp_path / "trace", tmp_path / "db", 300
+    done = {}
+    args = ["env", f"MEGARAY_TRACE={trace}", "MEGARAY_STEP_SLEEP_S=0.4", "megaray", "train", "configs/gpt_debug.yaml",
+            "--set", "name=elastic", "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={tmp_path / 'runs'}",
+            "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "scaling.num_workers=[1, 3]",
+            "--set", f"scaling.elastic_resize_s={RESIZE_S}", "--set", TRAIN_RESOURCES, "--set", "scaling.max_failures=4",
+            "--set", "data.batch_size=2", "--set", "train.global_batch_size=12", "--set", f"train.max_steps={steps}",
+            "--set", "train.checkpoint_every=5", "--set", f"train.eval_every={steps}", "--set", "train.log_every=10",
+            "--set", "tracking.sample_tokens=0"]
+    job = threading.Thread(target=lambda: done.update(zip(("out", "rc", "most"), _submit(dashboard, *args, gcs=gcs))))
+    job.start()
+    deadline = time.monotonic() + 600
+    while not any(r["world"] == 3 for r in _traced(trace)) and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(2)
+    assert any(r["world"] == 3 for r in _traced(trace)), "the run never grew to three workers"
+    time.sleep(3)
+    _kill_a_worker_node(trace)
+    job.join(timeout=900)
+    out, rc = done.get("out", ""), done.get("rc")
     assert rc == 0 and "succeeded" in out, out[-4000:]
-    assert Path(f"{trace}.starts.rank0").read_text().splitlines()  # rank 0 started
-    state = json.loads((tmp_path / "runs" / "elastic" / "step_00000030" / "megaray.json").read_text())
-    assert state["step"] == 30 and 1 <= state["world_size"] <= 3
-    steps = [json.loads(x)["step"] for x in Path(f"{trace}.rank0").read_text().splitlines()]
-    assert steps[-1] == 30 and len(set(steps)) == 30  # every step trained
 
-    # it grew: rank 0 started more than once, rank 2 only in the last group, which wrote the checkpoint
-    starts = [_lines(Path(f"{trace}.starts.rank{r}")) for r in range(3)]
-    assert len(starts[0]) >= 2, f"the worker group was never restarted: {starts[0]}"
-    assert len(starts[2]) == 1 and len(starts[1]) == len(starts[0]) - 1, starts  # the first group: rank 0 alone
-    assert state["world_size"] == 3 and most == 3
-    assert all(s["step"] == 0 for s in starts[0])  # no checkpoint before the growth: each group began at step 0
-    assert "world 1, " in out and "world 3, " in out and out.index("world 1, ") < out.index("world 3, ")
-    by_pid: dict = {}
-    for line in _lines(Path(f"{trace}.rank0")):
-        by_pid.setdefault(line["pid"], []).append(line["step"])
-    first, last = starts[0][0]["pid"], starts[0][-1]["pid"]
-    assert first != last and by_pid[first] == [1, 2, 3], by_pid  # the 1-worker group held after step 3
-    assert by_pid[last] == list(range(1, 31))  # the 3-worker group trained every step once
+    rows = sorted(_traced(trace), key=lambda r: r["t"])
+    # worker groups in start order (a group = the world size and the pids that trained with it)
+    groups: list = []
+    for r in rows:
+        if groups and (r["pid"] in groups[-1][1] or (groups[-1][0] == r["world"] and r["t"] - groups[-1][2] < 2)):
+            groups[-1][1].add(r["pid"])
+            continue
+        if not any(r["pid"] in g[1] for g in groups):
+            groups.append([r["world"], {r["pid"]}, r["t"]])
+    sizes = [g[0] for g in groups]
+    assert sizes[0] == 1 and sizes[-1] == 3, sizes
+    assert 2 in sizes[sizes.index(3):], f"the run did not go on with two workers after the lost node: {sizes}"
+    # each step as the run kept it: the last group that trained it (a restart retrains the steps
+    # after its checkpoint that the lost group had trained)
+    kept = {}
+    for k, (world, pids, _) in enumerate(groups):
+        for r in rows:
+            if r["pid"] in pids:
+                kept.setdefault(r["step"], {})[k] = kept.get(r["step"], {}).get(k, []) + r["ids"]
+    assert sorted(kept) == list(range(1, steps + 1))
+    ids = [i for step in sorted(kept) for i in kept[step][max(kept[step])]]
+    assert len(ids) == len(set(ids)) == steps * 12  # inside one epoch: no sample twice, none skipped
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("megaray").experiment_id])
+    assert len(runs) == 1  # one MLflow run across every size change
+    history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "world_size")}
+    assert {1.0, 2.0, 3.0} <= set(history.values()), history
 
 
 def test_idle_worker_nodes_are_removed(fake_cluster):

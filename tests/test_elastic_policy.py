@@ -1,5 +1,6 @@
-"""megaray's elastic scaling policy (megaray.train.ray_compat.CheckpointSizedElasticPolicy): Ray Train
-V2's ElasticScalingPolicy until the run has a checkpoint, then held at the checkpoint's world size.
+"""megaray's elastic scaling policy (megaray.train.ray_compat.GlobalBatchElasticPolicy): Ray Train
+V2's ElasticScalingPolicy restricted to the world sizes that divide the global batch, with growth of
+a running group deferred to the run's next checkpoint.
 
 No Ray cluster: the policy's two links to the AutoscalingCoordinator (the resource request and
 the reserved resources it reads) are replaced by a fixed reservation, so each decision is the one
@@ -18,16 +19,19 @@ from ray.train.v2._internal.execution.scaling_policy import (
     ResizeDecision,
 )
 
-from megaray.train.ray_compat import CheckpointSizedElasticPolicy
+from megaray.train.ray_compat import GlobalBatchElasticPolicy
 
 
-def _policy(run_dir, fit: int, cls=CheckpointSizedElasticPolicy):
+def _policy(run_dir, fit: int, worlds=(1, 2, 3), cls=GlobalBatchElasticPolicy):
     """A policy for ``num_workers=(1, 3)`` that sees a reservation for ``fit`` workers."""
     config = ScalingConfig(num_workers=(1, 3), resources_per_worker={"CPU": 1}, elastic_resize_monitor_interval_s=0)
-    policy = cls(config, str(run_dir)) if cls is CheckpointSizedElasticPolicy else cls(config)
+    policy = cls(config, str(run_dir), list(worlds)) if cls is GlobalBatchElasticPolicy else cls(config)
     policy.requested = []
     policy._maybe_send_resource_request = lambda: policy.requested.append(policy._get_num_workers_for_resource_request())
-    policy._get_reserved_resources = lambda: {"node-a": {"CPU": float(fit)}}
+    policy._get_reserved_resources = lambda: {"node-a": {"CPU": float(policy.fit)}}
+    policy.fit = fit
+    if cls is GlobalBatchElasticPolicy:
+        policy.POLL_S = 0.0
     return policy
 
 
@@ -43,35 +47,38 @@ def _running(n: int):
     return SimpleNamespace(num_workers=n, start_time=float("-inf"))
 
 
-def test_before_the_first_checkpoint_it_is_rays_elastic_policy(tmp_path):
-    ours, rays = _policy(tmp_path, fit=3), _policy(tmp_path, fit=3, cls=ElasticScalingPolicy)
-    for policy in (ours, rays):
-        assert policy.make_decision_for_non_running_worker_group() == ResizeDecision(3, {"CPU": 1.0})
-        assert policy.make_decision_for_running_worker_group(_running(1), None) == ResizeDecision(3, {"CPU": 1.0})
-    assert ours.requested == rays.requested == [3, 3]  # the autoscaler is asked for max
-
-
-def test_after_a_checkpoint_the_run_keeps_its_world_size(tmp_path):
-    _checkpoint(tmp_path, 10, world=2)
-    policy = _policy(tmp_path, fit=3)
-    # running with 2: three fit now, Ray's policy would restart with 3 (and the resume would fail)
-    assert isinstance(policy.make_decision_for_running_worker_group(_running(2), None), NoopDecision)
-    assert _policy(tmp_path, fit=3, cls=ElasticScalingPolicy).make_decision_for_running_worker_group(
-        _running(2), None) == ResizeDecision(3, {"CPU": 1.0})
-    # a failed group restarts with the checkpoint's 2, not the 3 that fit
-    assert policy.make_decision_for_non_running_worker_group() == ResizeDecision(2, {"CPU": 1.0})
-    assert policy.requested[-1] == 2  # and the autoscaler is asked for 2
-
-
-def test_a_failed_group_waits_for_the_checkpoints_world_size(tmp_path):
-    _checkpoint(tmp_path, 10, world=2)
+def test_a_new_or_failed_group_starts_at_the_largest_allowed_size_that_fits(tmp_path):
+    _checkpoint(tmp_path, 10, world=3)
+    assert _policy(tmp_path, fit=3).make_decision_for_non_running_worker_group() == ResizeDecision(3, {"CPU": 1.0})
+    # a lost node: 2 fit, the run goes on at 2 (the checkpoint was written by 3) without waiting
+    assert _policy(tmp_path, fit=2).make_decision_for_non_running_worker_group() == ResizeDecision(2, {"CPU": 1.0})
+    # 2 do not divide this global batch (e.g. 6 = micro-batch 2 x 3): it starts at 1 instead
+    assert _policy(tmp_path, fit=2, worlds=(1, 3)).make_decision_for_non_running_worker_group() == \
+        ResizeDecision(1, {"CPU": 1.0})
+    assert isinstance(_policy(tmp_path, fit=1, worlds=(2, 3)).make_decision_for_non_running_worker_group(), NoopDecision)
+    assert _policy(tmp_path, fit=3).requested == []  # (no decision asked yet)
     policy = _policy(tmp_path, fit=1)
-    assert isinstance(policy.make_decision_for_non_running_worker_group(), NoopDecision)  # 1 fits, 2 needed
+    policy.make_decision_for_non_running_worker_group()
+    assert policy.requested == [3]  # the autoscaler is asked for max
 
 
-def test_the_checkpoint_is_looked_for_until_found(tmp_path):
-    policy = _policy(tmp_path, fit=3)
-    assert policy.held_world() is None
-    _checkpoint(tmp_path, 5, world=1)
-    assert policy.held_world() == 1
+def test_growth_of_a_running_group_waits_for_the_next_checkpoint(tmp_path):
+    _checkpoint(tmp_path, 10, world=1)
+    ours, rays = _policy(tmp_path, fit=3), _policy(tmp_path, fit=3, cls=ElasticScalingPolicy)
+    # Ray's policy restarts at once (losing every step since step 10); ours waits
+    assert rays.make_decision_for_running_worker_group(_running(1), None) == ResizeDecision(3, {"CPU": 1.0})
+    assert isinstance(ours.make_decision_for_running_worker_group(_running(1), None), NoopDecision)
+    assert isinstance(ours.make_decision_for_running_worker_group(_running(1), None), NoopDecision)
+    _checkpoint(tmp_path, 20, world=1)  # the next checkpoint is in storage: grow now, from it
+    assert ours.make_decision_for_running_worker_group(_running(1), None) == ResizeDecision(3, {"CPU": 1.0})
+
+
+def test_growth_goes_only_to_an_allowed_size(tmp_path):
+    policy = _policy(tmp_path, fit=2, worlds=(1, 3))
     assert isinstance(policy.make_decision_for_running_worker_group(_running(1), None), NoopDecision)
+    _checkpoint(tmp_path, 5, world=1)
+    assert isinstance(policy.make_decision_for_running_worker_group(_running(1), None), NoopDecision)  # 2 not allowed
+    policy.fit = 3
+    policy.make_decision_for_running_worker_group(_running(1), None)  # decided: grow at the next checkpoint
+    _checkpoint(tmp_path, 6, world=1)
+    assert policy.make_decision_for_running_worker_group(_running(1), None) == ResizeDecision(3, {"CPU": 1.0})

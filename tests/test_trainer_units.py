@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from megaray.train import reporter
@@ -277,14 +279,16 @@ def test_micro_batches_continue_from_the_saved_epoch_position():
 
     cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}, "data": {"shuffle_buffer": 8},
                             "train": {"seed": 100}})
-    state = TrainState(epoch=1, batch_in_epoch=2)
-    it = _micro_batches(Shard(), cfg, state, per_epoch=3)
+    B, world = cfg.data.batch_size, 2
+    state = TrainState(epoch=1, samples_in_epoch=2 * B * world)
+    info = SimpleNamespace(batches_per_epoch=3)
+    it = _micro_batches(Shard(), cfg, state, info, world)
     got = []
     for _ in range(4):
         got.append(next(it))
-        state.batch_in_epoch += 1  # the loop does this once a batch is trained on
+        state.samples_in_epoch += B * world  # the loop does this once a batch is trained on
     assert got == [(101, 2), (102, 0), (102, 1), (102, 2)]  # the rest of epoch 1, then epoch 2 from its start
-    assert (state.epoch, state.batch_in_epoch) == (2, 3)
+    assert (state.epoch, state.samples_in_epoch) == (2, 3 * B * world)
 
 
 def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_decide_if_due():

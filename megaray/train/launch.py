@@ -289,7 +289,7 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
     options.preserve_order = True  # deterministic order per epoch: exact resume of data position
     options.label_selector = dict(cfg.scaling.data_label_selector) or None  # e.g. CPU data nodes (cluster/)
     debug = {"trace": os.environ.get("MEGARAY_TRACE"), "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP"),
-             "hold_at_step": os.environ.get("MEGARAY_HOLD_AT_STEP"), "max_world": cfg.scaling.max_workers}
+             "step_sleep_s": os.environ.get("MEGARAY_STEP_SLEEP_S")}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,

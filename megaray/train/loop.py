@@ -314,17 +314,14 @@ class Debug:
     executions of the validation split so far) to ``path.evals.rank<r>``.
     ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
     resume tests).
-    ``MEGARAY_HOLD_AT_STEP=N``: after step N, the ranks of a worker group smaller than
-    ``scaling.num_workers``' max wait (up to ``HOLD_S``) for Ray Train's elastic policy to replace
-    the group with a larger one (elastic growth tests).
+    ``MEGARAY_STEP_SLEEP_S=s``: every rank sleeps ``s`` seconds after each optimizer step (a slow
+    run, so the elastic tests can change the cluster while it trains).
     """
-
-    HOLD_S = 300.0
 
     def __init__(self, debug: Mapping[str, Any], rank: int):
         self.path, self.rank = debug.get("trace"), rank
         self.fault_at = int(debug["fault_at_step"]) if debug.get("fault_at_step") else None
-        self.hold_at, self.max_world = int(debug.get("hold_at_step") or 0), int(debug.get("max_world") or 0)
+        self.step_sleep = float(debug.get("step_sleep_s") or 0.0)
         self.trace = open(f"{self.path}.rank{rank}", "a") if self.path else None
         self.pending: Optional[Dict[str, Any]] = None
         self.replayed = 0  # batches read again to reach the resume position
@@ -351,7 +348,7 @@ class Debug:
         digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
         self.pending = {"step": state.step + 1, "epoch": state.epoch, "cursor": state.samples_in_epoch, "fp": digest,
                         "lr": float(engine.get_lr()[0]), "pid": os.getpid(), "replayed": self.replayed,
-                        "ids": self.ids, "world": state.world_size}
+                        "ids": self.ids, "world": state.world_size, "t": time.time()}
 
     def after(self, loss: Optional[float] = None) -> None:
         if self.trace is not None and self.pending is not None:
@@ -362,11 +359,8 @@ class Debug:
     def after_step(self, step: int) -> None:
         if self.fault_at is not None and step == self.fault_at and self.rank == 0:
             raise RuntimeError(f"MEGARAY_FAULT_AT_STEP: injected failure after step {step}")
-        if self.hold_at and step == self.hold_at:
-            import ray.train
-
-            if ray.train.get_context().get_world_size() < self.max_world:
-                time.sleep(self.HOLD_S)  # Ray Train ends this worker when it resizes the group
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
 
 
 def _seed_everything(seed: int) -> None:

@@ -26,10 +26,13 @@ Two gaps of DeepSpeed 0.19.8's universal load, closed here after the load:
 * it never calls ``load_module_state_dict``, so persistent buffers (BatchNorm running
   statistics of a GAN discriminator) would keep their initial values; they are copied from the
   checkpoint's ``module`` state dict.
-* ZeRO 3 copies the hyperparameters of the *first* saved param group into every group
-  (``param_groups[0]`` in ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), so the
-  no-decay group would get the decay group's ``weight_decay``; each group's own values are
-  restored from ``zero/optimizer_state.pt``.
+* ZeRO 3 (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) copies the hyperparameters
+  of the *first* saved param group into every group (the no-decay group would get the decay
+  group's ``weight_decay``), and gives every sub-group the same ``step`` tensor, which
+  ``torch.optim.AdamW`` increments in place once per sub-group: with decay and no-decay groups
+  Adam's bias correction would advance two steps per step (the losses drift from the 2nd step
+  after the resume). Each group's own values come back from ``zero/optimizer_state.pt`` and each
+  sub-group gets its own ``step``.
 
 Source followed: DeepSpeed 0.19.8, ``deepspeed/checkpoint/ds_to_universal.py`` (``main``),
 ``deepspeed/runtime/engine.py`` (``load_checkpoint``, ``_load_checkpoint``,
@@ -168,7 +171,7 @@ def load_engine_universal(engine: Any, ckpt_dir: str, tag: str, workers: int = 1
     if stage > 0:
         _restore_buffers(engine, where)
         if stage == 3:
-            _restore_group_hparams(engine, where)
+            _fix_stage3(engine, where)
     return load_path, client_state or {}
 
 
@@ -215,19 +218,26 @@ def _restore_buffers(engine: Any, where: str) -> None:
             buf.copy_(saved[name].to(buf.device, buf.dtype))
 
 
-def _restore_group_hparams(engine: Any, where: str) -> None:
+def _fix_stage3(engine: Any, where: str) -> None:
     """ZeRO 3: give each param group its own saved hyperparameters back (DeepSpeed copies group
-    0's into all)."""
+    0's into all), and each sub-group its own Adam ``step`` tensor (DeepSpeed assigns one tensor
+    to all, and ``torch.optim.AdamW`` increments it in place once per sub-group step, so with two
+    groups the bias correction would count two steps per step)."""
     path = os.path.join(where, "zero", "optimizer_state.pt")
     saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     groups = (saved.get("optimizer_state_dict") or {}).get("param_groups") or saved.get("param_groups") or []
-    live = engine.optimizer.optimizer.param_groups
-    if len(groups) != len(live):
-        raise CheckpointError(f"{where}: {len(groups)} optimizer param groups saved, this engine has {len(live)}")
-    for group, loaded in zip(live, groups):
+    inner = engine.optimizer.optimizer
+    if len(groups) != len(inner.param_groups):
+        raise CheckpointError(f"{where}: {len(groups)} optimizer param groups saved, this engine has "
+                              f"{len(inner.param_groups)}")
+    for group, loaded in zip(inner.param_groups, groups):
         for key, value in loaded.items():
             if key != "params":
                 group[key] = value
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = inner.state.get(flat, {})
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _deepspeed_version() -> Optional[str]:

@@ -12,14 +12,21 @@ written by another number of ranks (``ZeRORuntimeException`` in ``_load_zero_che
    copies of the ``*model_states.pt`` files (LR scheduler, global step, client state).
 2. :func:`load_engine_universal` sets ``checkpoint.load_universal`` on the built engine and calls
    ``engine.load_checkpoint(ckpt, tag="<tag>_universal")``; ZeRO 1/2
-   (``DeepSpeedZeroOptimizer._load_universal_checkpoint`` -> ``load_hp_checkpoint_state_from_checkpoint_dir``
-   in ``runtime/base_optimizer.py``) and ZeRO 3 (``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``)
-   slice each rank's share out of the full tensors.
+   (``DeepSpeedZeroOptimizer._load_universal_checkpoint`` ->
+   ``load_hp_checkpoint_state_from_checkpoint_dir`` in ``runtime/base_optimizer.py``) and ZeRO 3
+   (``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``) slice
+   each rank's share out of the full tensors. The flag is read at load time only, so it need not
+   be (and is better not: every load would then have to be universal) in the config given to
+   ``deepspeed.initialize``; the explicit tag makes DeepSpeed's ``latest_universal`` file
+   unnecessary.
 
-ZeRO 0 needs no conversion: the whole optimizer state is in ``mp_rank_00_model_states.pt``
-(bf16 at stage 0 is DeepSpeed's ``FP16_Optimizer``/``FP16_UnfusedOptimizer`` with bf16, which
-does not partition; the partitioning ``BF16_Optimizer`` is only used with ZeRO stage >= 1 or
-pipeline parallelism), so a plain load works at any world size.
+ZeRO 0 needs no conversion: the whole optimizer state is in ``mp_rank_00_model_states.pt``, so
+a plain load works at any world size. That holds for bf16 too: with megaray's config (no
+``data_types.grad_accum_dtype``) bf16 at stage 0 is DeepSpeed's unpartitioned
+``FP16_UnfusedOptimizer`` (``FP16_Optimizer`` for a fused Adam) in bf16
+(``engine._do_optimizer_sanity_check`` -> ``DDP_BFLOAT16``); the partitioning
+``BF16_Optimizer`` only comes with ZeRO 1 plus ``grad_accum_dtype: fp32``, or pipeline
+parallelism (checked on CPU: a 2-rank bf16 ZeRO-0 checkpoint resumes on 1 rank).
 
 Two gaps of DeepSpeed 0.19.8's universal load, closed here after the load:
 
@@ -89,8 +96,9 @@ def convert(ckpt_dir: str, tag: str, workers: int = 1) -> str:
     large models); 1 runs serially in this process.
 
     Raises:
-        CheckpointError: ``ckpt_dir/tag`` is missing or is not a ZeRO (stage >= 1) checkpoint, or
-            DeepSpeed's conversion failed (names the folder and DeepSpeed's error).
+        CheckpointError: ``ckpt_dir/tag`` is missing or is not a ZeRO (stage >= 1) checkpoint,
+            ``ckpt_dir`` is not writable, or DeepSpeed's conversion failed (names the folder and
+            DeepSpeed's error).
     """
     out_tag = universal_tag(tag)
     final = Path(ckpt_dir) / out_tag
@@ -104,7 +112,11 @@ def convert(ckpt_dir: str, tag: str, workers: int = 1) -> str:
                               "checkpoints need (and can take) a universal conversion")
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp_root = tempfile.mkdtemp(prefix=f".{out_tag}.tmp-", dir=ckpt_dir)
+    try:
+        tmp_root = tempfile.mkdtemp(prefix=f".{out_tag}.tmp-", dir=ckpt_dir)
+    except OSError as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot write the universal conversion of {tag!r} there ({e}); "
+                              "resume with the number of workers that wrote it") from None
     out = os.path.join(tmp_root, out_tag)  # DeepSpeed also writes ``latest_universal`` beside it: into tmp_root
     args = argparse.Namespace(input_folder=str(src), output_folder=out, num_extract_workers=max(1, workers),
                               num_merge_workers=max(1, workers), keep_temp_folder=False, strict=True,
@@ -158,14 +170,14 @@ def load_engine_universal(engine: Any, ckpt_dir: str, tag: str, workers: int = 1
     stage = int(engine.zero_optimization_stage())
     load_tag = tag if stage == 0 else _convert_collectively(ckpt_dir, tag, workers)
     where = os.path.join(ckpt_dir, load_tag)
-    config = engine._config
-    config.load_universal_checkpoint = stage > 0
+    config = engine._config  # DeepSpeed reads the flag at load time only (engine.load_universal_checkpoint())
+    before, config.load_universal_checkpoint = config.load_universal_checkpoint, stage > 0
     try:
         load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=load_tag)
     except _UNREADABLE + (AssertionError, KeyError) as e:
         raise CheckpointError(f"{where}: DeepSpeed could not load it ({type(e).__name__}: {e})") from None
     finally:
-        config.load_universal_checkpoint = False
+        config.load_universal_checkpoint = before
     if load_path is None:
         raise CheckpointError(f"{where}: DeepSpeed could not load this checkpoint")
     if stage > 0:
@@ -185,8 +197,9 @@ def _convert_collectively(ckpt_dir: str, tag: str, workers: int) -> str:
     if dist.get_rank() == 0:
         try:
             convert(ckpt_dir, tag, workers)
-        except CheckpointError as e:
-            msg = [str(e)]
+        except Exception as e:  # anything: the other ranks must not wait for rank 0 forever
+            msg = [str(e) if isinstance(e, CheckpointError) else
+                   f"{ckpt_dir}/{tag}: universal conversion failed on rank 0 ({type(e).__name__}: {e})"]
     dist.broadcast_object_list(msg, src=0)
     if msg[0] is not None:
         raise CheckpointError(msg[0])

@@ -81,6 +81,16 @@ def test_a_crash_mid_conversion_leaves_nothing_that_looks_complete(tmp_path, mon
     assert (tmp_path / "model_universal" / universal.MARKER).is_file()
 
 
+def test_load_engine_wants_a_complete_conversion(tmp_path):
+    class Engine:  # only asked for its stage before anything is loaded
+        def zero_optimization_stage(self):
+            return 2
+
+    (tmp_path / "model_universal").mkdir()  # no marker: a copy cut short, not convert()'s output
+    with pytest.raises(CheckpointError, match="model_universal: not a complete universal checkpoint"):
+        universal.load_engine(Engine(), str(tmp_path), "model_universal")
+
+
 # -- slow: real engines over gloo --------------------------------------------------------------
 
 def _cfg(stage: int, world: int):
@@ -207,7 +217,10 @@ def _worker(rank: int, world: int, port: int, mode: str, root: str) -> None:
                    "client": client.get("megaray"), "groups": _groups(engine),
                    "losses": _train(engine, range(K + 1, 2 * K + 1), rank, world)}
             bn = _bn_engine(stage, world, seed=123)
-            universal.load_engine_universal(bn, ckpt, "disc")
+            if mode == "resume1" and stage:  # the other entry point: convert first, then load the tag
+                universal.load_engine(bn, ckpt, universal.convert(ckpt, "disc"))
+            else:
+                universal.load_engine_universal(bn, ckpt, "disc")
             res["bn"] = _bn_buffers(bn, [], rank, world)
             marker = Path(ckpt, universal_tag("model"), universal.MARKER)
             if marker.is_file():

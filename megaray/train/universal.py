@@ -10,7 +10,8 @@ written by another number of ranks (``ZeRORuntimeException`` in ``_load_zero_che
    ``<ckpt>/<tag>_universal``: ``zero/<param name>/{fp32,exp_avg,exp_avg_sq,step}.pt``, one
    unpartitioned tensor per parameter and state, ``zero/optimizer_state.pt`` (param groups) and
    copies of the ``*model_states.pt`` files (LR scheduler, global step, client state).
-2. :func:`load_engine_universal` sets ``checkpoint.load_universal`` on the built engine and calls
+2. :func:`load_engine_universal` (convert, then load) or :func:`load_engine` (load a tag
+   converted before) sets ``checkpoint.load_universal`` on the built engine and calls
    ``engine.load_checkpoint(ckpt, tag="<tag>_universal")``; ZeRO 1/2
    (``DeepSpeedZeroOptimizer._load_universal_checkpoint`` ->
    ``load_hp_checkpoint_state_from_checkpoint_dir`` in ``runtime/base_optimizer.py``) and ZeRO 3
@@ -151,38 +152,63 @@ def convert(ckpt_dir: str, tag: str, workers: int = 1) -> str:
 def load_engine_universal(engine: Any, ckpt_dir: str, tag: str, workers: int = 1) -> Tuple[str, Dict[str, Any]]:
     """Load ``ckpt_dir/tag`` (written at any data-parallel world size) into the built ``engine``:
     module weights, optimizer state (fp32 master weights, Adam moments, step), param-group
-    hyperparameters, LR scheduler and ``engine.global_steps``. Returns DeepSpeed's
-    ``(load_path, client_state)``; ``client_state`` holds what ``save_checkpoint(client_state=...)``
-    stored (``{"megaray": TrainState}``) plus DeepSpeed's own metadata keys.
+    hyperparameters, LR scheduler, persistent buffers and ``engine.global_steps``. Returns
+    DeepSpeed's ``(load_path, client_state)``; ``client_state`` holds what
+    ``save_checkpoint(client_state=...)`` stored (``{"megaray": TrainState}``) plus DeepSpeed's
+    own metadata keys.
 
-    ZeRO >= 1: rank 0 converts (:func:`convert`) while the others wait, then every rank converts
-    too if it does not see rank 0's result (a node-local copy of the checkpoint; cached otherwise);
-    ``checkpoint.load_universal`` is switched on on the built engine only for this load. ZeRO 0:
-    a plain ``engine.load_checkpoint`` (nothing is partitioned). Collective when
-    ``torch.distributed`` is initialized: every rank must call it.
+    ZeRO >= 1: rank 0 converts (:func:`convert`) while the others wait (a failure on rank 0 is
+    broadcast, so every rank raises it rather than waiting at the next collective), then every
+    rank converts too if it does not see rank 0's result (a node-local copy of the checkpoint;
+    cached otherwise), and loads it with :func:`load_engine`. ZeRO 0: a plain
+    ``engine.load_checkpoint`` (nothing is partitioned). Collective when ``torch.distributed`` is
+    initialized: every rank must call it.
 
     Raises:
-        CheckpointError: the conversion failed on rank 0 (every rank raises it), a file is
+        CheckpointError: the conversion failed (on rank 0: every rank raises it), a file is
             truncated or corrupt, or DeepSpeed found nothing to load.
     """
+    if int(engine.zero_optimization_stage()) == 0:
+        return _load(engine, ckpt_dir, tag, universal=False)
+    return _load(engine, ckpt_dir, _convert_collectively(ckpt_dir, tag, workers), universal=True)
+
+
+def load_engine(engine: Any, ckpt_dir: str, tag: str) -> str:
+    """Load the universal tag ``tag`` (``<name>_universal``, made by :func:`convert`, visible to
+    this rank) into the built ``engine``, as :func:`load_engine_universal` does after converting;
+    returns DeepSpeed's ``load_path``. ``checkpoint.load_universal`` is switched on on the built
+    engine for this load only (DeepSpeed reads it at load time: nothing is needed in the config
+    given to ``deepspeed.initialize``). A ZeRO-0 engine gets a plain load of ``tag``. Collective
+    (ZeRO 3 gathers): every rank must call it.
+
+    Raises:
+        CheckpointError: ``tag`` is not a complete universal conversion, a file is truncated or
+            corrupt, or DeepSpeed found nothing to load.
+    """
+    stage0 = int(engine.zero_optimization_stage()) == 0
+    if not stage0 and not (Path(ckpt_dir) / tag / MARKER).is_file():
+        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: not a complete universal checkpoint "
+                              "(megaray.train.universal.convert makes one)")
+    return _load(engine, ckpt_dir, tag, universal=not stage0)[0]
+
+
+def _load(engine: Any, ckpt_dir: str, tag: str, universal: bool) -> Tuple[str, Dict[str, Any]]:
     from megaray.weights import _UNREADABLE
 
-    stage = int(engine.zero_optimization_stage())
-    load_tag = tag if stage == 0 else _convert_collectively(ckpt_dir, tag, workers)
-    where = os.path.join(ckpt_dir, load_tag)
+    where = os.path.join(ckpt_dir, tag)
     config = engine._config  # DeepSpeed reads the flag at load time only (engine.load_universal_checkpoint())
-    before, config.load_universal_checkpoint = config.load_universal_checkpoint, stage > 0
+    before, config.load_universal_checkpoint = config.load_universal_checkpoint, universal
     try:
-        load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=load_tag)
+        load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     except _UNREADABLE + (AssertionError, KeyError) as e:
         raise CheckpointError(f"{where}: DeepSpeed could not load it ({type(e).__name__}: {e})") from None
     finally:
         config.load_universal_checkpoint = before
     if load_path is None:
         raise CheckpointError(f"{where}: DeepSpeed could not load this checkpoint")
-    if stage > 0:
+    if universal:
         _restore_buffers(engine, where)
-        if stage == 3:
+        if int(engine.zero_optimization_stage()) == 3:
             _fix_stage3(engine, where)
     return load_path, client_state or {}
 

@@ -126,8 +126,8 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any
          tags: Optional[Mapping[str, str]] = None, rng: bool = True) -> TrainState:
     """Restore every engine (module, optimizer, scheduler), the EMA and this rank's RNG from ``ckpt_dir``.
 
-    ``tags`` maps an engine to the DeepSpeed tag to load instead of its name (a universal
-    checkpoint, :mod:`megaray.train.universal`); ``rng=False`` leaves the RNG alone.
+    ``tags`` maps an engine to a universal tag it was already loaded from
+    (:mod:`megaray.train.universal`: skipped here); ``rng=False`` leaves the RNG alone.
 
     Raises:
         CheckpointError: the directory has no ``megaray.json``, an engine's tag or the EMA is
@@ -140,13 +140,10 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any
         tag = (tags or {}).get(name, name)
         if not (Path(ckpt_dir) / tag).is_dir():
             raise CheckpointError(f"{ckpt_dir}: no DeepSpeed state for module {name!r}")
+        if tag != name:
+            continue  # loaded already by megaray.train.universal (at another world size)
         try:
-            if tag != name:
-                from megaray.train import universal
-
-                load_path = universal.load_engine(engine, ckpt_dir, tag)
-            else:
-                load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
+            load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
         except _UNREADABLE as e:
             raise CheckpointError(f"{ckpt_dir}/{name} is truncated or corrupt ({type(e).__name__}: {e}); "
                                   "resume from an earlier step_* checkpoint or retrain") from None
@@ -310,11 +307,9 @@ class Checkpointer:
         tags = {}
         if universal.needs_conversion(saved.world_size, self.world, self.cfg.train.zero_stage):
             t0 = time.perf_counter()
-            if self.rank == 0:
-                for name in engines:
-                    universal.convert(ckpt_dir, name)
-            torch.distributed.barrier()
-            tags = {name: universal.universal_tag(name) for name in engines}
+            for name, engine in engines.items():  # collective: rank 0 converts (cached), every rank loads
+                universal.load_engine_universal(engine, ckpt_dir, name)
+                tags[name] = universal.universal_tag(name)
             self.conversion_s = time.perf_counter() - t0
         state = load(ckpt_dir, engines, self.rank, ema, tags=tags, rng=False)
         reseed_rng(self.cfg.train.seed, state.step, self.rank)

@@ -247,9 +247,9 @@ def positioned_rows(filesystem: Any, items: List[Dict[str, Any]], columns: Seque
         raise DataError("no row groups to read (the shards hold no rows)")
     o = EpochOrder.of(plan, seed, shuffle_block, passes)
     _, blocks = _stream_blocks([int(it["rows"]) for it in items], o, epoch, cursor, last_epoch)
-    kw = dict(filesystem=filesystem, items=[{k: it[k] for k in ("path", "display", "row_group", "rows")} for it in items],
-              columns=list(columns), schema=schema, order=o, on_corrupt=on_corrupt, hint=hint,
-              rows_per_output=int(rows_per_output))
+    keys = ("path", "display", "row_group", "rows")
+    kw = dict(filesystem=filesystem, items=[{k: it[k] for k in keys} for it in items], columns=list(columns),
+              schema=schema, order=o, on_corrupt=on_corrupt, hint=hint, rows_per_output=int(rows_per_output))
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     out = ds.map_batches(_read_block, batch_size=1, batch_format="pyarrow", fn_kwargs=kw)
     out.context.raise_original_map_exception = True  # a DataError reaches the run as itself

@@ -1,4 +1,5 @@
-"""The audio families' shared task base: shard checks, the batch plan, the positioned crop stream, example clips, mel plots.
+"""The audio families' shared task base: shard checks, the batch plan, the positioned crop stream,
+example clips, mel plots.
 
 :class:`AudioTask` is subclassed by :class:`megaray.tasks.vocoder.VocoderTask` and
 :class:`megaray.tasks.audio_vae.AudioVAETask`. Both read shards written by
@@ -147,7 +148,8 @@ def crop_stream(cfg: Any, man: Dict[str, Any], plan: Any, epoch: int, cursor: in
             + (["text"] if text_max_len else []))
     filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
     ds = rows.positioned_rows(filesystem, items, cols, schema, seed=seed, shuffle_block=cfg.data.shuffle_block,
-                              plan=plan, epoch=epoch, cursor=cursor, last_epoch=rows.last_epoch(cfg.train.max_steps, epoch, plan),
+                              plan=plan, epoch=epoch, cursor=cursor,
+                              last_epoch=rows.last_epoch(cfg.train.max_steps, epoch, plan),
                               passes=passes, on_corrupt=cfg.data.on_corrupt, hint=hint)
     kw = dict(segment=segment, hop=int(man["hop_length"]), n_mels=int(man["n_mels"]), seed=seed, train=True,
               with_vector=with_vector, from_start=from_start, text_max_len=text_max_len)

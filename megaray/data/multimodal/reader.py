@@ -13,9 +13,13 @@ Order (the whole epoch is a pure function of ``(seed, pass)``, so the training l
 * the coin and the audio crop of the item at position ``i`` of pass ``p`` come from
   ``np.random.default_rng([seed, split, p, i])`` (split 0 train, 1 val).
 
-An epoch of the train dataset holds ``passes`` such passes, pass-major; the training loop's local
-shuffle (seed + epoch) mixes neighbouring rows. The item list is built on the driver and read by
-``map_batches`` tasks that cache the row groups they read (:func:`build_rows`).
+:func:`mixture_datasets` (the val split; the train split of runs without a positioned stream):
+an epoch holds ``passes`` such passes, pass-major; the item list is built on the driver and read
+by ``map_batches`` tasks that cache the row groups they read (:func:`build_rows`).
+
+:func:`mixture_stream` (training): epoch ``e`` is passes ``e * passes .. (e + 1) * passes - 1``
+(:func:`pass_plan`), its positions permuted inside shuffle blocks (:mod:`megaray.data.rows`), one
+positioned stream from a cursor on: the same order at every world size, a constant-time start.
 """
 
 from __future__ import annotations
@@ -358,7 +362,8 @@ def mixture_stream(sources: List[MixSource], layout: Layout, tokenizer: str, *, 
             blocks.append({"epoch": e, "block": k, "start": start, "rows": min(target, passes * per_pass - start),
                            "first": max(start, cursor) if e == epoch else start, "stop": stop})
     kw = dict(sources=read_specs(sources, "train"), sizes=sizes, weights=weights, per_pass=per_pass, order=o,
-              layout=layout, tokenizer=tokenizer, seed=seed, on_corrupt=on_corrupt, rows_per_output=rows_per_output)
+              layout=layout, tokenizer=tokenizer, seed=seed, on_corrupt=on_corrupt,
+              rows_per_output=rows_per_output)
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     out = ds.map_batches(_mix_block, batch_size=1, batch_format="pyarrow", fn_kwargs=kw)
     out.context.raise_original_map_exception = True  # a DataError reaches the run as itself

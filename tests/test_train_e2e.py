@@ -90,7 +90,7 @@ def _losses(uri: str, run_id: str) -> dict:
     return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, "loss")}
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [1])  # ZeRO 0, 2, 3 across sizes: tests/test_universal_checkpoint.py (no Ray)
 def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluster, tmp_path, monkeypatch, stage):
     """A 2-worker ZeRO run (global batch 12 = 2 workers x micro-batch 2 x accum 3) on a small corpus
     (many row groups) crashes right after a checkpoint at 90% of its first epoch; the same command

@@ -247,8 +247,8 @@ def test_config_mismatches_with_the_shards_are_errors_that_say_what_to_set(text_
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_two_workers_log_per_modality_losses_and_resume_at_the_next_mixed_batch(
         ray_cluster, text_shards, speech_shards, image_shards, tmp_path, monkeypatch):
-    """Crashed right after step 3 (checkpoint at 2) and re-run: the re-run replays the epoch to batch 2
-    and trains step 3 on the same batch with the same loss as the first attempt (which had not
+    """Crashed right after step 3 (checkpoint at 2) and re-run: the re-run starts reading at the
+    checkpoint's cursor (no replay) and trains step 3 on the same batch with the same loss as the first attempt (which had not
     crashed yet), then goes on; MLflow holds loss/text, loss/audio, loss/image at every step and
     their validation means; the eval artifacts and the checkpoint's multimodal.json are written."""
     from mlflow.tracking import MlflowClient
@@ -270,8 +270,10 @@ def test_two_workers_log_per_modality_losses_and_resume_at_the_next_mixed_batch(
         got = _trace(tmp_path / "trace", rank)
         assert [r["step"] for r in got] == [1, 2, 3, 3, 4]
         first, again = got[2], got[3]
-        assert first["pid"] != again["pid"] and again["replayed"] == 2  # re-read the epoch up to batch 2
-        assert (again["epoch"], again["batch"]) == (first["epoch"], first["batch"]) == (0, 2)
+        assert first["pid"] != again["pid"] and again["replayed"] == 0  # read from the cursor, nothing replayed
+        G = cfg.data.batch_size * 2
+        assert (again["epoch"], again["cursor"]) == (first["epoch"], first["cursor"]) == (0, 2 * G)
+        assert again["ids"] == first["ids"]  # the same served positions
         assert again["fp"] == first["fp"]  # the next unseen mixed batch
         assert again["loss"] == pytest.approx(first["loss"], abs=1e-6, rel=1e-6)  # weights, optimizer, RNG restored
         assert len({r["fp"] for r in got}) == 4

@@ -8,13 +8,13 @@ Every random choice is a function of (seed, clip id, pass), with no process stat
 * the crop of a row starts at hop-aligned slot ``rng.integers(0, slots + 1)`` of
   ``np.random.default_rng([seed, crc32(clip name), pass])``.
 
-Why a pass column and not the epoch: the training loop iterates one Ray Dataset per epoch, and
-Ray Data re-executes the same pipeline each time without telling map functions which epoch it
-is; a per-process counter (the old ``_CROP_PASSES``) restarts at zero after a worker restart,
-so a resumed run cropped differently from an uninterrupted one. With the pass column, the crops
-of every execution are identical, so re-running epoch ``e`` (after a crash) gives the same crops
-as the first time, and the order still changes per epoch through the loop's local shuffle
-(seed + epoch). An epoch covers ``crop_passes`` different crops of every clip; the audio tasks
+Why a pass column and not process state: a per-process counter (the old ``_CROP_PASSES``)
+restarts at zero after a worker restart, so a resumed run cropped differently from an
+uninterrupted one. With the pass column, the crops of every execution are identical, so re-reading
+a block after a crash gives the same crops as the first time. Training reads the positioned
+stream (:mod:`megaray.data.rows`: the epoch's order permuted inside shuffle blocks by
+``(seed, epoch, block)``, the same at any world size); this module's datasets serve validation
+and evaluation. An epoch covers ``crop_passes`` different crops of every clip; the audio tasks
 (:meth:`megaray.tasks.audio.AudioTask.crop_passes`) set it to the passes the run needs (at most
 16), so a run sees new crops of each clip on every pass.
 

@@ -7,8 +7,9 @@ audio crops (:func:`megaray.data.audio.crop_start`):
   named or skipped) ``passes`` times; pass ``p`` adds a column ``pass = p`` to its rows;
 * a train crop's top-left corner and horizontal flip are drawn, in that order, from
   ``np.random.default_rng([seed, crc32(image name), pass])`` (:func:`crop_box`): the same on every
-  execution, so re-running an epoch after a crash gives the same crops, and different between
-  passes; the order still changes per epoch through the training loop's local shuffle.
+  execution, so re-reading a block after a crash gives the same crops, and different between
+  passes. Training reads these rows through the positioned stream (:mod:`megaray.data.rows`: one
+  order per (seed, epoch), the same at any world size).
 
 Val crops are centred, never flipped. Crops are ``size x size`` windows of the stored image
 (shorter side = the manifest's ``size``, so ``size`` may not exceed it); pixels are normalised

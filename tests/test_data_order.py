@@ -250,3 +250,14 @@ def test_positioned_rows_name_or_fill_a_corrupt_row_group(ray_cluster, tmp_path)
     (block,) = [b for b in blocks if 2 in item[b.lo:b.hi]]
     others = {g * 10 + j for g in item[block.lo:block.hi] if g != 2 for j in range(10)}
     assert {got[i]["id"] for i in lost} <= others and len(others) >= 10  # filled from the same block
+
+
+def test_a_shuffle_block_of_large_rows_is_capped_by_bytes():
+    """data.shuffle_block counts samples; rows of clips or images cap it at BLOCK_BYTES a block."""
+    from megaray.data.rows import BLOCK_BYTES, capped_block
+
+    clips = [{"rows": 50, "bytes": 50 * 256 * 1024}, {"rows": 50, "bytes": 50 * 256 * 1024}]  # 256 KiB a row
+    assert capped_block(65536, clips) == BLOCK_BYTES // (256 * 1024) == 2048
+    assert capped_block(65536, [{"rows": 100, "bytes": 1000}]) == 65536  # small rows: unchanged
+    assert capped_block(0, clips) == 0  # no shuffling stays no shuffling
+    assert capped_block(64, [{"rows": 3}]) == 64  # no sizes known: unchanged

@@ -88,6 +88,22 @@ class EpochOrder:
         return self.block > 0
 
 
+#: most uncompressed bytes of rows one shuffle block holds in a read task: ``data.shuffle_block``
+#: counts samples, and 65,536 four-second clips or 256 px images would be 10+ GB
+BLOCK_BYTES = 512 << 20
+
+
+def capped_block(shuffle_block: int, items: Sequence[Mapping[str, Any]], budget: int = BLOCK_BYTES) -> int:
+    """``shuffle_block`` lowered so that one block of the items' rows (at their mean uncompressed
+    size, from the parquet footers) holds at most ``budget`` bytes; unchanged when the items carry
+    no sizes or the block already fits (0 stays 0: no shuffling)."""
+    rows = sum(int(it.get("rows", 0)) for it in items)
+    size = sum(int(it.get("bytes") or 0) for it in items)
+    if shuffle_block <= 0 or not rows or not size:
+        return shuffle_block
+    return max(1, min(int(shuffle_block), int(budget * rows // size)))
+
+
 def last_epoch(max_steps: int, epoch: int, plan: Any) -> int:
     """The last epoch a run of ``max_steps`` optimizer steps reads (at least ``epoch``)."""
     return max(int(epoch), (int(max_steps) - 1) // plan.steps_per_epoch)
@@ -245,7 +261,7 @@ def positioned_rows(filesystem: Any, items: List[Dict[str, Any]], columns: Seque
         raise DataError(f"data.on_corrupt must be one of {', '.join(shard_io.ON_CORRUPT)}, got {on_corrupt!r}")
     if not items:
         raise DataError("no row groups to read (the shards hold no rows)")
-    o = EpochOrder.of(plan, seed, shuffle_block, passes)
+    o = EpochOrder.of(plan, seed, capped_block(shuffle_block, items), passes)
     _, blocks = _stream_blocks([int(it["rows"]) for it in items], o, epoch, cursor, last_epoch)
     keys = ("path", "display", "row_group", "rows")
     kw = dict(filesystem=filesystem, items=[{k: it[k] for k in keys} for it in items], columns=list(columns),

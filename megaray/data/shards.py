@@ -35,7 +35,8 @@ def row_groups(fs: pafs.FileSystem, paths: Sequence[str], displays: Sequence[str
     """Open every shard's footer (one small read each) and list its row groups.
 
     Returns:
-        Items ``{"path", "display", "row_group", "rows", "values"}`` in file then row-group
+        Items ``{"path", "display", "row_group", "rows", "values", "bytes"}`` (``bytes``: the row
+        group's uncompressed size) in file then row-group
         order; ``values`` counts the first column's leaf values (tokens of a ``tokens`` list).
 
     Raises:
@@ -54,7 +55,8 @@ def row_groups(fs: pafs.FileSystem, paths: Sequence[str], displays: Sequence[str
         for i in range(md.num_row_groups):
             rg = md.row_group(i)
             values = rg.column(0).num_values if rg.num_columns else 0
-            items.append({"path": path, "display": display, "row_group": i, "rows": rg.num_rows, "values": values})
+            items.append({"path": path, "display": display, "row_group": i, "rows": rg.num_rows, "values": values,
+                          "bytes": rg.total_byte_size})
     return items
 
 

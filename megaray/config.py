@@ -87,8 +87,6 @@ class DataConfig(StrictConfig):
     sources: Optional[List[DataSource]] = Field(
         None, min_length=1, description="weighted mixture [{shards, weight}]; replaces `shards` when given")
     batch_size: int = Field(8, gt=0, description="micro-batch size per worker (sequences)")
-    shuffle_buffer: int = Field(256, ge=0, description="rows in Ray Data's local shuffle buffer (families without a "
-                                "positioned stream); 0 disables")
     shuffle_block: int = Field(1 << 16, ge=0, description="samples permuted together in a positioned stream (a "
                                "resume re-reads one block; memory holds one); 0 = stream order, no shuffling")
     num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")

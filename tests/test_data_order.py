@@ -94,7 +94,7 @@ def _task(kind, shards, global_batch=G):
     task = task_class(cfg.model.family, cfg.train.task)(cfg)
     task.datasets()  # fills task.info.plan
     plan = task.info.plan
-    assert (plan.global_batch, plan.micro_batch) == (global_batch, B) and task.positioned_stream
+    assert (plan.global_batch, plan.micro_batch) == (global_batch, B)
     task.cfg.train.max_steps = plan.steps_per_epoch + 1  # the streams hold epochs 0 and 1
     return task, plan
 

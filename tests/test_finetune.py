@@ -138,7 +138,7 @@ def _cfg(tmp_path, name, shards, batch_size=2, **train):
 
     return load_config({
         "name": name, "model": {"family": "gpt", "preset": "debug", "vocab_size": 512, "block_size": 128},
-        "data": {"shards": shards, "batch_size": batch_size, "num_val_batches": 1, "shuffle_buffer": 0},
+        "data": {"shards": shards, "batch_size": batch_size, "num_val_batches": 1, "shuffle_block": 0},
         "train": {"warmup_steps": 0, "eval_every": 1000, "log_every": 1000, "zero_stage": 0, "precision": "fp32",
                   **train},
         "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from megaray.train import reporter
@@ -266,29 +264,6 @@ def test_truncated_weights_name_the_file_and_ema_weights_are_preferred(tmp_path)
     (ckpt / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"step_00000004/model.pt is truncated or corrupt \("):
         load_for_inference(ckpt)
-
-
-def test_micro_batches_continue_from_the_saved_epoch_position():
-    from megaray.families import build_run_config
-    from megaray.train.checkpoint import TrainState
-    from megaray.train.loop import _micro_batches
-
-    class Shard:  # epoch e yields batches (e, 0), (e, 1), ...; order depends on the seed per epoch
-        def iter_torch_batches(self, local_shuffle_seed=None, **_):
-            return iter([(local_shuffle_seed, i) for i in range(5)])
-
-    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}, "data": {"shuffle_buffer": 8},
-                            "train": {"seed": 100}})
-    B, world = cfg.data.batch_size, 2
-    state = TrainState(epoch=1, samples_in_epoch=2 * B * world)
-    info = SimpleNamespace(batches_per_epoch=3)
-    it = _micro_batches(Shard(), cfg, state, info, world)
-    got = []
-    for _ in range(4):
-        got.append(next(it))
-        state.samples_in_epoch += B * world  # the loop does this once a batch is trained on
-    assert got == [(101, 2), (102, 0), (102, 1), (102, 2)]  # the rest of epoch 1, then epoch 2 from its start
-    assert (state.epoch, state.samples_in_epoch) == (2, 3 * B * world)
 
 
 def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_decide_if_due():

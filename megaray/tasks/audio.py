@@ -97,7 +97,6 @@ class AudioTask(Task):
         need = math.ceil(self.cfg.train.max_steps * global_batch / max(1, n_train))
         return max(1, min(self.max_crop_passes, need))
 
-    positioned_stream = True
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """Random crops of the training clips (:attr:`AudioInfo.crop_passes` passes an epoch) in the

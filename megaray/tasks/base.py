@@ -46,9 +46,6 @@ class TaskInfo:
             per evaluation. Both are those of the largest world size on the driver; each worker
             takes its own (:meth:`for_world`).
         manifest: the shard manifest, read once on the driver (workers never read it again).
-        positioned: the train dataset is the task's positioned stream (:meth:`Task.train_stream`),
-            built by rank 0 at the restored cursor, rather than one execution per epoch replayed
-            up to the position.
     """
 
     plan: Optional[BatchPlan] = None
@@ -57,7 +54,6 @@ class TaskInfo:
     batches_per_epoch: int = 0
     val_batches: int = 0
     manifest: Dict[str, Any] = field(default_factory=dict, repr=False)
-    positioned: bool = False
 
     def for_world(self, world: int, global_batch: Optional[int] = None) -> "TaskInfo":
         """A copy for ``world`` ranks (and, when given, the global batch a resumed run keeps)."""
@@ -144,9 +140,6 @@ class Task:
         return {"plan": plan, "val_samples": info.val_samples, "val_limit": info.val_limit,
                 "batches_per_epoch": info.batches_per_epoch, "val_batches": info.val_batches}
 
-    #: whether :meth:`train_stream` serves the train split as a positioned stream
-    positioned_stream: bool = False
-
     def train_stream(self, epoch: int, cursor: int, plan: BatchPlan) -> Any:
         """The train split as one Ray Dataset over the rest of the run, starting at sample
         ``cursor`` of ``epoch`` (a multiple of ``plan.global_batch``), built by rank 0 each time
@@ -154,8 +147,8 @@ class Task:
         its position, in constant time, at any world size, and epochs follow each other without a
         new execution). Rows carry ``epoch`` and ``index`` (served position in the epoch, the same
         at every world size: :mod:`megaray.data.order`) in blocks of ``plan.micro_batch`` rows,
-        dealt round robin to the ranks. Only called when :attr:`positioned_stream` is True; see
-        :mod:`megaray.data.text.stream`."""
+        dealt round robin to the ranks. See :mod:`megaray.data.order`,
+        :mod:`megaray.data.text.stream` and :mod:`megaray.data.rows`."""
         raise NotImplementedError(f"{type(self).__name__} has no positioned train stream")
 
     def prepare_command(self, shards: str) -> Optional[str]:

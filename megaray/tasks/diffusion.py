@@ -255,7 +255,6 @@ class DiffusionTask(Task):
     def _set_info(self, man: Dict[str, Any], n_train: int, n_val: int, shards: str, **kw: Any) -> None:
         self.info = DiffusionInfo(**self.batch_plan(n_train, n_val, shards, "examples"), manifest=man, **kw)
 
-    positioned_stream = True
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """The training examples in the world-independent served order of :mod:`megaray.data.rows`

@@ -40,7 +40,6 @@ class SFTTask(LMTask):
     """Completion-only next-token loss on packed, document-masked chat records."""
 
     info_class = SFTInfo
-    positioned_stream = True  # the packed windows, served from memory in the world-independent order
 
     def datasets(self) -> Dict[str, Any]:
         """Packed windows of both splits of ``data.shards`` (an ``sft`` manifest); fills :class:`SFTInfo`.

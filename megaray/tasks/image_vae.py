@@ -99,7 +99,6 @@ class ImageVAETask(Task):
         return image.image_datasets(shards, m.resolution, seed=t.seed, crop="random", flip=True, passes=passes,
                                     on_corrupt=self.cfg.data.on_corrupt)
 
-    positioned_stream = True
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """Random ``model.resolution`` crops and flips of the training images (:attr:`ImageInfo.passes`

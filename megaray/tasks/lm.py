@@ -78,7 +78,6 @@ class LMTask(Task):
         arg = sources[0].shards if len(sources) == 1 else sources
         return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt)
 
-    positioned_stream = True
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """Packed windows of epochs ``epoch ..`` the last one ``train.max_steps`` needs, from sample

@@ -120,7 +120,6 @@ class MultimodalTask(Task):
         return mm.mixture_datasets(srcs, layout, tok_path, seed=t.seed, passes=passes, rows_per_block=max(B, 64),
                                    on_corrupt=self.cfg.data.on_corrupt)
 
-    positioned_stream = True
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """The mixture's sequences in a world-independent served order from sample ``cursor`` of

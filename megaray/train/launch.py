@@ -173,11 +173,9 @@ def fit(
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
     worlds = _check_worlds(cfg, task.info, run_dir)
-    if task.positioned_stream:
-        # rank 0 of each worker group builds the train stream at the cursor of the checkpoint it
-        # restores (megaray.train.loop._positioned_shard): constant-time resume at any world size
-        task.info.positioned = True
-        datasets.pop("train", None)
+    # rank 0 of each worker group builds the train stream at the cursor of the checkpoint it
+    # restores (megaray.train.loop._positioned_shard): constant-time resume at any world size
+    datasets.pop("train", None)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()

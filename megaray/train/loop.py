@@ -1,19 +1,19 @@
 """The one training loop: ``train_loop_per_worker`` run by every Ray Train worker.
 
-Per worker: rebuild the config, build the task's modules, wrap each in a DeepSpeed engine,
-restore the latest checkpoint (Ray Train hands it over after a restart or on re-run), then
-stream micro-batches from ``ray.train.get_dataset_shard("train")``. The parts decide for
-themselves when they are due: the :class:`~megaray.train.reporter.Reporter` (progress, MLflow,
-paced Ray reports), the :class:`~megaray.train.evaluator.Evaluator` and the
-:class:`~megaray.train.checkpoint.Checkpointer`; the task owns the step clock and the
-``after_step`` hook; the :class:`~megaray.train.ema.EMA` follows every optimizer step.
+Per worker: rebuild the config, find the checkpoint this worker group resumes from (its
+``megaray.json`` only), take the run's global batch and derive the accumulation for this world
+size, let rank 0 build the task's positioned train stream at the checkpoint's cursor and split it
+over the ranks (:func:`_positioned_shard`; reading starts while DeepSpeed builds), build the task's
+modules, wrap each in a DeepSpeed engine and restore the checkpoint (through DeepSpeed's universal
+form at another world size). The parts decide for themselves when they are due: the
+:class:`~megaray.train.reporter.Reporter` (progress, MLflow, paced Ray reports), the
+:class:`~megaray.train.evaluator.Evaluator` and the :class:`~megaray.train.checkpoint.Checkpointer`;
+the task owns the step clock and the ``after_step`` hook; the :class:`~megaray.train.ema.EMA`
+follows every optimizer step.
 
-Every rank consumes the same number of micro-batches per epoch (computed on the driver), so
-collectives never hang on an uneven last batch. Data order is deterministic per epoch (Ray Data
-``preserve_order``). Tasks with a positioned stream (text LM) read one stream for the rest of
-the run that Ray Train builds at the checkpoint's position (:func:`positioned_batches`: no
-replay, no new execution per epoch); the others re-execute each epoch, with a local shuffle
-seeded by ``seed + epoch``, and replay up to the position (:func:`_micro_batches`).
+Every rank consumes the same number of micro-batches per epoch, so collectives never hang on an
+uneven last batch, and the ``world x batch_size x accum`` samples of an optimizer step are the
+same global batch at any world size (:mod:`megaray.data.order`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     cfg, task, engines, state = w.cfg, w.task, w.engines, w.state
     t = cfg.train
     start_step = state.step
-    if task.info.positioned:
-        batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, w.debug)
-    else:
-        batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg, state, task.info, w.world, w.debug)
+    batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, w.debug)
     while state.step < t.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -107,8 +104,8 @@ class _Worker:
         self.task = task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=info)
         # a positioned stream: rank 0 builds it at the restored cursor and splits it over the ranks;
         # reading starts now, while the engines build (fast start)
-        self.head = (Prefetch(_positioned_shard(task, saved, rank, world).iter_torch_batches(
-            batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2)) if info.positioned else None)
+        self.head = Prefetch(_positioned_shard(task, saved, rank, world).iter_torch_batches(
+            batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2))
         _seed_everything(cfg.train.seed + rank)
         self.device = device = ray.train.torch.get_device()
         precision = resolve_precision(cfg.train.precision, device)
@@ -267,41 +264,6 @@ def positioned_batches(batches: Any, batch_size: int, state: TrainState, rank: i
         yield batch
     raise RuntimeError(f"rank {rank}: the train stream ended at epoch {state.epoch}, sample {state.samples_in_epoch} "
                        "before train.max_steps")
-
-
-def _micro_batches(shard: Any, cfg: RunConfig, state: TrainState, info: Any, world: int,
-                   debug: Optional["Debug"] = None) -> Iterator[Mapping[str, torch.Tensor]]:
-    """Micro-batches from where ``state`` stands (epoch, ``samples_in_epoch``), epoch after epoch,
-    for tasks without a positioned stream.
-
-    Each epoch is a fresh ``iter_torch_batches`` whose order is a function of (seed, epoch);
-    a resumed run replays (reads and drops) the micro-batches it already trained on, counted in
-    ``debug.replayed``. The caller advances ``state.samples_in_epoch`` once a batch has been
-    trained on."""
-    B, per_epoch = cfg.data.batch_size, info.batches_per_epoch
-    while True:
-        if state.samples_in_epoch >= per_epoch * B * world:
-            state.epoch += 1
-            state.samples_in_epoch = 0
-        it = iter(shard.iter_torch_batches(
-            batch_size=B,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed + state.epoch if cfg.data.shuffle_buffer else None,
-            prefetch_batches=2,
-        ))
-        for _ in range(state.samples_in_epoch // (B * world)):  # resume mid-epoch: skip what was trained on
-            next(it, None)
-            if debug is not None:
-                debug.replayed += 1
-        while state.samples_in_epoch < per_epoch * B * world:
-            batch = next(it, None)
-            if batch is None:
-                # data.on_corrupt=skip dropped row groups: the epoch is shorter than the manifest
-                # said, on every rank alike (streaming_split(equal=True) splits rows evenly)
-                state.samples_in_epoch = per_epoch * B * world
-                break
-            yield batch
 
 
 class Debug:

@@ -97,6 +97,10 @@ class _Worker:
         # where this group resumes (read before anything is built: the stream starts at its cursor)
         self.checkpointer = Checkpointer(cfg, config.get("run_dir"), rank, world)
         source, saved = self.checkpointer.locate()
+        if world > 1:  # every rank restores what rank 0 found (a checkpoint can land between two listings)
+            box = [(source, saved)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            source, saved = box[0]
         # the global batch is the run's, at any world size; the accumulation follows from it
         info = config["info"].for_world(world, saved.global_batch if saved is not None and saved.global_batch else None)
         if info.plan is not None:

@@ -120,9 +120,11 @@ def fake_cluster(tmp_path_factory):
 def _alive_nodes(gcs: str) -> int:
     """Alive nodes, asked from a fresh process (Ray reads RAY_AUTH_MODE when it is imported, and
     this process imported it before the token mode was set)."""
-    code = f"import ray; ray.init(address='{gcs}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
+    code = (f"import ray; ray.init(address='{gcs}', log_to_driver=False); "
+            "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+    found = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ALIVE ")]  # raylet lines too
+    return int(found[-1]) if out.returncode == 0 and found else 0
 
 
 def _submit(dashboard: str, *args: str, gcs: str) -> tuple[str, int, int]:
@@ -178,6 +180,23 @@ def _kill_a_worker_node(trace: Path) -> int:
     raise AssertionError(f"no Train worker on a worker node among {pids}")
 
 
+def _add_worker_node(gcs: str) -> None:
+    """A replacement node joins the cluster (``ray start --address``) with one Train slot, as the
+    autoscaler's replacement of a lost spot node would. (The fake provider keeps a killed node in
+    its own books, so it never launches a replacement by itself.) The fixture's teardown stops it
+    with the rest of the cluster (its command line names the GCS port)."""
+    agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(4))
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", f"--address={gcs}", f"--num-cpus={WORKER['CPU']}",
+         f"--resources={json.dumps({'trainer': WORKER['trainer']})}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+
+
 def _head_raylet() -> int:
     """The head's raylet: the oldest raylet process (``ray start --head`` started it first)."""
     import psutil
@@ -191,8 +210,8 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
     it) on the bare cluster (one Train slot): it starts with one worker; Ray Train asks the
     autoscaler for three, which adds two nodes, and the run grows to three at its next checkpoint.
     Then a worker node is killed (a lost spot node): the run goes on with the two workers that fit,
-    from its last checkpoint, without waiting for the node; the autoscaler replaces the node and the
-    run grows back to three at the next checkpoint. One MLflow run; the same global batch
+    from its last checkpoint, without waiting for the node; a replacement node joins and the run
+    grows back to three at its next checkpoint. One MLflow run; the same global batch
     throughout (the accumulation follows the size); no sample trained twice in the epoch.
     ``MEGARAY_STEP_SLEEP_S`` slows the steps so the cluster changes while the run trains."""
     from mlflow.tracking import MlflowClient
@@ -216,6 +235,9 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
     assert any(r["world"] == 3 for r in _traced(trace)), "the run never grew to three workers"
     time.sleep(3)
     _kill_a_worker_node(trace)
+    while not any(r["world"] == 2 for r in _traced(trace)) and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(2)
+    _add_worker_node(gcs)  # the run goes on with two; then the lost capacity comes back
     job.join(timeout=900)
     out, rc = done.get("out", ""), done.get("rc")
     assert rc == 0 and "succeeded" in out, out[-4000:]

@@ -1,21 +1,16 @@
-"""Goodput of a short demo run, and resume time early vs late in an epoch.
+"""Goodput of a short demo run: time in optimizer steps, start-up, evaluations, data wait.
 
 Runs the README demo's model (configs/demo.yaml) shortened: ``--steps`` optimizer steps with an
 evaluation every ``--eval-every`` and a batch size small enough that an epoch boundary falls
-inside, on a local Ray cluster with 2 workers, tracking off. Then it measures resume: a run
-checkpointed at 10% (and at 90%) of an epoch is re-run for one more step, and the time from
-``fit`` to its first trained batch (``time/startup_s``) is compared, side by side (a ratio),
-for the positioned stream (what ``megaray train`` does) and, as the baseline, the old replay
-(one execution per epoch, consumed batches read again to reach the position).
+inside, on a local Ray cluster with 2 workers, tracking off. (Resume start-up early vs late in an
+epoch, on local and ``s3://`` storage: ``benchmarks/resume_time.py``.)
 
 Prints one JSON object::
 
-    {"goodput": ..., "startup_s": ..., "eval_s_each": ..., "steps": ..., "epoch_steps": ...,
-     "resume": {"positioned": {"10%": s, "90%": s, "ratio_90_over_10": r},
-                "replay": {...}}}
+    {"goodput": ..., "startup_s": ..., "eval_s_each": ..., "steps": ..., "epoch_steps": ..., ...}
 
-    python benchmarks/goodput.py --steps 120 --eval-every 40     # ~10 min on 2 cores
-    python benchmarks/goodput.py --steps 40 --eval-every 20 --no-resume   # quick look
+    python benchmarks/goodput.py --steps 120 --eval-every 40
+    python benchmarks/goodput.py --steps 40 --eval-every 20       # quick look
 """
 
 from __future__ import annotations
@@ -40,27 +35,12 @@ def _cfg(shards: str, storage: str, name: str, steps: int, eval_every: int, batc
     ])
 
 
-def _resume_startup(shards: str, storage: str, at_step: int, batch_size: int, positioned: bool) -> float:
-    """Train to ``at_step`` (checkpoint there), then re-run to ``at_step + 1``: the re-run's
-    ``time/startup_s`` is what a resume at that position costs. ``positioned=False`` makes the
-    LM task read one execution per epoch and replay to the position (the baseline)."""
-    from megaray.tasks.lm import LMTask
-    from megaray.train.launch import fit
-
-    LMTask.positioned_stream = positioned  # decided on the driver, shipped to the workers in TaskInfo
-    name = f"resume-{'positioned' if positioned else 'replay'}-{at_step}"
-    fit(_cfg(shards, storage, name, at_step, at_step, batch_size, at_step), console=False)
-    again = fit(_cfg(shards, storage, name, at_step + 1, at_step + 1, batch_size, at_step + 1), console=False)
-    return float(again.metrics["time/startup_s"])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--docs", type=int, default=1000,
                     help="stdlib documents in the corpus (1000: an epoch of ~75 steps at batch 4 x 2 workers)")
-    ap.add_argument("--no-resume", action="store_true", help="skip the resume measurement")
     args = ap.parse_args()
 
     from megaray.data.text import load_manifest, num_windows, prepare_text
@@ -82,14 +62,6 @@ def main() -> None:
         "eval_s_each": round(m["time/eval_s"] / max(1, n_evals), 2), "wall_s": round(m["time/wall_s"], 1),
         "data_wait_s": round(m["time/data_wait_s"], 2), "checkpoint_s": round(m["time/checkpoint_s"], 2),
     }
-    if not args.no_resume:
-        early, late = max(1, epoch_steps // 10), max(2, epoch_steps * 9 // 10)
-        out["resume_startup_s"] = {}
-        for mode, positioned in (("positioned", True), ("replay", False)):
-            r10 = _resume_startup(shards, storage, early, batch, positioned)
-            r90 = _resume_startup(shards, storage, late, batch, positioned)
-            out["resume_startup_s"][mode] = {f"10% (step {early})": round(r10, 2), f"90% (step {late})": round(r90, 2),
-                                             "ratio_90_over_10": round(r90 / r10, 3)}
     print(json.dumps(out, indent=2))
 
 

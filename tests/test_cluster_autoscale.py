@@ -218,7 +218,7 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
 
     gcs, dashboard = fake_cluster
     assert _alive_nodes(gcs) == 1  # the bare cluster: one trainer slot
-    trace, db, steps = tmp_path / "trace", tmp_path / "db", 300
+    trace, db, steps = tmp_path / "trace", tmp_path / "db", 160
     done = {}
     args = ["env", f"MEGARAY_TRACE={trace}", "MEGARAY_STEP_SLEEP_S=0.4", "megaray", "train", "configs/gpt_debug.yaml",
             "--set", "name=elastic", "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={tmp_path / 'runs'}",

@@ -180,11 +180,18 @@ def _kill_a_worker_node(trace: Path) -> int:
     raise AssertionError(f"no Train worker on a worker node among {pids}")
 
 
-def _add_worker_node(gcs: str) -> None:
+def _raylets() -> set:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
+
+
+def _add_worker_node(gcs: str) -> set:
     """A replacement node joins the cluster (``ray start --address``) with one Train slot, as the
-    autoscaler's replacement of a lost spot node would. (The fake provider keeps a killed node in
-    its own books, so it never launches a replacement by itself.) The fixture's teardown stops it
-    with the rest of the cluster (its command line names the GCS port)."""
+    autoscaler's replacement of a lost spot node would (the fake provider keeps a killed node in
+    its own books, so it never launches a replacement by itself). Returns the new raylet's pid(s):
+    the autoscaler does not manage this node, so the test removes it when done."""
+    before = _raylets()
     agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(4))
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
@@ -195,6 +202,7 @@ def _add_worker_node(gcs: str) -> None:
          f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
+    return _raylets() - before
 
 
 def _head_raylet() -> int:
@@ -237,8 +245,12 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
     _kill_a_worker_node(trace)
     while not any(r["world"] == 2 for r in _traced(trace)) and job.is_alive() and time.monotonic() < deadline:
         time.sleep(2)
-    _add_worker_node(gcs)  # the run goes on with two; then the lost capacity comes back
+    joined = _add_worker_node(gcs)  # the run goes on with two; then the lost capacity comes back
     job.join(timeout=900)
+    import psutil
+
+    for pid in joined:  # not the autoscaler's node: it would never be removed as idle
+        psutil.Process(pid).kill()
     out, rc = done.get("out", ""), done.get("rc")
     assert rc == 0 and "succeeded" in out, out[-4000:]
 

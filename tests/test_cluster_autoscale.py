@@ -6,15 +6,14 @@ on this machine. The head offers one ``trainer`` slot (a custom resource every T
 asks for); worker nodes offer one each. In this order (each test starts from the cluster the
 previous one left):
 
-1. ``ray job submit`` (runtime env ``cluster/runtime_env.yaml``) of ``megaray train`` with two
-   workers cannot start on the head alone: the autoscaler adds a node and the job succeeds;
-2. when nothing runs, the worker nodes are removed (idle timeout 0.1 min; Ray Train's resource
-   requests to the autoscaler expire after about 180 s, hence the generous wait);
-3. an elastic run (``scaling.num_workers: [1, 3]``) on the bare cluster starts with the one slot
+1. an elastic run (``scaling.num_workers: [1, 3]``) on the bare cluster starts with the one slot
    there is, grows to three at a checkpoint once the autoscaler has added two nodes, goes on with
-   two when a worker node is killed, and grows back to three when a node joins. Last: the killed
-   node stays in the fake provider's books (it neither replaces nor removes it), so nothing
-   after this test could rely on the autoscaler's node count.
+   two when a worker node is killed, and grows back to three when a node joins (by hand: the
+   fake provider keeps the killed node in its books and never replaces it);
+2. when nothing runs, the worker nodes are removed (idle timeout 0.1 min; Ray Train's and Ray
+   Data's resource requests to the autoscaler expire after about 180 s, hence the generous wait);
+3. ``ray job submit`` (runtime env ``cluster/runtime_env.yaml``) of ``megaray train`` with two
+   workers cannot start on the head alone: the autoscaler adds a node and the job succeeds.
 
 The wheel has no ``fake_multi_node/example.yaml`` (which ``ray.cluster_utils.AutoscalingCluster``
 reads), so the full config is built here from Ray's example. ``AutoscalingCluster.start`` also
@@ -215,30 +214,6 @@ def _head_raylet() -> int:
     return min(raylets, key=lambda p: p.info["create_time"]).pid
 
 
-def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
-    gcs, dashboard = fake_cluster
-    assert _alive_nodes(gcs) == 1
-    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
-    out, rc, most = _submit(
-        dashboard, "megaray", "train", "configs/gpt_debug.yaml", "--set", "name=grow",
-        "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
-        "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=6",
-        "--set", "train.checkpoint_every=6", "--set", "train.eval_every=6", "--set", "scaling.num_workers=2",
-        "--set", TRAIN_RESOURCES, gcs=gcs)
-    assert rc == 0 and "succeeded" in out, out[-4000:]
-    assert most >= 2, "the autoscaler added no node for the second Train worker"
-    state = json.loads((storage / "grow" / "step_00000006" / "megaray.json").read_text())
-    assert state["step"] == 6 and state["world_size"] == 2
-
-
-def test_idle_worker_nodes_are_removed(fake_cluster):
-    gcs, _ = fake_cluster
-    deadline = time.monotonic() + 300  # Train's resource requests expire ~180 s after the last run
-    while _alive_nodes(gcs) > 1 and time.monotonic() < deadline:
-        time.sleep(5)
-    assert _alive_nodes(gcs) == 1, "idle worker nodes were not removed"
-
-
 def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_cluster, text_shards, tmp_path):
     """``scaling.num_workers: [1, 3]`` with a global batch of 12 (micro-batch 2: every size divides
     it) on the bare cluster (one Train slot): it starts with one worker; Ray Train asks the
@@ -307,3 +282,27 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
     assert len(runs) == 1  # one MLflow run across every size change
     history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "world_size")}
     assert {1.0, 2.0, 3.0} <= set(history.values()), history
+
+
+def test_idle_worker_nodes_are_removed(fake_cluster):
+    gcs, _ = fake_cluster
+    deadline = time.monotonic() + 600  # Train's and Ray Data's resource requests expire ~180 s after the last run
+    while _alive_nodes(gcs) > 1 and time.monotonic() < deadline:
+        time.sleep(5)
+    assert _alive_nodes(gcs) == 1, "idle worker nodes were not removed"
+
+
+def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
+    gcs, dashboard = fake_cluster
+    assert _alive_nodes(gcs) == 1
+    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    out, rc, most = _submit(
+        dashboard, "megaray", "train", "configs/gpt_debug.yaml", "--set", "name=grow",
+        "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
+        "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=6",
+        "--set", "train.checkpoint_every=6", "--set", "train.eval_every=6", "--set", "scaling.num_workers=2",
+        "--set", TRAIN_RESOURCES, gcs=gcs)
+    assert rc == 0 and "succeeded" in out, out[-4000:]
+    assert most >= 2, "the autoscaler added no node for the second Train worker"
+    state = json.loads((storage / "grow" / "step_00000006" / "megaray.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2

@@ -176,14 +176,17 @@ def latest_local(run_dir: Optional[str]) -> Optional[Tuple[Path, TrainState]]:
 
 
 def resume_state(run_dir: str) -> Optional[TrainState]:
-    """The :class:`TrainState` of the checkpoint a resumed run starts from: the newest one under
-    ``run_dir`` (a local path or a URI, read through :mod:`megaray.fs`) whose state file exists
-    and, on local storage, that every rank finished (as :meth:`Checkpointer.restore` picks it);
-    None when there is none yet."""
+    """The :class:`TrainState` of the checkpoint a resumed run starts from, read from storage: on
+    local storage :func:`latest_local`'s; on ``s3://``/``gs://`` the newest ``step_*`` with a state
+    file (through :mod:`megaray.fs`). None when there is none yet. Used by the driver's early checks
+    and the elastic policy; workers restore through :meth:`Checkpointer.locate`."""
     import pyarrow.fs as pafs
 
     from megaray import fs
 
+    if not fs.is_uri(run_dir):
+        local = latest_local(run_dir)
+        return None if local is None else local[1]
     filesystem, path = fs.resolve(run_dir)
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -193,13 +196,8 @@ def resume_state(run_dir: str) -> Optional[TrainState]:
                    reverse=True)
     for name in steps:
         where = fs.join(run_dir, name, STATE_FILE)
-        if not fs.exists(where):
-            continue
-        state = TrainState.from_json(json.loads(fs.read_text(where)))
-        if not fs.is_uri(run_dir) and not all((Path(run_dir) / name / f"rng_rank{r}.pt").is_file()
-                                              for r in range(state.world_size)):
-            continue
-        return state
+        if fs.exists(where):
+            return TrainState.from_json(json.loads(fs.read_text(where)))
     return None
 
 

@@ -62,7 +62,11 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="unknown preset"):
         VocoderConfig.from_name("huge")
     with pytest.raises(ConfigError, match="down_freq"):
-        AudioVAEConfig.from_name("small", down_freq=3)
+        AudioVAEConfig.from_name("small", down_freq=3)  # 80 mels do not divide by 3
+    with pytest.raises(ConfigError, match=r"time_strides \[5, 5\] must .* multiply out to down_time \(75\)"):
+        AudioVAEConfig.from_name("small_75x8", time_strides=[5, 5])
+    with pytest.raises(ConfigError, match="3 downsampling stages"):
+        AudioVAEConfig.from_name("small_75x8", channels=[8, 16])
     with pytest.raises(ConfigError, match="n_mels"):
         AudioVAEConfig.from_name("small", n_mels=90, down_freq=4)
 
@@ -126,6 +130,79 @@ def test_mrstft_loss_is_zero_for_identical_and_grows_with_noise():
     small = loss(y + 0.01 * torch.randn_like(y), y)[0].item()
     big = loss(y + 0.3 * torch.randn_like(y), y)[0].item()
     assert 0 < small < big
+
+
+def test_anti_wrapping_function_is_the_distance_to_the_nearest_full_turn():
+    from megaray.models.audio.losses import anti_wrap
+
+    x = torch.tensor([0.1, -0.1, 2 * math.pi + 0.1, -2 * math.pi - 0.1, math.pi - 0.1, 3 * math.pi - 0.1])
+    expected = torch.tensor([0.1, 0.1, 0.1, 0.1, math.pi - 0.1, math.pi - 0.1])
+    torch.testing.assert_close(anti_wrap(x), expected, atol=1e-6, rtol=0)
+
+
+def test_phase_loss_sees_phase_not_magnitude_and_matches_apnet():
+    """APNet (Ai & Ling 2023) eq. 5-9, computed here with numpy on the same STFTs: the loss is
+    zero for the same phase at another loudness, positive for a delayed copy, and its gradient
+    stays finite through silent bins."""
+    import numpy as np
+
+    from megaray.models.audio.losses import phase_loss
+    from megaray.models.common.dsp import stft
+
+    y = harmonic_clip(8192, 16000)[None]
+    total, ip, gd, iaf = phase_loss(2.0 * y, y, 512, 128, 512)
+    assert total.item() < 1e-4  # loudness is not phase
+    shifted = torch.roll(y, 3, dims=-1)
+    total, ip, gd, iaf = phase_loss(shifted, y, 512, 128, 512)
+    torch.testing.assert_close(total, ip + gd + iaf)
+
+    def aw(x):
+        return np.abs(x - 2 * np.pi * np.round(x / (2 * np.pi)))
+
+    a, b = stft(shifted, 512, 128, 512)[0].numpy(), stft(y, 512, 128, 512)[0].numpy()
+    keep = (np.abs(a) > 1e-5) & (np.abs(b) > 1e-5)
+    pa, pb = np.angle(a), np.angle(b)
+    ref_ip = aw(pa - pb)[keep].mean()
+    gd_keep = keep[1:] & keep[:-1]
+    ref_gd = aw(np.diff(pa, axis=0) - np.diff(pb, axis=0))[gd_keep].mean()
+    iaf_keep = keep[:, 1:] & keep[:, :-1]
+    ref_iaf = aw(np.diff(pa, axis=1) - np.diff(pb, axis=1))[iaf_keep].mean()
+    assert ip.item() > 0.1
+    np.testing.assert_allclose([ip.item(), gd.item(), iaf.item()], [ref_ip, ref_gd, ref_iaf], rtol=1e-4)
+
+    y_hat = (shifted.clone() * 0.5).requires_grad_(True)
+    target = y.clone()
+    target[..., :2048] = 0  # silence: phase undefined there
+    phase_loss(y_hat, target, 512, 128, 512)[0].backward()
+    assert torch.isfinite(y_hat.grad).all() and y_hat.grad.abs().sum() > 0
+
+
+def test_vocoder_phase_weight_adds_the_phase_loss_and_its_parts():
+    from megaray.tasks.vocoder import VocoderTask
+
+    cfg = build_run_config({"model": {"family": "vocoder", "preset": TINY[0], "phase_weight": 10.0}})
+    plain = build_run_config({"model": {"family": "vocoder", "preset": TINY[0]}})
+    torch.manual_seed(0)
+    task, base = VocoderTask(cfg), VocoderTask(plain)
+    model = task.build_modules()["model"]
+    y = torch.stack([harmonic_clip(8192, 16000, seed=s) for s in range(2)])
+    batch = {"audio": y, "mel": model.features(y)}
+    loss, m = task.loss(model, batch)
+    loss0, m0 = base.loss(model, batch)
+    assert {"phase", "phase_ip", "phase_gd", "phase_iaf"} <= set(m) and "phase" not in m0
+    assert loss.item() == pytest.approx(loss0.item() + 10.0 * m["phase"], rel=1e-5)
+
+
+def test_stft_windows_are_built_once_and_survive_inference_mode():
+    from megaray.models.common.dsp import hann_window, stft
+
+    hann_window.cache_clear()
+    with torch.inference_mode():
+        stft(torch.randn(1, 4096), 512, 128)
+    x = torch.randn(1, 4096, requires_grad=True)
+    stft(x, 512, 128).abs().sum().backward()  # the cached window is not an inference tensor
+    assert hann_window.cache_info().hits >= 1 and hann_window.cache_info().currsize == 1
+    assert torch.isfinite(x.grad).all()
 
 
 def test_vocoder_overfits_one_clip():
@@ -294,6 +371,28 @@ def test_vae_latent_shapes_follow_downsampling(preset):
     # frames that are not a multiple of down_time are padded and cropped back
     odd = torch.randn(1, 1, cfg.n_mels, T + 1)
     assert vae(odd, speaker_id=torch.tensor([3]))[0].shape == odd.shape
+
+
+@pytest.mark.parametrize("speaker_source", ["table", "vector"])
+def test_reference_geometry_maps_80_mels_by_750_frames_to_a_10_by_10_latent(speaker_source):
+    """The reference audio-VAE shape: mel ``[1, 80, T]`` -> latent ``[C, 10, T/75]`` (time 75 =
+    5 x 5 x 3, frequency 8 = 2 x 2 x 2), and back; a 192-d speaker vector (ECAPA-TDNN's width)
+    or a table id conditions the decoder."""
+    cfg = AudioVAEConfig.from_name("small_75x8", speaker_source=speaker_source)
+    assert cfg.stage_strides("time") == [5, 5, 3] and cfg.stage_strides("freq") == [2, 2, 2]
+    assert cfg.segment_frames == 750
+    vae = AudioVAE(cfg).eval()
+    speaker = {"speaker_id": torch.tensor([2])} if speaker_source == "table" else {"speaker_vector": torch.randn(1, 192)}
+    mel = torch.randn(1, 1, 80, 750)
+    mu, _ = vae.encode(mel)
+    assert mu.shape == (1, cfg.latent_channels, 10, 10)
+    assert vae.decode(mu, **speaker).shape == (1, 1, 80, 750)
+    recon, _, _ = vae(mel, **speaker)
+    assert recon.shape == mel.shape
+    # every input frame reaches the latent (the stride-5 kernels overlap: no frame falls between windows)
+    mel.requires_grad_(True)
+    vae.encode(mel)[0].sum().backward()
+    assert (mel.grad.abs().sum(dim=(0, 1, 2)) > 0).all()
 
 
 def test_vae_speaker_conditions_the_decoder_not_the_latent():

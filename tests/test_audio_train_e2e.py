@@ -92,7 +92,8 @@ def test_gan_vocoder_trains_crashes_resumes_exactly_and_logs_audio(speech_shards
 def test_audio_vae_trains_from_a_relative_data_path_and_logs_audio(speech_shards, tmp_path, monkeypatch):
     """Resume is the same loop code the vocoder test crashes and resumes; one run here. The data
     path is relative to the driver's working directory (as in the README): evaluation artifacts,
-    read inside the workers, find it because the driver resolved it."""
+    read inside the workers, find it because the driver resolved it. The model is the reference
+    geometry (configs/audio_vae_75x8.yaml: 80 mels -> 10 latent bands, frames / 75)."""
     import os
 
     from megaray.train.launch import fit
@@ -100,6 +101,6 @@ def test_audio_vae_trains_from_a_relative_data_path_and_logs_audio(speech_shards
     monkeypatch.chdir(tmp_path)
     relative = os.path.relpath(speech_shards, tmp_path)
     assert not Path(relative).is_absolute()
-    result = fit(_audio_cfg("audio_vae_small.yaml", relative, tmp_path, "train.max_steps=2"))
+    result = fit(_audio_cfg("audio_vae_75x8.yaml", relative, tmp_path, "train.max_steps=2"))
     assert result.metrics["step"] == 2
     _check_run(result, tmp_path, 2, {"model"})

@@ -16,7 +16,8 @@ from megaray.tasks.base import unwrap
 class VocoderTask(AudioTask):
     """Log-mel ``(B, n_mels, F)`` -> waveform ``(B, (F - 1) * hop)``.
 
-    Generator loss: ``mel_weight * mel_L1 + mrstft_weight * MR-STFT`` and, when
+    Generator loss: ``mel_weight * mel_L1 + mrstft_weight * MR-STFT`` (``+ phase_weight *``
+    APNet's anti-wrapping phase loss when set) and, when
     ``model.adversarial`` and ``step >= adv_start_step``, ``adv_weight * LSGAN + fm_weight *
     feature matching`` against MPD + MRD discriminators (HiFi-GAN, Kong et al. 2020; Vocos,
     Siuzdak 2023) through :class:`~megaray.tasks.adversarial.AdversarialStep`. The
@@ -54,15 +55,22 @@ class VocoderTask(AudioTask):
             raise ConfigError("model.f_min/f_max: prepare_audio computes mels over 0..sample_rate/2; keep the defaults")
 
     def _recon(self, model: Any, batch: Mapping[str, torch.Tensor]):
-        from megaray.models.audio.losses import mel_l1
+        from megaray.models.audio.losses import mel_l1, phase_loss
 
         y_hat, _ = model(batch["mel"])  # (B, S)
         y = batch["audio"][..., : y_hat.shape[-1]]
         mel = mel_l1(unwrap(model).features, y_hat, y)
         mr, sc, mag = self.mrstft(y_hat, y)
-        loss = self.cfg.model.mel_weight * mel + self.cfg.model.mrstft_weight * mr
-        return loss, y_hat, y, {"mel_l1": float(mel.detach()), "mrstft": float(mr.detach()),
-                                "spectral_convergence": float(sc.detach()), "log_mag": float(mag.detach())}
+        m = self.cfg.model
+        loss = m.mel_weight * mel + m.mrstft_weight * mr
+        metrics = {"mel_l1": float(mel.detach()), "mrstft": float(mr.detach()),
+                   "spectral_convergence": float(sc.detach()), "log_mag": float(mag.detach())}
+        if m.phase_weight > 0:
+            phase, ip, gd, iaf = phase_loss(y_hat, y, m.n_fft, m.hop_length, m.win_length)
+            loss = loss + m.phase_weight * phase
+            metrics.update(phase=float(phase.detach()), phase_ip=float(ip.detach()), phase_gd=float(gd.detach()),
+                           phase_iaf=float(iaf.detach()))
+        return loss, y_hat, y, metrics
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Reconstruction loss only (mel L1 + MR-STFT); the GAN terms live in :meth:`train_step`."""

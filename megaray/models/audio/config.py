@@ -11,6 +11,7 @@ HiFi-GAN (Kong et al. 2020) MPD, UnivNet (Jang et al. 2021) MRD and Parallel Wav
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 from pydantic import Field, model_validator
@@ -90,6 +91,9 @@ class VocoderConfig(ModelConfig):
         default_factory=lambda: [[1024, 256, 1024], [2048, 512, 2048], [512, 128, 512]],
         description="[n_fft, hop, win] per resolution (Parallel WaveGAN)",
     )
+    phase_weight: float = Field(0.0, ge=0, description="APNet anti-wrapping phase loss weight (instantaneous "
+                                "phase + group delay + instantaneous angular frequency, at the model's n_fft/hop/win; "
+                                "APNet uses 100); 0 = off")
     # adversarial training
     adversarial: bool = Field(False, description="train MPD + MRD discriminators (second engine 'disc')")
     adv_start_step: int = Field(0, ge=0, description="adversarial + feature-matching losses start at this step")
@@ -134,6 +138,20 @@ class VocoderConfig(ModelConfig):
         """First bin of the high band in the split-band head."""
         return max(1, min(self.n_bins - 1, round(self.split_hz / (self.sample_rate / 2) * (self.n_bins - 1))))
 
+    def stage_strides(self, axis: Literal["freq", "time"]) -> List[int]:
+        """Per-stage strides along ``axis`` (stride-1 stages dropped): the configured list, or the
+        factor's prime factors, largest first (``75 -> [5, 5, 3]``, ``8 -> [2, 2, 2]``, ``1 -> []``)."""
+        given = self.freq_strides if axis == "freq" else self.time_strides
+        if given is not None:
+            return [s for s in given if s > 1]
+        n, out, p = (self.down_freq if axis == "freq" else self.down_time), [], 2
+        while n > 1:
+            while n % p == 0:
+                out.append(p)
+                n //= p
+            p += 1
+        return sorted(out, reverse=True)
+
     @property
     def segment_frames(self) -> int:
         """Mel frames of one training segment: ``segment_samples // hop_length + 1``."""
@@ -146,6 +164,11 @@ VAE_PRESETS: Dict[str, Dict[str, Any]] = {
     # 80-mel 16 kHz latent: 4x down in frequency, 4x in time, 8 latent channels.
     "small": dict(channels=[32, 64, 128], latent_channels=8, down_freq=4, down_time=4, speaker_dim=64),
     "small_wide": dict(channels=[64, 128, 256], latent_channels=16, down_freq=4, down_time=4, speaker_dim=128),
+    # the reference geometry: 80 mels at 16 kHz, hop 160 (100 frames/s) -> latent [C, 10, T/75], one
+    # latent frame per 0.75 s; time 75 = 5 x 5 x 3, frequency 8 = 2 x 2 x 2 (three stages); a training
+    # crop of 750 frames (7.5 s). Real speaker embeddings: speaker_source="vector" (192-d, ECAPA-TDNN).
+    "small_75x8": dict(channels=[32, 64, 128], latent_channels=16, down_freq=8, down_time=75, speaker_dim=64,
+                       hop_length=160, segment_samples=749 * 160),
     # tests
     "tiny": dict(channels=[8, 16], latent_channels=4, down_freq=4, down_time=2, speaker_dim=16,
                  n_fft=512, hop_length=128, segment_samples=8192),
@@ -160,8 +183,12 @@ class AudioVAEConfig(ModelConfig):
     projection of a precomputed ``speaker_vector`` column of ``speaker_vector_dim`` (192 like
     ECAPA-TDNN; ``vector``).
 
-    Raises (through validation, as ConfigError): down factors that are not powers of two, more
-    downsampling stages than ``channels``, n_mels not divisible by down_freq.
+    Down factors are any positive integers: each is split into per-stage strides (``time_strides``,
+    ``freq_strides``; by default its prime factors, largest first, one per stage, so 75 -> 5, 5, 3 and
+    8 -> 2, 2, 2), and the stages' strides multiply out to the factor.
+
+    Raises (through validation, as ConfigError): strides that do not multiply out to their factor,
+    more downsampling stages than ``channels``, n_mels not divisible by down_freq.
     """
 
     PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = VAE_PRESETS
@@ -174,8 +201,14 @@ class AudioVAEConfig(ModelConfig):
     segment_samples: int = Field(16384, gt=0, description="training crop length in samples")
     channels: List[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     latent_channels: int = Field(8, gt=0)
-    down_freq: int = Field(4, gt=0, description="mel-axis downsampling factor (power of 2)")
-    down_time: int = Field(4, gt=0, description="frame-axis downsampling factor (power of 2)")
+    down_freq: int = Field(4, gt=0, description="mel-axis downsampling factor (any integer; see freq_strides)")
+    down_time: int = Field(4, gt=0, description="frame-axis downsampling factor (any integer; see time_strides)")
+    freq_strides: Optional[List[int]] = Field(
+        None, description="per-stage mel-axis strides multiplying out to down_freq; None = its prime factors, "
+                          "largest first")
+    time_strides: Optional[List[int]] = Field(
+        None, description="per-stage frame-axis strides multiplying out to down_time (e.g. [5, 5, 3] for 75); "
+                          "None = its prime factors, largest first")
     speaker_source: Literal["table", "vector"] = "table"
     num_speakers: int = Field(64, gt=0, description="rows of the speaker table (ids beyond wrap modulo)")
     speaker_vector_dim: int = Field(192, gt=0)
@@ -185,13 +218,16 @@ class AudioVAEConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "AudioVAEConfig":
-        for name in ("down_freq", "down_time"):
-            v = getattr(self, name)
-            if v & (v - 1):
-                raise ValueError(f"{name} must be a power of 2, got {v}")
-        stages = max(self.down_freq.bit_length() - 1, self.down_time.bit_length() - 1)
+        for name, strides in (("freq_strides", self.freq_strides), ("time_strides", self.time_strides)):
+            factor = getattr(self, "down_" + name.split("_")[0])
+            if strides is not None and (any(s < 1 for s in strides) or math.prod(strides) != factor):
+                raise ValueError(f"{name} {strides} must be positive and multiply out to down_{name.split('_')[0]} "
+                                 f"({factor})")
+        f, t = self.stage_strides("freq"), self.stage_strides("time")
+        stages = max(len(f), len(t))
         if stages > len(self.channels):
-            raise ValueError(f"{stages} downsampling stages need at least {stages} channels entries, got {self.channels}")
+            raise ValueError(f"{stages} downsampling stages (freq {f}, time {t}) need at least {stages} channels "
+                             f"entries, got {self.channels}")
         if self.n_mels % self.down_freq:
             raise ValueError(f"n_mels ({self.n_mels}) must be divisible by down_freq ({self.down_freq})")
         if self.segment_samples % self.hop_length:
@@ -199,6 +235,20 @@ class AudioVAEConfig(ModelConfig):
                 f"segment_samples ({self.segment_samples}) must be a multiple of hop_length ({self.hop_length})"
             )
         return self
+
+    def stage_strides(self, axis: Literal["freq", "time"]) -> List[int]:
+        """Per-stage strides along ``axis`` (stride-1 stages dropped): the configured list, or the
+        factor's prime factors, largest first (``75 -> [5, 5, 3]``, ``8 -> [2, 2, 2]``, ``1 -> []``)."""
+        given = self.freq_strides if axis == "freq" else self.time_strides
+        if given is not None:
+            return [s for s in given if s > 1]
+        n, out, p = (self.down_freq if axis == "freq" else self.down_time), [], 2
+        while n > 1:
+            while n % p == 0:
+                out.append(p)
+                n //= p
+            p += 1
+        return sorted(out, reverse=True)
 
     @property
     def segment_frames(self) -> int:

@@ -40,9 +40,11 @@ def _block(cin: int, cout: int, cond_dim: int = 0) -> ResnetBlock2d:
 
 
 def _stage_strides(cfg: AudioVAEConfig) -> List[Tuple[int, int]]:
-    """Per-stage (freq, time) strides: stage i halves freq while i < log2(down_freq), same for time."""
-    nf, nt = cfg.down_freq.bit_length() - 1, cfg.down_time.bit_length() - 1
-    return [(2 if i < nf else 1, 2 if i < nt else 1) for i in range(len(cfg.channels))]
+    """Per-stage ``(freq, time)`` strides: stage i takes the i-th entry of each axis's strides
+    (:meth:`AudioVAEConfig.stage_strides`; 1 once an axis has none left). ``down_freq=4,
+    down_time=75`` over 3 stages: ``[(2, 5), (2, 5), (1, 3)]``."""
+    f, t = cfg.stage_strides("freq"), cfg.stage_strides("time")
+    return [(f[i] if i < len(f) else 1, t[i] if i < len(t) else 1) for i in range(len(cfg.channels))]
 
 
 class AudioEncoder(nn.Module):

@@ -80,12 +80,20 @@ class Downsample2d(nn.Conv2d):
     without padding (LDM ``Downsample``, ``diffusers.Downsample2D``); ``"symmetric"`` uses
     ``padding=1``. Both divide even sizes exactly; they differ by a half-pixel
     shift. The module is the conv itself (parameters ``weight``, ``bias``).
+
+    A stride ``s > 2`` along an axis (symmetric padding only) uses a kernel of ``s + 2`` there, so
+    windows overlap by one frame on each side and every input frame is seen; a size divisible by
+    ``s`` maps to exactly ``size / s``. Strides 1 and 2 keep the 3x3 kernel.
     """
 
     def __init__(self, channels: int, factor: Factor = 2, padding: Literal["asymmetric", "symmetric"] = "asymmetric"):
         if padding not in ("asymmetric", "symmetric"):
             raise ValueError(f"padding must be 'asymmetric' or 'symmetric', got {padding!r}")
-        super().__init__(channels, channels, 3, stride=factor, padding=0 if padding == "asymmetric" else 1)
+        stride = (factor, factor) if isinstance(factor, int) else tuple(factor)
+        kernel = tuple(s + 2 if s > 2 else 3 for s in stride)
+        if padding == "asymmetric" and kernel != (3, 3):
+            raise ValueError(f"asymmetric padding supports strides of 1 or 2, got {stride}")
+        super().__init__(channels, channels, kernel, stride=stride, padding=0 if padding == "asymmetric" else 1)
         self.asymmetric = padding == "asymmetric"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

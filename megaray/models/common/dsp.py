@@ -16,13 +16,15 @@ One definition of each transform (all Hann-window, centred frames, reflect paddi
   (minimum-norm least squares, so rank-deficient filterbanks work) and ``GriffinLim``
   (Griffin & Lim 1984, fast variant of Perraudin et al. 2013). A listening aid, not a vocoder.
 
-Every function runs with autocast disabled, so bf16/fp16 training never reaches the FFT.
+Every function runs with autocast disabled, so bf16/fp16 training never reaches the FFT. Windows
+are built once per ``(win_length, device)`` (:func:`hann_window`).
 Units: ``sample_rate``, ``f_min``, ``f_max`` in Hz; ``n_fft``, ``hop_length``, ``win_length`` in
 samples (``win_length`` defaults to ``n_fft``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,6 +32,16 @@ from torch import nn
 
 #: floor of the mel magnitude before the log; ``log(LOG_FLOOR)`` is the log-mel value of silence.
 LOG_FLOOR = 1e-5
+
+
+@functools.lru_cache(maxsize=64)
+def hann_window(win_length: int, device: torch.device) -> torch.Tensor:
+    """Periodic float32 Hann window of ``win_length`` samples on ``device``, built once per
+    ``(win_length, device)`` and shared (read-only: :func:`stft` / :func:`istft` never write it).
+    Built outside inference mode and autograd, so a window first made under
+    ``torch.inference_mode()`` can still be used in a training step."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.hann_window(win_length, device=device, dtype=torch.float32)
 
 
 def stft(wave: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[int] = None) -> torch.Tensor:
@@ -40,7 +52,7 @@ def stft(wave: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[i
     """
     win_length = win_length or n_fft
     with torch.autocast(device_type=wave.device.type, enabled=False):
-        window = torch.hann_window(win_length, device=wave.device)
+        window = hann_window(win_length, wave.device)
         return torch.stft(wave.float(), n_fft, hop_length, win_length, window=window, center=True,
                           pad_mode="reflect", return_complex=True)
 
@@ -60,7 +72,7 @@ def istft(spec: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[
     """
     win_length = win_length or n_fft
     with torch.autocast(device_type=spec.device.type, enabled=False):
-        window = torch.hann_window(win_length, device=spec.device)
+        window = hann_window(win_length, spec.device)
         return torch.istft(spec, n_fft, hop_length, win_length, window=window, center=True, length=length)
 
 

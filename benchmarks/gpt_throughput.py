@@ -43,8 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp16: autocast fp16 + GradScaler (torch side), DeepSpeed's fp16 with its loss scaler "
+                        "(deepspeed and megaray sides; CUDA only)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
+    p.add_argument("--offload", choices=["none", "optimizer", "all"], default="none",
+                   help="ZeRO-Offload to CPU (deepspeed and megaray sides; needs --zero-stage >= 1, all: 3)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s; default: lookup")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="GPTConfig overrides, e.g. n_layer=4")
@@ -99,13 +103,16 @@ def bench_torch(cfg, args, compiled: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=args.device == "cuda")  # fmt: skip
     x, y = _batch(args, cfg.vocab_size)
-    amp = (torch.autocast(args.device, dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext())
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    amp = torch.autocast(args.device, dtype=half) if half is not None else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
 
     def step():
         with amp:
             _, loss = model(x, y)
-        (loss + model.aux_loss).backward()
-        opt.step()
+        scaler.scale(loss + model.aux_loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -139,9 +146,16 @@ def bench_deepspeed(cfg, args, compiled: bool) -> dict:
                                                   "torch_adam": args.device == "cpu"}},  # fmt: skip
         "zero_optimization": {"stage": args.zero_stage},
         "bf16": {"enabled": args.precision == "bf16"},
+        "fp16": {"enabled": args.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if args.offload != "none":  # as megaray's train.offload: torch AdamW state in CPU memory
+        ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": args.device == "cuda"}
+        if args.offload == "all":
+            ds_config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": args.device == "cuda"}
+        ds_config["optimizer"]["params"]["torch_adam"] = True
+        ds_config["zero_force_ds_cpu_optimizer"] = False
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     if compiled:
         engine.compile()  # what megaray's train.compile does
@@ -154,7 +168,7 @@ def bench_deepspeed(cfg, args, compiled: bool) -> dict:
         engine.step()
         return loss.detach()
 
-    return dict(_time(step, args), zero_stage=args.zero_stage)
+    return dict(_time(step, args), zero_stage=args.zero_stage, offload=args.offload)
 
 
 def bench_megaray(cfg, args, compiled: bool) -> dict:
@@ -172,7 +186,8 @@ def bench_megaray(cfg, args, compiled: bool) -> dict:
             "data": {"shards": args.shards, "batch_size": args.batch_size, "num_val_batches": 1},
             "train": {"max_steps": 2 * args.steps, "log_every": args.steps, "eval_every": 10**6,
                       "checkpoint_every": 10**6, "warmup_steps": 0, "lr": args.lr, "zero_stage": args.zero_stage,
-                      "precision": args.precision, "compile": compiled, "peak_flops": args.peak_flops},
+                      "precision": args.precision, "compile": compiled, "peak_flops": args.peak_flops,
+                      "offload": args.offload},
             "scaling": {"num_workers": 1, "use_gpu": args.device == "cuda", "storage_path": storage,
                         "resources_per_worker": {"CPU": 1, **({"GPU": 1} if args.device == "cuda" else {})}},
             "tracking": {"enabled": False},
@@ -181,7 +196,7 @@ def bench_megaray(cfg, args, compiled: bool) -> dict:
         m = fit(run).metrics
     rate = float(m["throughput"])
     return dict(step_ms=1000 * args.batch_size * args.seq_len / rate, tokens_per_sec=rate, final_loss=float(m["loss"]),
-                wall_s=time.perf_counter() - t0, loop_mfu=m.get("mfu"), zero_stage=args.zero_stage)
+                wall_s=time.perf_counter() - t0, loop_mfu=m.get("mfu"), zero_stage=args.zero_stage, offload=args.offload)
 
 
 SIDES = {"torch": bench_torch, "deepspeed": bench_deepspeed, "megaray": bench_megaray}
@@ -238,7 +253,7 @@ def main(argv=None) -> dict:
                         r = SIDES[side](run_cfg, args, comp == "on")
                     except Exception as e:  # one failing combination must not lose the others' figures
                         r = {"error": f"{type(e).__name__}: {e}"[:500]}
-                    r = {"side": side, "attention": attention, "compile": comp, **r,
+                    r = {"side": side, "attention": attention, "compile": comp, "precision": args.precision, **r,
                          "bench_wall_s": round(time.perf_counter() - t0, 1)}
                     if "tokens_per_sec" in r:
                         r["mfu"] = estimate_mfu(fpt, r["tokens_per_sec"], peak)

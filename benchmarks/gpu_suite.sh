@@ -9,7 +9,9 @@
 #   deepspeed  the same model in a single-process DeepSpeed engine (ZeRO 0), compile off and on;
 #   megaray    `megaray train`'s loop: fit() with one Ray Train worker on one GPU, tracking off,
 #              on stdlib shards prepared here (`megaray prepare text`, offline).
-# plus megaray_over_deepspeed (target >= 0.97) and deepspeed_over_torch; and under "dit" the
+# plus megaray_over_deepspeed (target >= 0.97) and deepspeed_over_torch; the fp16 (DeepSpeed's loss
+# scaler; torch: autocast + GradScaler) and ZeRO-Offload (optimizer states in CPU memory, ZeRO 2)
+# sides with their ratio to the main precision (<side>_fp16_over_bf16, <side>_offload_over_bf16); and under "dit" the
 # training steps/s of DiT-XL/2 at batch 128 on 32x32x4 latents (256x256 images), bf16 autocast,
 # fused AdamW (benchmarks/dit_throughput.py, megaray's DiT; fast-DiT reports 0.84 steps/s on one
 # A100), with --dit-preset / --dit-batch-size to change it (on --device cpu: tiny, batch 4).
@@ -135,7 +137,11 @@ if [ "$t" -ge 20 ]; then
 else
   log "dit skipped: budget spent"
 fi
-# 5. variants with what is left: torch.compile, then flash-attn (skipped where not importable)
+# 5. variants with what is left: fp16 (DeepSpeed's loss scaler) and ZeRO-Offload of the optimizer
+# (train.precision fp16, train.offload optimizer), torch.compile, then flash-attn (skipped where not
+# importable)
+bench 120 fp16 --sides torch deepspeed megaray --attention sdpa --compile off --precision fp16 --shards "$work/stdlib-$vocab"
+bench 90 offload --sides deepspeed megaray --attention sdpa --compile off --zero-stage 2 --offload optimizer --shards "$work/stdlib-$vocab"
 bench 50 compile --sides torch deepspeed --attention sdpa --compile on
 bench 10 flash --sides torch deepspeed --attention flash --compile off on
 
@@ -144,7 +150,7 @@ $PY - "$work" "$(( $(date +%s) - t_start ))" <<'PYEOF' | tee "${OUT:-$work}/gpu_
 import json, os, sys
 work = sys.argv[1]
 out = {}
-for name in ("reference", "megaray", "compile", "flash"):
+for name in ("reference", "megaray", "fp16", "offload", "compile", "flash"):
     try:
         part = json.load(open(os.path.join(work, name + ".json")))
     except Exception:
@@ -154,14 +160,25 @@ for name in ("reference", "megaray", "compile", "flash"):
 path = os.path.join(work, "runs.jsonl")
 out["runs"] = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 out["errors"] = [f"{r['side']}/{r['attention']}/compile {r['compile']}: {r['error']}" for r in out["runs"] if "error" in r]
-pick = lambda side: next((r for r in out["runs"] if r["side"] == side and r["attention"] == "sdpa"
-                          and r["compile"] == "off" and "tokens_per_sec" in r), None)
+main_precision = out.get("precision")
+pick = lambda side, **kw: next((r for r in out["runs"] if r["side"] == side and r["attention"] == "sdpa"
+                                and r["compile"] == "off" and "tokens_per_sec" in r
+                                and r.get("precision", main_precision) == kw.get("precision", main_precision)
+                                and r.get("offload", "none") == kw.get("offload", "none")), None)
 for side in ("torch", "deepspeed", "megaray"):
     out[side] = pick(side)
 if out["deepspeed"] and out["megaray"]:
     out["megaray_over_deepspeed"] = out["megaray"]["tokens_per_sec"] / out["deepspeed"]["tokens_per_sec"]
 if out["torch"] and out["deepspeed"]:
     out["deepspeed_over_torch"] = out["deepspeed"]["tokens_per_sec"] / out["torch"]["tokens_per_sec"]
+# fp16 and offload sides, each beside the main precision's figure of the same side (a ratio)
+for label, kw in (("fp16", {"precision": "fp16"}), ("offload", {"offload": "optimizer"})):
+    for side in ("torch", "deepspeed", "megaray"):
+        r, base = pick(side, **kw), out[side]
+        if r:
+            out[f"{side}_{label}"] = r
+            if base:
+                out[f"{side}_{label}_over_{main_precision}"] = r["tokens_per_sec"] / base["tokens_per_sec"]
 try:
     dit = json.load(open(os.path.join(work, "dit.json")))
     out["dit"] = {k: dit[k] for k in ("preset", "batch_size", "precision", "latent")}

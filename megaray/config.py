@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Literal, Optional
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -130,9 +130,18 @@ class TrainConfig(StrictConfig):
         None, gt=0, description="samples per optimizer step at every world size; None = batch_size x "
         "grad_accum_steps x max workers. Another world size accumulates global / (batch_size x world) micro-batches")
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that support it, else fp32 (logged)"
-    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, else fp32 (logged); fp16 = DeepSpeed's fp16 with "
+        "its dynamic loss scaler (CUDA only: DeepSpeed's CPU accelerator has no fp16, so CPU falls back to fp32, "
+        "logged)")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="ZeRO-Offload to CPU memory: optimizer = optimizer states (stage 1-3), all = optimizer "
+        "states and parameters (ZeRO-Infinity's CPU side; stage 3)")
+    deepspeed: Dict[str, Any] = Field(
+        default_factory=dict, description="any further DeepSpeed config (deepspeed.ai/docs/config-json), deep-merged "
+        "into the one megaray generates and validated by DeepSpeed's config model before workers start; keys "
+        "megaray sets from its own fields (batch sizes, accumulation, clipping, ZeRO stage, precision, optimizer, "
+        "scheduler) are refused with the field to set instead")
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
@@ -157,6 +166,11 @@ class TrainConfig(StrictConfig):
     def _check(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.offload == "all" and self.zero_stage != 3:
+            raise ValueError(f"offload 'all' moves parameters to CPU, which needs zero_stage 3 (got {self.zero_stage}); "
+                             "set zero_stage 3, or offload 'optimizer'")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError("offload needs ZeRO (zero_stage 1-3): stage 0 keeps no partitioned optimizer state to move")
         if self.grokfast is not None and self.zero_stage == 3:
             raise ValueError("grokfast needs zero_stage <= 2: the filter reads every parameter's full gradient each "
                              "step, which ZeRO-3's partitioning is meant to avoid (untested path); set zero_stage 2")
@@ -186,7 +200,9 @@ class ScalingSection(StrictConfig):
     elastic_resize_s: float = Field(60.0, gt=0, description="an elastic run checks this often whether the "
                                     "cluster offers more workers (restarting the run at step 0 to use them; from the first "
                                     "checkpoint on, the run keeps that checkpoint's worker count)")
-    use_gpu: bool = False
+    use_gpu: Union[bool, Literal["auto"]] = Field(
+        "auto", description="train on GPUs (one per worker); auto = when the Ray cluster has GPUs at launch (an "
+        "autoscaling cluster whose GPU nodes start on demand shows none yet: set true there)")
     resources_per_worker: Dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept")

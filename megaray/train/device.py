@@ -7,7 +7,7 @@ a fact about the accelerator, so it lives here, beside the loop that divides by 
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -53,3 +53,17 @@ def peak_flops(device: Union[None, str, torch.device] = None) -> Optional[float]
         if key.lower() in name.lower():
             return flops
     return None
+
+
+def choose_gpu(setting: "bool | str", resources: Dict[str, float]) -> Tuple[bool, str]:
+    """Resolve ``scaling.use_gpu`` against a Ray cluster's resources (``ray.cluster_resources()``):
+    ``(use_gpu, why)``. ``auto`` uses GPUs when the cluster has at least one now; ``true`` and
+    ``false`` are kept as given. ``why`` is a short reason for the console."""
+    gpus = int(resources.get("GPU", 0))
+    if setting is True:
+        return True, f"scaling.use_gpu true; the cluster has {gpus} GPU(s) now"
+    if setting is False:
+        return False, "scaling.use_gpu false" + (f" although the cluster has {gpus} GPU(s)" if gpus else "")
+    if gpus:
+        return True, f"scaling.use_gpu auto: the cluster has {gpus} GPU(s); precision auto picks bf16 where supported"
+    return False, "scaling.use_gpu auto: the cluster has no GPUs"

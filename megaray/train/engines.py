@@ -1,7 +1,8 @@
 """The DeepSpeed side of a run: config derived from :class:`megaray.config.RunConfig`, engines.
 
-DeepSpeed owns the optimizer step, ZeRO partitioning (stages 0-3), bf16, gradient accumulation,
-gradient clipping; the LR schedule is :mod:`megaray.train.schedule` (linear warmup, cosine
+DeepSpeed owns the optimizer step, ZeRO partitioning (stages 0-3) and ZeRO-Offload, bf16 and fp16
+(with its loss scaler), gradient accumulation, gradient clipping; any other DeepSpeed setting passes
+through ``train.deepspeed`` (validated by DeepSpeed's config model on the driver); the LR schedule is :mod:`megaray.train.schedule` (linear warmup, cosine
 decay to ``min_lr``), stepped and checkpointed by DeepSpeed. Each module of a task gets its own engine
 with its own optimizer settings (``train.modules.<name>``). Reference: https://www.deepspeed.ai/docs/config-json/ and Ray's DeepSpeed example.
 """
@@ -14,21 +15,29 @@ from typing import Any, Dict, Iterable, Mapping, Tuple
 import torch
 
 from megaray.config import RunConfig
+from megaray.errors import ConfigError
 from megaray.train.schedule import warmup_cosine
 
 log = logging.getLogger("megaray.train")
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``"bf16"`` or ``"fp32"`` for this device.
+    """``"bf16"``, ``"fp16"`` or ``"fp32"`` for this device.
 
     ``auto`` is bf16 on CUDA devices that support it and fp32 elsewhere; the fp32 fallback is
     logged at WARNING so it is visible in the run log. Requesting ``bf16`` on CPU falls back too
-    (DeepSpeed's CPU path trains in fp32), also logged.
+    (DeepSpeed's CPU path trains in fp32), also logged. ``fp16`` (DeepSpeed's fp16 with its
+    dynamic loss scaler) needs CUDA: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not
+    supported on your device"), so CPU falls back to fp32, logged.
     """
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if requested == "fp32":
         return "fp32"
+    if requested == "fp16":
+        if device.type == "cuda":
+            return "fp16"
+        log.warning("precision: fp16 unavailable (DeepSpeed's CPU accelerator has no fp16); training in fp32")
+        return "fp32"
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if bf16_ok:
         return "bf16"
     why = "CPU" if device.type != "cuda" else f"{torch.cuda.get_device_name(device)} lacks bf16"
@@ -36,12 +45,107 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
+#: DeepSpeed keys megaray derives from its own fields: ``train.deepspeed`` may not set them.
+MANAGED = {
+    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (the accumulation follows from it)",
+    "gradient_clipping": "train.grad_clip", "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision", "fp16.enabled": "train.precision",
+    "optimizer": "train.lr / betas / weight_decay (megaray builds AdamW per module)",
+    "scheduler": "train.warmup_steps / min_lr (megaray's warmup-cosine schedule)",
+    "zero_optimization.offload_optimizer.device": "train.offload", "zero_optimization.offload_param.device": "train.offload",
+}
+
+
+def merge_user_config(ds: Dict[str, Any], user: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Deep-merge ``user`` (``train.deepspeed``) into the generated config ``ds`` in place and
+    return it: mappings merge key by key, anything else replaces.
+
+    Raises:
+        ConfigError: ``user`` sets a key in :data:`MANAGED` (names it and the megaray field).
+    """
+    for key, value in user.items():
+        path = f"{prefix}{key}"
+        if path in MANAGED:
+            raise ConfigError(f"train.deepspeed.{path}: megaray sets this from {MANAGED[path]}; set that instead")
+        if isinstance(value, Mapping) and isinstance(ds.get(key), dict):
+            merge_user_config(ds[key], value, path + ".")
+        elif isinstance(value, Mapping):
+            ds[key] = merge_user_config({}, value, path + ".")
+        else:
+            ds[key] = value
+    return ds
+
+
+class _Recorder(dict):
+    """A dict that records which keys were looked up (to find the keys DeepSpeed never reads)."""
+
+    def __init__(self, *args: Any, seen: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.seen = seen if seen is not None else set()
+
+    def get(self, key: Any, *default: Any) -> Any:
+        self.seen.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.seen.add(key)
+        return super().__contains__(key)
+
+
+def validate_deepspeed(cfg: RunConfig) -> Dict[str, Any]:
+    """The run's DeepSpeed config as a worker would build it (at the largest world size, in the
+    requested precision), checked by DeepSpeed's own config model (``DeepSpeedConfig``: pydantic
+    sections that forbid unknown keys, its removed-key and sanity checks) and for top-level keys
+    DeepSpeed never reads (a typo DeepSpeed would ignore). Run on the driver before any worker
+    starts when ``train.deepspeed``, ``train.offload`` or fp16 is set.
+
+    Raises:
+        ConfigError: a managed key (:func:`merge_user_config`), a key DeepSpeed rejects or never
+            reads (named, with the closest known key), or a value DeepSpeed refuses.
+    """
+    from megaray.config import suggest
+
+    precision = cfg.train.precision if cfg.train.precision in ("bf16", "fp16") else "fp32"
+    ds = deepspeed_config(cfg, precision)
+    ds["zero_allow_untested_optimizer"] = True
+    skip_cpu_op_builds() if not torch.cuda.is_available() else None
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    checked = _Recorder(ds)
+    try:
+        DeepSpeedConfig(checked)
+    except Exception as e:  # DeepSpeedConfigError, pydantic ValidationError, AssertionError, ValueError
+        errors = getattr(e, "errors", None)
+        if callable(errors):  # pydantic: name the section's model, the key and the reason
+            msg = "; ".join(f"{e.title}.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                            for err in errors())
+        else:
+            msg = " ".join(str(e).split())
+        raise ConfigError(f"train.deepspeed: DeepSpeed rejects the config: {msg[:600]}") from None
+    unread = sorted(k for k in cfg.train.deepspeed if k not in checked.seen)
+    if unread:
+        known = sorted(k for k in checked.seen if isinstance(k, str))
+        key = unread[0]
+        raise ConfigError(f"train.deepspeed.{key}: not a DeepSpeed config key (DeepSpeed 0.19 would ignore it)"
+                          f"{suggest(key, known)}; see https://www.deepspeed.ai/docs/config-json/")
+    return ds
+
+
 def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
     """The DeepSpeed JSON config for ``cfg`` (per engine; every module of a task shares it).
 
     Batch sizes: ``train_micro_batch_size_per_gpu`` = ``data.batch_size``,
     ``gradient_accumulation_steps`` = ``train.grad_accum_steps``; DeepSpeed derives
-    ``train_batch_size`` from the world size.
+    ``train_batch_size`` from the world size. ``train.offload`` adds ZeRO-Offload's sections;
+    ``train.deepspeed`` is merged last (:func:`merge_user_config`).
+
+    Raises:
+        ConfigError: ``train.deepspeed`` sets a key megaray manages.
     """
     t = cfg.train
     ds: Dict[str, Any] = {
@@ -50,13 +154,22 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": False},
+        # dynamic loss scaling (loss_scale 0) from 2^16, DeepSpeed's defaults, spelled out
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} if precision == "fp16"
+        else {"enabled": False},
         "steps_per_print": 10**9,  # megaray prints its own progress line
         "wall_clock_breakdown": False,
     }
     if t.zero_stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    return ds
+    if t.offload != "none":  # ZeRO-Offload (and, at stage 3, ZeRO-Infinity's CPU parameter offload)
+        pin = torch.cuda.is_available()
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        if t.offload == "all":
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        # megaray's optimizer is torch's AdamW (DeepSpeed's CPUAdam needs a C++ build)
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return merge_user_config(ds, t.deepspeed)
 
 
 def build_engine(

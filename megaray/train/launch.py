@@ -126,6 +126,11 @@ def check_run(cfg: RunConfig, task: Any) -> None:
             raise ConfigError(f"train.modules.{name}: family {cfg.model.family!r} has no module {name!r}"
                               f"{suggest(name, names)}; its modules: {', '.join(names)}")
     check_supported(cfg)
+    t = cfg.train
+    if t.deepspeed or t.offload != "none" or t.precision == "fp16":
+        from megaray.train.engines import validate_deepspeed
+
+        validate_deepspeed(cfg)  # ConfigError naming the key, before any worker starts
     if cfg.train.init_from:
         from megaray.train.checkpoint import resolve
 
@@ -170,6 +175,7 @@ def fit(
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
     ensure_ray()
+    _resolve_use_gpu(cfg, console)
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
     worlds = _check_worlds(cfg, task.info, run_dir)
@@ -210,6 +216,22 @@ def fit(
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
         mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
     )
+
+
+def _resolve_use_gpu(cfg: RunConfig, console: bool) -> None:
+    """``scaling.use_gpu: auto`` becomes true when the connected Ray cluster has GPUs now
+    (``ray.cluster_resources()``), else false; the choice and its reason are printed (console)
+    and logged."""
+    from megaray.train.device import choose_gpu
+
+    import ray
+
+    use, why = choose_gpu(cfg.scaling.use_gpu, ray.cluster_resources())
+    cfg.scaling.use_gpu = use
+    line = f"device: {'GPU' if use else 'CPU'} workers ({why})"
+    log.info(line)
+    if console:
+        print(line, flush=True)
 
 
 def _check_worlds(cfg: RunConfig, info: TaskInfo, run_dir: str) -> list:

@@ -115,7 +115,8 @@ def sample_cmd(
     output: Path = typer.Option(Path("grid.png"), "--output", "-o",
                                 help="image runs: the PNG grid; mel runs: <stem>_mel.png and <stem>N.wav"),
     class_name: Optional[str] = typer.Option(None, "--class", help="class name (image runs; default: every class in turn)"),
-    text: Optional[str] = typer.Option(None, help="transcript to speak (mel runs; default: the run's eval texts)"),
+    text: Optional[str] = typer.Option(None, help="transcript to speak (mel runs) or caption to draw (text-to-image "
+                                                 "runs); default: the run's eval texts"),
     cfg: Optional[float] = typer.Option(None, "--cfg", callback=at_least(1),
                                         help="classifier-free guidance scale, 1 = none (default: the run's diffusion.cfg_scale)"),
     steps: Optional[int] = typer.Option(None, callback=at_least(1), help="DDIM steps (default: the run's diffusion.sample_steps)"),
@@ -126,6 +127,7 @@ def sample_cmd(
 
     Example: megaray sample --checkpoint runs/dit-tiny --n 16 --class astronaut --output grid.png
     Example: megaray sample --checkpoint runs/mel-dit-tiny --n 2 --text "hello world" --output hello.png
+    Example: megaray sample --checkpoint runs/image-dit-text-tiny --n 4 --text "a photo of astronaut" --output x.png
     """
     from megaray.inference.sample import sample_checkpoint
 

@@ -114,15 +114,17 @@ class LatentEncoder:
 
         x = torch.from_numpy(np.asarray(batch["image"], np.float32)).to(self.device)
         views = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if self.flip else [])
-        cols: Dict[str, List[Any]] = {"split": [], "label": [], "flipped": [], "latent": []}
+        cols: Dict[str, List[Any]] = {"split": [], "label": [], "caption": [], "flipped": [], "latent": []}
+        captions = [str(c) for c in batch["caption"]] if "caption" in batch else [""] * len(x)
         for view, flipped in views:
             z = (self.scaling_factor * self.model.encode(view).mean).float().cpu().numpy()
             cols["latent"] += [row.reshape(-1) for row in z]
             cols["label"] += [int(v) for v in batch["label"]]
+            cols["caption"] += captions
             cols["split"] += [str(s) for s in batch["split"]]
             cols["flipped"] += [flipped] * len(z)
         return pa.table({"split": pa.array(cols["split"]), "label": pa.array(cols["label"], pa.int64()),
-                         "flipped": pa.array(cols["flipped"]),
+                         "caption": pa.array(cols["caption"], pa.string()), "flipped": pa.array(cols["flipped"]),
                          "latent": pa.array(cols["latent"], type=pa.list_(pa.float32()))})
 
 
@@ -226,7 +228,8 @@ def encode_image_latents(
     2022: latents are ``scaling_factor * z``, here the posterior mean of centre crops).
 
     Output rows: ``latent`` float32 ``latent_channels * latent_size**2`` (row-major ``(C, h, w)``),
-    ``label`` int64, ``flipped`` bool. ``flip=True`` adds the horizontally flipped copy of every
+    ``label`` int64, ``caption`` str (the image's caption, "" when it had none: what a
+    text-to-image DiT conditions on), ``flipped`` bool. ``flip=True`` adds the horizontally flipped copy of every
     train and val image (twice the rows; training then sees both orientations).
 
     Args:
@@ -236,7 +239,8 @@ def encode_image_latents(
 
     Returns:
         The manifest (kind ``image_latents``): ``latent_channels``, ``latent_size``,
-        ``scaling_factor``, ``vae_checkpoint``, ``vae_config``, ``labels``, ``size``, ``splits``
+        ``scaling_factor``, ``vae_checkpoint``, ``vae_config``, ``labels``, ``captions`` (rows with
+        one), ``size``, ``splits``
         (``{"train": {"dir", "latents"}, "val": ...}``), ``out_dir``.
 
     Raises:
@@ -255,7 +259,7 @@ def encode_image_latents(
     factory, cfg = _factory(vae)
     scaling = float(net.cfg.scaling_factor)
     counts = {s: int(man["splits"][s]["images"]) for s in ("train", "val")}
-    ds = image_datasets(shards, size, seed=0, crop="center", flip=False)
+    ds = image_datasets(shards, size, seed=0, crop="center", flip=False, captions=True)
     parts = {s: ds[s] for s in ("train", "val") if counts[s]}
     copies = 2 if flip else 1
     out = _encode(parts, out_dir, overwrite, {"factory": factory, "kind": "images", "scaling_factor": scaling,
@@ -264,6 +268,7 @@ def encode_image_latents(
                       "image_latents", source_shards=shards, size=size, latent_channels=int(cfg["latent_channels"]),
                       latent_size=size // factor, scaling_factor=scaling, vae_checkpoint=vae_checkpoint,
                       vae_config=cfg, labels=man.get("labels", {}), flipped_copies=flip,
+                      captions=copies * int(man.get("captions", 0)),
                       splits={s: {"dir": s, "latents": copies * c} for s, c in counts.items()}))
     if verbose:
         print(f"[encode_image_latents] {sum(s['latents'] for s in out['splits'].values())} latents -> {out['out_dir']}")

@@ -23,7 +23,8 @@ def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: 
     """Sample ``n`` images or mels from a ``dit`` checkpoint.
 
     Image-latent runs: ``output`` is a PNG grid of ``n`` VAE decodings (``ceil(sqrt(n))`` per
-    row), of class ``class_name`` (default: the classes in turn). Mel runs: ``n`` samples of
+    row), of class ``class_name`` (default: the classes in turn), or, for a text-to-image DiT
+    (``model.context_dim > 0``), of caption ``text`` (default: the run's evaluation captions in turn). Mel runs: ``n`` samples of
     transcript ``text`` (default: the run's evaluation transcripts in turn) as
     ``<output stem>_mel.png`` and, with a vocoder (``vocoder``, else the run's
     ``diffusion.vocoder_checkpoint``), ``<output stem>N.wav``.
@@ -38,7 +39,7 @@ def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: 
     Raises:
         CheckpointError: no complete checkpoint, or one without ``diffusion.json``.
         ConfigError: not a ``dit`` checkpoint; an unknown ``class_name`` (the valid names are
-            listed); ``class_name`` for a mel run or ``text`` for an image run; a missing or
+            listed); ``class_name`` for a text-conditioned run or ``text`` for a class-conditioned one; a missing or
             mismatched VAE / vocoder.
     """
     from megaray.tasks.diffusion import INFO_FILE, DiffusionInfo, DiffusionTask, check_vae, check_vocoder, render, sample
@@ -57,14 +58,24 @@ def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: 
     stem = os.path.splitext(str(output))[0]
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     modules: Dict[str, Any] = {}
-    if info.kind == "image_latents":
+    if info.kind == "image_latents" and cfg.model.context_dim:  # text-to-image
+        if class_name is not None:
+            raise ConfigError("--class: this checkpoint is a text-to-image DiT (conditioned on captions); use --text \"...\"")
+        texts = info.texts or [""]
+        cond: Dict[str, Any] = {"texts": [text] * n if text is not None else [texts[i % len(texts)] for i in range(n)]}
+        modules["vae"] = load_for_inference(check_vae(d.vae_checkpoint or info.vae_checkpoint, cfg.model.in_channels),
+                                            device)[0]
+        encoder = task.text.load()
+        if encoder is not None:
+            encoder.to(device)
+    elif info.kind == "image_latents":
         if text is not None:
             raise ConfigError("--text: this checkpoint is class-conditioned (image latents); use --class NAME")
         names = sorted(info.labels, key=info.labels.get)
         if class_name is not None and class_name not in info.labels:
             raise ConfigError(f"--class {class_name!r}: not a class of this run; valid names: {', '.join(names)}")
         ids = [info.labels[class_name]] * n if class_name is not None else [i % max(1, len(names)) for i in range(n)]
-        cond: Dict[str, Any] = {"y": ids}
+        cond = {"y": ids}
         vae = check_vae(d.vae_checkpoint or info.vae_checkpoint, cfg.model.in_channels)
         modules["vae"] = load_for_inference(vae, device)[0]
     else:

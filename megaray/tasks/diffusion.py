@@ -4,7 +4,9 @@ Two kinds of shards, told apart by their manifest's ``kind``:
 
 * ``image_latents`` (``megaray prepare image-latents``): ``scaling_factor * z`` of a frozen image
   VAE, class-conditioned (the DiT drops labels to the null class with ``class_dropout_prob``,
-  for classifier-free guidance); eval samples are decoded by that VAE into a PNG grid.
+  for classifier-free guidance), or text-conditioned on the images' captions when
+  ``model.context_dim > 0`` (the same text encoders and cross-attention as mels; captions are
+  dropped with ``class_dropout_prob``); eval samples are decoded by that VAE into a PNG grid.
 * ``audio`` (``megaray prepare audio``): log-mels of whole clips, cropped from their start (or
   padded) to ``model.input_size = [n_mels, frames]`` and normalised with ``diffusion.mel_mean /
   mel_std``, seen as 1-channel images, text-conditioned on the clips' transcripts (byte ids through
@@ -48,7 +50,8 @@ class DiffusionInfo(TaskInfo):
         vae_checkpoint / vocoder_checkpoint: the checkpoint directories of the frozen image VAE
             and vocoder that decode samples (found and checked on the driver).
         scaling_factor: latents are ``scaling_factor * z``; decode ``latent / scaling_factor``.
-        texts: transcripts of the eval samples (mels): the first validation clips'.
+        texts: transcripts (mels) or captions (text-conditioned image latents) of the eval
+            samples: the first validation examples'.
         mel: ``{sample_rate, n_mels, n_fft, hop_length}`` of audio shards.
     """
 
@@ -218,16 +221,33 @@ class DiffusionTask(Task):
         if m.grid_input != (man["latent_size"],) * 2:
             raise ConfigError(f"model.input_size ({m.input_size}) differs from the latent_size ({man['latent_size']}) "
                               f"of {shards}; set model.input_size={man['latent_size']}")
-        if m.num_classes < len(man["labels"]):
+        text = bool(m.context_dim)
+        if text:
+            self._check_text_model()
+            if "captions" not in man:
+                raise ConfigError(f"model.context_dim ({m.context_dim}) makes a text-to-image DiT, but {shards} was "
+                                  "prepared without a caption column (an older megaray); re-run `megaray prepare "
+                                  "image-latents`, or set model.context_dim=0 for class conditioning")
+        elif m.num_classes < len(man["labels"]):
             raise ConfigError(f"model.num_classes ({m.num_classes}) is smaller than the {len(man['labels'])} labels "
                               f"of {shards}; set model.num_classes={len(man['labels'])}")
         key = "diffusion.vae_checkpoint" if self.cfg.diffusion.vae_checkpoint else f"{shards}/manifest.json vae_checkpoint"
         vae = check_vae(self.cfg.diffusion.vae_checkpoint or man.get("vae_checkpoint"), m.in_channels, key)
         n_train, n_val = man["splits"]["train"]["latents"], man["splits"]["val"]["latents"]
+        texts = _first_captions(shards, man, self.cfg.diffusion.n_samples, _names(man)) if text else []
         self._set_info(man, n_train, n_val, shards, kind="image_latents", labels=man["labels"], vae_checkpoint=vae,
-                       scaling_factor=float(man["scaling_factor"]))
+                       scaling_factor=float(man["scaling_factor"]), texts=texts)
         shape = (m.in_channels, man["latent_size"], man["latent_size"])
-        return {s: _latent_split(shards, man, s, shape, self.cfg.data.on_corrupt) for s in ("train", "val")}
+        max_len = self.cfg.diffusion.text_max_len if text else None
+        return {s: _latent_split(shards, man, s, shape, self.cfg.data.on_corrupt, max_len, _names(man))
+                for s in ("train", "val")}
+
+    def _check_text_model(self) -> None:
+        """The byte-level text encoder needs the DiT's token table (>= 257 ids). Raises ConfigError."""
+        m = self.cfg.model
+        if self.cfg.diffusion.text_encoder == "bytes" and m.text_vocab_size < 257:
+            raise ConfigError(f"model.text_vocab_size ({m.text_vocab_size}): byte-level text needs >= 257 "
+                              "(256 bytes + padding) and model.context_dim > 0")
 
     def _mel_datasets(self, shards: str, man: Dict[str, Any]) -> Dict[str, Any]:
         from megaray.data.audio import audio_datasets, load_examples
@@ -238,9 +258,7 @@ class DiffusionTask(Task):
             raise ConfigError(f"model.input_size / in_channels: a mel DiT takes (1, n_mels, frames) inputs; {shards} "
                               f"has n_mels={man['n_mels']}, so set model.in_channels=1 and model.input_size="
                               f"[{man['n_mels']}, FRAMES] (got in_channels={m.in_channels}, input_size={m.input_size})")
-        if d.text_encoder == "bytes" and m.text_vocab_size < 257:
-            raise ConfigError(f"model.text_vocab_size ({m.text_vocab_size}): byte-level text needs >= 257 "
-                              "(256 bytes + padding) and model.context_dim > 0")
+        self._check_text_model()
         vocoder = d.vocoder_checkpoint and check_vocoder(d.vocoder_checkpoint, man, "diffusion.vocoder_checkpoint")
         n_train, n_val = man["splits"]["train"]["clips"], man["splits"]["val"]["clips"]
         # tiny val sets: every clip several times, so each rank gets a full batch
@@ -270,14 +288,17 @@ class DiffusionTask(Task):
             frames = self.cfg.model.grid_input[1]
             return crop_stream(self.cfg, man, plan, epoch, cursor, segment=(frames - 1) * int(man["hop_length"]),
                                from_start=True, text_max_len=self.cfg.diffusion.text_max_len)
-        shards, cols = self.cfg.data.resolved_sources()[0].shards, ["latent", "label"]
+        text = bool(self.cfg.model.context_dim)
+        shards, cols = self.cfg.data.resolved_sources()[0].shards, ["latent", "label"] + (["caption"] if text else [])
         filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
         ds = rows.positioned_rows(filesystem, items, cols, schema, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
                                   plan=plan, epoch=epoch, cursor=cursor,
                                   last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
                                   on_corrupt=self.cfg.data.on_corrupt, hint=hint)
         shape = (self.cfg.model.in_channels, int(man["latent_size"]), int(man["latent_size"]))
-        return rows.map_positioned(ds, _reshape_latents, plan.micro_batch, fn_kwargs={"shape": shape})
+        return rows.map_positioned(ds, _reshape_latents, plan.micro_batch,
+                                   fn_kwargs={"shape": shape, "text_max_len": self.cfg.diffusion.text_max_len if text else None,
+                                              "names": _names(man)})
 
     def checkpoint_files(self) -> Dict[str, str]:
         """``diffusion.json``: what ``megaray sample`` needs besides the weights (the shards' kind,
@@ -286,14 +307,19 @@ class DiffusionTask(Task):
         return {INFO_FILE: json.dumps({k: getattr(self.info, k) for k in keep}, indent=1)}
 
     def prepare_command(self, shards: str) -> Optional[str]:
-        if self.cfg.model.context_dim:  # text-conditioned: a mel DiT on audio shards
+        if self.cfg.model.context_dim and self.cfg.model.in_channels == 1:  # text-conditioned: a mel DiT on audio shards
             return f"megaray prepare audio --source espeak --out {shards} --n-mels {self.cfg.model.grid_input[0]}"
         return f"megaray prepare image-latents --vae-checkpoint VAE_RUN --source IMAGES --out {shards}"
 
     def collate(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-        """``{"x": (B, C, H, W)}`` plus ``"y"`` (class ids) or ``"text_ids"``/``"text_mask"``."""
+        """``{"x": (B, C, H, W)}`` plus ``"y"`` (class ids) and/or ``"text_ids"``/``"text_mask"``."""
         if "latent" in batch:
-            return {"x": batch["latent"].to(device).float(), "y": batch["label"].to(device)}
+            out = {"x": batch["latent"].to(device).float()}
+            if "text_ids" in batch:  # a text-to-image DiT
+                out.update(text_ids=batch["text_ids"].to(device), text_mask=batch["text_mask"].to(device))
+            if self.cfg.model.num_classes:
+                out["y"] = batch["label"].to(device)
+            return out
         d = self.cfg.diffusion
         x = (batch["mel"].to(device).float()[:, None] - d.mel_mean) / d.mel_std
         return {"x": x, "text_ids": batch["text_ids"].to(device), "text_mask": batch["text_mask"].to(device)}
@@ -307,18 +333,18 @@ class DiffusionTask(Task):
             out["vae"] = load_frozen(self.info.vae_checkpoint)
         elif self.info.vocoder_checkpoint:
             out["vocoder"] = load_frozen(self.info.vocoder_checkpoint)
-        text = self.text.load() if self.info.kind == "audio" else None
+        text = self.text.load() if self.cfg.model.context_dim else None
         if text is not None:
             out["text_encoder"] = text
         return out
 
     # -- step ------------------------------------------------------------------------------
     def conditioning(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The DiT's keyword arguments of a collated batch: ``y`` or ``context``/``context_mask``."""
-        if "y" in batch:
-            return {"y": batch["y"]}
-        context, mask = self.text(batch["text_ids"], batch["text_mask"])
-        return {"context": context, "context_mask": mask}
+        """The DiT's keyword arguments of a collated batch: ``y`` and/or ``context``/``context_mask``."""
+        out: Dict[str, torch.Tensor] = {"y": batch["y"]} if "y" in batch else {}
+        if "text_ids" in batch:
+            out["context"], out["context_mask"] = self.text(batch["text_ids"], batch["text_mask"])
+        return out
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         cond = self.conditioning(batch)
@@ -346,29 +372,76 @@ class DiffusionTask(Task):
         was = net.training
         net.eval()
         n = d.n_samples
-        if info.kind == "image_latents":
+        if info.kind == "image_latents" and not self.cfg.model.context_dim:
             cond: Dict[str, Any] = {"y": torch.arange(n) % max(1, len(info.labels) or self.cfg.model.num_classes)}
         else:
-            cond = {"texts": [info.texts[i % len(info.texts)] for i in range(n)]}
+            texts = info.texts or [""]
+            cond = {"texts": [texts[i % len(texts)] for i in range(n)]}
         x = sample(self, net, n, cond, d.cfg_scale, d.sample_steps, d.sample_seed)
         files = render(self, x, modules, os.path.join(out_dir, "samples"), titles=cond.get("texts"), step=step)
         net.train(was)
         return {"samples": ", ".join(os.path.basename(f) for f in files)}
 
 
-def _latent_split(shards: str, man: Dict[str, Any], split: str, shape: Sequence[int], on_corrupt: str) -> Any:
-    """Ray Dataset of one split of image latents: ``latent`` float32 ``shape``, ``label`` int64;
-    rows in file order (one block per row group: exact resume)."""
+def _names(man: Dict[str, Any]) -> Dict[int, str]:
+    """``{label id: class name}`` of a latent manifest (the captions' fallback)."""
+    return {int(i): str(name) for name, i in man.get("labels", {}).items()}
+
+
+def captions_of(b: Mapping[str, Any], names: Mapping[int, str]) -> List[str]:
+    """The rows' captions; a row without one gets the multimodal family's template with its class
+    name (``"a photo of astronaut"``, :data:`megaray.data.multimodal.CAPTION_TEMPLATE`), as
+    scikit-image's photographs and class folders carry labels, not captions."""
+    from megaray.data.multimodal import CAPTION_TEMPLATE
+
+    return [str(c) or CAPTION_TEMPLATE.format(label=names.get(int(y), str(int(y)))) for c, y in zip(b["caption"], b["label"])]
+
+
+def _latent_split(shards: str, man: Dict[str, Any], split: str, shape: Sequence[int], on_corrupt: str,
+                  text_max_len: Optional[int] = None, names: Optional[Dict[int, str]] = None) -> Any:
+    """Ray Dataset of one split of image latents: ``latent`` float32 ``shape``, ``label`` int64
+    (and the captions' byte ids with ``text_max_len``: :func:`_reshape_latents`); rows in file
+    order (one block per row group: exact resume)."""
     from megaray.data.shards import read_split
 
-    ds = read_split(shards, man, split, ["latent", "label"], on_corrupt)
-    return ds.map_batches(_reshape_latents, batch_format="numpy", fn_kwargs={"shape": tuple(shape)})
+    cols = ["latent", "label"] + (["caption"] if text_max_len else [])
+    ds = read_split(shards, man, split, cols, on_corrupt)
+    return ds.map_batches(_reshape_latents, batch_format="numpy",
+                          fn_kwargs={"shape": tuple(shape), "text_max_len": text_max_len, "names": names or {}})
 
 
-def _reshape_latents(b: Dict[str, np.ndarray], *, shape: Sequence[int]) -> Dict[str, np.ndarray]:
-    """Stored rows -> ``latent`` float32 ``(n, *shape)`` (row-major ``C*h*w``), ``label`` int64 ``(n,)``."""
-    return {"latent": np.stack([np.asarray(v, np.float32).reshape(shape) for v in b["latent"]]).reshape(-1, *shape),
-            "label": np.asarray(b["label"], np.int64)}
+def _reshape_latents(b: Dict[str, np.ndarray], *, shape: Sequence[int], text_max_len: Optional[int] = None,
+                     names: Optional[Mapping[int, str]] = None) -> Dict[str, np.ndarray]:
+    """Stored rows -> ``latent`` float32 ``(n, *shape)`` (row-major ``C*h*w``), ``label`` int64 ``(n,)``;
+    with ``text_max_len``, the captions as ``text_ids`` int64 / ``text_mask`` bool ``(n, text_max_len)``
+    (:func:`megaray.data.audio.datasets.text_bytes`, as a mel DiT's transcripts; :func:`captions_of`)."""
+    out = {"latent": np.stack([np.asarray(v, np.float32).reshape(shape) for v in b["latent"]]).reshape(-1, *shape),
+           "label": np.asarray(b["label"], np.int64)}
+    if text_max_len:
+        from megaray.data.audio.datasets import text_bytes
+
+        out["text_ids"], out["text_mask"] = text_bytes(captions_of(b, names or {}), text_max_len)
+    return out
+
+
+def _first_captions(shards: str, man: Dict[str, Any], n: int, names: Mapping[int, str]) -> List[str]:
+    """The captions of the first ``n`` validation latents (the eval samples' prompts), read with
+    pyarrow (no Ray); the train split's when val is empty."""
+    import pyarrow.parquet as pq
+
+    from megaray.data.shards import split_files
+
+    for split in ("val", "train"):
+        out: List[str] = []
+        filesystem, paths, _ = split_files(shards, man, split)
+        for path in paths:
+            with filesystem.open_input_file(path) as f:
+                out += captions_of(pq.read_table(f, columns=["caption", "label"]).to_pydict(), names)
+            if len(out) >= n:
+                break
+        if out:
+            return out[:n]
+    return []
 
 
 @torch.no_grad()

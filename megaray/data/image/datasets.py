@@ -76,7 +76,10 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, size: int, seed: int, random: b
         else:
             (top, left), flipped = center_box(h, w, size), False
         images[i] = to_chw(batch["pixels"][i], h, w, top, left, size, flipped)
-    return {"image": images, "label": np.asarray(batch["label_id"], np.int64)}
+    out = {"image": images, "label": np.asarray(batch["label_id"], np.int64)}
+    if "caption" in batch:  # image_datasets(captions=True): the text of a text-to-image model
+        out["caption"] = np.asarray([str(c) for c in batch["caption"]], dtype=object)
+    return out
 
 
 def image_datasets(
@@ -89,11 +92,12 @@ def image_datasets(
     passes: int = 1,
     on_corrupt: str = "error",
     batch_size: int = 32,
+    captions: bool = False,
 ) -> Dict[str, Any]:
     """Ray datasets of ``size x size`` crops from :func:`megaray.data.image.prepare_images` shards.
 
     Columns (ready for ``iter_torch_batches``): ``image`` float32 ``(3, size, size)`` in [-1, 1]
-    and ``label`` int64 (the manifest's ``labels``). Train: ``passes * train images`` rows, crops
+    and ``label`` int64 (the manifest's ``labels``); with ``captions``, also ``caption`` str. Train: ``passes * train images`` rows, crops
     per the module docstring (identical on every execution); val: one centred crop per image.
 
     Args:
@@ -122,7 +126,7 @@ def image_datasets(
     if empty:
         raise DataError(f"{shards} holds no {' or '.join(empty)} images (prepared with val_fraction="
                         f"{man.get('val_fraction')}); re-run `megaray prepare images` with --val-fraction 0.1")
-    cols = ["name", "pixels", "height", "width", "label_id"]
+    cols = ["name", "pixels", "height", "width", "label_id"] + (["caption"] if captions else [])
     out = {}
     for split, random, k in (("train", crop == "random", passes), ("val", False, 1)):
         rows = shard_io.read_split(shards, man, split, cols, on_corrupt, passes=k)

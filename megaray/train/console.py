@@ -39,6 +39,13 @@ def quiet_driver() -> None:
     warnings.filterwarnings("ignore", message=".*is deprecated.*")
     for name in ("ray", "mlflow", "alembic", "urllib3", "deepspeed", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow sets its own loggers to INFO when first imported (later than this call) unless told
+    # otherwise, and draws a progress bar for every artifact download (logging the final model)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # a local cluster's "Token authentication is enabled" notice: the token is Ray's default, not
+    # something the user chose or must act on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 class Channel:

@@ -73,14 +73,16 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     quiet_driver()
     logs = verbose()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=logs)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=logs,
+                 logging_level=logging.INFO if logs else logging.WARNING)
     else:
         n = num_cpus or max(8, os.cpu_count() or 1)
         # as many Python workers may start at once as there are logical CPUs (Ray's default is the
         # core count, and the raylet prints a warning on the console each time more start)
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
         # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
-        ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=logs)
+        ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=logs,
+                 logging_level=logging.INFO if logs else logging.WARNING)
     quiet_driver()  # ray.init resets its loggers' levels
     from ray.data import DataContext
 
@@ -229,9 +231,10 @@ def _resolve_use_gpu(cfg: RunConfig, console: bool) -> None:
     use, why = choose_gpu(cfg.scaling.use_gpu, ray.cluster_resources())
     cfg.scaling.use_gpu = use
     line = f"device: {'GPU' if use else 'CPU'} workers ({why})"
-    log.info(line)
     if console:
         print(line, flush=True)
+    else:
+        log.info(line)
 
 
 def _check_worlds(cfg: RunConfig, info: TaskInfo, run_dir: str) -> list:

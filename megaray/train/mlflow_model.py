@@ -102,11 +102,18 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
         with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # the signature is explicit; an input example would make MLflow load and run the model here
             warnings.filterwarnings("ignore", message=".*input example was not provided")
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=CheckpointModel(), artifacts={"checkpoint": str(staged)},
-                signature=signature, registered_model_name=register_as,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"tokenizers=={tokenizers.__version__}",
-                                  f"mlflow=={mlflow.__version__}"],
-            )
+            # CheckpointModel is megaray's own class, pickled by design (its weights are files)
+            pyfunc_log = logging.getLogger("mlflow.pyfunc")
+            level = pyfunc_log.level
+            pyfunc_log.setLevel(logging.ERROR)
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=CheckpointModel(), artifacts={"checkpoint": str(staged)},
+                    signature=signature, registered_model_name=register_as,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                      f"tokenizers=={tokenizers.__version__}", f"mlflow=={mlflow.__version__}"],
+                )
+            finally:
+                pyfunc_log.setLevel(level)
     tracking.client(uri).set_tag(run_id, MODEL_URI_TAG, info.model_uri)
     return info.model_uri

@@ -18,10 +18,14 @@ for a misspelled key, the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Union
+from typing import Any, ClassVar, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -90,6 +94,10 @@ class DataConfig(StrictConfig):
     shuffle_block: int = Field(1 << 16, ge=0, description="samples permuted together in a positioned stream (a "
                                "resume re-reads one block; memory holds one); 0 = stream order, no shuffling")
     num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")
+    val_shards: Optional[str] = Field(
+        None, description="a separate prepared folder to validate on (text families): its val split, or its train "
+        "split when its val split is empty; must share the train shards' tokenizer. None = the val split of "
+        "data.shards / data.sources")
     on_corrupt: Literal["error", "skip"] = Field(
         "error", description="a shard row group that cannot be read: end the run naming it, or skip and count it")
 
@@ -297,6 +305,19 @@ class DiffusionSection(StrictConfig):
     sample_seed: int = Field(0, description="seed of the fixed evaluation noise and timesteps")
 
 
+class GenerationConfig(StrictConfig):
+    """Sampling defaults of ``megaray generate --checkpoint RUN`` (read from the run's saved
+    config); a flag given on the command line wins over each."""
+
+    prompt: Optional[str] = Field(None, description="text to continue; None = 'The ' (multimodal checkpoints: "
+                                  "the command's own default for --to)")
+    max_new_tokens: int = Field(64, gt=0, description="tokens to add (fewer if the end-of-text token comes)")
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
+    top_k: Optional[int] = Field(40, ge=0, description="sample among the k most likely tokens; None or 0 = all")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling; None = off")
+    seed: int = Field(0, description="seed of the sampler")
+
+
 class RunConfig(StrictConfig):
     """A whole run: model, data, optimisation, scaling and tracking."""
 
@@ -308,6 +329,7 @@ class RunConfig(StrictConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     def to_yaml(self, path: Optional[str | os.PathLike] = None) -> str:
         """The fully resolved config as YAML; also written to ``path`` when given."""
@@ -340,6 +362,123 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> Dict[str
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
     return raw
+
+
+#: the key of a run config naming the config it extends (a path relative to the including file)
+BASE_KEY = "base"
+
+
+@dataclass
+class LayeredConfig:
+    """A run config's raw mapping after its ``base:`` chain and ``--set`` overrides are applied.
+
+    Attributes:
+        raw: the merged mapping (no ``base`` key), ready for :func:`megaray.families.build_run_config`.
+        files: the chain, the most basic file first and the loaded file last (absolute paths;
+            ``<dict>`` for a dict source).
+        origins: ``{dotted key: where it was set}`` for every key and section (the last file, or
+            ``--set KEY=VALUE``, to set it); :func:`key_origins` puts it into unknown-key errors.
+    """
+
+    raw: Dict[str, Any]
+    files: List[str] = field(default_factory=list)
+    origins: Dict[str, str] = field(default_factory=dict)
+
+
+def load_layered(source: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = (), *,
+                 what: str = "config", base_dir: Optional[str | os.PathLike] = None) -> LayeredConfig:
+    """Read a run config with its ``base:`` chain deep-merged, then ``overrides`` applied last.
+
+    ``base: other.yaml`` (relative to the file that names it; ``~`` and absolute paths allowed)
+    loads ``other.yaml`` first, recursively. Merging: a mapping merges key by key into the base's
+    mapping at the same key; any other value (a list, a scalar, ``null``) replaces the base's.
+    ``overrides`` are ``KEY=VALUE`` strings (:func:`apply_override`). A dict ``source`` may name a
+    ``base`` too, relative to ``base_dir`` (default: the working directory). The one loader of run
+    configs: ``megaray config|train`` (:func:`megaray.families.load_config`) and the base of a
+    tune config (:func:`megaray.tune.config.load_tune_config`).
+
+    Raises:
+        ConfigError: a missing file or bad YAML (named), ``base`` not a local path, a base that
+            does not exist (names the including file), a cycle (names the chain).
+    """
+    chain: List[tuple] = []  # (display, mapping), the loaded file first
+    seen: List[str] = []
+    if isinstance(source, dict):
+        raw, here, display = copy.deepcopy(source), Path(base_dir or Path.cwd()), "<dict>"
+    else:
+        path = Path(source).expanduser().resolve()
+        raw, here, display = read_yaml_mapping(source, what), path.parent, str(path)
+        seen.append(str(path))
+    while True:
+        chain.append((display, raw))
+        ref = raw.get(BASE_KEY)
+        if ref is None:
+            break
+        if not isinstance(ref, str) or not ref.strip() or "://" in ref:
+            raise ConfigError(f"{display}: base: expected the path of a local run config (relative to this "
+                              f"file), got {ref!r}")
+        path = (here / Path(ref).expanduser()).resolve()
+        if str(path) in seen:
+            loop = " -> ".join([*seen, str(path)])
+            raise ConfigError(f"{display}: base: {ref} makes a cycle: {loop}; remove one of these base: keys")
+        if not path.is_file():
+            raise ConfigError(f"{display}: base: {ref} not found (resolved against {here}: {path})")
+        seen.append(str(path))
+        raw, here, display = read_yaml_mapping(path, "base config"), path.parent, str(path)
+    out = LayeredConfig(raw={}, files=[d for d, _ in reversed(chain)])
+    for display, mapping in reversed(chain):  # the most basic first, so later files win
+        mapping = {k: v for k, v in mapping.items() if k != BASE_KEY}
+        out.raw = deep_merge(out.raw, mapping)
+        out.origins.update(dict.fromkeys(_key_paths(mapping), display))
+    for item in overrides:
+        key, value = parse_override(item)
+        apply_override(out.raw, item)
+        out.origins.update(dict.fromkeys(_key_paths(value, key + "."), f"--set {item}"))
+        out.origins[key] = f"--set {item}"
+    return out
+
+
+def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """A new mapping: ``base`` with ``over`` merged in (mappings key by key, recursively; any
+    other value of ``over``, lists included, replaces). Neither input is changed."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _key_paths(d: Any, prefix: str = "") -> List[str]:
+    """Every dotted key path in ``d``, sections included (``{"a": {"b": 1}}`` -> ``["a", "a.b"]``)."""
+    if not isinstance(d, dict):
+        return []
+    out = []
+    for k, v in d.items():
+        out += [f"{prefix}{k}", *_key_paths(v, f"{prefix}{k}.")]
+    return out
+
+
+_ORIGINS: ContextVar[Optional[Dict[str, str]]] = ContextVar("megaray_config_origins", default=None)
+
+
+@contextmanager
+def key_origins(origins: Dict[str, str]) -> Iterator[None]:
+    """Inside this block, an unknown-key error of :func:`validate` names where the key was set
+    (``origins`` from :attr:`LayeredConfig.origins`)."""
+    token = _ORIGINS.set(origins)
+    try:
+        yield
+    finally:
+        _ORIGINS.reset(token)
+
+
+def _origin_note(path: str) -> str:
+    origins = _ORIGINS.get()
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):  # the key itself, else its closest section
+        where = (origins or {}).get(".".join(parts[:n]))
+        if where:
+            return f" (set in {where})" if not where.startswith("--set") else f" (set by {where})"
+    return ""
 
 
 def apply_override(raw: Dict[str, Any], item: str) -> None:
@@ -400,7 +539,7 @@ def _format_errors(cls: type[BaseModel], err: ValidationError, prefix: str) -> s
         path = ".".join(([prefix] if prefix else []) + loc)
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
-            lines.append(f"{path}: unknown key{suggest(loc[-1], valid)}")
+            lines.append(f"{path}: unknown key{suggest(loc[-1], valid)}{_origin_note(path)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{path or (prefix or cls.__name__)}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and not isinstance(e.get("input"), dict) else ""))

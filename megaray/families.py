@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from megaray.config import RunConfig, apply_override, read_yaml_mapping, suggest, validate
+from megaray.config import RunConfig, key_origins, load_layered, suggest, validate
 from megaray.errors import ConfigError
 
 #: family packages; each registers its families on import
@@ -129,16 +129,19 @@ def task_class(family: str, task: Optional[str] = None) -> Any:
 def load_config(source: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Load a run config from a YAML path (or a dict), apply ``key.path=value`` overrides.
 
-    Override values are parsed as YAML scalars (``3e-4`` -> float, ``true`` -> bool).
+    A ``base: other.yaml`` key extends another run config (:func:`megaray.config.load_layered`:
+    relative to the including file, chains allowed, mappings deep-merged, lists and scalars
+    replaced); the overrides apply after the merge. Override values are parsed as YAML scalars
+    (``3e-4`` -> float, ``true`` -> bool).
 
     Raises:
-        ConfigError: missing file, bad YAML, unknown/misspelled key, wrong type, impossible
-            combination. The message names the dotted key path.
+        ConfigError: missing file, bad YAML, a missing or cyclic ``base``, unknown/misspelled key
+            (named with the file or ``--set`` that set it), wrong type, impossible combination.
+            The message names the dotted key path.
     """
-    raw = dict(source) if isinstance(source, dict) else read_yaml_mapping(source)
-    for item in overrides:
-        apply_override(raw, item)
-    return build_run_config(raw)
+    layered = load_layered(source, overrides)
+    with key_origins(layered.origins):
+        return build_run_config(layered.raw)
 
 
 #: the modalities a model section may name (``model.modalities``)

@@ -75,13 +75,21 @@ def text_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def speech_shards(ray_cluster, tmp_path_factory):
-    """12 espeak-ng clips (several voices) prepared into 16 kHz shards: 80 mels, n_fft 512, hop 128."""
-    from megaray.data.audio import prepare_audio
+def speech_corpus(tmp_path_factory):
+    """12 espeak-ng clips (several voices, 22.05 kHz wav): the corpus ``manifest.jsonl`` path
+    (rows ``{"path": "wavs/...", "text", "speaker"}``, paths relative to it)."""
     from megaray.data.speech_corpus import build_speech_corpus
 
+    return build_speech_corpus(str(tmp_path_factory.mktemp("speech-raw") / "raw"), n_clips=12, include_alsa=False)
+
+
+@pytest.fixture(scope="session")
+def speech_shards(ray_cluster, speech_corpus, tmp_path_factory):
+    """The 12 clips of ``speech_corpus`` prepared into 16 kHz shards: 80 mels, n_fft 512, hop 128."""
+    from megaray.data.audio import prepare_audio
+
     root = tmp_path_factory.mktemp("speech")
-    corpus = build_speech_corpus(str(root / "raw"), n_clips=12, include_alsa=False)
+    corpus = speech_corpus
     out = root / "shards"
     prepare_audio([str(corpus)], str(out), sample_rate=16000, n_mels=80, n_fft=512, hop_length=128,
                   val_fraction=0.25, concurrency=2, verbose=False)

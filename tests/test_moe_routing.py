@@ -19,14 +19,11 @@ def cfg(**kw) -> GPTConfig:
 
 
 def _rows_seen(moe: MoE):
-    """Forward hooks that record how many token rows each expert actually processes."""
-    seen = [0] * moe.n_experts
-
-    def hook(e):
-        return lambda mod, inp, out: seen.__setitem__(e, seen[e] + inp[0].shape[0])
-
-    handles = [ex.register_forward_hook(hook(e)) for e, ex in enumerate(moe.experts)]
-    return seen, handles
+    """A forward hook on the grouped experts that records the ``(E, rows per expert, dim)`` shapes
+    they are run on (all experts run at once: rows are padded to the largest group)."""
+    seen = []
+    handle = moe.experts.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    return seen, [handle]
 
 
 @pytest.mark.parametrize("factor,B,T", [(1.0, 2, 10), (2.0, 3, 7), (0.5, 1, 16)])
@@ -37,7 +34,7 @@ def test_expert_choice_every_expert_takes_exactly_its_capacity(factor, B, T):
     moe(torch.randn(B, T, 32))
     k = math.ceil(B * T * factor / 4)
     assert expert_capacity(B * T, 4, factor) == k
-    assert seen == [k] * 4
+    assert seen == [(4, k, 32)]  # every expert runs on exactly its k tokens, no padding
     assert moe.tokens_per_expert.tolist() == [k] * 4
     for h in handles:
         h.remove()
@@ -99,7 +96,8 @@ def test_top_k_z_loss_and_zero_drop():
     z_direct = (torch.logsumexp(logits, -1) ** 2).mean()
     assert moe.aux_loss.item() == pytest.approx(0.5 * z_direct.item(), rel=1e-5)
     assert moe.stats["moe_dropped_frac"].item() == 0.0
-    assert sum(seen) == 16 * 2  # each token to exactly k experts
+    assert moe.tokens_per_expert.sum().item() == 16 * 2  # each token to exactly k experts
+    assert seen[0][0] == 4 and seen[0][1] == int(moe.tokens_per_expert.max())  # padded to the largest group
 
 
 def test_z_loss_gradient_shrinks_router_logits():

@@ -54,15 +54,25 @@ def eval_cmd(
 @app.command("generate")
 def generate_cmd(
     checkpoint: str = typer.Option(..., help=_CHECKPOINT_HELP),
-    prompt: Optional[str] = typer.Option(None, help="text to continue (default 'The '); multimodal: the caption or "
-                                         "transcript to draw or speak, or the start of a transcription"),
-    max_new_tokens: int = typer.Option(64, callback=at_least(1),
-                                       help="tokens to add (fewer if the end-of-text token comes)"),
-    temperature: float = typer.Option(0.8, callback=at_least(0), help="0 = greedy"),
-    top_k: Optional[int] = typer.Option(40, callback=at_least(1), help="sample among the k most likely tokens"),
+    prompt: Optional[str] = typer.Option(None, help="text to continue (default: the run's generation.prompt, else "
+                                         "'The '); multimodal: the caption or transcript to draw or speak, or the "
+                                         "start of a transcription"),
+    max_new_tokens: Optional[int] = typer.Option(None, callback=at_least(1),
+                                                 help="tokens to add (fewer if the end-of-text token comes; default: "
+                                                      "the run's generation.max_new_tokens, 64 unless set)"),
+    temperature: Optional[float] = typer.Option(None, callback=at_least(0),
+                                                help="0 = greedy (default: the run's generation.temperature, 0.8 "
+                                                     "unless set)"),
+    top_k: Optional[int] = typer.Option(None, callback=at_least(0),
+                                        help="sample among the k most likely tokens, 0 = all (default: the run's "
+                                             "generation.top_k, 40 unless set)"),
     top_p: Optional[float] = typer.Option(None, callback=in_interval(0, 1, low_open=True, high_open=False),
-                                          help="nucleus sampling: the smallest set of tokens with this much probability"),
-    seed: int = typer.Option(0, help="random seed of the sampler"),
+                                          help="nucleus sampling: the smallest set of tokens with this much probability "
+                                               "(default: the run's generation.top_p, off unless set)"),
+    seed: Optional[int] = typer.Option(None, help="random seed of the sampler (default: the run's generation.seed, 0)"),
+    interactive: bool = typer.Option(False, "--interactive", "-i",
+                                     help="text models: load the model once, then continue each line read from stdin "
+                                          "(a '> ' prompt on a terminal); an empty line, ':q' or end of input ends"),
     to: str = typer.Option("text", callback=one_of(("text", "audio", "image")),
                            help="multimodal checkpoints: what to generate: text | audio | image"),
     out: Optional[Path] = typer.Option(None, help="--to audio: the wav (or .npy + _mel.png without --vocoder); "
@@ -74,23 +84,45 @@ def generate_cmd(
 ) -> None:
     """Continue a prompt with a trained text model (KV-cached sampling), or continue an interleaved
     prompt with a multimodal one: text -> image (PNG), text -> audio (wav), audio or image -> text.
+    Unset sampling flags take the run's generation: section (saved with the checkpoint).
 
     Example: megaray generate --checkpoint runs/gpt-debug --prompt "Return the" --max-new-tokens 20
+    Example: megaray generate --checkpoint runs/gpt-debug --interactive
     Example: megaray generate --checkpoint runs/mm --prompt "a photo of astronaut" --to image --out astronaut.png
     Example: megaray generate --checkpoint runs/mm --audio hello.wav --to text
     """
+    from megaray.errors import ConfigError
+    from megaray.inference.generate import run_generation, sampling
     from megaray.inference.multimodal import checkpoint_family, generate
 
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     files = {"out": out, "audio": audio, "image": image, "vocoder": vocoder, "vae": vae}
     if to != "text" or any(v is not None for v in files.values()) or checkpoint_family(checkpoint) == "multimodal":
-        result = generate(checkpoint, to=to, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, **{k: v and str(v) for k, v in files.items()})
+        if interactive:
+            raise ConfigError("--interactive continues text prompts with a text model (gpt, ngpt, mamba, recurrent); "
+                              "give a multimodal checkpoint one --prompt per command")
+        s = sampling(run_generation(checkpoint), prompt=prompt, **given)
+        result = generate(checkpoint, to=to, **s, **{k: v and str(v) for k, v in files.items()})
         typer.echo(result["text"] if to == "text" else json.dumps(result, indent=2))
+        return
+    if interactive:
+        import sys
+
+        from megaray.inference.generate import TextGenerator
+        from megaray.inference.generate import interactive as prompt_loop
+
+        if prompt is not None:
+            raise ConfigError("--prompt and --interactive: with --interactive every line read from stdin is a prompt")
+        gen = TextGenerator(checkpoint)
+        tty = sys.stdin.isatty()
+        if tty:
+            shown = ", ".join(f"{k} {v}" for k, v in gen.settings(**given).items() if k != "prompt")
+            typer.echo(f"{gen.checkpoint} loaded ({shown}); type a prompt; an empty line or :q ends", err=True)
+        prompt_loop(lambda line: gen(line, **given), sys.stdin, sys.stdout, show_prompt=tty)
         return
     from megaray.inference.generate import generate_text
 
-    typer.echo(generate_text(checkpoint, "The " if prompt is None else prompt, max_new_tokens, temperature, top_k,
-                             top_p, seed))
+    typer.echo(generate_text(checkpoint, prompt, **given))
 
 
 @app.command("vocode")

@@ -75,15 +75,23 @@ def input_file(param: typer.CallbackParam, value: Any) -> Any:
     return value
 
 
-def require_local_sources(sources: Sequence[str], keywords: Sequence[str] = ()) -> None:
-    """Every local source path must exist; ``keywords`` (``stdlib``, ``espeak``) and URIs pass.
+def require_local_sources(sources: Sequence[str], keywords: Sequence[str] = (), hf: bool = False) -> None:
+    """Every local source path must exist; ``keywords`` (``stdlib``, ``espeak``) and URIs pass;
+    with ``hf`` (commands that read Hugging Face datasets), ``hf:`` sources are parsed and their
+    local folder checked (:func:`megaray.data.hf.check_hf_source`).
 
     Raises:
-        DataError: names the first missing source.
+        DataError: names the first missing source, or the ``hf:`` source that does not parse.
     """
     for src in sources:
+        if hf and src.startswith("hf:"):
+            from megaray.data.hf import check_hf_source
+
+            check_hf_source(src)
+            continue
         if src in keywords or "://" in src or any(c in src for c in "*?["):
             continue
         if not os.path.exists(src):
-            raise DataError(f"source not found: {src} (a folder, file, glob or s3:// gs:// URI"
+            kinds = "a folder, file, glob, s3:// gs:// URI" + (" or hf: dataset" if hf else "")
+            raise DataError(f"source not found: {src} ({kinds}"
                             + (f"; or one of: {', '.join(keywords)})" if keywords else ")"))

@@ -1,4 +1,4 @@
-"""``megaray prepare text | sft | audio | audio-latents | images | image-latents``: sources -> shards + manifest.json.
+"""``megaray prepare text | bin | sft | audio | audio-latents | images | image-latents``: sources -> shards + manifest.json.
 
 Everything a command can check cheaply (options, source paths, the output folder through
 :func:`megaray.fs.check_target`, the VAE's ``n_mels`` against the shards') is checked before Ray starts.
@@ -17,13 +17,36 @@ from megaray.cli.options import at_least, in_interval, input_file, one_of, requi
 
 _POSITIVE = at_least(1)
 _OVERWRITE_HELP = "replace a non-empty --out folder"
+_HF_HELP = ("; hf:NAME[:CONFIG][@SPLIT] = a Hugging Face Hub dataset (streamed), hf:./PATH[@SPLIT] = one built "
+            "locally (save_to_disk folder, parquet folder/glob)")
+
+
+@prepare_app.callback(invoke_without_command=True)
+def prepare_callback(
+    ctx: typer.Context,
+    list_sources: bool = typer.Option(False, "--list", help="print the sources each prepare command reads and exit"),
+) -> None:
+    """Turn raw sources into training shards plus a manifest.json.
+
+    Example: megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512
+    """
+    if list_sources:
+        from megaray.data.catalog import format_sources
+
+        typer.echo(format_sources())
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 @prepare_app.command("text")
 def prepare_text_cmd(
     source: List[str] = typer.Option(
         ["stdlib"], "--source", "-s", help="folder, glob, file or s3:// gs:// URI of .txt .md .jsonl .parquet; "
-                                           "'stdlib' = the embedded corpus of Python stdlib docstrings"),
+                                           "'stdlib' = the embedded corpus of Python stdlib docstrings" + _HF_HELP),
+    text_column: Optional[str] = typer.Option(None, help="hf: sources: the column holding the text (default: "
+                                                         "text/content/document, or the only string column)"),
     out: str = typer.Option("data/stdlib", "--out", "-o",
                             help="output directory (shards + manifest.json + tokenizer.json)"),
     vocab_size: int = typer.Option(8192, callback=_POSITIVE, help="vocabulary size when training a tokenizer"),
@@ -42,12 +65,42 @@ def prepare_text_cmd(
     from megaray.data.text import prepare_text
     from megaray.fs import check_target
 
-    require_local_sources(source, keywords=("stdlib",))
+    require_local_sources(source, keywords=("stdlib",), hf=True)
     check_target(out, overwrite)
     setup_logging()
     manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
-                            overwrite=overwrite, tokenizer_kind=tokenizer_kind)
+                            overwrite=overwrite, tokenizer_kind=tokenizer_kind, text_column=text_column)
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
+
+
+@prepare_app.command("bin")
+def prepare_bin_cmd(
+    source: str = typer.Option(..., "--source", "-s",
+                               help="local folder holding nanoGPT's train.bin and val.bin (flat token-id arrays)"),
+    tokenizer: str = typer.Option(..., callback=input_file,
+                                  help="the tokenizer.json the ids were encoded with (needs <|endoftext|>; every id "
+                                       "must be below its vocabulary size: GPT-2's .bin files need its 50257 tokens)"),
+    out: str = typer.Option(..., "--out", "-o", help="output directory (text shards + manifest.json + tokenizer.json)"),
+    dtype: str = typer.Option("auto", callback=one_of(("auto", "uint16", "uint32")),
+                              help="id width of the .bin files: uint16 (nanoGPT's) | uint32 | auto (uint16 when the "
+                                   "tokenizer has at most 65536 tokens, else uint32)"),
+    max_row_tokens: int = typer.Option(65536, callback=_POSITIVE,
+                                       help="rows end at <|endoftext|>; longer documents are cut into rows this long"),
+    overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+) -> None:
+    """Import nanoGPT's train.bin / val.bin token streams as text shards (streamed in chunks, never loaded whole).
+
+    Example: megaray prepare bin --source nanoGPT/data/openwebtext --tokenizer gpt2/tokenizer.json --out data/owt
+    """
+    from megaray.data.text.nanogpt import import_nanogpt_bin
+    from megaray.fs import check_target
+
+    require_local_sources([source])
+    check_target(out, overwrite)
+    setup_logging()
+    manifest = import_nanogpt_bin(source, out, tokenizer, dtype=dtype, max_row_tokens=max_row_tokens,
+                                  overwrite=overwrite)
+    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
 
 
 @prepare_app.command("audio")
@@ -55,7 +108,13 @@ def prepare_audio_cmd(
     source: List[str] = typer.Option(
         ["espeak"], "--source", "-s", help="folder of wav/flac/ogg, a jsonl/csv manifest (path, text, speaker), "
                                            "or an s3:// gs:// URI; 'espeak' = build the embedded espeak-ng "
-                                           "speech corpus first"),
+                                           "speech corpus first" + _HF_HELP),
+    audio_column: Optional[str] = typer.Option(None, help="hf: sources: the audio column (default: an Audio column, "
+                                                          "{array, sampling_rate} structs, or bytes named audio)"),
+    text_column: Optional[str] = typer.Option(None, help="hf: sources: the transcript column (default: text/sentence/"
+                                                         "transcript/transcription/normalized_text, else none)"),
+    speaker_column: Optional[str] = typer.Option(None, help="hf: sources: the speaker column (default: speaker_id/"
+                                                            "speaker/speaker_name/client_id, else speaker 'default')"),
     out: str = typer.Option("data/speech", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
     sample_rate: int = typer.Option(16000, callback=_POSITIVE, help="target sample rate in Hz"),
     n_mels: int = typer.Option(80, callback=_POSITIVE, help="mel bands"),
@@ -73,11 +132,12 @@ def prepare_audio_cmd(
     Example: megaray prepare audio --source espeak --out data/speech-tiny --n-fft 512 --hop-length 128
     """
     from megaray.data.audio import prepare_audio
+    from megaray.data.hf import HFColumns
     from megaray.data.speech_corpus import build_speech_corpus
     from megaray.fs import check_target
     from megaray.train.launch import ensure_ray
 
-    require_local_sources(source, keywords=("espeak",))
+    require_local_sources(source, keywords=("espeak",), hf=True)
     check_target(out, overwrite)
     setup_logging()
     sources = list(source)
@@ -86,7 +146,8 @@ def prepare_audio_cmd(
         sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
     ensure_ray()
     manifest = prepare_audio(sources, out, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
-                             hop_length=hop_length, normalize=normalize, overwrite=overwrite)
+                             hop_length=hop_length, normalize=normalize, overwrite=overwrite,
+                             columns=HFColumns(audio=audio_column, text=text_column, speaker=speaker_column))
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "speakers"}, indent=2, default=str)[:4000])
 
 
@@ -95,7 +156,13 @@ def prepare_images_cmd(
     source: List[str] = typer.Option(
         ["skimage"], "--source", "-s", help="folder of jpg/png/webp (labels: sub-folder names, sidecar .txt/.json), "
                                             "WebDataset .tar, parquet with image bytes, jsonl/csv manifest, or an "
-                                            "s3:// gs:// URI; 'skimage' = scikit-image's bundled photographs"),
+                                            "s3:// gs:// URI; 'skimage' = scikit-image's bundled photographs" + _HF_HELP),
+    image_column: Optional[str] = typer.Option(None, help="hf: sources: the image column (default: an Image column, "
+                                                          "or bytes named image/img/jpg/png)"),
+    caption_column: Optional[str] = typer.Option(None, help="hf: sources: the caption column (default: caption/"
+                                                            "captions/text/txt/sentence/description, else none)"),
+    label_column: Optional[str] = typer.Option(None, help="hf: sources: the class label column (default: label/"
+                                                          "labels/class/cls/category, else label 'default')"),
     out: str = typer.Option("data/images", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
     size: int = typer.Option(256, callback=_POSITIVE, help="stored shorter side in pixels"),
     val_fraction: float = typer.Option(0.1, callback=in_interval(0, 1, low_open=False, high_open=True),
@@ -109,15 +176,17 @@ def prepare_images_cmd(
 
     Example: megaray prepare images --source skimage --out data/images-64 --size 64
     """
+    from megaray.data.hf import HFColumns
     from megaray.data.image import prepare_images
     from megaray.fs import check_target
     from megaray.train.launch import ensure_ray
 
-    require_local_sources(source, keywords=("skimage",))
+    require_local_sources(source, keywords=("skimage",), hf=True)
     check_target(out, overwrite)
     setup_logging()
     manifest = prepare_images(source, out, size=size, val_fraction=val_fraction, seed=seed, overwrite=overwrite,
-                              before_ray=ensure_ray)
+                              before_ray=ensure_ray,
+                              columns=HFColumns(image=image_column, caption=caption_column, label=label_column))
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "labels"}, indent=2, default=str)[:4000])
 
 

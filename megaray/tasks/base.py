@@ -81,6 +81,8 @@ class Task:
     unit: str = "samples"
     #: the :class:`TaskInfo` subclass :meth:`datasets` fills
     info_class: type = TaskInfo
+    #: :meth:`datasets` validates on ``data.val_shards`` when given (else the driver refuses it)
+    supports_val_shards: bool = False
 
     def __init__(self, cfg: RunConfig, info: Optional[TaskInfo] = None):
         self.cfg = cfg
@@ -119,10 +121,13 @@ class Task:
         raise NotImplementedError
 
     def batch_plan(self, train_samples: int, val_samples: int, where: str, unit: str = "samples",
-                   hint: str = "prepare more data or lower data.batch_size") -> Dict[str, Any]:
+                   hint: str = "prepare more data or lower data.batch_size",
+                   val_where: Optional[str] = None) -> Dict[str, Any]:
         """The :class:`TaskInfo` fields of the batch arithmetic (one home: :mod:`megaray.data.order`)
         for a train split of ``train_samples`` and a val split of ``val_samples`` per epoch:
         ``plan``, ``val_samples``, ``val_limit`` and the largest world size's batch counts.
+        ``where`` names the data in messages; ``val_where`` the validation data when it lives
+        elsewhere (``data.val_shards``).
 
         Raises:
             ConfigError: fewer train samples than one global batch, fewer val samples than
@@ -135,7 +140,7 @@ class Task:
         plan = order.train_plan(train_samples, G, B, where, unit, hint)
         if not plan.worlds(lo, hi):
             plan.accum(hi)  # raises, naming the sizes that divide it
-        order.check_val(val_samples, hi, B, where, unit)
+        order.check_val(val_samples, hi, B, val_where or where, unit)
         info = TaskInfo(plan=plan, val_samples=int(val_samples), val_limit=c.data.num_val_batches).for_world(hi)
         return {"plan": plan, "val_samples": info.val_samples, "val_limit": info.val_limit,
                 "batches_per_epoch": info.batches_per_epoch, "val_batches": info.val_batches}

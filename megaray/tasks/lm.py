@@ -43,16 +43,20 @@ class LMTask(Task):
 
     unit = "tokens"
     info_class = LMInfo
+    supports_val_shards = True
     _hellaswag: Optional[Dict[str, float]] = None  # this evaluation's HellaSwag metrics (eval.hellaswag)
 
     def datasets(self) -> Dict[str, Any]:
         """Packed windows of ``data.shards`` or of the weighted mixture ``data.sources`` (which
-        must share one tokenizer); fills :class:`LMInfo`."""
+        must share one tokenizer); validation on ``data.val_shards`` when given (the same
+        tokenizer; its val split, or its train split when its val split is empty); fills :class:`LMInfo`."""
         from megaray.data import text
+        from megaray.data.text.datasets import check_val_shards
 
         sources = self.cfg.data.resolved_sources()
         where = sources[0].shards if len(sources) == 1 else "data.sources"
         manifest = text.check_same_tokenizer(sources)  # the first source's manifest
+        val_shards = self.cfg.data.val_shards
         vocab = int(manifest["tokenizer"]["vocab_size"])
         if vocab > self.cfg.model.vocab_size:
             raise ConfigError(
@@ -62,13 +66,20 @@ class LMTask(Task):
         T, seed = self.cfg.model.block_size, self.cfg.train.seed
         counted = manifest if len(sources) == 1 else sources  # one source: counted from its manifest
         train_windows = text.num_windows(counted, T, "train", seed=seed)
-        val_windows = text.num_windows(counted, T, "val", seed=seed)
+        if val_shards:  # validation on another folder (DataError: not prepared, another tokenizer)
+            val_manifest, val_split = check_val_shards(sources, val_shards)
+            val_windows = text.num_windows(val_manifest, T, val_split)
+            unigram = val_manifest["splits"][val_split].get("unigram_entropy_nats")
+        else:
+            val_windows = text.num_windows(counted, T, "val", seed=seed)
+            unigram = manifest["splits"]["val"].get("unigram_entropy_nats") if len(sources) == 1 else None
         self.info = LMInfo(
             **self.batch_plan(train_windows, val_windows, where, f"windows of {T + 1} tokens",
-                              "prepare more text or lower data.batch_size / model.block_size"),
+                              "prepare more text or lower data.batch_size / model.block_size",
+                              val_where=f"data.val_shards {val_shards} ({val_split} split)" if val_shards else None),
             manifest=manifest, vocab_size=vocab, train_windows=train_windows,
             tokenizer_path=join(sources[0].shards, manifest["tokenizer"]["path"]),
-            unigram_entropy=manifest["splits"]["val"].get("unigram_entropy_nats") if len(sources) == 1 else None,
+            unigram_entropy=unigram,
         )
         if self.cfg.eval.hellaswag:  # read and tokenized once, on the driver (bad lines counted, named)
             from megaray.tasks.hellaswag import read_hellaswag
@@ -76,7 +87,8 @@ class LMTask(Task):
             self.info.hellaswag = read_hellaswag(self.cfg.eval.hellaswag, _tokenizer(self.info.tokenizer_path),
                                                  T, self.cfg.eval.hellaswag_limit).examples
         arg = sources[0].shards if len(sources) == 1 else sources
-        return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt)
+        return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt,
+                                  val_shards=val_shards)
 
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:

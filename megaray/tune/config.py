@@ -34,8 +34,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from pydantic import Field, model_validator
 
-from megaray.config import (ConfigError, RunConfig, StrictConfig, flatten, parse_override, read_yaml_mapping,
-                            set_dotted, validate)
+from megaray.config import (ConfigError, RunConfig, StrictConfig, flatten, key_origins, load_layered, parse_override,
+                            read_yaml_mapping, set_dotted, validate)
 from megaray.errors import DataError
 from megaray.families import build_run_config
 from megaray.tune.space import Distribution, check_space, labels
@@ -92,7 +92,8 @@ class TuneSearchConfig(StrictConfig):
     """A whole search (the YAML file). ``base`` is a run-config path relative to this file."""
 
     name: str = Field(..., pattern=NAME_PATTERN, description="search name; re-running it with --resume continues it")
-    base: str = Field(..., description="base run config (YAML path, relative to this file)")
+    base: str = Field(..., description="base run config (YAML path, relative to this file; it may itself extend "
+                      "another through its own base:, see megaray.config.load_layered)")
     overrides: Dict[str, Any] = Field(default_factory=dict, description="dotted overrides of the base, e.g. {train.max_steps: 40}")
     space: Dict[str, Distribution] = Field(..., min_length=1)
     search: SearchSection = Field(default_factory=SearchSection)
@@ -291,9 +292,11 @@ def load_tune_config(
                         base_path=str(base_path), base_raw={}, labels=labels(cfg.space))
     if not base_path.is_file():
         return _defer(search, f"base run config not found: {base_path}", strict)
-    base_raw = read_yaml_mapping(base_path, "base run config")
+    layered = load_layered(base_path, what="base run config")  # its own base: chain merged
+    base_raw = layered.raw
     for key, value in cfg.overrides.items():
         set_dotted(base_raw, key, copy.deepcopy(value))
+        layered.origins[key] = f"{search.source or '<dict>'} overrides"
     family = (base_raw.get("model") or {}).get("family", "gpt") if isinstance(base_raw.get("model"), dict) else "gpt"
     from megaray import families
 
@@ -301,7 +304,8 @@ def load_tune_config(
         return _defer(search, f"model family {family!r} is not registered (known: {', '.join(sorted(families.registry()))})", strict)
     _apply_trial_section(base_raw, cfg.trial)
     try:
-        search.base = build_run_config(base_raw)
+        with key_origins(layered.origins):
+            search.base = build_run_config(base_raw)
     except ConfigError as e:
         raise ConfigError(f"base {base_path} with the tune overrides: {e}") from None
     if search.base.tracking.enabled:  # every trial logs where this (the search) driver's default points

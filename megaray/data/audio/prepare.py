@@ -32,6 +32,7 @@ import numpy as np
 from megaray import fs
 from megaray.data.audio.decode import AudioPrepSettings, RejectedClip, mel_features, process_clip
 from megaray.data.audio.sources import AUDIO_EXTS, collect_sources
+from megaray.data.hf import HFColumns, is_hf
 from megaray.data.manifest import new_manifest, write_manifest
 from megaray.data.rejects import Rejects, summary_lines
 from megaray.data.splits import closest_to_boundary, split_of
@@ -73,9 +74,11 @@ class AudioPreprocessor:
         cols: Dict[str, list] = {f.name: [] for f in self.schema}
         for i in range(len(batch["path"])):
             path, name = str(batch["path"][i]), str(batch["name"][i])
+            data = batch["data"][i] if "data" in batch else b""  # inline bytes of hf: rows (path = row id)
             out, ok, code, reason = None, False, "", ""
             try:
-                out, ok = process_clip(fs.read_bytes(path), self.settings, self.features, name), True
+                raw = bytes(data) if len(data) or is_hf(path) else fs.read_bytes(path)
+                out, ok = process_clip(raw, self.settings, self.features, name), True
             except RejectedClip as e:
                 code, reason = e.code, str(e)
             except Exception as e:  # an unexpected failure rejects one file, not the job
@@ -125,15 +128,21 @@ def _select(split: str, drop: Sequence[str], remap: Sequence[int]):
     return fn
 
 
-def _records(sources: Sequence[str], val_fraction: float, seed: int) -> List[Dict[str, Any]]:
-    """Stage 1: clip records with ``split`` (hash of the clip name) and ``speaker_id``."""
-    records = collect_sources(sources)
+def _records(sources: Sequence[str], val_fraction: float, seed: int, rejects: Rejects,
+             columns: Optional[HFColumns] = None, say: Any = None) -> List[Dict[str, Any]]:
+    """Stage 1: clip records with ``split`` (hash of the clip name) and ``speaker_id``; what the
+    source layout skips (a LibriSpeech file without a transcript line, ...) counted in ``rejects``."""
+    records = collect_sources(sources, rejects, columns=columns, say=say)
     if not records:
-        raise DataError(f"no audio files ({', '.join(AUDIO_EXTS)}) found in {', '.join(sources)}")
+        skipped = f"; skipped: {rejects.describe()}" if rejects.total else ""
+        raise DataError(f"no audio files ({', '.join(AUDIO_EXTS)}) found in {', '.join(sources)}{skipped}")
     if any("speaker_vector" in r for r in records):
         missing = [r["name"] for r in records if "speaker_vector" not in r]
         if missing:
             raise DataError(f"speaker_vector given for some rows but not for {missing[:5]}")
+    if any("data" in r for r in records):  # hf: rows carry their bytes; every row needs the column
+        for r in records:
+            r.setdefault("data", b"")
     speakers = {s: i for i, s in enumerate(sorted({r["speaker"] for r in records}))}
     for r in records:
         r["split"] = split_of(r["name"], val_fraction, seed) if val_fraction > 0 else "train"
@@ -195,6 +204,7 @@ def prepare_audio(
     batch_size: int = 8,
     overwrite: bool = False,
     verbose: bool = True,
+    columns: Optional[HFColumns] = None,
 ) -> Dict[str, Any]:
     """Decode, resample, normalise and mel-analyse audio clips into train/val parquet shards.
 
@@ -205,7 +215,9 @@ def prepare_audio(
     (manifest ``rejected``, the summary). Output is published atomically (:mod:`megaray.fs`).
 
     Args:
-        sources: folder(s), ``.jsonl``/``.csv`` manifest(s) or files; local, ``s3://``, ``gs://``.
+        sources: folder(s) (a LibriSpeech layout is detected by its ``*.trans.txt``:
+            :mod:`megaray.data.audio.librispeech`), ``.jsonl``/``.csv`` manifest(s) or files;
+            local, ``s3://``, ``gs://``; or ``hf:`` Hugging Face datasets (:mod:`megaray.data.hf`).
         out_dir: destination folder; must be empty or absent unless ``overwrite``.
         sample_rate: output rate in Hz. n_mels, n_fft, hop_length, win_length: log-mel analysis
             (lengths in samples).
@@ -215,6 +227,8 @@ def prepare_audio(
             or more clips are kept and ``val_fraction > 0``.
         concurrency: preprocessing actors (1 CPU each).
         overwrite: replace an existing ``out_dir``.
+        columns: audio / transcript (``text``) / speaker columns of ``hf:`` sources (None or a
+            None field: detect; :mod:`megaray.data.hf`).
 
     Returns:
         The manifest dict (also ``out_dir/manifest.json``, kind ``audio``) plus ``out_dir``.
@@ -232,13 +246,13 @@ def prepare_audio(
     )
     t0 = time.time()
     fs.check_target(out_dir, overwrite)
-    records = _records(sources, val_fraction, seed)
+    rejects = Rejects(max_examples=20)
+    records = _records(sources, val_fraction, seed, rejects, columns, print if verbose else None)
     if verbose:
         print(f"[prepare_audio] {len(records)} files -> {out_dir} ({sample_rate} Hz, {n_mels} mels, "
               f"hop {hop_length}, normalize={normalize}, {concurrency} actors)")
     with _ordered_execution():
         processed, meta = _process(records, settings, concurrency, batch_size)
-    rejects = Rejects(max_examples=20)
     for name, code, reason in zip(meta.loc[~meta["ok"], "name"], meta.loc[~meta["ok"], "code"], meta.loc[~meta["ok"], "reason"]):
         rejects.add(code, name, detail=reason)
     good = meta[meta["ok"]].copy()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from megaray import fs
+from megaray.data.hf import HFColumns
 from megaray.data.image.decode import ImagePrepSettings, RejectedImage, process_image
 from megaray.data.image.sources import collect_units, read_unit
 from megaray.data.manifest import new_manifest, write_manifest
@@ -129,6 +130,7 @@ def prepare_images(
     overwrite: bool = False,
     verbose: bool = True,
     before_ray: Optional[Callable[[], None]] = None,
+    columns: Optional[HFColumns] = None,
 ) -> Dict[str, Any]:
     """Decode, orient, convert to RGB and resize images into train/val parquet shards.
 
@@ -139,7 +141,7 @@ def prepare_images(
 
     Args:
         source: folder(s), image / ``.tar`` / ``.parquet`` / ``.jsonl`` / ``.csv`` file(s), local,
-            ``s3://`` or ``gs://``, or ``"skimage"`` (the embedded default); see
+            ``s3://`` or ``gs://``, ``"skimage"`` (the embedded default), or ``hf:`` datasets; see
             :mod:`megaray.data.image.sources`.
         out_dir: destination folder; must be empty or absent unless ``overwrite``.
         size: stored shorter side in pixels (training crops are at most this).
@@ -150,6 +152,8 @@ def prepare_images(
             batch_size: units per task call.
         before_ray: called once the sources are listed (so errors about them come first), before
             any Ray work; the CLI passes :func:`megaray.train.launch.ensure_ray`.
+        columns: image / caption / label columns of ``hf:`` sources (None or a None field:
+            detect; :mod:`megaray.data.hf`).
 
     Returns:
         The manifest dict (also ``out_dir/manifest.json``, kind ``images``) plus ``out_dir``.
@@ -165,7 +169,7 @@ def prepare_images(
     fs.check_target(out_dir, overwrite)
     units, rejects = [], Rejects(max_examples=20)
     for src in sources:
-        found, early = collect_units(src)
+        found, early = collect_units(src, columns, print if verbose else None)
         units += found
         for code, where, detail in early:
             rejects.add(code, where, detail=detail)

@@ -9,7 +9,10 @@ A source is one of (local, ``s3://``, ``gs://``, listed through :mod:`megaray.da
 * a single image, ``.tar`` or ``.parquet`` file;
 * a ``.jsonl`` / ``.csv`` manifest: rows with ``path`` (or ``file_name``, relative to the
   manifest), optional ``label`` and ``caption``;
-* ``"skimage"``: the embedded default (:mod:`megaray.data.image.skimage`).
+* ``"skimage"``: the embedded default (:mod:`megaray.data.image.skimage`);
+* ``hf:NAME[:CONFIG][@SPLIT]`` / ``hf:./PATH[@SPLIT]``: a Hugging Face dataset
+  (:mod:`megaray.data.hf`), a row an image (:func:`hf_units`: the encoded image travels in the
+  unit), its caption and label from columns (given or detected).
 
 Labels (class names) and captions, first match wins:
 
@@ -40,6 +43,7 @@ import tarfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from megaray import fs
+from megaray.data.hf import HFColumns, HFTable, Say, cell_name, cell_text, choose_columns, image_bytes, is_hf
 from megaray.data.image.decode import IMAGE_EXTS
 from megaray.data.image.records import DEFAULT_LABEL, item, unit
 from megaray.data.image.skimage import skimage_item, skimage_units
@@ -64,8 +68,10 @@ def _where(f: SourceFile) -> str:
     return f.display if fs.is_uri(f.display) else f.path
 
 
-def collect_units(source: str) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
-    """List one source into read units, plus driver-side rejects ``(code, where, detail)``.
+def collect_units(source: str, columns: Optional[HFColumns] = None,
+                  say: Say = None) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
+    """List one source into read units, plus driver-side rejects ``(code, where, detail)``
+    (``hf:`` sources: :func:`hf_units` with ``columns``, the choice said through ``say``).
 
     Raises:
         DataError: the source does not exist, a folder is empty or holds no image, tar or parquet
@@ -73,6 +79,8 @@ def collect_units(source: str) -> Tuple[List[Dict[str, Any]], List[Tuple[str, st
     """
     if source == "skimage":
         return skimage_units(), []
+    if is_hf(source):
+        return hf_units(source, columns, say)
     if _ext(source) in MANIFEST_EXTS:
         return _manifest_units(source), []
     listing = list_files(source)
@@ -99,6 +107,35 @@ def collect_units(source: str) -> Tuple[List[Dict[str, Any]], List[Tuple[str, st
     if not units:
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}), .tar or .parquet files in {source} "
                         f"({len(listing.files)} other files)")
+    return units, rejects
+
+
+def hf_units(source: str, columns: Optional[HFColumns] = None,
+             say: Say = None) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
+    """Read units (kind ``bytes``, the encoded image inline, :func:`megaray.data.hf.image_bytes`) of
+    an ``hf:`` source, one per row, named by the row id ``hf:IDENT/SPLIT/ROW``; plus rejects for
+    rows without an image (``empty_file``: a null cell; ``unreadable_file``: a path that cannot be
+    read, a value that is no image). ``ClassLabel`` labels become their names.
+
+    Raises:
+        DataError: as :class:`megaray.data.hf.HFTable` and :func:`megaray.data.hf.choose_columns`;
+            a split without rows.
+    """
+    table = HFTable(source)
+    cols = choose_columns(table, "images", columns, say)
+    labels = table.class_names(cols["label"]) if cols["label"] else None
+    units, rejects = [], []
+    for row, v in table.rows([c for c in cols.values() if c]):
+        name = f"{table.prefix}/{row}"
+        data, why = image_bytes(v[cols["image"]])
+        if data is None:
+            rejects.append(("empty_file" if v[cols["image"]] is None else "unreadable_file", name, why))
+            continue
+        label = cell_name(v[cols["label"]], labels) if cols["label"] else ""
+        caption = cell_text(v[cols["caption"]]) if cols["caption"] else ""
+        units.append(unit("bytes", table.display, name, label or DEFAULT_LABEL, caption=caption, data=data))
+    if not units and not rejects:
+        raise DataError(f"{table.display}: the split has no rows")
     return units, rejects
 
 
@@ -170,6 +207,8 @@ def read_unit(u: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         yield skimage_item(u)
     elif kind == "file":
         yield _file_item(u)
+    elif kind == "bytes":
+        yield item(u["name"], u["data"], u["label"], u["caption"])
     elif kind == "tar":
         yield from _tar_items(u)
     elif kind == "parquet":

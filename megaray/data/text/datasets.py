@@ -128,7 +128,7 @@ def check_same_tokenizer(sources: Sources) -> Dict[str, Any]:
     first, first_digest = None, None
     for folder, _ in pairs:
         m = load_manifest(folder)
-        digest = hashlib.sha256(fs.read_bytes(fs.join(folder, m["tokenizer"]["path"]))).hexdigest()
+        digest = _tokenizer_digest(folder, m)
         if first is None:
             first, first_digest = (folder, m), digest
         elif digest != first_digest:
@@ -136,6 +136,41 @@ def check_same_tokenizer(sources: Sources) -> Dict[str, Any]:
                             f"prepare every source with the same one (`megaray prepare text --tokenizer "
                             f"{fs.join(first[0], 'tokenizer.json')} ...`)")
     return first[1]
+
+
+def _tokenizer_digest(folder: str, manifest: Dict[str, Any]) -> str:
+    return hashlib.sha256(fs.read_bytes(fs.join(folder, manifest["tokenizer"]["path"]))).hexdigest()
+
+
+def val_split_of(manifest: Dict[str, Any]) -> str:
+    """The split of a ``data.val_shards`` folder that validation reads: ``val`` when it holds
+    tokens, else ``train`` (a folder whose documents all went to one split)."""
+    return "val" if int((manifest["splits"].get("val") or {}).get("tokens") or 0) > 0 else "train"
+
+
+def check_val_shards(sources: Sources, val_shards: str) -> Tuple[Dict[str, Any], str]:
+    """``(manifest, split)`` of a separate validation folder (``data.val_shards``): its manifest,
+    checked to share the training shards' tokenizer, and the split validation reads
+    (:func:`val_split_of`).
+
+    Raises:
+        DataError: ``val_shards`` is not prepared text (says how to prepare it), holds no tokens,
+            or was tokenized with another tokenizer than the training shards (names both folders).
+    """
+    train_folder = _normalize(sources)[0][0]
+    try:
+        m = load_manifest(val_shards)
+    except DataError as e:
+        raise DataError(f"data.val_shards: {e}") from None
+    if _tokenizer_digest(val_shards, m) != _tokenizer_digest(train_folder, load_manifest(train_folder)):
+        raise DataError(f"data.val_shards: {val_shards} and the training shards {train_folder} were tokenized with "
+                        f"different tokenizers; prepare the validation text with the training shards' tokenizer "
+                        f"(`megaray prepare text --tokenizer {fs.join(train_folder, 'tokenizer.json')} --out "
+                        f"{val_shards} ...`)")
+    split = val_split_of(m)
+    if not int(m["splits"][split].get("tokens") or 0):
+        raise DataError(f"data.val_shards: {val_shards} holds no tokens; {_hint(val_shards)}")
+    return m, split
 
 
 @dataclass
@@ -263,6 +298,7 @@ def text_datasets(
     pack_batch_size: int = 256,
     pack_num_cpus: float = 0.25,
     verify: bool = True,
+    val_shards: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Ray Datasets of packed LM windows for training: ``{"train": ds, "val": ds}``.
 
@@ -285,10 +321,14 @@ def text_datasets(
         pack_concurrency: packer actors per split. 1 (default) makes the row count exact.
         pack_batch_size: documents per packer call. pack_num_cpus: CPUs per packer actor.
         verify: compare shard footers with the manifest first (:func:`check_shards`).
+        val_shards: a separate prepared folder whose windows make the ``val`` dataset
+            (``data.val_shards``; its split per :func:`check_val_shards`); the training folders'
+            own val splits are then not read. None = the val split of ``shards``.
 
     Raises:
         DataError: no/corrupt manifest ("run `megaray prepare text` first"), missing or corrupt
-            shard (named), different tokenizers across sources, ``block_size < 1``.
+            shard (named), different tokenizers across sources or between ``shards`` and
+            ``val_shards`` (both named), ``block_size < 1``.
     """
     from ray.data import ActorPoolStrategy
 
@@ -297,12 +337,17 @@ def text_datasets(
     if shuffle_buffer < 0:
         raise DataError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
     check_same_tokenizer(shards)
+    reads = {"train": (shards, "train"), "val": (shards, "val")}  # dataset -> (sources, split)
+    if val_shards is not None:
+        reads["val"] = (val_shards, check_val_shards(shards, val_shards)[1])
     if verify:
         for folder, _ in _normalize(shards):
-            check_shards(folder)
+            check_shards(folder, splits=SPLITS if val_shards is None else ("train",))
+        if val_shards is not None:
+            check_shards(val_shards, splits=(reads["val"][1],))
     out = {}
     for split in SPLITS:
-        plan = _plan(shards, split, seed)
+        plan = _plan(*reads[split], seed)
         shuffle = split == "train" and shuffle_buffer > 0
         items = plan.items
         if shuffle:

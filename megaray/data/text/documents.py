@@ -14,7 +14,7 @@ part of a dataset because an upload was truncated is worse than stopping.
 from __future__ import annotations
 
 import json
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterable, Iterator, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -92,6 +92,22 @@ def iter_documents(f: SourceFile, rejects: Rejects) -> Iterator[Tuple[str, str]]
             yield doc_id, text
     else:  # parquet
         yield from _iter_parquet(f, rejects)
+
+
+def iter_cells(records: Iterable[Tuple[str, Any]], rejects: Rejects) -> Iterator[Tuple[str, str]]:
+    """``(doc_id, text)`` of table rows given as ``(doc_id, cell)`` (an ``hf:`` source,
+    :class:`megaray.data.hf.HFTextSource`): a null cell is ``empty``, a non-string ``non_text``,
+    then the rules every text follows (``binary``, ``empty``, ``invalid_unicode``); ``doc_id``
+    names the rejects."""
+    for doc_id, value in records:
+        if value is None:
+            rejects.add("empty", doc_id)
+        elif not isinstance(value, str):
+            rejects.add("non_text", doc_id)
+        else:
+            text = _clean(value, rejects, doc_id)
+            if text is not None:
+                yield doc_id, text
 
 
 def _iter_parquet(f: SourceFile, rejects: Rejects) -> Iterator[Tuple[str, str]]:

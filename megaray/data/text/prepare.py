@@ -2,8 +2,9 @@
 
 Driver-only, one process::
 
-    sources (.txt .md .jsonl .parquet, folders/globs/URIs, or "stdlib")
-      -> _list_sources: files per source (the stdlib corpus is written as jsonl first)
+    sources (.txt .md .jsonl .parquet, folders/globs/URIs, "stdlib", or hf: datasets)
+      -> _list_sources: files per source (the stdlib corpus is written as jsonl first; an hf:
+         source is one HFTextSource whose rows are the documents)
       -> _read_and_split: validated documents (rejects counted), split by a hash of each id,
          spooled to local disk per split
       -> _fill_empty_split: one document moved when hashing left a split empty
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megaray import fs
+from megaray.data.hf import HFTextSource, is_hf
 from megaray.data.manifest import new_manifest, write_manifest
 from megaray.data.rejects import Rejects, summary_lines
 from megaray.data.sources import SourceFile, list_files
 from megaray.data.splits import SPLITS, split_key
-from megaray.data.text.documents import iter_documents
+from megaray.data.text.documents import iter_cells, iter_documents
 from megaray.data.text.writer import ShardWriter, Spool, cross_entropy, encode, entropy, spool_item
 from megaray.data.tokenizer import EOS, eos_id, load_tokenizer, tokenizer_kind, train_tokenizer
 from megaray.errors import DataError
@@ -71,14 +73,17 @@ def prepare_text(
     progress: bool = True,
     verbose: bool = True,
     tokenizer_kind: str = "bpe",
+    text_column: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Tokenize text sources into train/val parquet shards plus ``manifest.json``.
 
     Args:
         sources: files, folders (recursive), globs or ``s3://``/``gs://``/``file://`` URIs of
             ``.txt``/``.md`` (a file is a document), ``.jsonl`` (field ``text``; optional string
-            ``id`` used as the document id) and ``.parquet`` (column ``text``); or ``"stdlib"``
-            for the embedded standard-library docstring corpus.
+            ``id`` used as the document id) and ``.parquet`` (column ``text``); ``"stdlib"``
+            for the embedded standard-library docstring corpus; or ``hf:NAME[:CONFIG][@SPLIT]`` /
+            ``hf:./PATH[@SPLIT]`` Hugging Face datasets (:mod:`megaray.data.hf`; a row is a
+            document, id ``hf:IDENT/SPLIT/ROW``).
         out_dir: output folder (local or URI), published atomically (:func:`megaray.fs.staged_dir`).
         vocab_size: BPE vocabulary to train (incl. 256 byte symbols and EOS); ignored when
             ``tokenizer`` is given. The manifest records the size actually reached.
@@ -86,7 +91,7 @@ def prepare_text(
             copied into ``out_dir``. None = train one on the train split.
         val_fraction: expected fraction of documents in val, 0 < f < 1, by
             :func:`megaray.data.splits.split_of` on each document id (``relpath``,
-            ``relpath:line``, ``relpath#row`` or the jsonl ``id``). If hashing leaves a split
+            ``relpath:line``, ``relpath#row``, ``hf:IDENT/SPLIT/ROW`` or the jsonl ``id``). If hashing leaves a split
             empty, the document closest to the boundary is moved (``moved_to_fill_split``).
         rows_per_group: documents per parquet row group (also capped by ``group_tokens``).
         seed: salts the split hash.
@@ -100,6 +105,8 @@ def prepare_text(
         tokenizer_kind: what to train when ``tokenizer`` is None: ``"bpe"`` (byte-level BPE) or
             ``"unigram"`` (SentencePiece-style, :mod:`megaray.data.tokenizer`). The manifest's
             ``tokenizer.kind`` records the kind (also of a loaded tokenizer).
+        text_column: the column of ``hf:`` sources holding the text (None: detect; see
+            :mod:`megaray.data.hf`).
 
     Returns:
         The manifest dict (schema in ``docs/data.md``). Token counts include the EOS appended to
@@ -116,7 +123,8 @@ def prepare_text(
     _check_args(sources, val_fraction, rows_per_group, tokens_per_shard, group_tokens)
     with fs.staged_dir(str(out_dir), overwrite, local=True) as stage_dir:
         stage = Path(stage_dir)
-        listings, hidden = _list_sources(sources, stage, val_fraction, seed, stdlib_max_docs)
+        listings, hidden = _list_sources(sources, stage, val_fraction, seed, stdlib_max_docs, text_column,
+                                         print if verbose else None)
         read = _read_and_split(listings, stage, dedupe, val_fraction, seed, progress)
         read.hidden = hidden
         _fill_empty_split(read, sources)
@@ -143,9 +151,10 @@ def _check_args(sources: List[str], val_fraction: float, rows_per_group: int, to
         raise DataError("rows_per_group, tokens_per_shard and group_tokens must be positive")
 
 
-def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: int,
-                  stdlib_max_docs: Optional[int]) -> Tuple[List[List[SourceFile]], int]:
-    """Stage 1: the files of every source (``stdlib`` is first written as jsonl into the stage)."""
+def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: int, stdlib_max_docs: Optional[int],
+                  text_column: Optional[str] = None, say: Any = None) -> Tuple[List[List[Any]], int]:
+    """Stage 1: the files of every source (``stdlib`` is first written as jsonl into the stage; an
+    ``hf:`` source is one :class:`HFTextSource`, its column chosen and said through ``say``)."""
     from megaray.data.stdlib import build_stdlib_corpus
 
     listings, hidden = [], 0
@@ -154,6 +163,8 @@ def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: in
             root = build_stdlib_corpus(stage / "_stdlib", val_fraction=val_fraction, seed=seed, max_docs=stdlib_max_docs)
             files = list_files(str(root / "train.jsonl")).files + list_files(str(root / "val.jsonl")).files
             listings.append([SourceFile(f.filesystem, f.path, f"stdlib/{f.relpath}", f.relpath, f.size) for f in files])
+        elif is_hf(src):
+            listings.append([HFTextSource(src, text_column, say)])
         else:
             lst = list_files(src)
             hidden += lst.hidden
@@ -161,7 +172,7 @@ def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: in
     return listings, hidden
 
 
-def _read_and_split(listings: List[List[SourceFile]], stage: Path, dedupe: bool, val_fraction: float, seed: int,
+def _read_and_split(listings: List[List[Any]], stage: Path, dedupe: bool, val_fraction: float, seed: int,
                     progress: bool) -> _Read:
     """Stages 2-3: documents of every file, deduplicated, split by id hash, spooled per split."""
     from tqdm.auto import tqdm
@@ -175,7 +186,9 @@ def _read_and_split(listings: List[List[SourceFile]], stage: Path, dedupe: bool,
         for f in files:
             ext = f.extension or "(none)"
             read.files_by_ext[ext] = read.files_by_ext.get(ext, 0) + 1
-            for doc_id, text in iter_documents(f, read.rejects):
+            hf = isinstance(f, HFTextSource)
+            docs = iter_cells(f.records(), read.rejects) if hf else iter_documents(f, read.rejects)
+            for doc_id, text in docs:
                 if dedupe:
                     key = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
                     if key in seen:

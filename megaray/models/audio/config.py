@@ -79,6 +79,8 @@ class VocoderConfig(ModelConfig):
     num_layers: int = Field(8, gt=0)
     kernel_size: int = Field(7, gt=0, description="depthwise conv kernel (odd)")
     layer_scale_init: Optional[float] = Field(None, gt=0, description="ConvNeXt gamma init; None = 1/num_layers")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
     # head
     head: Literal["full", "light", "splitband"] = "full"
     head_dim: int = Field(128, gt=0, description="hidden width of the light / split-band heads")
@@ -213,6 +215,8 @@ class AudioVAEConfig(ModelConfig):
     num_speakers: int = Field(64, gt=0, description="rows of the speaker table (ids beyond wrap modulo)")
     speaker_vector_dim: int = Field(192, gt=0)
     speaker_dim: int = Field(64, gt=0, description="FiLM conditioning width")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
     kl_weight: float = Field(1e-4, ge=0)
     recon_loss: Literal["l1", "mse"] = "l1"
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaray.models.audio.config import AudioVAEConfig
+from megaray.models.common.checkpointing import run_block
 from megaray.models.common.conv import Downsample2d, ResnetBlock2d, Upsample2d, group_norm
 from megaray.models.common.dsp import LOG_FLOOR
 
@@ -62,11 +63,13 @@ class AudioEncoder(nn.Module):
         self.blocks, self.downs = nn.ModuleList(blocks), nn.ModuleList(downs)
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.latent_channels, 3, padding=1)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, mel: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.conv_in(mel)
+        ckpt = self.activation_checkpointing and self.training
         for block, down in zip(self.blocks, self.downs):
-            x = down(block(x))
+            x = down(run_block(block, x, enabled=ckpt))
         mu, logvar = self.conv_out(F.silu(self.norm_out(x))).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
@@ -88,12 +91,14 @@ class AudioDecoder(nn.Module):
         self.out_block = _block(cin, cin, cfg.speaker_dim)
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, 1, 3, padding=1)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)
+        ckpt = self.activation_checkpointing and self.training
         for block, up in zip(self.blocks, self.ups):
-            x = up(block(x, cond))
-        x = self.out_block(x, cond)
+            x = up(run_block(block, x, cond, enabled=ckpt))
+        x = run_block(self.out_block, x, cond, enabled=ckpt)
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
@@ -124,6 +129,7 @@ class AudioVAE(nn.Module):
     ``forward(mel, speaker_id=None, speaker_vector=None) -> (recon, mu, logvar)`` accepts
     ``(B, n_mels, T)`` or ``(B, 1, n_mels, T)`` log-mels and returns ``recon`` in the input's
     shape; ``T`` is padded (with the log floor) to a multiple of ``down_time`` and cropped back.
+    ``cfg.activation_checkpointing`` recomputes each ResNet block in backward while training.
     """
 
     def __init__(self, cfg: AudioVAEConfig):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from megaray.models.audio.config import VocoderConfig
+from megaray.models.common.checkpointing import run_block
 from megaray.models.common.dsp import MelFeatures, istft
 
 
@@ -53,7 +54,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class VocosBackbone(nn.Module):
-    """Mel features ``(B, n_mels, F)`` -> hidden ``(B, F, dim)``: embed conv, ConvNeXt stack, norm."""
+    """Mel features ``(B, n_mels, F)`` -> hidden ``(B, F, dim)``: embed conv, ConvNeXt stack, norm
+    (each block recomputed in backward when ``cfg.activation_checkpointing`` and training)."""
 
     def __init__(self, cfg: VocoderConfig):
         super().__init__()
@@ -64,12 +66,13 @@ class VocosBackbone(nn.Module):
             ConvNeXtBlock(cfg.dim, cfg.intermediate_dim, cfg.kernel_size, scale) for _ in range(cfg.num_layers)
         )
         self.final_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = self.embed(mel)  # (B, C, F)
         x = self.norm(x.transpose(1, 2)).transpose(1, 2)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, enabled=self.activation_checkpointing and self.training)
         return self.final_norm(x.transpose(1, 2))  # (B, F, C)
 
 

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaray.models.common.position import RopeTables, apply_rope
+from megaray.models.common.position_spec import position_names
 
 FLASH_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 
@@ -51,11 +52,13 @@ class KVCache:
     """One layer's cache: tensors grown along dim -2 (time) by :meth:`update`.
 
     Standard attention stores ``k, v`` ``(B, nkv, T, hs)``; MLA stores ``c_kv (B, T, r)`` and
-    ``k_pe (B, 1, T, dr)``.
+    ``k_pe (B, 1, T, dr)``. A :class:`~megaray.models.common.mlp.ConvMLP` in the same layer keeps its
+    last hidden states in :attr:`conv_state` ``(B, hidden, kernel_size - 1)``.
     """
 
     def __init__(self) -> None:
         self.data: Optional[Tuple[torch.Tensor, ...]] = None
+        self.conv_state: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         """Cached time steps."""
@@ -188,8 +191,9 @@ BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def resolve_backend(name: str, position: Optional[str] = None) -> Callable[..., torch.Tensor]:
+def resolve_backend(name: str, position=None) -> Callable[..., torch.Tensor]:
     """The kernel named ``name`` (``attn_backend``); checks at build time what can be checked then.
+    ``position`` is the config's scheme: a name, a list of names, or None.
 
     Raises:
         ValueError: unknown backend, or ``flash`` with ALiBi (``position``) or without flash-attn installed.
@@ -198,7 +202,7 @@ def resolve_backend(name: str, position: Optional[str] = None) -> Callable[..., 
         raise ValueError(f"unknown attn_backend {name!r}; known: {', '.join(BACKENDS)}")
     if name == "flash" and not FLASH_AVAILABLE:
         raise ValueError("attn_backend 'flash' needs the flash-attn package (pip install 'megaray[gpu]'); use 'auto'")
-    if name == "flash" and position == "alibi":
+    if name == "flash" and position is not None and "alibi" in position_names(position):
         raise ValueError("attn_backend 'flash' cannot add the ALiBi bias; use 'sdpa' or 'auto' with position 'alibi'")
     return BACKENDS[name]
 

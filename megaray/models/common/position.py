@@ -8,7 +8,10 @@ on the scheme name:
 * :meth:`Position.attn_bias` returns an additive attention bias (alibi).
 
 The hooks a scheme does not use are identities / ``None``. Select a scheme with
-``build_position(cfg)``, where ``cfg.position`` is one of :data:`POSITIONS`.
+``build_position(cfg)``, where ``cfg.position`` is one of :data:`POSITIONS`, or a list of them
+applied together (:class:`CombinedPosition`, e.g. ``[learned, rope]``: the absolute embedding at the
+input and RoPE on q/k; :func:`~megaray.models.common.position_spec.check_positions` says which
+lists are valid).
 
 For a grid of image patches (ViT / MAE / DiT), :func:`sincos_2d` gives the fixed 2-D table
 that DiT adds to its patch embeddings, and :func:`rope_2d` axial rotary tables for
@@ -18,10 +21,12 @@ that DiT adds to its patch embeddings, and :func:`rope_2d` axial rotary tables f
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from megaray.models.common.position_spec import check_positions, position_names
 
 RopeTables = Tuple[torch.Tensor, torch.Tensor]
 
@@ -169,15 +174,47 @@ POSITIONS: Dict[str, Callable[..., Position]] = {
 }
 
 
-def build_position(cfg) -> Position:
-    """The :class:`Position` named by ``cfg.position`` (a key of :data:`POSITIONS`).
+class CombinedPosition(Position):
+    """Several schemes applied together (``cfg.position`` a list): every scheme's :meth:`embed` in
+    list order (at most one is absolute, so the order does not change the result), the RoPE tables
+    of the ``rope`` member and the ALiBi bias of the ``alibi`` member. Members live in
+    :attr:`schemes` (an ``nn.ModuleDict`` by name: a learned table is ``schemes.learned.wpe``).
 
     Raises:
-        ValueError: unknown scheme name.
+        ValueError: an invalid list (see :func:`~megaray.models.common.position_spec.check_positions`).
     """
-    if cfg.position not in POSITIONS:
-        raise ValueError(f"unknown position {cfg.position!r}; known: {', '.join(POSITIONS)}")
-    return POSITIONS[cfg.position](cfg)
+
+    def __init__(self, names: Sequence[str], cfg):
+        super().__init__()
+        check_positions(names)
+        self.schemes = nn.ModuleDict({n: POSITIONS[n](cfg) for n in names})
+
+    def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for scheme in self.schemes.values():
+            x = scheme.embed(x, pos)
+        return x
+
+    def rope(self, pos: torch.Tensor) -> Optional[RopeTables]:
+        return self.schemes["rope"].rope(pos) if "rope" in self.schemes else None
+
+    def attn_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.schemes["alibi"].attn_bias(q_pos, k_pos) if "alibi" in self.schemes else None
+
+
+def build_position(cfg) -> Position:
+    """The :class:`Position` named by ``cfg.position`` (a key of :data:`POSITIONS`), or a
+    :class:`CombinedPosition` when it is a list of several names (a one-name list is that scheme).
+
+    Raises:
+        ValueError: unknown scheme name, or an invalid list (see
+            :func:`~megaray.models.common.position_spec.check_positions`).
+    """
+    names = position_names(cfg.position)
+    if len(names) != 1:
+        return CombinedPosition(names, cfg)
+    if names[0] not in POSITIONS:
+        raise ValueError(f"unknown position {names[0]!r}; known: {', '.join(POSITIONS)}")
+    return POSITIONS[names[0]](cfg)
 
 
 # ----------------------------------------------------------------------------- 2-D (image patches)

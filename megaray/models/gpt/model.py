@@ -8,10 +8,12 @@ final norm, LM head). Every variant lives in :mod:`megaray.models.common`:
 slot           choices                                             module
 =============  ==================================================  ===========================
 attention      mha, mqa, gqa, mla; backends auto/sdpa/flash/ref     ``common/attention.py``
-position       learned, sinusoidal, rope, alibi, none              ``common/position.py``
-norm           layernorm, rmsnorm; pre / post; final norm           ``common/norm.py``
-feed-forward   gelu, relu, silu, swiglu, geglu; MoE if n_experts   ``common/mlp.py``, ``moe.py``
-               (router top_k or expert_choice)
+position       learned, sinusoidal, rope, alibi, none; or a list    ``common/position.py``
+norm           layernorm, rmsnorm; pre / post / sandwich; final     ``common/norm.py``
+feed-forward   gelu, relu, silu, swiglu, geglu, convmlp,            ``common/mlp.py``, ``moe.py``
+               shufflemlp; MoE if n_experts
+               (router top_k or expert_choice, MH-MoE moe_heads;   ``experts.py``, ``peer.py``
+               router peer: PEER product-key experts)
 residual       plain (by norm_placement), rezero; init gpt2/admin   this module
 =============  ==================================================  ===========================
 
@@ -30,8 +32,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megaray.models.common.attention import KVCache, build_attention, causal_mask, span_mask
-from megaray.models.common.moe import MoE, build_feed_forward, gather_moe_losses
-from megaray.models.common.norm import RESIDUALS, build_final_norm, build_norm
+from megaray.models.common.experts import SparseFeedForward, StackedLinear
+from megaray.models.common.moe import build_feed_forward, gather_moe_losses
+from megaray.models.common.norm import RESIDUALS, build_final_norm, build_norm, build_post_norm
 from megaray.models.common.position import build_position
 from megaray.models.gpt.config import GPTConfig
 
@@ -44,11 +47,12 @@ class Block(nn.Module):
     mask (or None: causal) to attention.
 
     Each of the two sublayers ``f`` (attention, feed-forward) joins the residual stream as
-    ``cfg.norm_placement`` says (``x + f(norm(x))`` or ``norm(x + f(x))``), or:
+    ``cfg.norm_placement`` says (``x + f(norm(x))``, ``norm(x + f(x))``, or with ``sandwich``
+    ``x + post(f(norm(x)))``, ``post`` = ``ln_1_post`` / ``ln_2_post``), or:
 
     * ``residual="rezero"`` (Bachlechner et al. 2020, "ReZero is All You Need"):
-      ``x + alpha * f(norm(x))`` with one scalar ``alpha`` per sublayer, 0 at init, so every block
-      starts as the identity;
+      ``x + alpha * f(norm(x))`` (sandwich: ``x + alpha * post(f(norm(x)))``) with one scalar
+      ``alpha`` per sublayer, 0 at init, so every block starts as the identity;
     * ``init="admin"`` (Liu et al. 2020, "Understanding the Difficulty of Training Transformers"):
       ``norm(x * omega + f(x))`` with ``omega`` ``(C,)`` per sublayer, set by :meth:`GPT.admin_init`.
     """
@@ -59,6 +63,8 @@ class Block(nn.Module):
         self.attn = build_attention(config)
         self.ln_2 = build_norm(config)
         self.mlp = build_feed_forward(config)
+        self.ln_1_post, self.ln_2_post = build_post_norm(config), build_post_norm(config)  # sandwich only
+        self.mlp_uses_cache = getattr(self.mlp, "uses_cache", False)  # ConvMLP keeps a conv state
         self.drop = nn.Dropout(config.dropout)
         self.residual = RESIDUALS[config.norm_placement]
         self.rezero, self.admin = config.residual == "rezero", config.init == "admin"
@@ -71,10 +77,14 @@ class Block(nn.Module):
         self.admin_profile: Optional[List[float]] = None
 
     def forward(self, x, rope=None, bias=None, cache: Optional[KVCache] = None, mask=None) -> torch.Tensor:
-        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache, mask), "attn")
-        return self._sublayer(x, self.ln_2, self.mlp, "mlp")
+        x = self._sublayer(x, self.ln_1, lambda h: self.attn(h, rope, bias, cache, mask), "attn", self.ln_1_post)
+        mlp = (lambda h: self.mlp(h, cache)) if self.mlp_uses_cache else self.mlp
+        return self._sublayer(x, self.ln_2, mlp, "mlp", self.ln_2_post)
 
-    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, name: str) -> torch.Tensor:
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, name: str, post: Optional[nn.Module]) -> torch.Tensor:
+        if post is not None:  # sandwich: the branch ends in its own norm
+            branch = fn
+            fn = lambda h: post(branch(h))  # noqa: E731
         if self.rezero:
             return x + getattr(self, f"alpha_{name}") * self.drop(fn(norm(x)))
         if self.admin:
@@ -96,8 +106,8 @@ class GPT(nn.Module):
     positions whose target is not ``-1``. The MoE auxiliary loss of the last forward
     (load balancing + router z-loss, coefficients applied, summed over layers; 0 for dense models)
     is :attr:`aux_loss`: add it to ``loss`` when training. :attr:`moe_stats` holds the last
-    forward's detached ``moe_aux``, ``moe_z_loss``, ``moe_dropped_frac`` (see
-    :mod:`megaray.models.common.moe`). ``T`` (plus the cache length) must not exceed ``config.block_size``.
+    forward's detached ``moe_aux``, ``moe_z_loss``, ``moe_dropped_frac`` (PEER: ``moe_aux``,
+    ``moe_expert_usage``; see :mod:`megaray.models.common.moe`). ``T`` (plus the cache length) must not exceed ``config.block_size``.
     """
 
     def __init__(self, config: GPTConfig):
@@ -173,6 +183,10 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, StackedLinear):  # MoE experts: one nn.Linear init per expert
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -234,8 +248,9 @@ class GPT(nn.Module):
         """Parameter count (tied weights once).
 
         ``non_embedding`` drops the position table and, when untied, the token embedding (the
-        LM head stays: it is a matmul), as nanoGPT. ``active`` counts only ``moe_top_k`` of the
-        ``n_experts`` experts per MoE layer (the parameters one token uses).
+        LM head stays: it is a matmul), as nanoGPT. ``active`` counts only the experts one token
+        applies per routed layer (``moe_top_k``, times ``moe_heads`` sub-tokens or PEER heads; see
+        :meth:`~megaray.models.common.experts.SparseFeedForward.inactive_params`).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -243,10 +258,7 @@ class GPT(nn.Module):
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
         if active:
-            for m in self.modules():
-                if isinstance(m, MoE):
-                    per_expert = sum(p.numel() for p in m.experts[0].parameters())
-                    n -= int((m.n_experts - m.active_experts) * per_expert)
+            n -= sum(m.inactive_params() for m in self.modules() if isinstance(m, SparseFeedForward))
         return n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:

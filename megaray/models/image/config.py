@@ -64,6 +64,8 @@ class ImageVAEConfig(ModelConfig):
     norm_eps: float = Field(1e-6, gt=0, description="GroupNorm epsilon (LDM: 1e-6)")
     mid_attention: bool = Field(True, description="self-attention between the two middle ResNet blocks")
     use_quant_conv: bool = Field(True, description="1x1 convs around the latent (LDM quant_conv / post_quant_conv)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
     scaling_factor: float = Field(0.18215, gt=0, description="latents given to a diffusion model are scaling_factor * z (SD)")
     resolution: int = Field(256, gt=0, description="training image size in pixels (square crops)")
     # reconstruction and KL

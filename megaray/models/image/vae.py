@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaray.models.common.attention import sdpa_attention
+from megaray.models.common.checkpointing import run_block
 from megaray.models.common.conv import Downsample2d, ResnetBlock2d, Upsample2d, group_norm
 from megaray.models.image.config import ImageVAEConfig
 
@@ -78,21 +79,27 @@ class MidBlock(nn.Module):
         self.block_1 = ResnetBlock2d(ch, ch, groups=cfg.norm_groups, eps=cfg.norm_eps)
         self.attn = AttnBlock(ch, cfg.norm_groups, cfg.norm_eps) if cfg.mid_attention else nn.Identity()
         self.block_2 = ResnetBlock2d(ch, ch, groups=cfg.norm_groups, eps=cfg.norm_eps)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn(self.block_1(x)))
+        ckpt = self.activation_checkpointing and self.training
+        for block in (self.block_1, self.attn, self.block_2):
+            x = run_block(block, x, enabled=ckpt)
+        return x
 
 
 class Stage(nn.Module):
-    """``blocks`` (ResNet) then ``resample`` (a :class:`Downsample2d`, :class:`Upsample2d` or identity)."""
+    """``blocks`` (ResNet) then ``resample`` (a :class:`Downsample2d`, :class:`Upsample2d` or identity);
+    each block recomputed in backward when ``activation_checkpointing`` and training."""
 
-    def __init__(self, blocks: List[nn.Module], resample: nn.Module):
+    def __init__(self, blocks: List[nn.Module], resample: nn.Module, activation_checkpointing: bool = False):
         super().__init__()
         self.blocks, self.resample = nn.ModuleList(blocks), resample
+        self.activation_checkpointing = activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, enabled=self.activation_checkpointing and self.training)
         return self.resample(x)
 
 
@@ -110,7 +117,7 @@ class Encoder(nn.Module):
         stages, cin = [], chans[0]
         for i, ch in enumerate(chans):
             down = Downsample2d(ch, 2, padding="asymmetric") if i < len(chans) - 1 else nn.Identity()
-            stages.append(Stage(_blocks(cin, ch, cfg.layers_per_block, cfg), down))
+            stages.append(Stage(_blocks(cin, ch, cfg.layers_per_block, cfg), down, cfg.activation_checkpointing))
             cin = ch
         self.stages = nn.ModuleList(stages)
         self.mid = MidBlock(cin, cfg)
@@ -135,7 +142,7 @@ class Decoder(nn.Module):
         stages, cin = [], chans[0]
         for i, ch in enumerate(chans):
             up = Upsample2d(ch, 2) if i < len(chans) - 1 else nn.Identity()
-            stages.append(Stage(_blocks(cin, ch, cfg.layers_per_block + 1, cfg), up))
+            stages.append(Stage(_blocks(cin, ch, cfg.layers_per_block + 1, cfg), up, cfg.activation_checkpointing))
             cin = ch
         self.stages = nn.ModuleList(stages)
         self.norm_out = group_norm(cin, cfg.norm_groups, cfg.norm_eps)
@@ -153,6 +160,7 @@ class ImageVAE(nn.Module):
 
     ``H`` and ``W`` must be multiples of :attr:`downsample_factor` (ValueError otherwise).
     Diffusion models take ``cfg.scaling_factor * z``; :meth:`decode` takes unscaled ``z``.
+    ``cfg.activation_checkpointing`` recomputes each ResNet / attention block in backward while training.
     """
 
     def __init__(self, cfg: ImageVAEConfig):

@@ -75,6 +75,8 @@ class MambaConfig(ModelConfig):
         "top_k", description="token-choice top-k (causal) or expert choice (routes over the batch: not causal)")
     moe_capacity_factor: float = Field(1.0, gt=0, description="expert choice: tokens per expert = ceil(B*T*f/E)")
     moe_z_loss_coef: float = Field(0.0, ge=0, description="weight of the ST-MoE router z-loss")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
 
     @model_validator(mode="after")
     def _check(self) -> "MambaConfig":

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaray.models.common.checkpointing import run_block
 from megaray.models.common.moe import MoE, build_feed_forward, gather_moe_losses
 from megaray.models.mamba.config import MambaConfig
 from megaray.models.mamba.ssd import kernel_available, ssd_chunked, ssd_mamba_ssm, ssd_recurrent
@@ -150,7 +151,8 @@ class Mamba(nn.Module):
     detached logging scalars, as :class:`~megaray.models.gpt.model.GPT`. ``model(idx, cache=c)``
     with ``c = model.new_cache()`` continues after the tokens ``c`` has seen (the recurrent state
     replaces the KV cache; ``T == 1`` steps run the exact recurrence). Any ``T`` works:
-    ``block_size`` is only the training length.
+    ``block_size`` is only the training length. ``config.activation_checkpointing`` (or
+    :meth:`set_activation_checkpointing`) recomputes each block in backward while training.
     """
 
     def __init__(self, config: MambaConfig):
@@ -164,6 +166,7 @@ class Mamba(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.aux_loss = torch.zeros(())
         self.moe_stats: Dict[str, torch.Tensor] = {}
+        self.activation_checkpointing = config.activation_checkpointing
         self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
@@ -187,8 +190,9 @@ class Mamba(nn.Module):
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss]."""
         x = self.backbone.embedding(idx)  # (B, T, C)
+        ckpt = self.activation_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.backbone.layers):
-            x = layer(x, cache[i] if cache is not None else None)
+            x = run_block(layer, x, cache[i] if cache is not None else None, enabled=ckpt)
         logits = self.lm_head(self.backbone.norm_f(x))  # (B, T, V)
         self.aux_loss, stats = gather_moe_losses(self, idx.device)
         if stats is not None:
@@ -197,6 +201,11 @@ class Mamba(nn.Module):
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def set_activation_checkpointing(self, flag: bool) -> "Mamba":
+        """Recompute each block in backward when training with ``flag`` True (as the GPT's)."""
+        self.activation_checkpointing = bool(flag)
+        return self
 
     def new_cache(self) -> List[MambaCache]:
         """An empty recurrent-state cache, one :class:`MambaCache` per layer (states are allocated

@@ -53,6 +53,8 @@ class NGPTConfig(ModelConfig):
     s_uv_init: float = Field(1.0, gt=0, description="s_u, s_v: SwiGLU input scalers (times sqrt(n_embd))")
     s_z_init: float = Field(1.0, gt=0, description="s_z: logit scaler")
     attn_backend: Literal["sdpa", "reference"] = "sdpa"
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
 
     @model_validator(mode="after")
     def _check(self) -> "NGPTConfig":

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaray.models.common.attention import KVCache, reference_attention, sdpa_attention
+from megaray.models.common.checkpointing import run_block
 from megaray.models.common.position import RopeTables, RotaryPosition, apply_rope
 from megaray.models.ngpt.config import NGPTConfig
 
@@ -125,7 +126,8 @@ class NGPT(nn.Module):
     ``model(idx)`` maps ``(B, T)`` int64 ids to ``(B, T, V)`` float logits; ``model(idx, targets)``
     returns ``(logits, loss)``, ``loss`` the mean cross-entropy over targets that are not ``-1``.
     ``aux_loss`` is always 0 (no MoE). ``cache`` (:meth:`new_cache`) continues after the cached
-    tokens, as :func:`megaray.models.gpt.sampling.generate` expects.
+    tokens, as :func:`megaray.models.gpt.sampling.generate` expects. ``config.activation_checkpointing``
+    (or :meth:`set_activation_checkpointing`) recomputes each block in backward while training.
     """
 
     def __init__(self, config: NGPTConfig):
@@ -138,6 +140,7 @@ class NGPT(nn.Module):
         self.lm_head = nn.Linear(C, V, bias=False)  # untied, as the paper
         self.s_z = Scaler(V, config.s_z_init, config.scale)
         self.aux_loss = torch.zeros(())
+        self.activation_checkpointing = config.activation_checkpointing
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=config.scale)
@@ -176,13 +179,19 @@ class NGPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         rope = self.rope.rope(torch.arange(start, start + T, device=idx.device))  # (T, hd) x2
         h = self.wte(idx)  # (B, T, C), unit rows
+        ckpt = self.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
-            h = block(h, rope, cache[i] if cache is not None else None)
+            h = run_block(block, h, rope, cache[i] if cache is not None else None, enabled=ckpt)
         logits = self.lm_head(h) * self.s_z()  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def set_activation_checkpointing(self, flag: bool) -> "NGPT":
+        """Recompute each block in backward when training with ``flag`` True (as the GPT's)."""
+        self.activation_checkpointing = bool(flag)
+        return self
 
     def new_cache(self) -> List[KVCache]:
         """An empty KV cache, one :class:`KVCache` per layer, for ``forward(..., cache=)``."""

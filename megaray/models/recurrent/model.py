@@ -17,10 +17,13 @@ use ``round(recurrent_mean_thinking_steps)`` iterations; :meth:`generate` iterat
 criterion holds. Every block is :class:`megaray.models.gpt.model.Block` (attention, MLP, norm and
 position from :mod:`megaray.models.common`).
 
-Deviations from the reference: no sandwich norm or embedding scale (the GPT block as configured);
+Deviations from the reference: the GPT block as configured (Huginn's sandwich norm is
+``norm_placement: sandwich``; no embedding scale);
 the initial state is plain (not truncated) normal noise; ``r = 1 + Poisson(lambda)`` with
 ``E[lambda] = r_bar - 1`` so the mean depth is exactly ``r_bar``; generation recomputes the whole
-context for each token (no KV cache).
+context for each token (no KV cache). ``activation_checkpointing`` recomputes every block
+(prelude, each core iteration that keeps gradients, coda) in backward
+(:func:`megaray.models.common.checkpointing.run_block`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaray.models.common.checkpointing import run_block
 from megaray.models.common.norm import build_final_norm
 from megaray.models.common.position import build_position
 from megaray.models.gpt.model import GPT, Block
@@ -86,6 +90,7 @@ class RecurrentGPT(nn.Module):
         if config.tie_embeddings:
             self.wte.weight = self.lm_head.weight
         self.aux_loss = torch.zeros(())
+        self.activation_checkpointing = config.activation_checkpointing
         self.step = 0
         self.last_num_steps = 0
         #: mean core iterations per generated token of the last :meth:`generate` call
@@ -106,7 +111,19 @@ class RecurrentGPT(nn.Module):
         """``r`` for ``step`` (default: the one set by :meth:`set_step`); see :func:`sample_depth`."""
         return sample_depth(self.config, self.step if step is None else step)
 
+    def set_activation_checkpointing(self, flag: bool) -> "RecurrentGPT":
+        """Recompute each block in backward when training with ``flag`` True (as :class:`GPT`)."""
+        self.activation_checkpointing = bool(flag)
+        return self
+
     # -- pieces ----------------------------------------------------------------------------
+    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, tables: Tables) -> torch.Tensor:
+        """``x`` through ``blocks`` in order, each checkpointed when configured and training."""
+        on = self.activation_checkpointing and self.training
+        for block in blocks:
+            x = run_block(block, x, *tables, enabled=on)
+        return x
+
     def _embed(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Tables]:
         """``(B, T)`` ids -> ``e (B, T, C)`` (after the prelude) and the position tables."""
         T = idx.size(1)
@@ -115,9 +132,7 @@ class RecurrentGPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.pos.embed(self.wte(idx), pos))
         tables = (self.pos.rope(pos), self.pos.attn_bias(pos, pos))
-        for block in self.prelude:
-            x = block(x, *tables)
-        return x, tables
+        return self._blocks(self.prelude, x, tables), tables
 
     def init_state(self, e: torch.Tensor) -> torch.Tensor:
         """``s_0 ~ N(0, state_std^2)`` shaped like ``e``; in eval mode drawn from a generator
@@ -129,16 +144,11 @@ class RecurrentGPT(nn.Module):
 
     def core_step(self, s: torch.Tensor, e: torch.Tensor, tables: Tables) -> torch.Tensor:
         """One iteration ``s -> core(adapter([s; e]))``, ``(B, T, C) -> (B, T, C)``."""
-        x = self.adapter(torch.cat([s, e], dim=-1))
-        for block in self.core:
-            x = block(x, *tables)
-        return x
+        return self._blocks(self.core, self.adapter(torch.cat([s, e], dim=-1)), tables)
 
     def head(self, s: torch.Tensor, tables: Tables) -> torch.Tensor:
         """Coda, final norm and LM head: ``(B, T, C) -> (B, T, V)`` logits."""
-        for block in self.coda:
-            s = block(s, *tables)
-        return self.lm_head(self.ln_f(s))
+        return self.lm_head(self.ln_f(self._blocks(self.coda, s, tables)))
 
     def iterate(self, e: torch.Tensor, tables: Tables, num_steps: int) -> torch.Tensor:
         """``num_steps`` core iterations from fresh noise; with gradients enabled, all but the last

@@ -144,7 +144,8 @@ class GPTConfig(ModelConfig):
             if self.moe_top_k > root:
                 raise ValueError(f"moe_router 'peer': moe_top_k ({self.moe_top_k}) exceeds sqrt(n_experts) ({root})")
             if self.moe_peer_key_dim is not None and self.moe_peer_key_dim % 2:
-                raise ValueError(f"moe_peer_key_dim must be even (the query splits in two halves), got {self.moe_peer_key_dim}")
+                raise ValueError("moe_peer_key_dim must be even (the query splits in two halves), "
+                                 f"got {self.moe_peer_key_dim}")
         elif self.n_experts and self.n_embd % self.moe_heads:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by moe_heads ({self.moe_heads}): "
                              "MH-MoE splits each token into moe_heads sub-tokens")
@@ -173,9 +174,10 @@ class GPTConfig(ModelConfig):
             raise ValueError(
                 "needs experts sharded across ranks, and megaray's MoE layers keep every expert on every rank. "
                 "DeepSpeed's own layer (deepspeed.moe.layer.MoE, ep_size) does train on CPU/gloo "
-                "(ZeRO 2, 2 processes, ep_size 2: checked), but using it needs its GShard gate instead of megaray's routers (no expert choice, MH-MoE, "
-                "PEER or z-loss), optimizer groups split by DeepSpeed's split_params_into_different_moe_groups_"
-                "for_optimizer, a gather of the experts of every rank into model.pt and ema.pt, and every rank "
+                "(ZeRO 2, 2 processes, ep_size 2: checked), but using it needs its GShard gate instead of "
+                "megaray's routers (no expert choice, MH-MoE, PEER or z-loss), optimizer groups split by "
+                "DeepSpeed's split_params_into_different_moe_groups_for_optimizer, a gather of the experts of "
+                "every rank into model.pt and ema.pt, and every rank "
                 "in each forward (rank-0-only eval samples would wait forever in its all-to-all); "
                 "set moe_expert_parallel 1 (see docs/models.md, 'Expert parallelism')")
         return v

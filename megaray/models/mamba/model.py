@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaray.models.common.checkpointing import run_block
+from megaray.models.common.experts import StackedLinear
 from megaray.models.common.moe import MoE, build_feed_forward, gather_moe_losses
 from megaray.models.mamba.config import MambaConfig
 from megaray.models.mamba.ssd import kernel_available, ssd_chunked, ssd_mamba_ssm, ssd_recurrent
@@ -173,7 +174,8 @@ class Mamba(nn.Module):
 
     def _init_weights(self) -> None:
         """``mamba_ssm``: zero Linear biases, N(0, 0.02) embedding, residual output projections
-        (``out_proj``, the MLP's ``c_proj``) Kaiming-uniform / sqrt(residuals per layer * n_layer)."""
+        (``out_proj``, the MLP's ``c_proj``, each MoE expert's ``c_proj`` slice) Kaiming-uniform /
+        sqrt(residuals per layer * n_layer)."""
         n_residuals = (2 if self.config.has_ffn else 1) * self.config.n_layer
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
@@ -183,6 +185,11 @@ class Mamba(nn.Module):
             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ("out_proj", "c_proj"):
                 nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
                 with torch.no_grad():
+                    m.weight /= math.sqrt(n_residuals)
+            elif isinstance(m, StackedLinear) and name.rsplit(".", 1)[-1] == "c_proj":  # MoE experts' c_proj
+                with torch.no_grad():
+                    for e in range(m.weight.shape[0]):
+                        nn.init.kaiming_uniform_(m.weight[e], a=math.sqrt(5))
                     m.weight /= math.sqrt(n_residuals)
 
     def forward(

@@ -258,7 +258,15 @@ class TrackingConfig(StrictConfig):
     log_model: bool = Field(
         True, description="log the final checkpoint as an MLflow pyfunc model (families that have one; not in Tune trials)")
     register_model: Optional[str] = Field(
-        None, description="register the logged model as a new version of this Model Registry name")
+        None, description="at the end of a run, register its best checkpoint (by register_metric) as a new version "
+        "of this Model Registry name (not in Tune trials)")
+    register_metric: str = Field(
+        "val_loss", pattern=r"^((min|max):)?[\w./-]+$",
+        description="metric that picks the best checkpoint to register: a name (minimised), min:NAME or max:NAME "
+        "(e.g. max:hellaswag_acc); no checkpoint with it: the newest is registered")
+    log_checkpoints: bool = Field(
+        True, description="every checkpoint an MLflow LoggedModel (models:/<model_id>) with the step's metrics; "
+        "its weights stay where the checkpoint lies (tag megaray.checkpoint), nothing is uploaded")
 
     def resolved_uri(self) -> str:
         """The MLflow tracking URI this run logs to (absolute for local SQLite)."""

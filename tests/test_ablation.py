@@ -59,6 +59,54 @@ def test_tune_grid_is_the_ablation_configs():
         assert _model_diff(trial, base) == EXPECTED[name]
 
 
+REFERENCE = ABLATION / "reference"
+REFERENCE_TUNE = REPO / "configs" / "tune" / "ablation_reference.yaml"
+#: the reference-scale changes: 12 heads, so gqa keeps 4 KV heads; mla's sizes follow DeepSeek-V2's
+#: ratios to the head dim 64 (d_c = 4 d_h, d_h^R = d_h / 2)
+REFERENCE_EXPECTED = {**EXPECTED, "gqa": {"attention": "gqa", "n_kv_heads": 4},
+                      "mla": {"attention": "mla", "position": "rope", "kv_lora_rank": 256, "qk_rope_head_dim": 32}}
+
+
+def test_reference_ablations_are_the_baseline_plus_one_change():
+    """configs/ablation/reference/: GPT-2 small at 0.5M-token batches for 19,073 steps; every file but
+    the baseline is `base: baseline.yaml` with its one change, and loads to exactly that."""
+    import yaml
+
+    assert {p.stem for p in REFERENCE.glob("*.yaml")} == set(REFERENCE_EXPECTED)
+    base = load_config(REFERENCE / "baseline.yaml")
+    m, d, t, s = base.model, base.data, base.train, base.scaling
+    assert (m.preset, m.n_layer, m.n_head, m.n_embd) == ("gpt2_small", 12, 12, 768)
+    assert (m.block_size, m.vocab_size) == (1024, 50304)
+    assert t.global_batch_size * m.block_size == 524288 and t.global_batch_size == d.batch_size * s.max_workers * 4
+    assert (t.max_steps, t.eval_every, t.checkpoint_every, t.precision) == (19073, 250, 250, "bf16")
+    assert base.eval.hellaswag and base.tracking.sample_tokens > 0 and s.use_gpu is True and t.zero_stage in (1, 2)
+    for name, change in REFERENCE_EXPECTED.items():
+        raw = yaml.safe_load((REFERENCE / f"{name}.yaml").read_text())
+        if name != "baseline":
+            assert raw["base"] == "baseline.yaml" and set(raw) == {"base", "name", "model"}, name
+        cfg = load_config(REFERENCE / f"{name}.yaml")
+        assert _model_diff(cfg, base) == change, name
+        assert cfg.name == f"ablation-ref-{name}"
+        rest, base_rest = cfg.model_dump(mode="json"), base.model_dump(mode="json")
+        for section in ("data", "train", "scaling", "tracking", "eval", "generation"):
+            assert rest[section] == base_rest[section], (name, section)
+
+
+def test_reference_tune_grid_is_the_reference_configs():
+    s = load_tune_config(REFERENCE_TUNE, strict=True)
+    assert s.base_path == str(REFERENCE / "baseline.yaml")
+    assert s.config.search.algorithm == "grid" and s.config.scheduler.type == "fifo"
+    assert (s.config.trial.num_workers, s.config.trial.use_gpu) == (8, True)
+    base = load_config(REFERENCE / "baseline.yaml")
+    grid = s.config.space["model"].grid
+    assert sorted(map(json.dumps, grid)) == sorted(json.dumps(c) for c in REFERENCE_EXPECTED.values())
+    for label, value in s.labels["model"].items():
+        name = next(n for n, c in REFERENCE_EXPECTED.items() if c == value)
+        trial = s.trial_config({"model": label}, "abc_00001")
+        assert trial.model == load_config(REFERENCE / f"{name}.yaml").model, name
+        assert trial.train == base.train and trial.data.batch_size == base.data.batch_size
+
+
 HELLASWAG = [
     {"ctx": "Return the number of", "label": 0, "endings": ["items in the list.", "cats", "blue sky", "the of of"]},
     {"ctx": "If the argument is omitted,", "label": 1,

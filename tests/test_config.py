@@ -8,14 +8,15 @@ from megaray.config import ConfigError
 from megaray.families import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+# run configs: configs/*.yaml and the ablation experiments (configs/ablation/, its reference/ scale)
+RUN_CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "ablation").rglob("*.yaml")])
 
 
 def test_configs_exist():
     assert len(RUN_CONFIGS) >= 3
 
 
-@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_run_config_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)
     out = tmp_path / "resolved.yaml"

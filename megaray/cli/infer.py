@@ -11,9 +11,11 @@ from typing import Optional
 import typer
 
 from megaray.cli.app import app
-from megaray.cli.options import at_least, in_interval, input_file, one_of
+from megaray.cli.options import TRACKING_URI_HELP, at_least, in_interval, input_file, one_of, use_tracking_uri
 
-_CHECKPOINT_HELP = "checkpoint directory, or a run directory (its latest checkpoint)"
+_MODEL_URIS = "or an MLflow model: models:/<model_id>, models:/<name>/<version>, models:/<name>@<alias>"
+_CHECKPOINT_HELP = f"checkpoint directory, a run directory (its latest checkpoint), {_MODEL_URIS}"
+_TRACKING_URI = typer.Option(None, "--tracking-uri", callback=use_tracking_uri, help=TRACKING_URI_HELP)
 
 
 @app.command("eval")
@@ -29,7 +31,9 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, callback=at_least(1), help="hellaswag: first N examples only"),
     ray_above: int = typer.Option(2000, callback=at_least(0),
                                   help="hellaswag: score over Ray Data (actor pool) above this many examples"),
-    tracking_uri: Optional[str] = typer.Option(None, help="hellaswag: MLflow URI to log to (default $MLFLOW_TRACKING_URI)"),
+    tracking_uri: Optional[str] = typer.Option(None, callback=use_tracking_uri,
+                                               help="MLflow URI where models:/ checkpoints are looked up and hellaswag "
+                                                    "logs to (default $MLFLOW_TRACKING_URI)"),
 ) -> None:
     """Perplexity of a trained text model on a prepared split, or its HellaSwag accuracy; prints JSON.
 
@@ -81,6 +85,7 @@ def generate_cmd(
     image: Optional[Path] = typer.Option(None, callback=input_file, help="a picture to caption (--to text)"),
     vocoder: Optional[str] = typer.Option(None, help="--to audio: vocoder checkpoint that turns the mel into a wav"),
     vae: Optional[str] = typer.Option(None, help="image-VAE checkpoint of a model on latents (image_channels != 3)"),
+    tracking_uri: Optional[str] = _TRACKING_URI,
 ) -> None:
     """Continue a prompt with a trained text model (KV-cached sampling), or continue an interleaved
     prompt with a multimodal one: text -> image (PNG), text -> audio (wav), audio or image -> text.
@@ -88,6 +93,7 @@ def generate_cmd(
 
     Example: megaray generate --checkpoint runs/gpt-debug --prompt "Return the" --max-new-tokens 20
     Example: megaray generate --checkpoint runs/gpt-debug --interactive
+    Example: megaray generate --checkpoint models:/megaray-lm@champion --tracking-uri sqlite:///mlflow.db
     Example: megaray generate --checkpoint runs/mm --prompt "a photo of astronaut" --to image --out astronaut.png
     Example: megaray generate --checkpoint runs/mm --audio hello.wav --to text
     """
@@ -127,9 +133,10 @@ def generate_cmd(
 
 @app.command("vocode")
 def vocode_cmd(
-    checkpoint: str = typer.Option(..., help="vocoder checkpoint (or its run directory)"),
+    checkpoint: str = typer.Option(..., help=f"vocoder checkpoint (or its run directory, {_MODEL_URIS})"),
     input: Path = typer.Option(..., "--input", "-i", help="audio file to analyse (any soundfile format)"),
     output: Path = typer.Option(..., "--output", "-o", help="wav to write"),
+    tracking_uri: Optional[str] = _TRACKING_URI,
 ) -> None:
     """Analysis -> log-mel -> vocoder -> waveform; prints the real-time factor as JSON.
 
@@ -142,7 +149,7 @@ def vocode_cmd(
 
 @app.command("sample")
 def sample_cmd(
-    checkpoint: str = typer.Option(..., help="dit checkpoint, or its run directory (its latest)"),
+    checkpoint: str = typer.Option(..., help=f"dit checkpoint, or its run directory (its latest), {_MODEL_URIS}"),
     n: int = typer.Option(16, "--n", callback=at_least(1), help="samples to draw"),
     output: Path = typer.Option(Path("grid.png"), "--output", "-o",
                                 help="image runs: the PNG grid; mel runs: <stem>_mel.png and <stem>N.wav"),
@@ -154,6 +161,7 @@ def sample_cmd(
     steps: Optional[int] = typer.Option(None, callback=at_least(1), help="DDIM steps (default: the run's diffusion.sample_steps)"),
     seed: int = typer.Option(0, help="seed of the initial noise"),
     vocoder: Optional[str] = typer.Option(None, help="vocoder checkpoint for mel runs (default: the run's diffusion.vocoder_checkpoint)"),
+    tracking_uri: Optional[str] = _TRACKING_URI,
 ) -> None:
     """Sample a trained DiT: a PNG grid of images, or log-mel PNGs and wavs; prints JSON.
 
@@ -173,6 +181,7 @@ def export_cmd(
     format: str = typer.Option("hf", "--format", callback=one_of(("hf",)), help="hf = a Hugging Face model directory"),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write (new or empty)"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    tracking_uri: Optional[str] = _TRACKING_URI,
 ) -> None:
     """Write a GPT checkpoint as a Hugging Face directory (config.json, model.safetensors, tokenizer
     files) that transformers' AutoModelForCausalLM / AutoTokenizer load; prints JSON.

@@ -53,12 +53,14 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
 
     Args:
         checkpoint: checkpoint directory or run directory (its latest checkpoint).
-        shards: prepared shards; default the run's ``data.shards``.
+        shards: prepared shards; default the run's ``data.shards``, or for ``split="val"`` its
+            ``data.val_shards`` when it has one (that folder's split per
+            :func:`megaray.data.text.datasets.val_split_of`).
         split: ``val`` or ``train``.
         max_batches: upper bound on batches evaluated (windows of ``model.block_size``).
 
     Returns:
-        ``{"checkpoint", "step", "split", "tokens", "loss", "ppl", "unigram_entropy", "seconds"}``.
+        ``{"checkpoint", "shards", "step", "split", "tokens", "loss", "ppl", "unigram_entropy", "seconds"}``.
 
     Raises:
         CheckpointError: no complete checkpoint, corrupt weights, not a text model's.
@@ -70,6 +72,11 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, ckpt, _ = load_text_model(checkpoint, device)
+    if shards is None and split == "val" and cfg.data.val_shards:  # the run validated on another folder
+        from megaray.data.text.datasets import val_split_of
+
+        shards = cfg.data.val_shards
+        split = val_split_of(text.load_manifest(shards))
     shards = shards or cfg.data.shards
     t0 = time.perf_counter()
     total, tokens = 0.0, 0
@@ -89,6 +96,7 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
     manifest = text.load_manifest(shards)
     return {
         "checkpoint": str(ckpt),
+        "shards": shards,
         "step": (read_state(ckpt) or {}).get("step"),
         "split": split,
         "tokens": tokens,

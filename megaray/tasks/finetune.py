@@ -40,6 +40,7 @@ class SFTTask(LMTask):
     """Completion-only next-token loss on packed, document-masked chat records."""
 
     info_class = SFTInfo
+    supports_val_shards = False  # its splits come packed from one `prepare sft` folder
 
     def datasets(self) -> Dict[str, Any]:
         """Packed windows of both splits of ``data.shards`` (an ``sft`` manifest); fills :class:`SFTInfo`.

@@ -43,7 +43,7 @@ from megaray.tune.space import Distribution, check_space, labels
 log = logging.getLogger("megaray.tune")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-RUN_SECTIONS = ("model", "data", "train", "scaling", "tracking", "eval")
+RUN_SECTIONS = ("model", "data", "train", "scaling", "tracking", "eval", "generation")
 # Keys a trial sets itself: a search over them would break resume or tracking.
 RESERVED_KEYS = ("name", "scaling.storage_path", "tracking")
 
@@ -247,6 +247,11 @@ def check_data(cfg: RunConfig, base_path: str = "") -> None:
             read_manifest(source.shards, command=task.prepare_command(source.shards))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
+    if cfg.data.val_shards:
+        try:
+            read_manifest(cfg.data.val_shards, command=task.prepare_command(cfg.data.val_shards))
+        except DataError as e:
+            raise DataError(f"data.val_shards{where.removeprefix('data.shards')}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -262,8 +267,9 @@ def load_tune_config(
     """Load and validate a tune config from a YAML path (or a dict).
 
     ``overrides`` are ``KEY=VALUE`` strings (values parsed as YAML). A key starting with a run
-    config section (``model.``, ``data.``, ``train.``, ``scaling.``, ``tracking.``, ``eval.``) overrides the
-    base run config; ``space.<dotted key>=<YAML mapping>`` sets one space entry; any other key
+    config section (``model.``, ``data.``, ``train.``, ``scaling.``, ``tracking.``, ``eval.``,
+    ``generation.``) overrides the base run config; ``space.<dotted key>=<YAML mapping>`` sets one
+    space entry; any other key
     (``search.num_samples=8``, ``trial.num_workers=4``, ``name=x``) is a key of the tune config.
 
     The base config is loaded and resolved, and every space key and value checked against it.

@@ -245,8 +245,23 @@ class ScalingSection(StrictConfig):
         return tuple(self.num_workers) if isinstance(self.num_workers, list) else self.num_workers
 
 
+class WandbConfig(StrictConfig):
+    """``tracking.wandb``: the run's metrics, samples and config in Weights & Biases too
+    (:mod:`megaray.train.trackers`; needs ``pip install wandb``)."""
+
+    project: Optional[str] = Field(None, description="W&B project; None = tracking.experiment")
+    entity: Optional[str] = Field(None, description="W&B team or user; None = the logged-in default")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online: stream to W&B; offline: write the run locally for `wandb sync`; disabled: off")
+    dir: Optional[str] = Field(
+        None, description="folder for W&B's local files (wandb/<run>/); None = the run folder when "
+        "scaling.storage_path is local, else W&B's default (./wandb on the rank-0 worker)")
+
+
 class TrackingConfig(StrictConfig):
-    """MLflow settings. tracking_uri None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    """MLflow settings (MLflow is the default tracker; ``enabled`` switches it), and the optional
+    TensorBoard and W&B trackers beside it. tracking_uri None = $MLFLOW_TRACKING_URI, else
+    sqlite:///mlflow.db."""
 
     enabled: bool = True
     tracking_uri: Optional[str] = None
@@ -267,6 +282,14 @@ class TrackingConfig(StrictConfig):
     log_checkpoints: bool = Field(
         True, description="every checkpoint an MLflow LoggedModel (models:/<model_id>) with the step's metrics; "
         "its weights stay where the checkpoint lies (tag megaray.checkpoint), nothing is uploaded")
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard event files (the same metrics and steps as MLflow, eval "
+        "images, audio and texts) to <storage_path>/<name>/tensorboard/; with remote storage they are written on "
+        "the rank-0 worker under $TMPDIR/megaray-tensorboard/<name>-<hash>/ and copied there every minute and at the end "
+        "(pip install tensorboard)")
+    wandb: Optional[WandbConfig] = Field(
+        None, description="also log to Weights & Biases: {project, entity, mode: online|offline|disabled, dir}; "
+        "None = off (pip install wandb)")
 
     def resolved_uri(self) -> str:
         """The MLflow tracking URI this run logs to (absolute for local SQLite)."""

@@ -95,3 +95,17 @@ def require_local_sources(sources: Sequence[str], keywords: Sequence[str] = (), 
             kinds = "a folder, file, glob, s3:// gs:// URI" + (" or hf: dataset" if hf else "")
             raise DataError(f"source not found: {src} ({kinds}"
                             + (f"; or one of: {', '.join(keywords)})" if keywords else ")"))
+
+
+def use_tracking_uri(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """Callback of ``--tracking-uri``: the given MLflow tracking URI becomes this process's
+    ``MLFLOW_TRACKING_URI``, where ``models:/`` checkpoints are looked up
+    (:func:`megaray.weights.model_checkpoint`) and what MLflow logging defaults to."""
+    if value:
+        os.environ["MLFLOW_TRACKING_URI"] = value
+    return value
+
+
+#: help of ``--tracking-uri`` on the commands that take ``--checkpoint``
+TRACKING_URI_HELP = ("MLflow tracking URI where models:/ checkpoints are looked up (default $MLFLOW_TRACKING_URI, "
+                     "else sqlite:///mlflow.db here)")

@@ -56,20 +56,48 @@ def prepare_text_cmd(
                                             help="use this tokenizer.json instead of training one"),
     val_fraction: float = typer.Option(0.02, callback=in_interval(0, 1, low_open=False, high_open=True),
                                        help="fraction of documents held out for validation"),
+    min_words: int = typer.Option(0, callback=at_least(0), help="drop documents with fewer whitespace-separated "
+                                                                "words (0 = off; Gopher uses 50)"),
+    max_words: int = typer.Option(0, callback=at_least(0), help="drop documents with more words (0 = no limit; "
+                                                                "Gopher uses 100000)"),
+    max_dup_line_fraction: float = typer.Option(
+        0.5, "--max-dup-lines", callback=in_interval(0, 1, low_open=True, high_open=False),
+        help="drop documents whose fraction of repeated lines is above this (1 = off; Gopher uses 0.3, which "
+             "also drops doctest-heavy docstrings)"),
+    max_top_2gram_fraction: float = typer.Option(
+        1.0, "--max-top-2gram", callback=in_interval(0, 1, low_open=True, high_open=False),
+        help="drop documents whose most frequent repeated word 2-gram covers more than this fraction of the "
+             "characters (1 = off; Gopher uses 0.2)"),
+    near_dedupe: bool = typer.Option(True, help="drop MinHash near duplicates (word 5-gram shingles, 128 permutations, "
+                                                "fixed seed) of earlier kept documents, before the split"),
+    dedupe_threshold: float = typer.Option(0.8, callback=in_interval(0.5, 1, low_open=False, high_open=False),
+                                           help="estimated Jaccard similarity at or above which a document is a "
+                                                "near duplicate"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
     """Tokenize text sources with a byte-level BPE (or unigram) and write train/val parquet shards.
 
+    Exact duplicates, MinHash near duplicates and documents failing the length/repetition filters are
+    dropped and named in the manifest's rejected entry.
+
     Example: megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512
     """
     from megaray.data.text import prepare_text
+    from megaray.data.text.clean import CleanConfig
+    from megaray.errors import ConfigError
     from megaray.fs import check_target
 
+    if max_words and min_words > max_words:
+        raise ConfigError(f"--min-words ({min_words}) is above --max-words ({max_words}): "
+                          "every document would be dropped")
+    clean = CleanConfig(min_words=min_words, max_words=max_words, max_dup_line_fraction=max_dup_line_fraction,
+                        max_top_2gram_fraction=max_top_2gram_fraction, near_dedupe=near_dedupe,
+                        dedupe_threshold=dedupe_threshold)
     require_local_sources(source, keywords=("stdlib",), hf=True)
     check_target(out, overwrite)
     setup_logging()
     manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
-                            overwrite=overwrite, tokenizer_kind=tokenizer_kind, text_column=text_column)
+                            overwrite=overwrite, tokenizer_kind=tokenizer_kind, text_column=text_column, clean=clean)
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
 
 

@@ -37,23 +37,28 @@ def train_cmd(
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same command resumes from the latest checkpoint.
 
-    RAY_ADDRESS picks an existing cluster, else a local one starts.
+    RAY_ADDRESS picks an existing cluster, else a local one starts. The console is also appended to
+    <storage_path>/<name>/log.txt.
 
     Example: megaray train configs/gpt_debug.yaml --set train.max_steps=50
     """
     from megaray.families import describe_model, load_config
-    from megaray.train.launch import fit
+    from megaray.train.console import keep_console
+    from megaray.train.launch import fit, run_folder
 
     setup_logging(verbose)
     cfg = load_config(config, set_)
-    typer.echo(f"model type: {describe_model(cfg.model)}")
-    print_result(fit(cfg))
+    with keep_console(run_folder(cfg)):
+        typer.echo(f"model type: {describe_model(cfg.model)}")
+        print_result(fit(cfg))
 
 
 @app.command("finetune")
 def finetune_cmd(
     config: Path = typer.Argument(..., help="run config YAML whose data.shards come from `megaray prepare sft`"),
-    from_: str = typer.Option(..., "--from", help="checkpoint (or run directory) whose weights start the run"),
+    from_: str = typer.Option(..., "--from", help="checkpoint (or run directory, or MLflow model models:/<model_id> | "
+                                                    "models:/<name>/<version>, looked up at the run's tracking URI) "
+                                                    "whose weights start the run"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
@@ -62,11 +67,13 @@ def finetune_cmd(
     Example: megaray finetune configs/finetune_tiny.yaml --from runs/gpt-debug
     """
     from megaray.families import load_config
-    from megaray.train.launch import fit
+    from megaray.train.console import keep_console
+    from megaray.train.launch import fit, run_folder
 
     setup_logging(verbose)
     cfg = load_config(config, [*set_, "train.task=sft", f"train.init_from={from_}"])
-    print_result(fit(cfg))
+    with keep_console(run_folder(cfg)):
+        print_result(fit(cfg))
 
 
 def print_result(result) -> None:
@@ -82,6 +89,9 @@ def print_result(result) -> None:
     typer.echo(f"  checkpoint  {result.checkpoint}")
     if result.mlflow_run_id:
         typer.echo(f"  mlflow      {run_url(result.tracking_uri, result.mlflow_run_id)}")
+    if Path(result.run_dir, "tensorboard").is_dir():
+        typer.echo(f"  tensorboard tensorboard --logdir {Path(result.run_dir, 'tensorboard')}")
+    typer.echo(f"  console     {result.run_dir.rstrip('/')}/log.txt")
 
 
 @app.command("tune")

@@ -347,12 +347,15 @@ class Checkpointer:
             torch.distributed.barrier()
             checkpoint = ray.train.Checkpoint.from_directory(d)
             if remote:
+                step, reported = state.step, dict(report)
                 ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step),
                                  checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                                 delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=self._upload)
+                                 delete_local_checkpoint_after_upload=True,
+                                 checkpoint_upload_fn=lambda c, name: self._upload(c, name, step, reported))
                 d = None  # Ray's upload thread owns it now and deletes it when uploaded
             else:
                 ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
+                self._stored(state.step, report)
         finally:
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -361,7 +364,16 @@ class Checkpointer:
     #: seconds the last finished background upload took (remote storage), None before the first
     last_upload_s: Optional[float] = None
 
-    def _upload(self, checkpoint: Any, dir_name: str) -> Any:
+    #: rank 0 calls ``on_saved(step, location, report)`` once its copy of a checkpoint is on storage
+    #: (the loop registers it as an MLflow LoggedModel: :mod:`megaray.train.logged_models`); it must not raise
+    on_saved: Optional[Callable[[int, str, Dict[str, Any]], Any]] = None
+
+    def _stored(self, step: int, report: Dict[str, Any]) -> None:
+        if self.rank == 0 and self.on_saved is not None and self.run_dir:
+            self.on_saved(step, f"{self.run_dir.rstrip('/')}/{checkpoint_dir_name(step)}", report)
+
+    def _upload(self, checkpoint: Any, dir_name: str, step: Optional[int] = None,
+                report: Optional[Dict[str, Any]] = None) -> Any:
         """Ray Train's ``checkpoint_upload_fn``: copy into the run's storage, with retries."""
         import ray.train
 
@@ -369,6 +381,8 @@ class Checkpointer:
         t0 = time.perf_counter()
         out = upload_with_retry(lambda: storage.persist_current_checkpoint(checkpoint, dir_name), dir_name)
         self.last_upload_s = time.perf_counter() - t0
+        if step is not None:
+            self._stored(step, report or {})
         return out
 
 

@@ -9,6 +9,10 @@ stays in Ray's session logs (``/tmp/ray/session_latest/logs``): the driver conne
 ``log_to_driver=False``. ``--verbose`` (``MEGARAY_VERBOSE=1``) brings all of it back, and then
 the workers print their own lines as before.
 
+Every run keeps its console in ``<run folder>/log.txt`` (:func:`keep_console`): what this process
+prints while the run is driven from it, appended across restarts after a line naming the restart
+time and command.
+
 Ray Tune searches do not use this console: their console is Tune's trial table.
 """
 
@@ -16,10 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
+import time
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 #: the environment switch of ``--verbose``
 VERBOSE_ENV = "MEGARAY_VERBOSE"
@@ -109,8 +116,11 @@ class _Lines:
     def __init__(self, total: int, unit: str, file: Any):
         self.total, self.unit, self.file = total, unit, file
 
+    def text(self, m: Dict[str, Any]) -> str:
+        return f"step {int(m['step'])}/{self.total} | {progress_postfix(m, self.unit)}"
+
     def progress(self, m: Dict[str, Any]) -> None:
-        print(f"step {int(m['step'])}/{self.total} | {progress_postfix(m, self.unit)}", file=self.file, flush=True)
+        print(self.text(m), file=self.file, flush=True)
 
     def line(self, text: str) -> None:
         print(text, file=self.file, flush=True)
@@ -133,6 +143,8 @@ class _Bar(_Lines):
     def progress(self, m: Dict[str, Any]) -> None:
         self.bar.set_postfix_str(progress_postfix(m, self.unit), refresh=False)
         self.bar.update(int(m["step"]) - self.bar.n)
+        if isinstance(self.file, _Tee):  # the bar's states, one line each, in log.txt only
+            self.file.log.line(self.text(m))
 
     def line(self, text: str) -> None:
         self.bar.write(text, file=self.file)
@@ -176,3 +188,154 @@ def run_with_console(work: Callable[[], Any], channel: Channel, total_steps: int
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+#: the run's console file, in its run folder
+LOG_FILE = "log.txt"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class ConsoleLog:
+    """``<run_dir>/log.txt``, appended to: a separator line (local time, ``start`` or ``restart``,
+    the command), then each line as a terminal finally shows it (the text after its last carriage
+    return, colours removed: of a redrawn tqdm bar, its last state). Written and flushed line by
+    line. With a remote ``run_dir`` (``s3://``) the lines go to a local temporary file and
+    :meth:`close` writes the old log plus them to ``<run_dir>/log.txt``."""
+
+    def __init__(self, run_dir: str):
+        import tempfile
+
+        from megaray import fs
+        from megaray.train.mlflow import command_line
+
+        self.target = self.target_of(run_dir)
+        self.remote = fs.is_uri(run_dir)
+        existed = fs.exists(self.target)
+        if self.remote:
+            self.before = fs.read_text(self.target) if existed else ""
+            fd, self.path = tempfile.mkstemp(prefix="megaray-log-", suffix=".txt")
+            os.close(fd)
+        else:
+            os.makedirs(run_dir, exist_ok=True)
+            self.path = self.target
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.closed = False  # then writes are dropped (a handler Ray made meanwhile may still hold a _Tee)
+        self.lock = threading.Lock()
+        self.pending: Dict[int, str] = {}  # stream id -> its unfinished line
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.line(f"===== {stamp} {'restart' if existed else 'start'}: {command_line()} =====")
+
+    @staticmethod
+    def target_of(run_dir: str) -> str:
+        """``<run_dir>/log.txt``."""
+        from megaray import fs
+
+        return fs.join(run_dir, LOG_FILE)
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    def feed(self, stream: int, text: str) -> None:
+        """Text written to stream ``stream`` (an id): its complete lines go to the file."""
+        with self.lock:
+            if self.closed:
+                return
+            *lines, self.pending[stream] = (self.pending.get(stream, "") + text).split("\n")
+            for line in lines:
+                self._write(line)
+            if lines:
+                self.file.flush()
+
+    def _write(self, line: str) -> None:
+        shown = _ANSI.sub("", line.rsplit("\r", 1)[-1]).rstrip()
+        if shown or "\r" not in line:  # a line a bar cleared leaves nothing
+            self.file.write(shown + "\n")
+
+    def close(self) -> None:
+        with self.lock:
+            for rest in self.pending.values():
+                if rest.rsplit("\r", 1)[-1].strip():
+                    self._write(rest)
+            self.pending.clear()
+            self.file.close()
+            self.closed = True
+        if self.remote:
+            import pyarrow.fs as pafs
+
+            from megaray import fs
+
+            try:
+                filesystem, folder = fs.resolve(fs.dirname(self.target))
+                if isinstance(filesystem, pafs.LocalFileSystem):  # file:// before Ray made the run folder
+                    filesystem.create_dir(folder, recursive=True)
+                with open(self.path, encoding="utf-8") as f:
+                    fs.write_text(self.target, self.before + f.read())
+            except (OSError, ValueError) as e:  # the run's own result matters more than its log's upload
+                logging.getLogger("megaray.train").warning("could not write %s (%s); the log is in %s",
+                                                           self.target, e, self.path)
+                return
+            os.unlink(self.path)
+
+
+class _Tee:
+    """``sys.stdout`` / ``sys.stderr`` while a run keeps its console: writes go to the stream and to
+    the :class:`ConsoleLog`; everything else (``isatty``, ``fileno``, ``encoding``) is the stream's."""
+
+    def __init__(self, stream: Any, log: ConsoleLog):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        n = self.stream.write(text)
+        self.log.feed(id(self), text)
+        return n
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def keep_console(run_dir: Optional[str]) -> Iterator[Optional[ConsoleLog]]:
+    """Append what this process prints meanwhile (``sys.stdout``, ``sys.stderr`` and the logging
+    handlers that write to them) to ``<run_dir>/log.txt`` too (:class:`ConsoleLog`), and the error
+    that ends the block, if one does. ``None``, or inside another ``keep_console`` of the same run:
+    nothing more. Yields the log (or None)."""
+    if run_dir is None or (isinstance(sys.stdout, _Tee) and
+                           sys.stdout.log.target == ConsoleLog.target_of(run_dir)):
+        yield None
+        return
+    log = ConsoleLog(run_dir)
+    out, err = sys.stdout, sys.stderr
+    tees = {id(out): _Tee(out, log), id(err): _Tee(err, log)}
+    swapped = []
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in getattr(logger, "handlers", []):
+            if type(h) is logging.StreamHandler and id(h.stream) in tees:
+                swapped.append((h, h.stream))
+                h.setStream(tees[id(h.stream)])
+    sys.stdout, sys.stderr = tees[id(out)], tees[id(err)]
+    try:
+        yield log
+    except BaseException as e:  # why the run ended (the CLI prints it after this block)
+        from megaray.errors import MegarayError
+
+        log.line(f"error: {e}" if isinstance(e, MegarayError) else f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        sys.stdout, sys.stderr = out, err
+        for h, stream in swapped:
+            h.setStream(stream)
+        log.close()

@@ -95,17 +95,16 @@ class Evaluator:
         return out
 
     def artifacts(self, engines: Mapping[str, Any], step: int, reporter: Reporter) -> None:
-        """Rank 0: the task's artifacts (samples, audio, images) into MLflow under
-        ``eval/step_<step>`` and its texts under ``<key>/step_<step>.txt``. Skipped under ZeRO-3,
-        where no rank holds full weights."""
+        """Rank 0: the task's artifacts (samples, audio, images) to the run's trackers
+        (:meth:`~megaray.train.reporter.Reporter.log_eval_files`: in MLflow under ``eval/step_<step>``,
+        its texts under ``<key>/step_<step>.txt``; TensorBoard / W&B as ``eval/<file name>`` images,
+        audio and texts). Skipped under ZeRO-3, where no rank holds full weights."""
         if reporter.rank != 0 or self.cfg.train.zero_stage >= 3:
             return
         with tempfile.TemporaryDirectory() as d:
             texts = self.task.eval_artifacts(self.modules(engines, plain=True), d, step)
-            if any(os.scandir(d)):
-                reporter.logger.artifact(d, f"eval/step_{step:08d}")
+            reporter.log_eval_files(d, step, texts)
         for key, text in texts.items():
-            reporter.logger.text(text, f"{key}/step_{step:08d}.txt")
             reporter.say(f"{key} @ {step}: {text!r}")
 
     def run(self, engines: Mapping[str, Any], step: int, reporter: Reporter) -> Dict[str, float]:

@@ -99,16 +99,21 @@ def storage_dir(cfg: RunConfig) -> str:
 
 
 def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
-    """A copy of ``cfg`` whose data paths (``data.shards``, ``data.sources[*].shards``) are
-    absolute (URIs unchanged): resolved once, on the driver, against its working directory
+    """A copy of ``cfg`` whose data paths (``data.shards``, ``data.sources[*].shards``,
+    ``data.val_shards``) are absolute (URIs unchanged): resolved once, on the driver, against its working directory
     (or ``base_dir``: a Tune trial resolves against the search driver's), because Ray Train
     workers and Tune trials run in Ray's own working directory."""
     out = cfg.model_copy(deep=True)
     out.data.shards = _absolute(cfg.data.shards, base_dir)
     if cfg.data.sources:
         out.data.sources = [s.model_copy(update={"shards": _absolute(s.shards, base_dir)}) for s in cfg.data.sources]
-    if cfg.train.init_from:
-        out.train.init_from = _absolute(cfg.train.init_from, base_dir)
+    if cfg.data.val_shards:
+        out.data.val_shards = _absolute(cfg.data.val_shards, base_dir)
+    if cfg.train.init_from:  # a models:/ URI becomes its checkpoint here, at the run's tracking URI
+        from megaray.weights import is_model_uri, model_checkpoint
+
+        out.train.init_from = (model_checkpoint(cfg.train.init_from, cfg.tracking.resolved_uri())
+                               if is_model_uri(cfg.train.init_from) else _absolute(cfg.train.init_from, base_dir))
     if cfg.eval.hellaswag:
         out.eval.hellaswag = _absolute(cfg.eval.hellaswag, base_dir)
     for key in ("vae_checkpoint", "vocoder_checkpoint", "text_encoder_path"):
@@ -119,9 +124,15 @@ def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
 
 def check_run(cfg: RunConfig, task: Any) -> None:
     """Driver-side checks of what only the task knows: ``train.modules`` names modules of the
-    family, and EMA is possible under the ZeRO stage. Raises ConfigError."""
+    family, ``data.val_shards`` is one the task reads, and EMA is possible under the ZeRO stage.
+    Raises ConfigError."""
     from megaray.train.ema import check_supported
 
+    if cfg.data.val_shards and not task.supports_val_shards:
+        raise ConfigError(f"data.val_shards: the {type(task).__name__} of family {cfg.model.family!r} validates on "
+                          f"the val split of its own data.shards; a separate validation folder works with the text "
+                          f"language-model families (gpt, ngpt, mamba, recurrent; not train.task sft): remove "
+                          f"data.val_shards")
     names = task.module_names()
     for name in cfg.train.modules:
         if name not in names:
@@ -164,11 +175,30 @@ def fit(
             checkpoint, found on the driver before any worker starts, or raised inside a worker
             (the run ends at once, without retries, and the worker's error is raised here).
         ray.train.TrainingFailedError: training crashed more than ``scaling.max_failures`` times.
+
+    With ``console``, everything this process prints meanwhile is also appended to
+    ``<run folder>/log.txt`` (:func:`megaray.train.console.keep_console`).
     """
+    from megaray.train.console import keep_console
+
+    with keep_console(run_folder(cfg) if console else None):
+        return _fit(cfg, callbacks=callbacks, parent_run_id=parent_run_id, mlflow_run_name=mlflow_run_name,
+                    extra_tags=extra_tags, console=console)
+
+
+def run_folder(cfg: RunConfig) -> str:
+    """``<storage_path>/<name>``: the run's checkpoints, ``log.txt``, ``tensorboard/``."""
+    return f"{storage_dir(cfg).rstrip('/')}/{cfg.name}"
+
+
+def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[str], mlflow_run_name: Optional[str],
+         extra_tags: Optional[Dict[str, str]], console: bool) -> FitResult:
+    """:func:`fit`'s work."""
     from megaray import families
     from megaray.train import mlflow as tracking
     from megaray.train.console import Channel, run_with_console, verbose
     from megaray.train.ray_compat import keep_user_errors_in_ray_data, user_error
+    from megaray.train.trackers import prepare as prepare_trackers
 
     t0 = time.time()  # the run's wall clock starts here (goodput, time/startup_s)
     cfg = resolve_paths(cfg)
@@ -176,6 +206,7 @@ def fit(
     check_run(cfg, task)
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
+    trackers = prepare_trackers(cfg, run_dir)  # ConfigError before Ray starts when one is not installed
     ensure_ray()
     _resolve_use_gpu(cfg, console)
     keep_user_errors_in_ray_data()
@@ -190,7 +221,7 @@ def fit(
         run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
     channel = Channel() if console and not verbose() else None
     trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0, channel,
-                       worlds)
+                       worlds, trackers)
     try:
         if channel is not None:
             result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)
@@ -212,7 +243,11 @@ def fit(
             if cfg.tracking.log_model and parent_run_id is None:  # a Tune trial logs no model
                 from megaray.train.mlflow_model import log_model
 
-                log_model(uri, run_id, task, ckpt, cfg.tracking.register_model)
+                log_model(uri, run_id, task, ckpt)
+            if cfg.tracking.register_model and parent_run_id is None:  # the best checkpoint's LoggedModel
+                from megaray.train.logged_models import register_best
+
+                register_best(uri, run_id, cfg.tracking.register_model, cfg.tracking.register_metric)
         tracking.end_run(uri, run_id, "FINISHED")
     return FitResult(
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
@@ -299,7 +334,8 @@ def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
 
 def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
              mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None,
-             channel: Optional[Any] = None, worlds: Optional[Sequence[int]] = None) -> Any:
+             channel: Optional[Any] = None, worlds: Optional[Sequence[int]] = None,
+             trackers: Optional[Dict[str, Any]] = None) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
     error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``."""
     import ray.train
@@ -316,7 +352,7 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
-                           "run_dir": run_dir, "debug": debug, "t0": t0, "console": channel},
+                           "trackers": trackers, "run_dir": run_dir, "debug": debug, "t0": t0, "console": channel},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic scaling policy
             elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_s,

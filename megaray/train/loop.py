@@ -34,7 +34,8 @@ from megaray.train.checkpoint import Checkpointer, TrainState, init_weights
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``config`` = ``{"run": resolved config dict, "info": TaskInfo,
-    "mlflow": {"uri", "run_id"}, "run_dir": str, "debug": {...}}`` (from :func:`megaray.train.launch.fit`).
+    "mlflow": {"uri", "run_id"}, "trackers": {...} (:func:`megaray.train.trackers.prepare`), "run_dir": str,
+    "debug": {...}}`` (from :func:`megaray.train.launch.fit`).
 
     ``debug`` carries the test hooks read from the driver's environment (:class:`Debug`)."""
     import ray.train
@@ -73,6 +74,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     paced = f" ({skipped} progress report(s) kept from Ray Train by pacing; all are in MLflow)" if skipped else ""
     w.reporter.say(f"done: step {state.step}, {state.tokens:,} {task.unit}{paced}")
     w.reporter.say(w.reporter.time.summary())
+    w.reporter.close()
 
 
 class _Worker:
@@ -89,6 +91,7 @@ class _Worker:
         from megaray.train.evaluator import Evaluator
         from megaray.train.mlflow import RunLogger
         from megaray.train.reporter import Reporter
+        from megaray.train.trackers import open_trackers
 
         self.cfg = cfg = build_run_config(config["run"])
         ctx = ray.train.get_context()
@@ -131,9 +134,14 @@ class _Worker:
         mlflow_cfg = config.get("mlflow") or {}
         logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
         logger.start_system_metrics(cfg.tracking.system_metrics_interval_s)  # no-op off rank 0
+        if logger.enabled and cfg.tracking.log_checkpoints:  # rank 0: every checkpoint an MLflow LoggedModel
+            from megaray.train.logged_models import CheckpointModels
+
+            self.checkpointer.on_saved = CheckpointModels(logger, cfg.name, cfg.model.family, cfg.model.preset)
+        trackers = open_trackers(config.get("trackers") or {}, logger, rank, cfg.flat(), self.state.step)
         self.reporter = Reporter(cfg.train, logger, rank, world, task.unit, task.flops_per_unit(modules),
                                  cfg.train.peak_flops or peak_flops(device), self.state.step, config.get("t0"),
-                                 config.get("console"))
+                                 config.get("console"), trackers)
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
         s = self.state
         if where is not None:

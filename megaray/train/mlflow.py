@@ -8,9 +8,12 @@ Tune trials can log nested child runs side by side.
 
 What a complete run holds besides params and metrics: the command line (the run description,
 :func:`command_line`), the prepared data as MLflow dataset inputs (:func:`log_datasets`), system
-metrics sampled on the rank-0 worker (:meth:`RunLogger.start_system_metrics`) and the final model
-as an MLflow ``pyfunc`` model (:func:`megaray.train.mlflow_model.log_model`, optionally registered).
-Only that module imports MLflow at import time: a run with tracking off needs no MLflow.
+metrics sampled on the rank-0 worker (:meth:`RunLogger.start_system_metrics`), every checkpoint
+as an MLflow LoggedModel with its step's metrics, the best one optionally registered
+(:mod:`megaray.train.logged_models`), and the final model as an MLflow ``pyfunc`` model
+(:func:`megaray.train.mlflow_model.log_model`).
+Only :mod:`megaray.train.mlflow_model` imports MLflow at import time: a run with tracking off
+needs no MLflow.
 """
 
 from __future__ import annotations
@@ -175,13 +178,18 @@ class RunLogger:
     def __init__(self, uri: Optional[str], run_id: Optional[str]):
         self.uri, self.run_id = uri, run_id
         self._client = client(uri) if (uri and run_id) else None
+        self._stamps: dict = {}  # step -> ms timestamp of the last steps logged (see metrics)
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
 
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        """Log numeric metrics at optimizer step ``step`` (non-finite values are skipped)."""
+    def metrics(self, values: Mapping[str, float], step: int, model_id: Optional[str] = None) -> None:
+        """Log numeric metrics at optimizer step ``step`` (non-finite values are skipped).
+
+        ``model_id``: link them to that LoggedModel too (:mod:`megaray.train.logged_models`); values
+        logged again at one of the last 16 steps logged keep that call's timestamp, so MLflow drops
+        the exact duplicates from the run's history and only the model's link is new."""
         if not self.enabled:
             return
         import math
@@ -189,8 +197,14 @@ class RunLogger:
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
+        stamps = self._stamps
+        now = stamps.get(step) if model_id is not None else None
+        if now is None:
+            now = stamps[step] = int(time.time() * 1000)
+            for old in sorted(stamps)[:-16]:
+                del stamps[old]
+        ms = [Metric(k, float(v), now, step, model_id=model_id)
+              for k, v in values.items() if v is not None and math.isfinite(float(v))]
         if ms:
             self._client.log_batch(self.run_id, metrics=ms)
 

@@ -11,6 +11,7 @@ Loading it back needs megaray and torch importable::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -63,8 +64,11 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
     """Log ``checkpoint`` (a local checkpoint directory) as the run's MLflow model ``model``: a
     :class:`CheckpointModel` carrying the checkpoint's config, state, weights and the files the
     task's :meth:`~megaray.tasks.base.Task.mlflow_model` spec names. Registered as a new version of
-    ``register_as`` in the Model Registry when given. Returns the model URI (also tagged on the run
-    as ``megaray.model_uri``), or None when the family logs no model or the checkpoint is remote."""
+    ``register_as`` in the Model Registry when given (a run registers its best checkpoint instead:
+    :func:`megaray.train.logged_models.register_best`). The model is tagged like a checkpoint's
+    LoggedModel (``megaray.checkpoint``, ``megaray.step``), so ``--checkpoint models:/<its id>``
+    works too. Returns the model URI (also tagged on the run as ``megaray.model_uri``), or None
+    when the family logs no model or the checkpoint is remote."""
     spec = task.mlflow_model()
     if spec is None or "://" in checkpoint:
         if spec is not None:
@@ -77,6 +81,7 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     from megaray.train.checkpoint import EMA_FILE, STATE_FILE, WEIGHTS_FILE
+    from megaray.weights import CHECKPOINT_TAG, STEP_TAG
 
     kinds = {bool: "boolean", int: "long", float: "double", str: "string"}
     signature = ModelSignature(
@@ -115,5 +120,8 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
                 )
             finally:
                 pyfunc_log.setLevel(level)
-    tracking.client(uri).set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+    c = tracking.client(uri)
+    c.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+    step = json.loads((ckpt / STATE_FILE).read_text()).get("step", "") if (ckpt / STATE_FILE).is_file() else ""
+    c.set_logged_model_tags(info.model_id, {CHECKPOINT_TAG: str(ckpt), STEP_TAG: str(step)})
     return info.model_uri

@@ -1,9 +1,10 @@
-"""The loop's reporting part: meter, progress lines, MLflow metrics and paced Ray Train reports.
+"""The loop's reporting part: meter, progress lines, tracked metrics and paced Ray Train reports.
 
 Per optimizer step the loop asks :meth:`Reporter.progress` (due every ``train.log_every`` steps
 and at the last step: averaged metrics, lr, grad norm, throughput, data wait, MFU, all averaged
-across ranks) and hands the step's report to :meth:`Reporter.publish`, which logs it to MLflow
-(rank 0, every logged step) and to Ray Train: with a checkpoint when one is due, with
+across ranks) and hands the step's report to :meth:`Reporter.publish`, which logs it to the run's
+trackers (rank 0, every logged step: MLflow, and TensorBoard / W&B when on,
+:mod:`megaray.train.trackers`) and to Ray Train: with a checkpoint when one is due, with
 validation metrics always, and otherwise no more often than the controller drains reports
 (:class:`ReportPacer`).
 """
@@ -18,6 +19,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 
 from megaray.train.mlflow import RunLogger
+from megaray.train.trackers import MLflowTracker, Trackers
 
 
 def collective_device() -> torch.device:
@@ -163,7 +165,7 @@ class TimeAccount:
 
 
 class Reporter:
-    """Progress lines, MLflow metrics and Ray Train reports of one worker.
+    """Progress lines, tracked metrics and Ray Train reports of one worker.
 
     Args:
         cfg_train: ``cfg.train`` (``log_every``, ``max_steps``).
@@ -175,12 +177,17 @@ class Reporter:
         run_t0: ``time.time()`` when the driver's ``fit`` started (for :class:`TimeAccount`).
         channel: the driver's :class:`~megaray.train.console.Channel` (rank 0's lines and
             progress go there instead of stdout), or None.
+        trackers: where rank 0 logs metrics and eval files (:func:`megaray.train.trackers.open_trackers`);
+            None: MLflow through ``logger`` only.
     """
 
     def __init__(self, cfg_train: Any, logger: RunLogger, rank: int, world: int, unit: str,
                  flops_per_unit: Optional[float], peak: Optional[float], start_step: int,
-                 run_t0: Optional[float] = None, channel: Optional[Any] = None):
+                 run_t0: Optional[float] = None, channel: Optional[Any] = None, trackers: Optional[Trackers] = None):
         self.t, self.logger, self.rank, self.world, self.unit = cfg_train, logger, rank, world, unit
+        if trackers is None:
+            trackers = Trackers([MLflowTracker(logger)] if rank == 0 and logger.enabled else [])
+        self.trackers = trackers
         self.channel = channel if rank == 0 else None
         self.flops_per_unit, self.peak, self.start_step = flops_per_unit, peak, start_step
         self.meter, self.pacer = Meter(), ReportPacer()
@@ -213,19 +220,34 @@ class Reporter:
 
     def publish(self, report: Dict[str, float], step: int, state: Any,
                 checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
-        """Log ``report`` (plus step, tokens, epoch) to MLflow and report it to Ray Train:
+        """Log ``report`` (plus step, tokens, epoch) to the trackers and report it to Ray Train:
         through ``checkpoint(report)`` when given, else now if it holds validation metrics or
         the pacer allows. Every rank calls it with the same arguments."""
         import ray.train
 
         report.update(step=step, tokens=state.tokens, epoch=state.epoch)
-        self.logger.metrics({k: v for k, v in report.items() if k != "step"}, step)
+        self.trackers.log_metrics(step, {k: v for k, v in report.items() if k != "step"})
         if checkpoint is not None:
             checkpoint(report)
             self.pacer.sent()
         elif any(k.startswith("val_") for k in report) or self.pacer.due(self.world):
             ray.train.report(report)
             self.pacer.sent()
+
+    def log_eval_files(self, folder: str, step: int, texts: Mapping[str, str]) -> None:
+        """Rank 0: an evaluation's files and texts to the trackers (images and audio to each; other
+        files to MLflow only, under ``eval/step_<step>``)."""
+        if self.rank != 0:
+            return
+        for path in self.trackers.log_folder(folder, step):
+            self.logger.artifact(path, MLflowTracker.artifact_dir(
+                "eval/" + os.path.relpath(path, folder).replace(os.sep, "/"), step))
+        for key, text in texts.items():
+            self.trackers.log_text(key, text, step)
+
+    def close(self) -> None:
+        """Close the trackers (W&B finishes its run, TensorBoard flushes its files)."""
+        self.trackers.close()
 
     def say(self, line: str) -> None:
         """A console line from rank 0 (to the driver's console when there is one)."""

@@ -5,8 +5,10 @@ Driver-only, one process::
     sources (.txt .md .jsonl .parquet, folders/globs/URIs, "stdlib", or hf: datasets)
       -> _list_sources: files per source (the stdlib corpus is written as jsonl first; an hf:
          source is one HFTextSource whose rows are the documents)
-      -> _read_and_split: validated documents (rejects counted), split by a hash of each id,
-         spooled to local disk per split
+      -> _read_and_split: validated documents (rejects counted), exact duplicates dropped, then
+         cleaned (length, repetition, MinHash near duplicates: :mod:`.clean`) in read order before
+         the split, so a near duplicate never lands in val beside its twin in train; split by a
+         hash of each id, spooled to local disk per split
       -> _fill_empty_split: one document moved when hashing left a split empty
       -> _make_tokenizer: byte-level BPE (or unigram) trained on the train split, or loaded
       -> _write_shards: parquet shards, one row per document: tokens list<int32> ending in EOS
@@ -34,6 +36,7 @@ from megaray.data.manifest import new_manifest, write_manifest
 from megaray.data.rejects import Rejects, summary_lines
 from megaray.data.sources import SourceFile, list_files
 from megaray.data.splits import SPLITS, split_key
+from megaray.data.text.clean import CleanConfig, TextCleaner
 from megaray.data.text.documents import iter_cells, iter_documents
 from megaray.data.text.writer import ShardWriter, Spool, cross_entropy, encode, entropy, spool_item
 from megaray.data.tokenizer import EOS, eos_id, load_tokenizer, tokenizer_kind, train_tokenizer
@@ -74,6 +77,7 @@ def prepare_text(
     verbose: bool = True,
     tokenizer_kind: str = "bpe",
     text_column: Optional[str] = None,
+    clean: Optional[CleanConfig] = None,
 ) -> Dict[str, Any]:
     """Tokenize text sources into train/val parquet shards plus ``manifest.json``.
 
@@ -107,6 +111,11 @@ def prepare_text(
             ``tokenizer.kind`` records the kind (also of a loaded tokenizer).
         text_column: the column of ``hf:`` sources holding the text (None: detect; see
             :mod:`megaray.data.hf`).
+        clean: document filters after exact dedupe (:class:`megaray.data.text.clean.CleanConfig`:
+            word-count bounds, Gopher repetition measures, MinHash near-duplicate removal); None =
+            its defaults (near dedupe at Jaccard 0.8, duplicate-line fraction above 0.5);
+            ``CleanConfig.off()`` = none. Rejects ``too_short``, ``too_long``, ``repetitive``,
+            ``near_duplicate``; the manifest's ``clean`` records the settings.
 
     Returns:
         The manifest dict (schema in ``docs/data.md``). Token counts include the EOS appended to
@@ -125,13 +134,14 @@ def prepare_text(
         stage = Path(stage_dir)
         listings, hidden = _list_sources(sources, stage, val_fraction, seed, stdlib_max_docs, text_column,
                                          print if verbose else None)
-        read = _read_and_split(listings, stage, dedupe, val_fraction, seed, progress)
+        clean = CleanConfig() if clean is None else clean
+        read = _read_and_split(listings, stage, dedupe, val_fraction, seed, progress, TextCleaner(clean))
         read.hidden = hidden
         _fill_empty_split(read, sources)
         tok, tok_info = _make_tokenizer(read, tokenizer, vocab_size, min_frequency, progress, tokenizer_kind)
         tok.save(str(stage / "tokenizer.json"))
         writers = _write_shards(read, tok, stage, rows_per_group, group_tokens, tokens_per_shard, progress)
-        manifest = _build_manifest(read, writers, sources, tok_info, val_fraction, seed, dedupe)
+        manifest = _build_manifest(read, writers, sources, tok_info, val_fraction, seed, dedupe, clean)
         shutil.rmtree(stage / "_spool")
         shutil.rmtree(stage / "_stdlib", ignore_errors=True)
         manifest["seconds"] = round(time.time() - t0, 2)
@@ -173,8 +183,8 @@ def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: in
 
 
 def _read_and_split(listings: List[List[Any]], stage: Path, dedupe: bool, val_fraction: float, seed: int,
-                    progress: bool) -> _Read:
-    """Stages 2-3: documents of every file, deduplicated, split by id hash, spooled per split."""
+                    progress: bool, cleaner: Optional[TextCleaner] = None) -> _Read:
+    """Stages 2-3: documents of every file, deduplicated and cleaned, split by id hash, spooled per split."""
     from tqdm.auto import tqdm
 
     (stage / "_spool").mkdir()
@@ -192,10 +202,13 @@ def _read_and_split(listings: List[List[Any]], stage: Path, dedupe: bool, val_fr
                 if dedupe:
                     key = hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
                     if key in seen:
-                        rel = doc_id[len(f.relpath):] if doc_id.startswith(f.relpath) else None
-                        read.rejects.add("duplicate", f.display + rel if rel is not None else f"{f.display} (id {doc_id})")
+                        read.rejects.add("duplicate", _where(f, doc_id))
                         continue
                     seen.add(key)
+                verdict = cleaner.check(doc_id, text) if cleaner is not None else None
+                if verdict is not None:
+                    read.rejects.add(verdict[0], _where(f, doc_id), detail=verdict[1])
+                    continue
                 _spool(read.spools, doc_id, text, val_fraction, seed)
             bar.update(1)
             bar.set_postfix(docs=read.spools["train"].count + read.spools["val"].count, rejected=read.rejects.total)
@@ -203,6 +216,12 @@ def _read_and_split(listings: List[List[Any]], stage: Path, dedupe: bool, val_fr
     for sp in read.spools.values():
         sp.close()
     return read
+
+
+def _where(f: Any, doc_id: str) -> str:
+    """A reject's place: the file's display path plus the id's suffix (``:line``, ``#row``), or the id."""
+    rel = doc_id[len(f.relpath):] if doc_id.startswith(f.relpath) else None
+    return f.display + rel if rel is not None else f"{f.display} (id {doc_id})"
 
 
 def _spool(spools: Dict[str, Spool], doc_id: str, text: str, val_fraction: float, seed: int) -> None:
@@ -283,7 +302,8 @@ def _write_shards(read: _Read, tok: Any, stage: Path, rows_per_group: int, group
 
 
 def _build_manifest(read: _Read, writers: Dict[str, ShardWriter], sources: List[str], tok_info: Dict[str, Any],
-                    val_fraction: float, seed: int, dedupe: bool) -> Dict[str, Any]:
+                    val_fraction: float, seed: int, dedupe: bool,
+                    clean: Optional[CleanConfig] = None) -> Dict[str, Any]:
     """Stage 7: the manifest (kind ``text``)."""
     splits: Dict[str, Any] = {}
     for s in SPLITS:
@@ -304,6 +324,7 @@ def _build_manifest(read: _Read, writers: Dict[str, ShardWriter], sources: List[
         val_fraction=val_fraction,
         seed=seed,
         dedupe=dedupe,
+        clean=None if clean is None else clean.to_json(),
         moved_to_fill_split=None if moved is None else {"from": moved[0], "to": "val" if moved[0] == "train" else "train"},
         splits=splits,
         unigram_entropy_nats=splits["val"]["unigram_entropy_nats"],

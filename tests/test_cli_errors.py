@@ -139,7 +139,7 @@ def test_generate_top_p_out_of_range():
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--checkpoint", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0"),
-    (["generate", "--checkpoint", "x", "--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["generate", "--checkpoint", "x", "--top-k", "-1"], "--top-k must be >= 0, got -1"),  # 0 = no cut
     (["generate", "--checkpoint", "x", "--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
     (["generate", "--checkpoint", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["eval", "--checkpoint", "x", "--max-batches", "0"], "--max-batches must be >= 1, got 0"),

@@ -229,7 +229,17 @@ def test_the_console_is_kept_in_log_txt_as_a_terminal_shows_it_across_restarts(t
     assert [x.split(" | ")[:2] for x in lines[1:3]] == [["step 2/4", "loss 1.0000"], ["step 4/4", "loss 0.5000"]]
     assert len(lines) == 4 and lines[3].startswith("train 4/4 |##########|")
 
+    fresh = (tmp_path / "bucket" / "refused").as_uri()  # a run refused before it made its folder: no trace
+    with pytest.raises(ConfigError), keep_console(fresh):
+        raise ConfigError("train.lr: must be > 0")
+    assert not (tmp_path / "bucket" / "refused").exists()
+    fresh_local = tmp_path / "runs" / "refused"
+    with pytest.raises(ConfigError), keep_console(str(fresh_local)):
+        raise ConfigError("train.lr: must be > 0")
+    assert not fresh_local.exists()
+
     remote = (tmp_path / "bucket" / "r").as_uri()  # remote storage: written at the end, appended
+    (tmp_path / "bucket" / "r" / "step_00000002").mkdir(parents=True)  # a run with a checkpoint, refused on restart
     for text in ("one", "two"):
         with pytest.raises(ConfigError), keep_console(remote):
             print(text)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
 from megaray.cli.app import VERBOSE_OPTION, app, setup_logging
-from megaray.cli.options import SET_HELP
+from megaray.cli.options import SET_HELP, at_least
 
 _DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -33,24 +33,35 @@ def config_cmd(
 def train_cmd(
     config: Path = typer.Argument(..., help="run config YAML (see configs/)"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    resume_from: Optional[str] = typer.Option(
+        None, "--resume-from", metavar="CHECKPOINT",
+        help="resume from this checkpoint of the run instead of its newest: runs/<name>/step_00000400, or step_400; "
+             "its later checkpoints move to runs/<name>/branches/ and the same MLflow run continues (a branch)"),
+    profile: Optional[int] = typer.Option(
+        None, "--profile", metavar="STEPS", callback=at_least(1),
+        help="profile STEPS optimizer steps (after 2 warm-up steps) with torch.profiler on rank 0 in a separate short "
+             "run <name>-profile without checkpoints or evaluation; writes a Chrome trace and an operator table to "
+             "<storage_path>/<name>-profile/profile/ and MLflow"),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same command resumes from the latest checkpoint.
 
     RAY_ADDRESS picks an existing cluster, else a local one starts. The console is also appended to
-    <storage_path>/<name>/log.txt.
+    <storage_path>/<name>/log.txt. --resume-from branches the run at an older checkpoint; --profile runs a
+    short torch.profiler run of the config instead (docs/training.md).
 
     Example: megaray train configs/gpt_debug.yaml --set train.max_steps=50
     """
     from megaray.families import describe_model, load_config
     from megaray.train.console import keep_console
     from megaray.train.launch import fit, run_folder
+    from megaray.train.profiler import profile_config
 
     setup_logging(verbose)
     cfg = load_config(config, set_)
-    with keep_console(run_folder(cfg)):
+    with keep_console(run_folder(profile_config(cfg, profile) if profile else cfg)):
         typer.echo(f"model type: {describe_model(cfg.model)}")
-        print_result(fit(cfg))
+        print_result(fit(cfg, resume_from=resume_from, profile=profile))
 
 
 @app.command("finetune")
@@ -92,6 +103,10 @@ def print_result(result) -> None:
     if Path(result.run_dir, "tensorboard").is_dir():
         typer.echo(f"  tensorboard tensorboard --logdir {Path(result.run_dir, 'tensorboard')}")
     typer.echo(f"  console     {result.run_dir.rstrip('/')}/log.txt")
+    profile = Path(result.run_dir, "profile")
+    if (profile / "trace.json").is_file():  # a --profile run (megaray.train.profiler)
+        typer.echo(f"  profile     {profile / 'trace.json'} (chrome://tracing, ui.perfetto.dev), "
+                   f"{profile / 'operators.txt'}")
 
 
 @app.command("tune")

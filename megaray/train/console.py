@@ -208,14 +208,17 @@ class ConsoleLog:
         from megaray import fs
         from megaray.train.mlflow import command_line
 
+        self.run_dir = run_dir
         self.target = self.target_of(run_dir)
         self.remote = fs.is_uri(run_dir)
+        self.new_folder = False
         existed = fs.exists(self.target)
         if self.remote:
             self.before = fs.read_text(self.target) if existed else ""
             fd, self.path = tempfile.mkstemp(prefix="megaray-log-", suffix=".txt")
             os.close(fd)
         else:
+            self.new_folder = not os.path.isdir(run_dir)
             os.makedirs(run_dir, exist_ok=True)
             self.path = self.target
         self.file = open(self.path, "a", encoding="utf-8")
@@ -255,7 +258,12 @@ class ConsoleLog:
         if shown or "\r" not in line:  # a line a bar cleared leaves nothing
             self.file.write(shown + "\n")
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
+        """Finish the file. ``keep=False`` (a run refused before it started): a run folder this log
+        created and that holds nothing else is removed again, and a remote log whose folder does not
+        exist is not written, so
+        a refused run leaves no trace but its console. A folder with anything else in it (checkpoints)
+        keeps its log."""
         with self.lock:
             for rest in self.pending.values():
                 if rest.rsplit("\r", 1)[-1].strip():
@@ -263,6 +271,17 @@ class ConsoleLog:
             self.pending.clear()
             self.file.close()
             self.closed = True
+        if not keep:
+            from megaray import fs
+
+            if self.remote and not self.before and not fs.exists(self.run_dir):
+                os.unlink(self.path)  # a remote run folder that does not exist yet: nothing to add a log to
+                return
+            if not self.remote and self.new_folder and os.listdir(self.run_dir) == [LOG_FILE]:
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                return
         if self.remote:
             import pyarrow.fs as pafs
 
@@ -327,15 +346,17 @@ def keep_console(run_dir: Optional[str]) -> Iterator[Optional[ConsoleLog]]:
                 swapped.append((h, h.stream))
                 h.setStream(tees[id(h.stream)])
     sys.stdout, sys.stderr = tees[id(out)], tees[id(err)]
+    keep = True
     try:
         yield log
     except BaseException as e:  # why the run ended (the CLI prints it after this block)
         from megaray.errors import MegarayError
 
         log.line(f"error: {e}" if isinstance(e, MegarayError) else f"{type(e).__name__}: {e}")
+        keep = not isinstance(e, MegarayError)  # bad config or data: refused before anything ran
         raise
     finally:
         sys.stdout, sys.stderr = out, err
         for h, stream in swapped:
             h.setStream(stream)
-        log.close()
+        log.close(keep=keep)

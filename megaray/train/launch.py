@@ -2,7 +2,9 @@
 
 ``fit(cfg)`` is what ``megaray train`` calls and what every Tune trial calls. Re-running with
 the same ``name`` and ``scaling.storage_path`` resumes from the latest checkpoint (Ray Train V2
-restores the run state from ``<storage_path>/<name>``), and continues the same MLflow run.
+restores the run state from ``<storage_path>/<name>``), and continues the same MLflow run;
+``resume_from`` branches the run at an older checkpoint (:mod:`megaray.train.branch`), and
+``profile`` runs a short ``torch.profiler`` run of the config instead (:mod:`megaray.train.profiler`).
 
 Everything a user can get wrong is checked here, before any worker starts: paths are made
 absolute once (a worker's working directory is Ray's, not the user's), the manifest is read
@@ -158,6 +160,8 @@ def fit(
     mlflow_run_name: Optional[str] = None,
     extra_tags: Optional[Dict[str, str]] = None,
     console: bool = True,
+    resume_from: Optional[str] = None,
+    profile: Optional[int] = None,
 ) -> FitResult:
     """Train ``cfg`` with Ray Train + DeepSpeed; returns a :class:`FitResult`.
 
@@ -169,6 +173,13 @@ def fit(
         console: draw the run's progress bar and lines on this process's stdout
             (:mod:`megaray.train.console`); Tune trials pass False. Ignored under ``--verbose``,
             where the workers print their own lines.
+        resume_from: resume from this checkpoint of the run instead of its newest (a folder, or
+            ``step_N``): the later checkpoints are moved aside (:mod:`megaray.train.branch`) and
+            the same MLflow run continues, tagged ``megaray.resumed_from`` / ``megaray.branch_step``.
+        profile: instead of training ``cfg``, run the short diagnostic run
+            :func:`megaray.train.profiler.profile_config` makes of it: ``profile`` steps under
+            ``torch.profiler`` on rank 0 after a warm-up, no checkpoints, no evaluation
+            (:mod:`megaray.train.profiler`).
 
     Raises:
         DataError / ConfigError / CheckpointError (any MegarayError): bad data, config or
@@ -181,9 +192,17 @@ def fit(
     """
     from megaray.train.console import keep_console
 
+    if profile:
+        from megaray.train.profiler import profile_config, profile_tags
+
+        if resume_from:
+            raise ConfigError("--profile makes a separate short run (<name>-profile) from scratch: it cannot resume "
+                              "from a checkpoint; drop --resume-from or --profile")
+        cfg = profile_config(cfg, profile)
+        extra_tags = {**(extra_tags or {}), **profile_tags(profile)}
     with keep_console(run_folder(cfg) if console else None):
         return _fit(cfg, callbacks=callbacks, parent_run_id=parent_run_id, mlflow_run_name=mlflow_run_name,
-                    extra_tags=extra_tags, console=console)
+                    extra_tags=extra_tags, console=console, resume_from=resume_from, profile=profile)
 
 
 def run_folder(cfg: RunConfig) -> str:
@@ -192,7 +211,8 @@ def run_folder(cfg: RunConfig) -> str:
 
 
 def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[str], mlflow_run_name: Optional[str],
-         extra_tags: Optional[Dict[str, str]], console: bool) -> FitResult:
+         extra_tags: Optional[Dict[str, str]], console: bool, resume_from: Optional[str] = None,
+         profile: Optional[int] = None) -> FitResult:
     """:func:`fit`'s work."""
     from megaray import families
     from megaray.train import mlflow as tracking
@@ -207,6 +227,7 @@ def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[st
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
     trackers = prepare_trackers(cfg, run_dir)  # ConfigError before Ray starts when one is not installed
+    fork = _branch(resume_from, run_dir, console) if resume_from else None  # CheckpointError before Ray starts
     ensure_ray()
     _resolve_use_gpu(cfg, console)
     keep_user_errors_in_ray_data()
@@ -219,9 +240,11 @@ def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[st
     if cfg.tracking.enabled:
         uri = cfg.tracking.resolved_uri()
         run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
+        if fork is not None:
+            _tag_branch(uri, run_id, fork)
     channel = Channel() if console and not verbose() else None
     trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0, channel,
-                       worlds, trackers)
+                       worlds, trackers, profile)
     try:
         if channel is not None:
             result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)
@@ -253,6 +276,34 @@ def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[st
         metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
         mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
     )
+
+
+def _branch(resume_from: str, run_dir: str, console: bool) -> Any:
+    """``--resume-from``: check the checkpoint (CheckpointError naming it), then move the run's later
+    checkpoints aside (:func:`megaray.train.branch.branch`); the choice is printed (console) and logged."""
+    from megaray.train.branch import branch, find_checkpoint
+
+    fork = branch(find_checkpoint(resume_from, run_dir), run_dir)
+    if console:
+        print(fork.describe(), flush=True)
+    else:
+        log.info(fork.describe())
+    return fork
+
+
+def _tag_branch(uri: str, run_id: str, fork: Any) -> None:
+    """The branch point on the MLflow run (tags ``megaray.resumed_from``, ``megaray.branch_step``,
+    ``megaray.branch_time`` (ms since the epoch: the run's metric points after it are the new
+    branch's) and ``megaray.abandoned_branch``), and the moved checkpoints' LoggedModels re-pointed."""
+    from megaray.train import mlflow as tracking
+    from megaray.train.branch import retag_logged_models
+
+    rl = tracking.RunLogger(uri, run_id)
+    rl.tag("megaray.resumed_from", fork.checkpoint)
+    rl.tag("megaray.branch_step", str(fork.step))
+    rl.tag("megaray.branch_time", str(int(time.time() * 1000)))
+    rl.tag("megaray.abandoned_branch", fork.aside or "")
+    retag_logged_models(uri, run_id, fork.moved)
 
 
 def _resolve_use_gpu(cfg: RunConfig, console: bool) -> None:
@@ -335,9 +386,10 @@ def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
 def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
              mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None,
              channel: Optional[Any] = None, worlds: Optional[Sequence[int]] = None,
-             trackers: Optional[Dict[str, Any]] = None) -> Any:
+             trackers: Optional[Dict[str, Any]] = None, profile: Optional[int] = None) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
-    error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``."""
+    error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg`` (``profile``: steps
+    rank 0 runs under ``torch.profiler``, :mod:`megaray.train.profiler`)."""
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 
@@ -352,7 +404,8 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
-                           "trackers": trackers, "run_dir": run_dir, "debug": debug, "t0": t0, "console": channel},
+                           "trackers": trackers, "run_dir": run_dir, "debug": debug, "t0": t0, "console": channel,
+                           "profile": profile},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic scaling policy
             elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_s,

@@ -9,7 +9,8 @@ form at another world size). The parts decide for themselves when they are due: 
 :class:`~megaray.train.reporter.Reporter` (progress, MLflow, paced Ray reports), the
 :class:`~megaray.train.evaluator.Evaluator` and the :class:`~megaray.train.checkpoint.Checkpointer`;
 the task owns the step clock and the ``after_step`` hook; the :class:`~megaray.train.ema.EMA`
-follows every optimizer step.
+follows every optimizer step. A profile run (``config["profile"]``: steps) adds rank 0's
+:class:`~megaray.train.profiler.Profiler` and turns evaluation and checkpoints off on every rank.
 
 Every rank consumes the same number of micro-batches per epoch, so collectives never hang on an
 uneven last batch, and the ``world x batch_size x accum`` samples of an optimizer step are the
@@ -45,6 +46,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     t = cfg.train
     start_step = state.step
     batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, w.debug)
+    if w.profiler is not None:
+        w.profiler.start()
     while state.step < t.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -74,6 +77,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     paced = f" ({skipped} progress report(s) kept from Ray Train by pacing; all are in MLflow)" if skipped else ""
     w.reporter.say(f"done: step {state.step}, {state.tokens:,} {task.unit}{paced}")
     w.reporter.say(w.reporter.time.summary())
+    if w.profiler is not None:
+        w.profiler.close()
     w.reporter.close()
 
 
@@ -143,6 +148,13 @@ class _Worker:
                                  cfg.train.peak_flops or peak_flops(device), self.state.step, config.get("t0"),
                                  config.get("console"), trackers)
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
+        # a profile run: rank 0 records its steps; no rank evaluates or checkpoints (the same on every rank)
+        self.profiling = bool(config.get("profile"))
+        self.profiler = None
+        if self.profiling and rank == 0:
+            from megaray.train.profiler import Profiler
+
+            self.profiler = Profiler(int(config["profile"]), config.get("run_dir"), device, self.reporter.say, logger)
         s = self.state
         if where is not None:
             resized = f", written by {saved.world_size} workers" if saved is not None and saved.world_size != world else ""
@@ -168,15 +180,17 @@ class _Worker:
         if self.reporter.due(step):
             report.update(self.reporter.progress(self.engines, step))
         clock = self.reporter.time
-        if self.evaluator.due(step):
+        if not self.profiling and self.evaluator.due(step):
             t0 = time.perf_counter()
             report.update(self.evaluator.run(self.engines, step, self.reporter))
             clock.add("eval", time.perf_counter() - t0)
             self.debug.evaluated(step, self.evaluator.reads)
-        save = self.checkpointer.due(step)
+        save = not self.profiling and self.checkpointer.due(step)
         if report or save:
             checkpoint = self._save if save else None
             self.reporter.publish(report, step, self.state, checkpoint)
+        if self.profiler is not None:
+            self.profiler.step()
         self.debug.after_step(step)
 
     def _save(self, report: Dict[str, Any]) -> None:

@@ -471,3 +471,60 @@ def keep_user_errors_in_ray_data() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().raise_original_map_exception = True
+
+
+# --- Branching a run at an older checkpoint (megaray train --resume-from) -------------------------
+#
+# Ray Train V2 restores a run from ``<storage_path>/<name>/checkpoint_manager_snapshot.json``
+# (``ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py``, ``_load_state``): the
+# checkpoints it reported (``checkpoint_results`` with their report indices), the one handed to the
+# workers as ``ray.train.get_checkpoint()`` (``latest_checkpoint_result``, ``before_init_train_context``)
+# and the ones awaiting validation. On load every listed checkpoint must still exist
+# (``_assert_checkpoints_exist``: a missing one is a ``CheckpointManagerInitializationError``, "corrupted
+# run directory"). Train V2 has no API to pick another checkpoint of a run, so when megaray moves
+# the checkpoints past a branch point aside (:mod:`megaray.train.branch`) it rewrites the snapshot:
+# the moved ones are dropped from every list and the branch point becomes the latest. The file's
+# schema is Ray's ``_CheckpointManagerState`` (pydantic; ``ray_version`` must stay as written).
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def branch_snapshot(run_dir: str, latest: str, dropped: List[str], metrics: Optional[Dict[str, Any]] = None) -> bool:
+    """Rewrite Ray Train's checkpoint-manager snapshot of ``run_dir`` so that checkpoint folder
+    ``latest`` (a name such as ``step_00000004``) is the run's latest and the folders in ``dropped``
+    are forgotten. ``latest`` missing from the snapshot (a checkpoint persisted but not yet
+    registered when its run died) is added after the others, with ``metrics``.
+
+    Returns False when the run folder has no snapshot (Ray Train has not registered a checkpoint of
+    it: nothing to rewrite), True once rewritten. Local or ``s3://``/``gs://`` (one atomic write).
+    """
+    import json
+
+    from megaray import fs
+
+    path = fs.join(run_dir, RAY_SNAPSHOT)
+    if not fs.exists(path):
+        return False
+    state = json.loads(fs.read_text(path))
+    gone = set(dropped)
+    results, indices = [], []
+    for result, index in zip(state.get("checkpoint_results", []), state.get("checkpoint_report_indices", [])):
+        if result["checkpoint_dir_name"] not in gone:
+            results.append(result)
+            indices.append(index)
+    chosen = next((r for r in results if r["checkpoint_dir_name"] == latest), None)
+    if chosen is None:
+        chosen = {"version": 0, "checkpoint_dir_name": latest, "metrics": dict(metrics or {})}
+        results.append(chosen)
+        indices.append(int(state.get("current_report_index", 0)))
+        state["current_report_index"] = indices[-1] + 1
+    pending = [(r, spec) for r, spec in zip(state.get("pending_training_results", []),
+                                            state.get("pending_validation_specs", []))
+               if r["checkpoint_dir_name"] not in gone]
+    state.update(checkpoint_results=results, checkpoint_report_indices=indices, latest_checkpoint_result=chosen,
+                 pending_training_results=[r for r, _ in pending], pending_validation_specs=[s for _, s in pending])
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        state[key] = [name for name in state.get(key, []) if name not in gone]
+    fs.write_text(path, json.dumps(state))
+    return True

@@ -41,7 +41,8 @@ class RecurrentConfig(GPTConfig):
     Raises (through validation; the message names the key):
         ConfigError: ``n_layer`` set to another value; ``recurrent_mean_thinking_steps`` above
             ``max_inference_steps``;
-            MoE (``n_experts > 0``) or ``init: admin`` (not supported by this family), and
+            MoE (``n_experts > 0``, or any ``moe_*`` setting off its default: it would be ignored) or
+            ``init: admin`` (not supported by this family), and
             everything :class:`GPTConfig` rejects.
     """
 
@@ -88,6 +89,11 @@ class RecurrentConfig(GPTConfig):
     def _check_recurrent(self) -> "RecurrentConfig":
         if self.n_experts:
             raise ValueError("n_experts: MoE blocks are not supported by family 'recurrent'; set n_experts 0")
+        fields = type(self).model_fields
+        moe = [k for k in fields if k.startswith("moe_") and getattr(self, k) != fields[k].default]
+        if moe:  # accepted but ignored otherwise: the blocks are dense
+            raise ValueError(f"{', '.join(moe)}: MoE settings have no effect in family 'recurrent' (its blocks are "
+                             f"dense; MoE is not supported): remove {'them' if len(moe) > 1 else 'it'}")
         if self.init == "admin":
             raise ValueError("init: 'admin' profiles a fixed stack of blocks; family 'recurrent' supports init 'gpt2'")
         if self.recurrent_mean_thinking_steps > self.max_inference_steps:

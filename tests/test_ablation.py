@@ -115,21 +115,40 @@ HELLASWAG = [
 ]
 
 
-def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, mlflow_server, tmp_path):
+def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, mlflow_server, tmp_path,
+                                                       monkeypatch):
+    """Launched as a user does, ``megaray tune configs/tune/ablation.yaml --set ...`` (the CLI in
+    this process; the search's result is read from the real ``run_search`` it calls). This is the
+    suite's run of the ``megaray tune`` command (tests/test_docs_commands.py skips the README's
+    search for it; tests/test_tune.py kills and resumes a search)."""
     from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
 
+    import megaray.tune.search as search
+    from megaray.cli import app
     from megaray.inference.hellaswag import evaluate_hellaswag
-    from megaray.tune.search import run_search
 
     data = tmp_path / "hellaswag.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in HELLASWAG) + "{broken\n")
-    result = run_search(TUNE, [
+    results, real = [], search.run_search
+
+    def run_search(*args, **kwargs):  # the real search; its result kept for the checks below
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(search, "run_search", run_search)
+    overrides = [
         "space.model={grid: [{}, {position: rope}]}", "model.n_layer=1", "model.n_embd=64", "model.block_size=32",
         "data.batch_size=4", "data.num_val_batches=2", "train.max_steps=4", "train.warmup_steps=1",
         "train.eval_every=2", "train.checkpoint_every=4", f"data.shards={text_shards}", f"eval.hellaswag={data}",
         f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=ablation-test",
         f"storage_path={tmp_path / 'runs'}",
-    ])
+    ]
+    r = CliRunner().invoke(app, ["tune", str(TUNE), *[a for o in overrides for a in ("--set", o)]])
+    assert r.exit_code == 0, (r.output, r.exception)
+    result, = results
+    assert f"search {result.name}: 2 trials (2 completed, 0 stopped early, 0 failed)" in r.output
+    assert f"best        trial {result.best.trial_id}" in r.output and result.table() in r.output
     assert [t.outcome for t in result.trials] == ["completed", "completed"]
     assert sorted(json.dumps(t.params["model"]) for t in result.trials) == ['{"position": "rope"}', "{}"]
     for t in result.trials:

@@ -60,12 +60,15 @@ def vae_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latents(image_shards, vae_ckpt, tmp_path_factory):
-    from megaray.inference.latents import encode_image_latents
-    from megaray.train.checkpoint import load_for_inference
+    """``megaray prepare image-latents`` as docs/diffusion.md runs it (the suite's run of the
+    command: tests/test_docs_commands.py skips the image journey for these tests): its manifest."""
+    from megaray.data.manifest import read_manifest
 
     out = tmp_path_factory.mktemp("latents") / "skimage-32-latents"
-    vae = load_for_inference(vae_ckpt)[0]
-    return encode_image_latents(image_shards, str(out), vae, vae_checkpoint=str(vae_ckpt), verbose=False)
+    r = runner.invoke(app, ["prepare", "image-latents", "--vae-checkpoint", str(vae_ckpt), "--source", image_shards,
+                            "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return {**read_manifest(str(out), kind="image_latents"), "out_dir": str(out)}
 
 
 def test_image_latents_are_the_vaes_scaled_means_of_every_image(image_shards, vae_ckpt, latents):

@@ -309,7 +309,7 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
     w = object.__new__(_Worker)
     w.task, w.ema, w.engines, w.state = Task(), Ema(), {"model": Engine()}, None
     w.reporter, w.evaluator, w.checkpointer = Reporter("log", 2), Evaluator("eval", 3), Part("ckpt", 4)
-    w.debug, w.profiling = Debug({}, rank=0), False
+    w.debug, w.profiling, w.profiler = Debug({}, rank=0), False, None
     for step in (1, 2, 3, 4):
         w.end_of_step(step)
     assert calls == [

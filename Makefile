@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megaray-installed
 
-.PHONY: demo test test-cluster install sysdeps bench clean
+.PHONY: demo test test-cluster lint install sysdeps bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ sysdeps:
 
 demo: install sysdeps
 	$(VENV)/bin/megaray demo
+
+# ruff lint + format check (configured in pyproject.toml); `.ci/run` runs it before the tests
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install sysdeps
 	$(PY) -m pytest -q --timeout=900 --durations=30 -m "not cluster"

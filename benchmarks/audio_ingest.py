@@ -69,8 +69,9 @@ class ClipDataset:
 def run_dataloader(records, settings, workers):
     import torch
 
-    loader = torch.utils.data.DataLoader(ClipDataset(records, settings), batch_size=None, num_workers=workers,
-                                         collate_fn=lambda x: x)
+    loader = torch.utils.data.DataLoader(
+        ClipDataset(records, settings), batch_size=None, num_workers=workers, collate_fn=lambda x: x
+    )
     t0 = time.perf_counter()
     n = sum(1 for row in loader if row["ok"])
     return n, time.perf_counter() - t0
@@ -85,8 +86,12 @@ def run_ray(records, settings, workers, batch_size):
 
     t0 = time.perf_counter()
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 4 * workers))).map_batches(
-        A.AudioPreprocessor, fn_constructor_kwargs={"settings": asdict(settings)}, batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_format="numpy",
+        A.AudioPreprocessor,
+        fn_constructor_kwargs={"settings": asdict(settings)},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+        batch_format="numpy",
     )
     n = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -109,24 +114,38 @@ def main(argv=None) -> dict:
     records = A.collect_sources(manifest) * args.repeat
     for r in records:
         r.update(split="train", speaker_id=0)
-    settings = A.AudioPrepSettings(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
-                                   hop_length=args.hop_length)
+    settings = A.AudioPrepSettings(
+        sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft, hop_length=args.hop_length
+    )
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=max(4, args.workers + 2), include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
 
-    result = {"clips": len(records), "files": len(records) // args.repeat, "workers": args.workers, "corpus_build_s": round(build_s, 2),
-              "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 1)}
-    for name, fn in (("ray_data", lambda: run_ray(records, settings, args.workers, args.batch_size)),
-                     ("dataloader", lambda: run_dataloader(records, settings, args.workers))):
+    result = {
+        "clips": len(records),
+        "files": len(records) // args.repeat,
+        "workers": args.workers,
+        "corpus_build_s": round(build_s, 2),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 1),
+    }
+    for name, fn in (
+        ("ray_data", lambda: run_ray(records, settings, args.workers, args.batch_size)),
+        ("dataloader", lambda: run_dataloader(records, settings, args.workers)),
+    ):
         passes = []
         for _ in range(args.passes):
             n, s = fn()
             passes.append({"clips_ok": n, "seconds": round(s, 3), "clips_per_s": round(n / s, 2)})
-        result[name] = {"passes": passes, "first_pass_clips_per_s": passes[0]["clips_per_s"],
-                        "best_clips_per_s": max(p["clips_per_s"] for p in passes)}
+        result[name] = {
+            "passes": passes,
+            "first_pass_clips_per_s": passes[0]["clips_per_s"],
+            "best_clips_per_s": max(p["clips_per_s"] for p in passes),
+        }
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 1)
-    result["ray_over_dataloader_best"] = round(result["ray_data"]["best_clips_per_s"] / result["dataloader"]["best_clips_per_s"], 3)
+    result["ray_over_dataloader_best"] = round(
+        result["ray_data"]["best_clips_per_s"] / result["dataloader"]["best_clips_per_s"], 3
+    )
     print(json.dumps(result, indent=2))
     return result
 

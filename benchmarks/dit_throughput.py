@@ -60,9 +60,16 @@ def diffusers_model(cfg: DiTConfig):
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels, num_layers=cfg.depth, sample_size=cfg.grid_input[0],
-        patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes, norm_eps=cfg.norm_eps)
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.depth,
+        sample_size=cfg.grid_input[0],
+        patch_size=cfg.patch_size,
+        num_embeds_ada_norm=cfg.num_classes,
+        norm_eps=cfg.norm_eps,
+    )
 
 
 def _inputs(cfg: DiTConfig, batch: int, device: str):
@@ -111,8 +118,13 @@ def run_side(side: str, cfg: DiTConfig, args) -> dict:
         loss = step()
     _sync(dev)
     dt = time.perf_counter() - t0
-    out = {"side": side, "params": params, "steps_per_sec": args.steps / dt,
-           "images_per_sec": args.steps * args.batch_size / dt, "final_loss": float(loss.detach())}
+    out = {
+        "side": side,
+        "params": params,
+        "steps_per_sec": args.steps / dt,
+        "images_per_sec": args.steps * args.batch_size / dt,
+        "final_loss": float(loss.detach()),
+    }
     if dev == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
@@ -139,13 +151,25 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    cfg = DiTConfig.from_name(args.preset, attn_backend=args.attn_backend,
-                              activation_checkpointing=args.activation_checkpointing)
-    result = {"benchmark": "dit_throughput", "preset": args.preset, "device": args.device,
-              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "precision": args.precision, "batch_size": args.batch_size, "latent": [cfg.in_channels, *cfg.grid_input],
-              "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "compile": args.compile, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "runs": []}
+    cfg = DiTConfig.from_name(
+        args.preset, attn_backend=args.attn_backend, activation_checkpointing=args.activation_checkpointing
+    )
+    result = {
+        "benchmark": "dit_throughput",
+        "preset": args.preset,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "latent": [cfg.in_channels, *cfg.grid_input],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "runs": [],
+    }
     best = {}
     for _ in range(args.rounds):  # interleaved, so a busy moment or a cold start hits every side alike
         for side in args.sides:

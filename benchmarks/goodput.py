@@ -28,19 +28,33 @@ REPO = Path(__file__).resolve().parent.parent
 def _cfg(shards: str, storage: str, name: str, steps: int, eval_every: int, batch_size: int, ckpt_every: int):
     from megaray.families import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml", [
-        f"name={name}", f"data.shards={shards}", f"scaling.storage_path={storage}", "tracking.enabled=false",
-        f"train.max_steps={steps}", f"train.eval_every={eval_every}", f"train.checkpoint_every={ckpt_every}",
-        f"train.log_every={max(1, eval_every // 2)}", f"data.batch_size={batch_size}", "train.warmup_steps=5",
-    ])
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"name={name}",
+            f"data.shards={shards}",
+            f"scaling.storage_path={storage}",
+            "tracking.enabled=false",
+            f"train.max_steps={steps}",
+            f"train.eval_every={eval_every}",
+            f"train.checkpoint_every={ckpt_every}",
+            f"train.log_every={max(1, eval_every // 2)}",
+            f"data.batch_size={batch_size}",
+            "train.warmup_steps=5",
+        ],
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=40)
-    ap.add_argument("--docs", type=int, default=1000,
-                    help="stdlib documents in the corpus (1000: an epoch of ~75 steps at batch 4 x 2 workers)")
+    ap.add_argument(
+        "--docs",
+        type=int,
+        default=1000,
+        help="stdlib documents in the corpus (1000: an epoch of ~75 steps at batch 4 x 2 workers)",
+    )
     args = ap.parse_args()
 
     from megaray.data.text import load_manifest, num_windows, prepare_text
@@ -57,10 +71,15 @@ def main() -> None:
     m = result.metrics
     n_evals = args.steps // args.eval_every
     out = {
-        "steps": args.steps, "epoch_steps": epoch_steps, "batch_size": batch,
-        "goodput": round(m["goodput"], 4), "startup_s": round(m["time/startup_s"], 2),
-        "eval_s_each": round(m["time/eval_s"] / max(1, n_evals), 2), "wall_s": round(m["time/wall_s"], 1),
-        "data_wait_s": round(m["time/data_wait_s"], 2), "checkpoint_s": round(m["time/checkpoint_s"], 2),
+        "steps": args.steps,
+        "epoch_steps": epoch_steps,
+        "batch_size": batch,
+        "goodput": round(m["goodput"], 4),
+        "startup_s": round(m["time/startup_s"], 2),
+        "eval_s_each": round(m["time/eval_s"] / max(1, n_evals), 2),
+        "wall_s": round(m["time/wall_s"], 1),
+        "data_wait_s": round(m["time/data_wait_s"], 2),
+        "checkpoint_s": round(m["time/checkpoint_s"], 2),
     }
     print(json.dumps(out, indent=2))
 

@@ -43,21 +43,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="fp16: autocast fp16 + GradScaler (torch side), DeepSpeed's fp16 with its loss scaler "
-                        "(deepspeed and megaray sides; CUDA only)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="fp16: autocast fp16 + GradScaler (torch side), DeepSpeed's fp16 with its loss scaler "
+        "(deepspeed and megaray sides; CUDA only)",
+    )
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
-    p.add_argument("--offload", choices=["none", "optimizer", "all"], default="none",
-                   help="ZeRO-Offload to CPU (deepspeed and megaray sides; needs --zero-stage >= 1, all: 3)")
+    p.add_argument(
+        "--offload",
+        choices=["none", "optimizer", "all"],
+        default="none",
+        help="ZeRO-Offload to CPU (deepspeed and megaray sides; needs --zero-stage >= 1, all: 3)",
+    )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s; default: lookup")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="GPTConfig overrides, e.g. n_layer=4")
     p.add_argument("--sides", nargs="+", choices=list(SIDES), default=["torch", "deepspeed"])
-    p.add_argument("--attention", nargs="+", choices=["auto", "sdpa", "flash", "reference"], default=None,
-                   help="model.attn_backend values to run (default: the preset's); flash is skipped where flash-attn is not importable")
+    p.add_argument(
+        "--attention",
+        nargs="+",
+        choices=["auto", "sdpa", "flash", "reference"],
+        default=None,
+        help="model.attn_backend values to run (default: the preset's); flash is skipped where flash-attn is not importable",
+    )
     p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"], help="torch.compile off/on")
-    p.add_argument("--compile-sides", nargs="+", choices=list(SIDES), default=None,
-                   help="sides that also run compile=on (default: all)")
+    p.add_argument(
+        "--compile-sides",
+        nargs="+",
+        choices=list(SIDES),
+        default=None,
+        help="sides that also run compile=on (default: all)",
+    )
     p.add_argument("--shards", default=None, help="prepared text shards for --sides megaray")
     p.add_argument("--runs-jsonl", default=None, help="also append each run, as it finishes, to this JSON-lines file")
     return p.parse_args(argv)
@@ -142,8 +160,10 @@ def bench_deepspeed(cfg, args, compiled: bool) -> dict:
     ds_config = {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
-                                                  "torch_adam": args.device == "cpu"}},  # fmt: skip
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "torch_adam": args.device == "cpu"},
+        },  # fmt: skip
         "zero_optimization": {"stage": args.zero_stage},
         "bf16": {"enabled": args.precision == "bf16"},
         "fp16": {"enabled": args.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -181,22 +201,45 @@ def bench_megaray(cfg, args, compiled: bool) -> dict:
     if not args.shards:
         raise SystemExit("--sides megaray needs --shards (a `megaray prepare text` folder)")
     with tempfile.TemporaryDirectory() as storage:
-        run = build_run_config({
-            "name": "bench", "model": {"family": "gpt", **cfg.model_dump(mode="json")},
-            "data": {"shards": args.shards, "batch_size": args.batch_size, "num_val_batches": 1},
-            "train": {"max_steps": 2 * args.steps, "log_every": args.steps, "eval_every": 10**6,
-                      "checkpoint_every": 10**6, "warmup_steps": 0, "lr": args.lr, "zero_stage": args.zero_stage,
-                      "precision": args.precision, "compile": compiled, "peak_flops": args.peak_flops,
-                      "offload": args.offload},
-            "scaling": {"num_workers": 1, "use_gpu": args.device == "cuda", "storage_path": storage,
-                        "resources_per_worker": {"CPU": 1, **({"GPU": 1} if args.device == "cuda" else {})}},
-            "tracking": {"enabled": False},
-        })
+        run = build_run_config(
+            {
+                "name": "bench",
+                "model": {"family": "gpt", **cfg.model_dump(mode="json")},
+                "data": {"shards": args.shards, "batch_size": args.batch_size, "num_val_batches": 1},
+                "train": {
+                    "max_steps": 2 * args.steps,
+                    "log_every": args.steps,
+                    "eval_every": 10**6,
+                    "checkpoint_every": 10**6,
+                    "warmup_steps": 0,
+                    "lr": args.lr,
+                    "zero_stage": args.zero_stage,
+                    "precision": args.precision,
+                    "compile": compiled,
+                    "peak_flops": args.peak_flops,
+                    "offload": args.offload,
+                },
+                "scaling": {
+                    "num_workers": 1,
+                    "use_gpu": args.device == "cuda",
+                    "storage_path": storage,
+                    "resources_per_worker": {"CPU": 1, **({"GPU": 1} if args.device == "cuda" else {})},
+                },
+                "tracking": {"enabled": False},
+            }
+        )
         t0 = time.perf_counter()
         m = fit(run).metrics
     rate = float(m["throughput"])
-    return dict(step_ms=1000 * args.batch_size * args.seq_len / rate, tokens_per_sec=rate, final_loss=float(m["loss"]),
-                wall_s=time.perf_counter() - t0, loop_mfu=m.get("mfu"), zero_stage=args.zero_stage, offload=args.offload)
+    return dict(
+        step_ms=1000 * args.batch_size * args.seq_len / rate,
+        tokens_per_sec=rate,
+        final_loss=float(m["loss"]),
+        wall_s=time.perf_counter() - t0,
+        loop_mfu=m.get("mfu"),
+        zero_stage=args.zero_stage,
+        offload=args.offload,
+    )
 
 
 SIDES = {"torch": bench_torch, "deepspeed": bench_deepspeed, "megaray": bench_megaray}
@@ -239,7 +282,11 @@ def main(argv=None) -> dict:
     from megaray.models.common.attention import FLASH_AVAILABLE
 
     attentions = [a for a in (args.attention or [cfg.attn_backend]) if a != "flash" or FLASH_AVAILABLE]
-    result["skipped"] = ["attention=flash (flash-attn not importable)"] if len(attentions) < len(args.attention or [cfg.attn_backend]) else []
+    result["skipped"] = (
+        ["attention=flash (flash-attn not importable)"]
+        if len(attentions) < len(args.attention or [cfg.attn_backend])
+        else []
+    )
     runs = result["runs"] = []
     with _stdout_to_stderr():
         for attention in attentions:  # cheapest first: all sides at one setting, then the next setting
@@ -253,8 +300,14 @@ def main(argv=None) -> dict:
                         r = SIDES[side](run_cfg, args, comp == "on")
                     except Exception as e:  # one failing combination must not lose the others' figures
                         r = {"error": f"{type(e).__name__}: {e}"[:500]}
-                    r = {"side": side, "attention": attention, "compile": comp, "precision": args.precision, **r,
-                         "bench_wall_s": round(time.perf_counter() - t0, 1)}
+                    r = {
+                        "side": side,
+                        "attention": attention,
+                        "compile": comp,
+                        "precision": args.precision,
+                        **r,
+                        "bench_wall_s": round(time.perf_counter() - t0, 1),
+                    }
                     if "tokens_per_sec" in r:
                         r["mfu"] = estimate_mfu(fpt, r["tokens_per_sec"], peak)
                     runs.append(r)

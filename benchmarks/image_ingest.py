@@ -52,7 +52,7 @@ def crops_of_unit(u, size: int, crop: int):
             continue
         h, w = hwc.shape[:2]
         top, left, flip = I.crop_box(0, it["name"], 0, h, w, crop)
-        patch = hwc[top:top + crop, left:left + crop]
+        patch = hwc[top : top + crop, left : left + crop]
         patch = patch[:, ::-1] if flip else patch
         out.append(patch.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
     return out
@@ -76,8 +76,9 @@ def run_dataloader(units, args):
     import torch
 
     torch.set_num_threads(1)
-    loader = torch.utils.data.DataLoader(UnitDataset(units, args.size, args.crop), batch_size=None,
-                                         num_workers=args.workers, collate_fn=lambda x: x)
+    loader = torch.utils.data.DataLoader(
+        UnitDataset(units, args.size, args.crop), batch_size=None, num_workers=args.workers, collate_fn=lambda x: x
+    )
     t0 = time.perf_counter()
     n = sum(len(x) for x in loader)
     return n, time.perf_counter() - t0
@@ -97,8 +98,13 @@ def run_ray(units, args):
 
     t0 = time.perf_counter()
     ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 4 * args.workers))).map_batches(
-        _ray_batch, fn_kwargs={"size": args.size, "crop": args.crop}, batch_size=args.batch_size,
-        compute=ray.data.TaskPoolStrategy(size=args.workers), num_cpus=1, batch_format="numpy")
+        _ray_batch,
+        fn_kwargs={"size": args.size, "crop": args.crop},
+        batch_size=args.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=args.workers),
+        num_cpus=1,
+        batch_format="numpy",
+    )
     n = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n += len(batch["image"])
@@ -117,18 +123,29 @@ def main(argv=None) -> dict:
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=max(4, args.workers + 2), include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
-    result = {"source": args.source, "units": len(units), "workers": args.workers, "size": args.size,
-              "crop": args.crop, "cpu_count": os.cpu_count(), "load_average_1m_at_start": round(os.getloadavg()[0], 1)}
+    result = {
+        "source": args.source,
+        "units": len(units),
+        "workers": args.workers,
+        "size": args.size,
+        "crop": args.crop,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 1),
+    }
     for name, fn in (("ray_data", run_ray), ("dataloader", run_dataloader)):
         passes = []
         for _ in range(args.passes):
             n, s = fn(units, args)
             passes.append({"images": n, "seconds": round(s, 3), "images_per_s": round(n / s, 2)})
-        result[name] = {"passes": passes, "first_pass_images_per_s": passes[0]["images_per_s"],
-                        "best_images_per_s": max(p["images_per_s"] for p in passes)}
+        result[name] = {
+            "passes": passes,
+            "first_pass_images_per_s": passes[0]["images_per_s"],
+            "best_images_per_s": max(p["images_per_s"] for p in passes),
+        }
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 1)
     result["ray_over_dataloader_best"] = round(
-        result["ray_data"]["best_images_per_s"] / result["dataloader"]["best_images_per_s"], 3)
+        result["ray_data"]["best_images_per_s"] / result["dataloader"]["best_images_per_s"], 3
+    )
     print(json.dumps(result, indent=2))
     return result
 

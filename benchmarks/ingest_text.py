@@ -49,7 +49,11 @@ from megaray.data.tokenizer import eos_id, load_tokenizer, train_tokenizer  # no
 
 def write_raw(work: Path, repeat: int, n_files: int) -> list:
     corpus = build_stdlib_corpus(work / "corpus")
-    texts = [json.loads(line)["text"] for name in ("train.jsonl", "val.jsonl") for line in (corpus / name).read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"]
+        for name in ("train.jsonl", "val.jsonl")
+        for line in (corpus / name).read_text().splitlines()
+    ]
     texts = texts * repeat
     paths = []
     per = -(-len(texts) // n_files)
@@ -85,8 +89,15 @@ def baseline(paths: list, tok_path: str, block: int, batch_size: int) -> dict:
             windows += n
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    return {"seconds": dt, "cpu_seconds": cpu, "tokens": tokens, "windows": windows, "chars": chars, "tokens_per_s": tokens / dt,
-            "tokens_per_cpu_s": tokens / cpu}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "tokens": tokens,
+        "windows": windows,
+        "chars": chars,
+        "tokens_per_s": tokens / dt,
+        "tokens_per_cpu_s": tokens / cpu,
+    }
 
 
 class TreeCPU:
@@ -139,8 +150,14 @@ def ray_path(paths: list, tok_path: str, block: int, batch_size: int, concurrenc
     dt = time.perf_counter() - t0
     cpu_s = cpu.stop()
     tokens = windows * (block + 1)  # tokens delivered in windows (each actor drops < block+1 at its end)
-    return {"seconds": dt, "cpu_seconds": cpu_s, "tokens": tokens, "windows": windows, "tokens_per_s": tokens / dt,
-            "tokens_per_cpu_s": tokens / cpu_s}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu_s,
+        "tokens": tokens,
+        "windows": windows,
+        "tokens_per_s": tokens / dt,
+        "tokens_per_cpu_s": tokens / cpu_s,
+    }
 
 
 def shards_path(shards: str, block: int) -> dict:
@@ -161,8 +178,14 @@ def _drain(ds, block: int, cpu: "TreeCPU", t0: float) -> dict:
     dt = time.perf_counter() - t0
     cpu_s = cpu.stop()
     tokens = windows * (block + 1)
-    return {"seconds": dt, "cpu_seconds": cpu_s, "tokens": tokens, "windows": windows, "tokens_per_s": tokens / dt,
-            "tokens_per_cpu_s": tokens / cpu_s}
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu_s,
+        "tokens": tokens,
+        "windows": windows,
+        "tokens_per_s": tokens / dt,
+        "tokens_per_cpu_s": tokens / cpu_s,
+    }
 
 
 def shards_path_read_parquet(shards: str, block: int) -> dict:
@@ -176,8 +199,13 @@ def shards_path_read_parquet(shards: str, block: int) -> dict:
     t0 = time.perf_counter()
     fs, paths = shard_paths(shards, load_manifest(shards), "train")
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["tokens"]).map_batches(
-        Packer, fn_constructor_kwargs={"block_size": block}, batch_format="pyarrow", batch_size=256,
-        compute=ActorPoolStrategy(size=1), num_cpus=0.25)
+        Packer,
+        fn_constructor_kwargs={"block_size": block},
+        batch_format="pyarrow",
+        batch_size=256,
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=0.25,
+    )
     return _drain(ds, block, cpu, t0)
 
 
@@ -208,7 +236,10 @@ def main() -> None:
         from megaray.data.text import prepare_text
 
         man = prepare_text(paths, shards, tokenizer=tok_path, dedupe=False, progress=False, verbose=False)
-        prep = {"seconds": time.perf_counter() - t, "tokens": man["splits"]["train"]["tokens"] + man["splits"]["val"]["tokens"]}
+        prep = {
+            "seconds": time.perf_counter() - t,
+            "tokens": man["splits"]["train"]["tokens"] + man["splits"]["val"]["tokens"],
+        }
         prep["tokens_per_s"] = prep["tokens"] / prep["seconds"]
 
         import ray
@@ -234,14 +265,28 @@ def main() -> None:
         "read_parquet_path_runs (previous read, train split only)": rounded(old_runs),
         "shards_path_tokens_per_s_best": round(max(r["tokens_per_s"] for r in shard_runs)),
         "read_parquet_path_tokens_per_s_best": round(max(r["tokens_per_s"] for r in old_runs)),
-        "ratio_row_group_reader_over_read_parquet": round(max(r["tokens_per_s"] for r in shard_runs)
-                                                          / max(r["tokens_per_s"] for r in old_runs), 3),
-        "ratio_per_cpu_s": round(max(r["tokens_per_cpu_s"] for r in shard_runs)
-                                 / max(r["tokens_per_cpu_s"] for r in old_runs), 3),
+        "ratio_row_group_reader_over_read_parquet": round(
+            max(r["tokens_per_s"] for r in shard_runs) / max(r["tokens_per_s"] for r in old_runs), 3
+        ),
+        "ratio_per_cpu_s": round(
+            max(r["tokens_per_cpu_s"] for r in shard_runs) / max(r["tokens_per_cpu_s"] for r in old_runs), 3
+        ),
     }
     if args.shards_only:
-        print(json.dumps({"benchmark": "ingest_text (shard reads)", "args": vars(args), "machine": {
-            "cpu_count": os.cpu_count(), "load_avg_1m_start_end": [load0, round(os.getloadavg()[0], 2)]}, **reads}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "ingest_text (shard reads)",
+                    "args": vars(args),
+                    "machine": {
+                        "cpu_count": os.cpu_count(),
+                        "load_avg_1m_start_end": [load0, round(os.getloadavg()[0], 2)],
+                    },
+                    **reads,
+                },
+                indent=2,
+            )
+        )
         return
     base = max(bases, key=lambda r: r["tokens_per_s"])
     best = max(runs, key=lambda r: r["tokens_per_s"])
@@ -249,7 +294,11 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "ingest_text",
-                "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "load_avg_1m_start_end": [load0, round(os.getloadavg()[0], 2)]},
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "load_avg_1m_start_end": [load0, round(os.getloadavg()[0], 2)],
+                },
                 "args": vars(args),
                 "text_mb": round(base["chars"] / 1e6, 2),
                 "baseline_runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in bases],

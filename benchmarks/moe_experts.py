@@ -100,10 +100,13 @@ def measure(n: int, args: argparse.Namespace) -> dict:
 
     with torch.no_grad():
         fwd = best_times({"loop": lambda: loop_forward(moe, experts, x), "grouped": lambda: moe(x)}, args.reps)
-    train = best_times({"loop": lambda: step(lambda: loop_forward(moe, experts, x)),
-                        "grouped": lambda: step(lambda: moe(x))}, args.reps)
+    train = best_times(
+        {"loop": lambda: step(lambda: loop_forward(moe, experts, x)), "grouped": lambda: step(lambda: moe(x))},
+        args.reps,
+    )
     return {
-        "experts": n, "max_rows_per_expert": int(moe.tokens_per_expert.max()),
+        "experts": n,
+        "max_rows_per_expert": int(moe.tokens_per_expert.max()),
         "forward_s": {k: round(v, 4) for k, v in fwd.items()},
         "forward_backward_s": {k: round(v, 4) for k, v in train.items()},
         "ratio_forward": round(fwd["loop"] / fwd["grouped"], 2),
@@ -118,9 +121,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [measure(n, args) for n in args.experts]
-    out = {"benchmark": "moe_experts", "n_embd": args.n_embd, "hidden": 4 * args.n_embd, "tokens": args.tokens,
-           "top_k": args.top_k, "threads": args.threads, "torch": torch.__version__,
-           "cpu": platform.processor() or platform.machine(), "results": rows}
+    out = {
+        "benchmark": "moe_experts",
+        "n_embd": args.n_embd,
+        "hidden": 4 * args.n_embd,
+        "tokens": args.tokens,
+        "top_k": args.top_k,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "results": rows,
+    }
     print(json.dumps(out, indent=2))
     return out
 

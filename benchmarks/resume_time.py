@@ -35,8 +35,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "megaray-bench"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def start_moto() -> object:
@@ -61,13 +66,25 @@ def start_moto() -> object:
 def config(shards: str, storage: str, name: str, steps: int, batch_size: int, shuffle_block: int):
     from megaray.families import load_config
 
-    return load_config(REPO / "configs" / "gpt_debug.yaml", [
-        f"name={name}", f"data.shards={shards}", f"scaling.storage_path={storage}", "scaling.num_workers=1",
-        f"data.batch_size={batch_size}", f"data.shuffle_block={shuffle_block}", "data.num_val_batches=1",
-        f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
-        f"train.log_every={max(1, steps // 4)}", "train.warmup_steps=2", "train.zero_stage=0",
-        "tracking.enabled=false",
-    ])
+    return load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            f"name={name}",
+            f"data.shards={shards}",
+            f"scaling.storage_path={storage}",
+            "scaling.num_workers=1",
+            f"data.batch_size={batch_size}",
+            f"data.shuffle_block={shuffle_block}",
+            "data.num_val_batches=1",
+            f"train.max_steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
+            f"train.log_every={max(1, steps // 4)}",
+            "train.warmup_steps=2",
+            "train.zero_stage=0",
+            "tracking.enabled=false",
+        ],
+    )
 
 
 def train_to(shards: str, storage: str, name: str, at_step: int, batch_size: int, shuffle_block: int) -> None:
@@ -105,8 +122,15 @@ def main() -> None:
     server = start_moto() if "s3" in args.storage else None  # before Ray starts
     work = Path(tempfile.mkdtemp(prefix="megaray-resume-"))
     local = str(work / "data")
-    prepare_text(["stdlib"], local, vocab_size=512, rows_per_group=args.rows_per_group,
-                 stdlib_max_docs=args.docs, progress=False, verbose=False)
+    prepare_text(
+        ["stdlib"],
+        local,
+        vocab_size=512,
+        rows_per_group=args.rows_per_group,
+        stdlib_max_docs=args.docs,
+        progress=False,
+        verbose=False,
+    )
     manifest = load_manifest(local)
     _, paths = shard_paths(local, manifest, "train")
     groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p in paths)
@@ -118,26 +142,51 @@ def main() -> None:
     where = {"local": (local, str(work / "runs"))}
     if server is not None:
         shards = f"s3://{BUCKET}/data"
-        prepare_text(["stdlib"], shards, tokenizer=f"{local}/{manifest['tokenizer']['path']}",
-                     rows_per_group=args.rows_per_group, stdlib_max_docs=args.docs, progress=False, verbose=False)
+        prepare_text(
+            ["stdlib"],
+            shards,
+            tokenizer=f"{local}/{manifest['tokenizer']['path']}",
+            rows_per_group=args.rows_per_group,
+            stdlib_max_docs=args.docs,
+            progress=False,
+            verbose=False,
+        )
         where["s3"] = (shards, f"s3://{BUCKET}/runs")
 
     # where each resume starts reading (the row group of its shuffle block; epoch 0's order)
     from megaray.data.text.datasets import _row_groups
 
     _, items = _row_groups(local, manifest, "train")
-    spec = StreamSpec(block_size=T, global_batch=args.batch_size, per_epoch=epoch_steps * args.batch_size,
-                      seed=cfg.train.seed, chunk=-(-args.shuffle_block // args.batch_size) * args.batch_size)
+    spec = StreamSpec(
+        block_size=T,
+        global_batch=args.batch_size,
+        per_epoch=epoch_steps * args.batch_size,
+        seed=cfg.train.seed,
+        chunk=-(-args.shuffle_block // args.batch_size) * args.batch_size,
+    )
     order = [int(items[i]["values"]) for i in epoch_order(len(items), spec.seed, 0, True)]
     starts = {f"{p}%": start_at(order, spec, s * args.batch_size)[0] for p, s in ((10, early), (90, late))}
 
     ensure_ray()
-    out = {"benchmark": "resume_time", "corpus": {
-        "train_tokens": manifest["splits"]["train"]["tokens"], "row_groups": groups, "rows_per_group": args.rows_per_group,
-        "windows_per_epoch": windows, "block_size": T, "global_batch": args.batch_size, "epoch_steps": epoch_steps,
-        "shuffle_block_windows": spec.chunk, "blocks_per_epoch": -(-spec.per_epoch // spec.chunk),
-        "first_row_group_read": starts},
-        "positions": {"10%": early, "90%": late}, "repeats": args.repeats, "workers": 1, "startup_s": {}}
+    out = {
+        "benchmark": "resume_time",
+        "corpus": {
+            "train_tokens": manifest["splits"]["train"]["tokens"],
+            "row_groups": groups,
+            "rows_per_group": args.rows_per_group,
+            "windows_per_epoch": windows,
+            "block_size": T,
+            "global_batch": args.batch_size,
+            "epoch_steps": epoch_steps,
+            "shuffle_block_windows": spec.chunk,
+            "blocks_per_epoch": -(-spec.per_epoch // spec.chunk),
+            "first_row_group_read": starts,
+        },
+        "positions": {"10%": early, "90%": late},
+        "repeats": args.repeats,
+        "workers": 1,
+        "startup_s": {},
+    }
     try:
         for storage, (shards, runs) in where.items():
             for step in (early, late):
@@ -145,13 +194,16 @@ def main() -> None:
             times = {early: [], late: []}
             for r in range(args.repeats):  # alternated, so drift on a shared machine hits both alike
                 for step in (early, late):
-                    times[step].append(resume_once(shards, runs, f"at{step}", step + r + 1, args.batch_size,
-                                                   args.shuffle_block))
+                    times[step].append(
+                        resume_once(shards, runs, f"at{step}", step + r + 1, args.batch_size, args.shuffle_block)
+                    )
             t10, t90 = statistics.median(times[early]), statistics.median(times[late])
-            out["startup_s"][storage] = {"10%": round(t10, 2), "90%": round(t90, 2),
-                                         "ratio_90_over_10": round(t90 / t10, 3),
-                                         "each": {"10%": [round(t, 2) for t in times[early]],
-                                                  "90%": [round(t, 2) for t in times[late]]}}
+            out["startup_s"][storage] = {
+                "10%": round(t10, 2),
+                "90%": round(t90, 2),
+                "ratio_90_over_10": round(t90 / t10, 3),
+                "each": {"10%": [round(t, 2) for t in times[early]], "90%": [round(t, 2) for t in times[late]]},
+            }
             print(json.dumps({storage: out["startup_s"][storage]}), flush=True)
     finally:
         if server is not None:

@@ -107,10 +107,12 @@ def megaray_run(cfg) -> dict:
     tokens_per_step = cfg.data.batch_size * cfg.model.block_size * cfg.train.grad_accum_steps
     steady = [m.value / tokens_per_step for m in hist[1:-1]]
     a, b = hist[1], hist[-2]
-    return {"wall_steps_per_s": (b.step - a.step) / ((b.timestamp - a.timestamp) / 1000.0),
-            "wall_window": [a.step, b.step],
-            "step_only_steps_per_s": statistics.median(steady),
-            "data_wait_frac": statistics.median(m.value for m in wait[1:-1])}
+    return {
+        "wall_steps_per_s": (b.step - a.step) / ((b.timestamp - a.timestamp) / 1000.0),
+        "wall_window": [a.step, b.step],
+        "step_only_steps_per_s": statistics.median(steady),
+        "data_wait_frac": statistics.median(m.value for m in wait[1:-1]),
+    }
 
 
 def main() -> None:
@@ -125,22 +127,35 @@ def main() -> None:
     ap.add_argument("--shards", default=None, help="prepared shards (default: prepare a stdlib subset)")
     args = ap.parse_args()
 
-    from megaray.families import load_config
     from megaray.data.text import prepare_text
+    from megaray.families import load_config
     from megaray.train.launch import ensure_ray
 
     work = Path(tempfile.mkdtemp(prefix="megaray-bench-"))
     shards = args.shards or str(work / "shards")
     if not args.shards:
         prepare_text(["stdlib"], shards, vocab_size=512, stdlib_max_docs=4000, progress=False, verbose=False)
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", [
-        "name=overhead", f"model.preset={args.preset}", f"model.n_embd={args.n_embd}", f"model.n_layer={args.n_layer}",
-        f"model.block_size={args.block_size}", f"data.shards={shards}", f"data.batch_size={args.batch_size}",
-        f"train.max_steps={args.steps}", f"train.log_every={max(1, args.steps // 6)}", f"train.eval_every={args.steps}",
-        f"train.checkpoint_every={args.steps}", f"train.zero_stage={args.zero_stage}", "scaling.num_workers=1",
-        f"scaling.storage_path={work / 'runs'}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-        "tracking.sample_tokens=0",
-    ])
+    cfg = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "name=overhead",
+            f"model.preset={args.preset}",
+            f"model.n_embd={args.n_embd}",
+            f"model.n_layer={args.n_layer}",
+            f"model.block_size={args.block_size}",
+            f"data.shards={shards}",
+            f"data.batch_size={args.batch_size}",
+            f"train.max_steps={args.steps}",
+            f"train.log_every={max(1, args.steps // 6)}",
+            f"train.eval_every={args.steps}",
+            f"train.checkpoint_every={args.steps}",
+            f"train.zero_stage={args.zero_stage}",
+            "scaling.num_workers=1",
+            f"scaling.storage_path={work / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            "tracking.sample_tokens=0",
+        ],
+    )
     ensure_ray()
     # the baseline runs before and after the megaray run: drift on a shared machine shows as a gap
     bare_before = bare_loop(cfg, steps=args.steps, warmup=5)
@@ -148,23 +163,30 @@ def main() -> None:
     bare_after = bare_loop(cfg, steps=args.steps, warmup=5)
     bare = (bare_before + bare_after) / 2
     ds = bare_deepspeed(cfg, steps=args.steps, warmup=5)
-    print(json.dumps({
-        "benchmark": "trainer_overhead",
-        "model": f"gpt {args.preset} n_layer={args.n_layer} n_embd={args.n_embd} block={args.block_size}",
-        "batch_size": args.batch_size, "zero_stage": args.zero_stage, "steps": args.steps,
-        "megaray_steps_per_s": round(ours["wall_steps_per_s"], 3),
-        "megaray_wall_window_steps": ours["wall_window"],
-        "megaray_step_only_steps_per_s": round(ours["step_only_steps_per_s"], 3),
-        "megaray_data_wait_frac": round(ours["data_wait_frac"], 4),
-        "bare_torch_steps_per_s": round(bare, 3),
-        "bare_torch_before_after": [round(bare_before, 3), round(bare_after, 3)],
-        "ratio": round(ours["wall_steps_per_s"] / bare, 3),
-        "ratio_step_only": round(ours["step_only_steps_per_s"] / bare, 3),
-        "bare_deepspeed_steps_per_s": round(ds, 3),
-        "deepspeed_over_torch": round(ds / bare, 3),
-        "megaray_over_bare_deepspeed": round(ours["wall_steps_per_s"] / ds, 3),
-        "target_ratio": 0.90,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "trainer_overhead",
+                "model": f"gpt {args.preset} n_layer={args.n_layer} n_embd={args.n_embd} block={args.block_size}",
+                "batch_size": args.batch_size,
+                "zero_stage": args.zero_stage,
+                "steps": args.steps,
+                "megaray_steps_per_s": round(ours["wall_steps_per_s"], 3),
+                "megaray_wall_window_steps": ours["wall_window"],
+                "megaray_step_only_steps_per_s": round(ours["step_only_steps_per_s"], 3),
+                "megaray_data_wait_frac": round(ours["data_wait_frac"], 4),
+                "bare_torch_steps_per_s": round(bare, 3),
+                "bare_torch_before_after": [round(bare_before, 3), round(bare_after, 3)],
+                "ratio": round(ours["wall_steps_per_s"] / bare, 3),
+                "ratio_step_only": round(ours["step_only_steps_per_s"] / bare, 3),
+                "bare_deepspeed_steps_per_s": round(ds, 3),
+                "deepspeed_over_torch": round(ds / bare, 3),
+                "megaray_over_bare_deepspeed": round(ours["wall_steps_per_s"] / ds, 3),
+                "target_ratio": 0.90,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

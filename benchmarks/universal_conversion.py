@@ -52,13 +52,16 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                      LOCAL_WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
     skip_cpu_op_builds()
 
-    cfg = families.load_config(REPO / "configs" / "gpt_debug.yaml", [
-        f"train.zero_stage={args.zero_stage}", "scaling.num_workers=1", "data.batch_size=1"])
+    cfg = families.load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [f"train.zero_stage={args.zero_stage}", "scaling.num_workers=1", "data.batch_size=1"],
+    )
     model_cfg = GPTConfig.from_name(args.preset)
     torch.manual_seed(0)
     model = families.build_model(model_cfg)
@@ -82,15 +85,25 @@ def main() -> None:
         t0 = time.perf_counter()
         load_engine_universal(engine, str(work), "model")
         load_s = time.perf_counter() - t0
-        print(json.dumps({
-            "benchmark": "universal_conversion",
-            "preset": args.preset, "params": params, "zero_stage": args.zero_stage, "world_size": 1,
-            "workers": args.workers,
-            "save_s": round(save_s, 2), "convert_s": round(convert_s, 2), "universal_load_s": round(load_s, 2),
-            "checkpoint_mb": round(_du(work / "model") / 2**20, 1),
-            "universal_mb": round(_du(work / tag) / 2**20, 1),
-            "global_steps_after_load": engine.global_steps,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "universal_conversion",
+                    "preset": args.preset,
+                    "params": params,
+                    "zero_stage": args.zero_stage,
+                    "world_size": 1,
+                    "workers": args.workers,
+                    "save_s": round(save_s, 2),
+                    "convert_s": round(convert_s, 2),
+                    "universal_load_s": round(load_s, 2),
+                    "checkpoint_mb": round(_du(work / "model") / 2**20, 1),
+                    "universal_mb": round(_du(work / tag) / 2**20, 1),
+                    "global_steps_after_load": engine.global_steps,
+                },
+                indent=2,
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         dist.destroy_process_group()

@@ -71,10 +71,12 @@ def vocos_like(cfg):
     from vocos.models import VocosBackbone
 
     return Vocos(
-        feature_extractor=MelSpectrogramFeatures(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft,
-                                                 hop_length=cfg.hop_length, n_mels=cfg.n_mels, padding="center"),
-        backbone=VocosBackbone(input_channels=cfg.n_mels, dim=cfg.dim, intermediate_dim=cfg.intermediate_dim,
-                               num_layers=cfg.num_layers),
+        feature_extractor=MelSpectrogramFeatures(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels, padding="center"
+        ),
+        backbone=VocosBackbone(
+            input_channels=cfg.n_mels, dim=cfg.dim, intermediate_dim=cfg.intermediate_dim, num_layers=cfg.num_layers
+        ),
         head=ISTFTHead(dim=cfg.dim, n_fft=cfg.n_fft, hop_length=cfg.hop_length, padding="center"),
     )
 
@@ -102,15 +104,25 @@ def versus_vocos(args) -> dict:
         cpu = statistics.median(r[1] for r in rows[name])
         audio_s = rows[name][-1][2].shape[-1] / cfg.sample_rate
         params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("feature_extractor"))
-        out[name] = {"params": params, "audio_seconds": round(audio_s, 3), "compute_seconds": round(wall, 4),
-                     "x_real_time": round(audio_s / wall, 1), "cpu_seconds": round(cpu, 4),
-                     "x_real_time_per_cpu_second": round(audio_s / cpu, 1)}
+        out[name] = {
+            "params": params,
+            "audio_seconds": round(audio_s, 3),
+            "compute_seconds": round(wall, 4),
+            "x_real_time": round(audio_s / wall, 1),
+            "cpu_seconds": round(cpu, 4),
+            "x_real_time_per_cpu_second": round(audio_s / cpu, 1),
+        }
     import vocos
 
-    return {"preset": "base", "vocos_version": getattr(vocos, "__version__", "0.1.0"), **out,
-            "ratio": round(out["megaray"]["x_real_time"] / out["vocos"]["x_real_time"], 3),
-            "ratio_per_cpu_second": round(out["megaray"]["x_real_time_per_cpu_second"]
-                                          / out["vocos"]["x_real_time_per_cpu_second"], 3)}
+    return {
+        "preset": "base",
+        "vocos_version": getattr(vocos, "__version__", "0.1.0"),
+        **out,
+        "ratio": round(out["megaray"]["x_real_time"] / out["vocos"]["x_real_time"], 3),
+        "ratio_per_cpu_second": round(
+            out["megaray"]["x_real_time_per_cpu_second"] / out["vocos"]["x_real_time_per_cpu_second"], 3
+        ),
+    }
 
 
 def main(argv=None) -> dict:
@@ -124,8 +136,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.vs_vocos:
-        result = {"device": args.device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                  "load_average_1m": round(os.getloadavg()[0], 1), "torch": torch.__version__, **versus_vocos(args)}
+        result = {
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 1),
+            "torch": torch.__version__,
+            **versus_vocos(args),
+        }
         print(json.dumps(result, indent=2))
         return result
     rows = []
@@ -136,13 +154,27 @@ def main(argv=None) -> dict:
         mel = (torch.randn(1, cfg.n_mels, frames) * 2 - 5).to(args.device)
         med, cpu, (wave, _) = time_calls(model, mel, args.warmup, args.repeats, args.device)
         audio_s = wave.shape[-1] / cfg.sample_rate
-        rows.append({"preset": name, "params": model.num_parameters(), "head": cfg.head,
-                     "sample_rate": cfg.sample_rate, "audio_seconds": round(audio_s, 3),
-                     "compute_seconds": round(med, 4), "x_real_time": round(audio_s / med, 1),
-                     "cpu_seconds": round(cpu, 4), "x_real_time_per_cpu_second": round(audio_s / cpu, 1)})
-    result = {"device": args.device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "load_average_1m": round(os.getloadavg()[0], 1),
-              "torch": torch.__version__, "presets": rows}
+        rows.append(
+            {
+                "preset": name,
+                "params": model.num_parameters(),
+                "head": cfg.head,
+                "sample_rate": cfg.sample_rate,
+                "audio_seconds": round(audio_s, 3),
+                "compute_seconds": round(med, 4),
+                "x_real_time": round(audio_s / med, 1),
+                "cpu_seconds": round(cpu, 4),
+                "x_real_time_per_cpu_second": round(audio_s / cpu, 1),
+            }
+        )
+    result = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 1),
+        "torch": torch.__version__,
+        "presets": rows,
+    }
     print(json.dumps(result, indent=2))
     return result
 

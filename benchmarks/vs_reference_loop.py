@@ -46,10 +46,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: the model and recipe both sides train (``configs/gpt_debug.yaml`` + these overrides)
 RECIPE = [
-    "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.vocab_size=1024",
-    "model.bias=false", "model.tie_embeddings=true", "model.dropout=0.0",
-    "data.batch_size=12", "train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=100", "train.betas=[0.9, 0.99]",
-    "train.weight_decay=0.1", "train.grad_clip=1.0", "train.zero_stage=0", "train.precision=fp32",
+    "model.n_layer=4",
+    "model.n_head=4",
+    "model.n_embd=128",
+    "model.block_size=64",
+    "model.vocab_size=1024",
+    "model.bias=false",
+    "model.tie_embeddings=true",
+    "model.dropout=0.0",
+    "data.batch_size=12",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
+    "train.warmup_steps=100",
+    "train.betas=[0.9, 0.99]",
+    "train.weight_decay=0.1",
+    "train.grad_clip=1.0",
+    "train.zero_stage=0",
+    "train.precision=fp32",
     "scaling.num_workers=1",
 ]
 
@@ -92,8 +105,8 @@ def val_loss(model, x, y, batch: int = 64) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            _, loss = model(x[i: i + batch], y[i: i + batch])
-            total += float(loss) * len(x[i: i + batch])
+            _, loss = model(x[i : i + batch], y[i : i + batch])
+            total += float(loss) * len(x[i : i + batch])
     return total / len(x)
 
 
@@ -124,8 +137,8 @@ def reference_loop(cfg, data, seed: int, skip: int):
         for g in opt.param_groups:
             g["lr"] = lr
         ix = torch.randint(len(data) - T, (B,), generator=gen)
-        x = torch.stack([data[i: i + T] for i in ix])
-        y = torch.stack([data[i + 1: i + 1 + T] for i in ix])
+        x = torch.stack([data[i : i + T] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
         _, loss = model(x, y)
         loss.backward()
         if t.grad_clip:
@@ -151,12 +164,21 @@ def megaray_run(cfg, trace: Path):
         os.environ.pop("MEGARAY_TRACE", None)
     start = json.loads(Path(f"{trace}.starts.rank0").read_text().splitlines()[0])
     model, _, _ = load_for_inference(result.checkpoint)
-    hist = sorted(MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "throughput"),
-                  key=lambda m: m.step)
+    hist = sorted(
+        MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "throughput"), key=lambda m: m.step
+    )
     a, b = hist[1], hist[-2]
     step_s = ((b.timestamp - a.timestamp) / 1000.0) / (b.step - a.step)
-    return model, step_s, {"window_steps": [a.step, b.step], "val_loss_own_eval": result.metrics.get("val_loss"),
-                           "loss": result.metrics.get("loss"), "init_l1": start["weights_l1"]["model"]}
+    return (
+        model,
+        step_s,
+        {
+            "window_steps": [a.step, b.step],
+            "val_loss_own_eval": result.metrics.get("val_loss"),
+            "loss": result.metrics.get("loss"),
+            "init_l1": start["weights_l1"]["model"],
+        },
+    )
 
 
 def main() -> None:
@@ -164,7 +186,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seeds", type=int, default=2, help="runs per side, train.seed = --seed0 + i")
     ap.add_argument("--seed0", type=int, default=1337)
-    ap.add_argument("--val-windows", type=int, default=0, help="0: every non-overlapping val window; N: a seeded subset")
+    ap.add_argument(
+        "--val-windows", type=int, default=0, help="0: every non-overlapping val window; N: a seeded subset"
+    )
     ap.add_argument("--skip", type=int, default=20, help="reference steps left out of its step time (warm-up)")
     ap.add_argument("--shards", default=None, help="prepared shards (default: prepare the stdlib corpus, vocab 1024)")
     args = ap.parse_args()
@@ -182,13 +206,25 @@ def main() -> None:
 
     def config(seed: int):
         every = args.steps
-        return load_config(REPO / "configs" / "gpt_debug.yaml", RECIPE + [
-            f"name=vsref-{seed}", f"data.shards={shards}", f"train.seed={seed}", f"train.max_steps={args.steps}",
-            f"train.eval_every={every}", f"train.checkpoint_every={every}", f"train.log_every={max(1, args.steps // 20)}",
-            f"scaling.storage_path={work / 'runs'}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-            "tracking.experiment=vs-reference", "tracking.sample_tokens=0", "tracking.log_model=false",
-            "tracking.system_metrics_interval_s=0",
-        ])
+        return load_config(
+            REPO / "configs" / "gpt_debug.yaml",
+            RECIPE
+            + [
+                f"name=vsref-{seed}",
+                f"data.shards={shards}",
+                f"train.seed={seed}",
+                f"train.max_steps={args.steps}",
+                f"train.eval_every={every}",
+                f"train.checkpoint_every={every}",
+                f"train.log_every={max(1, args.steps // 20)}",
+                f"scaling.storage_path={work / 'runs'}",
+                f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+                "tracking.experiment=vs-reference",
+                "tracking.sample_tokens=0",
+                "tracking.log_model=false",
+                "tracking.system_metrics_interval_s=0",
+            ],
+        )
 
     cfg0 = config(args.seed0)
     T = cfg0.model.block_size
@@ -203,39 +239,83 @@ def main() -> None:
         ref_loss = val_loss(ref_model, vx, vy)
         mr_model, mr_step_s, extra = megaray_run(cfg, work / f"trace-{seed}")
         mr_loss = val_loss(mr_model, vx, vy)
-        runs.append({"seed": seed, "megaray_val_loss": round(mr_loss, 4), "reference_val_loss": round(ref_loss, 4),
-                     "diff": round(mr_loss - ref_loss, 4), "megaray_step_ms": round(mr_step_s * 1e3, 2),
-                     "reference_step_ms": round(ref_step_s * 1e3, 2),
-                     "megaray_own_eval_val_loss": extra["val_loss_own_eval"],
-                     "megaray_final_train_loss": extra["loss"], "megaray_step_window": extra["window_steps"],
-                     "same_init_weights": abs(extra["init_l1"] - ref_l1) <= 1e-6 * ref_l1})
+        runs.append(
+            {
+                "seed": seed,
+                "megaray_val_loss": round(mr_loss, 4),
+                "reference_val_loss": round(ref_loss, 4),
+                "diff": round(mr_loss - ref_loss, 4),
+                "megaray_step_ms": round(mr_step_s * 1e3, 2),
+                "reference_step_ms": round(ref_step_s * 1e3, 2),
+                "megaray_own_eval_val_loss": extra["val_loss_own_eval"],
+                "megaray_final_train_loss": extra["loss"],
+                "megaray_step_window": extra["window_steps"],
+                "same_init_weights": abs(extra["init_l1"] - ref_l1) <= 1e-6 * ref_l1,
+            }
+        )
         print(json.dumps(runs[-1]), flush=True)
-    m = {k: statistics.mean(r[k] for r in runs) for k in ("megaray_val_loss", "reference_val_loss",
-                                                          "megaray_step_ms", "reference_step_ms")}
+    m = {
+        k: statistics.mean(r[k] for r in runs)
+        for k in ("megaray_val_loss", "reference_val_loss", "megaray_step_ms", "reference_step_ms")
+    }
     diff = m["megaray_val_loss"] - m["reference_val_loss"]
-    model_keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings", "dropout",
-                  "position", "norm", "mlp", "attention")
+    model_keys = (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "vocab_size",
+        "bias",
+        "tie_embeddings",
+        "dropout",
+        "position",
+        "norm",
+        "mlp",
+        "attention",
+    )
     t = cfg0.train
-    print(json.dumps({
-        "benchmark": "vs_reference_loop",
-        "model": {k: getattr(cfg0.model, k) for k in model_keys},
-        "recipe": {"batch_size": cfg0.data.batch_size, "steps": args.steps, "lr": t.lr, "min_lr": t.min_lr,
-                   "warmup_steps": t.warmup_steps, "betas": t.betas, "weight_decay": t.weight_decay,
-                   "grad_clip": t.grad_clip, "precision": t.precision, "zero_stage": t.zero_stage, "workers": 1,
-                   "shuffle_block": cfg0.data.shuffle_block},
-        "data": {"vocab": manifest["tokenizer"]["vocab_size"], "train_tokens": int(len(train)),
-                 "val_tokens": int(len(val)), "train_windows_per_epoch": windows,
-                 "epochs_trained": round(args.steps * cfg0.data.batch_size / windows, 2),
-                 "val_windows_scored": int(len(vx)), "val_window_tokens": T + 1},
-        "runs": runs,
-        "megaray_val_loss_mean": round(m["megaray_val_loss"], 4),
-        "reference_val_loss_mean": round(m["reference_val_loss"], 4),
-        "diff_megaray_minus_reference": round(diff, 4),
-        "bar_nats": 0.01, "within_bar": bool(diff <= 0.01),
-        "megaray_step_ms_mean": round(m["megaray_step_ms"], 2), "reference_step_ms_mean": round(m["reference_step_ms"], 2),
-        "step_time_ratio": round(m["megaray_step_ms"] / m["reference_step_ms"], 3),
-        "unigram_entropy_val": manifest["splits"]["val"].get("unigram_entropy_nats"),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "vs_reference_loop",
+                "model": {k: getattr(cfg0.model, k) for k in model_keys},
+                "recipe": {
+                    "batch_size": cfg0.data.batch_size,
+                    "steps": args.steps,
+                    "lr": t.lr,
+                    "min_lr": t.min_lr,
+                    "warmup_steps": t.warmup_steps,
+                    "betas": t.betas,
+                    "weight_decay": t.weight_decay,
+                    "grad_clip": t.grad_clip,
+                    "precision": t.precision,
+                    "zero_stage": t.zero_stage,
+                    "workers": 1,
+                    "shuffle_block": cfg0.data.shuffle_block,
+                },
+                "data": {
+                    "vocab": manifest["tokenizer"]["vocab_size"],
+                    "train_tokens": int(len(train)),
+                    "val_tokens": int(len(val)),
+                    "train_windows_per_epoch": windows,
+                    "epochs_trained": round(args.steps * cfg0.data.batch_size / windows, 2),
+                    "val_windows_scored": int(len(vx)),
+                    "val_window_tokens": T + 1,
+                },
+                "runs": runs,
+                "megaray_val_loss_mean": round(m["megaray_val_loss"], 4),
+                "reference_val_loss_mean": round(m["reference_val_loss"], 4),
+                "diff_megaray_minus_reference": round(diff, 4),
+                "bar_nats": 0.01,
+                "within_bar": bool(diff <= 0.01),
+                "megaray_step_ms_mean": round(m["megaray_step_ms"], 2),
+                "reference_step_ms_mean": round(m["reference_step_ms"], 2),
+                "step_time_ratio": round(m["megaray_step_ms"] / m["reference_step_ms"], 3),
+                "unigram_entropy_val": manifest["splits"]["val"].get("unigram_entropy_nats"),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -89,17 +89,25 @@ class DataConfig(StrictConfig):
 
     shards: str = Field("data/stdlib", description="directory written by `megaray prepare` (local, s3://, gs://)")
     sources: Optional[List[DataSource]] = Field(
-        None, min_length=1, description="weighted mixture [{shards, weight}]; replaces `shards` when given")
+        None, min_length=1, description="weighted mixture [{shards, weight}]; replaces `shards` when given"
+    )
     batch_size: int = Field(8, gt=0, description="micro-batch size per worker (sequences)")
-    shuffle_block: int = Field(1 << 16, ge=0, description="samples permuted together in a positioned stream (a "
-                               "resume re-reads one block; memory holds one); 0 = stream order, no shuffling")
+    shuffle_block: int = Field(
+        1 << 16,
+        ge=0,
+        description="samples permuted together in a positioned stream (a "
+        "resume re-reads one block; memory holds one); 0 = stream order, no shuffling",
+    )
     num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")
     val_shards: Optional[str] = Field(
-        None, description="a separate prepared folder to validate on (text families): its val split, or its train "
+        None,
+        description="a separate prepared folder to validate on (text families): its val split, or its train "
         "split when its val split is empty; must share the train shards' tokenizer. None = the val split of "
-        "data.shards / data.sources")
+        "data.shards / data.sources",
+    )
     on_corrupt: Literal["error", "skip"] = Field(
-        "error", description="a shard row group that cannot be read: end the run naming it, or skip and count it")
+        "error", description="a shard row group that cannot be read: end the run naming it, or skip and count it"
+    )
 
     def resolved_sources(self) -> List[DataSource]:
         """``sources``, or ``shards`` as a one-entry mixture of weight 1."""
@@ -132,56 +140,86 @@ class TrainConfig(StrictConfig):
     weight_decay: float = Field(0.1, ge=0)
     betas: List[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
-    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step at the largest world size "
-                                  "(derived from global_batch_size at other sizes)")
+    grad_accum_steps: int = Field(
+        1,
+        gt=0,
+        description="micro-batches per optimizer step at the largest world size "
+        "(derived from global_batch_size at other sizes)",
+    )
     global_batch_size: Optional[int] = Field(
-        None, gt=0, description="samples per optimizer step at every world size; None = batch_size x "
-        "grad_accum_steps x max workers. Another world size accumulates global / (batch_size x world) micro-batches")
+        None,
+        gt=0,
+        description="samples per optimizer step at every world size; None = batch_size x "
+        "grad_accum_steps x max workers. Another world size accumulates global / (batch_size x world) micro-batches",
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that support it, else fp32 (logged); fp16 = DeepSpeed's fp16 with "
+        "auto",
+        description="auto = bf16 on GPUs that support it, else fp32 (logged); fp16 = DeepSpeed's fp16 with "
         "its dynamic loss scaler (CUDA only: DeepSpeed's CPU accelerator has no fp16, so CPU falls back to fp32, "
-        "logged)")
+        "logged)",
+    )
     offload: Literal["none", "optimizer", "all"] = Field(
-        "none", description="ZeRO-Offload to CPU memory: optimizer = optimizer states (stage 1-3), all = optimizer "
-        "states and parameters (ZeRO-Infinity's CPU side; stage 3)")
+        "none",
+        description="ZeRO-Offload to CPU memory: optimizer = optimizer states (stage 1-3), all = optimizer "
+        "states and parameters (ZeRO-Infinity's CPU side; stage 3)",
+    )
     deepspeed: Dict[str, Any] = Field(
-        default_factory=dict, description="any further DeepSpeed config (deepspeed.ai/docs/config-json), deep-merged "
+        default_factory=dict,
+        description="any further DeepSpeed config (deepspeed.ai/docs/config-json), deep-merged "
         "into the one megaray generates and validated by DeepSpeed's config model before workers start; keys "
         "megaray sets from its own fields (batch sizes, accumulation, clipping, ZeRO stage, precision, optimizer, "
-        "scheduler) are refused with the field to set instead")
+        "scheduler) are refused with the field to set instead",
+    )
     eval_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
     seed: int = 1337
     peak_flops: Optional[float] = Field(None, description="device peak FLOP/s for MFU; None = look up")
     ema_decay: Optional[float] = Field(
-        None, gt=0, lt=1, description="EMA of the model's weights (e.g. 0.9999), saved in checkpoints and used "
-        "for evaluation and sampling; None = off")
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the model's weights (e.g. 0.9999), saved in checkpoints and used "
+        "for evaluation and sampling; None = off",
+    )
     modules: Dict[str, ModuleOptim] = Field(
-        default_factory=dict, description="per-module optimizer settings by module name, e.g. {disc: {lr: 1e-4}}")
+        default_factory=dict, description="per-module optimizer settings by module name, e.g. {disc: {lr: 1e-4}}"
+    )
     grokfast: Optional[GrokfastConfig] = Field(
-        None, description="Grokfast EMA gradient filter before every optimizer step (megaray.train.grokfast); null = off")
+        None,
+        description="Grokfast EMA gradient filter before every optimizer step (megaray.train.grokfast); null = off",
+    )
     compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine.compile()")
     init_from: Optional[str] = Field(
-        None, description="checkpoint (or run directory: its latest) whose model weights start this run "
-        "(fine-tuning); optimizer and step start fresh; a resumed run keeps its own checkpoint instead")
+        None,
+        description="checkpoint (or run directory: its latest) whose model weights start this run "
+        "(fine-tuning); optimizer and step start fresh; a resumed run keeps its own checkpoint instead",
+    )
     task: Optional[str] = Field(
-        None, description="training task; None = the family's own (gpt: causal LM); 'sft' = supervised "
-        "fine-tuning on `megaray prepare sft` shards (the family's `tasks`)")
+        None,
+        description="training task; None = the family's own (gpt: causal LM); 'sft' = supervised "
+        "fine-tuning on `megaray prepare sft` shards (the family's `tasks`)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.offload == "all" and self.zero_stage != 3:
-            raise ValueError(f"offload 'all' moves parameters to CPU, which needs zero_stage 3 (got {self.zero_stage}); "
-                             "set zero_stage 3, or offload 'optimizer'")
+            raise ValueError(
+                f"offload 'all' moves parameters to CPU, which needs zero_stage 3 (got {self.zero_stage}); "
+                "set zero_stage 3, or offload 'optimizer'"
+            )
         if self.offload != "none" and self.zero_stage == 0:
-            raise ValueError("offload needs ZeRO (zero_stage 1-3): stage 0 keeps no partitioned optimizer state to move")
+            raise ValueError(
+                "offload needs ZeRO (zero_stage 1-3): stage 0 keeps no partitioned optimizer state to move"
+            )
         if self.grokfast is not None and self.zero_stage == 3:
-            raise ValueError("grokfast needs zero_stage <= 2: the filter reads every parameter's full gradient each "
-                             "step, which ZeRO-3's partitioning is meant to avoid (untested path); set zero_stage 2")
+            raise ValueError(
+                "grokfast needs zero_stage <= 2: the filter reads every parameter's full gradient each "
+                "step, which ZeRO-3's partitioning is meant to avoid (untested path); set zero_stage 2"
+            )
         for name in self.modules:
             opt = self.optim_for(name)
             if opt.min_lr > opt.lr:
@@ -194,38 +232,52 @@ class TrainConfig(StrictConfig):
         m = self.modules.get(module) or ModuleOptim()
         lr = m.lr if m.lr is not None else self.lr
         min_lr = m.min_lr if m.min_lr is not None else (self.min_lr if m.lr is None else lr * self.min_lr / self.lr)
-        return ModuleOptim(lr=lr, min_lr=min_lr,
-                           betas=list(m.betas or self.betas),
-                           weight_decay=m.weight_decay if m.weight_decay is not None else self.weight_decay)
+        return ModuleOptim(
+            lr=lr,
+            min_lr=min_lr,
+            betas=list(m.betas or self.betas),
+            weight_decay=m.weight_decay if m.weight_decay is not None else self.weight_decay,
+        )
 
 
 class ScalingSection(StrictConfig):
     """Maps onto Ray Train's ScalingConfig, FailureConfig, CheckpointConfig and RunConfig."""
 
     num_workers: int | List[int] = Field(
-        2, description="Ray Train workers: a number, or [min, max] for elastic training (Ray Train V2 starts "
-                       "with what the cluster offers, at least min, and grows up to max)")
-    elastic_resize_s: float = Field(60.0, gt=0, description="an elastic run checks this often whether the "
-                                    "cluster offers more workers (restarting the run at step 0 to use them; from the first "
-                                    "checkpoint on, the run keeps that checkpoint's worker count)")
+        2,
+        description="Ray Train workers: a number, or [min, max] for elastic training (Ray Train V2 starts "
+        "with what the cluster offers, at least min, and grows up to max)",
+    )
+    elastic_resize_s: float = Field(
+        60.0,
+        gt=0,
+        description="an elastic run checks this often whether the "
+        "cluster offers more workers (restarting the run at step 0 to use them; from the first "
+        "checkpoint on, the run keeps that checkpoint's worker count)",
+    )
     use_gpu: Union[bool, Literal["auto"]] = Field(
-        "auto", description="train on GPUs (one per worker); auto = when the Ray cluster has GPUs at launch (an "
-        "autoscaling cluster whose GPU nodes start on demand shows none yet: set true there)")
+        "auto",
+        description="train on GPUs (one per worker); auto = when the Ray cluster has GPUs at launch (an "
+        "autoscaling cluster whose GPU nodes start on demand shows none yet: set true there)",
+    )
     resources_per_worker: Dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
     num_to_keep: int = Field(2, gt=0, description="checkpoints kept")
     storage_path: str = Field("runs", description="shared storage for checkpoints (local dir, s3://, gs://)")
     data_label_selector: Dict[str, str] = Field(
-        default_factory=dict, description="Ray node labels every Ray Data task and actor of the run's datasets "
+        default_factory=dict,
+        description="Ray node labels every Ray Data task and actor of the run's datasets "
         "must match (Ray Data ExecutionOptions.label_selector), e.g. {megaray.io/role: data} for the CPU data "
-        "nodes of cluster/; {} = any node")
+        "nodes of cluster/; {} = any node",
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> "ScalingSection":
         n = self.num_workers
         if isinstance(n, list) and not (len(n) == 2 and 0 < n[0] <= n[1]):
-            raise ValueError(f"num_workers: {n} is not [min, max] with 0 < min <= max; give a number "
-                             "or two, such as [1, 4]")
+            raise ValueError(
+                f"num_workers: {n} is not [min, max] with 0 < min <= max; give a number or two, such as [1, 4]"
+            )
         if isinstance(n, int) and n < 1:
             raise ValueError(f"num_workers: {n} must be at least 1")
         return self
@@ -252,10 +304,13 @@ class WandbConfig(StrictConfig):
     project: Optional[str] = Field(None, description="W&B project; None = tracking.experiment")
     entity: Optional[str] = Field(None, description="W&B team or user; None = the logged-in default")
     mode: Literal["online", "offline", "disabled"] = Field(
-        "online", description="online: stream to W&B; offline: write the run locally for `wandb sync`; disabled: off")
+        "online", description="online: stream to W&B; offline: write the run locally for `wandb sync`; disabled: off"
+    )
     dir: Optional[str] = Field(
-        None, description="folder for W&B's local files (wandb/<run>/); None = the run folder when "
-        "scaling.storage_path is local, else W&B's default (./wandb on the rank-0 worker)")
+        None,
+        description="folder for W&B's local files (wandb/<run>/); None = the run folder when "
+        "scaling.storage_path is local, else W&B's default (./wandb on the rank-0 worker)",
+    )
 
 
 class TrackingConfig(StrictConfig):
@@ -269,27 +324,42 @@ class TrackingConfig(StrictConfig):
     sample_prompt: str = "The "
     sample_tokens: int = Field(48, ge=0)
     system_metrics_interval_s: float = Field(
-        10.0, ge=0, description="seconds between system metrics samples (CPU, memory, GPU) on the rank-0 worker; 0 = off")
+        10.0,
+        ge=0,
+        description="seconds between system metrics samples (CPU, memory, GPU) on the rank-0 worker; 0 = off",
+    )
     log_model: bool = Field(
-        True, description="log the final checkpoint as an MLflow pyfunc model (families that have one; not in Tune trials)")
+        True,
+        description="log the final checkpoint as an MLflow pyfunc model (families that have one; not in Tune trials)",
+    )
     register_model: Optional[str] = Field(
-        None, description="at the end of a run, register its best checkpoint (by register_metric) as a new version "
-        "of this Model Registry name (not in Tune trials)")
+        None,
+        description="at the end of a run, register its best checkpoint (by register_metric) as a new version "
+        "of this Model Registry name (not in Tune trials)",
+    )
     register_metric: str = Field(
-        "val_loss", pattern=r"^((min|max):)?[\w./-]+$",
+        "val_loss",
+        pattern=r"^((min|max):)?[\w./-]+$",
         description="metric that picks the best checkpoint to register: a name (minimised), min:NAME or max:NAME "
-        "(e.g. max:hellaswag_acc); no checkpoint with it: the newest is registered")
+        "(e.g. max:hellaswag_acc); no checkpoint with it: the newest is registered",
+    )
     log_checkpoints: bool = Field(
-        True, description="every checkpoint an MLflow LoggedModel (models:/<model_id>) with the step's metrics; "
-        "its weights stay where the checkpoint lies (tag megaray.checkpoint), nothing is uploaded")
+        True,
+        description="every checkpoint an MLflow LoggedModel (models:/<model_id>) with the step's metrics; "
+        "its weights stay where the checkpoint lies (tag megaray.checkpoint), nothing is uploaded",
+    )
     tensorboard: bool = Field(
-        False, description="also write TensorBoard event files (the same metrics and steps as MLflow, eval "
+        False,
+        description="also write TensorBoard event files (the same metrics and steps as MLflow, eval "
         "images, audio and texts) to <storage_path>/<name>/tensorboard/; with remote storage they are written on "
         "the rank-0 worker under $TMPDIR/megaray-tensorboard/<name>-<hash>/ and copied there every minute and at the end "
-        "(pip install tensorboard)")
+        "(pip install tensorboard)",
+    )
     wandb: Optional[WandbConfig] = Field(
-        None, description="also log to Weights & Biases: {project, entity, mode: online|offline|disabled, dir}; "
-        "None = off (pip install wandb)")
+        None,
+        description="also log to Weights & Biases: {project, entity, mode: online|offline|disabled, dir}; "
+        "None = off (pip install wandb)",
+    )
 
     def resolved_uri(self) -> str:
         """The MLflow tracking URI this run logs to (absolute for local SQLite)."""
@@ -305,8 +375,10 @@ class EvalConfig(StrictConfig):
     """Extra evaluations at every ``train.eval_every`` (text runs)."""
 
     hellaswag: Optional[str] = Field(
-        None, description="HellaSwag JSONL (ctx, endings, label per line) scored at every evaluation "
-        "(hellaswag_acc, hellaswag_acc_norm); None = off")
+        None,
+        description="HellaSwag JSONL (ctx, endings, label per line) scored at every evaluation "
+        "(hellaswag_acc, hellaswag_acc_norm); None = off",
+    )
     hellaswag_limit: Optional[int] = Field(None, gt=0, description="score only the first N examples; None = all")
 
 
@@ -316,17 +388,24 @@ class DiffusionSection(StrictConfig):
     uses the same defaults). Paths are made absolute on the driver, like ``data.shards``."""
 
     vae_checkpoint: Optional[str] = Field(
-        None, description="image VAE checkpoint (or its run directory) whose latents the DiT models: decodes "
-        "sample grids; needed for runs on `image_latents` shards (default: the one the shards name)")
+        None,
+        description="image VAE checkpoint (or its run directory) whose latents the DiT models: decodes "
+        "sample grids; needed for runs on `image_latents` shards (default: the one the shards name)",
+    )
     vocoder_checkpoint: Optional[str] = Field(
-        None, description="vocoder checkpoint (or run directory) that turns sampled log-mels into wav files; "
-        "None = mel PNGs only")
+        None,
+        description="vocoder checkpoint (or run directory) that turns sampled log-mels into wav files; "
+        "None = mel PNGs only",
+    )
     text_encoder: Literal["bytes", "gpt", "t5"] = Field(
-        "bytes", description="text conditioning of a mel DiT: bytes = UTF-8 byte ids through the DiT's learned "
+        "bytes",
+        description="text conditioning of a mel DiT: bytes = UTF-8 byte ids through the DiT's learned "
         "embedding (model.text_vocab_size >= 257); gpt = hidden states of the frozen megaray GPT checkpoint at "
-        "text_encoder_path; t5 = a local Hugging Face T5 encoder directory at text_encoder_path")
+        "text_encoder_path; t5 = a local Hugging Face T5 encoder directory at text_encoder_path",
+    )
     text_encoder_path: Optional[str] = Field(
-        None, description="checkpoint (gpt) or local Hugging Face directory (t5) of the text encoder")
+        None, description="checkpoint (gpt) or local Hugging Face directory (t5) of the text encoder"
+    )
     text_max_len: int = Field(64, gt=0, description="transcripts are cut to this many bytes / tokens")
     mel_mean: float = Field(-5.0, description="log-mels enter the DiT as (mel - mel_mean) / mel_std")
     mel_std: float = Field(2.5, gt=0, description="see mel_mean")
@@ -340,8 +419,9 @@ class GenerationConfig(StrictConfig):
     """Sampling defaults of ``megaray generate --checkpoint RUN`` (read from the run's saved
     config); a flag given on the command line wins over each."""
 
-    prompt: Optional[str] = Field(None, description="text to continue; None = 'The ' (multimodal checkpoints: "
-                                  "the command's own default for --to)")
+    prompt: Optional[str] = Field(
+        None, description="text to continue; None = 'The ' (multimodal checkpoints: the command's own default for --to)"
+    )
     max_new_tokens: int = Field(64, gt=0, description="tokens to add (fewer if the end-of-text token comes)")
     temperature: float = Field(0.8, ge=0, description="0 = greedy")
     top_k: Optional[int] = Field(40, ge=0, description="sample among the k most likely tokens; None or 0 = all")
@@ -416,8 +496,13 @@ class LayeredConfig:
     origins: Dict[str, str] = field(default_factory=dict)
 
 
-def load_layered(source: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = (), *,
-                 what: str = "config", base_dir: Optional[str | os.PathLike] = None) -> LayeredConfig:
+def load_layered(
+    source: str | os.PathLike | Dict[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    what: str = "config",
+    base_dir: Optional[str | os.PathLike] = None,
+) -> LayeredConfig:
     """Read a run config with its ``base:`` chain deep-merged, then ``overrides`` applied last.
 
     ``base: other.yaml`` (relative to the file that names it; ``~`` and absolute paths allowed)
@@ -446,8 +531,9 @@ def load_layered(source: str | os.PathLike | Dict[str, Any], overrides: Sequence
         if ref is None:
             break
         if not isinstance(ref, str) or not ref.strip() or "://" in ref:
-            raise ConfigError(f"{display}: base: expected the path of a local run config (relative to this "
-                              f"file), got {ref!r}")
+            raise ConfigError(
+                f"{display}: base: expected the path of a local run config (relative to this file), got {ref!r}"
+            )
         path = (here / Path(ref).expanduser()).resolve()
         if str(path) in seen:
             loop = " -> ".join([*seen, str(path)])
@@ -573,7 +659,14 @@ def _format_errors(cls: type[BaseModel], err: ValidationError, prefix: str) -> s
             lines.append(f"{path}: unknown key{suggest(loc[-1], valid)}{_origin_note(path)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{path or (prefix or cls.__name__)}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and not isinstance(e.get("input"), dict) else ""))
+            lines.append(
+                f"{path or (prefix or cls.__name__)}: {msg}"
+                + (
+                    f" (got {e['input']!r})"
+                    if e["type"] != "value_error" and not isinstance(e.get("input"), dict)
+                    else ""
+                )
+            )
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -95,8 +95,9 @@ def spec(family: str) -> FamilySpec:
     """The :class:`FamilySpec` of ``family``. Raises ConfigError naming the valid families."""
     known = registry()
     if family not in known:
-        raise ConfigError(f"model.family: unknown family {family!r}{suggest(str(family), known)}; "
-                          f"known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"model.family: unknown family {family!r}{suggest(str(family), known)}; known: {', '.join(sorted(known))}"
+        )
     return known[family]
 
 
@@ -118,8 +119,10 @@ def task_class(family: str, task: Optional[str] = None) -> Any:
         return _load(s.task)
     named = dict(s.tasks)
     if task not in named:
-        raise ConfigError(f"train.task: family {family!r} has no task {task!r}{suggest(task, named)}; "
-                          f"its tasks: {', '.join(sorted(named)) or 'none besides its default (unset train.task)'}")
+        raise ConfigError(
+            f"train.task: family {family!r} has no task {task!r}{suggest(task, named)}; "
+            f"its tasks: {', '.join(sorted(named)) or 'none besides its default (unset train.task)'}"
+        )
     return _load(named[task])
 
 
@@ -169,15 +172,21 @@ def select_family(model_raw: Dict[str, Any]) -> str:
             raise ConfigError(f"model.modalities: expected a non-empty list such as [text, audio], got {mods!r}")
         for m in mods:
             if m not in MODALITIES:
-                raise ConfigError(f"model.modalities: unknown modality {m!r}{suggest(str(m), MODALITIES)}; "
-                                  f"valid modalities: {', '.join(MODALITIES)}")
+                raise ConfigError(
+                    f"model.modalities: unknown modality {m!r}{suggest(str(m), MODALITIES)}; "
+                    f"valid modalities: {', '.join(MODALITIES)}"
+                )
         if set(mods) != {"text"}:
             return "multimodal"
         model_raw.pop("modalities")
     flag = model_raw.pop("recurrent", None)  # `recurrent: true` names the type outright
     if flag is not None and not isinstance(flag, bool):
         raise ConfigError(f"model.recurrent: expected true or false, got {flag!r}")
-    if flag or any(str(k).startswith("recurrent") for k in model_raw) or str(model_raw.get("preset") or "").startswith("recurrent"):
+    if (
+        flag
+        or any(str(k).startswith("recurrent") for k in model_raw)
+        or str(model_raw.get("preset") or "").startswith("recurrent")
+    ):
         return "recurrent"
     return "gpt"
 

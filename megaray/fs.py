@@ -147,10 +147,13 @@ def check_target(out_dir: str, overwrite: bool, marker: str = MANIFEST) -> None:
     if overwrite:
         return
     fs, path = resolve(out_dir)
-    if fs.get_file_info(posixpath.join(path, marker) if is_uri(out_dir) else os.path.join(path, marker)).type \
-            != pafs.FileType.NotFound:
-        raise DataError(f"{out_dir} already holds prepared data ({marker}); pass overwrite=True "
-                        "(--overwrite) to replace it")
+    if (
+        fs.get_file_info(posixpath.join(path, marker) if is_uri(out_dir) else os.path.join(path, marker)).type
+        != pafs.FileType.NotFound
+    ):
+        raise DataError(
+            f"{out_dir} already holds prepared data ({marker}); pass overwrite=True (--overwrite) to replace it"
+        )
     if not is_uri(out_dir) and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise DataError(f"{out_dir} exists and is not an empty folder; pass overwrite=True (--overwrite) to replace it")
 
@@ -219,12 +222,16 @@ def publish(stage: str, out_dir: str, marker: str = MANIFEST) -> None:
     dst_fs.create_dir(dst, recursive=True)
     infos = [i for i in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
     root = src.replace(os.sep, "/").rstrip("/")
-    rels = sorted(i.path.replace(os.sep, "/")[len(root):].lstrip("/") for i in infos)
+    rels = sorted(i.path.replace(os.sep, "/")[len(root) :].lstrip("/") for i in infos)
     for rel in [r for r in rels if r != marker] + [r for r in rels if r == marker]:
         target = posixpath.join(dst, rel)
         dst_fs.create_dir(posixpath.dirname(target), recursive=True)
-        pafs.copy_files(posixpath.join(src, rel) if is_uri(stage) else os.path.join(src, *rel.split("/")), target,
-                        source_filesystem=src_fs, destination_filesystem=dst_fs)
+        pafs.copy_files(
+            posixpath.join(src, rel) if is_uri(stage) else os.path.join(src, *rel.split("/")),
+            target,
+            source_filesystem=src_fs,
+            destination_filesystem=dst_fs,
+        )
     _remove(stage)
 
 

@@ -41,8 +41,10 @@ def torch_load(path: Path, **kwargs: Any) -> Any:
     try:
         return torch.load(path, **kwargs)
     except _UNREADABLE as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
-                              "resume from an earlier step_* checkpoint or retrain") from None
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+            "resume from an earlier step_* checkpoint or retrain"
+        ) from None
 
 
 def resolve(path: str | os.PathLike, tracking_uri: Optional[str] = None) -> Path:
@@ -59,10 +61,14 @@ def resolve(path: str | os.PathLike, tracking_uri: Optional[str] = None) -> Path
     if (p / STATE_FILE).is_file():
         return p
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} does not exist (pass a run directory such as runs/<name> or one of its step_* folders)")
+        raise CheckpointError(
+            f"checkpoint not found: {p} does not exist (pass a run directory such as runs/<name> or one of its step_* folders)"
+        )
     found = sorted(d for d in p.glob("**/step_*") if (d / STATE_FILE).is_file())
     if not found:
-        raise CheckpointError(f"no complete checkpoint under {p} (looked for step_*/{STATE_FILE}); has the run saved one yet?")
+        raise CheckpointError(
+            f"no complete checkpoint under {p} (looked for step_*/{STATE_FILE}); has the run saved one yet?"
+        )
     return max(found, key=lambda d: json.loads((d / STATE_FILE).read_text())["step"])
 
 
@@ -105,14 +111,15 @@ def model_checkpoint(uri: str, tracking_uri: Optional[str] = None) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _model_checkpoint(uri: str, tracking_uri: str) -> str:
-    where = (f"(tracking URI {tracking_uri}; pass --tracking-uri or set MLFLOW_TRACKING_URI if the model lives "
-             "elsewhere)")
-    body = uri[len(MODEL_URI_PREFIX):].strip("/")
+    where = (
+        f"(tracking URI {tracking_uri}; pass --tracking-uri or set MLFLOW_TRACKING_URI if the model lives elsewhere)"
+    )
+    body = uri[len(MODEL_URI_PREFIX) :].strip("/")
     forms = "models:/<model_id>, models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>"
     if not body:
         raise CheckpointError(f"{uri}: no model named; use {forms}")
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        raise CheckpointError(f"{uri}: no MLflow database at {tracking_uri[len('sqlite:///'):]} {where}")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).is_file():
+        raise CheckpointError(f"{uri}: no MLflow database at {tracking_uri[len('sqlite:///') :]} {where}")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -133,29 +140,40 @@ def _model_checkpoint(uri: str, tracking_uri: str) -> str:
             elif ref.isdigit():
                 version = client.get_model_version(name, ref)
             else:
-                raise CheckpointError(f"{uri}: {ref!r} is neither a version number, 'latest' nor an alias "
-                                      f"(models:/{name}@{ref}); use {forms}")
-            model_id = version.model_id or (version.source[len(MODEL_URI_PREFIX):].strip("/")
-                                            if is_model_uri(version.source) else None)
+                raise CheckpointError(
+                    f"{uri}: {ref!r} is neither a version number, 'latest' nor an alias "
+                    f"(models:/{name}@{ref}); use {forms}"
+                )
+            model_id = version.model_id or (
+                version.source[len(MODEL_URI_PREFIX) :].strip("/") if is_model_uri(version.source) else None
+            )
             if not model_id:
-                raise CheckpointError(f"{uri}: version {version.version} of {name!r} was registered from "
-                                      f"{version.source}, not from a megaray LoggedModel; load it with MLflow "
-                                      "(mlflow.pyfunc.load_model) or pass its checkpoint directory")
+                raise CheckpointError(
+                    f"{uri}: version {version.version} of {name!r} was registered from "
+                    f"{version.source}, not from a megaray LoggedModel; load it with MLflow "
+                    "(mlflow.pyfunc.load_model) or pass its checkpoint directory"
+                )
         model = client.get_logged_model(model_id)
     except MlflowException as e:
         raise CheckpointError(f"{uri}: not found {where}: {e.message}") from None
     location = model.tags.get(CHECKPOINT_TAG)
     if not location:
-        raise CheckpointError(f"{uri}: LoggedModel {model.model_id} ({model.name}) is not a megaray checkpoint (no "
-                              f"{CHECKPOINT_TAG} tag); pass a checkpoint directory or a model a megaray run logged")
+        raise CheckpointError(
+            f"{uri}: LoggedModel {model.model_id} ({model.name}) is not a megaray checkpoint (no "
+            f"{CHECKPOINT_TAG} tag); pass a checkpoint directory or a model a megaray run logged"
+        )
     if "://" in location and not location.startswith("file://"):
-        raise CheckpointError(f"{uri}: its checkpoint lies at {location}; this command reads local checkpoints: copy "
-                              "that folder to this machine and pass its path")
+        raise CheckpointError(
+            f"{uri}: its checkpoint lies at {location}; this command reads local checkpoints: copy "
+            "that folder to this machine and pass its path"
+        )
     location = location.removeprefix("file://")
     if not Path(location, STATE_FILE).is_file():
-        raise CheckpointError(f"{uri}: LoggedModel {model.model_id} ({model.name}) points at {location}, which is "
-                              "no complete checkpoint any more (scaling.num_to_keep keeps only the newest ones); pick "
-                              "another model (mlflow.search_logged_models, or the MLflow UI's Models tab)")
+        raise CheckpointError(
+            f"{uri}: LoggedModel {model.model_id} ({model.name}) points at {location}, which is "
+            "no complete checkpoint any more (scaling.num_to_keep keeps only the newest ones); pick "
+            "another model (mlflow.search_logged_models, or the MLflow UI's Models tab)"
+        )
     return location
 
 

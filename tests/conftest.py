@@ -91,8 +91,17 @@ def speech_shards(ray_cluster, speech_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("speech")
     corpus = speech_corpus
     out = root / "shards"
-    prepare_audio([str(corpus)], str(out), sample_rate=16000, n_mels=80, n_fft=512, hop_length=128,
-                  val_fraction=0.25, concurrency=2, verbose=False)
+    prepare_audio(
+        [str(corpus)],
+        str(out),
+        sample_rate=16000,
+        n_mels=80,
+        n_fft=512,
+        hop_length=128,
+        val_fraction=0.25,
+        concurrency=2,
+        verbose=False,
+    )
     return str(out)
 
 
@@ -120,10 +129,24 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
     import urllib.request

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO
 
 from megaray.families import load_config
 from megaray.tune.config import load_tune_config
-
-from conftest import REPO
 
 ABLATION = REPO / "configs" / "ablation"
 TUNE = REPO / "configs" / "tune" / "ablation.yaml"
@@ -19,11 +18,17 @@ TUNE = REPO / "configs" / "tune" / "ablation.yaml"
 #: each experiment's change to the baseline's model section (mla's decoupled RoPE keys need rope)
 EXPECTED = {
     "baseline": {},
-    "alibi": {"position": "alibi"}, "rope": {"position": "rope"}, "sine": {"position": "sinusoidal"},
-    "mqa": {"attention": "mqa"}, "gqa": {"attention": "gqa", "n_kv_heads": 2},
+    "alibi": {"position": "alibi"},
+    "rope": {"position": "rope"},
+    "sine": {"position": "sinusoidal"},
+    "mqa": {"attention": "mqa"},
+    "gqa": {"attention": "gqa", "n_kv_heads": 2},
     "mla": {"attention": "mla", "position": "rope"},
     "rmsnorm": {"norm": "rmsnorm"},
-    "geglu": {"mlp": "geglu"}, "swiglu": {"mlp": "swiglu"}, "silu": {"mlp": "silu"}, "relu": {"mlp": "relu"},
+    "geglu": {"mlp": "geglu"},
+    "swiglu": {"mlp": "swiglu"},
+    "silu": {"mlp": "silu"},
+    "relu": {"mlp": "relu"},
 }
 
 
@@ -35,7 +40,12 @@ def _model_diff(cfg, base):
 def test_every_ablation_config_changes_exactly_its_component():
     assert {p.stem for p in ABLATION.glob("*.yaml")} == set(EXPECTED)
     base = load_config(ABLATION / "baseline.yaml")
-    assert (base.model.position, base.model.attention, base.model.norm, base.model.mlp) == ("learned", "mha", "layernorm", "gelu")
+    assert (base.model.position, base.model.attention, base.model.norm, base.model.mlp) == (
+        "learned",
+        "mha",
+        "layernorm",
+        "gelu",
+    )
     for name, change in EXPECTED.items():
         cfg = load_config(ABLATION / f"{name}.yaml")
         assert _model_diff(cfg, base) == change, name
@@ -63,8 +73,11 @@ REFERENCE = ABLATION / "reference"
 REFERENCE_TUNE = REPO / "configs" / "tune" / "ablation_reference.yaml"
 #: the reference-scale changes: 12 heads, so gqa keeps 4 KV heads; mla's sizes follow DeepSeek-V2's
 #: ratios to the head dim 64 (d_c = 4 d_h, d_h^R = d_h / 2)
-REFERENCE_EXPECTED = {**EXPECTED, "gqa": {"attention": "gqa", "n_kv_heads": 4},
-                      "mla": {"attention": "mla", "position": "rope", "kv_lora_rank": 256, "qk_rope_head_dim": 32}}
+REFERENCE_EXPECTED = {
+    **EXPECTED,
+    "gqa": {"attention": "gqa", "n_kv_heads": 4},
+    "mla": {"attention": "mla", "position": "rope", "kv_lora_rank": 256, "qk_rope_head_dim": 32},
+}
 
 
 def test_reference_ablations_are_the_baseline_plus_one_change():
@@ -109,14 +122,16 @@ def test_reference_tune_grid_is_the_reference_configs():
 
 HELLASWAG = [
     {"ctx": "Return the number of", "label": 0, "endings": ["items in the list.", "cats", "blue sky", "the of of"]},
-    {"ctx": "If the argument is omitted,", "label": 1,
-     "endings": ["the sun sets.", "None is used.", "return return", "a file is opened twice."]},
+    {
+        "ctx": "If the argument is omitted,",
+        "label": 1,
+        "endings": ["the sun sets.", "None is used.", "return return", "a file is opened twice."],
+    },
     {"ctx": "Raise ValueError when", "label": 2, "endings": ["the moon", "zebra", "the value is invalid.", "x"]},
 ]
 
 
-def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, mlflow_server, tmp_path,
-                                                       monkeypatch):
+def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, mlflow_server, tmp_path, monkeypatch):
     """Launched as a user does, ``megaray tune configs/tune/ablation.yaml --set ...`` (the CLI in
     this process; the search's result is read from the real ``run_search`` it calls). This is the
     suite's run of the ``megaray tune`` command (tests/test_docs_commands.py skips the README's
@@ -138,22 +153,32 @@ def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, 
 
     monkeypatch.setattr(search, "run_search", run_search)
     overrides = [
-        "space.model={grid: [{}, {position: rope}]}", "model.n_layer=1", "model.n_embd=64", "model.block_size=32",
-        "data.batch_size=4", "data.num_val_batches=2", "train.max_steps=4", "train.warmup_steps=1",
-        "train.eval_every=2", "train.checkpoint_every=4", f"data.shards={text_shards}", f"eval.hellaswag={data}",
-        f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=ablation-test",
+        "space.model={grid: [{}, {position: rope}]}",
+        "model.n_layer=1",
+        "model.n_embd=64",
+        "model.block_size=32",
+        "data.batch_size=4",
+        "data.num_val_batches=2",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=4",
+        f"data.shards={text_shards}",
+        f"eval.hellaswag={data}",
+        f"tracking.tracking_uri={mlflow_server}",
+        "tracking.experiment=ablation-test",
         f"storage_path={tmp_path / 'runs'}",
     ]
     r = CliRunner().invoke(app, ["tune", str(TUNE), *[a for o in overrides for a in ("--set", o)]])
     assert r.exit_code == 0, (r.output, r.exception)
-    result, = results
+    (result,) = results
     assert f"search {result.name}: 2 trials (2 completed, 0 stopped early, 0 failed)" in r.output
     assert f"best        trial {result.best.trial_id}" in r.output and result.table() in r.output
     assert [t.outcome for t in result.trials] == ["completed", "completed"]
     assert sorted(json.dumps(t.params["model"]) for t in result.trials) == ['{"position": "rope"}', "{}"]
     for t in result.trials:
         assert [s for s, _ in t.curve] == [2, 4]
-        (step, acc), = t.evals["hellaswag_acc"][-1:]
+        ((step, acc),) = t.evals["hellaswag_acc"][-1:]
         # the periodic evaluation of the final weights equals `megaray eval --task hellaswag` on its checkpoint
         offline = evaluate_hellaswag(t.checkpoint, str(data))
         assert step == 4 and offline["examples"] == 3 and offline["bad_lines"] == 1
@@ -168,7 +193,8 @@ def test_ablation_grid_runs_and_leaves_the_comparison(ray_cluster, text_shards, 
     assert "val_loss (last)" in text and "hellaswag_acc" in text and "hellaswag_acc_norm" in text
     assert "(base)" in text and "position=rope" in text
     csv_text = open(c.download_artifacts(result.parent_run_id, "tune/trials.csv", str(tmp_path))).read()
-    assert csv_text.splitlines()[0].startswith("trial_id,outcome,last_step,val_loss_last,val_loss_best,"
-                                              "hellaswag_acc_last,hellaswag_acc_norm_last")
+    assert csv_text.splitlines()[0].startswith(
+        "trial_id,outcome,last_step,val_loss_last,val_loss_best,hellaswag_acc_last,hellaswag_acc_norm_last"
+    )
     png = open(c.download_artifacts(result.parent_run_id, "tune/curves.png", str(tmp_path)), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -39,8 +39,13 @@ def _multimodal_loss(model) -> torch.Tensor:
     start = torch.tensor([3, -1])  # row 0: a bidirectional image span at 3 (the diffusion head's mask)
     tokens[0, 2], tokens[0, 3 + cfg.image_tokens] = model.BOI, model.EOI
     image = torch.rand(2, cfg.image_channels, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
-    batch = dict(tokens=tokens, targets=torch.randint(0, cfg.vocab_size, (2, T), generator=g), image=image,
-                 image_start=start, task=torch.tensor([4, 0]))
+    batch = dict(
+        tokens=tokens,
+        targets=torch.randint(0, cfg.vocab_size, (2, T), generator=g),
+        image=image,
+        image_start=start,
+        task=torch.tensor([4, 0]),
+    )
     return model(batch)["loss"]
 
 
@@ -74,9 +79,18 @@ CASES: Dict[str, Case] = {
     "recurrent": (dict(family="recurrent", preset="debug", dropout=0.1), _recurrent_loss, _COMMON),
     "mamba": (dict(family="mamba", preset="debug", d_intermediate=32), _lm_loss, _COMMON),
     "ngpt": (dict(family="ngpt", preset="debug"), _lm_loss, _COMMON),
-    "multimodal": (dict(family="multimodal", preset="debug", modalities=["text", "image"], continuous_head="diffusion",
-                        diffusion_timesteps=50, diffusion_sample_steps=5), _multimodal_loss,
-                   "megaray.models.multimodal.model"),
+    "multimodal": (
+        dict(
+            family="multimodal",
+            preset="debug",
+            modalities=["text", "image"],
+            continuous_head="diffusion",
+            diffusion_timesteps=50,
+            diffusion_sample_steps=5,
+        ),
+        _multimodal_loss,
+        "megaray.models.multimodal.model",
+    ),
     "dit": (dict(family="dit", preset="tiny", class_dropout_prob=0.5), _dit_loss, "megaray.models.diffusion.dit"),
     "vocoder": (dict(family="vocoder", preset="tiny_lightheaded_freq_domain_vocoder"), _vocoder_loss, _COMMON),
     "audio_vae": (dict(family="audio_vae", preset="tiny"), _audio_vae_loss, _COMMON),
@@ -115,7 +129,9 @@ def test_activation_checkpointing_gives_the_same_gradients(family, monkeypatch):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         if not flag:
             assert not calls, "checkpointed although activation_checkpointing is off"
-    assert calls and all(k.get("use_reentrant") is False for k in calls), "activation_checkpointing: nothing checkpointed"
+    assert calls and all(k.get("use_reentrant") is False for k in calls), (
+        "activation_checkpointing: nothing checkpointed"
+    )
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:

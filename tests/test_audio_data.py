@@ -19,8 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from megaray.data import audio as A
-from megaray.data import speech_corpus as SC
+from megaray.data import audio as A, speech_corpus as SC
 from megaray.data.audio.datasets import _crop_batch
 from megaray.data.splits import split_of
 from megaray.errors import DataError
@@ -59,7 +58,7 @@ def test_speech_corpus_is_espeak_speech_with_several_speakers(corpus):
         assert r["text"] and r["text"][0].isupper() and r["text"][-1] in ".!?"
         wave, sr = sf.read(os.path.join(base, r["path"]))
         assert sr == 22050 and len(wave) / sr > 0.5  # espeak-ng's output rate; real speech length
-        assert np.sqrt(np.mean(wave ** 2)) > 0.01
+        assert np.sqrt(np.mean(wave**2)) > 0.01
     assert len({r["text"] for r in rows}) == 12  # distinct sentences
 
 
@@ -107,7 +106,9 @@ def test_process_clip_resamples_normalises_and_checks_rate():
     assert out["waveform"].shape == (16000,) and out["duration"] == pytest.approx(1.0)
     assert np.abs(out["waveform"]).max() == pytest.approx(0.95, abs=1e-4)
     assert out["mel"].shape == (80, 16000 // 128 + 1)
-    loud = A.process_clip(_wav_bytes(stereo, 22050, "FLOAT"), A.AudioPrepSettings(**PREP, normalize="loudness", target_lufs=-30), feats)
+    loud = A.process_clip(
+        _wav_bytes(stereo, 22050, "FLOAT"), A.AudioPrepSettings(**PREP, normalize="loudness", target_lufs=-30), feats
+    )
     import torchaudio.functional as AF
 
     assert float(AF.loudness(torch.from_numpy(loud["waveform"])[None], 16000)) == pytest.approx(-30, abs=1.0)
@@ -121,8 +122,13 @@ def test_crop_padding_uses_the_mel_log_floor():
     from megaray.models.common.dsp import LOG_FLOOR
 
     assert A.MEL_LOG_FLOOR == LOG_FLOOR
-    batch = {"path": np.array(["a"]), "waveform": [np.ones(300, np.float32)], "mel": [np.zeros(80 * 3, np.float32)],
-             "n_frames": np.array([3]), "speaker_id": np.array([2])}
+    batch = {
+        "path": np.array(["a"]),
+        "waveform": [np.ones(300, np.float32)],
+        "mel": [np.zeros(80 * 3, np.float32)],
+        "n_frames": np.array([3]),
+        "speaker_id": np.array([2]),
+    }
     out = _crop_batch(batch, segment=512, hop=128, n_mels=80, seed=0, train=True, with_vector=False)
     assert out["audio"].shape == (1, 512) and out["audio"][0, :300].sum() == 300 and out["audio"][0, 300:].sum() == 0
     assert (out["mel"][0, :, :3] == 0).all() and np.allclose(out["mel"][0, :, 3:], math.log(LOG_FLOOR))
@@ -136,7 +142,9 @@ def test_collect_sources_reads_jsonl_and_csv_manifests(tmp_path):
     (tmp_path / "m.csv").write_text("path,text,speaker\na/y.flac,hello there,s2\n")
     recs = A.collect_sources([str(tmp_path / "m.jsonl"), str(tmp_path / "m.csv")])
     assert [(r["path"], r["text"], r["speaker"]) for r in recs] == [
-        (str(tmp_path / "a" / "x.wav"), "hi", "s1"), (str(tmp_path / "a" / "y.flac"), "hello there", "s2")]
+        (str(tmp_path / "a" / "x.wav"), "hi", "s1"),
+        (str(tmp_path / "a" / "y.flac"), "hello there", "s2"),
+    ]
     folder = A.collect_sources(str(tmp_path))  # folder: recursive, speaker = first sub-folder
     assert sorted(r["name"] for r in folder) == ["a/x.wav", "a/y.flac"] and {r["speaker"] for r in folder} == {"a"}
     with pytest.raises(DataError, match="audio source not found: .*missing"):
@@ -148,9 +156,13 @@ def test_train_crops_are_a_function_of_seed_clip_and_pass():
     or seed another one; two calls (two executions of an epoch) agree exactly."""
     rng = np.random.default_rng(0)
     waves = [rng.standard_normal(4000 + 300 * i).astype(np.float32) for i in range(4)]
-    batch = {"name": np.array([f"spk/c{i}.wav" for i in range(4)]), "waveform": waves,
-             "mel": [np.zeros(80 * (len(w) // 128 + 1), np.float32) for w in waves],
-             "n_frames": np.array([len(w) // 128 + 1 for w in waves]), "speaker_id": np.arange(4)}
+    batch = {
+        "name": np.array([f"spk/c{i}.wav" for i in range(4)]),
+        "waveform": waves,
+        "mel": [np.zeros(80 * (len(w) // 128 + 1), np.float32) for w in waves],
+        "n_frames": np.array([len(w) // 128 + 1 for w in waves]),
+        "speaker_id": np.arange(4),
+    }
     kw = dict(segment=1024, hop=128, n_mels=80, train=True, with_vector=False)
     first = _crop_batch(dict(batch, **{"pass": np.zeros(4, np.int64)}), seed=3, **kw)
     again = _crop_batch(dict(batch, **{"pass": np.zeros(4, np.int64)}), seed=3, **kw)
@@ -162,7 +174,7 @@ def test_train_crops_are_a_function_of_seed_clip_and_pass():
     for i, w in enumerate(waves):  # every crop is a hop-aligned piece of its clip
         start = A.crop_start(3, f"spk/c{i}.wav", 0, (len(w) - 1024) // 128, 128)
         assert start % 128 == 0
-        np.testing.assert_array_equal(first["audio"][i], w[start:start + 1024])
+        np.testing.assert_array_equal(first["audio"][i], w[start : start + 1024])
 
 
 # --------------------------------------------------------------------------- prepare (Ray)
@@ -196,9 +208,16 @@ def test_prepare_audio_keeps_good_clips_and_reports_bad_ones_by_name(prepared):
     man = prepared["manifest"]
     # one reject scheme: counted by reason code, each example "<name>: <detail>"
     by_reason = man["rejected"]["by_reason"]
-    rejected = {e.split(": ", 1)[0]: (code, e.split(": ", 1)[1]) for code, v in by_reason.items() for e in v["examples"]}
+    rejected = {
+        e.split(": ", 1)[0]: (code, e.split(": ", 1)[1]) for code, v in by_reason.items() for e in v["examples"]
+    }
     assert set(rejected) == BAD, rejected
-    assert {k: v["count"] for k, v in by_reason.items()} == {"empty_file": 1, "unreadable": 2, "silent": 1, "truncated": 1}
+    assert {k: v["count"] for k, v in by_reason.items()} == {
+        "empty_file": 1,
+        "unreadable": 2,
+        "silent": 1,
+        "truncated": 1,
+    }
     assert rejected["empty.wav"][0] == "empty_file" and "empty" in rejected["empty.wav"][1]
     assert rejected["notes.wav"][0] == rejected["corrupt.wav"][0] == "unreadable"
     assert "BytesIO" not in rejected["notes.wav"][1]
@@ -217,7 +236,9 @@ def test_prepare_audio_keeps_good_clips_and_reports_bad_ones_by_name(prepared):
 def test_prepared_shards_hold_resampled_waveforms_mels_text_and_speakers(prepared):
     import pyarrow.parquet as pq
 
-    files = glob.glob(os.path.join(prepared["out"], "train", "*.parquet")) + glob.glob(os.path.join(prepared["out"], "val", "*.parquet"))
+    files = glob.glob(os.path.join(prepared["out"], "train", "*.parquet")) + glob.glob(
+        os.path.join(prepared["out"], "val", "*.parquet")
+    )
     table = pq.read_table(files[0])
     for col in ("waveform", "mel", "text", "speaker", "speaker_id", "duration", "n_frames"):
         assert col in table.column_names
@@ -241,7 +262,11 @@ def test_prepared_shards_hold_resampled_waveforms_mels_text_and_speakers(prepare
 def _split_names(out, split):
     import pyarrow.parquet as pq
 
-    return [n for f in glob.glob(os.path.join(out, split, "*.parquet")) for n in pq.read_table(f, columns=["name"]).column(0).to_pylist()]
+    return [
+        n
+        for f in glob.glob(os.path.join(out, split, "*.parquet"))
+        for n in pq.read_table(f, columns=["name"]).column(0).to_pylist()
+    ]
 
 
 def test_prepare_audio_refuses_missing_sources_and_busy_folders_before_ray(tmp_path):
@@ -276,7 +301,7 @@ def test_audio_datasets_give_fixed_shape_aligned_crops(prepared):
     assert len(val) == len(examples) == prepared["manifest"]["splits"]["val"]["clips"]
     for ex in examples:
         start = ((len(ex["waveform"]) - seg) // 128 // 2) * 128
-        torch.testing.assert_close(val[ex["speaker_id"]], torch.from_numpy(ex["waveform"][start:start + seg]))
+        torch.testing.assert_close(val[ex["speaker_id"]], torch.from_numpy(ex["waveform"][start : start + seg]))
     with pytest.raises(ValueError, match="multiple of hop_length"):
         A.audio_datasets(prepared["out"], segment_samples=1000)
     with pytest.raises(ValueError, match="n_mels"):
@@ -322,8 +347,9 @@ def test_encode_latents_writes_vae_latents(prepared, tmp_path):
 def _run_cfg(shards, model):
     from megaray.families import build_run_config
 
-    return build_run_config({"model": model, "data": {"shards": shards, "batch_size": 2},
-                             "scaling": {"num_workers": 1}})
+    return build_run_config(
+        {"model": model, "data": {"shards": shards, "batch_size": 2}, "scaling": {"num_workers": 1}}
+    )
 
 
 def test_vocoder_task_datasets_eval_and_artifacts(prepared, tmp_path):

@@ -15,16 +15,16 @@ import textwrap
 import pytest
 import torch
 
+from megaray import families as registry
 from megaray.config import ConfigError
 from megaray.families import build_run_config
-from megaray import families as registry
+from megaray.inference.vocode import vocode_file
 from megaray.models.audio.config import AudioVAEConfig, VocoderConfig
 from megaray.models.audio.discriminators import AudioDiscriminator
-from megaray.models.common.dsp import MelFeatures
 from megaray.models.audio.losses import MultiResolutionSTFTLoss, mel_l1
 from megaray.models.audio.vae import AudioVAE, kl_divergence
-from megaray.inference.vocode import vocode_file
 from megaray.models.audio.vocoder import HEADS, Vocoder
+from megaray.models.common.dsp import MelFeatures
 
 TINY = ["tiny_lightheaded_freq_domain_vocoder", "tiny_splitband_freq_domain_vocoder"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,14 @@ def test_config_errors_name_the_field():
 def test_base_preset_is_vocos_sized():
     """Vocos (Siuzdak 2023): 13.5M parameters for dim 512 / 1536 / 8 layers / 100 mels / n_fft 1024."""
     cfg = VocoderConfig.from_name("base")
-    assert (cfg.dim, cfg.intermediate_dim, cfg.num_layers, cfg.n_mels, cfg.n_fft, cfg.hop_length) == (512, 1536, 8, 100, 1024, 256)
+    assert (cfg.dim, cfg.intermediate_dim, cfg.num_layers, cfg.n_mels, cfg.n_fft, cfg.hop_length) == (
+        512,
+        1536,
+        8,
+        100,
+        1024,
+        256,
+    )
     n = Vocoder(cfg).num_parameters()
     assert abs(n - 13.5e6) / 13.5e6 < 0.05, n
 
@@ -99,8 +106,15 @@ def test_istft_head_perfect_magnitude_and_phase_reconstruct_the_input(head):
     cfg = VocoderConfig.from_name(TINY[0], head=head)
     module = HEADS[head](cfg)
     y = 0.3 * harmonic_clip(8192, cfg.sample_rate)[None]  # amplitude keeps |S| under mag_clip
-    spec = torch.stft(y, cfg.n_fft, cfg.hop_length, cfg.win_length, window=torch.hann_window(cfg.win_length),
-                      center=True, return_complex=True)
+    spec = torch.stft(
+        y,
+        cfg.n_fft,
+        cfg.hop_length,
+        cfg.win_length,
+        window=torch.hann_window(cfg.win_length),
+        center=True,
+        return_complex=True,
+    )
     assert spec.abs().max() < cfg.mag_clip
     wave, s = module.synthesize(torch.log(spec.abs().clamp_min(1e-12)), torch.angle(spec))
     edge = cfg.n_fft
@@ -285,7 +299,9 @@ def test_gan_train_step_updates_generator_and_discriminator_after_warmup():
     from megaray.tasks.vocoder import VocoderTask
 
     torch.manual_seed(0)
-    cfg = build_run_config({"model": {"family": "vocoder", "preset": TINY[0], "adversarial": True, "adv_start_step": 2}})
+    cfg = build_run_config(
+        {"model": {"family": "vocoder", "preset": TINY[0], "adversarial": True, "adv_start_step": 2}}
+    )
     task = VocoderTask(cfg)
     mods = task.build_modules()
     assert set(mods) == {"model", "disc"}
@@ -343,12 +359,14 @@ def test_gan_train_step_with_real_deepspeed_engines(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PORT=str(port), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
-    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path)
+    )
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
     import json
 
-    res = json.loads(line[0][len("RESULT "):])
+    res = json.loads(line[0][len("RESULT ") :])
     assert "loss_disc" not in res["metrics"][0] and "loss_disc" in res["metrics"][1]
     assert res["steps"] == {"model": 2, "disc": 1}
     assert res["delta"]["model"] > 0 and res["delta"]["disc"] > 0
@@ -382,7 +400,9 @@ def test_reference_geometry_maps_80_mels_by_750_frames_to_a_10_by_10_latent(spea
     assert cfg.stage_strides("time") == [5, 5, 3] and cfg.stage_strides("freq") == [2, 2, 2]
     assert cfg.segment_frames == 750
     vae = AudioVAE(cfg).eval()
-    speaker = {"speaker_id": torch.tensor([2])} if speaker_source == "table" else {"speaker_vector": torch.randn(1, 192)}
+    speaker = (
+        {"speaker_id": torch.tensor([2])} if speaker_source == "table" else {"speaker_vector": torch.randn(1, 192)}
+    )
     mel = torch.randn(1, 1, 80, 750)
     mu, _ = vae.encode(mel)
     assert mu.shape == (1, cfg.latent_channels, 10, 10)

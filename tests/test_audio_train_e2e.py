@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from megaray.families import load_config
-
-from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")]
 
@@ -22,10 +21,21 @@ def _trace(prefix: Path, rank: int):
 
 
 def _audio_cfg(config, speech_shards, tmp_path, *extra):
-    return load_config(REPO / "configs" / config, [
-        f"data.shards={speech_shards}", "data.batch_size=1", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.checkpoint_every=2", "train.eval_every=2",
-        "train.log_every=1", "train.warmup_steps=1", "scaling.max_failures=0", *extra])
+    return load_config(
+        REPO / "configs" / config,
+        [
+            f"data.shards={speech_shards}",
+            "data.batch_size=1",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+            "scaling.max_failures=0",
+            *extra,
+        ],
+    )
 
 
 def _history(tmp_path, run_id, key):
@@ -56,8 +66,13 @@ def test_gan_vocoder_trains_crashes_resumes_exactly_and_logs_audio(speech_shards
 
     from megaray.train.launch import fit
 
-    extra = ("train.max_steps=4", "model.adv_start_step=1", "train.ema_decay=0.5",
-             "train.modules.disc.lr=1e-4", "train.modules.disc.betas=[0.5,0.9]")
+    extra = (
+        "train.max_steps=4",
+        "model.adv_start_step=1",
+        "train.ema_decay=0.5",
+        "train.modules.disc.lr=1e-4",
+        "train.modules.disc.betas=[0.5,0.9]",
+    )
     cfg = _audio_cfg("vocoder_tiny.yaml", speech_shards, tmp_path, "name=gan-crash", *extra)
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "2")

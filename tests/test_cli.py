@@ -8,17 +8,26 @@ import shlex
 
 import pytest
 import typer
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
 from megaray.errors import DataError
 
-from conftest import REPO
-
 runner = CliRunner()
 
-COMMANDS = [["config"], ["train"], ["tune"], ["demo"], ["eval"], ["generate"], ["vocode"],
-            ["prepare", "text"], ["prepare", "audio"], ["prepare", "audio-latents"]]
+COMMANDS = [
+    ["config"],
+    ["train"],
+    ["tune"],
+    ["demo"],
+    ["eval"],
+    ["generate"],
+    ["vocode"],
+    ["prepare", "text"],
+    ["prepare", "audio"],
+    ["prepare", "audio-latents"],
+]
 
 
 def _parse_only(args):
@@ -62,9 +71,14 @@ def test_each_command_help_has_an_example_that_parses(path):
 def _strings(tree):
     """Every string literal of a module except docstrings; f-string fields become ``1`` (a valid
     path, count or size)."""
-    docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     inner = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
     for n in ast.walk(tree):
         if isinstance(n, ast.JoinedStr):
@@ -112,8 +126,21 @@ def test_eval_and_generate_on_a_checkpoint_without_ray(tmp_path):
     from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
 
     shards = tmp_path / "docs-300"
-    r = runner.invoke(app, ["prepare", "text", "--source", str(REPO / "docs"), "--out", str(shards),
-                            "--vocab-size", "300", "--val-fraction", "0.3"])
+    r = runner.invoke(
+        app,
+        [
+            "prepare",
+            "text",
+            "--source",
+            str(REPO / "docs"),
+            "--out",
+            str(shards),
+            "--vocab-size",
+            "300",
+            "--val-fraction",
+            "0.3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     cfg = load_config(REPO / "configs" / "gpt_debug.yaml", ["model.vocab_size=300", f"data.shards={shards}"])
     ckpt = tmp_path / "run" / "step_00000001"

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
 from megaray.families import build_model, load_config
 from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dir_name
-
-from conftest import REPO
 
 runner = CliRunner()
 
@@ -36,8 +35,14 @@ def _megaray(*args, env=None):
     """The installed ``megaray`` console script (``python -m megaray.cli`` when not installed)."""
     script = Path(sys.executable).parent / "megaray"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "megaray.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 def _assert_user_error(r, *needles):
@@ -137,27 +142,35 @@ def test_generate_top_p_out_of_range():
     assert time.perf_counter() - t0 < 60
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "--checkpoint", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0"),
-    (["generate", "--checkpoint", "x", "--top-k", "-1"], "--top-k must be >= 0, got -1"),  # 0 = no cut
-    (["generate", "--checkpoint", "x", "--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
-    (["generate", "--checkpoint", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-    (["eval", "--checkpoint", "x", "--max-batches", "0"], "--max-batches must be >= 1, got 0"),
-    (["eval", "--checkpoint", "x", "--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
-    (["eval", "--checkpoint", "x", "--split", "valid"], "--split must be one of val, train, got 'valid'"),
-    (["prepare", "text", "--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
-    (["prepare", "text", "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1"),
-    (["prepare", "text", "--val-fraction", "-0.1"], "--val-fraction must be in [0, 1), got -0.1"),
-    (["prepare", "text", "--tokenizer", "/no/such/tokenizer.json"], "--tokenizer: file not found: /no/such/tokenizer.json"),
-    (["prepare", "audio", "--clips", "0"], "--clips must be >= 1, got 0"),
-    (["prepare", "audio", "--n-mels", "0"], "--n-mels must be >= 1, got 0"),
-    (["prepare", "audio", "--n-fft", "-1"], "--n-fft must be >= 1, got -1"),
-    (["prepare", "audio", "--hop-length", "0"], "--hop-length must be >= 1, got 0"),
-    (["prepare", "audio", "--sample-rate", "0"], "--sample-rate must be >= 1, got 0"),
-    (["prepare", "audio", "--normalize", "peek"], "did you mean 'peak'?"),
-    (["prepare", "audio-latents", "--vae-checkpoint", "x", "--out", "y", "--concurrency", "0"],
-     "--concurrency must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--checkpoint", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0"),
+        (["generate", "--checkpoint", "x", "--top-k", "-1"], "--top-k must be >= 0, got -1"),  # 0 = no cut
+        (["generate", "--checkpoint", "x", "--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
+        (["generate", "--checkpoint", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["eval", "--checkpoint", "x", "--max-batches", "0"], "--max-batches must be >= 1, got 0"),
+        (["eval", "--checkpoint", "x", "--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+        (["eval", "--checkpoint", "x", "--split", "valid"], "--split must be one of val, train, got 'valid'"),
+        (["prepare", "text", "--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+        (["prepare", "text", "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1"),
+        (["prepare", "text", "--val-fraction", "-0.1"], "--val-fraction must be in [0, 1), got -0.1"),
+        (
+            ["prepare", "text", "--tokenizer", "/no/such/tokenizer.json"],
+            "--tokenizer: file not found: /no/such/tokenizer.json",
+        ),
+        (["prepare", "audio", "--clips", "0"], "--clips must be >= 1, got 0"),
+        (["prepare", "audio", "--n-mels", "0"], "--n-mels must be >= 1, got 0"),
+        (["prepare", "audio", "--n-fft", "-1"], "--n-fft must be >= 1, got -1"),
+        (["prepare", "audio", "--hop-length", "0"], "--hop-length must be >= 1, got 0"),
+        (["prepare", "audio", "--sample-rate", "0"], "--sample-rate must be >= 1, got 0"),
+        (["prepare", "audio", "--normalize", "peek"], "did you mean 'peak'?"),
+        (
+            ["prepare", "audio-latents", "--vae-checkpoint", "x", "--out", "y", "--concurrency", "0"],
+            "--concurrency must be >= 1, got 0",
+        ),
+    ],
+)
 def test_option_out_of_range_names_option_and_value(no_ray, tmp_path, args, message):
     cwd = os.getcwd()
     os.chdir(tmp_path)  # a command that got past its checks would write here, not in the repo
@@ -233,9 +246,19 @@ def _audio_manifest(shards: Path, n_mels: int) -> Path:
 
     (shards / "train").mkdir(parents=True)
     (shards / "val").mkdir()
-    write_manifest(str(shards), new_manifest(
-        "audio", sample_rate=16000, n_mels=n_mels, n_fft=512, hop_length=128, clips=0, speakers={},
-        splits={"train": {"dir": "train", "clips": 0}, "val": {"dir": "val", "clips": 0}}))
+    write_manifest(
+        str(shards),
+        new_manifest(
+            "audio",
+            sample_rate=16000,
+            n_mels=n_mels,
+            n_fft=512,
+            hop_length=128,
+            clips=0,
+            speakers={},
+            splits={"train": {"dir": "train", "clips": 0}, "val": {"dir": "val", "clips": 0}},
+        ),
+    )
     return shards
 
 
@@ -243,8 +266,9 @@ def test_audio_latents_n_mels_mismatch_fails_before_ray(no_ray, tmp_path):
     vae = _write_checkpoint(tmp_path / "vae-run", REPO / "configs" / "audio_vae_small.yaml")
     vae_mels = load_config(vae / "config.yaml").model.n_mels
     shards = _audio_manifest(tmp_path / "speech", n_mels=vae_mels + 16)
-    r = _run("prepare", "audio-latents", "--vae-checkpoint", vae.parent, "--shards", shards,
-             "--out", tmp_path / "latents")
+    r = _run(
+        "prepare", "audio-latents", "--vae-checkpoint", vae.parent, "--shards", shards, "--out", tmp_path / "latents"
+    )
     _assert_cli_error(r, "n_mels", shards, f"n_mels={vae_mels + 16}", f"n_mels={vae_mels}")
     assert not (tmp_path / "latents").exists()
 

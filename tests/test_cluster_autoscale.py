@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port
 
 pytestmark = pytest.mark.cluster
@@ -46,18 +45,37 @@ def fake_cluster_config(head: dict, max_nodes: int) -> dict:
     return {
         "cluster_name": "megaray-fake",
         "max_workers": max_nodes,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "available_node_types": {
             "ray.head.default": {"resources": dict(head), "node_config": {}, "max_workers": 0},
-            "ray.worker.trainer": {"resources": dict(WORKER), "node_config": {}, "min_workers": 0,
-                                   "max_workers": max_nodes},
+            "ray.worker.trainer": {
+                "resources": dict(WORKER),
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_nodes,
+            },
         },
         "head_node_type": "ray.head.default",
-        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1, "docker": {},
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
-        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
     }
 
 
@@ -68,8 +86,9 @@ def _stop(gcs_port: int) -> None:
     me = os.getpid()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["pid"] != me and (f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd
-                                    or f"--port={gcs_port}" in cmd):
+        if p.info["pid"] != me and (
+            f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"--port={gcs_port}" in cmd
+        ):
             try:
                 p.kill()
             except psutil.Error:
@@ -100,12 +119,27 @@ def fake_cluster(tmp_path_factory):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--autoscaling-config={config}", f"--num-cpus={head.pop('CPU')}",
-         f"--resources={json.dumps(head)}", f"--port={gcs}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--autoscaling-config={config}",
+            f"--num-cpus={head.pop('CPU')}",
+            f"--resources={json.dumps(head)}",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_agent}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     try:
         assert start.returncode == 0, start.stdout + start.stderr
@@ -118,8 +152,10 @@ def fake_cluster(tmp_path_factory):
 def _alive_nodes(gcs: str) -> int:
     """Alive nodes, asked from a fresh process (Ray reads RAY_AUTH_MODE when it is imported, and
     this process imported it before the token mode was set)."""
-    code = (f"import ray; ray.init(address='{gcs}', log_to_driver=False); "
-            "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
+    code = (
+        f"import ray; ray.init(address='{gcs}', log_to_driver=False); "
+        "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     found = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ALIVE ")]  # raylet lines too
     return int(found[-1]) if out.returncode == 0 and found else 0
@@ -128,8 +164,19 @@ def _alive_nodes(gcs: str) -> int:
 def _submit(dashboard: str, *args: str, gcs: str) -> tuple[str, int, int]:
     """``ray job submit`` of ``megaray train`` (runtime env ``cluster/runtime_env.yaml``); returns
     (output, exit code, most alive nodes seen while it ran)."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO),
-           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", *args]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        dashboard,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(REPO / "cluster" / "runtime_env.yaml"),
+        "--",
+        *args,
+    ]
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     most = 1
@@ -194,11 +241,23 @@ def _add_worker_node(gcs: str) -> set:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
-        [str(BIN / "ray"), "start", f"--address={gcs}", f"--num-cpus={WORKER['CPU']}",
-         f"--resources={json.dumps({'trainer': WORKER['trainer']})}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
+        [
+            str(BIN / "ray"),
+            "start",
+            f"--address={gcs}",
+            f"--num-cpus={WORKER['CPU']}",
+            f"--resources={json.dumps({'trainer': WORKER['trainer']})}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_agent}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stdout + start.stderr
     return _raylets() - before
 
@@ -226,13 +285,44 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
     assert _alive_nodes(gcs) == 1  # the bare cluster: one trainer slot
     trace, db, steps = tmp_path / "trace", tmp_path / "db", 160
     done = {}
-    args = ["env", f"MEGARAY_TRACE={trace}", "MEGARAY_STEP_SLEEP_S=0.4", "megaray", "train", "configs/gpt_debug.yaml",
-            "--set", "name=elastic", "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={tmp_path / 'runs'}",
-            "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "scaling.num_workers=[1, 3]",
-            "--set", f"scaling.elastic_resize_s={RESIZE_S}", "--set", TRAIN_RESOURCES, "--set", "scaling.max_failures=4",
-            "--set", "data.batch_size=2", "--set", "train.global_batch_size=12", "--set", f"train.max_steps={steps}",
-            "--set", "train.checkpoint_every=5", "--set", f"train.eval_every={steps}", "--set", "train.log_every=10",
-            "--set", "tracking.sample_tokens=0"]
+    args = [
+        "env",
+        f"MEGARAY_TRACE={trace}",
+        "MEGARAY_STEP_SLEEP_S=0.4",
+        "megaray",
+        "train",
+        "configs/gpt_debug.yaml",
+        "--set",
+        "name=elastic",
+        "--set",
+        f"data.shards={text_shards}",
+        "--set",
+        f"scaling.storage_path={tmp_path / 'runs'}",
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "--set",
+        "scaling.num_workers=[1, 3]",
+        "--set",
+        f"scaling.elastic_resize_s={RESIZE_S}",
+        "--set",
+        TRAIN_RESOURCES,
+        "--set",
+        "scaling.max_failures=4",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "train.global_batch_size=12",
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        f"train.eval_every={steps}",
+        "--set",
+        "train.log_every=10",
+        "--set",
+        "tracking.sample_tokens=0",
+    ]
     job = threading.Thread(target=lambda: done.update(zip(("out", "rc", "most"), _submit(dashboard, *args, gcs=gcs))))
     job.start()
     deadline = time.monotonic() + 600
@@ -263,11 +353,11 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
             groups.append([r["world"], {r["pid"]}, r["t"]])
     sizes = [g[0] for g in groups]
     assert sizes[0] == 1 and sizes[-1] == 3, sizes
-    assert 2 in sizes[sizes.index(3):], f"the run did not go on with two workers after the lost node: {sizes}"
+    assert 2 in sizes[sizes.index(3) :], f"the run did not go on with two workers after the lost node: {sizes}"
     # each step as the run kept it: the last group that trained it (a restart retrains the steps
     # after its checkpoint that the lost group had trained)
     kept = {}
-    for k, (world, pids, _) in enumerate(groups):
+    for k, (_world, pids, _) in enumerate(groups):
         for r in rows:
             if r["pid"] in pids:
                 kept.setdefault(r["step"], {})[k] = kept.get(r["step"], {}).get(k, []) + r["ids"]
@@ -286,11 +376,30 @@ def test_job_submit_scales_the_cluster_up(fake_cluster, text_shards, tmp_path):
     assert _alive_nodes(gcs) == 1
     storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
     out, rc, most = _submit(
-        dashboard, "megaray", "train", "configs/gpt_debug.yaml", "--set", "name=grow",
-        "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
-        "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=6",
-        "--set", "train.checkpoint_every=6", "--set", "train.eval_every=6", "--set", "scaling.num_workers=2",
-        "--set", TRAIN_RESOURCES, gcs=gcs)
+        dashboard,
+        "megaray",
+        "train",
+        "configs/gpt_debug.yaml",
+        "--set",
+        "name=grow",
+        "--set",
+        f"data.shards={text_shards}",
+        "--set",
+        f"scaling.storage_path={storage}",
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.checkpoint_every=6",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "scaling.num_workers=2",
+        "--set",
+        TRAIN_RESOURCES,
+        gcs=gcs,
+    )
     assert rc == 0 and "succeeded" in out, out[-4000:]
     assert most >= 2, "the autoscaler added no node for the second Train worker"
     state = json.loads((storage / "grow" / "step_00000006" / "megaray.json").read_text())

@@ -18,12 +18,12 @@ import copy
 import functools
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any, Dict, List
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +35,9 @@ DATA_SELECTOR = {"megaray.io/role": "data"}  # what docs/cluster.md tells users 
 
 def _pins() -> tuple[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    ray = next(re.fullmatch(r"ray\[[^\]]*\]==(\S+)", d).group(1)
-               for d in project["dependencies"] if d.startswith("ray["))
+    ray = next(
+        re.fullmatch(r"ray\[[^\]]*\]==(\S+)", d).group(1) for d in project["dependencies"] if d.startswith("ray[")
+    )
     return project["version"], ray
 
 
@@ -56,8 +57,14 @@ def _prepared(path: Path) -> Dict[str, Any]:
 
 def _commands(config: Dict[str, Any]) -> List[str]:
     out = []
-    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         out += config.get(key, [])
     for node in config["available_node_types"].values():
         out += node.get("initialization_commands", []) + node.get("worker_setup_commands", [])
@@ -99,8 +106,9 @@ def test_launcher_config_passes_ray_validation_and_has_megaray_shape(path):
         assert markets == {True, False}, f"{path}: want a spot group and an on-demand group beside it"
         assert all(t["min_workers"] == 0 < t["max_workers"] for t in group.values())
         spot_priority = max(t.get("priority", 0) for t in group.values() if _is_spot(provider, t["node_config"]))
-        assert spot_priority > max(t.get("priority", 0) for t in group.values()
-                                   if not _is_spot(provider, t["node_config"]))
+        assert spot_priority > max(
+            t.get("priority", 0) for t in group.values() if not _is_spot(provider, t["node_config"])
+        )
     assert all(t["labels"]["megaray.io/role"] == "gpu" for t in gpu.values())
     assert all(t["labels"].items() >= DATA_SELECTOR.items() for t in data.values())
     assert all(t["resources"]["CPU"] > 0 for t in data.values())
@@ -156,8 +164,11 @@ def _strict(node: Any) -> Any:
     """``additionalProperties: false`` wherever ``properties`` are listed and unknown fields are not
     preserved (kuberay scripts/openapi2jsonschema.py ``additional_properties``; kubectl's strict mode)."""
     if isinstance(node, dict):
-        if ("properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
         for value in node.values():
             _strict(value)
@@ -167,7 +178,7 @@ def _strict(node: Any) -> Any:
     return node
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_schema(kind: str, strict: bool = True) -> Dict[str, Any]:
     path = CLUSTER / "kuberay" / "schemas" / f"ray.io_{kind.lower()}s.yaml"
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -244,8 +255,12 @@ def _go_rule_errors(doc: Dict[str, Any]) -> List[str]:
     selector = spec.get("clusterSelector") or {}
     if spec.get("rayClusterSpec") is None and not selector:
         errors.append("one of rayClusterSpec or clusterSelector must be set")
-    if selector and (not selector.get("ray.io/cluster") or spec.get("submissionMode") == "SidecarMode"
-                     or spec.get("suspend") or (spec.get("backoffLimit") or 0) > 0):
+    if selector and (
+        not selector.get("ray.io/cluster")
+        or spec.get("submissionMode") == "SidecarMode"
+        or spec.get("suspend")
+        or (spec.get("backoffLimit") or 0) > 0
+    ):
         errors.append("clusterSelector needs ray.io/cluster, no SidecarMode, no suspend, no backoffLimit")
     if spec.get("submissionMode") == "InteractiveMode" and (spec.get("backoffLimit") or 0) > 0:
         errors.append("backoffLimit is incompatible with InteractiveMode")
@@ -287,8 +302,9 @@ def test_kuberay_manifests_have_megaray_shape():
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == "8" and g["minReplicas"] == 0 < g["maxReplicas"]
     data = [g for g in groups.values() if g["labels"].items() >= DATA_SELECTOR.items()]
-    assert data and all("nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
-                        for g in data)
+    assert data and all(
+        "nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in data
+    )
     images = {c["image"] for g in [head, *groups.values()] for c in g["template"]["spec"]["containers"]}
     assert images == {f"ghcr.io/your-org/megaray:{MEGARAY_VERSION}"}, "every pod runs cluster/Dockerfile's image"
     js = job["spec"]
@@ -393,8 +409,15 @@ def test_data_label_selector_matches_the_data_nodes_and_reaches_ray_data(tmp_pat
     assert validate_label_selector(DATA_SELECTOR) is None
     for overrides, want in ((["scaling.data_label_selector={megaray.io/role: data}"], DATA_SELECTOR), ([], None)):
         cfg = load_config(REPO / "configs" / "gpt_debug.yaml", overrides)
-        trainer = launch._trainer(cfg, SimpleNamespace(info={}), datasets={}, storage=str(tmp_path),
-                                  run_dir=str(tmp_path / "run"), mlflow={"uri": None, "run_id": None}, callbacks=[])
+        trainer = launch._trainer(
+            cfg,
+            SimpleNamespace(info={}),
+            datasets={},
+            storage=str(tmp_path),
+            run_dir=str(tmp_path / "run"),
+            mlflow={"uri": None, "run_id": None},
+            callbacks=[],
+        )
         options = trainer.data_config._resolve_execution_options("train")
         assert options.label_selector == want and options.preserve_order
 

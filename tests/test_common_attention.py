@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from megaray.models.common.attention import (
-    BACKENDS, CrossAttention, SelfAttention, causal_mask, reference_attention, sdpa_attention, span_mask,
+    BACKENDS,
+    CrossAttention,
+    SelfAttention,
+    causal_mask,
+    reference_attention,
+    sdpa_attention,
+    span_mask,
 )
 from megaray.models.gpt import GPT, GPTConfig
 
@@ -34,22 +40,24 @@ def test_span_mask_is_bidirectional_inside_a_span_and_causal_elsewhere():
     #          text  [ image 1 ]  text  [image 2]  text
     ids = torch.tensor([[0, 1, 1, 1, 0, 2, 2, 0]])
     m = span_mask(ids)[0, 0].int()
-    expect = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],  # image 1 sees all of image 1 ...
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],  # ... and nothing after it
-        [1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1, 1, 1, 1],
-    ])
+    expect = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],  # image 1 sees all of image 1 ...
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],  # ... and nothing after it
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1],
+        ]
+    )
     assert torch.equal(m, expect)
     # the properties, on a random layout: in-span tokens see later tokens of their span only
     g = torch.Generator().manual_seed(0)
     ids = torch.zeros(1, 40, dtype=torch.long)
     for k, start in enumerate(sorted(torch.randperm(36, generator=g)[:3].tolist()), start=1):
-        ids[0, start:start + 4] = k
+        ids[0, start : start + 4] = k
     m = span_mask(ids)[0, 0]
     for i in range(40):
         for j in range(i + 1, 40):
@@ -80,8 +88,12 @@ def test_non_causal_kernels_attend_everywhere():
     for name in ("reference", "sdpa", "auto"):
         torch.testing.assert_close(BACKENDS[name](q, k, v, causal=False), full, atol=1e-5, rtol=1e-5)
     bias = torch.randn(4, 5, 7)
-    torch.testing.assert_close(sdpa_attention(q, k, v, bias, causal=False),
-                               reference_attention(q, k, v, bias, causal=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sdpa_attention(q, k, v, bias, causal=False),
+        reference_attention(q, k, v, bias, causal=False),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_flash_refuses_a_mask():
@@ -94,8 +106,17 @@ def test_flash_refuses_a_mask():
 
 
 def _attn_cfg(**kw):
-    base = dict(n_embd=32, n_head=4, kv_heads=2, head_dim=8, bias=True, qk_norm=False, norm_eps=1e-5,
-                dropout=0.0, attn_backend="sdpa")
+    base = dict(
+        n_embd=32,
+        n_head=4,
+        kv_heads=2,
+        head_dim=8,
+        bias=True,
+        qk_norm=False,
+        norm_eps=1e-5,
+        dropout=0.0,
+        attn_backend="sdpa",
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -143,10 +164,16 @@ def test_cross_attention_equals_torch_multihead_attention(masked):
 # --------------------------------------------------------------------------- inside the GPT
 
 
-@pytest.mark.parametrize("variant", [
-    dict(), dict(attn_backend="reference"), dict(position="rope", attention="gqa", n_kv_heads=2),
-    dict(position="alibi"), dict(attention="mla", position="rope"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(attn_backend="reference"),
+        dict(position="rope", attention="gqa", n_kv_heads=2),
+        dict(position="alibi"),
+        dict(attention="mla", position="rope"),
+    ],
+)
 def test_gpt_with_all_zero_span_ids_equals_plain_causal(variant):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY, **variant)).eval()

@@ -33,8 +33,17 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim: int, n_head: int):
         super().__init__()
-        cfg = SimpleNamespace(n_embd=dim, n_head=n_head, kv_heads=n_head, head_dim=dim // n_head, bias=True,
-                              qk_norm=False, norm_eps=1e-6, dropout=0.0, attn_backend="sdpa")
+        cfg = SimpleNamespace(
+            n_embd=dim,
+            n_head=n_head,
+            kv_heads=n_head,
+            head_dim=dim // n_head,
+            bias=True,
+            qk_norm=False,
+            norm_eps=1e-6,
+            dropout=0.0,
+            attn_backend="sdpa",
+        )
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(cfg, causal=False)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

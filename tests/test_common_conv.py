@@ -12,7 +12,12 @@ from megaray.models.common.conv import Downsample2d, ResnetBlock2d, Upsample2d, 
 def _by_hand(block: ResnetBlock2d, x, emb):
     """The LDM ResnetBlock written with functional ops on the block's own weights."""
     n1, n2 = block.norm1, block.norm2
-    h = F.conv2d(F.silu(F.group_norm(x, n1.num_groups, n1.weight, n1.bias, n1.eps)), block.conv1.weight, block.conv1.bias, padding=1)
+    h = F.conv2d(
+        F.silu(F.group_norm(x, n1.num_groups, n1.weight, n1.bias, n1.eps)),
+        block.conv1.weight,
+        block.conv1.bias,
+        padding=1,
+    )
     e = F.silu(emb) if block.emb_act else emb
     if block.emb_proj is not None:
         h = h + (e @ block.emb_proj.weight.T + block.emb_proj.bias)[:, :, None, None]

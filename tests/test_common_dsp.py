@@ -25,8 +25,9 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def reference_griffin_lim(log_mel: torch.Tensor, sr: int, n_fft: int, hop: int, n_iter: int,
-                          momentum: float = 0.99) -> torch.Tensor:
+def reference_griffin_lim(
+    log_mel: torch.Tensor, sr: int, n_fft: int, hop: int, n_iter: int, momentum: float = 0.99
+) -> torch.Tensor:
     """What :func:`dsp.griffin_lim` promises, written out with ``torch.stft`` / ``torch.istft``:
     minimum-norm least-squares mel inversion (gelsd), then fast Griffin-Lim (Perraudin et al.
     2013; torchaudio's parametrisation, the previous rebuilt spectrum weighted by
@@ -38,8 +39,9 @@ def reference_griffin_lim(log_mel: torch.Tensor, sr: int, n_fft: int, hop: int, 
     phase = torch.ones_like(mag, dtype=torch.complex64)
     prev = torch.zeros((), dtype=torch.complex64)
     for _ in range(n_iter):
-        rebuilt = torch.stft(torch.istft(mag * phase, n_fft, hop, window=window), n_fft, hop, window=window,
-                             return_complex=True)
+        rebuilt = torch.stft(
+            torch.istft(mag * phase, n_fft, hop, window=window), n_fft, hop, window=window, return_complex=True
+        )
         phase = rebuilt - alpha * prev
         phase = phase / (phase.abs() + 1e-16)
         prev = rebuilt
@@ -90,15 +92,18 @@ def test_mel_filterbank_equals_torchaudio_melscale():
 @pytest.mark.parametrize("n_fft,hop,win,n_mels,sr", [(1024, 256, None, 80, 16000), (512, 128, 400, 64, 22050)])
 def test_log_mel_equals_torchaudio_melspectrogram(n_fft, hop, win, n_mels, sr):
     x = voiced(sr // 2, sr)[None]
-    ref = torchaudio.transforms.MelSpectrogram(sr, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=n_mels,
-                                               power=1.0, mel_scale="htk", norm=None)(x)
+    ref = torchaudio.transforms.MelSpectrogram(
+        sr, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=n_mels, power=1.0, mel_scale="htk", norm=None
+    )(x)
     ours = dsp.MelFeatures(sr, n_fft, hop, n_mels, win)(x)
     assert ours.shape == (1, n_mels, x.shape[-1] // hop + 1)
     torch.testing.assert_close(ours, torch.log(ref.clamp_min(dsp.LOG_FLOOR)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dsp.log_mel(x[0], sr, n_fft, hop, n_mels, win), ours[0])
     # silence sits exactly at the floor
-    assert torch.equal(dsp.MelFeatures(sr, n_fft, hop, n_mels, win)(torch.zeros(1, 2048)),
-                       torch.full((1, n_mels, 2048 // hop + 1), math.log(dsp.LOG_FLOOR)))
+    assert torch.equal(
+        dsp.MelFeatures(sr, n_fft, hop, n_mels, win)(torch.zeros(1, 2048)),
+        torch.full((1, n_mels, 2048 // hop + 1), math.log(dsp.LOG_FLOOR)),
+    )
 
 
 def test_transforms_stay_float32_under_bf16_cast_and_autocast():
@@ -107,7 +112,9 @@ def test_transforms_stay_float32_under_bf16_cast_and_autocast():
     ref = mel(x)
     cast = dsp.MelFeatures(16000, 512, 128, 80).to(torch.bfloat16)
     assert cast.fb.dtype == torch.float32
-    torch.testing.assert_close(cast(x.to(torch.bfloat16)), dsp.MelFeatures(16000, 512, 128, 80)(x.to(torch.bfloat16).float()))
+    torch.testing.assert_close(
+        cast(x.to(torch.bfloat16)), dsp.MelFeatures(16000, 512, 128, 80)(x.to(torch.bfloat16).float())
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(mel(x), ref)
         assert dsp.stft(x, 512, 128).dtype == torch.complex64

@@ -11,10 +11,11 @@ from megaray.models.common.position import apply_rope, rope_2d, sincos_1d, sinco
 
 def _mae_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """MAE ``util/pos_embed.py`` (numpy, as published; the grid generalised to H x W)."""
+
     def get_1d(embed_dim, pos):
         omega = np.arange(embed_dim // 2, dtype=np.float64)
         omega /= embed_dim / 2.0
-        omega = 1.0 / 10000 ** omega
+        omega = 1.0 / 10000**omega
         pos = pos.reshape(-1)
         out = np.einsum("m,d->md", pos, omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
@@ -62,6 +63,6 @@ def test_rope_2d_scores_depend_only_on_the_patch_offset():
     assert abs(score((1, 2), (3, 2)) - base) > 1e-3  # column offset changed
     assert abs(score((1, 2), (2, 1)) - base) > 1e-3  # row offset changed
     # patch (0, 0) is not rotated; in row 0 only the column half of the pairs turns
-    assert torch.equal(cos[0], torch.ones(d)) and torch.equal(sin[0, d // 4: d // 2], torch.zeros(d // 4))
+    assert torch.equal(cos[0], torch.ones(d)) and torch.equal(sin[0, d // 4 : d // 2], torch.zeros(d // 4))
     with pytest.raises(ValueError, match="divisible by 4"):
         rope_2d(6, 2, 2)

@@ -131,8 +131,11 @@ def test_model_type_is_selected_from_the_config_as_in_the_seeds():
 
 
 def test_an_unknown_modality_names_it_and_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"model\.modalities: unknown modality 'vidoe'.*valid modalities: "
-                                          r"text, audio, image"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.modalities: unknown modality 'vidoe'.*valid modalities: "
+        r"text, audio, image",
+    ):
         load_config({"model": {"modalities": ["text", "vidoe"]}})
     with pytest.raises(ConfigError, match="model.modalities: expected a non-empty list"):
         load_config({"model": {"modalities": "text"}})

@@ -23,31 +23,40 @@ def _write(path, text: str):
 @pytest.fixture
 def chain(tmp_path):
     """common/root.yaml <- exp/mid.yaml <- exp/deeper/leaf.yaml, each base relative to its own folder."""
-    _write(tmp_path / "common" / "root.yaml", """\
+    _write(
+        tmp_path / "common" / "root.yaml",
+        """\
         name: root
         model: {family: gpt, preset: debug, n_layer: 3, vocab_size: 300}
         data: {shards: data/root, batch_size: 2}
         train: {max_steps: 50, betas: [0.9, 0.99], modules: {disc: {lr: 1.0e-4, weight_decay: 0.0}}}
-        """)
-    _write(tmp_path / "exp" / "mid.yaml", """\
+        """,
+    )
+    _write(
+        tmp_path / "exp" / "mid.yaml",
+        """\
         base: ../common/root.yaml
         model: {n_embd: 128}
         train: {betas: [0.8, 0.9], modules: {disc: {lr: 2.0e-4}}}
-        """)
-    return _write(tmp_path / "exp" / "deeper" / "leaf.yaml", """\
+        """,
+    )
+    return _write(
+        tmp_path / "exp" / "deeper" / "leaf.yaml",
+        """\
         base: ../mid.yaml
         name: leaf
         data: {shards: data/leaf}
-        """)
+        """,
+    )
 
 
 def test_chain_deep_merges_relative_to_each_including_file(chain, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "exp" / "deeper")  # paths resolve against the file, never the cwd
     cfg = load_config(chain)
-    assert cfg.name == "leaf"                                            # scalar of the last file
+    assert cfg.name == "leaf"  # scalar of the last file
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.vocab_size) == (3, 128, 300)  # mappings merge
     assert (cfg.data.shards, cfg.data.batch_size) == ("data/leaf", 2)
-    assert cfg.train.betas == [0.8, 0.9]                                 # lists replace, never append
+    assert cfg.train.betas == [0.8, 0.9]  # lists replace, never append
     assert cfg.train.max_steps == 50
     assert cfg.train.modules["disc"].lr == 2e-4 and cfg.train.modules["disc"].weight_decay == 0.0  # nested merge
     layered = load_layered(chain)
@@ -107,15 +116,23 @@ def test_unknown_key_after_the_merge_names_the_file_or_set(chain, tmp_path):
 def test_tune_base_is_read_through_the_same_loader(chain, tmp_path):
     from megaray.tune.config import load_tune_config
 
-    tune = _write(tmp_path / "tune" / "t.yaml", """\
+    tune = _write(
+        tmp_path / "tune" / "t.yaml",
+        """\
         name: t
         base: ../exp/deeper/leaf.yaml
         overrides: {train.max_steps: 20}
         space: {train.lr: {grid: [1.0e-3, 2.0e-3]}}
         search: {algorithm: grid}
-        """)
+        """,
+    )
     s = load_tune_config(tune, strict=True)
-    assert (s.base.name, s.base.model.n_embd, s.base.train.betas, s.base.train.max_steps) == ("leaf", 128, [0.8, 0.9], 20)
+    assert (s.base.name, s.base.model.n_embd, s.base.train.betas, s.base.train.max_steps) == (
+        "leaf",
+        128,
+        [0.8, 0.9],
+        20,
+    )
     _write(tmp_path / "exp" / "mid.yaml", "base: ../common/root.yaml\ntrain: {lr_maxx: 1}\n")
     with pytest.raises(ConfigError, match=r"train.lr_maxx: unknown key.*mid.yaml"):
         load_tune_config(tune, strict=True)

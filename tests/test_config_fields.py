@@ -55,8 +55,15 @@ VGG = "<VGG>"
 
 #: each family's smallest preset
 PRESETS = {
-    "gpt": "debug", "ngpt": "debug", "mamba": "debug", "recurrent": "debug", "multimodal": "debug",
-    "dit": "tiny", "vocoder": "tiny_lightheaded_freq_domain_vocoder", "audio_vae": "tiny", "image_vae": "tiny",
+    "gpt": "debug",
+    "ngpt": "debug",
+    "mamba": "debug",
+    "recurrent": "debug",
+    "multimodal": "debug",
+    "dit": "tiny",
+    "vocoder": "tiny_lightheaded_freq_domain_vocoder",
+    "audio_vae": "tiny",
+    "image_vae": "tiny",
 }
 
 _MLA = {"attention": "mla", "position": "rope"}
@@ -64,12 +71,21 @@ _MOE = {"n_experts": 4}
 _MOE_FIELDS = [k for k in families.config_class("gpt").model_fields if k.startswith("moe_")]
 _GPT_CONTEXT: Dict[str, Union[Dict[str, Any], str]] = {
     **{k: _MOE for k in _MOE_FIELDS},  # every MoE knob is walked with MoE blocks on (router specifics below)
-    "n_kv_heads": {"attention": "gqa"}, "attention=gqa": {"n_kv_heads": 1}, "attention=mla": {"position": "rope"},
-    "kv_lora_rank": _MLA, "q_lora_rank": _MLA, "qk_rope_head_dim": _MLA, "qk_nope_head_dim": _MLA, "v_head_dim": _MLA,
-    "rope_theta": {"position": "rope"}, "mlp_conv_kernel": {"mlp": "convmlp"}, "mlp_groups": {"mlp": "shufflemlp"},
+    "n_kv_heads": {"attention": "gqa"},
+    "attention=gqa": {"n_kv_heads": 1},
+    "attention=mla": {"position": "rope"},
+    "kv_lora_rank": _MLA,
+    "q_lora_rank": _MLA,
+    "qk_rope_head_dim": _MLA,
+    "qk_nope_head_dim": _MLA,
+    "v_head_dim": _MLA,
+    "rope_theta": {"position": "rope"},
+    "mlp_conv_kernel": {"mlp": "convmlp"},
+    "mlp_groups": {"mlp": "shufflemlp"},
     "init=admin": {"norm_placement": "post"},
     "moe_capacity_factor": {**_MOE, "moe_router": "expert_choice"},
-    "moe_peer_key_dim": {**_MOE, "moe_router": "peer"}, "moe_peer_batchnorm": {**_MOE, "moe_router": "peer"},
+    "moe_peer_key_dim": {**_MOE, "moe_router": "peer"},
+    "moe_peer_batchnorm": {**_MOE, "moe_router": "peer"},
     "moe_expert_parallel": "refused: only 1 (no expert parallelism) is supported; docs/models.md 'Expert parallelism'",
 }
 _ADV = {"adversarial": True}
@@ -89,18 +105,31 @@ CONTEXT: Dict[str, Dict[str, Union[Dict[str, Any], str]]] = {
     "multimodal": {
         **_GPT_CONTEXT,
         "init=admin": "refused: admin's profiling pass runs on text alone; family 'multimodal' supports init 'gpt2'",
-        **{k: {"continuous_head": "diffusion"} for k in ("diffusion_timesteps", "diffusion_schedule",
-                                                        "diffusion_prediction", "diffusion_sample_steps")},
+        **{
+            k: {"continuous_head": "diffusion"}
+            for k in ("diffusion_timesteps", "diffusion_schedule", "diffusion_prediction", "diffusion_sample_steps")
+        },
     },
     "mamba": {
         **{k: _MOE for k in families.config_class("mamba").model_fields if k.startswith("moe_")},
-        "mlp": {"d_intermediate": 32}, "moe_capacity_factor": {**_MOE, "moe_router": "expert_choice"},
+        "mlp": {"d_intermediate": 32},
+        "moe_capacity_factor": {**_MOE, "moe_router": "expert_choice"},
     },
     "dit": {"text_vocab_size": {"context_dim": 16}},
     "vocoder": {
         "split_hz": {"head": "splitband"},
-        **{k: _ADV for k in ("adv_start_step", "adv_weight", "fm_weight", "mpd_periods", "mpd_channels",
-                             "mrd_resolutions", "mrd_channels")},
+        **{
+            k: _ADV
+            for k in (
+                "adv_start_step",
+                "adv_weight",
+                "fm_weight",
+                "mpd_periods",
+                "mpd_channels",
+                "mrd_resolutions",
+                "mrd_channels",
+            )
+        },
     },
     "audio_vae": {"time_strides": {"down_time": 4}, "speaker_vector_dim": {"speaker_source": "vector"}},
     "image_vae": {
@@ -112,55 +141,69 @@ CONTEXT: Dict[str, Dict[str, Union[Dict[str, Any], str]]] = {
 #: fields that by design change no output of the walk's probes: ``{family: {field: "reason; proven by
 #: tests/test_x.py::test_y"}}``. Checked: megaray reads the field outside the config modules, and the named
 #: test exists. Keep it as short as honesty allows.
-_CKPT = ("recomputes each block in backward (same math); proven by "
-         "tests/test_activation_checkpointing.py::test_activation_checkpointing_gives_the_same_gradients")
-_GPT_KERNEL = ("attention kernel choice (same math); proven by tests/test_gpt_components.py::test_sdpa_matches_reference "
-               "and tests/test_gpt_components.py::test_flash_backend_errors_clearly_on_cpu")
-_SEGMENT = ("data side: the training crop length; proven by "
-            "tests/test_audio_data.py::test_audio_datasets_give_fixed_shape_aligned_crops")
-_ANALYSIS = ("data side: must equal the shards' analysis setting (the mels come from the shards) and renders "
-             "Griffin-Lim eval audio; proven by tests/test_config_fields.py::test_data_side_fields_are_checked_against_the_shards")
+_CKPT = (
+    "recomputes each block in backward (same math); proven by "
+    "tests/test_activation_checkpointing.py::test_activation_checkpointing_gives_the_same_gradients"
+)
+_GPT_KERNEL = (
+    "attention kernel choice (same math); proven by tests/test_gpt_components.py::test_sdpa_matches_reference "
+    "and tests/test_gpt_components.py::test_flash_backend_errors_clearly_on_cpu"
+)
+_SEGMENT = (
+    "data side: the training crop length; proven by "
+    "tests/test_audio_data.py::test_audio_datasets_give_fixed_shape_aligned_crops"
+)
+_ANALYSIS = (
+    "data side: must equal the shards' analysis setting (the mels come from the shards) and renders "
+    "Griffin-Lim eval audio; proven by tests/test_config_fields.py::test_data_side_fields_are_checked_against_the_shards"
+)
 NO_OUTPUT_EFFECT: Dict[str, Dict[str, str]] = {
     "gpt": {"attn_backend": _GPT_KERNEL, "activation_checkpointing": _CKPT},
     "recurrent": {"attn_backend": _GPT_KERNEL, "activation_checkpointing": _CKPT},
     "multimodal": {
-        "attn_backend": _GPT_KERNEL, "activation_checkpointing": _CKPT,
+        "attn_backend": _GPT_KERNEL,
+        "activation_checkpointing": _CKPT,
         "mel_mean": "data side: audio spans are (log_mel - mel_mean) / mel_std (data layout, generation de-normalises); "
-                    "proven by tests/test_multimodal_train.py::test_mel_crops_are_normalised_and_padded",
+        "proven by tests/test_multimodal_train.py::test_mel_crops_are_normalised_and_padded",
         "mel_std": "as mel_mean; proven by tests/test_multimodal_train.py::test_mel_crops_are_normalised_and_padded",
     },
     "ngpt": {
         "attn_backend": "attention kernel choice (same math); proven by "
-                        "tests/test_config_fields.py::test_ngpt_attention_backends_agree_and_each_is_used",
+        "tests/test_config_fields.py::test_ngpt_attention_backends_agree_and_each_is_used",
         "activation_checkpointing": _CKPT,
         "block_size": "RoPE model: the longest sequence (training windows, generation's context window); proven by "
-                      "tests/test_ngpt.py::test_causal_and_cached_generation_equals_recomputation",
+        "tests/test_ngpt.py::test_causal_and_cached_generation_equals_recomputation",
     },
     "mamba": {
         "block_size": "no position table: the training window length and generation's context window; proven by "
-                      "tests/test_mamba.py::test_state_cache_decoding_equals_full_recomputation",
+        "tests/test_mamba.py::test_state_cache_decoding_equals_full_recomputation",
         "chunk_size": "SSD chunking of the same scan (same math); proven by "
-                      "tests/test_mamba.py::test_model_is_causal_and_chunk_size_does_not_change_logits",
+        "tests/test_mamba.py::test_model_is_causal_and_chunk_size_does_not_change_logits",
         "ssd_backend": "scan kernel choice (same math; mamba_ssm needs CUDA); proven by "
-                       "tests/test_mamba.py::test_mamba_ssm_kernel_agrees_with_the_pytorch_scan",
+        "tests/test_mamba.py::test_mamba_ssm_kernel_agrees_with_the_pytorch_scan",
         "activation_checkpointing": _CKPT,
     },
     "dit": {
         "attn_backend": "attention kernel choice (same math); proven by "
-                        "tests/test_common_attention.py::test_self_attention_causal_flag",
+        "tests/test_common_attention.py::test_self_attention_causal_flag",
         "activation_checkpointing": _CKPT,
     },
     "vocoder": {"segment_samples": _SEGMENT, "activation_checkpointing": _CKPT},
-    "audio_vae": {"sample_rate": _ANALYSIS, "n_fft": _ANALYSIS, "hop_length": _ANALYSIS, "segment_samples": _SEGMENT,
-                  "activation_checkpointing": _CKPT},
+    "audio_vae": {
+        "sample_rate": _ANALYSIS,
+        "n_fft": _ANALYSIS,
+        "hop_length": _ANALYSIS,
+        "segment_samples": _SEGMENT,
+        "activation_checkpointing": _CKPT,
+    },
     "image_vae": {
         "activation_checkpointing": _CKPT,
         "resolution": "data side: the training crop size (checked against the shards' stored size); proven by "
-                      "tests/test_config_fields.py::test_data_side_fields_are_checked_against_the_shards",
+        "tests/test_config_fields.py::test_data_side_fields_are_checked_against_the_shards",
         "scaling_factor": "scales the latents `megaray prepare image-latents` writes for a DiT; proven by "
-                          "tests/test_diffusion_train.py::test_image_latents_are_the_vaes_scaled_means_of_every_image",
+        "tests/test_diffusion_train.py::test_image_latents_are_the_vaes_scaled_means_of_every_image",
         "lpips_vgg_path": "a file path: its effect is the VGG weights it loads for perceptual_weight; proven by "
-                          "tests/test_image_vae.py::test_perceptual_loss_reads_local_vgg_weights_and_names_a_missing_path",
+        "tests/test_image_vae.py::test_perceptual_loss_reads_local_vgg_weights_and_names_a_missing_path",
     },
 }
 
@@ -168,7 +211,7 @@ NO_OUTPUT_EFFECT: Dict[str, Dict[str, str]] = {
 IGNORED: Dict[str, Dict[str, str]] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vgg_path() -> str:
     """A random VGG16 ``features`` state_dict in a temporary folder (removed at exit), for perceptual_weight."""
     import atexit
@@ -183,8 +226,9 @@ def _vgg_path() -> str:
         features = make_layers(cfgs["D"])
     g = torch.Generator().manual_seed(0)
     path = f"{folder}/vgg16_features.pth"
-    torch.save({f"features.{k}": torch.randn(v.shape, generator=g) * 0.05 for k, v in features.state_dict().items()},
-               path)
+    torch.save(
+        {f"features.{k}": torch.randn(v.shape, generator=g) * 0.05 for k, v in features.state_dict().items()}, path
+    )
     return path
 
 
@@ -352,8 +396,10 @@ class FamilyProbe:
 
     def probes(self) -> List[Probe]:
         def signature(cfg, input_cfg):
-            return {name: sorted((k, tuple(v.shape), str(v.dtype)) for k, v in m.state_dict().items())
-                    for name, m in self.modules(cfg).items()}
+            return {
+                name: sorted((k, tuple(v.shape), str(v.dtype)) for k, v in m.state_dict().items())
+                for name, m in self.modules(cfg).items()
+            }
 
         def forward(cfg, input_cfg):
             mods = self.modules(cfg)
@@ -367,9 +413,12 @@ class FamilyProbe:
             with torch.no_grad():
                 return train, self.forward(mods, input_cfg)
 
-        out: List[Probe] = [("state-dict signature of build_modules()", signature),
-                            ("forward outputs (train mode seed 1, eval mode)", forward)]
+        out: List[Probe] = [
+            ("state-dict signature of build_modules()", signature),
+            ("forward outputs (train mode seed 1, eval mode)", forward),
+        ]
         if self.task is not None and self.loss_batch is not None:
+
             def loss(cfg, input_cfg):
                 mods, task = self.modules(cfg), self.task(cfg)
                 batch = self.loss_batch(input_cfg)
@@ -468,17 +517,32 @@ def walk_field(fam: FamilyProbe, name: str) -> List[Outcome]:
     plain = fam.config_class.from_name(fam.preset)
     groups = candidates(info.annotation, getattr(plain, name))
     if not groups:
-        return [Outcome(name, "any", False, [], f"no perturbation derived from type {info.annotation}; "
-                        "add a rule to candidates() or list the field in NO_OUTPUT_EFFECT")]
+        return [
+            Outcome(
+                name,
+                "any",
+                False,
+                [],
+                f"no perturbation derived from type {info.annotation}; "
+                "add a rule to candidates() or list the field in NO_OUTPUT_EFFECT",
+            )
+        ]
     outcomes = []
     for label, values in groups:
         ctx = _context(fam, name, label)
         if isinstance(ctx, str):  # refused on purpose: check it is
             values = [v for v in values if v != getattr(plain, name)]
             refused = all(_refused(fam, {name: v}) for v in values)
-            outcomes.append(Outcome(name, label, refused, [repr(v) for v in values],
-                                    "" if refused else f"CONTEXT says refused ({ctx}) but a value validates",
-                                    refused=True))
+            outcomes.append(
+                Outcome(
+                    name,
+                    label,
+                    refused,
+                    [repr(v) for v in values],
+                    "" if refused else f"CONTEXT says refused ({ctx}) but a value validates",
+                    refused=True,
+                )
+            )
             continue
         ctx = dict(ctx or {})
         try:
@@ -517,7 +581,7 @@ def _refused(fam: FamilyProbe, overrides: Dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- static checks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sources() -> Dict[str, str]:
     """``{path: text}`` of megaray's modules, the config modules aside (megaray/config.py and every
     megaray/models/*/config.py): reading a field in a validator is not using it."""
@@ -540,7 +604,11 @@ def test_exists(ref: str) -> bool:
     """Whether ``tests/x.py::test_y`` names a test function that exists."""
     path, _, func = ref.partition("::")
     p = REPO / path
-    return bool(func) and p.is_file() and re.search(rf"^\s*(async\s+)?def {re.escape(func)}\(", p.read_text(), re.M) is not None
+    return (
+        bool(func)
+        and p.is_file()
+        and re.search(rf"^\s*(async\s+)?def {re.escape(func)}\(", p.read_text(), re.M) is not None
+    )
 
 
 test_exists.__test__ = False  # a helper, not a test
@@ -576,9 +644,12 @@ def _mm_batch(cfg) -> Dict[str, torch.Tensor]:
     ids = m.special_ids()
     T = max(m.audio_tokens if "audio" in m.modalities else 0, m.image_tokens if "image" in m.modalities else 0) + 4
     rows, starts, tasks = [], {"audio": [-1, -1], "image": [-1, -1]}, []
-    for r, (name, opener, closer, n, task) in enumerate((
+    for r, (name, opener, closer, n, task) in enumerate(
+        (
             ("audio", ids["<|audio|>"], ids["<|/audio|>"], m.audio_tokens, 2),
-            ("image", ids["<|image|>"], ids["<|/image|>"], m.image_tokens, 4))):
+            ("image", ids["<|image|>"], ids["<|/image|>"], m.image_tokens, 4),
+        )
+    ):
         if name in m.modalities:
             seq = [5 + r, opener] + [0] * n + [closer]
             starts[name][r] = 2
@@ -594,11 +665,16 @@ def _mm_batch(cfg) -> Dict[str, torch.Tensor]:
                 targets[t] = seq[t + 1]
         rows.append((tokens, targets))
     g = _gen()
-    return dict(tokens=torch.tensor([r[0] for r in rows]), targets=torch.tensor([r[1] for r in rows]),
-                audio=torch.randn(2, m.n_mels, m.audio_frames, generator=g), audio_start=torch.tensor(starts["audio"]),
-                audio_valid=torch.full((2,), m.audio_frames),
-                image=torch.rand(2, m.image_channels, m.image_size, m.image_size, generator=g) * 2 - 1,
-                image_start=torch.tensor(starts["image"]), task=torch.tensor(tasks))
+    return dict(
+        tokens=torch.tensor([r[0] for r in rows]),
+        targets=torch.tensor([r[1] for r in rows]),
+        audio=torch.randn(2, m.n_mels, m.audio_frames, generator=g),
+        audio_start=torch.tensor(starts["audio"]),
+        audio_valid=torch.full((2,), m.audio_frames),
+        image=torch.rand(2, m.image_channels, m.image_size, m.image_size, generator=g) * 2 - 1,
+        image_start=torch.tensor(starts["image"]),
+        task=torch.tensor(tasks),
+    )
 
 
 def _mm_forward(mods, cfg):
@@ -632,8 +708,7 @@ def _dit_inputs(cfg) -> Dict[str, Any]:
 def _dit_forward(mods, cfg):
     b = _dit_inputs(cfg)
     ctx = b.get("text_ids", b.get("context"))
-    return mods["model"](b["x"], torch.tensor([1, 3]), y=b.get("y"), context=ctx,
-                         context_mask=b.get("text_mask"))
+    return mods["model"](b["x"], torch.tensor([1, 3]), y=b.get("y"), context=ctx, context_mask=b.get("text_mask"))
 
 
 def _dit_batch(cfg):
@@ -719,25 +794,43 @@ def _build_of(family: str) -> Callable[[RunConfig], Dict[str, torch.nn.Module]]:
 
 _LM = dict(forward=_lm_forward, loss_batch=_lm_batch)
 _SHAPES: Dict[str, Dict[str, Any]] = {
-    "gpt": _LM, "ngpt": _LM, "mamba": _LM,
+    "gpt": _LM,
+    "ngpt": _LM,
+    "mamba": _LM,
     "recurrent": dict(_LM, extra=(("generate() (seed 3): tokens and mean depth", _recurrent_generate),)),
-    "multimodal": dict(forward=_mm_forward, loss_batch=_mm_batch,
-                       extra=(("generate_image/audio/text (seed 3)", _mm_generate),)),
-    "dit": dict(forward=_dit_forward, loss_batch=_dit_batch,
-                extra=(("sample(): 2 DDIM steps from seeded noise (seed 3)", _dit_sample),)),
-    "vocoder": dict(forward=_vocoder_forward, loss_batch=_vocoder_batch,
-                    extra=(("train_step at step 0 with stand-in engines (GAN terms)", _gan_step),)),
+    "multimodal": dict(
+        forward=_mm_forward, loss_batch=_mm_batch, extra=(("generate_image/audio/text (seed 3)", _mm_generate),)
+    ),
+    "dit": dict(
+        forward=_dit_forward,
+        loss_batch=_dit_batch,
+        extra=(("sample(): 2 DDIM steps from seeded noise (seed 3)", _dit_sample),),
+    ),
+    "vocoder": dict(
+        forward=_vocoder_forward,
+        loss_batch=_vocoder_batch,
+        extra=(("train_step at step 0 with stand-in engines (GAN terms)", _gan_step),),
+    ),
     "audio_vae": dict(forward=_audio_vae_forward, loss_batch=_audio_vae_batch),
-    "image_vae": dict(forward=_image_vae_forward, loss_batch=_image_batch,
-                      extra=(("train_step at step 0 with stand-in engines (GAN terms)", _gan_step),)),
+    "image_vae": dict(
+        forward=_image_vae_forward,
+        loss_batch=_image_batch,
+        extra=(("train_step at step 0 with stand-in engines (GAN terms)", _gan_step),),
+    ),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def family_probe(family: str) -> FamilyProbe:
-    return FamilyProbe(family=family, config_class=families.config_class(family), preset=PRESETS[family],
-                       build=_build_of(family), task=_task_of(family), context=CONTEXT.get(family, {}),
-                       **_SHAPES[family])
+    return FamilyProbe(
+        family=family,
+        config_class=families.config_class(family),
+        preset=PRESETS[family],
+        build=_build_of(family),
+        task=_task_of(family),
+        context=CONTEXT.get(family, {}),
+        **_SHAPES[family],
+    )
 
 
 def _fields() -> List[Tuple[str, str]]:
@@ -767,9 +860,12 @@ def test_every_config_field_changes_something(family, name, request):
     bad = [o for o in walk_field(family_probe(family), name) if not o.ok]
     assert not bad, "\n".join(
         f"{family}.{name}{'' if o.group == 'any' else o.group}: {o.detail} (accepted but ignored?). Tried "
-        f"(value: what happened):\n    " + "\n    ".join(o.tried or ["nothing"]) +
-        "\n  Make the setting take effect, refuse it in validation, or register it in CONTEXT / NO_OUTPUT_EFFECT "
-        "(tests/test_config_fields.py; docs/models.md)" for o in bad)
+        f"(value: what happened):\n    "
+        + "\n    ".join(o.tried or ["nothing"])
+        + "\n  Make the setting take effect, refuse it in validation, or register it in CONTEXT / NO_OUTPUT_EFFECT "
+        "(tests/test_config_fields.py; docs/models.md)"
+        for o in bad
+    )
 
 
 @pytest.mark.parametrize("family", sorted(NO_OUTPUT_EFFECT))
@@ -780,10 +876,13 @@ def test_no_output_effect_fields_are_read_and_proven(family):
     for name, reason in NO_OUTPUT_EFFECT[family].items():
         assert name in cls.model_fields, f"NO_OUTPUT_EFFECT[{family!r}] names {name!r}, not a field of {cls.__name__}"
         seen = [o for o in walk_field(family_probe(family), name) if o.ok and not o.refused]
-        assert not seen, (f"{family}.{name} is in NO_OUTPUT_EFFECT but changes a probe ({seen[0].tried[-1]}): "
-                          "remove the entry")
-        assert readers(name), (f"{family}.{name} is in NO_OUTPUT_EFFECT ({reason}) but nothing in megaray/ outside "
-                               "the config modules reads it: an accepted-but-ignored setting")
+        assert not seen, (
+            f"{family}.{name} is in NO_OUTPUT_EFFECT but changes a probe ({seen[0].tried[-1]}): remove the entry"
+        )
+        assert readers(name), (
+            f"{family}.{name} is in NO_OUTPUT_EFFECT ({reason}) but nothing in megaray/ outside "
+            "the config modules reads it: an accepted-but-ignored setting"
+        )
         refs = re.findall(r"tests/[\w/]+\.py::\w+", reason)
         assert refs, f"NO_OUTPUT_EFFECT[{family!r}][{name!r}] cites no test (tests/x.py::test_y): {reason}"
         for ref in refs:
@@ -826,11 +925,19 @@ class _ToyConfig(ModelConfig):
 def _toy_probe() -> FamilyProbe:
     def build(cfg):
         m = cfg.model
-        return {"model": torch.nn.Sequential(torch.nn.Linear(3, m.width),
-                                             torch.nn.ReLU() if m.activation == "relu" else torch.nn.Tanh())}
+        return {
+            "model": torch.nn.Sequential(
+                torch.nn.Linear(3, m.width), torch.nn.ReLU() if m.activation == "relu" else torch.nn.Tanh()
+            )
+        }
 
-    return FamilyProbe(family="toy", config_class=_ToyConfig, preset="toy", build=build,
-                       forward=lambda mods, input_cfg: mods["model"](torch.randn(2, 3, generator=_gen())))
+    return FamilyProbe(
+        family="toy",
+        config_class=_ToyConfig,
+        preset="toy",
+        build=build,
+        forward=lambda mods, input_cfg: mods["model"](torch.randn(2, 3, generator=_gen())),
+    )
 
 
 def test_the_walker_finds_a_field_that_nothing_reads():
@@ -852,8 +959,9 @@ def test_ngpt_attention_backends_agree_and_each_is_used(monkeypatch):
     calls = []
     for name in ("sdpa_attention", "reference_attention"):  # the kernels, counted (bound at construction)
         real = getattr(ngpt_model, name)
-        monkeypatch.setattr(ngpt_model, name, functools.partial(lambda r, n, *a, **k: calls.append(n) or r(*a, **k),
-                                                               real, name))
+        monkeypatch.setattr(
+            ngpt_model, name, functools.partial(lambda r, n, *a, **k: calls.append(n) or r(*a, **k), real, name)
+        )
     outs = {}
     for backend in ("sdpa", "reference"):
         calls.clear()
@@ -874,22 +982,38 @@ def test_data_side_fields_are_checked_against_the_shards(tmp_path):
     audio = tmp_path / "speech"
     for split in ("train", "val"):
         (audio / split).mkdir(parents=True)
-    write_manifest(str(audio), new_manifest(
-        "audio", sample_rate=16000, n_mels=80, n_fft=512, hop_length=128, clips=2, speakers={},
-        splits={"train": {"dir": "train", "clips": 1}, "val": {"dir": "val", "clips": 1}}))
+    write_manifest(
+        str(audio),
+        new_manifest(
+            "audio",
+            sample_rate=16000,
+            n_mels=80,
+            n_fft=512,
+            hop_length=128,
+            clips=2,
+            speakers={},
+            splits={"train": {"dir": "train", "clips": 1}, "val": {"dir": "val", "clips": 1}},
+        ),
+    )
     for key, value in (("sample_rate", 22050), ("n_fft", 1024), ("hop_length", 256)):
         seg = {"segment_samples": 8192} if key != "hop_length" else {}
-        cfg = build_run_config({"model": {"family": "audio_vae", "preset": "tiny", key: value, **seg},
-                                "data": {"shards": str(audio)}})
+        cfg = build_run_config(
+            {"model": {"family": "audio_vae", "preset": "tiny", key: value, **seg}, "data": {"shards": str(audio)}}
+        )
         with pytest.raises(ConfigError, match=rf"model.{key}: .*{key}={value} .*{key}="):
             families.task_class("audio_vae")(cfg).datasets()
 
     images = tmp_path / "images"
     for split in ("train", "val"):
         (images / split).mkdir(parents=True)
-    write_manifest(str(images), new_manifest(
-        "images", size=16, splits={"train": {"dir": "train", "images": 1}, "val": {"dir": "val", "images": 1}}))
-    cfg = build_run_config({"model": {"family": "image_vae", "preset": "tiny", "resolution": 32},
-                            "data": {"shards": str(images)}})
+    write_manifest(
+        str(images),
+        new_manifest(
+            "images", size=16, splits={"train": {"dir": "train", "images": 1}, "val": {"dir": "val", "images": 1}}
+        ),
+    )
+    cfg = build_run_config(
+        {"model": {"family": "image_vae", "preset": "tiny", "resolution": 32}, "data": {"shards": str(images)}}
+    )
     with pytest.raises(ConfigError, match=r"model.resolution: 32 px crops .* prepared at 16"):
         families.task_class("image_vae")(cfg).datasets()

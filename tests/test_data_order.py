@@ -26,8 +26,14 @@ from megaray.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parent.parent
 G, B = 12, 2
-CONTENT = {"text": "input_ids", "audio": "audio", "image": "image", "mel": "mel", "multimodal": "tokens",
-           "sft": "input_ids"}
+CONTENT = {
+    "text": "input_ids",
+    "audio": "audio",
+    "image": "image",
+    "mel": "mel",
+    "multimodal": "tokens",
+    "sft": "input_ids",
+}
 
 
 # ----------------------------------------------------------------------------- arithmetic, no Ray
@@ -36,8 +42,11 @@ def test_batch_plan_arithmetic_and_the_served_order():
     assert (plan.steps_per_epoch, plan.served) == (8, 96)
     assert [plan.accum(w) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
     assert plan.worlds(1, 8) == [1, 2, 3, 6] and plan.micro_batches(3) == 16 and plan.position(24, 2) == 6
-    with pytest.raises(ConfigError, match=r"global_batch_size 12 is not a multiple of data.batch_size 2 x 4 workers;"
-                                          r" world sizes that divide it: \[1, 2, 3, 6\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size 12 is not a multiple of data.batch_size 2 x 4 workers;"
+        r" world sizes that divide it: \[1, 2, 3, 6\]",
+    ):
         plan.accum(4)
     with pytest.raises(ConfigError, match="holds 11 crops, fewer than one global batch of 12"):
         order.train_plan(11, G, B, "data/x", "crops")
@@ -54,7 +63,7 @@ def test_batch_plan_arithmetic_and_the_served_order():
     assert all(b.rows >= o.block for b in blocks[:-1]) and blocks[-1].start + blocks[-1].rows >= plan.served
     for b in blocks:  # a block's served rows are its stream rows, permuted
         stream = np.arange(b.start, min(b.start + b.rows, plan.served))
-        assert sorted(np.arange(len(ids))[b.start:b.start + b.rows].tolist()) == stream.tolist()
+        assert sorted(np.arange(len(ids))[b.start : b.start + b.rows].tolist()) == stream.tolist()
     assert not np.array_equal(ids, rows.served_rows(sizes, o, epoch=1)[0])  # epochs differ
     unshuffled = rows.EpochOrder.of(plan, seed=3, shuffle_block=0, passes=2)
     ids0, passes0 = rows.served_rows(sizes, unshuffled, 0)
@@ -67,24 +76,40 @@ def test_batch_plan_arithmetic_and_the_served_order():
 def _cfg(kind, shards, global_batch):
     from megaray.families import load_config
 
-    common = ["data.batch_size=2", f"train.global_batch_size={global_batch}", "scaling.num_workers=[1,3]", "data.shuffle_block=40",
-              "data.num_val_batches=1", "train.max_steps=20"]
+    common = [
+        "data.batch_size=2",
+        f"train.global_batch_size={global_batch}",
+        "scaling.num_workers=[1,3]",
+        "data.shuffle_block=40",
+        "data.num_val_batches=1",
+        "train.max_steps=20",
+    ]
     if kind == "text":
-        return load_config(REPO / "configs" / "gpt_debug.yaml", [f"data.shards={shards}", "model.block_size=1024", *common])
+        return load_config(
+            REPO / "configs" / "gpt_debug.yaml", [f"data.shards={shards}", "model.block_size=1024", *common]
+        )
     if kind == "audio":
         return load_config(REPO / "configs" / "vocoder_tiny.yaml", [f"data.shards={shards}", *common])
     if kind == "image":
-        return load_config(REPO / "configs" / "image_vae_tiny.yaml", [f"data.shards={shards}", "model.perceptual_weight=0",
-                                                                      *common])
+        return load_config(
+            REPO / "configs" / "image_vae_tiny.yaml", [f"data.shards={shards}", "model.perceptual_weight=0", *common]
+        )
     if kind == "mel":
-        return load_config(REPO / "configs" / "mel_dit_tiny.yaml", [f"data.shards={shards}", "model.input_size=[80,32]",
-                                                                    *common])
+        return load_config(
+            REPO / "configs" / "mel_dit_tiny.yaml", [f"data.shards={shards}", "model.input_size=[80,32]", *common]
+        )
     if kind == "multimodal":
         text, speech, image = shards
-        return load_config(REPO / "configs" / "multimodal_tiny.yaml", [
-            f"data.sources=[{{shards: {text}, weight: 2}}, {{shards: {speech}, weight: 1}}, {{shards: {image}, weight: 1}}]",
-            *common])
-    return load_config(REPO / "configs" / "finetune_tiny.yaml", [f"data.shards={shards}", "model.block_size=64", *common])
+        return load_config(
+            REPO / "configs" / "multimodal_tiny.yaml",
+            [
+                f"data.sources=[{{shards: {text}, weight: 2}}, {{shards: {speech}, weight: 1}}, {{shards: {image}, weight: 1}}]",
+                *common,
+            ],
+        )
+    return load_config(
+        REPO / "configs" / "finetune_tiny.yaml", [f"data.shards={shards}", "model.block_size=64", *common]
+    )
 
 
 def _task(kind, shards, global_batch=G):
@@ -105,8 +130,12 @@ def _blocks(ds, limit=None):
     out = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         content = batch[CONTENT_KEY[0]]
-        out.append([(int(e), int(i), hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).hexdigest())
-                    for e, i, x in zip(batch["epoch"], batch["index"], content)])
+        out.append(
+            [
+                (int(e), int(i), hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).hexdigest())
+                for e, i, x in zip(batch["epoch"], batch["index"], content)
+            ]
+        )
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -132,8 +161,9 @@ def _check_stream(task, plan, kind, full_epochs=True, cursor=2 * G):
     worlds = plan.worlds(1, 3)
     for world in worlds:
         accum, ranks = plan.accum(world), [full[r::world] for r in range(world)]
-        batches[world] = [sorted(r for rank in ranks for blk in rank[s * accum:(s + 1) * accum] for r in blk)
-                          for s in range(steps)]
+        batches[world] = [
+            sorted(r for rank in ranks for blk in rank[s * accum : (s + 1) * accum] for r in blk) for s in range(steps)
+        ]
     assert all(batches[w] == batches[1] for w in worlds) and len(worlds) > 1
     for s, batch in enumerate(batches[1]):
         e, first = divmod(s * G, plan.served)
@@ -141,7 +171,7 @@ def _check_stream(task, plan, kind, full_epochs=True, cursor=2 * G):
     # resumed at a cursor: exactly the tail of the uninterrupted stream
     tail = [r for b in _blocks(task.train_stream(0, cursor, plan), None if full_epochs else 3 * G // B) for r in b]
     expect = [r for r in flat if (r[0], r[1]) >= (0, cursor)]
-    assert tail == expect[:len(tail)] and (not full_epochs or len(tail) == len(expect))
+    assert tail == expect[: len(tail)] and (not full_epochs or len(tail) == len(expect))
     return flat
 
 
@@ -159,29 +189,46 @@ def test_audio_crops_same_global_batches_at_any_world_size(ray_cluster, speech_s
 
 def test_image_crops_same_global_batches_and_a_real_streaming_split(ray_cluster, image_shards, tmp_path):
     task, plan = _task("image", image_shards)
-    flat = _check_stream(task, plan, "image")
+    _check_stream(task, plan, "image")
     # the served rows are those the pure-numpy order names (row ids in file order, pass)
     filesystem, items, schema, _ = rows.split_items(image_shards, task.info.manifest, "train", ["name"])
     o = rows.EpochOrder.of(plan, task.cfg.train.seed, task.cfg.data.shuffle_block, task.info.passes)
-    ds = rows.positioned_rows(filesystem, items, ["name"], schema, seed=o.seed, shuffle_block=task.cfg.data.shuffle_block,
-                              plan=plan, epoch=1, cursor=G, last_epoch=1, passes=task.info.passes)
+    ds = rows.positioned_rows(
+        filesystem,
+        items,
+        ["name"],
+        schema,
+        seed=o.seed,
+        shuffle_block=task.cfg.data.shuffle_block,
+        plan=plan,
+        epoch=1,
+        cursor=G,
+        last_epoch=1,
+        passes=task.info.passes,
+    )
     ds.context.execution_options.preserve_order = True
     got = ds.take_all()
     import pyarrow.parquet as pq
 
-    names = [n for it in items for n in pq.ParquetFile(it["path"]).read_row_group(it["row_group"], ["name"])
-             .column("name").to_pylist()]
+    names = [
+        n
+        for it in items
+        for n in pq.ParquetFile(it["path"]).read_row_group(it["row_group"], ["name"]).column("name").to_pylist()
+    ]
     ids, passes = rows.served_rows([it["rows"] for it in items], o, 1)
     assert [(r["name"], r["pass"], r["index"]) for r in got] == [
-        (names[i], p, k) for k, (i, p) in enumerate(zip(ids, passes)) if k >= G]
+        (names[i], p, k) for k, (i, p) in enumerate(zip(ids, passes)) if k >= G
+    ]
     # a real streaming_split(3, equal=True): rank r's k-th micro-batch is positions [(k*3 + r)*B, +B)
     ds = task.train_stream(0, 0, plan)
     ds.context.execution_options.preserve_order = True
     splits, seen = ds.streaming_split(3, equal=True), {}
 
     def consume(r):
-        seen[r] = [(b["epoch"].tolist(), b["index"].tolist())
-                   for b in splits[r].iter_batches(batch_size=B, batch_format="numpy")]
+        seen[r] = [
+            (b["epoch"].tolist(), b["index"].tolist())
+            for b in splits[r].iter_batches(batch_size=B, batch_format="numpy")
+        ]
 
     threads = [threading.Thread(target=consume, args=(r,)) for r in range(3)]
     [t.start() for t in threads]
@@ -194,7 +241,9 @@ def test_image_crops_same_global_batches_and_a_real_streaming_split(ray_cluster,
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
-def test_mixture_mel_dit_and_sft_streams_are_positioned(ray_cluster, text_shards, speech_shards, image_shards, tmp_path):
+def test_mixture_mel_dit_and_sft_streams_are_positioned(
+    ray_cluster, text_shards, speech_shards, image_shards, tmp_path
+):
     """The other families' streams: the first global batches, and a resume at a cursor."""
     task, plan = _task("multimodal", (text_shards, speech_shards, image_shards))
     _check_stream(task, plan, "multimodal", full_epochs=False)
@@ -203,8 +252,12 @@ def test_mixture_mel_dit_and_sft_streams_are_positioned(ray_cluster, text_shards
     from megaray.data.sft import prepare_sft
 
     src = tmp_path / "chat.jsonl"
-    src.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i % 7}?", "completion": f"{i + i % 7}."}) + "\n"
-                           for i in range(160)))
+    src.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} plus {i % 7}?", "completion": f"{i + i % 7}."}) + "\n"
+            for i in range(160)
+        )
+    )
     prepare_sft([str(src)], str(tmp_path / "sft"), text_shards, max_tokens=65, val_fraction=0.2, verbose=False)
     task, plan = _task("sft", str(tmp_path / "sft"))
     _check_stream(task, plan, "sft")
@@ -221,12 +274,11 @@ def test_positioned_rows_name_or_fill_a_corrupt_row_group(ray_cluster, tmp_path)
     path = tmp_path / "part-00000.parquet"
     rng = np.random.default_rng(0)
     table = pa.table({"payload": [rng.bytes(300) for _ in range(60)], "id": np.arange(60, dtype=np.int64)})
-    pq.write_table(table, path, row_group_size=10, compression="none", use_dictionary=False,
-                   write_page_checksum=True)
+    pq.write_table(table, path, row_group_size=10, compression="none", use_dictionary=False, write_page_checksum=True)
     col = pq.ParquetFile(path).metadata.row_group(2).column(0)
     raw = bytearray(path.read_bytes())
     mid = col.data_page_offset + col.total_compressed_size // 2
-    raw[mid:mid + 32] = bytes(b ^ 0xFF for b in raw[mid:mid + 32])
+    raw[mid : mid + 32] = bytes(b ^ 0xFF for b in raw[mid : mid + 32])
     path.write_bytes(bytes(raw))
 
     from megaray.data.shards import row_groups
@@ -247,8 +299,8 @@ def test_positioned_rows_name_or_fill_a_corrupt_row_group(ray_cluster, tmp_path)
     lost = {i for i, w in enumerate(want) if 20 <= w < 30}
     assert len(lost) == 10 and all(r["id"] == w for i, (r, w) in enumerate(zip(got, want)) if i not in lost)
     blocks, item, _ = rows.epoch_blocks([10] * 6, o, 0)
-    (block,) = [b for b in blocks if 2 in item[b.lo:b.hi]]
-    others = {g * 10 + j for g in item[block.lo:block.hi] if g != 2 for j in range(10)}
+    (block,) = [b for b in blocks if 2 in item[b.lo : b.hi]]
+    others = {g * 10 + j for g in item[block.lo : block.hi] if g != 2 for j in range(10)}
     assert {got[i]["id"] for i in lost} <= others and len(others) >= 10  # filled from the same block
 
 

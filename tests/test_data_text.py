@@ -16,8 +16,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from megaray.data import text
-from megaray.data.stdlib import build_stdlib_corpus, iter_stdlib_docstrings
 from megaray.data.sources import DataError, list_files
+from megaray.data.stdlib import build_stdlib_corpus, iter_stdlib_docstrings
 from megaray.data.text import (
     equal_batches,
     load_manifest,
@@ -55,8 +55,17 @@ def _read_rows(shards: str, split: str):
 def small_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "stdlib"
     # small shards and row groups so the Ray tests cross file and row-group boundaries
-    m = prepare_text(["stdlib"], str(out), vocab_size=400, stdlib_max_docs=400, val_fraction=0.1, rows_per_group=64,
-                     tokens_per_shard=15000, progress=False, verbose=False)
+    m = prepare_text(
+        ["stdlib"],
+        str(out),
+        vocab_size=400,
+        stdlib_max_docs=400,
+        val_fraction=0.1,
+        rows_per_group=64,
+        tokens_per_shard=15000,
+        progress=False,
+        verbose=False,
+    )
     assert len(m["splits"]["train"]["shards"]) >= 3 and m["splits"]["train"]["shards"][0]["row_groups"] >= 2
     return str(out)
 
@@ -81,7 +90,11 @@ def test_stdlib_corpus_deterministic_split_by_document(tmp_path):
 def test_stdlib_scan_skips_tests_and_site_packages(tmp_path):
     doc = '"""{}: ' + "long enough docstring text " * 4 + '"""\n'
     files = {
-        "json/decoder.py": doc.format("module") + "class A:\n    " + doc.format("class A") + "    def f(self):\n        " + doc.format("A.f"),
+        "json/decoder.py": doc.format("module")
+        + "class A:\n    "
+        + doc.format("class A")
+        + "    def f(self):\n        "
+        + doc.format("A.f"),
         "pkg/short.py": '"""too short"""\n',
         "twin.py": doc.format("module"),  # exact duplicate of json/decoder.py's module docstring
         "bad.py": "def broken(:\n",
@@ -93,7 +106,11 @@ def test_stdlib_scan_skips_tests_and_site_packages(tmp_path):
         (tmp_path / rel).write_text(src)
     stats = {}
     docs = list(iter_stdlib_docstrings(tmp_path, stats=stats))
-    assert [i for i, _ in docs] == ["stdlib:json/decoder.py:<module>", "stdlib:json/decoder.py:A", "stdlib:json/decoder.py:A.f"]
+    assert [i for i, _ in docs] == [
+        "stdlib:json/decoder.py:<module>",
+        "stdlib:json/decoder.py:A",
+        "stdlib:json/decoder.py:A.f",
+    ]
     assert docs[2][1].startswith("A.f: long enough")
     assert stats == {"files": 4, "unparsable_files": 1, "too_short": 1, "duplicates": 1, "documents": 3}
 
@@ -149,7 +166,11 @@ def test_prepare_counts_rejects_and_roundtrips(tmp_path):
     assert m["rejected"]["total"] == sum(rej.values())
     assert any("junk.txt" in e for e in m["rejected"]["by_reason"]["undecodable_utf8"]["examples"])
     assert any(e.endswith("c.jsonl:9") for e in m["rejected"]["by_reason"]["undecodable_utf8"]["examples"])
-    assert m["files"] == {"read": 8, "by_extension": {"bin": 1, "jsonl": 1, "md": 2, "parquet": 1, "txt": 3}, "hidden_skipped": 1}
+    assert m["files"] == {
+        "read": 8,
+        "by_extension": {"bin": 1, "jsonl": 1, "md": 2, "parquet": 1, "txt": 3},
+        "hidden_skipped": 1,
+    }
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train", "val"]
     assert not list(tmp_path.glob("out.tmp-*"))
 
@@ -259,7 +280,9 @@ def test_overwrite_and_unprepared_dirs(tmp_path):
     prepare_text([str(src)], str(out), vocab_size=300, val_fraction=0.2, progress=False, verbose=False)
     with pytest.raises(DataError, match="already holds prepared data"):
         prepare_text([str(src)], str(out), vocab_size=300, progress=False, verbose=False)
-    m = prepare_text([str(src)], str(out), vocab_size=280, val_fraction=0.2, overwrite=True, progress=False, verbose=False)
+    m = prepare_text(
+        [str(src)], str(out), vocab_size=280, val_fraction=0.2, overwrite=True, progress=False, verbose=False
+    )
     assert load_manifest(str(out))["vocab_size"] == m["vocab_size"] <= 280
     # a folder without manifest (a crashed or foreign write) is refused by readers
     (out / "manifest.json").unlink()
@@ -339,7 +362,9 @@ def test_streaming_split_equal_batches_per_rank(ray_local, small_shards):
         try:
             for epoch in range(2):
                 stop = expect - 1 if epoch == 0 else None  # epoch 0: trainer stops early
-                for b in its[i].iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=16, local_shuffle_seed=epoch):
+                for b in its[i].iter_torch_batches(
+                    batch_size=bs, drop_last=True, local_shuffle_buffer_size=16, local_shuffle_seed=epoch
+                ):
                     assert b["input_ids"].shape == (bs, block)
                     assert (b["input_ids"][:, 1:] == b["targets"][:, :-1]).all()
                     counts[i][epoch] += 1

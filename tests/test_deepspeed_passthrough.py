@@ -13,11 +13,10 @@ import sys
 import textwrap
 
 import pytest
+from conftest import REPO
 
 from megaray.errors import ConfigError
 from megaray.families import build_run_config
-
-from conftest import REPO
 
 
 def _cfg(**train):
@@ -27,8 +26,14 @@ def _cfg(**train):
 def test_pass_through_is_merged_under_megaray_settings():
     from megaray.train.engines import deepspeed_config
 
-    ds = deepspeed_config(_cfg(zero_stage=3, offload="all", deepspeed={
-        "zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": True}}), "fp32")
+    ds = deepspeed_config(
+        _cfg(
+            zero_stage=3,
+            offload="all",
+            deepspeed={"zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": True}},
+        ),
+        "fp32",
+    )
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["overlap_comm"] is True and z["stage3_gather_16bit_weights_on_model_save"]
     assert z["offload_optimizer"]["device"] == z["offload_param"]["device"] == "cpu"
@@ -37,16 +42,33 @@ def test_pass_through_is_merged_under_megaray_settings():
     assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 500}
 
 
-@pytest.mark.parametrize("train, match", [
-    ({"deepspeed": {"zero_optimisation": {"overlap_comm": True}}},
-     r"train\.deepspeed\.zero_optimisation: not a DeepSpeed config key .*did you mean 'zero_optimization'"),
-    ({"deepspeed": {"zero_optimization": {"overlap_comms": True}}}, r"DeepSpeedZeroConfig\.overlap_comms: Extra inputs"),
-    ({"deepspeed": {"zero_optimization": {"reduce_bucket_size": "lots"}}}, r"reduce_bucket_size: Input should be a valid integer"),
-    ({"deepspeed": {"sparse_gradients": True}}, r"Sparse compression .* has been removed"),
-    ({"deepspeed": {"gradient_clipping": 2.0}}, r"train\.deepspeed\.gradient_clipping: megaray sets this from train\.grad_clip"),
-    ({"deepspeed": {"zero_optimization": {"stage": 1}}}, r"zero_optimization\.stage: megaray sets this from train\.zero_stage"),
-    ({"deepspeed": {"optimizer": {"type": "Adam"}}}, r"train\.deepspeed\.optimizer: megaray sets this"),
-])
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        (
+            {"deepspeed": {"zero_optimisation": {"overlap_comm": True}}},
+            r"train\.deepspeed\.zero_optimisation: not a DeepSpeed config key .*did you mean 'zero_optimization'",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"overlap_comms": True}}},
+            r"DeepSpeedZeroConfig\.overlap_comms: Extra inputs",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"reduce_bucket_size": "lots"}}},
+            r"reduce_bucket_size: Input should be a valid integer",
+        ),
+        ({"deepspeed": {"sparse_gradients": True}}, r"Sparse compression .* has been removed"),
+        (
+            {"deepspeed": {"gradient_clipping": 2.0}},
+            r"train\.deepspeed\.gradient_clipping: megaray sets this from train\.grad_clip",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 1}}},
+            r"zero_optimization\.stage: megaray sets this from train\.zero_stage",
+        ),
+        ({"deepspeed": {"optimizer": {"type": "Adam"}}}, r"train\.deepspeed\.optimizer: megaray sets this"),
+    ],
+)
 def test_bad_deepspeed_settings_are_config_errors_naming_the_key(train, match):
     from megaray.train.engines import validate_deepspeed
 
@@ -65,11 +87,26 @@ def test_a_bad_key_fails_megaray_train_before_anything_starts(tmp_path):
     """The CLI prints one ``error:`` line and exits 2 before Ray starts (no session folder)."""
     env = dict(os.environ, RAY_ADDRESS="", PATH=f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS")
-    r = subprocess.run(["megaray", "train", str(REPO / "configs" / "gpt_debug.yaml"), "--set",
-                        "train.deepspeed={zero_optimization: {overlap_comms: true}}", "--set", f"scaling.storage_path={tmp_path}"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    r = subprocess.run(
+        [
+            "megaray",
+            "train",
+            str(REPO / "configs" / "gpt_debug.yaml"),
+            "--set",
+            "train.deepspeed={zero_optimization: {overlap_comms: true}}",
+            "--set",
+            f"scaling.storage_path={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "error: train.deepspeed: DeepSpeed rejects the config: DeepSpeedZeroConfig.overlap_comms" in r.stderr + r.stdout
+    assert (
+        "error: train.deepspeed: DeepSpeed rejects the config: DeepSpeedZeroConfig.overlap_comms" in r.stderr + r.stdout
+    )
     assert "device: " not in r.stdout and "Traceback" not in r.stderr  # stopped before Ray started (device line)
 
 
@@ -137,10 +174,12 @@ def test_zero_offload_trains_on_cpu_with_the_losses_of_a_run_without_it(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PORT=str(port), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path)
+    )
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT "):])
+    res = json.loads(line[0][len("RESULT ") :])
     base = res["zero2"]["losses"]
     assert base[-1] < base[0]  # it trains
     for name in ("zero2_offload", "zero3_offload_all"):

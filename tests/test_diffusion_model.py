@@ -48,13 +48,16 @@ def test_seed_presets_sit_between_s_and_b():
         assert REFERENCE_PARAMS["DiT-S/2"] < n < REFERENCE_PARAMS["DiT-B/2"], (name, n)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(input_size=9), "input_size"),
-    (dict(input_size=[80, 63]), "input_size"),
-    (dict(hidden_size=66, num_heads=4), "hidden_size"),
-    (dict(text_vocab_size=256), "text_vocab_size"),
-    (dict(schedule="quadratic"), "schedule"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(input_size=9), "input_size"),
+        (dict(input_size=[80, 63]), "input_size"),
+        (dict(hidden_size=66, num_heads=4), "hidden_size"),
+        (dict(text_vocab_size=256), "text_vocab_size"),
+        (dict(schedule="quadratic"), "schedule"),
+    ],
+)
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         DiTConfig.from_name("tiny", **overrides)
@@ -67,8 +70,15 @@ def _diffusers_dit(seed: int = 0, tie: bool = True):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     hf = diffusers.DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     _randomize(hf, seed, std=0.05)
     if tie:  # as in checkpoints converted from the original weights: one embedder, copied per block
         first = hf.transformer_blocks[0].norm1.emb.state_dict()
@@ -113,11 +123,15 @@ def test_schedules_match_their_formulas_and_diffusers():
     for d in (lin, cos):
         ab = d.alphas_cumprod
         assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < ab[0] < 1
-    torch.testing.assert_close(lin.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0))
+    torch.testing.assert_close(
+        lin.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
+    )
     s, t = 0.008, torch.arange(1, T + 1, dtype=torch.float64) / T
     f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     unclipped = cos.betas < 0.999  # alpha_bar(t) / alpha_bar(0) until the beta clip at 0.999
-    torch.testing.assert_close(cos.alphas_cumprod[unclipped], (f(t) / f(torch.zeros(1, dtype=torch.float64)))[unclipped])
+    torch.testing.assert_close(
+        cos.alphas_cumprod[unclipped], (f(t) / f(torch.zeros(1, dtype=torch.float64)))[unclipped]
+    )
     for ours, name in ((lin, "linear"), (cos, "squaredcos_cap_v2")):
         ref = schedulers(num_train_timesteps=T, beta_schedule=name).alphas_cumprod.double()
         torch.testing.assert_close(ours.alphas_cumprod, ref, atol=1e-6, rtol=1e-5)
@@ -133,22 +147,32 @@ def test_predictions_recover_x0_and_noise(prediction):
     target = noise if prediction == "epsilon" else d.v_target(x0, t, noise)
     rx0, reps = d.predict_x0_eps(x_t, t, target)
     torch.testing.assert_close(reps, noise, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rx0, x0, atol=2e-3 if prediction == "epsilon" else 1e-5, rtol=1e-4)  # eps at t=999 divides by sqrt(abar)
+    torch.testing.assert_close(
+        rx0, x0, atol=2e-3 if prediction == "epsilon" else 1e-5, rtol=1e-4
+    )  # eps at t=999 divides by sqrt(abar)
     if prediction == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0, written out
         ab = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         torch.testing.assert_close(target, ab.sqrt() * noise - (1 - ab).sqrt() * x0)
 
 
-@pytest.mark.parametrize("prediction, diffusers_name, spacing", [
-    ("epsilon", "epsilon", "leading"), ("v", "v_prediction", "trailing"), ("epsilon", "epsilon", "trailing")])
+@pytest.mark.parametrize(
+    "prediction, diffusers_name, spacing",
+    [("epsilon", "epsilon", "leading"), ("v", "v_prediction", "trailing"), ("epsilon", "epsilon", "trailing")],
+)
 def test_ddim_matches_diffusers_ddim_scheduler(prediction, diffusers_name, spacing):
     DDIMScheduler = pytest.importorskip("diffusers").DDIMScheduler
     d = GaussianDiffusion(1000, "linear", prediction)
     model_fn = lambda x, t: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1).sin()  # noqa: E731  any smooth function
     noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     ours = d.ddim_sample(model_fn, noise, steps=10, spacing=spacing)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
-                          prediction_type=diffusers_name, timestep_spacing=spacing)
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type=diffusers_name,
+        timestep_spacing=spacing,
+    )
     sched.set_timesteps(10)
     assert sched.timesteps.tolist() == d.ddim_timesteps(10, spacing).tolist()
     x = noise
@@ -178,7 +202,9 @@ def test_cfg_scale_one_is_the_conditional_prediction_and_guides_only_epsilon():
         assert torch.equal(cfg_model_fn(model, y, null, 1.0)(x, t), cond)
         assert torch.equal(guided(lambda a, b: model(a, b, y), lambda a, b: model(a, b, null), 1.0)(x, t), cond)
         out = cfg_model_fn(model, y, null, 4.0)(x, t)  # doubled batch
-        torch.testing.assert_close(out[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(out[:, 4:], cond[:, 4:], atol=1e-6, rtol=1e-6)  # variance channels stay conditional
         assert (out[:, :4] - cond[:, :4]).abs().max() > 1e-3
 
@@ -243,8 +269,12 @@ def test_cross_attention_context_masks_and_token_ids():
         keep3 = torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
         padded = ids.clone()
         padded[:, 3:] = 0
-        torch.testing.assert_close(model(x, t, y, context=ids, context_mask=keep3),
-                                   model(x, t, y, context=padded, context_mask=keep3), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            model(x, t, y, context=ids, context_mask=keep3),
+            model(x, t, y, context=padded, context_mask=keep3),
+            atol=1e-6,
+            rtol=1e-6,
+        )
         feats = torch.randn(2, 5, 16)
         assert model(x, t, y, context=feats).shape == (2, 8, 8, 8)
     with pytest.raises(ValueError, match="context_dim 0"):

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
 from megaray.families import build_model, build_run_config, load_config
 from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
-
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -65,8 +64,10 @@ def latents(image_shards, vae_ckpt, tmp_path_factory):
     from megaray.data.manifest import read_manifest
 
     out = tmp_path_factory.mktemp("latents") / "skimage-32-latents"
-    r = runner.invoke(app, ["prepare", "image-latents", "--vae-checkpoint", str(vae_ckpt), "--source", image_shards,
-                            "--out", str(out)])
+    r = runner.invoke(
+        app,
+        ["prepare", "image-latents", "--vae-checkpoint", str(vae_ckpt), "--source", image_shards, "--out", str(out)],
+    )
     assert r.exit_code == 0, (r.output, r.exception)
     return {**read_manifest(str(out), kind="image_latents"), "out_dir": str(out)}
 
@@ -98,12 +99,27 @@ def test_image_latents_are_the_vaes_scaled_means_of_every_image(image_shards, va
 
 def _dit_cfg(latents, tmp_path, *extra):
     n_classes = len(latents["labels"])
-    return load_config(REPO / "configs" / "dit_tiny.yaml", [
-        f"data.shards={latents['out_dir']}", "data.batch_size=4", "data.num_val_batches=1",
-        f"model.num_classes={n_classes}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.max_steps=4", "train.checkpoint_every=2",
-        "train.eval_every=2", "train.log_every=1", "train.warmup_steps=1", "train.ema_decay=0.5",
-        "scaling.max_failures=0", "diffusion.sample_steps=2", "diffusion.n_samples=4", *extra])
+    return load_config(
+        REPO / "configs" / "dit_tiny.yaml",
+        [
+            f"data.shards={latents['out_dir']}",
+            "data.batch_size=4",
+            "data.num_val_batches=1",
+            f"model.num_classes={n_classes}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+            "train.ema_decay=0.5",
+            "scaling.max_failures=0",
+            "diffusion.sample_steps=2",
+            "diffusion.n_samples=4",
+            *extra,
+        ],
+    )
 
 
 def test_class_dit_trains_crashes_resumes_exactly_and_samples(latents, tmp_path, monkeypatch):
@@ -138,29 +154,62 @@ def test_class_dit_trains_crashes_resumes_exactly_and_samples(latents, tmp_path,
         assert "samples.png" in _artifacts(db, result.mlflow_run_id, step)
 
     names = sorted(latents["labels"])
-    r = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "runs" / "dit-crash"), "--n", "6", "--class",
-                            names[1], "--steps", "3", "--cfg", "2.0", "--output", str(tmp_path / "grid.png")])
+    r = runner.invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "runs" / "dit-crash"),
+            "--n",
+            "6",
+            "--class",
+            names[1],
+            "--steps",
+            "3",
+            "--cfg",
+            "2.0",
+            "--output",
+            str(tmp_path / "grid.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "grid.png").size == (3 * 32 + 4, 2 * 32 + 3)  # 6 images, 3 a row, 1 px padding
-    bad = runner.invoke(app, ["sample", "--checkpoint", result.checkpoint, "--class", "nope", "--output",
-                              str(tmp_path / "x.png")])
+    bad = runner.invoke(
+        app, ["sample", "--checkpoint", result.checkpoint, "--class", "nope", "--output", str(tmp_path / "x.png")]
+    )
     assert bad.exit_code == 2 and "--class 'nope'" in bad.output and names[0] in bad.output
 
 
-def test_vae_checkpoint_missing_or_with_other_latent_channels_is_a_clear_error(latents, image_shards, vae_ckpt,
-                                                                                 tmp_path):
+def test_vae_checkpoint_missing_or_with_other_latent_channels_is_a_clear_error(
+    latents, image_shards, vae_ckpt, tmp_path
+):
     from megaray.errors import ConfigError
     from megaray.tasks.diffusion import DiffusionTask
 
     missing = tmp_path / "no-such-vae"
-    r = runner.invoke(app, ["prepare", "image-latents", "--vae-checkpoint", str(missing), "--source", image_shards,
-                            "--out", str(tmp_path / "out")])
+    r = runner.invoke(
+        app,
+        [
+            "prepare",
+            "image-latents",
+            "--vae-checkpoint",
+            str(missing),
+            "--source",
+            image_shards,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 2 and "error: checkpoint not found" in r.output and str(missing) in r.output
-    wide = _save_checkpoint(tmp_path / "vae8" / "step_00000001",
-                            {"family": "image_vae", "preset": "tiny", "latent_channels": 8})
+    wide = _save_checkpoint(
+        tmp_path / "vae8" / "step_00000001", {"family": "image_vae", "preset": "tiny", "latent_channels": 8}
+    )
     cfg = _dit_cfg(latents, tmp_path, f"diffusion.vae_checkpoint={wide}")
-    with pytest.raises(ConfigError, match=r"model.in_channels \(4\) differs from the latent_channels \(8\) of the VAE "
-                                          rf"at {wide} \(diffusion.vae_checkpoint\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.in_channels \(4\) differs from the latent_channels \(8\) of the VAE "
+        rf"at {wide} \(diffusion.vae_checkpoint\)",
+    ):
         DiffusionTask(cfg).datasets()
     with pytest.raises(ConfigError, match=r"diffusion.vae_checkpoint: .*no-such-vae: no image VAE checkpoint"):
         DiffusionTask(_dit_cfg(latents, tmp_path, f"diffusion.vae_checkpoint={missing}")).datasets()
@@ -174,20 +223,49 @@ def test_mel_dit_trains_on_speech_and_logs_a_vocoded_wav(speech_shards, tmp_path
 
     from megaray.train.launch import fit
 
-    voc = _save_checkpoint(tmp_path / "vocoder" / "step_00000001",
-                           {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder"})
-    cfg = load_config(REPO / "configs" / "mel_dit_tiny.yaml", [
-        f"data.shards={speech_shards}", "data.batch_size=2", "data.num_val_batches=1", "model.input_size=[80,32]",
-        f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "scaling.num_workers=1", "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-        "train.log_every=1", "train.warmup_steps=1", "diffusion.sample_steps=2", f"diffusion.vocoder_checkpoint={voc}"])
+    voc = _save_checkpoint(
+        tmp_path / "vocoder" / "step_00000001", {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder"}
+    )
+    cfg = load_config(
+        REPO / "configs" / "mel_dit_tiny.yaml",
+        [
+            f"data.shards={speech_shards}",
+            "data.batch_size=2",
+            "data.num_val_batches=1",
+            "model.input_size=[80,32]",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "scaling.num_workers=1",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+            "diffusion.sample_steps=2",
+            f"diffusion.vocoder_checkpoint={voc}",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == 2 and result.metrics["val_loss"] > 0
     files = _artifacts(tmp_path / "mlflow.db", result.mlflow_run_id, 2)
     assert {"samples_mel.png", "samples0.wav", "samples1.wav"} <= files
 
-    r = runner.invoke(app, ["sample", "--checkpoint", result.checkpoint, "--n", "2", "--text", "hello world",
-                            "--steps", "2", "--output", str(tmp_path / "hello.png")])
+    r = runner.invoke(
+        app,
+        [
+            "sample",
+            "--checkpoint",
+            result.checkpoint,
+            "--n",
+            "2",
+            "--text",
+            "hello world",
+            "--steps",
+            "2",
+            "--output",
+            str(tmp_path / "hello.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     wave, sr = sf.read(tmp_path / "hello0.wav")
     assert sr == 16000 and len(wave) == 31 * 128 and (tmp_path / "hello_mel.png").is_file()
@@ -207,16 +285,33 @@ def test_gpt_text_encoder_gives_the_frozen_gpts_final_hidden_states(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(gpt_dir / "tokenizer.json"))
     width = load_config(gpt_dir / "config.yaml").model.n_embd
-    cfg = build_run_config({
-        "model": {"family": "dit", "preset": "tiny", "input_size": [80, 16], "in_channels": 1, "num_classes": 0,
-                  "context_dim": width},
-        "diffusion": {"text_encoder": "gpt", "text_encoder_path": str(gpt_dir.parent), "sample_steps": 2}})
-    task = DiffusionTask(cfg, DiffusionInfo(kind="audio", texts=["hello world"],
-                                            mel={"sample_rate": 16000, "n_mels": 80, "n_fft": 512, "hop_length": 128}))
+    cfg = build_run_config(
+        {
+            "model": {
+                "family": "dit",
+                "preset": "tiny",
+                "input_size": [80, 16],
+                "in_channels": 1,
+                "num_classes": 0,
+                "context_dim": width,
+            },
+            "diffusion": {"text_encoder": "gpt", "text_encoder_path": str(gpt_dir.parent), "sample_steps": 2},
+        }
+    )
+    task = DiffusionTask(
+        cfg,
+        DiffusionInfo(
+            kind="audio",
+            texts=["hello world"],
+            mel={"sample_rate": 16000, "n_mels": 80, "n_fft": 512, "hop_length": 128},
+        ),
+    )
     task.text.load()
     ids, mask = text_bytes(["hello world", "world"], 16)
-    batch = task.collate({"mel": torch.randn(2, 80, 16), "text_ids": torch.from_numpy(ids),
-                          "text_mask": torch.from_numpy(mask)}, torch.device("cpu"))
+    batch = task.collate(
+        {"mel": torch.randn(2, 80, 16), "text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)},
+        torch.device("cpu"),
+    )
     cond = task.conditioning(batch)
     assert cond["context_mask"].tolist() == [[True, True], [True, False]]
     gpt = load_frozen(str(gpt_dir))
@@ -245,18 +340,33 @@ def test_text_to_image_dit_trains_with_captions_through_ray(latents, tmp_path):
 
     rows = pq.read_table(glob.glob(f"{latents['out_dir']}/train/*.parquet"), columns=["caption", "label"]).to_pylist()
     assert len(rows) == latents["splits"]["train"]["latents"] and all(r["caption"] == "" for r in rows)
-    cfg = load_config(REPO / "configs" / "image_dit_text_tiny.yaml", [
-        f"data.shards={latents['out_dir']}", "data.batch_size=2", "data.num_val_batches=1",
-        f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "train.max_steps=2", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=1",
-        "train.warmup_steps=1", "scaling.num_workers=1", "scaling.max_failures=0", "diffusion.sample_steps=2",
-        "diffusion.n_samples=2"])
+    cfg = load_config(
+        REPO / "configs" / "image_dit_text_tiny.yaml",
+        [
+            f"data.shards={latents['out_dir']}",
+            "data.batch_size=2",
+            "data.num_val_batches=1",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.max_steps=2",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "train.warmup_steps=1",
+            "scaling.num_workers=1",
+            "scaling.max_failures=0",
+            "diffusion.sample_steps=2",
+            "diffusion.n_samples=2",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == 2 and "val_loss" in result.metrics
     assert "samples.png" in _artifacts(tmp_path / "mlflow.db", result.mlflow_run_id, 2)
     info = json.loads((Path(result.checkpoint) / "diffusion.json").read_text())
     names = {v: k for k, v in latents["labels"].items()}
-    assert len(info["texts"]) == 2 and all(t.startswith("a photo of ") and t[11:] in names.values() for t in info["texts"])
+    assert len(info["texts"]) == 2 and all(
+        t.startswith("a photo of ") and t[11:] in names.values() for t in info["texts"]
+    )
 
 
 def test_text_to_image_dit_overfits_four_captioned_photographs(ray_cluster, tmp_path):
@@ -286,8 +396,11 @@ def test_text_to_image_dit_overfits_four_captioned_photographs(ray_cluster, tmp_
     images = tmp_path / "images"
     man = prepare_images(str(src), str(images), size=32, val_fraction=0.25, seed=0, concurrency=1, verbose=False)
     assert man["captions"] == 4
-    photos = {ex["name"].rsplit(".", 1)[0]: torch.as_tensor(ex["image"])
-              for split in ("train", "val") for ex in load_examples(str(images), split, n=4)}
+    photos = {
+        ex["name"].rsplit(".", 1)[0]: torch.as_tensor(ex["image"])
+        for split in ("train", "val")
+        for ex in load_examples(str(images), split, n=4)
+    }
     assert sorted(photos) == sorted(PHOTOS)
 
     # a tiny image VAE that reconstructs the four (L1, 400 Adam steps)
@@ -307,15 +420,24 @@ def test_text_to_image_dit_overfits_four_captioned_photographs(ray_cluster, tmp_
     torch.save(vae.state_dict(), vae_ckpt / WEIGHTS_FILE)
     (vae_ckpt / STATE_FILE).write_text(json.dumps({"step": 400, "tokens": 0}))
 
-    lat = encode_image_latents(str(images), str(tmp_path / "latents"), vae.eval(), vae_checkpoint=str(vae_ckpt),
-                               verbose=False)
+    lat = encode_image_latents(
+        str(images), str(tmp_path / "latents"), vae.eval(), vae_checkpoint=str(vae_ckpt), verbose=False
+    )
     assert lat["captions"] == 4
     table = pq.read_table(glob.glob(f"{lat['out_dir']}/*/*.parquet"), columns=["latent", "label", "caption"])
     assert sorted(table.column("caption").to_pylist()) == sorted(f"a photo of {n}" for n in PHOTOS)
 
-    cfg = load_config(REPO / "configs" / "image_dit_text_tiny.yaml", [
-        f"data.shards={lat['out_dir']}", f"scaling.storage_path={tmp_path / 'runs'}", "tracking.enabled=false",
-        "data.batch_size=1", "data.num_val_batches=1", "scaling.num_workers=1"])
+    cfg = load_config(
+        REPO / "configs" / "image_dit_text_tiny.yaml",
+        [
+            f"data.shards={lat['out_dir']}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            "tracking.enabled=false",
+            "data.batch_size=1",
+            "data.num_val_batches=1",
+            "scaling.num_workers=1",
+        ],
+    )
     task = DiffusionTask(cfg)
     task.datasets()  # checks the VAE and the shards; fills task.info (eval captions) for the checkpoint
     rows = _reshape_latents(table.to_pydict(), shape=(4, 16, 16), text_max_len=cfg.diffusion.text_max_len)
@@ -339,14 +461,31 @@ def test_text_to_image_dit_overfits_four_captioned_photographs(ray_cluster, tmp_
     for name, text in task.checkpoint_files().items():
         (ckpt / name).write_text(text)
 
-    for i, name in enumerate(PHOTOS):
+    for name in PHOTOS:
         out = tmp_path / f"{name}.png"
-        r = runner.invoke(app, ["sample", "--checkpoint", str(ckpt.parent), "--n", "1", "--text", f"a photo of {name}",
-                                "--steps", "50", "--cfg", "2.0", "--output", str(out)])
+        r = runner.invoke(
+            app,
+            [
+                "sample",
+                "--checkpoint",
+                str(ckpt.parent),
+                "--n",
+                "1",
+                "--text",
+                f"a photo of {name}",
+                "--steps",
+                "50",
+                "--cfg",
+                "2.0",
+                "--output",
+                str(out),
+            ],
+        )
         assert r.exit_code == 0, r.output
         drawn = torch.from_numpy(np.asarray(Image.open(out).convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)
         mse = {other: float(((drawn - (photos[other] + 1) / 2) ** 2).mean()) for other in PHOTOS}
         assert min(mse, key=mse.get) == name, (name, mse)
-    bad = runner.invoke(app, ["sample", "--checkpoint", str(ckpt.parent), "--class", "astronaut", "--output",
-                              str(tmp_path / "x.png")])
+    bad = runner.invoke(
+        app, ["sample", "--checkpoint", str(ckpt.parent), "--class", "astronaut", "--output", str(tmp_path / "x.png")]
+    )
     assert bad.exit_code == 2 and "text-to-image" in bad.output

@@ -40,12 +40,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: files in the order a reader follows them (README, then its Documentation list); every
 #: docs/*.md must be here.
-ORDER = ["README.md", "docs/architecture.md", "docs/training.md", "docs/data.md", "docs/models.md", "docs/audio.md", "docs/diffusion.md",
-         "docs/tune.md", "docs/cluster.md"]
+ORDER = [
+    "README.md",
+    "docs/architecture.md",
+    "docs/training.md",
+    "docs/data.md",
+    "docs/models.md",
+    "docs/audio.md",
+    "docs/diffusion.md",
+    "docs/tune.md",
+    "docs/cluster.md",
+]
 
 _TRAIN = "--set train.max_steps=4 --set train.eval_every=4 --set train.checkpoint_every=4 --set train.log_every=2"
-_TUNE = ("--set search.num_samples=2 --set train.max_steps=4 --set train.eval_every=2 --set train.checkpoint_every=2 "
-         "--set train.log_every=2 --set scheduler.max_t=4 --set scheduler.grace_period=2")
+_TUNE = (
+    "--set search.num_samples=2 --set train.max_steps=4 --set train.eval_every=2 --set train.checkpoint_every=2 "
+    "--set train.log_every=2 --set scheduler.max_t=4 --set scheduler.grace_period=2"
+)
 
 #: (regex on the command as written, appended arguments, why). The first match applies.
 OVERRIDES: List[Tuple[str, str, str]] = [
@@ -58,38 +69,59 @@ OVERRIDES: List[Tuple[str, str, str]] = [
 #: (regex on the command, reason it is not run here).
 SKIP: List[Tuple[str, str]] = [
     (r"^make (demo|test)\b", "installs .venv and runs the demo / the whole suite: `make` is what runs this test"),
-    (r"^ray start\b", "starts a long-lived cluster; `ray start` + `ray job submit` are covered by tests/test_zz_job_submit.py"),
+    (
+        r"^ray start\b",
+        "starts a long-lived cluster; `ray start` + `ray job submit` are covered by tests/test_zz_job_submit.py",
+    ),
     (r"^(RAY_AUTH_MODE=token )?ray job submit\b", "covered by tests/test_zz_job_submit.py"),
     (r"^(\.venv/bin/)?mlflow ui\b", "starts a web server that never exits"),
     (r"^python benchmarks/", "benchmarks print measurements (BENCHMARKS.md); never asserted in tests"),
     (r"^python -m pytest\b", "runs part of this test suite"),
-    (r"^MEGARAY_UPDATE_GOLDEN=1 ", "rewrites the stored golden losses on purpose; tests/test_golden_losses.py checks them"),
+    (
+        r"^MEGARAY_UPDATE_GOLDEN=1 ",
+        "rewrites the stored golden losses on purpose; tests/test_golden_losses.py checks them",
+    ),
     (r"^python -c \"from megaray.data.text import prepare_text", "the Python API; tests/test_data_text.py runs it"),
     (r"^megaray tune .*use_gpu=true", "needs 8 GPU workers and an s3:// bucket"),
-    (r"^(?:[A-Z_]+=\S+ )*(?:ray (?:up|down|dashboard|exec|get-auth-token|job submit)|kubectl|helm|docker|ssh)\b",
-     "needs a cloud account, a registry or a Kubernetes cluster (docs/cluster.md); tests/test_cluster_configs.py "
-     "validates the configs offline"),
-    (r"^pip wheel --no-deps -w dist \.$", "builds the wheel that `ray up` installs on the cluster's nodes (docs/cluster.md)"),
-    (r"^megaray (train configs/mel_dit_tiny\.yaml|sample --checkpoint runs/mel-dit-tiny)\b",
-     "the mel DiT path (configs/mel_dit_tiny.yaml on espeak clips, `megaray sample --text`) runs in "
-     "tests/test_diffusion_train.py::test_mel_dit_trains_on_speech_and_logs_a_vocoded_wav; this test's minutes go "
-     "to the image pipeline before it (CI has a 40-minute budget)"),
-    (r"^megaray tune configs/tune/transformer\.yaml\b",
-     "the suite runs `megaray tune` in tests/test_ablation.py (the CLI, a 2-trial grid with HellaSwag, MLflow parent "
-     "and child runs) and kills and resumes a search in tests/test_tune.py (`--resume`'s run_search(resume=True)); "
-     "a third search here cost 2-7 minutes of CI's 40-minute budget"),
-    (r"^megaray train configs/audio_vae_small\.yaml\b",
-     "the audio VAE trains through fit (what `megaray train` calls) in tests/test_audio_train_e2e.py (configs/audio_vae_75x8.yaml); "
-     "this config loads in tests/test_docs_commands.py's hint check (CI has a 40-minute budget)"),
-    (r"^megaray (train configs/(image_vae_tiny|dit_tiny)\.yaml|prepare image-latents|sample --checkpoint runs/dit-tiny)\b",
-     "the image journey after `prepare images` runs in tests/test_image_vae.py (configs/image_vae_tiny.yaml: 2 "
-     "workers, GAN, crash and resume) and tests/test_diffusion_train.py (`megaray prepare image-latents`, "
-     "configs/dit_tiny.yaml with crash and resume, `megaray sample --class`); running it again here cost 5-10 "
-     "minutes of CI's 40-minute budget"),
-    (r"^megaray (train configs/multimodal_tiny\.yaml|generate --checkpoint runs/multimodal-tiny)\b",
-     "the multimodal run (configs/multimodal_tiny.yaml, 2 workers, crash and resume) runs in "
-     "tests/test_multimodal_train.py and `megaray generate` on multimodal checkpoints in "
-     "tests/test_multimodal_generate.py (CI has a 40-minute budget)"),
+    (
+        r"^(?:[A-Z_]+=\S+ )*(?:ray (?:up|down|dashboard|exec|get-auth-token|job submit)|kubectl|helm|docker|ssh)\b",
+        "needs a cloud account, a registry or a Kubernetes cluster (docs/cluster.md); tests/test_cluster_configs.py "
+        "validates the configs offline",
+    ),
+    (
+        r"^pip wheel --no-deps -w dist \.$",
+        "builds the wheel that `ray up` installs on the cluster's nodes (docs/cluster.md)",
+    ),
+    (
+        r"^megaray (train configs/mel_dit_tiny\.yaml|sample --checkpoint runs/mel-dit-tiny)\b",
+        "the mel DiT path (configs/mel_dit_tiny.yaml on espeak clips, `megaray sample --text`) runs in "
+        "tests/test_diffusion_train.py::test_mel_dit_trains_on_speech_and_logs_a_vocoded_wav; this test's minutes go "
+        "to the image pipeline before it (CI has a 40-minute budget)",
+    ),
+    (
+        r"^megaray tune configs/tune/transformer\.yaml\b",
+        "the suite runs `megaray tune` in tests/test_ablation.py (the CLI, a 2-trial grid with HellaSwag, MLflow parent "
+        "and child runs) and kills and resumes a search in tests/test_tune.py (`--resume`'s run_search(resume=True)); "
+        "a third search here cost 2-7 minutes of CI's 40-minute budget",
+    ),
+    (
+        r"^megaray train configs/audio_vae_small\.yaml\b",
+        "the audio VAE trains through fit (what `megaray train` calls) in tests/test_audio_train_e2e.py (configs/audio_vae_75x8.yaml); "
+        "this config loads in tests/test_docs_commands.py's hint check (CI has a 40-minute budget)",
+    ),
+    (
+        r"^megaray (train configs/(image_vae_tiny|dit_tiny)\.yaml|prepare image-latents|sample --checkpoint runs/dit-tiny)\b",
+        "the image journey after `prepare images` runs in tests/test_image_vae.py (configs/image_vae_tiny.yaml: 2 "
+        "workers, GAN, crash and resume) and tests/test_diffusion_train.py (`megaray prepare image-latents`, "
+        "configs/dit_tiny.yaml with crash and resume, `megaray sample --class`); running it again here cost 5-10 "
+        "minutes of CI's 40-minute budget",
+    ),
+    (
+        r"^megaray (train configs/multimodal_tiny\.yaml|generate --checkpoint runs/multimodal-tiny)\b",
+        "the multimodal run (configs/multimodal_tiny.yaml, 2 workers, crash and resume) runs in "
+        "tests/test_multimodal_train.py and `megaray generate` on multimodal checkpoints in "
+        "tests/test_multimodal_generate.py (CI has a 40-minute budget)",
+    ),
 ]
 
 #: documented error examples: command -> (exit code, text the output must contain).
@@ -193,8 +225,16 @@ def test_every_doc_is_in_order_and_every_command_has_a_plan():
 
 
 def _fresh_clone(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -236,7 +276,9 @@ def test_lanes_split_the_journeys():
     assert lane("megaray prepare audio --source espeak --out data/speech-tiny") == "speech"
     assert lane("megaray vocode --checkpoint runs/vocoder-tiny --input in.wav --output out.wav") == "speech"
     assert lane("megaray train configs/dit_tiny.yaml") == "images"
-    assert lane("megaray prepare image-latents --vae-checkpoint runs/image-vae-tiny --source data/images-32") == "images"
+    assert (
+        lane("megaray prepare image-latents --vae-checkpoint runs/image-vae-tiny --source data/images-32") == "images"
+    )
     assert lane("megaray train configs/gpt_debug.yaml") == "text"
     assert {lane(cmd) for _, action, cmd, _ in plan() if action == "run"} == {"speech", "images", "text"}
 
@@ -257,8 +299,9 @@ def test_doc_commands_run_in_order(tmp_path):
             lanes.setdefault(lane(written), []).append((doc, action, written, cmd))
     t_all = time.time()
     with ThreadPoolExecutor(len(lanes)) as pool:
-        futures = {name: pool.submit(_run_lane, steps, _fresh_clone(tmp_path / name), env)
-                   for name, steps in lanes.items()}
+        futures = {
+            name: pool.submit(_run_lane, steps, _fresh_clone(tmp_path / name), env) for name, steps in lanes.items()
+        }
         results = {name: f.result() for name, f in futures.items()}
     failures = [f for name in results for f in results[name][0]]
     for name, (_, lines) in results.items():
@@ -270,8 +313,10 @@ def test_doc_commands_run_in_order(tmp_path):
 # ----------------------------------------------------------------------------- hints in error messages
 
 
-HINT = re.compile(r"megaray (?:prepare (?:text|audio-latents|audio)|train|tune|eval|generate|vocode|config|demo)(?=[\s`\"']|$)"
-                  r"[^`\"'\n)]*")
+HINT = re.compile(
+    r"megaray (?:prepare (?:text|audio-latents|audio)|train|tune|eval|generate|vocode|config|demo)(?=[\s`\"']|$)"
+    r"[^`\"'\n)]*"
+)
 
 
 def _hints() -> List[Tuple[str, str]]:
@@ -302,10 +347,12 @@ def _command_problems(root, hint: str) -> List[str]:
     try:
         cmd.make_context(" ".join(["megaray", *path]), list(words))
     except Exception as e:  # click's UsageError / BadParameter (typer vendors click: no stable import path)
-        msg = getattr(e, "format_message", lambda: str(e))()
-        if not msg.startswith(("Missing option", "Missing argument", "Missing parameter")) \
-                and not msg.endswith("requires an argument.") \
-                and ": file not found: " not in msg:  # value cut at a quote, a mention of the option, an example file
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        if (
+            not msg.startswith(("Missing option", "Missing argument", "Missing parameter"))
+            and not msg.endswith("requires an argument.")
+            and ": file not found: " not in msg
+        ):  # value cut at a quote, a mention of the option, an example file
             return [msg]
     return []
 

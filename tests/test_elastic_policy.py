@@ -27,7 +27,9 @@ def _policy(run_dir, fit: int, worlds=(1, 2, 3), cls=GlobalBatchElasticPolicy):
     config = ScalingConfig(num_workers=(1, 3), resources_per_worker={"CPU": 1}, elastic_resize_monitor_interval_s=0)
     policy = cls(config, str(run_dir), list(worlds)) if cls is GlobalBatchElasticPolicy else cls(config)
     policy.requested = []
-    policy._maybe_send_resource_request = lambda: policy.requested.append(policy._get_num_workers_for_resource_request())
+    policy._maybe_send_resource_request = lambda: policy.requested.append(
+        policy._get_num_workers_for_resource_request()
+    )
     policy._get_reserved_resources = lambda: {"node-a": {"CPU": float(policy.fit)}}
     policy.fit = fit
     if cls is GlobalBatchElasticPolicy:
@@ -53,9 +55,12 @@ def test_a_new_or_failed_group_starts_at_the_largest_allowed_size_that_fits(tmp_
     # a lost node: 2 fit, the run goes on at 2 (the checkpoint was written by 3) without waiting
     assert _policy(tmp_path, fit=2).make_decision_for_non_running_worker_group() == ResizeDecision(2, {"CPU": 1.0})
     # 2 do not divide this global batch (e.g. 6 = micro-batch 2 x 3): it starts at 1 instead
-    assert _policy(tmp_path, fit=2, worlds=(1, 3)).make_decision_for_non_running_worker_group() == \
-        ResizeDecision(1, {"CPU": 1.0})
-    assert isinstance(_policy(tmp_path, fit=1, worlds=(2, 3)).make_decision_for_non_running_worker_group(), NoopDecision)
+    assert _policy(tmp_path, fit=2, worlds=(1, 3)).make_decision_for_non_running_worker_group() == ResizeDecision(
+        1, {"CPU": 1.0}
+    )
+    assert isinstance(
+        _policy(tmp_path, fit=1, worlds=(2, 3)).make_decision_for_non_running_worker_group(), NoopDecision
+    )
     assert _policy(tmp_path, fit=3).requested == []  # (no decision asked yet)
     policy = _policy(tmp_path, fit=1)
     policy.make_decision_for_non_running_worker_group()

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
-import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
-
-from conftest import REPO
 
 runner = CliRunner()
 
@@ -45,8 +42,14 @@ def test_prepare_from_corrupt_parquet_names_the_file(tmp_path):
 
 
 def test_unknown_config_key_fails_before_any_work(tmp_path):
-    r = _run("train", REPO / "configs" / "gpt_debug.yaml", "--set", "train.learning_rate=1e-3",
-             "--set", f"scaling.storage_path={tmp_path / 'runs'}")
+    r = _run(
+        "train",
+        REPO / "configs" / "gpt_debug.yaml",
+        "--set",
+        "train.learning_rate=1e-3",
+        "--set",
+        f"scaling.storage_path={tmp_path / 'runs'}",
+    )
     assert r.exit_code == 2
     assert "train.learning_rate" in r.output and "unknown key" in r.output
     assert not (tmp_path / "runs").exists()
@@ -68,16 +71,32 @@ def test_training_on_a_corrupt_shard_names_it_before_workers_start(ray_cluster, 
     victim = sorted((shards / "train").glob("*.parquet"))[0]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])  # truncated
-    r = _run("train", REPO / "configs" / "gpt_debug.yaml", "--set", f"data.shards={shards}",
-             "--set", f"scaling.storage_path={tmp_path / 'runs'}", "--set", "tracking.enabled=false")
+    r = _run(
+        "train",
+        REPO / "configs" / "gpt_debug.yaml",
+        "--set",
+        f"data.shards={shards}",
+        "--set",
+        f"scaling.storage_path={tmp_path / 'runs'}",
+        "--set",
+        "tracking.enabled=false",
+    )
     assert r.exit_code == 2, r.output
     assert victim.name in r.output
     assert not (tmp_path / "runs" / "gpt-debug").exists()
 
 
 def test_training_on_unprepared_shards_says_what_to_run(ray_cluster, tmp_path):
-    r = _run("train", REPO / "configs" / "gpt_debug.yaml", "--set", f"data.shards={tmp_path / 'nothing'}",
-             "--set", "tracking.enabled=false", "--set", f"scaling.storage_path={tmp_path / 'runs'}")
+    r = _run(
+        "train",
+        REPO / "configs" / "gpt_debug.yaml",
+        "--set",
+        f"data.shards={tmp_path / 'nothing'}",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        f"scaling.storage_path={tmp_path / 'runs'}",
+    )
     assert r.exit_code == 2
     assert "megaray prepare text" in r.output and "nothing" in r.output
 

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import REPO  # noqa: E402
+
 from megaray.cli import app  # noqa: E402
 from megaray.config import ConfigError  # noqa: E402
 from megaray.data.tokenizer import train_tokenizer  # noqa: E402
@@ -19,13 +21,21 @@ from megaray.families import build_model, load_config  # noqa: E402
 from megaray.inference.export import export_checkpoint  # noqa: E402
 from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE  # noqa: E402
 
-from conftest import REPO  # noqa: E402
-
-TEXTS = ["Return the number of items in a container.", "If the argument is omitted, None is used.",
-         "Raise ValueError when the file cannot be read: it names the path."] * 30
+TEXTS = [
+    "Return the number of items in a container.",
+    "If the argument is omitted, None is used.",
+    "Raise ValueError when the file cannot be read: it names the path.",
+] * 30
 SAMPLES = ["Return the value", "  two  spaces and\ttabs\n", "naïve café 東京 ✓", "end<|endoftext|>start", ""]
-LLAMA = ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.attention=gqa", "model.n_kv_heads=2",
-         "model.bias=false", "model.tie_embeddings=false"]
+LLAMA = [
+    "model.position=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.attention=gqa",
+    "model.n_kv_heads=2",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+]
 
 
 def _checkpoint(root: Path, overrides=()) -> tuple:
@@ -41,22 +51,29 @@ def _checkpoint(root: Path, overrides=()) -> tuple:
     model = build_model(cfg.model).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_((1.0 if p.dim() == 1 and "ln" in name and name.endswith("weight") else 0.0)
-                    + 0.1 * torch.randn_like(p))
+            p.copy_(
+                (1.0 if p.dim() == 1 and "ln" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p)
+            )
     torch.save(model.state_dict(), ckpt / WEIGHTS_FILE)
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 2, "tokens": 0}))
     (ckpt / "tokenizer.json").write_text(tok.to_str())
     return ckpt, model, tok
 
 
-@pytest.mark.parametrize("shape, overrides, arch", [("gpt2", [], "GPT2LMHeadModel"),
-                                                     ("llama", LLAMA, "LlamaForCausalLM")])
+@pytest.mark.parametrize(
+    "shape, overrides, arch", [("gpt2", [], "GPT2LMHeadModel"), ("llama", LLAMA, "LlamaForCausalLM")]
+)
 def test_export_round_trips_to_transformers(tmp_path, shape, overrides, arch):
     ckpt, model, tok = _checkpoint(tmp_path, overrides)
     out = export_checkpoint(ckpt.parent, tmp_path / "hf")
     assert out["architecture"] == arch
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json"} <= set(out["files"])
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= set(out["files"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == arch
     idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -23,8 +23,15 @@ def unigram_shards(tmp_path_factory):
     from megaray.data.text import prepare_text
 
     out = tmp_path_factory.mktemp("uni") / "stdlib-uni"
-    prepare_text(["stdlib"], str(out), vocab_size=512, stdlib_max_docs=400, tokenizer_kind="unigram",
-                 progress=False, verbose=False)
+    prepare_text(
+        ["stdlib"],
+        str(out),
+        vocab_size=512,
+        stdlib_max_docs=400,
+        tokenizer_kind="unigram",
+        progress=False,
+        verbose=False,
+    )
     return str(out)
 
 
@@ -106,16 +113,28 @@ def test_packing_mask_blocks_cross_record_attention():
     lb = model(torch.from_numpy(b["input_ids"]), doc_ids=torch.from_numpy(b["doc_ids"]))
     torch.testing.assert_close(la[0, 20:40], lb[0, 20:40], atol=1e-6, rtol=0)
     # without the document mask record 2 sees record 1 (so the check above can fail)
-    assert not torch.allclose(model(torch.from_numpy(a["input_ids"]))[0, 20:40],
-                              model(torch.from_numpy(b["input_ids"]))[0, 20:40], atol=1e-4)
+    assert not torch.allclose(
+        model(torch.from_numpy(a["input_ids"]))[0, 20:40], model(torch.from_numpy(b["input_ids"]))[0, 20:40], atol=1e-4
+    )
 
 
 def test_bad_records_are_counted_and_named(bpe_tokenizer, tmp_path):
     src = tmp_path / "mixed.jsonl"
     good = ASSET.read_text().splitlines()
-    src.write_text("\n".join([good[0], '{"prompt": "broken', '{"prompt": "no completion here"}',
-                              '{"prompt": "p", "completion": ""}', good[1],
-                              json.dumps({"prompt": "long " * 300, "completion": "x"}), good[2]]) + "\n")
+    src.write_text(
+        "\n".join(
+            [
+                good[0],
+                '{"prompt": "broken',
+                '{"prompt": "no completion here"}',
+                '{"prompt": "p", "completion": ""}',
+                good[1],
+                json.dumps({"prompt": "long " * 300, "completion": "x"}),
+                good[2],
+            ]
+        )
+        + "\n"
+    )
     m = sft.prepare_sft([str(src)], str(tmp_path / "out"), bpe_tokenizer, max_tokens=200, verbose=False)
     by = m["rejected"]["by_reason"]
     assert by["invalid_json"]["count"] == 1 and by["invalid_json"]["examples"][0].startswith(f"{src}:2: ")
@@ -136,14 +155,23 @@ def test_bad_records_are_counted_and_named(bpe_tokenizer, tmp_path):
 def _cfg(tmp_path, name, shards, batch_size=2, **train):
     from megaray.families import load_config
 
-    return load_config({
-        "name": name, "model": {"family": "gpt", "preset": "debug", "vocab_size": 512, "block_size": 128},
-        "data": {"shards": shards, "batch_size": batch_size, "num_val_batches": 1, "shuffle_block": 0},
-        "train": {"warmup_steps": 0, "eval_every": 1000, "log_every": 1000, "zero_stage": 0, "precision": "fp32",
-                  **train},
-        "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
-        "tracking": {"enabled": False},
-    })
+    return load_config(
+        {
+            "name": name,
+            "model": {"family": "gpt", "preset": "debug", "vocab_size": 512, "block_size": 128},
+            "data": {"shards": shards, "batch_size": batch_size, "num_val_batches": 1, "shuffle_block": 0},
+            "train": {
+                "warmup_steps": 0,
+                "eval_every": 1000,
+                "log_every": 1000,
+                "zero_stage": 0,
+                "precision": "fp32",
+                **train,
+            },
+            "scaling": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def _completion_loss(ckpt: str, shards: str) -> float:
@@ -153,8 +181,9 @@ def _completion_loss(ckpt: str, shards: str) -> float:
     m = sft.load_manifest(shards)
     batch, _ = sft.pack(sft.read_split(shards, m, "train"), 128, m["eos_id"])
     with torch.no_grad():
-        _, loss = model(*(torch.from_numpy(batch[k]) for k in ("input_ids", "targets")),
-                        doc_ids=torch.from_numpy(batch["doc_ids"]))
+        _, loss = model(
+            *(torch.from_numpy(batch[k]) for k in ("input_ids", "targets")), doc_ids=torch.from_numpy(batch["doc_ids"])
+        )
     return float(loss)
 
 
@@ -167,8 +196,21 @@ def test_finetune_lowers_completion_loss(ray_cluster, unigram_shards, tmp_path):
     shards = str(tmp_path / "sft")
     m = sft.prepare_sft([str(ASSET)], shards, pre.checkpoint, max_tokens=129, val_fraction=0.2, verbose=False)
     assert m["tokenizer"]["kind"] == "unigram" and m["rejected"]["total"] == 0
-    ft = fit(_cfg(tmp_path, "ft", shards, batch_size=1, task="sft", init_from=pre.checkpoint, max_steps=25, checkpoint_every=25,
-                  lr=2e-3, min_lr=2e-4, weight_decay=0.0))
+    ft = fit(
+        _cfg(
+            tmp_path,
+            "ft",
+            shards,
+            batch_size=1,
+            task="sft",
+            init_from=pre.checkpoint,
+            max_steps=25,
+            checkpoint_every=25,
+            lr=2e-3,
+            min_lr=2e-4,
+            weight_decay=0.0,
+        )
+    )
     assert (Path(ft.checkpoint) / "chat_template.json").is_file()
     before, after = _completion_loss(pre.checkpoint, shards), _completion_loss(ft.checkpoint, shards)
     assert after < 0.7 * before, (before, after)

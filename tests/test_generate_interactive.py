@@ -12,17 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
 from megaray.families import build_model, load_config
 from megaray.inference.generate import generate_text, interactive
 
-from conftest import REPO
-
 runner = CliRunner()
-GENERATION = ["generation.prompt=Return the", "generation.max_new_tokens=6", "generation.temperature=0.7",
-              "generation.top_k=5", "generation.seed=3"]
+GENERATION = [
+    "generation.prompt=Return the",
+    "generation.max_new_tokens=6",
+    "generation.temperature=0.7",
+    "generation.top_k=5",
+    "generation.seed=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,9 @@ def ckpt(tmp_path_factory):
     from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
 
     root = tmp_path_factory.mktemp("generate")
-    prepare_text([str(REPO / "docs")], str(root / "shards"), vocab_size=300, val_fraction=0.3, progress=False,
-                 verbose=False)
+    prepare_text(
+        [str(REPO / "docs")], str(root / "shards"), vocab_size=300, val_fraction=0.3, progress=False, verbose=False
+    )
     cfg = load_config(REPO / "configs" / "gpt_debug.yaml", ["model.vocab_size=300", *GENERATION])
     out = root / "run" / "step_00000001"
     out.mkdir(parents=True)
@@ -63,8 +68,11 @@ def test_interactive_loads_once_and_answers_each_line(ckpt, monkeypatch):
     loads = []
     real = text.load_text_model
     monkeypatch.setattr(text, "load_text_model", lambda *a, **k: loads.append(a) or real(*a, **k))
-    r = runner.invoke(app, ["generate", "--checkpoint", str(ckpt), "--interactive", "--max-new-tokens", "4"],
-                      input="Return the\nThe value\n:q\nnever read\n")
+    r = runner.invoke(
+        app,
+        ["generate", "--checkpoint", str(ckpt), "--interactive", "--max-new-tokens", "4"],
+        input="Return the\nThe value\n:q\nnever read\n",
+    )
     assert r.exit_code == 0, r.output
     want = [generate_text(ckpt, p, max_new_tokens=4) for p in ("Return the", "The value")]
     assert r.output == "".join(w + "\n\n" for w in want)
@@ -77,8 +85,14 @@ def test_interactive_loads_once_and_answers_each_line(ckpt, monkeypatch):
 def test_interactive_in_a_subprocess_with_piped_stdin(ckpt):
     script = Path(sys.executable).parent / "megaray"
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "megaray.cli"]
-    p = subprocess.run(cmd + ["generate", "--checkpoint", str(ckpt.parent), "--interactive"], input="Return the\nIf\n",
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        cmd + ["generate", "--checkpoint", str(ckpt.parent), "--interactive"],
+        input="Return the\nIf\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == "".join(generate_text(ckpt, s) + "\n\n" for s in ("Return the", "If"))  # ends at EOF
     assert "> " not in p.stdout and "loaded" not in p.stderr  # no prompt or banner when stdin is a pipe

@@ -35,16 +35,23 @@ from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 ASSETS = Path(__file__).parent / "assets" / "losses"
 STEPS = 20
-COMMON = ["train.max_steps=20", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000",
-          "train.precision=fp32", "train.seed=1234", "scaling.num_workers=1", "scaling.max_failures=0",
-          "tracking.sample_tokens=0"]
+COMMON = [
+    "train.max_steps=20",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.checkpoint_every=1000",
+    "train.precision=fp32",
+    "train.seed=1234",
+    "scaling.num_workers=1",
+    "scaling.max_failures=0",
+    "tracking.sample_tokens=0",
+]
 
 Metrics = Dict[str, List[float]]
 
@@ -81,8 +88,9 @@ CASES = {
     # debug GPT on the stdlib corpus (512-token BPE), ZeRO-2. Measured: <= 1.6e-7 at every step
     # (the stored curve at e723435 vs MKL_CBWR unset / COMPATIBLE, all-AVX2 and 2 threads on an
     # AVX-512 AMD EPYC): nothing amplifies the rounding, so all 20 steps stay at 1e-5.
-    "gpt_debug": Case("gpt_debug.yaml", ["data.batch_size=4", "train.warmup_steps=4"], ("loss",),
-                      {"loss": Tolerance()}),
+    "gpt_debug": Case(
+        "gpt_debug.yaml", ["data.batch_size=4", "train.warmup_steps=4"], ("loss",), {"loss": Tolerance()}
+    ),
     # tiny GAN vocoder: reconstruction only for 5 steps, then adversarial + feature matching.
     # Measured over 6 distinct curves on an AVX-512 AMD EPYC (MKL_CBWR unset = AVX2 = AVX512 /
     # COMPATIBLE / all-AVX2 with oneDNN, x 1 / 2 threads; ATEN_CPU_CAPABILITY changed no bit):
@@ -96,13 +104,17 @@ CASES = {
     # of the loss 3e-5 at every step, which still catches a loss-weight change (fm_weight 2 -> 1.9
     # moves it by 1.1e-3 at step 6); `loss_fm` 2e-4; `loss_disc` 1e-5.
     "vocoder_tiny": Case(
-        "vocoder_tiny.yaml", ["data.batch_size=2", "train.warmup_steps=2", "model.adv_start_step=5"],
+        "vocoder_tiny.yaml",
+        ["data.batch_size=2", "train.warmup_steps=2", "model.adv_start_step=5"],
         ("loss", "loss_recon", "loss_disc", "loss_fm"),
-        {"loss": Tolerance(tight_steps=1, growth=5.0, cap=3e-3),
-         "loss - loss_recon": Tolerance(rtol=3e-5),
-         "loss_disc": Tolerance(),
-         "loss_fm": Tolerance(rtol=2e-4)},
-        {"loss - loss_recon": _minus("loss", "loss_recon")}),
+        {
+            "loss": Tolerance(tight_steps=1, growth=5.0, cap=3e-3),
+            "loss - loss_recon": Tolerance(rtol=3e-5),
+            "loss_disc": Tolerance(),
+            "loss_fm": Tolerance(rtol=2e-4),
+        },
+        {"loss - loss_recon": _minus("loss", "loss_recon")},
+    ),
 }
 
 
@@ -122,15 +134,20 @@ def mismatches(got: Sequence[float], want: Sequence[float], tol: Tolerance, step
     for step, g, w in zip(range(steps - len(want) + 1, steps + 1), got, want):
         rel = tol.at(step)
         if not abs(g - w) <= rel * abs(w) + tol.atol:
-            bad.append(f"step {step}: got {g!r}, stored {w!r}: relative {abs(g - w) / max(abs(w), 1e-30):.1e} > {rel:.1e}")
+            bad.append(
+                f"step {step}: got {g!r}, stored {w!r}: relative {abs(g - w) / max(abs(w), 1e-30):.1e} > {rel:.1e}"
+            )
     return bad
 
 
 def compare(case: Case, got: Metrics, want: Metrics) -> List[str]:
     """Every out-of-tolerance step of every series of ``case``, as ``"<series>: <line>"``."""
     series = lambda m, name: case.derived[name](m) if name in case.derived else m[name]  # noqa: E731
-    return [f"{name}: {line}" for name, tol in case.tols.items()
-            for line in mismatches(series(got, name), series(want, name), tol)]
+    return [
+        f"{name}: {line}"
+        for name, tol in case.tols.items()
+        for line in mismatches(series(got, name), series(want, name), tol)
+    ]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,15 +163,25 @@ def test_golden_losses(case, request, ray_cluster, tmp_path):
     else:
         shards = request.getfixturevalue("text_shards")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(REPO / "configs" / c.config, [
-        f"name=golden-{case}", f"data.shards={shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri={uri}", *COMMON, *c.overrides])
+    cfg = load_config(
+        REPO / "configs" / c.config,
+        [
+            f"name=golden-{case}",
+            f"data.shards={shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri={uri}",
+            *COMMON,
+            *c.overrides,
+        ],
+    )
     result = fit(cfg)
     got = {key: _history(uri, result.mlflow_run_id, key) for key in c.keys}
     assert len(got["loss"]) == STEPS
     path = ASSETS / f"{case}.json"
     if os.environ.get("MEGARAY_UPDATE_GOLDEN") == "1":
-        path.write_text(json.dumps({"config": c.config, "overrides": COMMON + c.overrides, "metrics": got}, indent=1) + "\n")
+        path.write_text(
+            json.dumps({"config": c.config, "overrides": COMMON + c.overrides, "metrics": got}, indent=1) + "\n"
+        )
         pytest.skip(f"rewrote {path}")
     bad = compare(c, got, json.loads(path.read_text())["metrics"])
     assert not bad, "\n".join(bad)

@@ -211,7 +211,7 @@ def test_alibi_slopes_match_hf_bloom():
         )[:, 0]  # slope * (j - (T-1))
         torch.testing.assert_close(got + alibi_slopes(n)[:, None] * (T - 1), want)
     # paper: n=8 -> 1/2, 1/4, ..., 1/256
-    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0**-i for i in range(1, 9)]))
 
 
 def test_rope_matches_hf_llama_rotate_half():
@@ -273,10 +273,17 @@ def test_norm_kinds_placement_and_bias():
 def test_mlp_activations():
     torch.manual_seed(0)
     x = torch.randn(3, 32)
-    for name, act in [("gelu", lambda h: torch.nn.functional.gelu(h, approximate="tanh")), ("relu", torch.relu), ("silu", torch.nn.functional.silu)]:
+    for name, act in [
+        ("gelu", lambda h: torch.nn.functional.gelu(h, approximate="tanh")),
+        ("relu", torch.relu),
+        ("silu", torch.nn.functional.silu),
+    ]:
         mlp = build_mlp(tiny(mlp=name))
         torch.testing.assert_close(mlp(x), mlp.c_proj(act(mlp.c_fc(x))))
-    for name, act in [("swiglu", torch.nn.functional.silu), ("geglu", lambda h: torch.nn.functional.gelu(h, approximate="tanh"))]:
+    for name, act in [
+        ("swiglu", torch.nn.functional.silu),
+        ("geglu", lambda h: torch.nn.functional.gelu(h, approximate="tanh")),
+    ]:
         mlp = build_mlp(tiny(mlp=name))
         torch.testing.assert_close(mlp(x), mlp.c_proj(act(mlp.c_gate(x)) * mlp.c_fc(x)))
     assert tiny(mlp="swiglu", mlp_hidden=None, n_embd=96).hidden_dim == 256
@@ -294,7 +301,10 @@ def test_gpt2_init_and_weight_tying():
     assert all(b.attn.c_attn.bias.abs().sum() == 0 for b in m.transformer.h)
     untied = GPT(GPTConfig.from_name("debug", tie_embeddings=False))
     assert untied.transformer.wte.weight is not untied.lm_head.weight
-    assert untied.num_params(non_embedding=False) - GPT(GPTConfig.from_name("debug")).num_params(non_embedding=False) == 512 * 64
+    assert (
+        untied.num_params(non_embedding=False) - GPT(GPTConfig.from_name("debug")).num_params(non_embedding=False)
+        == 512 * 64
+    )
 
 
 def test_dropout_only_in_training():

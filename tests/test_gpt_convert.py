@@ -72,7 +72,14 @@ def _check(hf, expect_attention=None):
 def test_gpt2_from_hf_logits_and_round_trip(tie):
     m = _check(gpt2(tie=tie))
     c = m.config
-    assert (c.position, c.norm, c.mlp, c.attention, c.bias, c.tie_embeddings) == ("learned", "layernorm", "gelu", "mha", True, tie)
+    assert (c.position, c.norm, c.mlp, c.attention, c.bias, c.tie_embeddings) == (
+        "learned",
+        "layernorm",
+        "gelu",
+        "mha",
+        True,
+        tie,
+    )
     assert (m.transformer.wte.weight is m.lm_head.weight) == tie
 
 
@@ -80,7 +87,14 @@ def test_gpt2_from_hf_logits_and_round_trip(tie):
 def test_llama_from_hf_logits_and_round_trip(n_kv, attention):
     m = _check(llama(n_kv=n_kv), expect_attention=attention)
     c = m.config
-    assert (c.position, c.norm, c.mlp, c.rope_theta, c.norm_eps, c.hidden_dim) == ("rope", "rmsnorm", "swiglu", 500.0, 1e-6, 56)
+    assert (c.position, c.norm, c.mlp, c.rope_theta, c.norm_eps, c.hidden_dim) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        500.0,
+        1e-6,
+        56,
+    )
 
 
 def test_llama_with_bias_and_tied_embeddings():
@@ -104,7 +118,9 @@ def test_from_hf_rejects_unsupported():
                                    num_attention_heads=4, hidden_act="gelu")  # fmt: skip
     with pytest.raises(ValueError, match="hidden_act"):
         from_hf(transformers.LlamaForCausalLM(cfg))
-    bert = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    bert = transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
     with pytest.raises(ValueError, match="model_type"):
         from_hf(transformers.BertForMaskedLM(bert))
 
@@ -119,7 +135,18 @@ def test_to_hf_rejects_unrepresentable_configs():
 def test_to_hf_from_megaray_models():
     """Models trained in megaray export: GPT-2 shape without biases (zeros), Llama shape with GQA."""
     idx = torch.randint(0, 512, (2, 8))
-    for kw in [dict(bias=False), dict(position="rope", norm="rmsnorm", mlp="swiglu", attention="gqa", n_kv_heads=2, bias=False, tie_embeddings=False)]:
+    for kw in [
+        dict(bias=False),
+        dict(
+            position="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            attention="gqa",
+            n_kv_heads=2,
+            bias=False,
+            tie_embeddings=False,
+        ),
+    ]:
         torch.manual_seed(0)
         m = GPT(GPTConfig.from_name("debug", **kw)).eval()
         _perturb_norms_around_one(m)

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from megaray import families as registry
-from megaray.models.gpt import GPT, GPTConfig, generate
-from megaray.models.gpt import model as model_mod
+from megaray.models.gpt import GPT, GPTConfig, generate, model as model_mod
 from megaray.models.gpt.flops import estimate_mfu, flops_per_token
-from megaray.train.device import peak_flops
 from megaray.models.gpt.sampling import sample_next
+from megaray.train.device import peak_flops
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, mlp_hidden=48)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -242,4 +241,6 @@ def test_flash_matches_sdpa_cuda(attention):
     fl.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 64, (2, 16), device="cuda")
     torch.testing.assert_close(fl(idx).float(), ref(idx).float(), atol=3e-2, rtol=3e-2)
-    assert torch.equal(generate(fl, idx[:, :4], 6, temperature=0), generate(fl, idx[:, :4], 6, temperature=0, use_cache=False))
+    assert torch.equal(
+        generate(fl, idx[:, :4], 6, temperature=0), generate(fl, idx[:, :4], 6, temperature=0, use_cache=False)
+    )

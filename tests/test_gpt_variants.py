@@ -9,8 +9,14 @@ import torch.nn as nn
 
 from megaray.config import ConfigError
 from megaray.models.common.mlp import MLP, ConvMLP, GroupedLinear, ShuffleMLP, build_mlp, channel_shuffle, gelu_tanh
-from megaray.models.common.position import (ALiBiPosition, CombinedPosition, LearnedPosition, RotaryPosition,
-                                            SinusoidalPosition, build_position)
+from megaray.models.common.position import (
+    ALiBiPosition,
+    CombinedPosition,
+    LearnedPosition,
+    RotaryPosition,
+    SinusoidalPosition,
+    build_position,
+)
 from megaray.models.gpt import GPT, GPTConfig
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, mlp_hidden=48)
@@ -58,7 +64,7 @@ def _cache_equals_full(model: GPT, T: int = 9) -> None:
         full = model(idx)
         cache = model.new_cache()
         steps = [model(idx[:, :3], cache=cache), model(idx[:, 3:5], cache=cache)]
-        steps += [model(idx[:, i: i + 1], cache=cache) for i in range(5, T)]
+        steps += [model(idx[:, i : i + 1], cache=cache) for i in range(5, T)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -97,8 +103,11 @@ def test_convmlp_starts_as_the_plain_mlp():
     assert conv.conv.weight.shape == (16, 1, 3) and tiny(mlp="convmlp").mlp_conv_kernel == 3
 
 
-@pytest.mark.parametrize("kw", [dict(position="rope"), dict(position=["learned", "alibi"]), dict(MLA, position="rope")],
-                         ids=["rope", "learned+alibi", "mla"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(position="rope"), dict(position=["learned", "alibi"]), dict(MLA, position="rope")],
+    ids=["rope", "learned+alibi", "mla"],
+)
 def test_convmlp_kv_cache_decoding_equals_full_forward(kw):
     _cache_equals_full(build(mlp="convmlp", mlp_conv_kernel=4, **kw))
 
@@ -126,11 +135,14 @@ def test_shufflemlp_is_grouped_convs_with_a_channel_shuffle():
         GroupedLinear(6, 8, 4)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(mlp="shufflemlp", mlp_groups=5), "mlp_groups"),
-    (dict(mlp="convmlp", n_experts=4), "dense feed-forward"),
-    (dict(mlp="shufflemlp", n_experts=4, moe_router="expert_choice"), "dense feed-forward"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(mlp="shufflemlp", mlp_groups=5), "mlp_groups"),
+        (dict(mlp="convmlp", n_experts=4), "dense feed-forward"),
+        (dict(mlp="shufflemlp", n_experts=4, moe_router="expert_choice"), "dense feed-forward"),
+    ],
+)
 def test_new_mlps_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**kw)
@@ -140,8 +152,11 @@ def test_new_mlps_config_errors(kw, match):
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("extra", [{}, dict(residual="rezero"), dict(MLA, position="rope", mlp="swiglu")],
-                         ids=["plain", "rezero", "mla-swiglu"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, dict(residual="rezero"), dict(MLA, position="rope", mlp="swiglu")],
+    ids=["plain", "rezero", "mla-swiglu"],
+)
 def test_sandwich_forward_backward_causal(norm, extra):
     model = build(norm=norm, norm_placement="sandwich", **extra)
     if extra.get("residual") == "rezero":  # every block starts as the identity; open the gates to test causality
@@ -184,10 +199,18 @@ def test_sandwich_rules_with_rezero_admin_and_export():
 # ----------------------------------------------------------------------------- position combinations
 
 
-COMBOS = [["learned", "rope"], ["learned", "alibi"], ["learned", "rope", "alibi"], ["sinusoidal", "rope"],
-          ["sinusoidal", "alibi"], ["sinusoidal", "rope", "alibi"], ["rope", "alibi"]]
+COMBOS = [
+    ["learned", "rope"],
+    ["learned", "alibi"],
+    ["learned", "rope", "alibi"],
+    ["sinusoidal", "rope"],
+    ["sinusoidal", "alibi"],
+    ["sinusoidal", "rope", "alibi"],
+    ["rope", "alibi"],
+]
 COMBO_CASES = [pytest.param(dict(position=c), id="+".join(c)) for c in COMBOS] + [
-    pytest.param(dict(MLA, position=c), id="mla-" + "+".join(c)) for c in COMBOS if "rope" in c]
+    pytest.param(dict(MLA, position=c), id="mla-" + "+".join(c)) for c in COMBOS if "rope" in c
+]
 
 
 @pytest.mark.parametrize("kw", COMBO_CASES)
@@ -218,14 +241,17 @@ def test_combined_position_applies_every_member():
     assert m.num_params(non_embedding=False) - m.num_params() == 16 * 32
 
 
-@pytest.mark.parametrize("position,match", [
-    (["none", "rope"], "'none'"),
-    (["learned", "sinusoidal"], "learned, sinusoidal"),
-    (["rope", "rope"], "repeats rope"),
-    (["rope", "bogus"], "'bogus'"),
-    ([], "empty"),
-    ("rpoe", "did you mean 'rope'"),
-])
+@pytest.mark.parametrize(
+    "position,match",
+    [
+        (["none", "rope"], "'none'"),
+        (["learned", "sinusoidal"], "learned, sinusoidal"),
+        (["rope", "rope"], "repeats rope"),
+        (["rope", "bogus"], "'bogus'"),
+        ([], "empty"),
+        ("rpoe", "did you mean 'rope'"),
+    ],
+)
 def test_invalid_position_lists_name_the_schemes(position, match):
     with pytest.raises(ConfigError, match="model.position") as e:
         tiny(position=position)
@@ -252,12 +278,24 @@ PRESET_COUNTS = {"gpt2_xl": 1_557_611_200, "llama_1b": 1_235_814_400}
 def _hf_reference(name: str):
     transformers = pytest.importorskip("transformers")
     if name == "gpt2_xl":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, n_positions=1024))
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(  # Llama 3.2 1B's config.json
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, max_position_embeddings=8192))
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, n_positions=1024)
+        )
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(  # Llama 3.2 1B's config.json
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            max_position_embeddings=8192,
+        )
+    )
 
 
 @pytest.mark.parametrize("name", list(PRESET_COUNTS))

@@ -4,11 +4,11 @@ on a tiny model, in process and over Ray Data; bad lines counted and named; logg
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
@@ -18,22 +18,39 @@ from megaray.inference.hellaswag import evaluate_hellaswag
 from megaray.tasks.hellaswag import accuracy, read_hellaswag, score, shared_metrics
 from megaray.train.checkpoint import STATE_FILE, WEIGHTS_FILE
 
-from conftest import REPO
-
 BLOCK = 64
 GOOD = [
-    {"ctx": "A man is sitting on a roof. he", "label": 3,
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
-    {"ctx": "The function returns", "label": 0,
-     "endings": ["the value of the attribute.", "a cat", "the list of names in the module and its parents.", "zero"]},
-    {"ctx": "Return a new", "label": "2",  # the HF datasets copy stores labels as strings
-     "endings": ["dictionary.", "object with the same value as the argument given.", "string", "set."]},
+    {
+        "ctx": "A man is sitting on a roof. he",
+        "label": 3,
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+    },
+    {
+        "ctx": "The function returns",
+        "label": 0,
+        "endings": ["the value of the attribute.", "a cat", "the list of names in the module and its parents.", "zero"],
+    },
+    {
+        "ctx": "Return a new",
+        "label": "2",  # the HF datasets copy stores labels as strings
+        "endings": ["dictionary.", "object with the same value as the argument given.", "string", "set."],
+    },
     # longer than the model's context: the context is cut from the left, the endings stay whole
-    {"ctx": "Read the file and return its contents as bytes. " * 12 + "Then it", "label": 1,
-     "endings": ["closes the file.", "raises an error.", "opens a socket to the server.", "does nothing at all."]},
-    {"ctx": "If the argument is omitted,", "label": 1,
-     "endings": ["the default is used.", "nothing happens.", "an exception is raised.", "it returns None."]},
+    {
+        "ctx": "Read the file and return its contents as bytes. " * 12 + "Then it",
+        "label": 1,
+        "endings": ["closes the file.", "raises an error.", "opens a socket to the server.", "does nothing at all."],
+    },
+    {
+        "ctx": "If the argument is omitted,",
+        "label": 1,
+        "endings": ["the default is used.", "nothing happens.", "an exception is raised.", "it returns None."],
+    },
 ]
 
 
@@ -53,10 +70,18 @@ def checkpoint(tmp_path_factory):
     torch.save(model.state_dict(), ckpt / WEIGHTS_FILE)
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 4, "tokens": 0}))
     (ckpt / "tokenizer.json").write_text(tok.to_str())
-    lines = [json.dumps(GOOD[0]), json.dumps(GOOD[1]), "{not json", json.dumps(GOOD[2]),
-             json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"]}),  # no label
-             json.dumps({**GOOD[0], "label": 7}), json.dumps({**GOOD[0], "endings": ["a", "b", "c"]}),
-             "", json.dumps(GOOD[3]), json.dumps(GOOD[4])]
+    lines = [
+        json.dumps(GOOD[0]),
+        json.dumps(GOOD[1]),
+        "{not json",
+        json.dumps(GOOD[2]),
+        json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"]}),  # no label
+        json.dumps({**GOOD[0], "label": 7}),
+        json.dumps({**GOOD[0], "endings": ["a", "b", "c"]}),
+        "",
+        json.dumps(GOOD[3]),
+        json.dumps(GOOD[4]),
+    ]
     data = root / "hellaswag.jsonl"
     data.write_text("\n".join(lines) + "\n")
     return ckpt, data, tok, model.eval()
@@ -67,7 +92,7 @@ def _direct(model, tok, ex):
     the ending tokens, the context cut from the left to the model's context when needed."""
     ctx = tok.encode(ex["ctx"]).ids
     endings = [tok.encode(" " + e).ids for e in ex["endings"]]
-    ctx = ctx[len(ctx) - min(len(ctx), BLOCK + 1 - max(map(len, endings))):]
+    ctx = ctx[len(ctx) - min(len(ctx), BLOCK + 1 - max(map(len, endings))) :]
     sums, means = [], []
     for e in endings:
         ids = torch.tensor([ctx + e])
@@ -88,8 +113,12 @@ def test_scoring_equals_a_direct_per_example_computation(checkpoint, tmp_path):
     correct = correct_norm = 0
     for ex, r in zip(GOOD, got):
         sums, means = _direct(model, tok, ex)
-        torch.testing.assert_close(torch.tensor(r["sum_loss"]), torch.tensor(sums, dtype=torch.float32), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(torch.tensor(r["mean_loss"]), torch.tensor(means, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(r["sum_loss"]), torch.tensor(sums, dtype=torch.float32), atol=1e-4, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            torch.tensor(r["mean_loss"]), torch.tensor(means, dtype=torch.float32), atol=1e-5, rtol=1e-5
+        )
         assert r["pred"] == min(range(4), key=sums.__getitem__)
         assert r["pred_norm"] == min(range(4), key=means.__getitem__)
         assert r["label"] == int(ex["label"])
@@ -98,8 +127,12 @@ def test_scoring_equals_a_direct_per_example_computation(checkpoint, tmp_path):
     assert out["examples"] == 5 and out["backend"] == "in_process" and out["truncated"] == 1
     assert out["acc"] == pytest.approx(correct / 5) and out["acc_norm"] == pytest.approx(correct_norm / 5)
     assert out["bad_lines"] == 4
-    assert out["bad"] == {"not JSON": [3], "missing key 'label'": [5], "label not in 0..3": [6],
-                          "endings is not a list of 4 non-empty strings": [7]}
+    assert out["bad"] == {
+        "not JSON": [3],
+        "missing key 'label'": [5],
+        "label not in 0..3": [6],
+        "endings is not a list of 4 non-empty strings": [7],
+    }
 
 
 def test_rank_shares_average_to_the_whole_file(checkpoint):
@@ -118,16 +151,18 @@ def test_cli_logs_to_mlflow_and_names_a_missing_file(checkpoint, tmp_path):
 
     ckpt, data, _, _ = checkpoint
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = CliRunner().invoke(app, ["eval", "--task", "hellaswag", "--data", str(data), "--checkpoint", str(ckpt),
-                                 "--tracking-uri", uri])
+    r = CliRunner().invoke(
+        app, ["eval", "--task", "hellaswag", "--data", str(data), "--checkpoint", str(ckpt), "--tracking-uri", uri]
+    )
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output[r.output.index("{"):])
+    out = json.loads(r.output[r.output.index("{") :])
     run = MlflowClient(uri).get_run(out["mlflow_run_id"])
     assert run.data.metrics["hellaswag_acc"] == pytest.approx(out["acc"])
     assert run.data.metrics["hellaswag_acc_norm"] == pytest.approx(out["acc_norm"])
     assert run.data.params["bad_lines"] == "4"
-    r = CliRunner().invoke(app, ["eval", "--task", "hellaswag", "--data", str(tmp_path / "no.jsonl"),
-                                 "--checkpoint", str(ckpt)])
+    r = CliRunner().invoke(
+        app, ["eval", "--task", "hellaswag", "--data", str(tmp_path / "no.jsonl"), "--checkpoint", str(ckpt)]
+    )
     assert r.exit_code == 2 and "error: HellaSwag file not found" in r.output and "no.jsonl" in r.output
     empty = tmp_path / "bad.jsonl"
     empty.write_text("{oops\n")

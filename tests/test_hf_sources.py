@@ -34,17 +34,26 @@ def _table(path: str) -> "H.HFTable":
 # ----------------------------------------------------------------------------- grammar
 
 
-@pytest.mark.parametrize("source, name, config, split, local", [
-    ("hf:wikitext", "wikitext", None, None, False),
-    ("hf:wikitext:wikitext-2-raw-v1@train", "wikitext", "wikitext-2-raw-v1", "train", False),
-    ("hf:openslr/librispeech_asr:clean@train.clean.100", "openslr/librispeech_asr", "clean", "train.clean.100", False),
-    ("hf:HuggingFaceFW/fineweb-edu@train", "HuggingFaceFW/fineweb-edu", None, "train", False),
-    ("hf:./data/speech@validation", "./data/speech", None, "validation", True),
-    ("hf:/abs/ds", "/abs/ds", None, None, True),
-    ("hf:~/ds@test", "~/ds", None, "test", True),
-    ("hf:data/*.parquet", "data/*.parquet", None, None, True),
-    ("hf:shards/part-0.parquet@train", "shards/part-0.parquet", None, "train", True),
-])
+@pytest.mark.parametrize(
+    "source, name, config, split, local",
+    [
+        ("hf:wikitext", "wikitext", None, None, False),
+        ("hf:wikitext:wikitext-2-raw-v1@train", "wikitext", "wikitext-2-raw-v1", "train", False),
+        (
+            "hf:openslr/librispeech_asr:clean@train.clean.100",
+            "openslr/librispeech_asr",
+            "clean",
+            "train.clean.100",
+            False,
+        ),
+        ("hf:HuggingFaceFW/fineweb-edu@train", "HuggingFaceFW/fineweb-edu", None, "train", False),
+        ("hf:./data/speech@validation", "./data/speech", None, "validation", True),
+        ("hf:/abs/ds", "/abs/ds", None, None, True),
+        ("hf:~/ds@test", "~/ds", None, "test", True),
+        ("hf:data/*.parquet", "data/*.parquet", None, None, True),
+        ("hf:shards/part-0.parquet@train", "shards/part-0.parquet", None, "train", True),
+    ],
+)
 def test_the_grammar_parses_hub_names_and_local_paths(source, name, config, split, local):
     spec = H.parse_hf(source)
     assert (spec.name, spec.config, spec.split, spec.local) == (name, config, split, local)
@@ -65,12 +74,15 @@ def test_row_ids_are_stable_names_not_paths(tmp_path, monkeypatch):
     assert H.parse_hf("hf:mine@train").local
 
 
-@pytest.mark.parametrize("source, message", [
-    ("hf:", "empty Hugging Face source"),
-    ("hf:bad name!", "cannot parse 'hf:bad name!': expected hf:NAME[:CONFIG][@SPLIT]"),
-    ("hf:a:b:c", "cannot parse"),
-    ("stdlib", "not a Hugging Face source"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("hf:", "empty Hugging Face source"),
+        ("hf:bad name!", "cannot parse 'hf:bad name!': expected hf:NAME[:CONFIG][@SPLIT]"),
+        ("hf:a:b:c", "cannot parse"),
+        ("stdlib", "not a Hugging Face source"),
+    ],
+)
 def test_grammar_errors_show_the_grammar(source, message):
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         H.parse_hf(source)
@@ -98,8 +110,11 @@ def test_a_hub_name_is_streamed_and_a_failure_says_what_to_do(monkeypatch):
         raise ConnectionError("huggingface.co unreachable")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"cannot load hf:wikitext:wikitext-2-raw-v1@train from the Hugging Face Hub: "
-                                        r"ConnectionError: .*build it locally with save_to_disk"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot load hf:wikitext:wikitext-2-raw-v1@train from the Hugging Face Hub: "
+        r"ConnectionError: .*build it locally with save_to_disk",
+    ):
         H.HFTable("hf:wikitext:wikitext-2-raw-v1@train")
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train", "streaming": True})]
 
@@ -150,8 +165,11 @@ def test_text_column_detection_and_its_errors(tmp_path, capsys):
     t = _table(_saved(tmp_path, "only", {"body": ["x"], "n": [1]}))
     assert H.choose_columns(t, "text") == {"text": "body"}
     t = _table(_saved(tmp_path, "two", {"title": ["x"], "body": ["y"], "n": [1]}))
-    with pytest.raises(DataError, match=r"several columns could hold the text \(title, body\); pass --text-column NAME "
-                                        r"\(columns: title \(string\), body \(string\), n \(int64\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"several columns could hold the text \(title, body\); pass --text-column NAME "
+        r"\(columns: title \(string\), body \(string\), n \(int64\)\)",
+    ):
         H.choose_columns(t, "text")
     assert H.choose_columns(t, "text", H.HFColumns(text="title"), said.append) == {"text": "title"}
     assert said[-1].endswith("text from column 'title' (given)")
@@ -160,32 +178,59 @@ def test_text_column_detection_and_its_errors(tmp_path, capsys):
     with pytest.raises(DataError, match=r"--text-column 'n' is int64, which cannot hold the text"):
         H.choose_columns(t, "text", H.HFColumns(text="n"))
     t = _table(_saved(tmp_path, "none", {"n": [1], "x": [0.5]}))
-    with pytest.raises(DataError, match=r"no column holds the text; pass --text-column NAME \(columns: n \(int64\), "
-                                        r"x \(float64\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"no column holds the text; pass --text-column NAME \(columns: n \(int64\), "
+        r"x \(float64\)\)",
+    ):
         H.choose_columns(t, "text")
 
 
 def test_audio_and_image_column_detection(tmp_path):
     audio = datasets.Audio()
-    t = _table(_saved(tmp_path, "a", {"file": ["x.wav"], "clip": [{"bytes": b"RIFF", "path": None}],
-                                      "normalized_text": ["hi"], "client_id": [7]},
-                      {"clip": audio}))
+    t = _table(
+        _saved(
+            tmp_path,
+            "a",
+            {
+                "file": ["x.wav"],
+                "clip": [{"bytes": b"RIFF", "path": None}],
+                "normalized_text": ["hi"],
+                "client_id": [7],
+            },
+            {"clip": audio},
+        )
+    )
     said = []
-    assert H.choose_columns(t, "audio", say=said.append) == {"audio": "clip", "transcript": "normalized_text",
-                                                             "speaker": "client_id"}
-    assert said[0].endswith(": audio from column 'clip' (detected), transcript from 'normalized_text' (detected), "
-                            "speaker from 'client_id' (detected)")
+    assert H.choose_columns(t, "audio", say=said.append) == {
+        "audio": "clip",
+        "transcript": "normalized_text",
+        "speaker": "client_id",
+    }
+    assert said[0].endswith(
+        ": audio from column 'clip' (detected), transcript from 'normalized_text' (detected), "
+        "speaker from 'client_id' (detected)"
+    )
     t = _table(_saved(tmp_path, "arr", {"speech": [{"array": [0.0, 0.1], "sampling_rate": 16000}], "id": ["u1"]}))
     assert H.choose_columns(t, "audio") == {"audio": "speech", "transcript": None, "speaker": None}
     with pytest.raises(DataError, match=r"no column holds the audio; pass --audio-column NAME \(columns: id "):
         H.choose_columns(_table(_saved(tmp_path, "txt", {"id": ["u1"]})), "audio")
     labels = datasets.ClassLabel(names=["cat", "dog"])
-    t = _table(_saved(tmp_path, "img", {"picture": [{"bytes": b"\x89PNG", "path": None}], "label": [1],
-                                        "txt": ["a cat"]}, {"picture": datasets.Image(), "label": labels}))
+    t = _table(
+        _saved(
+            tmp_path,
+            "img",
+            {"picture": [{"bytes": b"\x89PNG", "path": None}], "label": [1], "txt": ["a cat"]},
+            {"picture": datasets.Image(), "label": labels},
+        )
+    )
     assert H.choose_columns(t, "images") == {"image": "picture", "caption": "txt", "label": "label"}
     assert t.class_names("label") == ["cat", "dog"]
-    with pytest.raises(DataError, match=r"no column holds the image; pass --image-column NAME \(columns: label "
-                                        r"\(ClassLabel\(cat, dog\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"no column holds the image; pass --image-column NAME \(columns: label "
+        r"\(ClassLabel\(cat, dog\)\)",
+    ):
         H.choose_columns(_table(_saved(tmp_path, "lbl", {"label": [0]}, {"label": labels})), "images")
 
 
@@ -218,8 +263,16 @@ def test_prepare_list_prints_every_prepare_command_and_its_sources():
     assert commands <= set(SOURCES), f"commands missing from megaray/data/catalog.py: {commands - set(SOURCES)}"
     for command in SOURCES:
         assert f"prepare {command}\n" in r.output
-    for spelling in ("stdlib", "espeak", "skimage", "s3://", "hf:NAME[:CONFIG][@SPLIT]", "hf:./PATH[@SPLIT]",
-                     "LIBRISPEECH FOLDER", "train.bin"):
+    for spelling in (
+        "stdlib",
+        "espeak",
+        "skimage",
+        "s3://",
+        "hf:NAME[:CONFIG][@SPLIT]",
+        "hf:./PATH[@SPLIT]",
+        "LIBRISPEECH FOLDER",
+        "train.bin",
+    ):
         assert spelling in r.output
 
 
@@ -241,11 +294,11 @@ def docstrings():
 def test_text_from_save_to_disk_and_parquet_trains(docstrings, tmp_path, ray_cluster, capsys):
     """save_to_disk DatasetDict (column detected by name, bad rows counted by row id) -> prepare ->
     4 optimizer steps; and a parquet glob through the CLI with --text-column."""
+    from conftest import REPO
+
     from megaray.data.text import prepare_text
     from megaray.families import load_config
     from megaray.train.launch import fit
-
-    from conftest import REPO
 
     rows = docstrings + [None, "   ", "nul\x00inside", docstrings[0]]  # empty, empty, binary, duplicate
     ds = datasets.Dataset.from_dict({"title": [f"doc {i}" for i in range(len(rows))], "text": rows})
@@ -263,16 +316,41 @@ def test_text_from_save_to_disk_and_parquet_trains(docstrings, tmp_path, ray_clu
     pq_dir = tmp_path / "pq"
     pq_dir.mkdir()
     datasets.Dataset.from_dict({"id": list(range(40)), "body": docstrings[:40]}).to_parquet(str(pq_dir / "a.parquet"))
-    r = runner.invoke(app, ["prepare", "text", "--source", f"hf:{pq_dir}/*.parquet", "--text-column", "body",
-                            "--vocab-size", "260", "--val-fraction", "0.1", "--out", str(tmp_path / "pq-shards")])
+    r = runner.invoke(
+        app,
+        [
+            "prepare",
+            "text",
+            "--source",
+            f"hf:{pq_dir}/*.parquet",
+            "--text-column",
+            "body",
+            "--vocab-size",
+            "260",
+            "--val-fraction",
+            "0.1",
+            "--out",
+            str(tmp_path / "pq-shards"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert f"hf:{pq_dir}/*.parquet@train : text from column 'body' (given)" in r.output
     assert json.loads((tmp_path / "pq-shards" / "manifest.json").read_text())["sources"] == [f"hf:{pq_dir}/*.parquet"]
 
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml",
-                      ["name=hf-text", f"data.shards={out}", "scaling.num_workers=1",
-                       f"scaling.storage_path={tmp_path / 'runs'}", "train.max_steps=4", "train.eval_every=4",
-                       "train.checkpoint_every=4", "train.log_every=2", "tracking.enabled=false"])
+    cfg = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "name=hf-text",
+            f"data.shards={out}",
+            "scaling.num_workers=1",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            "train.max_steps=4",
+            "train.eval_every=4",
+            "train.checkpoint_every=4",
+            "train.log_every=2",
+            "tracking.enabled=false",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == 4
     assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["val_loss"])
@@ -289,8 +367,9 @@ def speech(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-speech")
     manifest = build_speech_corpus(str(root / "raw"), n_clips=6, include_alsa=False)
     rows = [json.loads(line) for line in open(manifest)]
-    return [(open(os.path.join(os.path.dirname(manifest), r["path"]), "rb").read(), r["text"], r["speaker"])
-            for r in rows]
+    return [
+        (open(os.path.join(os.path.dirname(manifest), r["path"]), "rb").read(), r["text"], r["speaker"]) for r in rows
+    ]
 
 
 def test_audio_with_transcripts_from_save_to_disk_and_decoded_arrays_in_parquet(speech, tmp_path, ray_local, capsys):
@@ -301,25 +380,45 @@ def test_audio_with_transcripts_from_save_to_disk_and_decoded_arrays_in_parquet(
     n = len(speech)
     # 1. save_to_disk, an Audio column of the wav bytes (+ a null and a corrupt row), sentence, speaker_id
     cells = [{"bytes": b, "path": None} for b, _, _ in speech] + [None, {"bytes": b"RIFF not really", "path": None}]
-    ds = datasets.Dataset.from_dict({"audio": cells, "sentence": [t for _, t, _ in speech] + ["", ""],
-                                     "speaker_id": [s for _, _, s in speech] + ["x", "x"]})
+    ds = datasets.Dataset.from_dict(
+        {
+            "audio": cells,
+            "sentence": [t for _, t, _ in speech] + ["", ""],
+            "speaker_id": [s for _, _, s in speech] + ["x", "x"],
+        }
+    )
     ds.cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "speech-disk"))
     # 2. parquet with decoded arrays ({array, sampling_rate}, as datasets decodes them), transcription, speaker
     arrays = [sf.read(io.BytesIO(b), dtype="float32") for b, _, _ in speech]
     (tmp_path / "speech-pq").mkdir()
-    datasets.Dataset.from_dict({
-        "speech": [{"array": a.tolist(), "sampling_rate": sr} for a, sr in arrays],
-        "transcription": [t for _, t, _ in speech], "speaker": [s for _, _, s in speech],
-    }).to_parquet(str(tmp_path / "speech-pq" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict(
+        {
+            "speech": [{"array": a.tolist(), "sampling_rate": sr} for a, sr in arrays],
+            "transcription": [t for _, t, _ in speech],
+            "speaker": [s for _, _, s in speech],
+        }
+    ).to_parquet(str(tmp_path / "speech-pq" / "train-00000-of-00001.parquet"))
 
     out = tmp_path / "shards"
-    m = prepare_audio([f"hf:{tmp_path}/speech-disk", f"hf:{tmp_path}/speech-pq@train"], str(out), n_mels=40,
-                      n_fft=512, hop_length=128, val_fraction=0.25, concurrency=2, batch_size=4)
+    m = prepare_audio(
+        [f"hf:{tmp_path}/speech-disk", f"hf:{tmp_path}/speech-pq@train"],
+        str(out),
+        n_mels=40,
+        n_fft=512,
+        hop_length=128,
+        val_fraction=0.25,
+        concurrency=2,
+        batch_size=4,
+    )
     said = capsys.readouterr().out
-    assert ("speech-disk@train : audio from column 'audio' (detected), transcript from 'sentence' (detected), "
-            "speaker from 'speaker_id' (detected)") in said
-    assert ("speech-pq@train : audio from column 'speech' (detected), transcript from 'transcription' (detected), "
-            "speaker from 'speaker' (detected)") in said
+    assert (
+        "speech-disk@train : audio from column 'audio' (detected), transcript from 'sentence' (detected), "
+        "speaker from 'speaker_id' (detected)"
+    ) in said
+    assert (
+        "speech-pq@train : audio from column 'speech' (detected), transcript from 'transcription' (detected), "
+        "speaker from 'speaker' (detected)"
+    ) in said
     assert m["clips"] == 2 * n
     by = m["rejected"]["by_reason"]
     assert by["empty_file"]["examples"] == [f"hf:speech-disk/train/{n}: empty file (0 bytes)"]
@@ -349,36 +448,52 @@ LABELS = ["animal", "food", "person", "vehicle"]
 
 def test_images_with_captions_and_class_labels(tmp_path, ray_local, capsys):
     from megaray.data.image import prepare_images
-    from megaray.data.image.skimage import PHOTOS as FILES
-    from megaray.data.image.skimage import data_dir
+    from megaray.data.image.skimage import PHOTOS as FILES, data_dir
 
     photos = {}
     for k in PHOTOS:
         with open(os.path.join(data_dir(), FILES[k]), "rb") as f:
             photos[k] = f.read()
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=LABELS)})
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)}
+    )
     images = [{"bytes": b, "path": None} for b in photos.values()]
     captions = [c for _, c in PHOTOS.values()]
     labels = [LABELS.index(lbl) for lbl, _ in PHOTOS.values()]
-    ds = datasets.Dataset.from_dict({"image": images + [None, {"bytes": b"GIF89a junk", "path": None}],
-                                     "caption": captions + ["nothing", "junk"], "label": labels + [0, 0]},
-                                    features=features)
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": images + [None, {"bytes": b"GIF89a junk", "path": None}],
+            "caption": captions + ["nothing", "junk"],
+            "label": labels + [0, 0],
+        },
+        features=features,
+    )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "photos"))
     (tmp_path / "photos-pq").mkdir()
-    datasets.Dataset.from_dict({"jpg": images, "txt": captions, "cls": [lbl for lbl, _ in PHOTOS.values()]},
-                               features=datasets.Features({"jpg": datasets.Image(), "txt": datasets.Value("string"),
-                                                           "cls": datasets.Value("string")})
-                               ).to_parquet(str(tmp_path / "photos-pq" / "part-0.parquet"))
+    datasets.Dataset.from_dict(
+        {"jpg": images, "txt": captions, "cls": [lbl for lbl, _ in PHOTOS.values()]},
+        features=datasets.Features(
+            {"jpg": datasets.Image(), "txt": datasets.Value("string"), "cls": datasets.Value("string")}
+        ),
+    ).to_parquet(str(tmp_path / "photos-pq" / "part-0.parquet"))
 
     out = tmp_path / "shards"
-    m = prepare_images([f"hf:{tmp_path}/photos", f"hf:{tmp_path}/photos-pq/*.parquet"], str(out), size=32,
-                       val_fraction=0.2, concurrency=2)
+    m = prepare_images(
+        [f"hf:{tmp_path}/photos", f"hf:{tmp_path}/photos-pq/*.parquet"],
+        str(out),
+        size=32,
+        val_fraction=0.2,
+        concurrency=2,
+    )
     said = capsys.readouterr().out
-    assert "photos@train : image from column 'image' (detected), caption from 'caption' (detected), label from " \
-           "'label' (detected)" in said
-    assert "*.parquet@train : image from column 'jpg' (detected), caption from 'txt' (detected), label from 'cls' " \
-           "(detected)" in said
+    assert (
+        "photos@train : image from column 'image' (detected), caption from 'caption' (detected), label from "
+        "'label' (detected)" in said
+    )
+    assert (
+        "*.parquet@train : image from column 'jpg' (detected), caption from 'txt' (detected), label from 'cls' "
+        "(detected)" in said
+    )
     n = len(PHOTOS)
     assert m["splits"]["train"]["images"] + m["splits"]["val"]["images"] == 2 * n
     by = m["rejected"]["by_reason"]

@@ -58,8 +58,9 @@ def _exif_jpeg() -> bytes:
 FILES = {
     "photos/cmyk.jpg": lambda: _save(Image.new("CMYK", (24, 16), (0, 255, 255, 0)), "JPEG", quality=95),
     "photos/exif.jpg": _exif_jpeg,
-    "photos/truncated.jpg": lambda: _save(Image.fromarray(RNG.integers(0, 256, (40, 30, 3), dtype=np.uint8)),
-                                          "JPEG")[:400],
+    "photos/truncated.jpg": lambda: _save(Image.fromarray(RNG.integers(0, 256, (40, 30, 3), dtype=np.uint8)), "JPEG")[
+        :400
+    ],
     "scans/grey.png": lambda: _save(Image.fromarray(GREY), "PNG"),
     "scans/grey.txt": lambda: b"a grey square\n",
     "scans/deep16.png": lambda: _save(Image.fromarray(DEEP), "PNG"),
@@ -96,18 +97,41 @@ def messy(ray_cluster, tmp_path_factory):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(make())
     png = _save(Image.fromarray(GREY), "PNG")
-    (folder / "photos" / "broken.tar").write_bytes(_tar([("a.png", png)])[:512 + 40])
+    (folder / "photos" / "broken.tar").write_bytes(_tar([("a.png", png)])[: 512 + 40])
     tar = root / "shard-000.tar"
-    tar.write_bytes(_tar([("000.png", png), ("000.cls", b"scans"), ("000.txt", b"grey again"),
-                          ("001.jpg", FILES["photos/cmyk.jpg"]()), ("001.json", b'{"label": "photos"}'),
-                          ("002.txt", b"a caption without an image")]))
-    table = pa.table({"name": ["p0", "junk", "p2"], "label": ["faces", "faces", "photos"],
-                      "image": [{"bytes": png, "path": "p0.png"}, {"bytes": b"\x00garbage", "path": "junk.png"},
-                                {"bytes": FILES["photos/exif.jpg"](), "path": "p2.jpg"}]})
+    tar.write_bytes(
+        _tar(
+            [
+                ("000.png", png),
+                ("000.cls", b"scans"),
+                ("000.txt", b"grey again"),
+                ("001.jpg", FILES["photos/cmyk.jpg"]()),
+                ("001.json", b'{"label": "photos"}'),
+                ("002.txt", b"a caption without an image"),
+            ]
+        )
+    )
+    table = pa.table(
+        {
+            "name": ["p0", "junk", "p2"],
+            "label": ["faces", "faces", "photos"],
+            "image": [
+                {"bytes": png, "path": "p0.png"},
+                {"bytes": b"\x00garbage", "path": "junk.png"},
+                {"bytes": FILES["photos/exif.jpg"](), "path": "p2.jpg"},
+            ],
+        }
+    )
     pq.write_table(table, root / "faces.parquet")
     out = root / "out"
-    man = I.prepare_images([str(folder), str(tar), str(root / "faces.parquet")], str(out), size=SIZE,
-                           val_fraction=0.25, concurrency=2, verbose=False)
+    man = I.prepare_images(
+        [str(folder), str(tar), str(root / "faces.parquet")],
+        str(out),
+        size=SIZE,
+        val_fraction=0.25,
+        concurrency=2,
+        verbose=False,
+    )
     rows = {}
     for path in glob.glob(str(out / "*" / "*.parquet")):
         for r in pq.read_table(path).to_pylist():
@@ -119,15 +143,28 @@ def messy(ray_cluster, tmp_path_factory):
 def test_prepare_keeps_usable_images_and_names_the_rest(messy):
     man, rows = messy["manifest"], messy["rows"]
     assert man["kind"] == "images" and man["size"] == SIZE
-    assert set(rows) == {"photos/cmyk.jpg", "photos/exif.jpg", "scans/grey.png", "scans/deep16.png",
-                         "scans/palette.png", "shard-000.tar/000", "shard-000.tar/001", "faces.parquet#p0",
-                         "faces.parquet#p2"}
+    assert set(rows) == {
+        "photos/cmyk.jpg",
+        "photos/exif.jpg",
+        "scans/grey.png",
+        "scans/deep16.png",
+        "scans/palette.png",
+        "shard-000.tar/000",
+        "shard-000.tar/001",
+        "faces.parquet#p0",
+        "faces.parquet#p2",
+    }
     assert man["images"] == 9 and man["splits"]["train"]["images"] + man["splits"]["val"]["images"] == 9
     assert man["splits"]["val"]["images"] >= 1
     by = man["rejected"]["by_reason"]
     counts = {k: v["count"] for k, v in by.items()}
-    assert counts == {"truncated": 1, "not_an_image": 2, "unsupported_file": 1, "unreadable_tar": 1,
-                      "no_image_in_sample": 1}
+    assert counts == {
+        "truncated": 1,
+        "not_an_image": 2,
+        "unsupported_file": 1,
+        "unreadable_tar": 1,
+        "no_image_in_sample": 1,
+    }
     assert man["rejected"]["total"] == 6
     assert by["truncated"]["examples"][0].startswith("photos/truncated.jpg: truncated")
     assert {e.split(":")[0] for e in by["not_an_image"]["examples"]} == {"scans/notes.png", "faces.parquet#junk"}
@@ -137,8 +174,11 @@ def test_prepare_keeps_usable_images_and_names_the_rest(messy):
     # labels: sub-folder names, the tar's .cls / .json members, the parquet label column
     assert man["labels"] == {"faces": 0, "photos": 1, "scans": 2}
     assert {n: r["label"] for n, r in rows.items() if "tar" in n or "#" in n} == {
-        "shard-000.tar/000": "scans", "shard-000.tar/001": "photos", "faces.parquet#p0": "faces",
-        "faces.parquet#p2": "photos"}
+        "shard-000.tar/000": "scans",
+        "shard-000.tar/001": "photos",
+        "faces.parquet#p0": "faces",
+        "faces.parquet#p2": "photos",
+    }
     assert all(man["labels"][r["label"]] == r["label_id"] for r in rows.values())
     assert rows["scans/grey.png"]["caption"] == "a grey square" and rows["shard-000.tar/000"]["caption"] == "grey again"
     assert man["captions"] == 2
@@ -203,7 +243,9 @@ def test_crop_box_is_a_function_of_seed_name_and_pass():
 
 def test_skimage_set_batches_crops_and_exact_resume(image_shards):
     man = I.read_manifest(image_shards)
-    assert man["size"] == 32 and {"astronaut", "coffee", "chelsea", "rocket", "retina", "lfw_face"} <= set(man["labels"])
+    assert man["size"] == 32 and {"astronaut", "coffee", "chelsea", "rocket", "retina", "lfw_face"} <= set(
+        man["labels"]
+    )
     assert man["rejected"]["total"] == 0 and man["splits"]["val"]["images"] > 0
     n_train, n_val = man["splits"]["train"]["images"], man["splits"]["val"]["images"]
     ds = I.image_datasets(image_shards, 24, seed=1, passes=2)
@@ -267,8 +309,9 @@ def test_a_crash_mid_write_keeps_the_previous_set(messy, monkeypatch):
 
     monkeypatch.setattr(P, "write_manifest", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        I.prepare_images(str(messy["folder"] / "scans"), messy["out"], size=SIZE, overwrite=True, concurrency=2,
-                         verbose=False)
+        I.prepare_images(
+            str(messy["folder"] / "scans"), messy["out"], size=SIZE, overwrite=True, concurrency=2, verbose=False
+        )
     assert sorted(glob.glob(messy["out"] + "/**", recursive=True)) == before
     assert open(messy["out"] + "/manifest.json").read() == manifest
     assert json.loads(manifest)["images"] == 9

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 from megaray.errors import ConfigError
 from megaray.families import build_run_config, load_config
 from megaray.models.image import ImageVAE, ImageVAEConfig
 from megaray.models.image.discriminator import NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 from megaray.models.image.vae import DiagonalGaussian
-
-from conftest import REPO
 
 
 def _tiny(**kw) -> ImageVAE:
@@ -58,13 +57,16 @@ def test_diagonal_gaussian_kl_sample_and_mode():
     moments[:, 2:] = moments[:, 2:].clamp(-3, 3)
     post = DiagonalGaussian(moments)
     mean, logvar = moments[:, :2], moments[:, 2:]
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
-                                            torch.distributions.Normal(0.0, 1.0)).sum(dim=[1, 2, 3])
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    ).sum(dim=[1, 2, 3])
     torch.testing.assert_close(post.kl(), ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(post.mode(), mean) and torch.equal(post.mean, mean)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     assert torch.equal(post.sample(generator=g1), post.sample(generator=g2))
-    z = DiagonalGaussian(torch.cat([torch.zeros(1, 1, 200, 200), torch.full((1, 1, 200, 200), math.log(4.0))], 1)).sample()
+    z = DiagonalGaussian(
+        torch.cat([torch.zeros(1, 1, 200, 200), torch.full((1, 1, 200, 200), math.log(4.0))], 1)
+    ).sample()
     assert abs(float(z.std()) - 2.0) < 0.05 and abs(float(z.mean())) < 0.05
     assert float(DiagonalGaussian(torch.full((1, 2, 1, 1), 50.0)).logvar.max()) == 20.0  # clamped as LDM
 
@@ -109,9 +111,15 @@ def test_from_diffusers_reconstructs_like_autoencoder_kl():
     from megaray.models.image.convert import config_from_diffusers, from_diffusers
 
     torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                                  up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4,
-                                  norm_num_groups=8, sample_size=32).eval()
+    ref = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))  # move norms and biases off their init too
@@ -165,8 +173,18 @@ class StandInEngine:
 def test_task_loss_and_gan_step_with_an_adaptive_weight():
     from megaray.tasks.image_vae import ImageVAETask
 
-    cfg = build_run_config({"model": {"family": "image_vae", "preset": "tiny", "adversarial": True,
-                                      "adv_start_step": 1, "kl_weight": 0.5, "l2_weight": 2.0}})
+    cfg = build_run_config(
+        {
+            "model": {
+                "family": "image_vae",
+                "preset": "tiny",
+                "adversarial": True,
+                "adv_start_step": 1,
+                "kl_weight": 0.5,
+                "l2_weight": 2.0,
+            }
+        }
+    )
     task = ImageVAETask(cfg)
     torch.manual_seed(0)
     mods = task.build_modules()
@@ -237,12 +255,28 @@ def test_gan_image_vae_trains_crashes_resumes_exactly_and_logs_image_grids(image
     from megaray.train.launch import fit
 
     def cfg(name):
-        return load_config(REPO / "configs" / "image_vae_tiny.yaml", [
-            f"name={name}", f"data.shards={image_shards}", "data.batch_size=4", "data.num_val_batches=2",
-            f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=1",
-            "train.warmup_steps=1", "train.lr=3e-3", "train.min_lr=1e-3", "scaling.max_failures=0",
-            "model.adv_start_step=1", "train.modules.disc.lr=1e-4", "tracking.system_metrics_interval_s=0"])
+        return load_config(
+            REPO / "configs" / "image_vae_tiny.yaml",
+            [
+                f"name={name}",
+                f"data.shards={image_shards}",
+                "data.batch_size=4",
+                "data.num_val_batches=2",
+                f"scaling.storage_path={tmp_path / 'runs'}",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "train.max_steps=4",
+                "train.checkpoint_every=2",
+                "train.eval_every=2",
+                "train.log_every=1",
+                "train.warmup_steps=1",
+                "train.lr=3e-3",
+                "train.min_lr=1e-3",
+                "scaling.max_failures=0",
+                "model.adv_start_step=1",
+                "train.modules.disc.lr=1e-4",
+                "tracking.system_metrics_interval_s=0",
+            ],
+        )
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "2")
@@ -252,8 +286,11 @@ def test_gan_image_vae_trains_crashes_resumes_exactly_and_logs_image_grids(image
     result = fit(cfg("vae-crash"))
     assert result.metrics["step"] == 4
     for rank in (0, 1):
-        got = [json.loads(line) for line in Path(f"{tmp_path / 'trace'}.rank{rank}").read_text().splitlines()
-               if line.endswith("}")]
+        got = [
+            json.loads(line)
+            for line in Path(f"{tmp_path / 'trace'}.rank{rank}").read_text().splitlines()
+            if line.endswith("}")
+        ]
         assert [r["step"] for r in got] == [1, 2, 3, 4] and got[1]["pid"] != got[2]["pid"]  # resumed at 3
     assert {p.name for p in Path(result.checkpoint).iterdir() if p.is_dir()} == {"model", "disc"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

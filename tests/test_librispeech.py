@@ -61,8 +61,13 @@ def test_librispeech_records_pair_flacs_with_transcripts_and_name_the_unpaired(l
     by = rejects.to_json()["by_reason"]
     assert set(by) == {"no_transcript", "missing_audio"}
     assert by["no_transcript"]["count"] == 1 and by["missing_audio"]["count"] == 1
-    assert by["no_transcript"]["examples"][0].startswith(f"{root}/26/496/26-496-0002.flac: no transcript line 26-496-0002")
-    assert by["missing_audio"]["examples"][0] == f"{root}/19/198/19-198.trans.txt:3: no audio file 19-198-0007.flac beside it"
+    assert by["no_transcript"]["examples"][0].startswith(
+        f"{root}/26/496/26-496-0002.flac: no transcript line 26-496-0002"
+    )
+    assert (
+        by["missing_audio"]["examples"][0]
+        == f"{root}/19/198/19-198.trans.txt:3: no audio file 19-198-0007.flac beside it"
+    )
 
 
 def test_librispeech_bad_lines_are_counted_and_without_rejects_logged(tmp_path, caplog):
@@ -74,8 +79,9 @@ def test_librispeech_bad_lines_are_counted_and_without_rejects_logged(tmp_path, 
     recs = read_librispeech(str(tmp_path / "LibriSpeech"), rejects)
     assert [(r["name"], r["text"], r["speaker"]) for r in recs] == [("7-11-0000", "HELLO THERE", "7")]
     assert rejects.to_json()["by_reason"]["bad_transcript_line"]["count"] == 2
-    assert rejects.by_reason["bad_transcript_line"]["examples"][0].endswith("7-11.trans.txt:3: expected '7-11-<utt> TEXT', "
-                                                                             "got '8-12-0001 WRONG CHAPTER'")
+    assert rejects.by_reason["bad_transcript_line"]["examples"][0].endswith(
+        "7-11.trans.txt:3: expected '7-11-<utt> TEXT', got '8-12-0001 WRONG CHAPTER'"
+    )
     with caplog.at_level(logging.WARNING, logger="megaray.data.audio.librispeech"):
         assert len(collect_sources(str(tmp_path / "LibriSpeech"))) == 1
     assert "skipped 2 unpaired files/lines" in caplog.text and "bad_transcript_line=2" in caplog.text
@@ -92,8 +98,11 @@ def test_prepare_audio_on_a_librispeech_folder_keeps_transcripts_speakers_and_na
     assert "26-496-0002.flac" in by["no_transcript"]["examples"][0]
     assert "19-198.trans.txt:3" in by["missing_audio"]["examples"][0]
     assert json.load(open(os.path.join(out, "manifest.json")))["rejected"] == man["rejected"]
-    rows = [r for f in sorted(glob.glob(os.path.join(out, "*", "*.parquet")))
-            for r in pq.read_table(f, columns=["name", "text", "speaker", "speaker_id", "n_frames"]).to_pylist()]
+    rows = [
+        r
+        for f in sorted(glob.glob(os.path.join(out, "*", "*.parquet")))
+        for r in pq.read_table(f, columns=["name", "text", "speaker", "speaker_id", "n_frames"]).to_pylist()
+    ]
     assert {r["name"]: (r["text"], r["speaker"]) for r in rows} == libri["expected"]
     assert all(r["speaker_id"] == man["speakers"][r["speaker"]] and r["n_frames"] > 10 for r in rows)
     assert man["splits"]["val"]["clips"] >= 1

@@ -8,13 +8,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli import app
 from megaray.errors import CheckpointError
 from megaray.families import load_config
-
-from conftest import REPO
 
 REGISTERED = "megaray-logged-models-test"
 runner = CliRunner()
@@ -28,20 +27,32 @@ def run(ray_cluster, text_shards, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("logged-models")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", [
-        "name=logged", f"data.shards={text_shards}", f"scaling.storage_path={tmp / 'runs'}", "scaling.num_workers=1",
-        "train.max_steps=6", "train.checkpoint_every=2", "train.eval_every=2", "train.log_every=2",
-        "tracking.sample_tokens=0", "tracking.system_metrics_interval_s=0", f"tracking.tracking_uri={uri}",
-        f"tracking.register_model={REGISTERED}",
-    ])
+    cfg = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "name=logged",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp / 'runs'}",
+            "scaling.num_workers=1",
+            "train.max_steps=6",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            "train.log_every=2",
+            "tracking.sample_tokens=0",
+            "tracking.system_metrics_interval_s=0",
+            f"tracking.tracking_uri={uri}",
+            f"tracking.register_model={REGISTERED}",
+        ],
+    )
     result = fit(cfg)
     return result, uri, cfg
 
 
 def _models(client, run_id):
     exp = client.get_run(run_id).info.experiment_id
-    return exp, client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}' AND "
-                                                                 "model_type = 'megaray-checkpoint'")
+    return exp, client.search_logged_models(
+        [exp], filter_string=f"source_run_id = '{run_id}' AND model_type = 'megaray-checkpoint'"
+    )
 
 
 @pytest.mark.slow
@@ -86,9 +97,13 @@ def test_the_best_checkpoint_is_a_query_and_a_registered_version(run):
     val = {int(m.tags["megaray.step"]): next(x.value for x in m.metrics if x.key == "val_loss") for m in models}
     best_step = min(val, key=val.get)
     with _use_tracking_uri(uri):
-        best = mlflow.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{result.mlflow_run_id}'",
-                                           order_by=[{"field_name": "metrics.val_loss", "ascending": True}],
-                                           max_results=1, output_format="list")[0]
+        best = mlflow.search_logged_models(
+            experiment_ids=[exp],
+            filter_string=f"source_run_id = '{result.mlflow_run_id}'",
+            order_by=[{"field_name": "metrics.val_loss", "ascending": True}],
+            max_results=1,
+            output_format="list",
+        )[0]
     assert best.tags["megaray.step"] == str(best_step)
     versions = client.search_model_versions(f"name = '{REGISTERED}'")
     assert len(versions) == 1  # the best checkpoint only; the final pyfunc model is not registered
@@ -130,8 +145,9 @@ def test_generate_and_init_from_take_model_uris(run, monkeypatch):
     assert by_id.output == direct.output
     version = client.search_model_versions(f"name = '{REGISTERED}'")[0]
     best_dir = client.get_logged_model(version.source.split("/")[-1]).tags["megaray.checkpoint"]
-    registered = runner.invoke(app, ["generate", "--checkpoint", f"models:/{REGISTERED}/{version.version}",
-                                     "--tracking-uri", uri, *args])
+    registered = runner.invoke(
+        app, ["generate", "--checkpoint", f"models:/{REGISTERED}/{version.version}", "--tracking-uri", uri, *args]
+    )
     assert registered.exit_code == 0, registered.output
     assert registered.output == runner.invoke(app, ["generate", "--checkpoint", best_dir, *args]).output
     client.set_registered_model_alias(REGISTERED, "champion", version.version)
@@ -139,8 +155,9 @@ def test_generate_and_init_from_take_model_uris(run, monkeypatch):
         assert str(resolve(form, uri)) == best_dir
 
     # train.init_from: resolved on the driver, at the run's tracking URI, into the checkpoint
-    fine = load_config(REPO / "configs" / "gpt_debug.yaml", [f"train.init_from=models:/{m.model_id}",
-                                                             f"tracking.tracking_uri={uri}"])
+    fine = load_config(
+        REPO / "configs" / "gpt_debug.yaml", [f"train.init_from=models:/{m.model_id}", f"tracking.tracking_uri={uri}"]
+    )
     assert resolve_paths(fine).train.init_from == m.tags["megaray.checkpoint"]
     assert model_checkpoint(f"models:/{m.model_id}", uri) == m.tags["megaray.checkpoint"]
 

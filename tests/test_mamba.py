@@ -8,19 +8,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 from megaray.errors import ConfigError
 from megaray.models.mamba import Mamba, MambaConfig
 from megaray.models.mamba.ssd import ssd_chunked, ssd_recurrent
 
-from conftest import REPO
-
 
 def _ssd_inputs(dtype, b=2, t=37, h=4, p=8, g=2, n=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
-    return dict(x=r(b, t, h, p), dt=F.softplus(r(b, t, h) - 1), A=-torch.exp(r(h)), B=r(b, t, g, n),
-                C=r(b, t, g, n), D=r(h), initial_state=r(b, h, p, n))
+    return dict(
+        x=r(b, t, h, p),
+        dt=F.softplus(r(b, t, h) - 1),
+        A=-torch.exp(r(h)),
+        B=r(b, t, g, n),
+        C=r(b, t, g, n),
+        D=r(h),
+        initial_state=r(b, h, p, n),
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -57,10 +63,10 @@ def test_model_is_causal_and_chunk_size_does_not_change_logits():
     logits = m(idx)
     t = 11
     changed = idx.clone()
-    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % m.config.vocab_size
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % m.config.vocab_size
     other = m(changed)
     torch.testing.assert_close(other[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-6)
-    assert (other[:, t + 1:] - logits[:, t + 1:]).abs().max() > 1e-3  # later positions do see the change
+    assert (other[:, t + 1 :] - logits[:, t + 1 :]).abs().max() > 1e-3  # later positions do see the change
     for chunk in (3, 64):
         m2 = Mamba(MambaConfig.from_name("debug", chunk_size=chunk)).eval()
         m2.load_state_dict(m.state_dict())
@@ -73,7 +79,7 @@ def test_state_cache_decoding_equals_full_recomputation():
     idx = torch.randint(0, m.config.vocab_size, (2, 24))
     full = m(idx)
     cache = m.new_cache()
-    steps = [m(idx[:, :9], cache=cache)] + [m(idx[:, i:i + 1], cache=cache) for i in range(9, 24)]
+    steps = [m(idx[:, :9], cache=cache)] + [m(idx[:, i : i + 1], cache=cache) for i in range(9, 24)]
     assert len(cache[0]) == 24 and cache[0].ssm_state.shape == (2, m.config.n_heads, m.config.headdim, m.config.d_state)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     # greedy decoding past block_size (32): the cached run re-prefills its window as the uncached one crops
@@ -87,9 +93,19 @@ def test_from_hf_mamba2_gives_equal_logits():
     transformers = pytest.importorskip("transformers")
     from megaray.models.mamba import from_hf
 
-    hc = transformers.Mamba2Config(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                                   head_dim=8, num_heads=8, n_groups=2, chunk_size=8, conv_kernel=4,
-                                   tie_word_embeddings=True)
+    hc = transformers.Mamba2Config(
+        vocab_size=100,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        head_dim=8,
+        num_heads=8,
+        n_groups=2,
+        chunk_size=8,
+        conv_kernel=4,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     hf = transformers.Mamba2ForCausalLM(hc).eval()
     with torch.no_grad():  # move the parameters HF initialises to constants (D=1, norms=1) off them
@@ -147,10 +163,21 @@ def test_mamba_trains_with_two_workers_and_samples(ray_cluster, text_shards, tmp
     from megaray.train.launch import fit
 
     db = tmp_path / "mlflow.db"
-    cfg = load_config(REPO / "configs" / "mamba_tiny.yaml", [
-        "name=mamba-e2e", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{db}", "train.max_steps=10", "train.lr=3e-3", "train.eval_every=10",
-        "train.checkpoint_every=10", "train.log_every=5", "tracking.sample_tokens=8"])
+    cfg = load_config(
+        REPO / "configs" / "mamba_tiny.yaml",
+        [
+            "name=mamba-e2e",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{db}",
+            "train.max_steps=10",
+            "train.lr=3e-3",
+            "train.eval_every=10",
+            "train.checkpoint_every=10",
+            "train.log_every=5",
+            "tracking.sample_tokens=8",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == 10
     assert result.metrics["val_loss"] < math.log(512) - 0.3  # below a uniform guess over the vocabulary

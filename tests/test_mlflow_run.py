@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from megaray.families import load_config
-
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,8 @@ def _digest(entry) -> str:
 
 
 def test_fit_logs_system_metrics_datasets_command_and_a_registered_text_model(
-        ray_cluster, text_shards, mlflow_server, tmp_path):
+    ray_cluster, text_shards, mlflow_server, tmp_path
+):
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -34,12 +34,23 @@ def test_fit_logs_system_metrics_datasets_command_and_a_registered_text_model(
     from megaray.train.checkpoint import load_for_inference
     from megaray.train.launch import fit
 
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", [
-        "name=complete", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        "scaling.num_workers=1", "train.max_steps=8", "train.eval_every=8", "train.checkpoint_every=8",
-        "train.log_every=4", "tracking.sample_tokens=0", f"tracking.tracking_uri={mlflow_server}",
-        "tracking.system_metrics_interval_s=0.5", "tracking.register_model=megaray-test-lm",
-    ])
+    cfg = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "name=complete",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            "scaling.num_workers=1",
+            "train.max_steps=8",
+            "train.eval_every=8",
+            "train.checkpoint_every=8",
+            "train.log_every=4",
+            "tracking.sample_tokens=0",
+            f"tracking.tracking_uri={mlflow_server}",
+            "tracking.system_metrics_interval_s=0.5",
+            "tracking.register_model=megaray-test-lm",
+        ],
+    )
     result = fit(cfg)
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
@@ -56,8 +67,10 @@ def test_fit_logs_system_metrics_datasets_command_and_a_registered_text_model(
 
     # the prepared data as dataset inputs with the manifest's digests
     manifest = json.loads((Path(text_shards) / "manifest.json").read_text())
-    got = {d.dataset.name: (d.dataset.digest, d.dataset.source, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-           for d in run.inputs.dataset_inputs}
+    got = {
+        d.dataset.name: (d.dataset.digest, d.dataset.source, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
     base = Path(text_shards).name
     assert got[f"{base}/train"][0] == _digest(manifest["splits"]["train"])
     assert got[f"{base}/val"][0] == _digest(manifest["splits"]["val"])

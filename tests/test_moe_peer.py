@@ -82,8 +82,16 @@ def test_peer_gradient_reaches_exactly_the_retrieved_experts():
 @pytest.mark.parametrize("bias,bn", [(False, True), (True, True), (False, False)])
 def test_peer_parameter_count_matches_the_papers_formula(bias, bn):
     N, d, dk, h = 32 * 32, 64, 24, 4
-    c = cfg(n_embd=d, n_experts=N, moe_router="peer", moe_top_k=16, moe_heads=h, moe_peer_key_dim=dk,
-            bias=bias, moe_peer_batchnorm=bn)
+    c = cfg(
+        n_embd=d,
+        n_experts=N,
+        moe_router="peer",
+        moe_top_k=16,
+        moe_heads=h,
+        moe_peer_key_dim=dk,
+        bias=bias,
+        moe_peer_batchnorm=bn,
+    )
     peer = PEER(c)
     # He 2024 section 2: experts 2 N d; sub-keys 2 sets x sqrt(N) x d_key/2, shared by the heads;
     # h query networks d -> d_key (+ bias); query BatchNorm scale and shift per query feature
@@ -108,9 +116,14 @@ def test_peer_eval_mode_routes_each_token_on_its_own():
         torch.testing.assert_close(model(idx[:, :6]), model(idx)[:, :6], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(n_experts=60), "perfect-square"), (dict(moe_top_k=9), "exceeds sqrt"), (dict(moe_peer_key_dim=11), "even"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(n_experts=60), "perfect-square"),
+        (dict(moe_top_k=9), "exceeds sqrt"),
+        (dict(moe_peer_key_dim=11), "even"),
+    ],
+)
 def test_peer_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         peer_cfg(**kw)
@@ -152,11 +165,18 @@ def _grads(moe: MoE, x: torch.Tensor, fn, w: torch.Tensor):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kw", [
-    dict(moe_top_k=1), dict(moe_top_k=2), dict(moe_top_k=2, mlp="gelu", bias=True),
-    dict(moe_router="expert_choice", moe_capacity_factor=1.5), dict(moe_top_k=2, moe_heads=4),
-    dict(moe_router="expert_choice", moe_heads=2, mlp="gelu", bias=True),
-], ids=["top1", "top2", "top2-gelu-bias", "expert-choice", "heads4", "ec-heads2-bias"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(moe_top_k=1),
+        dict(moe_top_k=2),
+        dict(moe_top_k=2, mlp="gelu", bias=True),
+        dict(moe_router="expert_choice", moe_capacity_factor=1.5),
+        dict(moe_top_k=2, moe_heads=4),
+        dict(moe_router="expert_choice", moe_heads=2, mlp="gelu", bias=True),
+    ],
+    ids=["top1", "top2", "top2-gelu-bias", "expert-choice", "heads4", "ec-heads2-bias"],
+)
 def test_vectorised_experts_equal_the_loop_forward_and_gradients(kw):
     torch.manual_seed(4)
     moe = MoE(cfg(n_experts=6, **kw))
@@ -252,10 +272,21 @@ def test_two_worker_zero2_run(ray_cluster, text_shards, tmp_path, kind):
     from megaray.train.checkpoint import load_for_inference
     from megaray.train.launch import fit
 
-    cfg_ = load_config(REPO / "configs" / "gpt_debug.yaml", [
-        f"name=moe-{kind}", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        "tracking.enabled=false", "train.zero_stage=2", "train.max_steps=4", "train.eval_every=4",
-        "train.checkpoint_every=4", "train.log_every=2", *OPTIONS[kind]])
+    cfg_ = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            f"name=moe-{kind}",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            "tracking.enabled=false",
+            "train.zero_stage=2",
+            "train.max_steps=4",
+            "train.eval_every=4",
+            "train.checkpoint_every=4",
+            "train.log_every=2",
+            *OPTIONS[kind],
+        ],
+    )
     result = fit(cfg_)
     assert result.metrics["step"] == 4
     assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["val_loss"])

@@ -26,8 +26,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 #: the tiny vocoder preset's analysis (what the speech shards of the multimodal run would hold)
 MEL = {"sample_rate": 16000, "n_fft": 512, "hop_length": 128, "win_length": 512, "n_mels": 80}
-TEXTS = ["a photo of astronaut", "a photo of coffee", "hello world", "the quick brown fox jumps over the lazy dog",
-         "speech and images in one transformer"] * 4
+TEXTS = [
+    "a photo of astronaut",
+    "a photo of coffee",
+    "hello world",
+    "the quick brown fox jumps over the lazy dog",
+    "speech and images in one transformer",
+] * 4
 
 
 def _save(path: Path, model_section: dict, task_info=None, seed: int = 0) -> Path:
@@ -78,15 +83,24 @@ def latent_ckpt(tmp_path_factory, tokenizer):
     """text and image on the latents (4 channels, 8 x 8) of a tiny image VAE (factor 2), diffusion head."""
     root = tmp_path_factory.mktemp("mm-latents")
     vae = _save(root / "vae" / "step_00000001", {"family": "image_vae", "preset": "tiny"})
-    ckpt = _multimodal(root, tokenizer, modalities=["text", "image"], image_channels=4, image_size=8,
-                       continuous_head="diffusion", diffusion_sample_steps=2)
+    ckpt = _multimodal(
+        root,
+        tokenizer,
+        modalities=["text", "image"],
+        image_channels=4,
+        image_size=8,
+        continuous_head="diffusion",
+        diffusion_sample_steps=2,
+    )
     return ckpt, vae
 
 
 @pytest.fixture(scope="module")
 def vocoder(tmp_path_factory):
-    return _save(tmp_path_factory.mktemp("voc") / "step_00000001",
-                 {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder"})
+    return _save(
+        tmp_path_factory.mktemp("voc") / "step_00000001",
+        {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder"},
+    )
 
 
 def _run(*args):
@@ -108,8 +122,16 @@ def _png(path: Path) -> np.ndarray:
 
 
 def test_text_to_image_writes_the_models_pixels_as_png(ckpt, tokenizer, tmp_path):
-    r = _run("--checkpoint", ckpt.parent.parent, "--prompt", "a photo of coffee", "--to", "image",
-             "--out", tmp_path / "coffee.png")
+    r = _run(
+        "--checkpoint",
+        ckpt.parent.parent,
+        "--prompt",
+        "a photo of coffee",
+        "--to",
+        "image",
+        "--out",
+        tmp_path / "coffee.png",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["files"] == [str(tmp_path / "coffee.png")]
     model = _model(ckpt)
@@ -128,8 +150,20 @@ def test_text_to_image_through_the_image_vae(latent_ckpt, tokenizer, tmp_path):
     """Diffusion head on VAE latents: the PNG is the VAE's decoding of the DDIM sample drawn with
     the seed's generator; a caption of a picture goes through the VAE's encoder."""
     ckpt, vae = latent_ckpt
-    r = _run("--checkpoint", ckpt, "--prompt", "a photo of astronaut", "--to", "image", "--vae", vae,
-             "--out", tmp_path / "a.png", "--seed", "3")
+    r = _run(
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "a photo of astronaut",
+        "--to",
+        "image",
+        "--vae",
+        vae,
+        "--out",
+        tmp_path / "a.png",
+        "--seed",
+        "3",
+    )
     assert r.exit_code == 0, r.output
     model, decoder = _model(ckpt), _model(vae)
     ids = torch.tensor([tokenizer[0].encode("a photo of astronaut").ids + [model.BOI]], device=DEVICE)
@@ -150,9 +184,15 @@ def test_text_to_image_through_the_image_vae(latent_ckpt, tokenizer, tmp_path):
     image = torch.from_numpy(square_image(pixels.tobytes(), 20, 20, 16))[None].to(DEVICE)  # 16 px: 8 latent cells
     latents = decoder.cfg.scaling_factor * decoder.encode(image).mean
     prefix = [model.BOI] + [0] * 4 + [model.EOI]
-    out = model.generate_text(torch.tensor([prefix], device=DEVICE), 3, image=latents.detach(),
-                              image_start=torch.tensor([1], device=DEVICE), temperature=0.0, stop_id=0)
-    new = [i for i in out[0, len(prefix):].tolist() if i < model.BOA]
+    out = model.generate_text(
+        torch.tensor([prefix], device=DEVICE),
+        3,
+        image=latents.detach(),
+        image_start=torch.tensor([1], device=DEVICE),
+        temperature=0.0,
+        stop_id=0,
+    )
+    new = [i for i in out[0, len(prefix) :].tolist() if i < model.BOA]
     assert r.output == tokenizer[0].decode(new, skip_special_tokens=True) + "\n"
     from megaray.inference.multimodal import load_multimodal, read_image_span
 
@@ -167,8 +207,18 @@ def test_text_to_image_through_the_image_vae(latent_ckpt, tokenizer, tmp_path):
 def test_text_to_audio_with_and_without_a_vocoder(ckpt, vocoder, tmp_path):
     import soundfile as sf
 
-    r = _run("--checkpoint", ckpt, "--prompt", "hello world", "--to", "audio", "--vocoder", vocoder,
-             "--out", tmp_path / "hello.wav")
+    r = _run(
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "hello world",
+        "--to",
+        "audio",
+        "--vocoder",
+        vocoder,
+        "--out",
+        tmp_path / "hello.wav",
+    )
     assert r.exit_code == 0, r.output
     wave, sr = sf.read(tmp_path / "hello.wav")
     assert sr == 16000 and len(wave) == 31 * 128 and np.isfinite(wave).all()  # 32 frames, hop 128
@@ -188,8 +238,10 @@ def test_text_to_audio_with_and_without_a_vocoder(ckpt, vocoder, tmp_path):
 
 
 def test_vocoder_with_other_mel_settings_names_both_checkpoints(ckpt, tmp_path):
-    voc = _save(tmp_path / "voc256" / "step_00000001",
-                {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder", "hop_length": 256})
+    voc = _save(
+        tmp_path / "voc256" / "step_00000001",
+        {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder", "hop_length": 256},
+    )
     r = _run("--checkpoint", ckpt, "--prompt", "hello", "--to", "audio", "--vocoder", voc, "--out", tmp_path / "x.wav")
     assert r.exit_code == 2, r.output
     for needle in ("error: --vocoder", str(voc), "hop_length=256", "hop_length=128", str(ckpt)):
@@ -222,9 +274,15 @@ def test_audio_to_text_uses_the_shards_log_mel_and_prints_the_greedy_transcripti
 
     model = _model(ckpt)
     prefix = [model.BOA] + [0] * 8 + [model.EOA]
-    out = model.generate_text(torch.tensor([prefix], device=DEVICE), 6, audio=span.to(DEVICE),
-                              audio_start=torch.tensor([1], device=DEVICE), temperature=0.0, stop_id=0)
-    new = [i for i in out[0, len(prefix):].tolist() if i < model.BOA]
+    out = model.generate_text(
+        torch.tensor([prefix], device=DEVICE),
+        6,
+        audio=span.to(DEVICE),
+        audio_start=torch.tensor([1], device=DEVICE),
+        temperature=0.0,
+        stop_id=0,
+    )
+    new = [i for i in out[0, len(prefix) :].tolist() if i < model.BOA]
     text = Tokenizer.from_file(str(ckpt / "tokenizer.json")).decode(new, skip_special_tokens=True)
     assert len(out[0]) > len(prefix)
     assert r.output == text + "\n"
@@ -242,9 +300,15 @@ def test_image_to_text_prints_the_greedy_caption(ckpt, tmp_path):
     model = _model(ckpt)
     image = torch.from_numpy(pixels[4:20].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)[None]
     prefix = [model.BOI] + [0] * 16 + [model.EOI]
-    out = model.generate_text(torch.tensor([prefix], device=DEVICE), 5, image=image.to(DEVICE),
-                              image_start=torch.tensor([1], device=DEVICE), temperature=0.0, stop_id=0)
-    new = [i for i in out[0, len(prefix):].tolist() if i < model.BOA]
+    out = model.generate_text(
+        torch.tensor([prefix], device=DEVICE),
+        5,
+        image=image.to(DEVICE),
+        image_start=torch.tensor([1], device=DEVICE),
+        temperature=0.0,
+        stop_id=0,
+    )
+    new = [i for i in out[0, len(prefix) :].tolist() if i < model.BOA]
     assert len(out[0]) > len(prefix)
     assert r.output == Tokenizer.from_file(str(ckpt / "tokenizer.json")).decode(new, skip_special_tokens=True) + "\n"
 
@@ -282,11 +346,18 @@ def test_speech_in_or_out_of_an_audio_latent_run_is_refused_naming_why(tokenizer
     from megaray.tasks.multimodal import MultimodalInfo
 
     tok, path = tokenizer
-    info = MultimodalInfo(tokenizer_path=str(path), eot_id=0, audio=MEL,
-                          audio_latents={"latent_channels": 4, "bands": 20, "down_time": 4})
-    ckpt = _save(tmp_path / "run" / "step_00000001",
-                 {"family": "multimodal", "preset": "tiny", "vocab_size": tok.get_vocab_size()}, info)
-    for args in (["--prompt", "hi", "--to", "audio", "--out", tmp_path / "o.wav"], ["--audio", _wav(tmp_path / "in.wav")]):
+    info = MultimodalInfo(
+        tokenizer_path=str(path), eot_id=0, audio=MEL, audio_latents={"latent_channels": 4, "bands": 20, "down_time": 4}
+    )
+    ckpt = _save(
+        tmp_path / "run" / "step_00000001",
+        {"family": "multimodal", "preset": "tiny", "vocab_size": tok.get_vocab_size()},
+        info,
+    )
+    for args in (
+        ["--prompt", "hi", "--to", "audio", "--out", tmp_path / "o.wav"],
+        ["--audio", _wav(tmp_path / "in.wav")],
+    ):
         r = _run("--checkpoint", ckpt, *args)
         assert r.exit_code == 2 and "its audio spans are audio-VAE latents" in r.output, (args, r.output)
     r = _run("--checkpoint", ckpt, "--prompt", "hi", "--to", "image", "--out", tmp_path / "o.png")

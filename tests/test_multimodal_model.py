@@ -54,18 +54,22 @@ def _batch(model, rows, images=None, audio=None, T: int = 48):
     img_start = [s if "image" in k else -1 for (k, _), (_, _, s, _) in zip(rows, built)]
     aud_start = [s if "audio" in k else -1 for (k, _), (_, _, s, _) in zip(rows, built)]
     return dict(
-        tokens=torch.tensor([b[0] for b in built]), targets=torch.tensor([b[1] for b in built]),
+        tokens=torch.tensor([b[0] for b in built]),
+        targets=torch.tensor([b[1] for b in built]),
         image=images,
-        image_start=torch.tensor(img_start), task=torch.tensor([b[3] for b in built]),
+        image_start=torch.tensor(img_start),
+        task=torch.tensor([b[3] for b in built]),
         audio=audio if audio is not None else torch.randn(B, cfg.n_mels, cfg.audio_frames, generator=g),
-        audio_start=torch.tensor(aud_start), audio_valid=torch.full((B,), cfg.audio_frames),
+        audio_start=torch.tensor(aud_start),
+        audio_valid=torch.full((B,), cfg.audio_frames),
     )
 
 
 def _hidden(model, batch, **kw):
     with torch.no_grad():
-        return model.hidden(batch["tokens"], batch["audio"], batch["audio_start"], batch["image"],
-                            batch["image_start"], **kw)
+        return model.hidden(
+            batch["tokens"], batch["audio"], batch["audio_start"], batch["image"], batch["image_start"], **kw
+        )
 
 
 # ----------------------------------------------------------------------------- attention masks
@@ -81,7 +85,7 @@ def test_a_later_text_token_never_changes_an_earlier_output(head):
     h1 = _hidden(model, batch)
     changed = (h1 - h0).abs().amax(-1)[0]  # (T,)
     assert torch.equal(h0[0, :k], h1[0, :k])
-    assert bool((changed[k:k + 30] > 0).all())  # the token itself, the image span and the rest see it
+    assert bool((changed[k : k + 30] > 0).all())  # the token itself, the image span and the rest see it
 
 
 def _perturb_one_patch(model, batch, row: int, patch: int):
@@ -89,7 +93,7 @@ def _perturb_one_patch(model, batch, row: int, patch: int):
     cfg = model.config
     r, c = divmod(patch, cfg.image_grid)
     s = cfg.patch_size
-    batch["image"][row, :, r * s:(r + 1) * s, c * s:(c + 1) * s] += 0.5
+    batch["image"][row, :, r * s : (r + 1) * s, c * s : (c + 1) * s] += 0.5
     return int(batch["image_start"][row]) + patch
 
 
@@ -103,13 +107,13 @@ def test_diffusion_span_token_sees_the_whole_span_and_nothing_after_it():
     h1 = _hidden(model, batch, image_t=t)
     changed = (h1 - h0).abs().amax(-1)[0] > 0
     assert not changed[:start].any()  # the caption and <|image|> before the span
-    assert changed[start:start + n].all()  # every position of the span, before and after p
-    assert changed[start + n:start + n + 5].all()  # <|/image|> and after
+    assert changed[start : start + n].all()  # every position of the span, before and after p
+    assert changed[start + n : start + n + 5].all()  # <|/image|> and after
     # and a later text token does not reach back into the span
     h2 = _hidden(model, batch, image_t=t)
     batch["tokens"][0, start + n + 1] = 99
     h3 = _hidden(model, batch, image_t=t)
-    assert torch.equal(h2[0, :start + n + 1], h3[0, :start + n + 1])
+    assert torch.equal(h2[0, : start + n + 1], h3[0, : start + n + 1])
     assert p > start
 
 
@@ -121,7 +125,7 @@ def test_regression_image_span_is_causal():
     h1 = _hidden(model, batch)
     changed = (h1 - h0).abs().amax(-1)[0] > 0
     assert not changed[:p].any()  # earlier patches do not see a later one
-    assert changed[p:p + 10].all()
+    assert changed[p : p + 10].all()
 
 
 # ----------------------------------------------------------------------------- losses
@@ -130,8 +134,13 @@ def test_regression_image_span_is_causal():
 @pytest.mark.parametrize("head", HEADS)
 def test_losses_are_finite_and_present_per_modality(head):
     model = _model(head).train()
-    rows = [("text->image", [5, 6, 7]), ("image->text", [5, 6, 8]), ("text->audio", [9, 10]),
-            ("audio->text", [9, 11]), ("text", list(range(20, 60)))]
+    rows = [
+        ("text->image", [5, 6, 7]),
+        ("image->text", [5, 6, 8]),
+        ("text->audio", [9, 10]),
+        ("audio->text", [9, 11]),
+        ("text", list(range(20, 60))),
+    ]
     out = model(_batch(model, rows))
     for name in ("text", "audio", "image"):
         assert torch.isfinite(out[f"loss/{name}"]) and out[f"loss/{name}"] > 0, name
@@ -159,7 +168,7 @@ def test_audio_loss_ignores_frames_past_audio_valid():
     batch = _batch(model, [("text->audio", [9, 10])])
     batch["audio_valid"] = torch.tensor([model.config.audio_frames // 2])
     before = model(batch)["loss/audio"]
-    batch["audio"][0, :, model.config.audio_frames // 2:] += 100.0  # only invalid frames change
+    batch["audio"][0, :, model.config.audio_frames // 2 :] += 100.0  # only invalid frames change
     assert torch.allclose(model(batch)["loss/audio"], before)
     assert model(batch)["count/audio"] == model.config.audio_tokens // 2
 
@@ -179,14 +188,14 @@ def test_generation_returns_finite_tensors_of_the_right_shapes(head):
     prompt = torch.tensor([[model.BOI] + [0] * cfg.image_tokens + [model.EOI]])
     out = model.generate_text(prompt, 6, image=img, image_start=torch.tensor([1]))
     assert out.shape == (1, prompt.size(1) + 6) and out.dtype == torch.int64
-    assert torch.equal(out[:, :prompt.size(1)], prompt) and int(out[:, prompt.size(1):].max()) < cfg.vocab_size
+    assert torch.equal(out[:, : prompt.size(1)], prompt) and int(out[:, prompt.size(1) :].max()) < cfg.vocab_size
     # the KV-cached tokens are the greedy argmax of a full forward over the generated sequence
     with torch.no_grad():
-        logits = model.lm_head(model.hidden(out, image=img, image_start=torch.tensor([1])))[:, :, :cfg.vocab_size]
-    assert torch.equal(logits[0, prompt.size(1) - 1:-1].argmax(-1), out[0, prompt.size(1):])
+        logits = model.lm_head(model.hidden(out, image=img, image_start=torch.tensor([1])))[:, :, : cfg.vocab_size]
+    assert torch.equal(logits[0, prompt.size(1) - 1 : -1].argmax(-1), out[0, prompt.size(1) :])
     first = int(out[0, prompt.size(1)])  # stop_id ends generation once produced
     stopped = model.generate_text(prompt, 6, image=img, image_start=torch.tensor([1]), stop_id=first)
-    assert torch.equal(stopped, out[:, :prompt.size(1) + 1])
+    assert torch.equal(stopped, out[:, : prompt.size(1) + 1])
     with pytest.raises(ValueError, match="must end with"):
         model.generate_image(torch.tensor([[5, 6]]))
 
@@ -292,8 +301,12 @@ def test_every_parameter_gets_a_gradient_when_a_batch_lacks_a_modality():
         model = MultimodalTransformer(MultimodalConfig.from_name("debug", continuous_head=head))
         T = model.config.block_size
         tokens = torch.randint(0, model.config.vocab_size, (2, T))
-        batch = {"tokens": tokens, "targets": tokens.roll(-1, 1), "audio_start": torch.full((2,), -1),
-                 "image_start": torch.full((2,), -1)}
+        batch = {
+            "tokens": tokens,
+            "targets": tokens.roll(-1, 1),
+            "audio_start": torch.full((2,), -1),
+            "image_start": torch.full((2,), -1),
+        }
         model(batch)["loss"].backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert missing == [], (head, missing)

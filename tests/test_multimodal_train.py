@@ -20,13 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from megaray.data import multimodal as mm
 
-from conftest import REPO
-
-L = mm.Layout(block_size=48, vocab_size=512, eot_id=0, n_mels=4, audio_frames=8, audio_patch=2, image_size=8,
-              image_channels=3, patch_size=4, mel_mean=-2.0, mel_std=4.0)
+L = mm.Layout(
+    block_size=48,
+    vocab_size=512,
+    eot_id=0,
+    n_mels=4,
+    audio_frames=8,
+    audio_patch=2,
+    image_size=8,
+    image_channels=3,
+    patch_size=4,
+    mel_mean=-2.0,
+    mel_std=4.0,
+)
 
 
 def _within_sampling_error(hits: int, n: int, p: float) -> bool:
@@ -56,23 +66,23 @@ def test_sequence_layouts_follow_the_api(task):
     T = L.block_size
     assert tokens.shape == targets.shape == (T,) and tokens.dtype == targets.dtype == np.int64
     if task == mm.TEXT_LM:
-        assert start == -1 and list(tokens) == text[:T] and list(targets) == text[1:T + 1]
+        assert start == -1 and list(tokens) == text[:T] and list(targets) == text[1 : T + 1]
         return
     audio = task in (mm.AUDIO_TO_TEXT, mm.TEXT_TO_AUDIO)
     n, bo, eo = (L.audio_tokens, L.boa, L.eoa) if audio else (L.image_tokens, L.boi, L.eoi)
-    assert tokens[start - 1] == bo and tokens[start + n] == eo and not tokens[start:start + n].any()
-    assert (targets[start - 1:start + n] == -100).all()  # nothing predicted from or into the span
+    assert tokens[start - 1] == bo and tokens[start + n] == eo and not tokens[start : start + n].any()
+    assert (targets[start - 1 : start + n] == -100).all()  # nothing predicted from or into the span
     trained = targets != -100
     assert (targets[trained] == tokens[1:][trained[:-1]]).all()  # targets are the next ids
     if task in (mm.AUDIO_TO_TEXT, mm.IMAGE_TO_TEXT):  # span first; text + eot trained
         assert start == 1 and tokens[T - 1] == L.eot_id and targets[T - 2] == L.eot_id
-        assert list(tokens[start + n + 1:T - 1]) == text[:T - n - 3] and trained.sum() == T - n - 2
+        assert list(tokens[start + n + 1 : T - 1]) == text[: T - n - 3] and trained.sum() == T - n - 2
     else:  # text first; the text and the opening boundary trained, the closing one is not
-        assert start == T - n - 1 and list(tokens[:start - 1]) == text[:start - 1]
+        assert start == T - n - 1 and list(tokens[: start - 1]) == text[: start - 1]
         assert targets[start - 2] == bo and trained.sum() == start - 1 and tokens[T - 1] == eo
     short, short_targets, _ = mm.sequence(task, [7, 8], L)
     used = n + 5 if task in (mm.AUDIO_TO_TEXT, mm.IMAGE_TO_TEXT) else n + 4  # 2 words, 2 boundaries (+ eot)
-    assert not short[used:].any() and (short_targets[used - 1:] == -100).all()  # padding: id 0, never a target
+    assert not short[used:].any() and (short_targets[used - 1 :] == -100).all()  # padding: id 0, never a target
 
 
 def test_per_modality_losses_are_weighted_by_their_counts_across_micro_batches():
@@ -82,8 +92,12 @@ def test_per_modality_losses_are_weighted_by_their_counts_across_micro_batches()
 
     meter = Meter()
     for loss, count in ((1.0, 10.0), (4.0, 30.0), (7.0, 0.0)):
-        meter.add({"loss/image_sum": loss * count, "loss/image_count": count, "loss/audio_sum": 0.0,
-                   "loss/audio_count": 0.0}, data_s=0.0, total_s=1.0, units=1)
+        meter.add(
+            {"loss/image_sum": loss * count, "loss/image_count": count, "loss/audio_sum": 0.0, "loss/audio_count": 0.0},
+            data_s=0.0,
+            total_s=1.0,
+            units=1,
+        )
     out = ratio_metrics(meter.summary(None, None, 1))
     assert out["loss/image"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
     assert "loss/audio" not in out and "loss/image_sum" not in out and out["loss/image_count"] == pytest.approx(40 / 3)
@@ -113,15 +127,21 @@ def test_a_corrupt_row_group_is_named_or_its_rows_skipped(text_shards, tmp_path)
     col = pq.ParquetFile(shard).metadata.row_group(1).column(0)
     raw = bytearray(shard.read_bytes())
     mid = col.data_page_offset + col.total_compressed_size // 2
-    raw[mid:mid + 32] = bytes(b ^ 0xFF for b in raw[mid:mid + 32])
+    raw[mid : mid + 32] = bytes(b ^ 0xFF for b in raw[mid : mid + 32])
     shard.write_bytes(bytes(raw))
     src = mm.open_sources([type("S", (), {"shards": str(bad), "weight": 1.0})()])
     sizes = [[int(g["rows"]) for g in src[0].groups["train"]]]
     assert len(sizes[0]) >= 2
     items = mm.plan_items(sizes, [1.0], seed=0)
     batch = {k: np.array([it[k] for it in items]) for k in items[0]}
-    kw = dict(sources=mm.read_specs(src, "train"), layout=L, tokenizer=str(bad / "tokenizer.json"), seed=0, split=0,
-              train=True)
+    kw = dict(
+        sources=mm.read_specs(src, "train"),
+        layout=L,
+        tokenizer=str(bad / "tokenizer.json"),
+        seed=0,
+        split=0,
+        train=True,
+    )
     with pytest.raises(DataError, match=r"train/.*\.parquet: row group 1 is corrupt .*on_corrupt=skip"):
         mm.build_rows(batch, on_corrupt="error", **kw)
     rows = mm.build_rows(batch, on_corrupt="skip", **kw)
@@ -135,11 +155,19 @@ def _trace(prefix: Path, rank: int):
 def _cfg(text_shards, speech_shards, image_shards, tmp_path, *extra):
     from megaray.families import load_config
 
-    sources = f"[{{shards: {text_shards}, weight: 2}}, {{shards: {speech_shards}, weight: 1}}, " \
-              f"{{shards: {image_shards}, weight: 1}}]"
-    return load_config(REPO / "configs" / "multimodal_tiny.yaml", [
-        f"data.sources={sources}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra])
+    sources = (
+        f"[{{shards: {text_shards}, weight: 2}}, {{shards: {speech_shards}, weight: 1}}, "
+        f"{{shards: {image_shards}, weight: 1}}]"
+    )
+    return load_config(
+        REPO / "configs" / "multimodal_tiny.yaml",
+        [
+            f"data.sources={sources}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -150,17 +178,29 @@ def test_mixture_rows_from_real_shards_hold_every_task_in_proportion(text_shards
     from megaray.families import load_config
     from megaray.tasks.multimodal import MultimodalTask
 
-    cfg = load_config(REPO / "configs" / "multimodal_tiny.yaml", [
-        f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {speech_shards}, weight: 1}}, "
-        f"{{shards: {image_shards}, weight: 1}}]"])
+    cfg = load_config(
+        REPO / "configs" / "multimodal_tiny.yaml",
+        [
+            f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {speech_shards}, weight: 1}}, "
+            f"{{shards: {image_shards}, weight: 1}}]"
+        ],
+    )
     srcs = mm.open_sources(cfg.data.resolved_sources())
     tok, eot = MultimodalTask(cfg)._check_sources(srcs)
     layout = mm.Layout.from_model(cfg.model, eot)
     sizes = [[int(g["rows"]) for g in s.groups["train"]] for s in srcs]
     items = mm.plan_items(sizes, [2, 1, 1], seed=cfg.train.seed)[:400]
     batch = {k: np.array([it[k] for it in items]) for k in items[0]}
-    rows = mm.build_rows(batch, sources=mm.read_specs(srcs, "train"), layout=layout, tokenizer=tok, seed=1, split=0, train=True,
-                         on_corrupt="error")
+    rows = mm.build_rows(
+        batch,
+        sources=mm.read_specs(srcs, "train"),
+        layout=layout,
+        tokenizer=tok,
+        seed=1,
+        split=0,
+        train=True,
+        on_corrupt="error",
+    )
     task, n = rows["task"], len(items)
     assert _within_sampling_error(int((task == mm.TEXT_LM).sum()), n, 0.5)
     speech = np.isin(task, [mm.AUDIO_TO_TEXT, mm.TEXT_TO_AUDIO])
@@ -175,8 +215,8 @@ def test_mixture_rows_from_real_shards_hold_every_task_in_proportion(text_shards
     for j in np.flatnonzero(speech | image):
         start = max(rows["audio_start"][j], rows["image_start"][j])
         span = layout.audio_tokens if speech[j] else layout.image_tokens
-        assert (rows["targets"][j, start - 1:start + span] == -100).all()
-        assert not rows["tokens"][j, start:start + span].any()
+        assert (rows["targets"][j, start - 1 : start + span] == -100).all()
+        assert not rows["tokens"][j, start : start + span].any()
     speech_audio = rows["audio"][speech]
     assert abs(float(speech_audio.mean())) < 0.5 and 0.3 < float(speech_audio.std()) < 2.0  # mel_mean/std fit
 
@@ -192,16 +232,30 @@ def test_task_hooks_with_the_diffusion_head(text_shards, speech_shards, image_sh
     from megaray import families
     from megaray.tasks.multimodal import MultimodalInfo, MultimodalTask, _side_info
 
-    cfg = _cfg(text_shards, speech_shards, image_shards, tmp_path, "model.continuous_head=diffusion",
-               "model.diffusion_sample_steps=4")
+    cfg = _cfg(
+        text_shards,
+        speech_shards,
+        image_shards,
+        tmp_path,
+        "model.continuous_head=diffusion",
+        "model.diffusion_sample_steps=4",
+    )
     task = MultimodalTask(cfg)
     srcs = mm.open_sources(cfg.data.resolved_sources())
     tok, eot = task._check_sources(srcs)
     layout = mm.Layout.from_model(cfg.model, eot)
     task.info = MultimodalInfo(tokenizer_path=tok, eot_id=eot, **_side_info(srcs, layout))
     items = mm.plan_items([[int(g["rows"]) for g in s.groups["train"]] for s in srcs], [2, 1, 1], seed=0)[:32]
-    rows = mm.build_rows({k: np.array([it[k] for it in items]) for k in items[0]}, sources=mm.read_specs(srcs, "train"),
-                         layout=layout, tokenizer=tok, seed=0, split=0, train=True, on_corrupt="error")
+    rows = mm.build_rows(
+        {k: np.array([it[k] for it in items]) for k in items[0]},
+        sources=mm.read_specs(srcs, "train"),
+        layout=layout,
+        tokenizer=tok,
+        seed=0,
+        split=0,
+        train=True,
+        on_corrupt="error",
+    )
     batch = {k: torch.from_numpy(v) for k, v in rows.items()}
     torch.manual_seed(0)
     model = families.build_model(cfg.model)
@@ -226,9 +280,14 @@ def test_config_mismatches_with_the_shards_are_errors_that_say_what_to_set(text_
     from megaray.tasks.multimodal import MultimodalTask
 
     def check(*overrides):
-        cfg = load_config(REPO / "configs" / "multimodal_tiny.yaml", [
-            f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {speech_shards}, weight: 1}}, "
-            f"{{shards: {image_shards}, weight: 1}}]", *overrides])
+        cfg = load_config(
+            REPO / "configs" / "multimodal_tiny.yaml",
+            [
+                f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {speech_shards}, weight: 1}}, "
+                f"{{shards: {image_shards}, weight: 1}}]",
+                *overrides,
+            ],
+        )
         MultimodalTask(cfg).datasets()
 
     with pytest.raises(ConfigError, match=r"model.vocab_size \(600\) must equal .*tokenizer.json \(512\)"):
@@ -246,7 +305,8 @@ def test_config_mismatches_with_the_shards_are_errors_that_say_what_to_set(text_
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_two_workers_log_per_modality_losses_and_resume_at_the_next_mixed_batch(
-        ray_cluster, text_shards, speech_shards, image_shards, tmp_path, monkeypatch):
+    ray_cluster, text_shards, speech_shards, image_shards, tmp_path, monkeypatch
+):
     """Crashed right after step 3 (checkpoint at 2) and re-run: the re-run starts reading at the
     checkpoint's cursor (no replay) and trains step 3 on the same batch with the same loss as the first attempt (which had not
     crashed yet), then goes on; MLflow holds loss/text, loss/audio, loss/image at every step and
@@ -255,9 +315,20 @@ def test_two_workers_log_per_modality_losses_and_resume_at_the_next_mixed_batch(
 
     from megaray.train.launch import fit
 
-    cfg = _cfg(text_shards, speech_shards, image_shards, tmp_path, "name=mm", "train.max_steps=4",
-               "train.checkpoint_every=2", "train.eval_every=4", "train.log_every=1", "train.warmup_steps=1",
-               "scaling.max_failures=0", "data.num_val_batches=2")
+    cfg = _cfg(
+        text_shards,
+        speech_shards,
+        image_shards,
+        tmp_path,
+        "name=mm",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.eval_every=4",
+        "train.log_every=1",
+        "train.warmup_steps=1",
+        "scaling.max_failures=0",
+        "data.num_val_batches=2",
+    )
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "3")
     with pytest.raises(Exception, match="injected failure"):
@@ -335,10 +406,20 @@ def _audio_latents(speech_shards: str, out: Path, vae) -> str:
         batch["split"] = np.asarray([split] * table.num_rows, dtype=object)
         (out / split).mkdir(parents=True)
         pq.write_table(encoder(batch).drop_columns(["split"]), out / split / "part-0.parquet")
-    write_manifest(str(out), new_manifest(
-        "audio_latents", source_shards=speech_shards, sample_rate=man["sample_rate"], n_mels=man["n_mels"],
-        hop_length=man["hop_length"], speakers=man["speakers"], vae_config=vae.cfg.model_dump(mode="json"),
-        splits={s: {"dir": s, "clips": man["splits"][s]["clips"]} for s in ("train", "val")}, clips=man["clips"]))
+    write_manifest(
+        str(out),
+        new_manifest(
+            "audio_latents",
+            source_shards=speech_shards,
+            sample_rate=man["sample_rate"],
+            n_mels=man["n_mels"],
+            hop_length=man["hop_length"],
+            speakers=man["speakers"],
+            vae_config=vae.cfg.model_dump(mode="json"),
+            splits={s: {"dir": s, "clips": man["splits"][s]["clips"]} for s in ("train", "val")},
+            clips=man["clips"],
+        ),
+    )
     return str(out)
 
 
@@ -353,8 +434,9 @@ def latent_sources(image_shards, speech_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
     vae = _random_checkpoint(root / "image-vae" / "step_00000001", {"family": "image_vae", "preset": "tiny"})
     audio_vae = _random_checkpoint(root / "audio-vae" / "step_00000001", {"family": "audio_vae", "preset": "tiny"})
-    images = encode_image_latents(image_shards, str(root / "images"), load_for_inference(vae)[0],
-                                  vae_checkpoint=str(vae), verbose=False)
+    images = encode_image_latents(
+        image_shards, str(root / "images"), load_for_inference(vae)[0], vae_checkpoint=str(vae), verbose=False
+    )
     speech = _audio_latents(speech_shards, root / "speech", load_for_inference(audio_vae)[0])
     return {"images": images["out_dir"], "speech": speech, "vae": str(vae)}
 
@@ -385,20 +467,37 @@ def test_latent_sources_feed_their_latents_and_name_the_vae(text_shards, image_s
     from megaray.tasks.multimodal import MultimodalInfo, MultimodalTask, _side_info
 
     def config(*extra, images=latent_sources["images"]):
-        return load_config(REPO / "configs" / "multimodal_latents_tiny.yaml", [
-            f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {latent_sources['speech']}, weight: 1}}, "
-            f"{{shards: {images}, weight: 1}}]", *extra])
+        return load_config(
+            REPO / "configs" / "multimodal_latents_tiny.yaml",
+            [
+                f"data.sources=[{{shards: {text_shards}, weight: 2}}, {{shards: {latent_sources['speech']}, weight: 1}}, "
+                f"{{shards: {images}, weight: 1}}]",
+                *extra,
+            ],
+        )
 
     cfg = config()
     task = MultimodalTask(cfg)
     srcs = mm.open_sources(cfg.data.resolved_sources())
     tok_path, eot = task._check_sources(srcs)
     layout = mm.Layout.from_model(cfg.model, eot)
-    task.info = MultimodalInfo(tokenizer_path=tok_path, eot_id=eot, **_side_info(srcs, layout),
-                               sources=[{"shards": s.shards, "kind": s.kind} for s in srcs])
+    task.info = MultimodalInfo(
+        tokenizer_path=tok_path,
+        eot_id=eot,
+        **_side_info(srcs, layout),
+        sources=[{"shards": s.shards, "kind": s.kind} for s in srcs],
+    )
     items = mm.plan_items([[int(g["rows"]) for g in s.groups["val"]] for s in srcs], [2, 1, 1], seed=0, split=1)
-    rows = mm.build_rows({k: np.array([it[k] for it in items]) for k in items[0]}, sources=mm.read_specs(srcs, "val"),
-                         layout=layout, tokenizer=tok_path, seed=0, split=1, train=False, on_corrupt="error")
+    rows = mm.build_rows(
+        {k: np.array([it[k] for it in items]) for k in items[0]},
+        sources=mm.read_specs(srcs, "val"),
+        layout=layout,
+        tokenizer=tok_path,
+        seed=0,
+        split=1,
+        train=False,
+        on_corrupt="error",
+    )
     tok = mm.cached_tokenizer(tok_path)
     clips = _file_order_rows(latent_sources["speech"], ["latent", "latent_shape", "text"])
     images = _file_order_rows(latent_sources["images"], ["latent", "label"])
@@ -413,7 +512,7 @@ def test_latent_sources_feed_their_latents_and_name_the_vae(text_shards, image_s
         if it["source"] == 1:
             c, bands, frames = stored["latent_shape"]
             assert (c * bands, rows["audio"].shape[1]) == (80, 80) and frames > layout.audio_frames
-            assert np.array_equal(rows["audio"][j], latent.reshape(80, frames)[:, :layout.audio_frames])
+            assert np.array_equal(rows["audio"][j], latent.reshape(80, frames)[:, : layout.audio_frames])
             assert rows["audio_valid"][j] == layout.audio_frames and rows["audio_start"][j] >= 1
             text = stored["text"]
         else:
@@ -421,7 +520,7 @@ def test_latent_sources_feed_their_latents_and_name_the_vae(text_shards, image_s
             assert np.array_equal(rows["image"][j], latent.reshape(4, 16, 16))
             text = mm.CAPTION_TEMPLATE.format(label=names[stored["label"]])
         ids = tok.encode(text).ids
-        assert any(list(rows["tokens"][j, k:k + len(ids)]) == ids for k in range(len(rows["tokens"][j])))
+        assert any(list(rows["tokens"][j, k : k + len(ids)]) == ids for k in range(len(rows["tokens"][j])))
     planned = [sum(it["source"] == i for it in items) for i in (1, 2)]
     assert seen[1] == set(range(len(clips))) and len(seen[2]) == min(planned[1], len(images))  # no repeat early
     assert len(rows["tokens"]) == len(items)
@@ -438,12 +537,22 @@ def test_latent_sources_feed_their_latents_and_name_the_vae(text_shards, image_s
     assert set(texts) == {"caption", "transcription"} and not (tmp_path / "mel.png").exists()
 
     for overrides, message in (
-            (["model.image_channels=3"], r"model.image_channels \(3\) differs from the latent_channels \(4\) of the "
-                                         r"image latents .*; set model.image_channels=4"),
-            (["model.image_size=8", "model.patch_size=2"], r"model.image_size \(8\) differs from the latent_size "
-                                                           r"\(16\) .*; set model.image_size=16"),
-            (["model.n_mels=40"], r"model.n_mels \(40\) differs from the latent frame size .*= 80\); "
-                                  r"set model.n_mels=80")):
+        (
+            ["model.image_channels=3"],
+            r"model.image_channels \(3\) differs from the latent_channels \(4\) of the "
+            r"image latents .*; set model.image_channels=4",
+        ),
+        (
+            ["model.image_size=8", "model.patch_size=2"],
+            r"model.image_size \(8\) differs from the latent_size "
+            r"\(16\) .*; set model.image_size=16",
+        ),
+        (
+            ["model.n_mels=40"],
+            r"model.n_mels \(40\) differs from the latent frame size .*= 80\); "
+            r"set model.n_mels=80",
+        ),
+    ):
         bad = config(*overrides)
         with pytest.raises(ConfigError, match=message):
             MultimodalTask(bad)._check_sources(mm.open_sources(bad.data.resolved_sources()))
@@ -466,9 +575,13 @@ def test_overfit_on_real_captioned_photographs_through_the_data_path(text_shards
     from megaray.families import load_config
     from megaray.tasks.multimodal import MultimodalTask
 
-    cfg = load_config(REPO / "configs" / "multimodal_tiny.yaml", [
-        f"data.sources=[{{shards: {text_shards}, weight: 1}}, {{shards: {image_shards}, weight: 1}}]",
-        "model.modalities=[text, image]"])
+    cfg = load_config(
+        REPO / "configs" / "multimodal_tiny.yaml",
+        [
+            f"data.sources=[{{shards: {text_shards}, weight: 1}}, {{shards: {image_shards}, weight: 1}}]",
+            "model.modalities=[text, image]",
+        ],
+    )
     srcs = mm.open_sources(cfg.data.resolved_sources())
     tok_path, eot = MultimodalTask(cfg)._check_sources(srcs)
     layout = mm.Layout.from_model(cfg.model, eot)
@@ -478,10 +591,26 @@ def test_overfit_on_real_captioned_photographs_through_the_data_path(text_shards
         rows_of.setdefault(name, i)
     picked = list(rows_of.values())[:4]
     assert len(picked) == 4
-    items = {"source": np.ones(4, np.int64), "row": np.array(picked), "pass": np.zeros(4, np.int64),
-             "index": np.arange(4)}
-    both = [mm.build_rows(items, sources=mm.read_specs(srcs, "val"), layout=layout, tokenizer=tok_path, seed=0,
-                          split=1, train=False, on_corrupt="error", p_generate=p) for p in (0.0, 1.0)]
+    items = {
+        "source": np.ones(4, np.int64),
+        "row": np.array(picked),
+        "pass": np.zeros(4, np.int64),
+        "index": np.arange(4),
+    }
+    both = [
+        mm.build_rows(
+            items,
+            sources=mm.read_specs(srcs, "val"),
+            layout=layout,
+            tokenizer=tok_path,
+            seed=0,
+            split=1,
+            train=False,
+            on_corrupt="error",
+            p_generate=p,
+        )
+        for p in (0.0, 1.0)
+    ]
     assert list(both[0]["task"]) == [mm.IMAGE_TO_TEXT] * 4 and list(both[1]["task"]) == [mm.TEXT_TO_IMAGE] * 4
     batch = {k: torch.from_numpy(np.concatenate([b[k] for b in both])) for k in both[0]}
 
@@ -504,9 +633,15 @@ def test_overfit_on_real_captioned_photographs_through_the_data_path(text_shards
     for j, row in enumerate(picked):
         caption = mm.CAPTION_TEMPLATE.format(label=labels[row])
         prompt = torch.tensor([[model.BOI] + [0] * layout.image_tokens + [model.EOI]])
-        out = model.generate_text(prompt, 12, image=torch.from_numpy(image_to_text["image"][j:j + 1]),
-                                  image_start=torch.tensor([1]), temperature=0.0, stop_id=eot)
-        text = tok.decode([t for t in out[0, prompt.size(1):].tolist() if t != eot])
+        out = model.generate_text(
+            prompt,
+            12,
+            image=torch.from_numpy(image_to_text["image"][j : j + 1]),
+            image_start=torch.tensor([1]),
+            temperature=0.0,
+            stop_id=eot,
+        )
+        text = tok.decode([t for t in out[0, prompt.size(1) :].tolist() if t != eot])
         assert text.strip() == caption, (text, caption)
         drawn = model.generate_image(torch.tensor([tok.encode(caption).ids + [model.BOI]]))
         assert drawn.shape == (1, 3, layout.image_size, layout.image_size) and torch.isfinite(drawn).all()

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from megaray.cli.app import app
@@ -22,8 +23,6 @@ from megaray.data.text import check_shards, load_manifest
 from megaray.data.text.nanogpt import import_nanogpt_bin, row_lengths
 from megaray.data.tokenizer import load_tokenizer
 from megaray.errors import DataError
-
-from conftest import REPO
 
 SMALL = dict(max_row_tokens=300, chunk_tokens=1000, group_tokens=2000)  # several chunks, cuts, row groups
 
@@ -48,8 +47,11 @@ def bins(text_shards, tmp_path_factory):
 
 def _rows(folder, split):
     man = load_manifest(folder)
-    return [np.asarray(r, np.int64) for s in man["splits"][split]["shards"]
-            for r in pq.read_table(os.path.join(folder, s["path"]), columns=["tokens"]).column(0).to_pylist()]
+    return [
+        np.asarray(r, np.int64)
+        for s in man["splits"][split]["shards"]
+        for r in pq.read_table(os.path.join(folder, s["path"]), columns=["tokens"]).column(0).to_pylist()
+    ]
 
 
 def test_row_lengths_cut_long_documents_into_full_rows_then_the_rest():
@@ -66,7 +68,11 @@ def test_imported_shards_hold_the_bin_ids_in_order_with_rows_at_eos(bins, tmp_pa
         rows, ids = _rows(out, split), bins[split]
         np.testing.assert_array_equal(np.concatenate(rows), ids)  # every id, in order
         s = man["splits"][split]
-        assert s["tokens"] == len(ids) and s["eos_tokens"] == int((ids == bins["eot"]).sum()) and s["documents"] == len(rows)
+        assert (
+            s["tokens"] == len(ids)
+            and s["eos_tokens"] == int((ids == bins["eot"]).sum())
+            and s["documents"] == len(rows)
+        )
         for r in rows:  # a row ends at EOT, or is a full cut of a longer document; EOT only at the end
             assert len(r) <= 300 and (r[-1] == bins["eot"] or len(r) == 300) and not (r[:-1] == bins["eot"]).any()
         assert sum(r[-1] == bins["eot"] for r in rows) == s["eos_tokens"]
@@ -113,18 +119,45 @@ def test_prepare_bin_cli_then_a_short_training_run_on_the_imported_shards(ray_cl
     from megaray.train.launch import fit
 
     out = tmp_path / "owt"
-    r = CliRunner().invoke(app, ["prepare", "bin", "--source", bins["dir"], "--tokenizer", bins["tokenizer"],
-                                 "--out", str(out)])
+    r = CliRunner().invoke(
+        app, ["prepare", "bin", "--source", bins["dir"], "--tokenizer", bins["tokenizer"], "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
-    assert "imported nanoGPT .bin" in r.output and load_manifest(str(out))["splits"]["train"]["tokens"] == len(bins["train"])
-    r = CliRunner().invoke(app, ["prepare", "bin", "--source", bins["dir"], "--tokenizer", bins["tokenizer"],
-                                 "--out", str(tmp_path / "x"), "--dtype", "int8"])
+    assert "imported nanoGPT .bin" in r.output and load_manifest(str(out))["splits"]["train"]["tokens"] == len(
+        bins["train"]
+    )
+    r = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "bin",
+            "--source",
+            bins["dir"],
+            "--tokenizer",
+            bins["tokenizer"],
+            "--out",
+            str(tmp_path / "x"),
+            "--dtype",
+            "int8",
+        ],
+    )
     assert r.exit_code == 2 and "--dtype must be one of auto, uint16, uint32" in r.output
 
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml",
-                      ["name=nanogpt-bin", f"data.shards={out}", "scaling.num_workers=1", "train.max_steps=10",
-                       "train.lr=3e-3", "train.eval_every=10", "train.checkpoint_every=10", "train.log_every=5",
-                       f"scaling.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"])
+    cfg = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "name=nanogpt-bin",
+            f"data.shards={out}",
+            "scaling.num_workers=1",
+            "train.max_steps=10",
+            "train.lr=3e-3",
+            "train.eval_every=10",
+            "train.checkpoint_every=10",
+            "train.log_every=5",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            "tracking.enabled=false",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == 10
     assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["val_loss"])

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from megaray.errors import ConfigError
 from megaray.families import load_config
-from megaray.models.ngpt import NGPT, NGPTConfig
 from megaray.models.gpt.sampling import generate
+from megaray.models.ngpt import NGPT, NGPTConfig
 from megaray.tasks.ngpt import NGPTTask, renormalize, row_norm_error
-
-from conftest import REPO
 
 TOL = 1e-5
 
@@ -71,10 +70,10 @@ def test_hidden_states_stay_on_the_sphere_and_scalers_start_at_the_reference_val
     b = model.blocks[0]
     assert torch.allclose(b.alpha_attn(), torch.full((cfg.n_embd,), 0.05))
     assert torch.allclose(b.attn.s_qk(), torch.ones(cfg.n_embd))
-    assert torch.allclose(b.mlp.s_v(), torch.full((cfg.hidden_dim,), cfg.n_embd ** 0.5))
+    assert torch.allclose(b.mlp.s_v(), torch.full((cfg.hidden_dim,), cfg.n_embd**0.5))
     assert torch.allclose(model.s_z(), torch.ones(cfg.vocab_size))
     # stored at base_scale = 1/sqrt(n_embd) (one Adam lr suits matrices and scalers)
-    assert torch.allclose(b.alpha_attn.weight, torch.full((cfg.n_embd,), cfg.n_embd ** -0.5))
+    assert torch.allclose(b.alpha_attn.weight, torch.full((cfg.n_embd,), cfg.n_embd**-0.5))
 
 
 def test_causal_and_cached_generation_equals_recomputation():
@@ -124,12 +123,21 @@ def test_every_step_under_zero_keeps_rows_unit_with_two_workers(zero_stage, ray_
     from megaray.train.launch import fit
 
     steps = 6
-    cfg = load_config(REPO / "configs" / "ngpt_tiny.yaml", [
-        f"name=ngpt-z{zero_stage}", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.zero_stage={zero_stage}",
-        f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
-        f"train.checkpoint_every={steps}", f"tracking.sample_tokens={8 if zero_stage == 2 else 0}",
-    ])
+    cfg = load_config(
+        REPO / "configs" / "ngpt_tiny.yaml",
+        [
+            f"name=ngpt-z{zero_stage}",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"train.zero_stage={zero_stage}",
+            f"train.max_steps={steps}",
+            "train.log_every=1",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
+            f"tracking.sample_tokens={8 if zero_stage == 2 else 0}",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == steps
     client = MlflowClient(result.tracking_uri)

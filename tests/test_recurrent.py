@@ -8,14 +8,13 @@ import re
 
 import pytest
 import torch
+from conftest import REPO
 
 from megaray.errors import ConfigError
 from megaray.families import build_model, load_config
 from megaray.models.gpt.flops import flops_per_token as gpt_flops
 from megaray.models.gpt.sampling import generate
 from megaray.models.recurrent import RecurrentConfig, RecurrentGPT, sample_depth
-
-from conftest import REPO
 
 
 def _tiny(**kw) -> RecurrentGPT:
@@ -42,7 +41,9 @@ def test_loss_is_finite_for_one_and_many_iterations_and_the_yaml_builds_the_fami
     assert torch.allclose(model(changed)[:, :12], model(idx)[:, :12], atol=1e-5)
     # the GPT sampler (megaray generate, LMTask samples) runs through the recompute cache
     cached = generate(model, idx[:, :4], 70, temperature=0)  # crosses block_size 64: re-prefill
-    assert cached.shape == (2, 74) and torch.equal(cached, generate(model, idx[:, :4], 70, temperature=0, use_cache=False))
+    assert cached.shape == (2, 74) and torch.equal(
+        cached, generate(model, idx[:, :4], 70, temperature=0, use_cache=False)
+    )
     with pytest.raises(ConfigError, match=r"n_layer is derived"):
         load_config(REPO / "configs" / "recurrent_tiny.yaml", ["model.n_layer=9"])
 
@@ -141,11 +142,22 @@ def test_two_workers_train_with_the_same_sampled_depth_per_step(ray_cluster, tex
     from megaray.train.launch import fit
 
     steps, db = 6, tmp_path / "mlflow.db"
-    cfg = load_config(REPO / "configs" / "recurrent_tiny.yaml", [
-        "name=recurrent-e2e", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{db}", f"train.max_steps={steps}", "train.log_every=1",
-        "train.warmup_steps=0", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
-        "data.num_val_batches=2", "tracking.sample_tokens=6"])
+    cfg = load_config(
+        REPO / "configs" / "recurrent_tiny.yaml",
+        [
+            "name=recurrent-e2e",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{db}",
+            f"train.max_steps={steps}",
+            "train.log_every=1",
+            "train.warmup_steps=0",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
+            "data.num_val_batches=2",
+            "tracking.sample_tokens=6",
+        ],
+    )
     result = fit(cfg)
     assert result.metrics["step"] == steps
     client = MlflowClient(f"sqlite:///{db}")

@@ -33,11 +33,22 @@ def _checkpoint(run: Path, step: int, world: int = 1) -> Path:
 def _snapshot(run: Path, names) -> None:
     """Ray Train 2.60's checkpoint-manager snapshot listing ``names`` (the last is the latest)."""
     res = [{"version": 0, "checkpoint_dir_name": n, "metrics": {"step": i}} for i, n in enumerate(names)]
-    (run / RAY_SNAPSHOT).write_text(json.dumps({
-        "ray_version": "2.60.0", "checkpoint_results": res, "checkpoint_report_indices": list(range(1, len(res) + 1)),
-        "latest_checkpoint_result": res[-1], "pending_training_results": [res[-1]], "pending_validation_specs": [False],
-        "current_report_index": len(res) + 1, "validated_checkpoint_dir_names": [names[0]],
-        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}))
+    (run / RAY_SNAPSHOT).write_text(
+        json.dumps(
+            {
+                "ray_version": "2.60.0",
+                "checkpoint_results": res,
+                "checkpoint_report_indices": list(range(1, len(res) + 1)),
+                "latest_checkpoint_result": res[-1],
+                "pending_training_results": [res[-1]],
+                "pending_validation_specs": [False],
+                "current_report_index": len(res) + 1,
+                "validated_checkpoint_dir_names": [names[0]],
+                "timed_out_validation_checkpoint_dir_names": [],
+                "failed_validation_checkpoint_dir_names": [],
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -58,8 +69,11 @@ def test_a_checkpoint_is_named_by_its_folder_or_its_step(run, monkeypatch):
 
 def test_bad_checkpoints_are_errors_that_name_them(run, tmp_path):
     other = _checkpoint(tmp_path / "runs" / "other", 4)
-    with pytest.raises(CheckpointError, match=r"--resume-from .*other/step_00000004: not a checkpoint of run .*/r; "
-                                              r"its checkpoints: step_00000004, step_00000008, step_00000012"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"--resume-from .*other/step_00000004: not a checkpoint of run .*/r; "
+        r"its checkpoints: step_00000004, step_00000008, step_00000012",
+    ):
         find_checkpoint(str(other), str(run))
     with pytest.raises(CheckpointError, match=r"no checkpoint .*step_00000005 \(the run's checkpoints: step_00000004"):
         find_checkpoint("step_5", str(run))
@@ -82,8 +96,10 @@ def test_branching_moves_the_later_checkpoints_aside_and_rewrites_rays_record(ru
     assert fork.step == 4 and fork.aside == str(aside)
     assert sorted(p.name for p in aside.iterdir()) == ["old-step_00000008", "old-step_00000012"]
     assert (aside / "old-step_00000012" / "megaray.json").is_file()  # intact
-    assert fork.moved == [(str(run / "step_00000008"), str(aside / "old-step_00000008")),
-                          (str(run / "step_00000012"), str(aside / "old-step_00000012"))]
+    assert fork.moved == [
+        (str(run / "step_00000008"), str(aside / "old-step_00000008")),
+        (str(run / "step_00000012"), str(aside / "old-step_00000012")),
+    ]
     assert latest_local(str(run))[0] == run / "step_00000004"  # what the workers restore
     snap = json.loads((run / RAY_SNAPSHOT).read_text())
     assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["step_00000004"]
@@ -116,23 +132,36 @@ def _trace(prefix: Path) -> dict:
 
 @pytest.mark.slow
 def test_resume_from_step_4_branches_the_run_exactly_and_a_re_run_continues_the_branch(
-        ray_cluster, text_shards, tmp_path, monkeypatch):
+    ray_cluster, text_shards, tmp_path, monkeypatch
+):
     """12 steps, a checkpoint every 4; ``--resume-from`` step 4 (the branch crashes right after its
     step-8 checkpoint), then the plain command again: it resumes at the branch's step 8, not at the
     abandoned step 12; every step after 4 has the original run's loss; one MLflow run, tagged."""
+    from conftest import REPO
     from mlflow.tracking import MlflowClient
 
     from megaray.families import load_config
     from megaray.train.launch import fit
 
-    from conftest import REPO
-
     db = tmp_path / "mlflow.db"
-    sets = ["name=fork", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-            f"tracking.tracking_uri=sqlite:///{db}", "train.max_steps=12", "train.checkpoint_every=4",
-            "train.log_every=1", "train.eval_every=1000", "scaling.num_workers=1", "scaling.num_to_keep=5",
-            "scaling.max_failures=0", "train.zero_stage=0", "data.num_val_batches=1", "tracking.sample_tokens=0",
-            "tracking.system_metrics_interval_s=0", "tracking.log_model=false"]
+    sets = [
+        "name=fork",
+        f"data.shards={text_shards}",
+        f"scaling.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "train.max_steps=12",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "scaling.num_workers=1",
+        "scaling.num_to_keep=5",
+        "scaling.max_failures=0",
+        "train.zero_stage=0",
+        "data.num_val_batches=1",
+        "tracking.sample_tokens=0",
+        "tracking.system_metrics_interval_s=0",
+        "tracking.log_model=false",
+    ]
     cfg = load_config(REPO / "configs" / "gpt_debug.yaml", sets)
     run = tmp_path / "runs" / "fork"
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trunk"))
@@ -146,8 +175,16 @@ def test_resume_from_step_4_branches_the_run_exactly_and_a_re_run_continues_the_
 
     from megaray.cli import app
 
-    out = CliRunner().invoke(app, ["train", str(REPO / "configs" / "gpt_debug.yaml"), "--resume-from", "step_5",
-                                   *[a for kv in sets for a in ("--set", kv)]])
+    out = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(REPO / "configs" / "gpt_debug.yaml"),
+            "--resume-from",
+            "step_5",
+            *[a for kv in sets for a in ("--set", kv)],
+        ],
+    )
     assert out.exit_code == 2 and "error: --resume-from step_5: no checkpoint" in out.output, out.output
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "branch"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "8")
@@ -187,17 +224,21 @@ def test_branching_on_s3_moves_through_the_object_store(run, tmp_path, monkeypat
     pytest.importorskip("moto")
     import boto3
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
     from conftest import free_port
+    from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }.items():
             monkeypatch.setenv(k, v)
         client = boto3.client("s3")
         client.create_bucket(Bucket="bkt")

@@ -20,12 +20,16 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port
 
 BUCKET = "megaray-test"
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +83,25 @@ def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
 
     shards = f"s3://{BUCKET}/data/stdlib-512"
     prepare_text(["stdlib"], shards, vocab_size=512, stdlib_max_docs=800)
-    assert f"data/stdlib-512/manifest.json" in _keys(s3, "data/stdlib-512/")
+    assert "data/stdlib-512/manifest.json" in _keys(s3, "data/stdlib-512/")
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(db).create_experiment("s3", artifact_location=f"s3://{BUCKET}/mlflow")  # artifacts in the bucket
-    args = [f"data.shards={shards}", f"scaling.storage_path=s3://{BUCKET}/runs", f"tracking.tracking_uri={db}",
-            "tracking.experiment=s3", "name=s3run", "train.max_steps=8", "train.checkpoint_every=2",
-            "train.eval_every=4", "train.log_every=2", "train.zero_stage=1", "scaling.max_failures=0",
-            "tracking.sample_tokens=4", "data.num_val_batches=2"]
+    args = [
+        f"data.shards={shards}",
+        f"scaling.storage_path=s3://{BUCKET}/runs",
+        f"tracking.tracking_uri={db}",
+        "tracking.experiment=s3",
+        "name=s3run",
+        "train.max_steps=8",
+        "train.checkpoint_every=2",
+        "train.eval_every=4",
+        "train.log_every=2",
+        "train.zero_stage=1",
+        "scaling.max_failures=0",
+        "tracking.sample_tokens=4",
+        "data.num_val_batches=2",
+    ]
     cfg = load_config(REPO / "configs" / "gpt_debug.yaml", args)
     trace = tmp_path / "trace"
     monkeypatch.setenv("MEGARAY_TRACE", str(trace))
@@ -137,8 +152,12 @@ def test_upload_is_retried_on_transient_errors_only():
     assert upload_with_retry(flaky, "step_1", attempts=4, backoff_s=0.0) == "uploaded" and len(calls) == 3
     calls.clear()
     with pytest.raises(OSError, match="503"):
-        upload_with_retry(lambda: calls.append(1) or (_ for _ in ()).throw(OSError("HTTP 503 SlowDown")),
-                          "step_1", attempts=2, backoff_s=0.0)
+        upload_with_retry(
+            lambda: calls.append(1) or (_ for _ in ()).throw(OSError("HTTP 503 SlowDown")),
+            "step_1",
+            attempts=2,
+            backoff_s=0.0,
+        )
     assert len(calls) == 2
     calls.clear()
     with pytest.raises(FileNotFoundError):  # not transient: no retry

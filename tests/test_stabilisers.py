@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -170,11 +169,12 @@ def test_grokfast_under_real_deepspeed_engines_zero0_1_2(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PORT=str(port), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _DS_SCRIPT], capture_output=True, text=True, timeout=400, env=env,
-                       cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", _DS_SCRIPT], capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path)
+    )
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT "):])
+    res = json.loads(line[0][len("RESULT ") :])
     for stage in ("0", "1", "2"):
         assert res[stage]["vs_filtered"] < 1e-5, res
         assert res[stage]["vs_plain"] > 1e-3, res
@@ -220,10 +220,11 @@ def test_train_compile_and_grokfast_through_build_engine(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PORT=str(port), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=500,
-                       env=env, cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=500, env=env, cwd=str(tmp_path)
+    )
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT "):])
+    res = json.loads(line[0][len("RESULT ") :])
     assert res["compiled"] and res["grokfast"] > 0 and res["diff"] < 1e-4
     assert res["keys"] == ["transformer.wte.weight"]

@@ -59,8 +59,9 @@ def edited(text: str, k: int, seed: int = 0) -> str:
 
 def variant_near(text: str, target: float) -> Tuple[str, float]:
     """The edited copy of ``text`` whose true shingle Jaccard with it is closest to ``target``."""
-    best = min(((edited(text, k), jaccard(text, edited(text, k))) for k in range(1, 60)),
-               key=lambda vj: abs(vj[1] - target))
+    best = min(
+        ((edited(text, k), jaccard(text, edited(text, k))) for k in range(1, 60)), key=lambda vj: abs(vj[1] - target)
+    )
     return best
 
 
@@ -79,8 +80,14 @@ def test_measures():
 
 
 def test_config_validation():
-    for bad in (dict(min_words=-1), dict(min_words=10, max_words=5), dict(max_dup_line_fraction=0.0),
-                dict(max_top_2gram_fraction=1.5), dict(dedupe_threshold=1.01), dict(dedupe_threshold=0.2)):
+    for bad in (
+        dict(min_words=-1),
+        dict(min_words=10, max_words=5),
+        dict(max_dup_line_fraction=0.0),
+        dict(max_top_2gram_fraction=1.5),
+        dict(dedupe_threshold=1.01),
+        dict(dedupe_threshold=0.2),
+    ):
         with pytest.raises(ConfigError, match="clean: "):
             CleanConfig(**bad)
     off = CleanConfig.off()
@@ -89,8 +96,11 @@ def test_config_validation():
 
 
 def test_length_and_repetition_rejects():
-    c = TextCleaner(CleanConfig(min_words=10, max_words=200, max_dup_line_fraction=0.3, max_top_2gram_fraction=0.2,
-                                near_dedupe=False))
+    c = TextCleaner(
+        CleanConfig(
+            min_words=10, max_words=200, max_dup_line_fraction=0.3, max_top_2gram_fraction=0.2, near_dedupe=False
+        )
+    )
     assert c.check("s", SHORT) == ("too_short", "too short (5 words < 10)")
     n = len(DOCS["textwrap.TextWrapper"].split())
     assert c.check("l", DOCS["textwrap.TextWrapper"]) == ("too_long", f"too long ({n} words > 200)")
@@ -134,7 +144,7 @@ def _corpus(tmp_path: Path) -> Tuple[Path, List[str], List[str]]:
     rows += [{"id": "short", "text": SHORT}, {"id": "spam", "text": REPETITIVE}]
     src = tmp_path / "corpus.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return src, copies, [r["text"] for r in rows[:len(DOCS)]]
+    return src, copies, [r["text"] for r in rows[: len(DOCS)]]
 
 
 def _kept(out: Path) -> List[str]:
@@ -171,11 +181,13 @@ def test_cli_flags(tmp_path):
     from megaray.cli import app
 
     runner = CliRunner()
-    for args, msg in [(["--dedupe-threshold", "0.3"], "--dedupe-threshold must be in [0.5, 1], got 0.3"),
-                      (["--max-dup-lines", "0"], "--max-dup-lines must be in (0, 1], got 0"),
-                      (["--max-top-2gram", "2"], "--max-top-2gram must be in (0, 1], got 2"),
-                      (["--min-words", "-3"], "--min-words must be >= 0, got -3"),
-                      (["--min-words", "50", "--max-words", "20"], "--min-words (50) is above --max-words (20)")]:
+    for args, msg in [
+        (["--dedupe-threshold", "0.3"], "--dedupe-threshold must be in [0.5, 1], got 0.3"),
+        (["--max-dup-lines", "0"], "--max-dup-lines must be in (0, 1], got 0"),
+        (["--max-top-2gram", "2"], "--max-top-2gram must be in (0, 1], got 2"),
+        (["--min-words", "-3"], "--min-words must be >= 0, got -3"),
+        (["--min-words", "50", "--max-words", "20"], "--min-words (50) is above --max-words (20)"),
+    ]:
         r = runner.invoke(app, ["prepare", "text", "--out", str(tmp_path / "x"), *args])
         assert r.exit_code == 2 and f"error: {msg}" in r.output, (args, r.output)
     assert not (tmp_path / "x").exists()
@@ -183,7 +195,24 @@ def test_cli_flags(tmp_path):
     cmd = typer.main.get_command(app).commands["prepare"].commands["text"]
     defaults = {p.name: p.default for p in cmd.params}
     cfg = CleanConfig()
-    assert {k: defaults[k] for k in ("min_words", "max_words", "max_dup_line_fraction", "max_top_2gram_fraction",
-                                     "near_dedupe", "dedupe_threshold")} == \
-        {k: getattr(cfg, k) for k in ("min_words", "max_words", "max_dup_line_fraction", "max_top_2gram_fraction",
-                                      "near_dedupe", "dedupe_threshold")}
+    assert {
+        k: defaults[k]
+        for k in (
+            "min_words",
+            "max_words",
+            "max_dup_line_fraction",
+            "max_top_2gram_fraction",
+            "near_dedupe",
+            "dedupe_threshold",
+        )
+    } == {
+        k: getattr(cfg, k)
+        for k in (
+            "min_words",
+            "max_words",
+            "max_dup_line_fraction",
+            "max_top_2gram_fraction",
+            "near_dedupe",
+            "dedupe_threshold",
+        )
+    }

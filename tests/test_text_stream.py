@@ -34,9 +34,13 @@ def _serve(items, spec, epoch, cursor, last_epoch, pack_rows=3):
     rows = [(d, it["pass"]) for it in read for d in it["docs"]]
     out = []
     for i in range(0, len(rows), pack_rows):
-        part = rows[i: i + pack_rows]
-        table = pa.table({"tokens": pa.array([d for d, _ in part], pa.list_(pa.int64())),
-                          "pass": pa.array([p for _, p in part], pa.int64())})
+        part = rows[i : i + pack_rows]
+        table = pa.table(
+            {
+                "tokens": pa.array([d for d, _ in part], pa.list_(pa.int64())),
+                "pass": pa.array([p for _, p in part], pa.int64()),
+            }
+        )
         got = packer(table)
         out += [(int(e), int(k), tuple(x)) for e, k, x in zip(got["epoch"], got["index"], got["input_ids"])]
     return out, args
@@ -44,8 +48,9 @@ def _serve(items, spec, epoch, cursor, last_epoch, pack_rows=3):
 
 def _spec(items, T, G, shuffle_block, seed=3):
     plan = BatchPlan(sum(it["values"] for it in items) // (T + 1), G, 2)
-    return StreamSpec(block_size=T, global_batch=G, per_epoch=plan.served, seed=seed,
-                      chunk=block_size(shuffle_block, G)), plan
+    return StreamSpec(
+        block_size=T, global_batch=G, per_epoch=plan.served, seed=seed, chunk=block_size(shuffle_block, G)
+    ), plan
 
 
 @pytest.mark.parametrize("shuffle_block", [0, 5])
@@ -60,7 +65,7 @@ def test_a_resumed_stream_serves_exactly_the_rest_of_the_uninterrupted_one(shuff
     if not shuffle_block:  # unshuffled: windows are the epoch's token stream, cut in order
         stream = np.concatenate([np.array(d) for it in items for d in it["docs"]])
         first = [x for ep, _, x in full if ep == 0]
-        assert first == [tuple(stream[j * (T + 1): j * (T + 1) + T]) for j in range(spec.per_epoch)]
+        assert first == [tuple(stream[j * (T + 1) : j * (T + 1) + T]) for j in range(spec.per_epoch)]
     else:  # shuffled: epochs differ in order
         assert [x for ep, _, x in full if ep == 0] != [x for ep, _, x in full if ep == 1]
     for epoch in range(3):
@@ -92,7 +97,7 @@ def test_rows_deal_round_robin_into_the_same_global_batches_at_any_world_size(wo
     B, G = 2, 12
     spec, plan = _spec(items, 4, G, shuffle_block=8)
     full, _ = _serve(items, spec, 0, 0, last_epoch=0)
-    blocks = [full[i: i + B] for i in range(0, len(full), B)]  # repartition(B, strict) blocks
+    blocks = [full[i : i + B] for i in range(0, len(full), B)]  # repartition(B, strict) blocks
     accum = plan.accum(world)
     steps = {}
     for n, block in enumerate(blocks):

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from megaray.errors import ConfigError
 from megaray.train.console import _Bar, keep_console
 from megaray.train.trackers import MLflowTracker, TensorBoardTracker, Trackers, WandbTracker, prepare
-
-from conftest import REPO
 
 
 class Fake:
@@ -71,9 +70,14 @@ def test_trackers_fan_out_every_call_and_route_eval_files_by_kind(tmp_path):
     trackers.log_text("sample", "The cat", 10)
     with pytest.raises(OSError, match="disk full"):
         trackers.close()  # every tracker is closed, then the first error is raised
-    want = [("params", {"model.n_layer": 2}), ("metrics", 3, {"loss": 2.5}),
-            ("image", "eval/samples", "samples.png", 10), ("audio", "eval/sub/clip0", "clip0.wav", 10),
-            ("text", "sample", "The cat", 10), ("close",)]
+    want = [
+        ("params", {"model.n_layer": 2}),
+        ("metrics", 3, {"loss": 2.5}),
+        ("image", "eval/samples", "samples.png", 10),
+        ("audio", "eval/sub/clip0", "clip0.wav", 10),
+        ("text", "sample", "The cat", 10),
+        ("close",),
+    ]
     assert a.calls == want and b.calls == want
     assert [Path(p).name for p in rest] == ["notes.json"]  # only MLflow keeps other files
     assert not Trackers() and not trackers  # closed: empty
@@ -102,9 +106,12 @@ def test_mlflow_tracker_keeps_the_artifact_layout():
     t.log_audio("eval/sub/clip0", "/x/sub/clip0.wav", 10)
     t.log_text("sample", "hi", 10)
     t.log_params({"a": 1})
-    assert logger.calls == [("metrics", 5, {"loss": 1.0}), ("artifact", "/x/samples.png", "eval/step_00000010"),
-                            ("artifact", "/x/sub/clip0.wav", "eval/step_00000010/sub"),
-                            ("text", "hi", "sample/step_00000010.txt")]
+    assert logger.calls == [
+        ("metrics", 5, {"loss": 1.0}),
+        ("artifact", "/x/samples.png", "eval/step_00000010"),
+        ("artifact", "/x/sub/clip0.wav", "eval/step_00000010/sub"),
+        ("text", "hi", "sample/step_00000010.txt"),
+    ]
 
 
 def test_a_missing_tracker_package_is_a_config_error_naming_the_pip_install(tmp_path, monkeypatch):
@@ -114,8 +121,9 @@ def test_a_missing_tracker_package_is_a_config_error_naming_the_pip_install(tmp_
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    cfg = RunConfig.model_validate({"model": {"family": "gpt", "preset": "debug"},
-                                    "tracking": {"wandb": {"project": "p", "mode": "offline"}}})
+    cfg = RunConfig.model_validate(
+        {"model": {"family": "gpt", "preset": "debug"}, "tracking": {"wandb": {"project": "p", "mode": "offline"}}}
+    )
     with pytest.raises(ConfigError, match=r"tracking.wandb: .*pip install wandb"):
         prepare(cfg, str(tmp_path / "run"))
     cfg.tracking.wandb.mode = "disabled"  # off: nothing needed
@@ -136,8 +144,13 @@ def test_a_wandb_run_refused_for_credentials_is_a_config_error(tmp_path, monkeyp
 def test_prepare_keeps_one_wandb_id_per_run_and_mirrors_tensorboard_for_remote_storage(tmp_path):
     from megaray.config import RunConfig
 
-    cfg = RunConfig.model_validate({"name": "r1", "model": {"family": "gpt", "preset": "debug"},
-                                    "tracking": {"tensorboard": True, "wandb": {"mode": "offline"}}})
+    cfg = RunConfig.model_validate(
+        {
+            "name": "r1",
+            "model": {"family": "gpt", "preset": "debug"},
+            "tracking": {"tensorboard": True, "wandb": {"mode": "offline"}},
+        }
+    )
     local = prepare(cfg, str(tmp_path / "r1"))
     assert local["tensorboard"] == {"logdir": str(tmp_path / "r1" / "tensorboard"), "mirror": None}
     w = local["wandb"]
@@ -152,8 +165,9 @@ def test_prepare_keeps_one_wandb_id_per_run_and_mirrors_tensorboard_for_remote_s
     tb = TensorBoardTracker(**{**spec["tensorboard"], "logdir": str(tmp_path / "tb-local")})
     tb.log_metrics(1, {"loss": 1.0})
     tb.close()
-    assert [p.name for p in (tmp_path / "bucket" / "r1" / "tensorboard").iterdir()] == \
-        [p.name for p in (tmp_path / "tb-local").iterdir()]
+    assert [p.name for p in (tmp_path / "bucket" / "r1" / "tensorboard").iterdir()] == [
+        p.name for p in (tmp_path / "tb-local").iterdir()
+    ]
 
 
 def test_tensorboard_and_wandb_hold_the_images_audio_and_texts(tmp_path):
@@ -207,8 +221,13 @@ def test_the_console_is_kept_in_log_txt_as_a_terminal_shows_it_across_restarts(t
     kept.write("after the run\n")
     lines = (run / "log.txt").read_text().splitlines()
     assert lines[0].startswith("===== ") and " start: " in lines[0]
-    assert lines[1:6] == ["device: CPU workers", "eval step 2: val_loss 3.0", "train 4/4 |####|", "a warning",
-                          "inner line"]
+    assert lines[1:6] == [
+        "device: CPU workers",
+        "eval step 2: val_loss 3.0",
+        "train 4/4 |####|",
+        "a warning",
+        "inner line",
+    ]
     assert " restart: " in lines[6] and lines[7:] == ["second attempt", lines[8]] and " restart: " in lines[8]
     assert "device: CPU workers" in capsys.readouterr().out  # the terminal still gets everything
 
@@ -245,8 +264,12 @@ def test_the_console_is_kept_in_log_txt_as_a_terminal_shows_it_across_restarts(t
             print(text)
             raise ConfigError("train.lr: must be > 0")  # the error that ends a run is its last line
     lines = (tmp_path / "bucket" / "r" / "log.txt").read_text().splitlines()
-    assert [x for x in lines if not x.startswith("=====")] == ["one", "error: train.lr: must be > 0", "two",
-                                                              "error: train.lr: must be > 0"]
+    assert [x for x in lines if not x.startswith("=====")] == [
+        "one",
+        "error: train.lr: must be > 0",
+        "two",
+        "error: train.lr: must be > 0",
+    ]
     assert " restart: " in lines[3]
 
 
@@ -256,8 +279,9 @@ def test_the_console_is_kept_in_log_txt_as_a_terminal_shows_it_across_restarts(t
 def _wandb_records(run_dir: Path) -> list:
     """Every record of an offline W&B run, read by W&B's own reader (``wandb leet inspect --json``)."""
     wandb = str(Path(sys.executable).with_name("wandb"))
-    out = subprocess.run([wandb, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [wandb, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -269,12 +293,27 @@ def test_one_run_logs_the_same_scalars_to_mlflow_tensorboard_and_wandb(ray_clust
     from megaray.families import load_config
     from megaray.train.launch import fit
 
-    cfg = load_config(REPO / "configs" / "gpt_debug.yaml", [
-        "name=tracked", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.num_workers=1", "train.max_steps=12",
-        "train.log_every=3", "train.eval_every=12", "train.checkpoint_every=12", "tracking.sample_tokens=8",
-        "tracking.system_metrics_interval_s=0", "tracking.log_model=false", "tracking.log_checkpoints=false",
-        "tracking.tensorboard=true", "tracking.wandb.project=megaray-test", "tracking.wandb.mode=offline"])
+    cfg = load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "name=tracked",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "scaling.num_workers=1",
+            "train.max_steps=12",
+            "train.log_every=3",
+            "train.eval_every=12",
+            "train.checkpoint_every=12",
+            "tracking.sample_tokens=8",
+            "tracking.system_metrics_interval_s=0",
+            "tracking.log_model=false",
+            "tracking.log_checkpoints=false",
+            "tracking.tensorboard=true",
+            "tracking.wandb.project=megaray-test",
+            "tracking.wandb.mode=offline",
+        ],
+    )
     result = fit(cfg)
     run_dir = Path(result.run_dir)
 
@@ -305,7 +344,7 @@ def test_one_run_logs_the_same_scalars_to_mlflow_tensorboard_and_wandb(ray_clust
     wb, media = {}, {}
     for h in history:  # a media value is flattened into <key>._type, <key>.path, ...
         step, item = h["step"]["num"], h["item"]
-        media.update({k[:-len("._type")]: (step, v) for k, v in item.items() if k.endswith("._type")})
+        media.update({k[: -len("._type")]: (step, v) for k, v in item.items() if k.endswith("._type")})
         for k, v in item.items():
             if not k.startswith("_") and k.split(".")[0] not in media:
                 wb.setdefault(k, {})[step] = v
@@ -318,6 +357,11 @@ def test_one_run_logs_the_same_scalars_to_mlflow_tensorboard_and_wandb(ray_clust
 
     log = (run_dir / "log.txt").read_text()
     assert log.startswith("===== ") and " start: " in log.splitlines()[0]
-    for line in ("device: CPU workers", "step 3/12 | loss", "step 12/12 | loss", "eval step 12: val_loss",
-                 "done: step 12"):
+    for line in (
+        "device: CPU workers",
+        "step 3/12 | loss",
+        "step 12/12 | loss",
+        "eval step 12: val_loss",
+        "done: step 12",
+    ):
         assert line in log, line

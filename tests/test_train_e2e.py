@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from megaray.families import load_config
-
-from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,13 @@ pytestmark = pytest.mark.slow
 def _cfg(text_shards, tmp_path, name, *extra):
     return load_config(
         REPO / "configs" / "gpt_debug.yaml",
-        [f"name={name}", f"data.shards={text_shards}", f"scaling.storage_path={tmp_path / 'runs'}",
-         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra],
+        [
+            f"name={name}",
+            f"data.shards={text_shards}",
+            f"scaling.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *extra,
+        ],
     )
 
 
@@ -34,16 +38,27 @@ def _trace(prefix: Path, rank: int):
     return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is skipped
 
 
-def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, text_shards, mlflow_server, tmp_path,
-                                                                  monkeypatch):
+def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
+    ray_cluster, text_shards, mlflow_server, tmp_path, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     from megaray.train.launch import fit
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "zero2"))
-    cfg = _cfg(text_shards, tmp_path, "zero2", f"tracking.tracking_uri={mlflow_server}", "train.max_steps=30",
-               "train.lr=3e-3", "train.eval_every=10", "train.checkpoint_every=15", "train.log_every=5",
-               "train.zero_stage=2", "tracking.sample_tokens=8")
+    cfg = _cfg(
+        text_shards,
+        tmp_path,
+        "zero2",
+        f"tracking.tracking_uri={mlflow_server}",
+        "train.max_steps=30",
+        "train.lr=3e-3",
+        "train.eval_every=10",
+        "train.checkpoint_every=15",
+        "train.log_every=5",
+        "train.zero_stage=2",
+        "tracking.sample_tokens=8",
+    )
     result = fit(cfg)
 
     # three evaluations, one Ray Data execution of the validation split per worker
@@ -64,8 +79,20 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(ray_cluster, te
     assert run.info.status == "FINISHED"
     assert run.data.params["model.n_layer"] == str(cfg.model.n_layer)
     assert run.data.params["train.zero_stage"] == "2"
-    for key in ("loss", "lr", "grad_norm", "throughput", "data_wait_frac", "val_loss", "val_ppl",
-                "goodput", "time/startup_s", "time/eval_s", "time/checkpoint_s", "time/step_s"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "throughput",
+        "data_wait_frac",
+        "val_loss",
+        "val_ppl",
+        "goodput",
+        "time/startup_s",
+        "time/eval_s",
+        "time/checkpoint_s",
+        "time/step_s",
+    ):
         assert key in run.data.metrics, key
     m = run.data.metrics
     assert 0 < m["goodput"] < 1 and 0 < m["time/startup_s"] < m["time/wall_s"]
@@ -114,10 +141,23 @@ def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluste
     assert 5 <= spe <= 30, spe  # a short epoch: the run crosses its boundary
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "crash"))
     monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", str(crash))
-    cfg = _cfg(shards, tmp_path, "crash", f"train.max_steps={total}", f"train.checkpoint_every={crash}",
-               f"train.eval_every={total}", "train.log_every=1", "train.warmup_steps=4", f"train.zero_stage={stage}",
-               "data.batch_size=2", "train.global_batch_size=12", "scaling.num_workers=2",
-               "scaling.max_failures=0", "tracking.sample_tokens=0", "data.num_val_batches=1")
+    cfg = _cfg(
+        shards,
+        tmp_path,
+        "crash",
+        f"train.max_steps={total}",
+        f"train.checkpoint_every={crash}",
+        f"train.eval_every={total}",
+        "train.log_every=1",
+        "train.warmup_steps=4",
+        f"train.zero_stage={stage}",
+        "data.batch_size=2",
+        "train.global_batch_size=12",
+        "scaling.num_workers=2",
+        "scaling.max_failures=0",
+        "tracking.sample_tokens=0",
+        "data.num_val_batches=1",
+    )
     with pytest.raises(Exception, match="injected failure"):
         fit(cfg)
     monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
@@ -133,7 +173,9 @@ def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluste
     crashed_pids = {r["pid"] for r in got if r["step"] <= crash}
     got = [r for r in got if r["step"] <= crash or r["pid"] not in crashed_pids]
     assert sorted({r["step"] for r in got}) == steps  # resumed at crash + 1: nothing retrained, nothing skipped
-    assert {r["world"] for r in got if r["step"] <= crash} == {2} and {r["world"] for r in got if r["step"] > crash} == {3}
+    assert {r["world"] for r in got if r["step"] <= crash} == {2} and {
+        r["world"] for r in got if r["step"] > crash
+    } == {3}
     assert all(r["replayed"] == 0 for r in got)  # the re-run started reading at its cursor
     for epoch in (0, 1):  # every served sample of epoch 0 exactly once; epoch 1 from its start
         ids = sorted(i for r in got if r["epoch"] == epoch for i in r["ids"])
@@ -166,8 +208,9 @@ def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluste
     assert [crashed[s] for s in steps] == pytest.approx([reference[s] for s in steps], abs=1e-4)
     ref = [r for rank in (0, 1) for r in _trace(tmp_path / "whole", rank)]
     for step in steps:  # each optimizer step trained on the same sample ids at 2 and at 3 workers
-        assert sorted(i for r in ref if r["step"] == step for i in r["ids"]) == \
-            sorted(i for r in got if r["step"] == step for i in r["ids"])
+        assert sorted(i for r in ref if r["step"] == step for i in r["ids"]) == sorted(
+            i for r in got if r["step"] == step for i in r["ids"]
+        )
 
 
 def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards, tmp_path, monkeypatch):
@@ -177,8 +220,18 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     from megaray.train.launch import fit
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "kill"))
-    cfg = _cfg(text_shards, tmp_path, "kill", "train.zero_stage=0", "train.max_steps=30", "train.checkpoint_every=5", "train.log_every=5",
-               "train.eval_every=30", "scaling.max_failures=2", "tracking.enabled=false")
+    cfg = _cfg(
+        text_shards,
+        tmp_path,
+        "kill",
+        "train.zero_stage=0",
+        "train.max_steps=30",
+        "train.checkpoint_every=5",
+        "train.log_every=5",
+        "train.eval_every=30",
+        "scaling.max_failures=2",
+        "tracking.enabled=false",
+    )
     out = {}
     th = threading.Thread(target=lambda: out.setdefault("result", fit(cfg)), daemon=True)
     th.start()
@@ -217,7 +270,9 @@ def _corrupt_data_pages(shard: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
-def test_data_error_inside_a_worker_ends_the_run_at_once_with_its_message(ray_cluster, text_shards, tmp_path, monkeypatch):
+def test_data_error_inside_a_worker_ends_the_run_at_once_with_its_message(
+    ray_cluster, text_shards, tmp_path, monkeypatch
+):
     """A corrupt data page is found only when a worker reads it: the DataError naming the shard
     and row group ends the run without the 2 retries max_failures allows, and fit() raises it."""
     import shutil
@@ -230,7 +285,9 @@ def test_data_error_inside_a_worker_ends_the_run_at_once_with_its_message(ray_cl
     first = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
     _corrupt_data_pages(shards / first)
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "bad"))
-    cfg = _cfg(str(shards), tmp_path, "bad-data", "train.max_steps=4", "scaling.max_failures=2", "tracking.enabled=false")
+    cfg = _cfg(
+        str(shards), tmp_path, "bad-data", "train.max_steps=4", "scaling.max_failures=2", "tracking.enabled=false"
+    )
     t0 = time.time()
     # (the train stream reads the row groups in a per-epoch seeded order: any of them may come first)
     with pytest.raises(DataError, match=rf"(?s){first}: row group \d+ is corrupt .*data.on_corrupt=skip$"):
@@ -248,12 +305,24 @@ def test_zero_stage_trains_and_checkpoints(ray_cluster, text_shards, tmp_path, s
     from megaray.train.checkpoint import load_for_inference
     from megaray.train.launch import fit
 
-    cfg = _cfg(text_shards, tmp_path, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=4",
-               "train.checkpoint_every=3", "train.eval_every=4", "train.log_every=2", "tracking.enabled=false")
+    cfg = _cfg(
+        text_shards,
+        tmp_path,
+        f"zero{stage}",
+        f"train.zero_stage={stage}",
+        "train.max_steps=4",
+        "train.checkpoint_every=3",
+        "train.eval_every=4",
+        "train.log_every=2",
+        "tracking.enabled=false",
+    )
     result = fit(cfg)
     assert result.metrics["step"] == 4
     # a checkpoint step that is not a logging step still checkpoints; the last step always does
-    assert sorted(p.name for p in (tmp_path / "runs" / f"zero{stage}").glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "runs" / f"zero{stage}").glob("step_*")) == [
+        "step_00000003",
+        "step_00000004",
+    ]
     assert math.isfinite(result.metrics["loss"]) and math.isfinite(result.metrics["val_loss"])
     model, loaded, _ = load_for_inference(result.checkpoint)
     assert loaded.train.zero_stage == stage

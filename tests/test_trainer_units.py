@@ -73,7 +73,9 @@ def test_ema_is_refused_under_zero3_with_the_reason():
     from megaray.families import build_run_config
     from megaray.train.ema import check_supported
 
-    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}, "train": {"ema_decay": 0.999, "zero_stage": 3}})
+    cfg = build_run_config(
+        {"model": {"family": "gpt", "preset": "debug"}, "train": {"ema_decay": 0.999, "zero_stage": 3}}
+    )
     with pytest.raises(ConfigError, match=r"train.ema_decay: .*ZeRO stage 3 partitions"):
         check_supported(cfg)
     check_supported(build_run_config({"model": {"family": "gpt", "preset": "debug"}, "train": {"ema_decay": 0.999}}))
@@ -88,9 +90,17 @@ def test_module_optimizer_settings_fall_back_to_train_and_unknown_modules_are_na
     from megaray.tasks.vocoder import VocoderTask
     from megaray.train.launch import check_run
 
-    cfg = build_run_config({"model": {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder", "adversarial": True},
-                            "train": {"lr": 2e-4, "min_lr": 2e-5, "betas": [0.8, 0.99],
-                                      "modules": {"disc": {"lr": 1e-4, "betas": [0.5, 0.9]}}}})
+    cfg = build_run_config(
+        {
+            "model": {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder", "adversarial": True},
+            "train": {
+                "lr": 2e-4,
+                "min_lr": 2e-5,
+                "betas": [0.8, 0.99],
+                "modules": {"disc": {"lr": 1e-4, "betas": [0.5, 0.9]}},
+            },
+        }
+    )
     disc, gen = cfg.train.optim_for("disc"), cfg.train.optim_for("model")
     assert (disc.lr, disc.betas, disc.weight_decay) == (1e-4, [0.5, 0.9], cfg.train.weight_decay)
     assert disc.min_lr == pytest.approx(1e-5)  # train's min_lr / lr ratio kept
@@ -153,8 +163,9 @@ def test_adaptive_weight_is_taming_transformers_calculate_adaptive_weight():
     g_grads = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
     expected = 0.5 * torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach()
 
-    step = AdversarialStep(lambda r, f: (1 - r).relu().mean() + (1 + f).relu().mean(), lambda f: -f.mean(),
-                           adv_weight=0.5, adaptive=True)
+    step = AdversarialStep(
+        lambda r, f: (1 - r).relu().mean() + (1 + f).relu().mean(), lambda f: -f.mean(), adv_weight=0.5, adaptive=True
+    )
     loss, m = step.generator_loss(_Engine(disc), real, fake, rec, last_layer=last)
     assert m["adv_weight"] == pytest.approx(float(expected))
     assert float(loss.detach()) == pytest.approx(float((rec + expected * g_loss).detach()), rel=1e-6)
@@ -169,9 +180,15 @@ def test_adversarial_step_trains_the_discriminator_from_start_step_and_leaves_it
 
     gen, disc, x, real = _toy_gan()
     d_engine = _Engine(disc)
-    lsgan_d = lambda r, f: ((r - 1) ** 2).mean() + (f ** 2).mean()  # noqa: E731
-    step = AdversarialStep(lsgan_d, lambda f: ((f - 1) ** 2).mean(), lambda r, f: (r - f).abs().mean(),
-                           start_step=3, adv_weight=1.0, fm_weight=2.0)
+    lsgan_d = lambda r, f: ((r - 1) ** 2).mean() + (f**2).mean()  # noqa: E731
+    step = AdversarialStep(
+        lsgan_d,
+        lambda f: ((f - 1) ** 2).mean(),
+        lambda r, f: (r - f).abs().mean(),
+        start_step=3,
+        adv_weight=1.0,
+        fm_weight=2.0,
+    )
     fake = gen(x)
     base = (fake - real).abs().mean()
     loss, m = step(d_engine, real, fake, base, step=2)
@@ -207,8 +224,10 @@ def test_user_errors_end_the_run_and_crashes_are_retried():
         err = WorkerGroupError("boom", failures)
         assert user_error(err) is bad
         assert UserErrorFailurePolicy(FailureConfig(max_failures=2)).make_decision(err) == FailureDecision.RAISE
-    noted = DataError(f"{bad}\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
-                      "To change retry attempts, backoff, ... configure `ray.data.DataContext.get_current()`")
+    noted = DataError(
+        f"{bad}\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+        "To change retry attempts, backoff, ... configure `ray.data.DataContext.get_current()`"
+    )
     found = user_error(WorkerGroupError("boom", {0: noted}))  # Ray Data's retry note is cut
     assert type(found) is DataError and str(found) == str(bad)
     crash = WorkerGroupError("boom", {0: RuntimeError("worker died")})
@@ -223,9 +242,15 @@ def test_data_paths_are_resolved_on_the_driver(tmp_path, monkeypatch):
     from megaray.train.launch import resolve_paths
 
     monkeypatch.chdir(tmp_path)
-    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"},
-                            "data": {"shards": "data/speech-tiny",
-                                     "sources": [{"shards": "data/a", "weight": 2}, {"shards": "s3://bucket/b"}]}})
+    cfg = build_run_config(
+        {
+            "model": {"family": "gpt", "preset": "debug"},
+            "data": {
+                "shards": "data/speech-tiny",
+                "sources": [{"shards": "data/a", "weight": 2}, {"shards": "s3://bucket/b"}],
+            },
+        }
+    )
     out = resolve_paths(cfg)
     assert out.data.shards == str(tmp_path / "data" / "speech-tiny")
     assert [s.shards for s in out.data.sources] == [str(tmp_path / "data" / "a"), "s3://bucket/b"]
@@ -313,8 +338,18 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
     for step in (1, 2, 3, 4):
         w.end_of_step(step)
     assert calls == [
-        ("after_step", 1), ("ema", "the model"),
-        ("after_step", 2), ("ema", "the model"), ("progress", 2), ("publish", 2, ["loss"], False),
-        ("after_step", 3), ("ema", "the model"), ("eval", 3), ("publish", 3, ["val_loss"], False),
-        ("after_step", 4), ("ema", "the model"), ("progress", 4), ("publish", 4, ["loss"], True),
+        ("after_step", 1),
+        ("ema", "the model"),
+        ("after_step", 2),
+        ("ema", "the model"),
+        ("progress", 2),
+        ("publish", 2, ["loss"], False),
+        ("after_step", 3),
+        ("ema", "the model"),
+        ("eval", 3),
+        ("publish", 3, ["val_loss"], False),
+        ("after_step", 4),
+        ("ema", "the model"),
+        ("progress", 4),
+        ("publish", 4, ["loss"], True),
     ]

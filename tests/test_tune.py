@@ -15,24 +15,42 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from megaray.config import ConfigError
 from megaray.tune.config import load_tune_config
-
-from conftest import REPO
 
 TUNE_CONFIGS = sorted((REPO / "configs" / "tune").glob("*.yaml"))
 
 
 def _search(tmp_path, text_shards, name, space, *, search=None, scheduler=None, **overrides):
-    over = {"train.warmup_steps": 2, "train.log_every": 5, "train.eval_every": 5, "train.checkpoint_every": 5,
-            "data.num_val_batches": 2, "tracking.sample_tokens": 0, "data.shards": text_shards, "scaling.storage_path": str(tmp_path / "runs"),
-            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "tune-test"}
+    over = {
+        "train.warmup_steps": 2,
+        "train.log_every": 5,
+        "train.eval_every": 5,
+        "train.checkpoint_every": 5,
+        "data.num_val_batches": 2,
+        "tracking.sample_tokens": 0,
+        "data.shards": text_shards,
+        "scaling.storage_path": str(tmp_path / "runs"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment": "tune-test",
+    }
     over.update(overrides)
     return {
-        "name": name, "base": str(REPO / "configs" / "gpt_debug.yaml"), "overrides": over, "space": space,
-        "search": {"algorithm": "random", "num_samples": 1, "max_concurrent_trials": 2, "metric": "val_loss",
-                   "mode": "min", "seed": 0, **(search or {})},
+        "name": name,
+        "base": str(REPO / "configs" / "gpt_debug.yaml"),
+        "overrides": over,
+        "space": space,
+        "search": {
+            "algorithm": "random",
+            "num_samples": 1,
+            "max_concurrent_trials": 2,
+            "metric": "val_loss",
+            "mode": "min",
+            "seed": 0,
+            **(search or {}),
+        },
         "scheduler": scheduler or {"type": "fifo"},
         "trial": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
     }
@@ -62,7 +80,7 @@ def test_shipped_tune_configs_load():
             assert p.name != "transformer.yaml"
             continue
         for key, d in s.config.space.items():  # every discrete value gives a valid trial config
-            for v in (s.labels[key] if key in s.labels else (d.values or [])):
+            for v in s.labels[key] if key in s.labels else (d.values or []):
                 s.trial_config({key: v}, "abc_00000")
 
 
@@ -70,16 +88,24 @@ def test_transformer_search_resolves_fully():
     s = load_tune_config(REPO / "configs" / "tune" / "transformer.yaml", strict=True)
     assert s.deferred is None and s.base.model.family == "gpt"
     assert set(s.config.space) == {"train.lr", "train.warmup_steps", "model", "model.attention"}
-    cfg = s.trial_config({"train.lr": 2e-3, "train.warmup_steps": 4, "model": "n_layer=4,n_embd=64",
-                          "model.attention": "mqa"}, "c0ffe_00003")
+    cfg = s.trial_config(
+        {"train.lr": 2e-3, "train.warmup_steps": 4, "model": "n_layer=4,n_embd=64", "model.attention": "mqa"},
+        "c0ffe_00003",
+    )
     assert cfg.name == "trial_c0ffe_00003"
     assert cfg.scaling.storage_path.endswith("/transformer-search/runs")
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.attention, cfg.train.lr) == (4, 64, "mqa", 2e-3)
     assert cfg.scaling.num_workers == 1 and cfg.scaling.resources_per_worker == {"CPU": 1}
     # going to a GPU cluster changes only the trial section
-    g = load_tune_config(REPO / "configs" / "tune" / "transformer.yaml",
-                         ["trial.num_workers=4", "trial.use_gpu=true", "trial.resources_per_worker={GPU: 1, CPU: 8}"])
-    assert (g.base.scaling.num_workers, g.base.scaling.use_gpu, g.base.scaling.resources_per_worker) == (4, True, {"GPU": 1, "CPU": 8})
+    g = load_tune_config(
+        REPO / "configs" / "tune" / "transformer.yaml",
+        ["trial.num_workers=4", "trial.use_gpu=true", "trial.resources_per_worker={GPU: 1, CPU: 8}"],
+    )
+    assert (g.base.scaling.num_workers, g.base.scaling.use_gpu, g.base.scaling.resources_per_worker) == (
+        4,
+        True,
+        {"GPU": 1, "CPU": 8},
+    )
 
 
 def test_space_key_missing_from_base_is_rejected_before_any_trial(tmp_path, text_shards):
@@ -109,7 +135,9 @@ def test_bad_values_and_combinations_fail_with_reasons(tmp_path, text_shards):
     with pytest.raises(ConfigError, match=r"scheduler.type: 'pbt' is not supported.*Tune checkpoint.*asha"):
         load_tune_config(_search(tmp_path, text_shards, "t", ok, scheduler={"type": "pbt"}))
     with pytest.raises(ConfigError, match=r"'grid' does not work with search.algorithm 'optuna'"):
-        load_tune_config(_search(tmp_path, text_shards, "t", {"train.lr": {"grid": [1e-3]}}, search={"algorithm": "optuna"}))
+        load_tune_config(
+            _search(tmp_path, text_shards, "t", {"train.lr": {"grid": [1e-3]}}, search={"algorithm": "optuna"})
+        )
     with pytest.raises(ConfigError, match=r"search.algorithm 'grid' needs discrete values"):
         load_tune_config(_search(tmp_path, text_shards, "t", ok, search={"algorithm": "grid"}))
     with pytest.raises(ConfigError, match=r"scheduler.max_t: 500 exceeds train.max_steps"):
@@ -127,9 +155,12 @@ def test_search_algorithms_propose_valid_trials(tmp_path, text_shards):
     from megaray.tune.schedulers import search_algorithm
     from megaray.tune.space import param_space
 
-    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.warmup_steps": {"randint": [0, 8]},
-             "model": {"choice": [{"n_layer": 2, "n_embd": 64}, {"n_layer": 4, "n_embd": 128}]},
-             "model.attention": {"choice": ["mha", "mqa"]}}
+    space = {
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.warmup_steps": {"randint": [0, 8]},
+        "model": {"choice": [{"n_layer": 2, "n_embd": 64}, {"n_layer": 4, "n_embd": 128}]},
+        "model.attention": {"choice": ["mha", "mqa"]},
+    }
     s = load_tune_config(_search(tmp_path, text_shards, "t", space, search={"algorithm": "optuna", "seed": 3}))
     algo = search_algorithm(s)
     algo.set_search_properties("val_loss", "min", param_space(s))
@@ -139,8 +170,10 @@ def test_search_algorithms_propose_valid_trials(tmp_path, text_shards):
         assert 1e-4 <= cfg.train.lr <= 1e-2 and 0 <= cfg.train.warmup_steps <= 8
         assert (cfg.model.n_layer, cfg.model.n_embd) in {(2, 64), (4, 128)}
     # overrides route by prefix: run-config keys to the base, others to the tune config
-    s2 = load_tune_config(_search(tmp_path, text_shards, "t", space),
-                          ["train.max_steps=7", "search.num_samples=9", "space.train.lr={choice: [0.001, 0.002]}"])
+    s2 = load_tune_config(
+        _search(tmp_path, text_shards, "t", space),
+        ["train.max_steps=7", "search.num_samples=9", "space.train.lr={choice: [0.001, 0.002]}"],
+    )
     assert s2.base.train.max_steps == 7 and s2.config.search.num_samples == 9
     assert s2.config.space["train.lr"].choice == [0.001, 0.002]
 
@@ -158,14 +191,18 @@ def test_resumable_asha_replays_trials_finished_before_a_restore(tmp_path):
     def trial(tid, status):
         d = tmp_path / tid
         d.mkdir()
-        return SimpleNamespace(trial_id=tid, status=status, storage=SimpleNamespace(
-            storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(d)))
+        return SimpleNamespace(
+            trial_id=tid,
+            status=status,
+            storage=SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(d)),
+        )
 
     asha = ResumableASHA(time_attr="step", max_t=10, grace_period=5, reduction_factor=2, stop_last_trials=False)
     asha.set_search_properties("loss", "min")
     done = trial("done", "TERMINATED")
-    (tmp_path / "done" / "result.json").write_text("\n".join(json.dumps(r) for r in (
-        {"step": 5, "loss": 6.0}, {"step": 10, "loss": 5.5})))
+    (tmp_path / "done" / "result.json").write_text(
+        "\n".join(json.dumps(r) for r in ({"step": 5, "loss": 6.0}, {"step": 10, "loss": 5.5}))
+    )
     asha.on_trial_add(None, done)
     bad = trial("bad", "PENDING")
     asha.on_trial_add(None, bad)
@@ -232,8 +269,10 @@ def test_readme_search_without_its_data_fails_before_any_trial(tmp_path, monkeyp
 
     (tmp_path / "ok").mkdir()
     write_manifest(str(tmp_path / "ok"), new_manifest("text"))
-    s = load_tune_config(REPO / "configs" / "tune" / "transformer.yaml",
-                         [f"data.shards={tmp_path}/ok", f"space.data.shards={{choice: [{tmp_path}/ok, {tmp_path}/nope]}}"])
+    s = load_tune_config(
+        REPO / "configs" / "tune" / "transformer.yaml",
+        [f"data.shards={tmp_path}/ok", f"space.data.shards={{choice: [{tmp_path}/ok, {tmp_path}/nope]}}"],
+    )
     with pytest.raises(DataError, match=r"nope"):
         s.check_data()
 
@@ -247,12 +286,21 @@ def test_trial_paths_resolve_on_the_search_driver(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    s = load_tune_config(REPO / "configs" / "tune" / "transformer.yaml",
-                         ["space.data.shards={choice: [data/stdlib-512, data/other]}"])
+    s = load_tune_config(
+        REPO / "configs" / "tune" / "transformer.yaml", ["space.data.shards={choice: [data/stdlib-512, data/other]}"]
+    )
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # as in a Tune trial
-    cfg = pickle.loads(pickle.dumps(s)).trial_config({"train.lr": 1e-3, "train.warmup_steps": 0, "model.attention": "mha",
-                                                      "model": "n_layer=2,n_embd=64", "data.shards": "data/other"}, "t_00000")
+    cfg = pickle.loads(pickle.dumps(s)).trial_config(
+        {
+            "train.lr": 1e-3,
+            "train.warmup_steps": 0,
+            "model.attention": "mha",
+            "model": "n_layer=2,n_embd=64",
+            "data.shards": "data/other",
+        },
+        "t_00000",
+    )
     assert cfg.data.shards == str(tmp_path / "data" / "other")
     assert cfg.scaling.storage_path == str(tmp_path / "runs" / "transformer-search" / "runs")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -282,8 +330,13 @@ def test_search_in_which_every_trial_fails_raises_search_error(ray_cluster, text
     from megaray.errors import SearchError
     from megaray.tune.search import run_search
 
-    cfg = _search(tmp_path, text_shards, "allfail", {"model.n_head": {"choice": [32]}, "model.n_embd": {"choice": [48]}},
-                  search={"num_samples": 2})
+    cfg = _search(
+        tmp_path,
+        text_shards,
+        "allfail",
+        {"model.n_head": {"choice": [32]}, "model.n_embd": {"choice": [48]}},
+        search={"num_samples": 2},
+    )
     with pytest.raises(SearchError) as e:
         run_search(cfg)
     msg = str(e.value)
@@ -313,9 +366,15 @@ def test_asha_search_killed_and_resumed(ray_cluster, text_shards, tmp_path):
     # ASHA decides on the training loss (reported every 5 steps; an eval costs a Ray Data pass, so
     # validation runs once, at the end). Grid order is trial order: lr=10 comes last, so when it
     # reaches the rung at step 5 earlier trials have recorded theirs and the rung has a cutoff.
-    cfg = _search(tmp_path, text_shards, "asha", {"train.lr": {"grid": [3e-3, 1e-3, 2e-3, 10.0]}},
-                  search={"metric": "loss"}, scheduler={"type": "asha", "grace_period": 5, "reduction_factor": 2},
-                  **{"train.max_steps": 10, "train.eval_every": 10})
+    cfg = _search(
+        tmp_path,
+        text_shards,
+        "asha",
+        {"train.lr": {"grid": [3e-3, 1e-3, 2e-3, 10.0]}},
+        search={"metric": "loss"},
+        scheduler={"type": "asha", "grace_period": 5, "reduction_factor": 2},
+        **{"train.max_steps": 10, "train.eval_every": 10},
+    )
     cfg_path = tmp_path / "search.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     from ray.util import placement_group_table
@@ -329,7 +388,10 @@ def test_asha_search_killed_and_resumed(ray_cluster, text_shards, tmp_path):
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(
         [sys.executable, "-c", f"from megaray.tune.search import run_search; run_search({str(cfg_path)!r})"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline, killed_at = time.time() + 400, None
     try:
@@ -374,7 +436,13 @@ def test_asha_search_killed_and_resumed(ray_cluster, text_shards, tmp_path):
     assert parent.data.metrics["best_loss"] == pytest.approx(result.best.metric)
     assert parent.data.metrics["trials_stopped_early"] >= 1
     arts = {a.path for a in c.list_artifacts(result.parent_run_id, "tune")}
-    assert {"tune/trials.md", "tune/trials.csv", "tune/curves.png", "tune/search.yaml", "tune/base_resolved.yaml"} <= arts
+    assert {
+        "tune/trials.md",
+        "tune/trials.csv",
+        "tune/curves.png",
+        "tune/search.yaml",
+        "tune/base_resolved.yaml",
+    } <= arts
     png = Path(c.download_artifacts(result.parent_run_id, "tune/curves.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -19,25 +19,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from megaray.errors import CheckpointError
 from megaray.train import universal
 from megaray.train.universal import convert, needs_conversion, universal_tag
 
 STAGES = (0, 1, 2, 3)
-K = 3              # steps before the checkpoint, and after it
-GLOBAL_ROWS = 6    # global batch rows (2 x 3, 1 x 6, 3 x 2)
-TOL = 1e-4         # per-step loss
-TOL_W = 2e-4       # final weights (Adam amplifies the reduction-order noise of 1e-7 in early steps)
+K = 3  # steps before the checkpoint, and after it
+GLOBAL_ROWS = 6  # global batch rows (2 x 3, 1 x 6, 3 x 2)
+TOL = 1e-4  # per-step loss
+TOL_W = 2e-4  # final weights (Adam amplifies the reduction-order noise of 1e-7 in early steps)
 
 
 # -- fast: no processes ------------------------------------------------------------------------
 
+
 def test_tag_and_when_to_convert():
     assert universal_tag("model") == "model_universal"
     assert not needs_conversion(2, 2, 3)
-    assert not needs_conversion(2, 3, 0)      # ZeRO 0: nothing is partitioned
+    assert not needs_conversion(2, 3, 0)  # ZeRO 0: nothing is partitioned
     assert needs_conversion(2, 1, 1) and needs_conversion(4, 2, 3)
 
 
@@ -93,13 +94,27 @@ def test_load_engine_wants_a_complete_conversion(tmp_path):
 
 # -- slow: real engines over gloo --------------------------------------------------------------
 
+
 def _cfg(stage: int, world: int):
     from megaray.families import load_config
 
-    return load_config(REPO / "configs" / "gpt_debug.yaml", [
-        "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.vocab_size=64", "model.block_size=8",
-        f"data.batch_size={GLOBAL_ROWS // world}", f"train.zero_stage={stage}", "train.max_steps=20",
-        "train.warmup_steps=2", "train.lr=0.01", "train.min_lr=0.001", f"scaling.num_workers={world}"])
+    return load_config(
+        REPO / "configs" / "gpt_debug.yaml",
+        [
+            "model.n_layer=1",
+            "model.n_embd=32",
+            "model.n_head=2",
+            "model.vocab_size=64",
+            "model.block_size=8",
+            f"data.batch_size={GLOBAL_ROWS // world}",
+            f"train.zero_stage={stage}",
+            "train.max_steps=20",
+            "train.warmup_steps=2",
+            "train.lr=0.01",
+            "train.min_lr=0.001",
+            f"scaling.num_workers={world}",
+        ],
+    )
 
 
 def _engine(stage: int, world: int, seed: int, weights=None):
@@ -186,8 +201,14 @@ def _groups(engine):
 
 
 def _worker(rank: int, world: int, port: int, mode: str, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from megaray.train.engines import skip_cpu_op_builds
@@ -213,9 +234,13 @@ def _worker(rank: int, world: int, port: int, mode: str, root: str) -> None:
             engine = _engine(stage, world, seed=123)  # another init: the weights must come from the checkpoint
             t0 = time.perf_counter()
             _, client = universal.load_engine_universal(engine, ckpt, "model")
-            res = {"load_s": time.perf_counter() - t0, "global_steps": engine.global_steps,
-                   "client": client.get("megaray"), "groups": _groups(engine),
-                   "losses": _train(engine, range(K + 1, 2 * K + 1), rank, world)}
+            res = {
+                "load_s": time.perf_counter() - t0,
+                "global_steps": engine.global_steps,
+                "client": client.get("megaray"),
+                "groups": _groups(engine),
+                "losses": _train(engine, range(K + 1, 2 * K + 1), rank, world),
+            }
             bn = _bn_engine(stage, world, seed=123)
             if mode == "resume1" and stage:  # the other entry point: convert first, then load the tag
                 universal.load_engine(bn, ckpt, universal.convert(ckpt, "disc"))
@@ -239,8 +264,16 @@ def _worker(rank: int, world: int, port: int, mode: str, root: str) -> None:
 
 
 #: imported once by the fork server, so each worker starts without paying for torch + DeepSpeed
-PRELOAD = ["torch", "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
-           "megaray.families", "megaray.models.gpt", "megaray.train.engines", "megaray.train.universal"]
+PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+    "megaray.families",
+    "megaray.models.gpt",
+    "megaray.train.engines",
+    "megaray.train.universal",
+]
 
 
 def _spawn(world: int, mode: str, root: Path) -> dict:
@@ -249,12 +282,12 @@ def _spawn(world: int, mode: str, root: Path) -> dict:
     import multiprocessing
 
     import torch.multiprocessing as mp
-
     from conftest import free_port  # noqa: E402
 
     multiprocessing.set_forkserver_preload(PRELOAD)  # ignored if a fork server already runs
-    mp.start_processes(_worker, args=(world, free_port(), mode, str(root)), nprocs=world, join=True,
-                       start_method="forkserver")
+    mp.start_processes(
+        _worker, args=(world, free_port(), mode, str(root)), nprocs=world, join=True, start_method="forkserver"
+    )
     return torch.load(root / f"{mode}.pt")
 
 
@@ -274,8 +307,10 @@ def runs(tmp_path_factory):
         convert_s[stage] = time.perf_counter() - t
     one = _spawn(1, "resume1", root)
     three = _spawn(3, "resume3", root)
-    print(f"\nuniversal checkpoints: whole run {time.perf_counter() - t0:.1f}s; conversion (2 ranks -> universal) "
-          + ", ".join(f"ZeRO {s}: {v:.2f}s" for s, v in convert_s.items()))
+    print(
+        f"\nuniversal checkpoints: whole run {time.perf_counter() - t0:.1f}s; conversion (2 ranks -> universal) "
+        + ", ".join(f"ZeRO {s}: {v:.2f}s" for s, v in convert_s.items())
+    )
     return {"ref": ref, 1: one, 3: three, "root": root}
 
 
@@ -287,8 +322,10 @@ def test_resume_at_another_world_size(runs, stage, world):
     diffs = [abs(a - b) for a, b in zip(ref["losses"], got["losses"])]
     wdiff = max((ref["weights"][n] - w).abs().max().item() for n, w in got["weights"].items())
     conversion = f", conversion {got['convert_s']:.2f}s" if "convert_s" in got else ""
-    print(f"\nZeRO {stage}, 2 -> {world} ranks: loss diffs {['%.1e' % d for d in diffs]}, max weight diff "
-          f"{wdiff:.1e}, load {got['load_s']:.2f}s{conversion}")
+    print(
+        f"\nZeRO {stage}, 2 -> {world} ranks: loss diffs {[f'{d:.1e}' for d in diffs]}, max weight diff "
+        f"{wdiff:.1e}, load {got['load_s']:.2f}s{conversion}"
+    )
     assert len(got["losses"]) == K and max(diffs) < TOL, (ref["losses"], got["losses"])
     assert wdiff < TOL_W
     assert got["global_steps"] == K
@@ -317,7 +354,6 @@ def test_a_fresh_optimizer_would_not_match(runs, stage):
     ref, got = runs["ref"][stage], runs[1][stage]
     diffs = [abs(a - b) for a, b in zip(ref["losses"], got["fresh_losses"])]
     wdiff = max((ref["weights"][n] - w).abs().max().item() for n, w in got["fresh_weights"].items())
-    print(f"\nZeRO {stage}, fresh optimizer: loss diffs {['%.1e' % d for d in diffs]}, "
-          f"max weight diff {wdiff:.1e}")
+    print(f"\nZeRO {stage}, fresh optimizer: loss diffs {[f'{d:.1e}' for d in diffs]}, max weight diff {wdiff:.1e}")
     assert diffs[0] < TOL
     assert max(diffs[1:]) > 20 * TOL and wdiff > 10 * TOL_W

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 
 from megaray.errors import ConfigError, DataError
 from megaray.families import build_run_config
-
-from conftest import REPO
 
 BLOCK = 32
 
@@ -28,20 +27,34 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("val-shards")
     quiet = dict(progress=False, verbose=False)
     train = prepare_text([str(REPO / "docs")], str(root / "train"), vocab_size=300, val_fraction=0.3, **quiet)
-    prepare_text([str(REPO / "README.md"), str(REPO / "BENCHMARKS.md")], str(root / "val"),
-                 tokenizer=str(root / "train" / "tokenizer.json"), val_fraction=0.5, **quiet)
-    prepare_text([str(REPO / "README.md"), str(REPO / "BENCHMARKS.md")], str(root / "other"), vocab_size=280,
-                 val_fraction=0.5, **quiet)
+    prepare_text(
+        [str(REPO / "README.md"), str(REPO / "BENCHMARKS.md")],
+        str(root / "val"),
+        tokenizer=str(root / "train" / "tokenizer.json"),
+        val_fraction=0.5,
+        **quiet,
+    )
+    prepare_text(
+        [str(REPO / "README.md"), str(REPO / "BENCHMARKS.md")],
+        str(root / "other"),
+        vocab_size=280,
+        val_fraction=0.5,
+        **quiet,
+    )
     assert train["tokenizer"]["vocab_size"] <= 300
     return {k: str(root / k) for k in ("train", "val", "other")}
 
 
 def _cfg(folders, **data):
-    return build_run_config({
-        "model": {"family": "gpt", "preset": "debug", "vocab_size": 300, "block_size": BLOCK},
-        "data": {"shards": folders["train"], "batch_size": 2, "num_val_batches": 2, **data},
-        "train": {"max_steps": 4, "warmup_steps": 1}, "scaling": {"num_workers": 1}, "tracking": {"enabled": False},
-    })
+    return build_run_config(
+        {
+            "model": {"family": "gpt", "preset": "debug", "vocab_size": 300, "block_size": BLOCK},
+            "data": {"shards": folders["train"], "batch_size": 2, "num_val_batches": 2, **data},
+            "train": {"max_steps": 4, "warmup_steps": 1},
+            "scaling": {"num_workers": 1},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def _windows(folder: str, split: str) -> np.ndarray:
@@ -50,8 +63,12 @@ def _windows(folder: str, split: str) -> np.ndarray:
     from megaray.data.text import load_manifest
 
     entries = load_manifest(folder)["splits"][split]["shards"]
-    stream = np.concatenate([np.concatenate(pq.read_table(Path(folder) / e["path"], columns=["tokens"])
-                                            .column("tokens").to_pylist()) for e in entries])
+    stream = np.concatenate(
+        [
+            np.concatenate(pq.read_table(Path(folder) / e["path"], columns=["tokens"]).column("tokens").to_pylist())
+            for e in entries
+        ]
+    )
     n = len(stream) // (BLOCK + 1)
     return stream[: n * (BLOCK + 1)].reshape(n, BLOCK + 1)
 

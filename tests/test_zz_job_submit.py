@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -42,20 +41,55 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
     ray.shutdown()  # the session's in-process cluster: its dashboard agent would hold the default agent ports
     gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
     start = subprocess.run(
-        [str(bin_dir / "ray"), "start", "--head", "--num-cpus=8", f"--port={gcs}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={rt_agent}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--num-cpus=8",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_agent}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
-        cmd = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-               "--", "megaray", "train", "configs/gpt_debug.yaml", "--verbose",
-               "--set", f"data.shards={text_shards}", "--set", f"scaling.storage_path={storage}",
-               "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_steps=10",
-               "--set", "train.checkpoint_every=10", "--set", "train.eval_every=10"]
+        cmd = [
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(REPO),
+            "--",
+            "megaray",
+            "train",
+            "configs/gpt_debug.yaml",
+            "--verbose",
+            "--set",
+            f"data.shards={text_shards}",
+            "--set",
+            f"scaling.storage_path={storage}",
+            "--set",
+            f"tracking.tracking_uri=sqlite:///{db}",
+            "--set",
+            "train.max_steps=10",
+            "--set",
+            "train.checkpoint_every=10",
+            "--set",
+            "train.eval_every=10",
+        ]
         for _ in range(40):  # the dashboard's job agent comes up a little after `ray start` returns
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
             if "No available agent" not in job.stdout + job.stderr:

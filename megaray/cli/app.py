@@ -53,7 +53,7 @@ app = typer.Typer(
 )
 prepare_app = typer.Typer(
     help="Turn raw sources into training shards plus a manifest.json.\n\n"
-         "Example: megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512",
+    "Example: megaray prepare text --source stdlib --out data/stdlib-512 --vocab-size 512",
     no_args_is_help=True,
 )
 app.add_typer(prepare_app, name="prepare")
@@ -72,8 +72,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 #: ``--verbose`` of the commands that start Ray
-VERBOSE_OPTION = typer.Option(False, "--verbose", "-v",
-                              help="show Ray's, DeepSpeed's and the workers' own output (also MEGARAY_VERBOSE=1)")
+VERBOSE_OPTION = typer.Option(
+    False, "--verbose", "-v", help="show Ray's, DeepSpeed's and the workers' own output (also MEGARAY_VERBOSE=1)"
+)
 
 
 def main() -> None:  # pragma: no cover - the console entry point

@@ -25,15 +25,21 @@ def eval_cmd(
     split: str = typer.Option("val", callback=one_of(("val", "train")), help="split to evaluate: val | train"),
     max_batches: int = typer.Option(50, callback=at_least(1), help="batches to evaluate"),
     batch_size: int = typer.Option(8, callback=at_least(1), help="windows of block_size tokens per batch"),
-    task: str = typer.Option("perplexity", callback=one_of(("perplexity", "hellaswag")),
-                             help="perplexity (on shards) | hellaswag (multiple choice on --data)"),
+    task: str = typer.Option(
+        "perplexity",
+        callback=one_of(("perplexity", "hellaswag")),
+        help="perplexity (on shards) | hellaswag (multiple choice on --data)",
+    ),
     data: Optional[str] = typer.Option(None, help="hellaswag: the JSONL file (ctx, endings, label per line)"),
     limit: Optional[int] = typer.Option(None, callback=at_least(1), help="hellaswag: first N examples only"),
-    ray_above: int = typer.Option(2000, callback=at_least(0),
-                                  help="hellaswag: score over Ray Data (actor pool) above this many examples"),
-    tracking_uri: Optional[str] = typer.Option(None, callback=use_tracking_uri,
-                                               help="MLflow URI where models:/ checkpoints are looked up and hellaswag "
-                                                    "logs to (default $MLFLOW_TRACKING_URI)"),
+    ray_above: int = typer.Option(
+        2000, callback=at_least(0), help="hellaswag: score over Ray Data (actor pool) above this many examples"
+    ),
+    tracking_uri: Optional[str] = typer.Option(
+        None,
+        callback=use_tracking_uri,
+        help="MLflow URI where models:/ checkpoints are looked up and hellaswag logs to (default $MLFLOW_TRACKING_URI)",
+    ),
 ) -> None:
     """Perplexity of a trained text model on a prepared split, or its HellaSwag accuracy; prints JSON.
 
@@ -58,29 +64,48 @@ def eval_cmd(
 @app.command("generate")
 def generate_cmd(
     checkpoint: str = typer.Option(..., help=_CHECKPOINT_HELP),
-    prompt: Optional[str] = typer.Option(None, help="text to continue (default: the run's generation.prompt, else "
-                                         "'The '); multimodal: the caption or transcript to draw or speak, or the "
-                                         "start of a transcription"),
-    max_new_tokens: Optional[int] = typer.Option(None, callback=at_least(1),
-                                                 help="tokens to add (fewer if the end-of-text token comes; default: "
-                                                      "the run's generation.max_new_tokens, 64 unless set)"),
-    temperature: Optional[float] = typer.Option(None, callback=at_least(0),
-                                                help="0 = greedy (default: the run's generation.temperature, 0.8 "
-                                                     "unless set)"),
-    top_k: Optional[int] = typer.Option(None, callback=at_least(0),
-                                        help="sample among the k most likely tokens, 0 = all (default: the run's "
-                                             "generation.top_k, 40 unless set)"),
-    top_p: Optional[float] = typer.Option(None, callback=in_interval(0, 1, low_open=True, high_open=False),
-                                          help="nucleus sampling: the smallest set of tokens with this much probability "
-                                               "(default: the run's generation.top_p, off unless set)"),
+    prompt: Optional[str] = typer.Option(
+        None,
+        help="text to continue (default: the run's generation.prompt, else "
+        "'The '); multimodal: the caption or transcript to draw or speak, or the "
+        "start of a transcription",
+    ),
+    max_new_tokens: Optional[int] = typer.Option(
+        None,
+        callback=at_least(1),
+        help="tokens to add (fewer if the end-of-text token comes; default: "
+        "the run's generation.max_new_tokens, 64 unless set)",
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, callback=at_least(0), help="0 = greedy (default: the run's generation.temperature, 0.8 unless set)"
+    ),
+    top_k: Optional[int] = typer.Option(
+        None,
+        callback=at_least(0),
+        help="sample among the k most likely tokens, 0 = all (default: the run's generation.top_k, 40 unless set)",
+    ),
+    top_p: Optional[float] = typer.Option(
+        None,
+        callback=in_interval(0, 1, low_open=True, high_open=False),
+        help="nucleus sampling: the smallest set of tokens with this much probability "
+        "(default: the run's generation.top_p, off unless set)",
+    ),
     seed: Optional[int] = typer.Option(None, help="random seed of the sampler (default: the run's generation.seed, 0)"),
-    interactive: bool = typer.Option(False, "--interactive", "-i",
-                                     help="text models: load the model once, then continue each line read from stdin "
-                                          "(a '> ' prompt on a terminal); an empty line, ':q' or end of input ends"),
-    to: str = typer.Option("text", callback=one_of(("text", "audio", "image")),
-                           help="multimodal checkpoints: what to generate: text | audio | image"),
-    out: Optional[Path] = typer.Option(None, help="--to audio: the wav (or .npy + _mel.png without --vocoder); "
-                                                  "--to image: the PNG"),
+    interactive: bool = typer.Option(
+        False,
+        "--interactive",
+        "-i",
+        help="text models: load the model once, then continue each line read from stdin "
+        "(a '> ' prompt on a terminal); an empty line, ':q' or end of input ends",
+    ),
+    to: str = typer.Option(
+        "text",
+        callback=one_of(("text", "audio", "image")),
+        help="multimodal checkpoints: what to generate: text | audio | image",
+    ),
+    out: Optional[Path] = typer.Option(
+        None, help="--to audio: the wav (or .npy + _mel.png without --vocoder); --to image: the PNG"
+    ),
     audio: Optional[Path] = typer.Option(None, callback=input_file, help="an audio file to transcribe (--to text)"),
     image: Optional[Path] = typer.Option(None, callback=input_file, help="a picture to caption (--to text)"),
     vocoder: Optional[str] = typer.Option(None, help="--to audio: vocoder checkpoint that turns the mel into a wav"),
@@ -105,8 +130,10 @@ def generate_cmd(
     files = {"out": out, "audio": audio, "image": image, "vocoder": vocoder, "vae": vae}
     if to != "text" or any(v is not None for v in files.values()) or checkpoint_family(checkpoint) == "multimodal":
         if interactive:
-            raise ConfigError("--interactive continues text prompts with a text model (gpt, ngpt, mamba, recurrent); "
-                              "give a multimodal checkpoint one --prompt per command")
+            raise ConfigError(
+                "--interactive continues text prompts with a text model (gpt, ngpt, mamba, recurrent); "
+                "give a multimodal checkpoint one --prompt per command"
+            )
         s = sampling(run_generation(checkpoint), prompt=prompt, **given)
         result = generate(checkpoint, to=to, **s, **{k: v and str(v) for k, v in files.items()})
         typer.echo(result["text"] if to == "text" else json.dumps(result, indent=2))
@@ -114,8 +141,7 @@ def generate_cmd(
     if interactive:
         import sys
 
-        from megaray.inference.generate import TextGenerator
-        from megaray.inference.generate import interactive as prompt_loop
+        from megaray.inference.generate import TextGenerator, interactive as prompt_loop
 
         if prompt is not None:
             raise ConfigError("--prompt and --interactive: with --interactive every line read from stdin is a prompt")
@@ -151,16 +177,29 @@ def vocode_cmd(
 def sample_cmd(
     checkpoint: str = typer.Option(..., help=f"dit checkpoint, or its run directory (its latest), {_MODEL_URIS}"),
     n: int = typer.Option(16, "--n", callback=at_least(1), help="samples to draw"),
-    output: Path = typer.Option(Path("grid.png"), "--output", "-o",
-                                help="image runs: the PNG grid; mel runs: <stem>_mel.png and <stem>N.wav"),
-    class_name: Optional[str] = typer.Option(None, "--class", help="class name (image runs; default: every class in turn)"),
-    text: Optional[str] = typer.Option(None, help="transcript to speak (mel runs) or caption to draw (text-to-image "
-                                                 "runs); default: the run's eval texts"),
-    cfg: Optional[float] = typer.Option(None, "--cfg", callback=at_least(1),
-                                        help="classifier-free guidance scale, 1 = none (default: the run's diffusion.cfg_scale)"),
-    steps: Optional[int] = typer.Option(None, callback=at_least(1), help="DDIM steps (default: the run's diffusion.sample_steps)"),
+    output: Path = typer.Option(
+        Path("grid.png"), "--output", "-o", help="image runs: the PNG grid; mel runs: <stem>_mel.png and <stem>N.wav"
+    ),
+    class_name: Optional[str] = typer.Option(
+        None, "--class", help="class name (image runs; default: every class in turn)"
+    ),
+    text: Optional[str] = typer.Option(
+        None,
+        help="transcript to speak (mel runs) or caption to draw (text-to-image runs); default: the run's eval texts",
+    ),
+    cfg: Optional[float] = typer.Option(
+        None,
+        "--cfg",
+        callback=at_least(1),
+        help="classifier-free guidance scale, 1 = none (default: the run's diffusion.cfg_scale)",
+    ),
+    steps: Optional[int] = typer.Option(
+        None, callback=at_least(1), help="DDIM steps (default: the run's diffusion.sample_steps)"
+    ),
     seed: int = typer.Option(0, help="seed of the initial noise"),
-    vocoder: Optional[str] = typer.Option(None, help="vocoder checkpoint for mel runs (default: the run's diffusion.vocoder_checkpoint)"),
+    vocoder: Optional[str] = typer.Option(
+        None, help="vocoder checkpoint for mel runs (default: the run's diffusion.vocoder_checkpoint)"
+    ),
     tracking_uri: Optional[str] = _TRACKING_URI,
 ) -> None:
     """Sample a trained DiT: a PNG grid of images, or log-mel PNGs and wavs; prints JSON.
@@ -171,8 +210,22 @@ def sample_cmd(
     """
     from megaray.inference.sample import sample_checkpoint
 
-    typer.echo(json.dumps(sample_checkpoint(checkpoint, str(output), n=n, class_name=class_name, text=text,
-                                            cfg_scale=cfg, steps=steps, seed=seed, vocoder=vocoder), indent=2))
+    typer.echo(
+        json.dumps(
+            sample_checkpoint(
+                checkpoint,
+                str(output),
+                n=n,
+                class_name=class_name,
+                text=text,
+                cfg_scale=cfg,
+                steps=steps,
+                seed=seed,
+                vocoder=vocoder,
+            ),
+            indent=2,
+        )
+    )
 
 
 @app.command("export")

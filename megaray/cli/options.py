@@ -61,8 +61,9 @@ def one_of(choices: Sequence[str]) -> Callable[..., Any]:
         from megaray.config import suggest
 
         if value not in choices:
-            raise ConfigError(f"{_flag(param)} must be one of {', '.join(choices)}, got {value!r}"
-                              f"{suggest(value, choices)}")
+            raise ConfigError(
+                f"{_flag(param)} must be one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}"
+            )
         return value
 
     return check
@@ -93,8 +94,9 @@ def require_local_sources(sources: Sequence[str], keywords: Sequence[str] = (), 
             continue
         if not os.path.exists(src):
             kinds = "a folder, file, glob, s3:// gs:// URI" + (" or hf: dataset" if hf else "")
-            raise DataError(f"source not found: {src} ({kinds}"
-                            + (f"; or one of: {', '.join(keywords)})" if keywords else ")"))
+            raise DataError(
+                f"source not found: {src} ({kinds}" + (f"; or one of: {', '.join(keywords)})" if keywords else ")")
+            )
 
 
 def use_tracking_uri(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
@@ -107,5 +109,7 @@ def use_tracking_uri(param: typer.CallbackParam, value: Optional[str]) -> Option
 
 
 #: help of ``--tracking-uri`` on the commands that take ``--checkpoint``
-TRACKING_URI_HELP = ("MLflow tracking URI where models:/ checkpoints are looked up (default $MLFLOW_TRACKING_URI, "
-                     "else sqlite:///mlflow.db here)")
+TRACKING_URI_HELP = (
+    "MLflow tracking URI where models:/ checkpoints are looked up (default $MLFLOW_TRACKING_URI, "
+    "else sqlite:///mlflow.db here)"
+)

@@ -17,8 +17,10 @@ from megaray.cli.options import at_least, in_interval, input_file, one_of, requi
 
 _POSITIVE = at_least(1)
 _OVERWRITE_HELP = "replace a non-empty --out folder"
-_HF_HELP = ("; hf:NAME[:CONFIG][@SPLIT] = a Hugging Face Hub dataset (streamed), hf:./PATH[@SPLIT] = one built "
-            "locally (save_to_disk folder, parquet folder/glob)")
+_HF_HELP = (
+    "; hf:NAME[:CONFIG][@SPLIT] = a Hugging Face Hub dataset (streamed), hf:./PATH[@SPLIT] = one built "
+    "locally (save_to_disk folder, parquet folder/glob)"
+)
 
 
 @prepare_app.callback(invoke_without_command=True)
@@ -43,36 +45,63 @@ def prepare_callback(
 @prepare_app.command("text")
 def prepare_text_cmd(
     source: List[str] = typer.Option(
-        ["stdlib"], "--source", "-s", help="folder, glob, file or s3:// gs:// URI of .txt .md .jsonl .parquet; "
-                                           "'stdlib' = the embedded corpus of Python stdlib docstrings" + _HF_HELP),
-    text_column: Optional[str] = typer.Option(None, help="hf: sources: the column holding the text (default: "
-                                                         "text/content/document, or the only string column)"),
-    out: str = typer.Option("data/stdlib", "--out", "-o",
-                            help="output directory (shards + manifest.json + tokenizer.json)"),
+        ["stdlib"],
+        "--source",
+        "-s",
+        help="folder, glob, file or s3:// gs:// URI of .txt .md .jsonl .parquet; "
+        "'stdlib' = the embedded corpus of Python stdlib docstrings" + _HF_HELP,
+    ),
+    text_column: Optional[str] = typer.Option(
+        None,
+        help="hf: sources: the column holding the text (default: text/content/document, or the only string column)",
+    ),
+    out: str = typer.Option(
+        "data/stdlib", "--out", "-o", help="output directory (shards + manifest.json + tokenizer.json)"
+    ),
     vocab_size: int = typer.Option(8192, callback=_POSITIVE, help="vocabulary size when training a tokenizer"),
-    tokenizer_kind: str = typer.Option("bpe", callback=one_of(("bpe", "unigram")),
-                                       help="tokenizer to train: bpe (byte-level BPE) | unigram (SentencePiece-style)"),
-    tokenizer: Optional[str] = typer.Option(None, callback=input_file,
-                                            help="use this tokenizer.json instead of training one"),
-    val_fraction: float = typer.Option(0.02, callback=in_interval(0, 1, low_open=False, high_open=True),
-                                       help="fraction of documents held out for validation"),
-    min_words: int = typer.Option(0, callback=at_least(0), help="drop documents with fewer whitespace-separated "
-                                                                "words (0 = off; Gopher uses 50)"),
-    max_words: int = typer.Option(0, callback=at_least(0), help="drop documents with more words (0 = no limit; "
-                                                                "Gopher uses 100000)"),
+    tokenizer_kind: str = typer.Option(
+        "bpe",
+        callback=one_of(("bpe", "unigram")),
+        help="tokenizer to train: bpe (byte-level BPE) | unigram (SentencePiece-style)",
+    ),
+    tokenizer: Optional[str] = typer.Option(
+        None, callback=input_file, help="use this tokenizer.json instead of training one"
+    ),
+    val_fraction: float = typer.Option(
+        0.02,
+        callback=in_interval(0, 1, low_open=False, high_open=True),
+        help="fraction of documents held out for validation",
+    ),
+    min_words: int = typer.Option(
+        0, callback=at_least(0), help="drop documents with fewer whitespace-separated words (0 = off; Gopher uses 50)"
+    ),
+    max_words: int = typer.Option(
+        0, callback=at_least(0), help="drop documents with more words (0 = no limit; Gopher uses 100000)"
+    ),
     max_dup_line_fraction: float = typer.Option(
-        0.5, "--max-dup-lines", callback=in_interval(0, 1, low_open=True, high_open=False),
+        0.5,
+        "--max-dup-lines",
+        callback=in_interval(0, 1, low_open=True, high_open=False),
         help="drop documents whose fraction of repeated lines is above this (1 = off; Gopher uses 0.3, which "
-             "also drops doctest-heavy docstrings)"),
+        "also drops doctest-heavy docstrings)",
+    ),
     max_top_2gram_fraction: float = typer.Option(
-        1.0, "--max-top-2gram", callback=in_interval(0, 1, low_open=True, high_open=False),
+        1.0,
+        "--max-top-2gram",
+        callback=in_interval(0, 1, low_open=True, high_open=False),
         help="drop documents whose most frequent repeated word 2-gram covers more than this fraction of the "
-             "characters (1 = off; Gopher uses 0.2)"),
-    near_dedupe: bool = typer.Option(True, help="drop MinHash near duplicates (word 5-gram shingles, 128 permutations, "
-                                                "fixed seed) of earlier kept documents, before the split"),
-    dedupe_threshold: float = typer.Option(0.8, callback=in_interval(0.5, 1, low_open=False, high_open=False),
-                                           help="estimated Jaccard similarity at or above which a document is a "
-                                                "near duplicate"),
+        "characters (1 = off; Gopher uses 0.2)",
+    ),
+    near_dedupe: bool = typer.Option(
+        True,
+        help="drop MinHash near duplicates (word 5-gram shingles, 128 permutations, "
+        "fixed seed) of earlier kept documents, before the split",
+    ),
+    dedupe_threshold: float = typer.Option(
+        0.8,
+        callback=in_interval(0.5, 1, low_open=False, high_open=False),
+        help="estimated Jaccard similarity at or above which a document is a near duplicate",
+    ),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
     """Tokenize text sources with a byte-level BPE (or unigram) and write train/val parquet shards.
@@ -88,32 +117,55 @@ def prepare_text_cmd(
     from megaray.fs import check_target
 
     if max_words and min_words > max_words:
-        raise ConfigError(f"--min-words ({min_words}) is above --max-words ({max_words}): "
-                          "every document would be dropped")
-    clean = CleanConfig(min_words=min_words, max_words=max_words, max_dup_line_fraction=max_dup_line_fraction,
-                        max_top_2gram_fraction=max_top_2gram_fraction, near_dedupe=near_dedupe,
-                        dedupe_threshold=dedupe_threshold)
+        raise ConfigError(
+            f"--min-words ({min_words}) is above --max-words ({max_words}): every document would be dropped"
+        )
+    clean = CleanConfig(
+        min_words=min_words,
+        max_words=max_words,
+        max_dup_line_fraction=max_dup_line_fraction,
+        max_top_2gram_fraction=max_top_2gram_fraction,
+        near_dedupe=near_dedupe,
+        dedupe_threshold=dedupe_threshold,
+    )
     require_local_sources(source, keywords=("stdlib",), hf=True)
     check_target(out, overwrite)
     setup_logging()
-    manifest = prepare_text(source, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
-                            overwrite=overwrite, tokenizer_kind=tokenizer_kind, text_column=text_column, clean=clean)
+    manifest = prepare_text(
+        source,
+        out,
+        vocab_size=vocab_size,
+        tokenizer=tokenizer,
+        val_fraction=val_fraction,
+        overwrite=overwrite,
+        tokenizer_kind=tokenizer_kind,
+        text_column=text_column,
+        clean=clean,
+    )
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
 
 
 @prepare_app.command("bin")
 def prepare_bin_cmd(
-    source: str = typer.Option(..., "--source", "-s",
-                               help="local folder holding nanoGPT's train.bin and val.bin (flat token-id arrays)"),
-    tokenizer: str = typer.Option(..., callback=input_file,
-                                  help="the tokenizer.json the ids were encoded with (needs <|endoftext|>; every id "
-                                       "must be below its vocabulary size: GPT-2's .bin files need its 50257 tokens)"),
+    source: str = typer.Option(
+        ..., "--source", "-s", help="local folder holding nanoGPT's train.bin and val.bin (flat token-id arrays)"
+    ),
+    tokenizer: str = typer.Option(
+        ...,
+        callback=input_file,
+        help="the tokenizer.json the ids were encoded with (needs <|endoftext|>; every id "
+        "must be below its vocabulary size: GPT-2's .bin files need its 50257 tokens)",
+    ),
     out: str = typer.Option(..., "--out", "-o", help="output directory (text shards + manifest.json + tokenizer.json)"),
-    dtype: str = typer.Option("auto", callback=one_of(("auto", "uint16", "uint32")),
-                              help="id width of the .bin files: uint16 (nanoGPT's) | uint32 | auto (uint16 when the "
-                                   "tokenizer has at most 65536 tokens, else uint32)"),
-    max_row_tokens: int = typer.Option(65536, callback=_POSITIVE,
-                                       help="rows end at <|endoftext|>; longer documents are cut into rows this long"),
+    dtype: str = typer.Option(
+        "auto",
+        callback=one_of(("auto", "uint16", "uint32")),
+        help="id width of the .bin files: uint16 (nanoGPT's) | uint32 | auto (uint16 when the "
+        "tokenizer has at most 65536 tokens, else uint32)",
+    ),
+    max_row_tokens: int = typer.Option(
+        65536, callback=_POSITIVE, help="rows end at <|endoftext|>; longer documents are cut into rows this long"
+    ),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
     """Import nanoGPT's train.bin / val.bin token streams as text shards (streamed in chunks, never loaded whole).
@@ -126,30 +178,43 @@ def prepare_bin_cmd(
     require_local_sources([source])
     check_target(out, overwrite)
     setup_logging()
-    manifest = import_nanogpt_bin(source, out, tokenizer, dtype=dtype, max_row_tokens=max_row_tokens,
-                                  overwrite=overwrite)
+    manifest = import_nanogpt_bin(
+        source, out, tokenizer, dtype=dtype, max_row_tokens=max_row_tokens, overwrite=overwrite
+    )
     typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
 
 
 @prepare_app.command("audio")
 def prepare_audio_cmd(
     source: List[str] = typer.Option(
-        ["espeak"], "--source", "-s", help="folder of wav/flac/ogg, a jsonl/csv manifest (path, text, speaker), "
-                                           "or an s3:// gs:// URI; 'espeak' = build the embedded espeak-ng "
-                                           "speech corpus first" + _HF_HELP),
-    audio_column: Optional[str] = typer.Option(None, help="hf: sources: the audio column (default: an Audio column, "
-                                                          "{array, sampling_rate} structs, or bytes named audio)"),
-    text_column: Optional[str] = typer.Option(None, help="hf: sources: the transcript column (default: text/sentence/"
-                                                         "transcript/transcription/normalized_text, else none)"),
-    speaker_column: Optional[str] = typer.Option(None, help="hf: sources: the speaker column (default: speaker_id/"
-                                                            "speaker/speaker_name/client_id, else speaker 'default')"),
+        ["espeak"],
+        "--source",
+        "-s",
+        help="folder of wav/flac/ogg, a jsonl/csv manifest (path, text, speaker), "
+        "or an s3:// gs:// URI; 'espeak' = build the embedded espeak-ng "
+        "speech corpus first" + _HF_HELP,
+    ),
+    audio_column: Optional[str] = typer.Option(
+        None,
+        help="hf: sources: the audio column (default: an Audio column, "
+        "{array, sampling_rate} structs, or bytes named audio)",
+    ),
+    text_column: Optional[str] = typer.Option(
+        None,
+        help="hf: sources: the transcript column (default: text/sentence/"
+        "transcript/transcription/normalized_text, else none)",
+    ),
+    speaker_column: Optional[str] = typer.Option(
+        None,
+        help="hf: sources: the speaker column (default: speaker_id/"
+        "speaker/speaker_name/client_id, else speaker 'default')",
+    ),
     out: str = typer.Option("data/speech", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
     sample_rate: int = typer.Option(16000, callback=_POSITIVE, help="target sample rate in Hz"),
     n_mels: int = typer.Option(80, callback=_POSITIVE, help="mel bands"),
     n_fft: int = typer.Option(1024, callback=_POSITIVE, help="FFT size in samples"),
     hop_length: int = typer.Option(256, callback=_POSITIVE, help="hop length in samples"),
-    normalize: str = typer.Option("peak", callback=one_of(("peak", "loudness", "none")),
-                                  help="peak | loudness | none"),
+    normalize: str = typer.Option("peak", callback=one_of(("peak", "loudness", "none")), help="peak | loudness | none"),
     clips: int = typer.Option(300, callback=_POSITIVE, help="clips to render for --source espeak"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
@@ -173,28 +238,48 @@ def prepare_audio_cmd(
         corpus = Path(out).with_name(Path(out).name + "-raw")
         sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
     ensure_ray()
-    manifest = prepare_audio(sources, out, sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft,
-                             hop_length=hop_length, normalize=normalize, overwrite=overwrite,
-                             columns=HFColumns(audio=audio_column, text=text_column, speaker=speaker_column))
+    manifest = prepare_audio(
+        sources,
+        out,
+        sample_rate=sample_rate,
+        n_mels=n_mels,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        normalize=normalize,
+        overwrite=overwrite,
+        columns=HFColumns(audio=audio_column, text=text_column, speaker=speaker_column),
+    )
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "speakers"}, indent=2, default=str)[:4000])
 
 
 @prepare_app.command("images")
 def prepare_images_cmd(
     source: List[str] = typer.Option(
-        ["skimage"], "--source", "-s", help="folder of jpg/png/webp (labels: sub-folder names, sidecar .txt/.json), "
-                                            "WebDataset .tar, parquet with image bytes, jsonl/csv manifest, or an "
-                                            "s3:// gs:// URI; 'skimage' = scikit-image's bundled photographs" + _HF_HELP),
-    image_column: Optional[str] = typer.Option(None, help="hf: sources: the image column (default: an Image column, "
-                                                          "or bytes named image/img/jpg/png)"),
-    caption_column: Optional[str] = typer.Option(None, help="hf: sources: the caption column (default: caption/"
-                                                            "captions/text/txt/sentence/description, else none)"),
-    label_column: Optional[str] = typer.Option(None, help="hf: sources: the class label column (default: label/"
-                                                          "labels/class/cls/category, else label 'default')"),
+        ["skimage"],
+        "--source",
+        "-s",
+        help="folder of jpg/png/webp (labels: sub-folder names, sidecar .txt/.json), "
+        "WebDataset .tar, parquet with image bytes, jsonl/csv manifest, or an "
+        "s3:// gs:// URI; 'skimage' = scikit-image's bundled photographs" + _HF_HELP,
+    ),
+    image_column: Optional[str] = typer.Option(
+        None, help="hf: sources: the image column (default: an Image column, or bytes named image/img/jpg/png)"
+    ),
+    caption_column: Optional[str] = typer.Option(
+        None,
+        help="hf: sources: the caption column (default: caption/captions/text/txt/sentence/description, else none)",
+    ),
+    label_column: Optional[str] = typer.Option(
+        None,
+        help="hf: sources: the class label column (default: label/labels/class/cls/category, else label 'default')",
+    ),
     out: str = typer.Option("data/images", "--out", "-o", help="output directory (parquet shards + manifest.json)"),
     size: int = typer.Option(256, callback=_POSITIVE, help="stored shorter side in pixels"),
-    val_fraction: float = typer.Option(0.1, callback=in_interval(0, 1, low_open=False, high_open=True),
-                                       help="fraction of images held out for validation (by a hash of the name)"),
+    val_fraction: float = typer.Option(
+        0.1,
+        callback=in_interval(0, 1, low_open=False, high_open=True),
+        help="fraction of images held out for validation (by a hash of the name)",
+    ),
     seed: int = typer.Option(0, help="seed of the train/val split"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
@@ -212,9 +297,16 @@ def prepare_images_cmd(
     require_local_sources(source, keywords=("skimage",), hf=True)
     check_target(out, overwrite)
     setup_logging()
-    manifest = prepare_images(source, out, size=size, val_fraction=val_fraction, seed=seed, overwrite=overwrite,
-                              before_ray=ensure_ray,
-                              columns=HFColumns(image=image_column, caption=caption_column, label=label_column))
+    manifest = prepare_images(
+        source,
+        out,
+        size=size,
+        val_fraction=val_fraction,
+        seed=seed,
+        overwrite=overwrite,
+        before_ray=ensure_ray,
+        columns=HFColumns(image=image_column, caption=caption_column, label=label_column),
+    )
     typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "labels"}, indent=2, default=str)[:4000])
 
 
@@ -261,14 +353,18 @@ def _check_latent_inputs(vae_checkpoint: str, shards: Optional[str]) -> str:
     ckpt = resolve(vae_checkpoint)
     cfg = load_config(ckpt / "config.yaml")
     if cfg.model.family != "audio_vae":
-        raise ConfigError(f"--vae-checkpoint {ckpt}: a {cfg.model.family!r} checkpoint, not an audio_vae one "
-                          "(train one with `megaray train configs/audio_vae_small.yaml`)")
+        raise ConfigError(
+            f"--vae-checkpoint {ckpt}: a {cfg.model.family!r} checkpoint, not an audio_vae one "
+            "(train one with `megaray train configs/audio_vae_small.yaml`)"
+        )
     shards = shards or cfg.data.shards
     n_mels = read_manifest(shards, kind="audio").get("n_mels")
     if n_mels != cfg.model.n_mels:
-        raise DataError(f"--shards {shards} hold n_mels={n_mels} but the VAE at {ckpt} expects "
-                        f"n_mels={cfg.model.n_mels}; prepare the audio with `megaray prepare audio "
-                        f"--n-mels {cfg.model.n_mels}` or pass that run's --shards")
+        raise DataError(
+            f"--shards {shards} hold n_mels={n_mels} but the VAE at {ckpt} expects "
+            f"n_mels={cfg.model.n_mels}; prepare the audio with `megaray prepare audio "
+            f"--n-mels {cfg.model.n_mels}` or pass that run's --shards"
+        )
     return shards
 
 
@@ -298,28 +394,39 @@ def prepare_image_latents_cmd(
     ckpt = resolve(vae_checkpoint).resolve()  # CheckpointError naming the path, before Ray starts; absolute
     family = load_config(ckpt / "config.yaml").model.family
     if family != "image_vae":
-        raise ConfigError(f"--vae-checkpoint {ckpt}: a {family!r} checkpoint, not an image_vae one "
-                          "(train one with `megaray train configs/image_vae_tiny.yaml`)")
+        raise ConfigError(
+            f"--vae-checkpoint {ckpt}: a {family!r} checkpoint, not an image_vae one "
+            "(train one with `megaray train configs/image_vae_tiny.yaml`)"
+        )
     read_manifest(source, kind="images")
     setup_logging()
     vae, _, _ = load_for_inference(ckpt)
     ensure_ray()
-    manifest = encode_image_latents(source, out, vae, vae_checkpoint=str(ckpt), flip=flip,
-                                    concurrency=concurrency, overwrite=overwrite)
-    typer.echo(json.dumps({k: v for k, v in manifest.items() if k not in ("labels", "vae_config")},
-                          indent=2, default=str))
+    manifest = encode_image_latents(
+        source, out, vae, vae_checkpoint=str(ckpt), flip=flip, concurrency=concurrency, overwrite=overwrite
+    )
+    typer.echo(
+        json.dumps({k: v for k, v in manifest.items() if k not in ("labels", "vae_config")}, indent=2, default=str)
+    )
 
 
 @prepare_app.command("sft")
 def prepare_sft_cmd(
-    source: List[str] = typer.Option(..., "--source", "-s",
-                                     help=".jsonl file, folder, glob or URI of {prompt, completion} or {messages} records"),
+    source: List[str] = typer.Option(
+        ..., "--source", "-s", help=".jsonl file, folder, glob or URI of {prompt, completion} or {messages} records"
+    ),
     tokenizer: str = typer.Option(..., help="tokenizer.json, or a folder holding one (prepared shards, a checkpoint)"),
-    out: str = typer.Option(..., "--out", "-o", help="output directory (shards + manifest.json + tokenizer + chat template)"),
-    max_tokens: int = typer.Option(1024, callback=at_least(2),
-                                   help="records longer than this are rejected; use the model's block_size + 1"),
-    val_fraction: float = typer.Option(0.1, callback=in_interval(0, 1, low_open=False, high_open=True),
-                                       help="fraction of records held out for validation"),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="output directory (shards + manifest.json + tokenizer + chat template)"
+    ),
+    max_tokens: int = typer.Option(
+        1024, callback=at_least(2), help="records longer than this are rejected; use the model's block_size + 1"
+    ),
+    val_fraction: float = typer.Option(
+        0.1,
+        callback=in_interval(0, 1, low_open=False, high_open=True),
+        help="fraction of records held out for validation",
+    ),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
 ) -> None:
     """Tokenize chat/completion JSONL through the chat template into fine-tuning shards (loss mask on completions).
@@ -332,5 +439,7 @@ def prepare_sft_cmd(
     require_local_sources(source)
     check_target(out, overwrite)
     setup_logging()
-    manifest = prepare_sft(source, out, tokenizer, max_tokens=max_tokens, val_fraction=val_fraction, overwrite=overwrite)
+    manifest = prepare_sft(
+        source, out, tokenizer, max_tokens=max_tokens, val_fraction=val_fraction, overwrite=overwrite
+    )
     typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])

@@ -34,14 +34,21 @@ def train_cmd(
     config: Path = typer.Argument(..., help="run config YAML (see configs/)"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     resume_from: Optional[str] = typer.Option(
-        None, "--resume-from", metavar="CHECKPOINT",
+        None,
+        "--resume-from",
+        metavar="CHECKPOINT",
         help="resume from this checkpoint of the run instead of its newest: runs/<name>/step_00000400, or step_400; "
-             "its later checkpoints move to runs/<name>/branches/ and the same MLflow run continues (a branch)"),
+        "its later checkpoints move to runs/<name>/branches/ and the same MLflow run continues (a branch)",
+    ),
     profile: Optional[int] = typer.Option(
-        None, "--profile", metavar="STEPS", callback=at_least(1),
+        None,
+        "--profile",
+        metavar="STEPS",
+        callback=at_least(1),
         help="profile STEPS optimizer steps (after 2 warm-up steps) with torch.profiler on rank 0 in a separate short "
-             "run <name>-profile without checkpoints or evaluation; writes a Chrome trace and an operator table to "
-             "<storage_path>/<name>-profile/profile/ and MLflow"),
+        "run <name>-profile without checkpoints or evaluation; writes a Chrome trace and an operator table to "
+        "<storage_path>/<name>-profile/profile/ and MLflow",
+    ),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same command resumes from the latest checkpoint.
@@ -67,9 +74,13 @@ def train_cmd(
 @app.command("finetune")
 def finetune_cmd(
     config: Path = typer.Argument(..., help="run config YAML whose data.shards come from `megaray prepare sft`"),
-    from_: str = typer.Option(..., "--from", help="checkpoint (or run directory, or MLflow model models:/<model_id> | "
-                                                    "models:/<name>/<version>, looked up at the run's tracking URI) "
-                                                    "whose weights start the run"),
+    from_: str = typer.Option(
+        ...,
+        "--from",
+        help="checkpoint (or run directory, or MLflow model models:/<model_id> | "
+        "models:/<name>/<version>, looked up at the run's tracking URI) "
+        "whose weights start the run",
+    ),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
@@ -105,16 +116,18 @@ def print_result(result) -> None:
     typer.echo(f"  console     {result.run_dir.rstrip('/')}/log.txt")
     profile = Path(result.run_dir, "profile")
     if (profile / "trace.json").is_file():  # a --profile run (megaray.train.profiler)
-        typer.echo(f"  profile     {profile / 'trace.json'} (chrome://tracing, ui.perfetto.dev), "
-                   f"{profile / 'operators.txt'}")
+        typer.echo(
+            f"  profile     {profile / 'trace.json'} (chrome://tracing, ui.perfetto.dev), {profile / 'operators.txt'}"
+        )
 
 
 @app.command("tune")
 def tune_cmd(
     config: Path = typer.Argument(..., help="tune config YAML (see configs/tune/)"),
     set_: List[str] = typer.Option([], "--set", help="override in the tune config, e.g. --set search.num_samples=8"),
-    resume: bool = typer.Option(False, "--resume",
-                                help="continue an interrupted search; finished trials are not re-run"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue an interrupted search; finished trials are not re-run"
+    ),
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Ray Tune search: every trial is a Ray Train run (its own MLflow child run).
@@ -161,8 +174,11 @@ def demo_cmd(
     val = result.metrics.get("val_loss")
     if val is not None and baseline:
         verdict = "below" if val < baseline else "NOT below"
-        typer.secho(f"  val loss {val:.3f} nats/token vs unigram baseline {baseline:.3f} ({verdict}; "
-                    f"ppl {math.exp(val):.1f} vs {math.exp(baseline):.1f})", bold=True)
+        typer.secho(
+            f"  val loss {val:.3f} nats/token vs unigram baseline {baseline:.3f} ({verdict}; "
+            f"ppl {math.exp(val):.1f} vs {math.exp(baseline):.1f})",
+            bold=True,
+        )
     if result.checkpoint:
         sample = generate_text(result.checkpoint, "Return the", max_new_tokens=40, seed=0)
         typer.echo(f"  sample      {sample!r}")

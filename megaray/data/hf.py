@@ -64,8 +64,10 @@ PREFIX = "hf:"
 _NAME = r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?"
 _SPLIT = r"[A-Za-z0-9_][\w.-]*"
 _HUB = re.compile(rf"^(?P<name>{_NAME})(?::(?P<config>[^@:/\s]+))?(?:@(?P<split>{_SPLIT}))?$")
-_GRAMMAR = ("hf:NAME[:CONFIG][@SPLIT] (a Hub dataset, streamed) or hf:PATH[@SPLIT] (a local save_to_disk "
-            "folder, a folder or glob of .parquet files; PATH starting with / ./ ../ or ~)")
+_GRAMMAR = (
+    "hf:NAME[:CONFIG][@SPLIT] (a Hub dataset, streamed) or hf:PATH[@SPLIT] (a local save_to_disk "
+    "folder, a folder or glob of .parquet files; PATH starting with / ./ ../ or ~)"
+)
 _BATCH = 256
 
 #: where the column choice is said (``print``), or None for silence.
@@ -133,7 +135,7 @@ def parse_hf(source: str) -> HFSpec:
     source = str(source)
     if not is_hf(source):
         raise DataError(f"not a Hugging Face source (expected {_GRAMMAR}): {source!r}")
-    body = source[len(PREFIX):]
+    body = source[len(PREFIX) :]
     if not body:
         raise DataError(f"empty Hugging Face source {source!r}: expected {_GRAMMAR}")
     if os.path.exists(os.path.expanduser(body)):
@@ -142,8 +144,12 @@ def parse_hf(source: str) -> HFSpec:
     split = None
     if at and re.fullmatch(_SPLIT, tail) and "/" not in tail and head:
         body, split = head, tail
-    local = _looks_local(body) or _is_glob(body) or os.path.exists(os.path.expanduser(body)) \
+    local = (
+        _looks_local(body)
+        or _is_glob(body)
+        or os.path.exists(os.path.expanduser(body))
         or body.lower().endswith(".parquet")
+    )
     if local:
         return HFSpec(source, body, None, split, True)
     m = _HUB.match(body + (f"@{split}" if split else ""))
@@ -163,8 +169,10 @@ def check_hf_source(source: str) -> None:
     if spec.local:
         found = _glob.glob(spec.path, recursive=True) if _is_glob(spec.path) else os.path.exists(spec.path)
         if not found:
-            raise DataError(f"local Hugging Face dataset not found: {spec.name} (in {source}); "
-                            "expected a save_to_disk folder, a folder of .parquet files, a .parquet file or a glob")
+            raise DataError(
+                f"local Hugging Face dataset not found: {spec.name} (in {source}); "
+                "expected a save_to_disk folder, a folder of .parquet files, a .parquet file or a glob"
+            )
 
 
 # ----------------------------------------------------------------------------- opening
@@ -185,18 +193,23 @@ def _open(spec: HFSpec) -> Tuple[Any, str]:
         try:
             return ds.load_dataset(spec.name, spec.config, split=spec.split, streaming=True), "hub, streamed"
         except Exception as e:  # network, unknown name/config/split: datasets raises many kinds
-            raise DataError(f"cannot load {spec.source} from the Hugging Face Hub: {type(e).__name__}: {e} "
-                            "(no network here? build it locally with save_to_disk and pass hf:./FOLDER)") from None
+            raise DataError(
+                f"cannot load {spec.source} from the Hugging Face Hub: {type(e).__name__}: {e} "
+                "(no network here? build it locally with save_to_disk and pass hf:./FOLDER)"
+            ) from None
     check_hf_source(spec.source)
     path = spec.path
     try:
-        if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
-                                       for f in ("dataset_dict.json", "state.json")):
+        if os.path.isdir(path) and any(
+            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
+        ):
             return ds.load_from_disk(path), "save_to_disk folder"
         if os.path.isdir(path):
             if not _glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True):
-                raise DataError(f"{spec.source}: {spec.name} is neither a save_to_disk folder (no dataset_dict.json "
-                                "or state.json) nor a folder of .parquet files")
+                raise DataError(
+                    f"{spec.source}: {spec.name} is neither a save_to_disk folder (no dataset_dict.json "
+                    "or state.json) nor a folder of .parquet files"
+                )
             return ds.load_dataset("parquet", data_dir=path, streaming=True), "parquet folder, streamed"
         return ds.load_dataset("parquet", data_files=path, streaming=True), "parquet files, streamed"
     except DataError:
@@ -220,8 +233,10 @@ def _pick_split(spec: HFSpec, obj: Any) -> Tuple[str, Any]:
         raise DataError(f"{spec.source}: several splits and none is 'train'; add @SPLIT, one of: {', '.join(names)}")
     own = str(getattr(obj, "split", None) or "train")  # a single Dataset: the split it records, else train
     if spec.split is not None and spec.split != own:
-        raise DataError(f"{spec.source}: this dataset has one split ({own!r}), not {spec.split!r}; "
-                        f"drop @{spec.split} or write @{own}")
+        raise DataError(
+            f"{spec.source}: this dataset has one split ({own!r}), not {spec.split!r}; "
+            f"drop @{spec.split} or write @{own}"
+        )
     return own, obj
 
 
@@ -390,30 +405,59 @@ class HFColumns:
 
 @dataclass(frozen=True)
 class _Role:
-    what: str                   # as printed: "text", "transcript"
-    flag: str                   # the CLI option naming it
-    kinds: Tuple[str, ...]      # preferred column kinds
-    names: Tuple[str, ...]      # preferred column names, in order (case-insensitive)
+    what: str  # as printed: "text", "transcript"
+    flag: str  # the CLI option naming it
+    kinds: Tuple[str, ...]  # preferred column kinds
+    names: Tuple[str, ...]  # preferred column names, in order (case-insensitive)
     fallback: Tuple[str, ...] = ()  # kinds taken when no preferred kind exists
-    only_one: bool = True       # the only column of the kind(s) counts as detected
+    only_one: bool = True  # the only column of the kind(s) counts as detected
     required: bool = True
 
 
 ROLES: Dict[str, _Role] = {
     "text": _Role("text", "--text-column", ("string",), ("text", "content", "document")),
-    "audio": _Role("audio", "--audio-column", ("audio",), ("audio", "speech", "wav", "flac"),
-                   fallback=("media", "binary")),
-    "transcript": _Role("transcript", "--text-column", ("string",),
-                        ("text", "sentence", "transcript", "transcription", "normalized_text"),
-                        only_one=False, required=False),
-    "speaker": _Role("speaker", "--speaker-column", ("string", "int", "classlabel"),
-                     ("speaker_id", "speaker", "speaker_name", "client_id"), only_one=False, required=False),
-    "image": _Role("image", "--image-column", ("image",), ("image", "img", "jpg", "jpeg", "png", "webp", "bytes"),
-                   fallback=("media", "binary")),
-    "caption": _Role("caption", "--caption-column", ("string", "strings"),
-                     ("caption", "captions", "text", "txt", "sentence", "description"), only_one=False, required=False),
-    "label": _Role("label", "--label-column", ("classlabel", "string", "int"),
-                   ("label", "labels", "class", "cls", "category"), only_one=False, required=False),
+    "audio": _Role(
+        "audio", "--audio-column", ("audio",), ("audio", "speech", "wav", "flac"), fallback=("media", "binary")
+    ),
+    "transcript": _Role(
+        "transcript",
+        "--text-column",
+        ("string",),
+        ("text", "sentence", "transcript", "transcription", "normalized_text"),
+        only_one=False,
+        required=False,
+    ),
+    "speaker": _Role(
+        "speaker",
+        "--speaker-column",
+        ("string", "int", "classlabel"),
+        ("speaker_id", "speaker", "speaker_name", "client_id"),
+        only_one=False,
+        required=False,
+    ),
+    "image": _Role(
+        "image",
+        "--image-column",
+        ("image",),
+        ("image", "img", "jpg", "jpeg", "png", "webp", "bytes"),
+        fallback=("media", "binary"),
+    ),
+    "caption": _Role(
+        "caption",
+        "--caption-column",
+        ("string", "strings"),
+        ("caption", "captions", "text", "txt", "sentence", "description"),
+        only_one=False,
+        required=False,
+    ),
+    "label": _Role(
+        "label",
+        "--label-column",
+        ("classlabel", "string", "int"),
+        ("label", "labels", "class", "cls", "category"),
+        only_one=False,
+        required=False,
+    ),
 }
 
 #: the roles each prepare reads, and which HFColumns field names each
@@ -437,13 +481,16 @@ def _detect(table: HFTable, role: _Role, taken: Sequence[str]) -> Optional[str]:
         if role.only_one and len(cands) == 1:
             return cands[0]
         if role.only_one:
-            raise DataError(f"{table.display}: several columns could hold the {role.what} "
-                            f"({', '.join(cands)}); pass {role.flag} NAME (columns: {table.describe_columns()})")
+            raise DataError(
+                f"{table.display}: several columns could hold the {role.what} "
+                f"({', '.join(cands)}); pass {role.flag} NAME (columns: {table.describe_columns()})"
+            )
     return None
 
 
-def choose_columns(table: HFTable, command: str, given: Optional[HFColumns] = None,
-                   say: Say = None) -> Dict[str, Optional[str]]:
+def choose_columns(
+    table: HFTable, command: str, given: Optional[HFColumns] = None, say: Say = None
+) -> Dict[str, Optional[str]]:
     """The column of each role ``command`` (``text`` | ``audio`` | ``images``) reads, by flag or
     detection (rules in the module docstring); says the choice through ``say``.
 
@@ -462,19 +509,24 @@ def choose_columns(table: HFTable, command: str, given: Optional[HFColumns] = No
         name = getattr(given, field)
         if name is not None:
             if name not in table.kinds:
-                raise DataError(f"{table.display}: {role.flag} {name!r}: no such column "
-                                f"(columns: {table.describe_columns()})")
+                raise DataError(
+                    f"{table.display}: {role.flag} {name!r}: no such column (columns: {table.describe_columns()})"
+                )
             if table.kinds[name] not in role.kinds + role.fallback:
-                raise DataError(f"{table.display}: {role.flag} {name!r} is "
-                                f"{_kind_text(table.features.get(name), table.kinds[name])}, which cannot hold the "
-                                f"{role.what} (columns: {table.describe_columns()})")
+                raise DataError(
+                    f"{table.display}: {role.flag} {name!r} is "
+                    f"{_kind_text(table.features.get(name), table.kinds[name])}, which cannot hold the "
+                    f"{role.what} (columns: {table.describe_columns()})"
+                )
             how = "given"
         else:
             name = _detect(table, role, [c for c in out.values() if c])
             how = "detected"
             if name is None and role.required:
-                raise DataError(f"{table.display}: no column holds the {role.what}; pass {role.flag} NAME "
-                                f"(columns: {table.describe_columns()})")
+                raise DataError(
+                    f"{table.display}: no column holds the {role.what}; pass {role.flag} NAME "
+                    f"(columns: {table.describe_columns()})"
+                )
         out[role_name] = name
         if name is None:
             parts.append(f"no {role.what} column")

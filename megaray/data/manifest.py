@@ -42,8 +42,13 @@ def prepare_hint(kind: str, folder: str) -> str:
 
 def new_manifest(kind: str, **fields: Any) -> Dict[str, Any]:
     """A manifest dict with the common header (format, version, kind, created) and ``fields``."""
-    return {"format": FORMAT, "version": VERSION, "kind": kind,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+    }
 
 
 def write_manifest(folder: str, manifest: Dict[str, Any]) -> None:
@@ -84,8 +89,10 @@ def read_manifest(folder: str, kind: Optional[str] = None, command: Optional[str
         raise DataError(f"corrupt {path}: a JSON {type(manifest).__name__}, not an object; {hint}")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         got = manifest.get("format"), manifest.get("version")
-        raise DataError(f"{path}: format {got[0]!r} version {got[1]!r} is not {FORMAT!r} version {VERSION} "
-                        f"(prepared by another megaray version); {hint}")
+        raise DataError(
+            f"{path}: format {got[0]!r} version {got[1]!r} is not {FORMAT!r} version {VERSION} "
+            f"(prepared by another megaray version); {hint}"
+        )
     if kind is not None and manifest.get("kind") != kind:
         raise DataError(f"{folder} holds {manifest.get('kind')!r} data, not {kind!r}; {hint}")
     return manifest

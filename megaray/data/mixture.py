@@ -58,6 +58,7 @@ def take_measured(measures: Sequence[int], target: int) -> List[int]:
 def interleave(counts: Sequence[int], seed: int = 0) -> List[Tuple[int, int]]:
     """Deterministic even interleaving: ``(source, k)`` pairs for ``k < counts[source]``, the
     ``k``-th of each source at fraction ``(k + 0.5) / counts[source]`` of the sequence."""
+
     def tie(i: int) -> int:
         return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big")
 

@@ -27,6 +27,7 @@ from typing import List, Optional
 
 from megaray.errors import ConfigError
 
+
 def block_size(shuffle_block: int, global_batch: int) -> int:
     """Samples per shuffle block: ``shuffle_block`` rounded up to whole global batches (0: no
     shuffling; positions are served in stream order, one global batch at a time)."""
@@ -69,7 +70,8 @@ class BatchPlan:
             raise ConfigError(
                 f"train.global_batch_size {self.global_batch} is not a multiple of data.batch_size {self.micro_batch} "
                 f"x {world} workers; world sizes that divide it: {self.worlds(1, max(world, 8)) or 'none'} "
-                "(or set train.global_batch_size to a multiple of batch_size x each size the run may have)")
+                "(or set train.global_batch_size to a multiple of batch_size x each size the run may have)"
+            )
         return self.global_batch // per
 
     def worlds(self, lo: int, hi: int) -> List[int]:
@@ -91,8 +93,14 @@ def global_batch_size(explicit: Optional[int], batch_size: int, grad_accum_steps
     return int(explicit) if explicit else batch_size * grad_accum_steps * max_workers
 
 
-def train_plan(samples: int, global_batch: int, batch_size: int, where: str, unit: str = "samples",
-               hint: str = "prepare more data or lower data.batch_size") -> BatchPlan:
+def train_plan(
+    samples: int,
+    global_batch: int,
+    batch_size: int,
+    where: str,
+    unit: str = "samples",
+    hint: str = "prepare more data or lower data.batch_size",
+) -> BatchPlan:
     """The train split's :class:`BatchPlan`, checked to hold at least one global batch.
 
     Raises:
@@ -100,8 +108,10 @@ def train_plan(samples: int, global_batch: int, batch_size: int, where: str, uni
     """
     plan = BatchPlan(int(samples), int(global_batch), int(batch_size))
     if plan.steps_per_epoch < 1:
-        raise ConfigError(f"data: the train split of {where} holds {samples} {unit}, fewer than one global batch of "
-                          f"{global_batch} (train.global_batch_size, or batch_size x grad_accum_steps x workers); {hint}")
+        raise ConfigError(
+            f"data: the train split of {where} holds {samples} {unit}, fewer than one global batch of "
+            f"{global_batch} (train.global_batch_size, or batch_size x grad_accum_steps x workers); {hint}"
+        )
     return plan
 
 
@@ -110,9 +120,17 @@ def val_batches(samples: int, world: int, batch_size: int, limit: int) -> int:
     return min(limit, max(0, int(samples)) // (world * batch_size))
 
 
-def check_val(samples: int, world: int, batch_size: int, where: str, unit: str = "samples",
-              hint: str = "prepare with a larger val fraction or lower data.batch_size") -> None:
+def check_val(
+    samples: int,
+    world: int,
+    batch_size: int,
+    where: str,
+    unit: str = "samples",
+    hint: str = "prepare with a larger val fraction or lower data.batch_size",
+) -> None:
     """Raises ConfigError when the val split cannot give each of ``world`` ranks one batch."""
     if val_batches(samples, world, batch_size, 1) < 1:
-        raise ConfigError(f"data: the val split of {where} holds {samples} {unit}, fewer than {world} workers x "
-                          f"batch_size {batch_size}; {hint}")
+        raise ConfigError(
+            f"data: the val split of {where} holds {samples} {unit}, fewer than {world} workers x "
+            f"batch_size {batch_size}; {hint}"
+        )

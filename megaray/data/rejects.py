@@ -38,7 +38,10 @@ class Rejects:
 
     def describe(self) -> str:
         """One line: ``reason=count (e.g. example), ...`` or ``none``."""
-        return ", ".join(f"{k}={v['count']} (e.g. {v['examples'][0]})" for k, v in sorted(self.by_reason.items())) or "none"
+        return (
+            ", ".join(f"{k}={v['count']} (e.g. {v['examples'][0]})" for k, v in sorted(self.by_reason.items()))
+            or "none"
+        )
 
 
 def summary_lines(rejected: Dict[str, Any], examples: int = 3) -> List[str]:

@@ -51,8 +51,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import pyarrow as pa
 
-from megaray.data import order as order_lib
-from megaray.data import shards as shard_io
+from megaray.data import order as order_lib, shards as shard_io
 from megaray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,13 @@ class EpochOrder:
     @classmethod
     def of(cls, plan: Any, seed: int, shuffle_block: int, passes: int = 1) -> "EpochOrder":
         """The order of a :class:`~megaray.data.order.BatchPlan` with ``data.shuffle_block``."""
-        return cls(int(seed), order_lib.block_size(int(shuffle_block), plan.global_batch), int(plan.global_batch),
-                   int(plan.served), int(passes))
+        return cls(
+            int(seed),
+            order_lib.block_size(int(shuffle_block), plan.global_batch),
+            int(plan.global_batch),
+            int(plan.served),
+            int(passes),
+        )
 
     @property
     def shuffle(self) -> bool:
@@ -112,8 +116,10 @@ def last_epoch(max_steps: int, epoch: int, plan: Any) -> int:
 def epoch_pieces(rows: Sequence[int], o: EpochOrder, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
     """``(item, pass)`` int64 arrays of epoch ``epoch``'s pieces in stream order (module docstring, 1)."""
     n = len(rows)
-    perms = [np.random.default_rng([o.seed, epoch, p, _PIECES]).permutation(n) if o.shuffle else np.arange(n)
-             for p in range(o.passes)]
+    perms = [
+        np.random.default_rng([o.seed, epoch, p, _PIECES]).permutation(n) if o.shuffle else np.arange(n)
+        for p in range(o.passes)
+    ]
     return np.concatenate(perms).astype(np.int64), np.repeat(np.arange(o.passes, dtype=np.int64), n)
 
 
@@ -140,8 +146,10 @@ def epoch_blocks(rows: Sequence[int], o: EpochOrder, epoch: int) -> Tuple[List[B
     r = np.asarray(rows, np.int64)[item] if len(item) else np.zeros(0, np.int64)
     ends = np.cumsum(r)
     if not len(ends) or ends[-1] < o.served:
-        raise DataError(f"the split holds {int(ends[-1]) if len(ends) else 0} rows in {o.passes} pass(es), fewer than "
-                        f"the {o.served} an epoch serves")
+        raise DataError(
+            f"the split holds {int(ends[-1]) if len(ends) else 0} rows in {o.passes} pass(es), fewer than "
+            f"the {o.served} an epoch serves"
+        )
     target = o.block or o.global_batch
     blocks: List[Block] = []
     lo, start = 0, 0
@@ -173,17 +181,18 @@ def served_rows(rows: Sequence[int], o: EpochOrder, epoch: int) -> Tuple[np.ndar
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     ids, ps = [], []
     for b in blocks:
-        it = item[b.lo:b.hi]
+        it = item[b.lo : b.hi]
         r = sizes[it]
         within = np.arange(int(r.sum()), dtype=np.int64) - np.repeat(np.cumsum(r) - r, r)
         perm = block_permutation(o, epoch, b.k, b.rows)
         ids.append((np.repeat(offsets[it], r) + within)[perm])
-        ps.append(np.repeat(passes[b.lo:b.hi], r)[perm])
-    return np.concatenate(ids)[:o.served], np.concatenate(ps)[:o.served]
+        ps.append(np.repeat(passes[b.lo : b.hi], r)[perm])
+    return np.concatenate(ids)[: o.served], np.concatenate(ps)[: o.served]
 
 
-def _stream_blocks(rows: Sequence[int], o: EpochOrder, epoch: int, cursor: int,
-                   last_epoch: int) -> Tuple[int, List[Dict[str, Any]]]:
+def _stream_blocks(
+    rows: Sequence[int], o: EpochOrder, epoch: int, cursor: int, last_epoch: int
+) -> Tuple[int, List[Dict[str, Any]]]:
     """``(first epoch, block dicts)`` from position ``cursor`` of ``epoch`` through ``last_epoch``:
     ``{"epoch", "block", "start", "first", "stop", "pieces", "passes"}`` (``first``/``stop``: the
     served positions of the block the stream keeps)."""
@@ -197,15 +206,24 @@ def _stream_blocks(rows: Sequence[int], o: EpochOrder, epoch: int, cursor: int,
         for b in blocks:
             if e == epoch and b.start + b.rows <= cursor:
                 continue
-            out.append({"epoch": e, "block": b.k, "start": b.start, "first": max(b.start, cursor if e == epoch else 0),
-                        "stop": min(b.start + b.rows, o.served), "pieces": item[b.lo:b.hi].tolist(),
-                        "passes": passes[b.lo:b.hi].tolist()})
+            out.append(
+                {
+                    "epoch": e,
+                    "block": b.k,
+                    "start": b.start,
+                    "first": max(b.start, cursor if e == epoch else 0),
+                    "stop": min(b.start + b.rows, o.served),
+                    "pieces": item[b.lo : b.hi].tolist(),
+                    "passes": passes[b.lo : b.hi].tolist(),
+                }
+            )
     return epoch, out
 
 
 # -- shard rows ---------------------------------------------------------------------------------
-def split_items(shards: str, man: Mapping[str, Any], split: str, columns: Sequence[str]
-                ) -> Tuple[Any, List[Dict[str, Any]], pa.Schema, str]:
+def split_items(
+    shards: str, man: Mapping[str, Any], split: str, columns: Sequence[str]
+) -> Tuple[Any, List[Dict[str, Any]], pa.Schema, str]:
     """``(filesystem, items, schema, hint)`` of one split of a prepared folder (``man["splits"][split]
     ["dir"]``, every kind but text): its row groups in file order (footers read and checked), the
     arrow schema of ``columns`` and the prepare command for a corrupt shard.
@@ -229,10 +247,23 @@ def split_items(shards: str, man: Mapping[str, Any], split: str, columns: Sequen
     return filesystem, items, pa.schema([full.field(c) for c in columns]), hint
 
 
-def positioned_rows(filesystem: Any, items: List[Dict[str, Any]], columns: Sequence[str], schema: pa.Schema, *,
-                    seed: int, shuffle_block: int, plan: Any, epoch: int, cursor: int, last_epoch: int,
-                    passes: int = 1, on_corrupt: str = "error", hint: str = "re-run `megaray prepare`",
-                    rows_per_output: int = 256) -> Any:
+def positioned_rows(
+    filesystem: Any,
+    items: List[Dict[str, Any]],
+    columns: Sequence[str],
+    schema: pa.Schema,
+    *,
+    seed: int,
+    shuffle_block: int,
+    plan: Any,
+    epoch: int,
+    cursor: int,
+    last_epoch: int,
+    passes: int = 1,
+    on_corrupt: str = "error",
+    hint: str = "re-run `megaray prepare`",
+    rows_per_output: int = 256,
+) -> Any:
     """The served rows of epochs ``epoch .. last_epoch`` from position ``cursor`` of ``epoch`` on
     (module docstring), as one Ray Dataset: one ``from_items`` row per shuffle block, read by a
     ``map_batches`` task each (pyarrow; blocks are independent).
@@ -264,17 +295,34 @@ def positioned_rows(filesystem: Any, items: List[Dict[str, Any]], columns: Seque
     o = EpochOrder.of(plan, seed, capped_block(shuffle_block, items), passes)
     _, blocks = _stream_blocks([int(it["rows"]) for it in items], o, epoch, cursor, last_epoch)
     keys = ("path", "display", "row_group", "rows")
-    kw = dict(filesystem=filesystem, items=[{k: it[k] for k in keys} for it in items], columns=list(columns),
-              schema=schema, order=o, on_corrupt=on_corrupt, hint=hint, rows_per_output=int(rows_per_output))
+    kw = dict(
+        filesystem=filesystem,
+        items=[{k: it[k] for k in keys} for it in items],
+        columns=list(columns),
+        schema=schema,
+        order=o,
+        on_corrupt=on_corrupt,
+        hint=hint,
+        rows_per_output=int(rows_per_output),
+    )
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     out = ds.map_batches(_read_block, batch_size=1, batch_format="pyarrow", fn_kwargs=kw)
     out.context.raise_original_map_exception = True  # a DataError reaches the run as itself
     return out
 
 
-def _read_block(batch: pa.Table, *, filesystem: Any, items: List[Dict[str, Any]], columns: List[str],
-                schema: pa.Schema, order: EpochOrder, on_corrupt: str, hint: str,
-                rows_per_output: int) -> Iterator[pa.Table]:
+def _read_block(
+    batch: pa.Table,
+    *,
+    filesystem: Any,
+    items: List[Dict[str, Any]],
+    columns: List[str],
+    schema: pa.Schema,
+    order: EpochOrder,
+    on_corrupt: str,
+    hint: str,
+    rows_per_output: int,
+) -> Iterator[pa.Table]:
     """``map_batches`` function (a Ray task): one block dict (:func:`_stream_blocks`) -> its kept
     served rows (``columns``, ``pass``, ``epoch``, ``index``), in tables of ``rows_per_output``."""
     b = batch.to_pylist()[0]
@@ -291,7 +339,7 @@ def _read_block(batch: pa.Table, *, filesystem: Any, items: List[Dict[str, Any]]
         tables = _fill(tables, [items[i] for i in b["pieces"]], b)
     table = pa.concat_tables([t.cast(with_pass) for t in tables])
     perm = block_permutation(order, b["epoch"], b["block"], table.num_rows)
-    keep = perm[b["first"] - b["start"]: b["stop"] - b["start"]]
+    keep = perm[b["first"] - b["start"] : b["stop"] - b["start"]]
     out = table.take(pa.array(keep))
     out = out.append_column("epoch", pa.array(np.full(out.num_rows, b["epoch"], np.int64)))
     out = out.append_column("index", pa.array(np.arange(b["first"], b["stop"], dtype=np.int64)))
@@ -304,12 +352,18 @@ def _fill(tables: List[Optional[pa.Table]], items: List[Dict[str, Any]], b: Dict
     good = [t for t in tables if t is not None]
     names = ", ".join(f"{it['display']} row group {it['row_group']}" for it, t in zip(items, tables) if t is None)
     if not good:
-        raise DataError(f"epoch {b['epoch']} shuffle block {b['block']}: no row group could be read ({names}); "
-                        "with data.on_corrupt=skip a block needs one readable row group to fill the others from: "
-                        "re-prepare the data")
+        raise DataError(
+            f"epoch {b['epoch']} shuffle block {b['block']}: no row group could be read ({names}); "
+            "with data.on_corrupt=skip a block needs one readable row group to fill the others from: "
+            "re-prepare the data"
+        )
     pool = pa.concat_tables(good)
-    log.warning("filled %s from the other rows of epoch %d shuffle block %d [data.on_corrupt=skip]",
-                names, b["epoch"], b["block"])
+    log.warning(
+        "filled %s from the other rows of epoch %d shuffle block %d [data.on_corrupt=skip]",
+        names,
+        b["epoch"],
+        b["block"],
+    )
     out, used = [], 0
     for it, t in zip(items, tables):
         if t is None:
@@ -319,22 +373,33 @@ def _fill(tables: List[Optional[pa.Table]], items: List[Dict[str, Any]], b: Dict
     return out
 
 
-def _keep_position(batch: Dict[str, np.ndarray], *, fn: Callable[..., Dict[str, np.ndarray]],
-                   fn_kwargs: Dict[str, Any]) -> Dict[str, np.ndarray]:
+def _keep_position(
+    batch: Dict[str, np.ndarray], *, fn: Callable[..., Dict[str, np.ndarray]], fn_kwargs: Dict[str, Any]
+) -> Dict[str, np.ndarray]:
     out = dict(fn(batch, **fn_kwargs))
     out["epoch"] = np.asarray(batch["epoch"], np.int64)
     out["index"] = np.asarray(batch["index"], np.int64)
     return out
 
 
-def map_positioned(ds: Any, fn: Callable[..., Dict[str, np.ndarray]], micro_batch: int, *,
-                   fn_kwargs: Optional[Dict[str, Any]] = None, batch_size: int = 64) -> Any:
+def map_positioned(
+    ds: Any,
+    fn: Callable[..., Dict[str, np.ndarray]],
+    micro_batch: int,
+    *,
+    fn_kwargs: Optional[Dict[str, Any]] = None,
+    batch_size: int = 64,
+) -> Any:
     """``fn`` (a row-wise numpy ``map_batches`` function: ``n`` rows in, the same ``n`` rows out,
     e.g. a crop) over a positioned stream, keeping its ``epoch`` and ``index`` columns, in blocks
     of exactly ``micro_batch`` rows (``repartition(strict=True)``: what ``streaming_split(world,
     equal=True)`` deals round robin)."""
-    out = ds.map_batches(_keep_position, batch_size=batch_size, batch_format="numpy",
-                         fn_kwargs={"fn": fn, "fn_kwargs": dict(fn_kwargs or {})})
+    out = ds.map_batches(
+        _keep_position,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={"fn": fn, "fn_kwargs": dict(fn_kwargs or {})},
+    )
     return out.repartition(target_num_rows_per_block=micro_batch, strict=True)
 
 
@@ -350,15 +415,24 @@ def _gather(batch: pa.Table, *, columns: Any, n: int, order: EpochOrder) -> Dict
 
     b = batch.to_pylist()[0]
     cols = ray.get(columns) if isinstance(columns, ray.ObjectRef) else columns
-    ids = _memory_order(n, order, b["epoch"])[b["lo"]:b["hi"]]
+    ids = _memory_order(n, order, b["epoch"])[b["lo"] : b["hi"]]
     out = {k: np.asarray(v)[ids] for k, v in cols.items()}
     out["epoch"] = np.full(len(ids), b["epoch"], np.int64)
     out["index"] = np.arange(b["lo"], b["hi"], dtype=np.int64)
     return out
 
 
-def positioned_table(columns: Mapping[str, np.ndarray], *, seed: int, shuffle_block: int, plan: Any, epoch: int,
-                     cursor: int, last_epoch: int, rows_per_output: int = 1024) -> Any:
+def positioned_table(
+    columns: Mapping[str, np.ndarray],
+    *,
+    seed: int,
+    shuffle_block: int,
+    plan: Any,
+    epoch: int,
+    cursor: int,
+    last_epoch: int,
+    rows_per_output: int = 1024,
+) -> Any:
     """The positioned stream (module docstring) over rows held in memory: ``columns`` of equal
     length ``n`` (e.g. SFT's packed windows ``(n, T)``), each row its own piece (so each epoch
     is a permutation of all rows, then permuted inside blocks; one pass). The columns go to the
@@ -378,9 +452,11 @@ def positioned_table(columns: Mapping[str, np.ndarray], *, seed: int, shuffle_bl
         raise ValueError(f"cursor {cursor} is not a multiple of the global batch {o.global_batch}")
     if cursor >= o.served:
         epoch, cursor = epoch + 1, 0
-    ranges = [{"epoch": e, "lo": lo, "hi": min(lo + rows_per_output, o.served)}
-              for e in range(epoch, max(epoch, last_epoch) + 1)
-              for lo in range(cursor if e == epoch else 0, o.served, rows_per_output)]
+    ranges = [
+        {"epoch": e, "lo": lo, "hi": min(lo + rows_per_output, o.served)}
+        for e in range(epoch, max(epoch, last_epoch) + 1)
+        for lo in range(cursor if e == epoch else 0, o.served, rows_per_output)
+    ]
     ref = ray.put({k: np.asarray(v) for k, v in columns.items()})
     ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
     out = ds.map_batches(_gather, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": ref, "n": n, "order": o})

@@ -83,7 +83,11 @@ def to_messages(record: Any) -> Tuple[Optional[List[Dict[str, str]]], Optional[s
         return None, "missing_keys", f"no {' or '.join(repr(k) for k in missing)} (and no 'messages')"
     if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
         return None, "missing_keys", "'prompt' and 'completion' must be strings"
-    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}], None, None
+    return (
+        [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}],
+        None,
+        None,
+    )
 
 
 def render(messages: Sequence[Dict[str, str]], template: Dict[str, Any] = DEFAULT_TEMPLATE) -> List[Tuple[str, bool]]:
@@ -126,8 +130,10 @@ def iter_records(source: str, rejects: Rejects) -> Iterator[Tuple[str, str, List
         with f.filesystem.open_input_stream(f.path) as fh:
             data = fh.read().decode("utf-8", errors="replace")
         if not data.strip():
-            raise DataError(f"{f.display} is empty: expected JSONL records such as "
-                            '{"prompt": "...", "completion": "..."} or {"messages": [...]}, one per line')
+            raise DataError(
+                f"{f.display} is empty: expected JSONL records such as "
+                '{"prompt": "...", "completion": "..."} or {"messages": [...]}, one per line'
+            )
         for n, line in enumerate(data.splitlines(), 1):
             where = f"{f.display}:{n}"
             if not line.strip():
@@ -150,9 +156,17 @@ def iter_records(source: str, rejects: Rejects) -> Iterator[Tuple[str, str, List
 # ----------------------------------------------------------------------------- prepare
 
 
-def prepare_sft(sources: Sequence[str], out_dir: str, tokenizer: str, *, max_tokens: int = 1024,
-                val_fraction: float = 0.1, seed: int = 0, overwrite: bool = False,
-                verbose: bool = True) -> Dict[str, Any]:
+def prepare_sft(
+    sources: Sequence[str],
+    out_dir: str,
+    tokenizer: str,
+    *,
+    max_tokens: int = 1024,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Dict[str, Any]:
     """Tokenize chat/completion JSONL into ``out_dir/{train,val}/part-00000.parquet`` (columns
     ``tokens`` list<int32>, ``loss_mask`` list<int8>, one row per record) + manifest (kind ``sft``).
 
@@ -192,11 +206,26 @@ def prepare_sft(sources: Sequence[str], out_dir: str, tokenizer: str, *, max_tok
         tok.save(fs.join(stage, "tokenizer.json"))
         fs.write_text(fs.join(stage, TEMPLATE_FILE), json.dumps(template, indent=2) + "\n")
         manifest = new_manifest(
-            "sft", sources=sources, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_id=eos,
-            tokenizer={"path": "tokenizer.json", "kind": tokenizer_kind(tok), "trained": False, "source": tok_path,
-                       "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_token": EOS, "eos_id": eos},
-            chat_template=TEMPLATE_FILE, max_tokens=max_tokens, val_fraction=val_fraction, seed=seed,
-            splits=splits, rejected=rejects.to_json())
+            "sft",
+            sources=sources,
+            vocab_size=tok.get_vocab_size(with_added_tokens=True),
+            eos_id=eos,
+            tokenizer={
+                "path": "tokenizer.json",
+                "kind": tokenizer_kind(tok),
+                "trained": False,
+                "source": tok_path,
+                "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+                "eos_token": EOS,
+                "eos_id": eos,
+            },
+            chat_template=TEMPLATE_FILE,
+            max_tokens=max_tokens,
+            val_fraction=val_fraction,
+            seed=seed,
+            splits=splits,
+            rejected=rejects.to_json(),
+        )
         write_manifest(stage, manifest)
     if verbose:
         print(summarize(manifest, str(out_dir)))
@@ -218,8 +247,10 @@ def _tokenizer_files(tokenizer: str) -> Tuple[str, Dict[str, Any]]:
 def _fill_empty_split(rows: Dict[str, list], sources: List[str], rejects: Rejects) -> None:
     n = sum(len(r) for r in rows.values())
     if n < 2:
-        raise DataError(f"{n} usable record(s) in {', '.join(sources)}: need at least 2 (one per split); "
-                        f"rejected: {rejects.describe()}")
+        raise DataError(
+            f"{n} usable record(s) in {', '.join(sources)}: need at least 2 (one per split); "
+            f"rejected: {rejects.describe()}"
+        )
     for a, b in (("val", "train"), ("train", "val")):
         if not rows[a]:
             rows[a].append(rows[b].pop())
@@ -231,19 +262,27 @@ def _write_split(stage: str, split: str, rows: List[Tuple[List[int], List[int]]]
     os.makedirs(os.path.join(stage, split), exist_ok=True)  # the stage is local (staged_dir(local=True))
     pq.write_table(table, fs.join(stage, rel), compression="zstd", write_page_checksum=True)
     tokens = sum(len(r[0]) for r in rows)
-    return {"documents": len(rows), "tokens": tokens, "completion_tokens": sum(sum(r[1]) for r in rows),
-            "max_record_tokens": max(len(r[0]) for r in rows),
-            "shards": [{"path": rel, "documents": len(rows), "tokens": tokens}]}
+    return {
+        "documents": len(rows),
+        "tokens": tokens,
+        "completion_tokens": sum(sum(r[1]) for r in rows),
+        "max_record_tokens": max(len(r[0]) for r in rows),
+        "shards": [{"path": rel, "documents": len(rows), "tokens": tokens}],
+    }
 
 
 def summarize(manifest: Dict[str, Any], out_dir: str = "") -> str:
     """Human-readable summary of an ``sft`` manifest (what :func:`prepare_sft` prints)."""
-    lines = [f"prepared sft -> {out_dir or '.'}  (tokenizer {manifest['tokenizer']['kind']}, vocab "
-             f"{manifest['vocab_size']}, chat template {manifest['chat_template']})"]
+    lines = [
+        f"prepared sft -> {out_dir or '.'}  (tokenizer {manifest['tokenizer']['kind']}, vocab "
+        f"{manifest['vocab_size']}, chat template {manifest['chat_template']})"
+    ]
     for s in SPLITS:
         d = manifest["splits"][s]
-        lines.append(f"  {s + ':':<6}    {d['documents']:,} records, {d['tokens']:,} tokens, "
-                     f"{d['completion_tokens']:,} with loss, longest {d['max_record_tokens']}")
+        lines.append(
+            f"  {s + ':':<6}    {d['documents']:,} records, {d['tokens']:,} tokens, "
+            f"{d['completion_tokens']:,} with loss, longest {d['max_record_tokens']}"
+        )
     return "\n".join(lines + summary_lines(manifest["rejected"]))
 
 
@@ -252,8 +291,9 @@ def summarize(manifest: Dict[str, Any], out_dir: str = "") -> str:
 
 def load_manifest(shards: str) -> Dict[str, Any]:
     """The checked ``sft`` manifest of ``shards`` (DataError naming the folder otherwise)."""
-    return read_manifest(shards, "sft", command=f"megaray prepare sft --source FILE.jsonl --tokenizer TOKENIZER "
-                                                f"--out {shards}")
+    return read_manifest(
+        shards, "sft", command=f"megaray prepare sft --source FILE.jsonl --tokenizer TOKENIZER --out {shards}"
+    )
 
 
 def read_split(shards: str, manifest: Dict[str, Any], split: str) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -268,7 +308,9 @@ def read_split(shards: str, manifest: Dict[str, Any], split: str) -> List[Tuple[
     return out
 
 
-def pack(records: Sequence[Tuple[np.ndarray, np.ndarray]], block_size: int, pad_id: int) -> Tuple[Dict[str, np.ndarray], int]:
+def pack(
+    records: Sequence[Tuple[np.ndarray, np.ndarray]], block_size: int, pad_id: int
+) -> Tuple[Dict[str, np.ndarray], int]:
     """Greedy in-order packing of whole records into windows (module docstring).
 
     Returns ``({"input_ids", "targets", "doc_ids"}: int64 (n, block_size), records dropped
@@ -289,13 +331,16 @@ def pack(records: Sequence[Tuple[np.ndarray, np.ndarray]], block_size: int, pad_
             ids, mask, doc = np.full(W, pad_id, np.int64), np.zeros(W, np.int64), np.zeros(W, np.int64)
             pos, n_doc = 0, 0
         n_doc += 1
-        ids[pos:pos + n], mask[pos:pos + n], doc[pos:pos + n] = r_ids, r_mask, n_doc
+        ids[pos : pos + n], mask[pos : pos + n], doc[pos : pos + n] = r_ids, r_mask, n_doc
         pos += n
     if pos:
         windows.append((ids, mask, doc))
     if not windows:
         return {k: np.zeros((0, block_size), np.int64) for k in ("input_ids", "targets", "doc_ids")}, dropped
-    I, M, D = (np.stack(x) for x in zip(*windows))
-    keep = (M[:, 1:] == 1) & (D[:, 1:] == D[:, :-1])
-    return {"input_ids": I[:, :-1].copy(), "targets": np.where(keep, I[:, 1:], IGNORE),
-            "doc_ids": D[:, :-1].copy()}, dropped
+    ids_, mask_, doc_ = (np.stack(x) for x in zip(*windows))
+    keep = (mask_[:, 1:] == 1) & (doc_[:, 1:] == doc_[:, :-1])
+    return {
+        "input_ids": ids_[:, :-1].copy(),
+        "targets": np.where(keep, ids_[:, 1:], IGNORE),
+        "doc_ids": doc_[:, :-1].copy(),
+    }, dropped

@@ -55,13 +55,22 @@ def row_groups(fs: pafs.FileSystem, paths: Sequence[str], displays: Sequence[str
         for i in range(md.num_row_groups):
             rg = md.row_group(i)
             values = rg.column(0).num_values if rg.num_columns else 0
-            items.append({"path": path, "display": display, "row_group": i, "rows": rg.num_rows, "values": values,
-                          "bytes": rg.total_byte_size})
+            items.append(
+                {
+                    "path": path,
+                    "display": display,
+                    "row_group": i,
+                    "rows": rg.num_rows,
+                    "values": values,
+                    "bytes": rg.total_byte_size,
+                }
+            )
     return items
 
 
-def read_row_group(fs: pafs.FileSystem, item: Dict[str, Any], columns: Sequence[str], on_corrupt: str,
-                   hint: str) -> Optional[pa.Table]:
+def read_row_group(
+    fs: pafs.FileSystem, item: Dict[str, Any], columns: Sequence[str], on_corrupt: str, hint: str
+) -> Optional[pa.Table]:
     """Read one row group (``columns`` only). Returns None when it is corrupt and
     ``on_corrupt == "skip"`` (after logging a warning that names it).
 
@@ -71,7 +80,8 @@ def read_row_group(fs: pafs.FileSystem, item: Dict[str, Any], columns: Sequence[
     try:
         with fs.open_input_file(item["path"]) as fh:
             table = pq.ParquetFile(fh, page_checksum_verification=True).read_row_group(
-                int(item["row_group"]), columns=list(columns))
+                int(item["row_group"]), columns=list(columns)
+            )
         if table.num_rows != int(item["rows"]):
             raise OSError(f"decoded {table.num_rows} rows, footer says {item['rows']}")
         return table
@@ -83,8 +93,15 @@ def read_row_group(fs: pafs.FileSystem, item: Dict[str, Any], columns: Sequence[
         raise DataError(f"{what}; {hint} or set data.on_corrupt=skip") from None
 
 
-def _read_batch(batch: Dict[str, np.ndarray], *, fs: pafs.FileSystem, columns: Sequence[str], schema: pa.Schema,
-                on_corrupt: str, hint: str) -> pa.Table:
+def _read_batch(
+    batch: Dict[str, np.ndarray],
+    *,
+    fs: pafs.FileSystem,
+    columns: Sequence[str],
+    schema: pa.Schema,
+    on_corrupt: str,
+    hint: str,
+) -> pa.Table:
     """``map_batches`` function (Ray task): a batch of items -> the rows of their row groups."""
     tables = []
     for i in range(len(batch["path"])):
@@ -100,8 +117,15 @@ def _read_batch(batch: Dict[str, np.ndarray], *, fs: pafs.FileSystem, columns: S
     return schema.append(pa.field("pass", pa.int64())).empty_table() if "pass" in batch else schema.empty_table()
 
 
-def read_dataset(fs: pafs.FileSystem, items: List[Dict[str, Any]], columns: Sequence[str], schema: pa.Schema,
-                 on_corrupt: str = "error", hint: str = "re-run `megaray prepare`", passes: Optional[int] = None) -> Any:
+def read_dataset(
+    fs: pafs.FileSystem,
+    items: List[Dict[str, Any]],
+    columns: Sequence[str],
+    schema: pa.Schema,
+    on_corrupt: str = "error",
+    hint: str = "re-run `megaray prepare`",
+    passes: Optional[int] = None,
+) -> Any:
     """A Ray Dataset of the rows of ``items`` (from :func:`row_groups`), one block per row group.
 
     ``passes=k`` reads every row group ``k`` times, pass-major (all of pass 0, then pass 1, ...),
@@ -157,8 +181,14 @@ def split_files(shards: str, man: Dict[str, Any], split: str) -> Tuple[pafs.File
     return filesystem, paths, [mfs.join(folder, p.replace("\\", "/").rsplit("/", 1)[-1]) for p in paths]
 
 
-def read_split(shards: str, man: Dict[str, Any], split: str, columns: Sequence[str], on_corrupt: str = "error",
-               passes: Optional[int] = None) -> Any:
+def read_split(
+    shards: str,
+    man: Dict[str, Any],
+    split: str,
+    columns: Sequence[str],
+    on_corrupt: str = "error",
+    passes: Optional[int] = None,
+) -> Any:
     """Ray Dataset of ``columns`` of one split of a prepared folder, one block per row group
     (:func:`read_dataset`: corrupt row groups named or skipped; ``passes=k`` reads it ``k`` times,
     pass-major, with a ``pass`` column).

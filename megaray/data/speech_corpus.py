@@ -29,7 +29,14 @@ from megaray.errors import DataError
 #: espeak-ng voices used as speakers (``espeak-ng --voices=en`` lists languages; ``+f3`` etc.
 #: are the bundled variants). Each is a distinct timbre/accent.
 DEFAULT_VOICES = (
-    "en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp+f2", "en-029", "en-us-nyc+m3", "en-gb-x-gbcwmd+f4",
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-us+f3",
+    "en-gb-x-rp+f2",
+    "en-029",
+    "en-us-nyc+m3",
+    "en-gb-x-gbcwmd+f4",
 )
 ALSA_DIR = "/usr/share/sounds/alsa"
 
@@ -152,15 +159,18 @@ def build_speech_corpus(
     if not voices:
         raise RuntimeError("none of the requested espeak-ng voices is installed (see `espeak-ng --voices=en`)")
     sentences = stdlib_sentences(n_clips)
-    jobs = [(f"wavs/{_speaker_name(voices[i % len(voices)])}_{i:05d}.wav", text, voices[i % len(voices)])
-            for i, text in enumerate(sentences)]
+    jobs = [
+        (f"wavs/{_speaker_name(voices[i % len(voices)])}_{i:05d}.wav", text, voices[i % len(voices)])
+        for i, text in enumerate(sentences)
+    ]
     with fs.staged_dir(out, overwrite, marker="manifest.jsonl") as tmp:
         os.makedirs(os.path.join(tmp, "wavs"))
 
         def render(job):
             rel, text, voice = job
-            r = subprocess.run([exe, "-v", voice, "-s", str(speed), "-w", os.path.join(tmp, rel), text],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [exe, "-v", voice, "-s", str(speed), "-w", os.path.join(tmp, rel), text], capture_output=True, text=True
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"espeak-ng -v {voice} failed on {text!r}: {r.stderr.strip()}")
 

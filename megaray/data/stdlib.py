@@ -39,6 +39,7 @@ class Docstring(NamedTuple):
     file: str
     text: str
 
+
 _DEFS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
@@ -171,7 +172,10 @@ def build_stdlib_corpus(
     out.mkdir(parents=True, exist_ok=True)
     stats: Dict[str, int] = {}
     counts = {"train": 0, "val": 0}
-    with open(out / "train.jsonl", "w", encoding="utf-8") as ftrain, open(out / "val.jsonl", "w", encoding="utf-8") as fval:
+    with (
+        open(out / "train.jsonl", "w", encoding="utf-8") as ftrain,
+        open(out / "val.jsonl", "w", encoding="utf-8") as fval,
+    ):
         files = {"train": ftrain, "val": fval}
         for i, (doc_id, text) in enumerate(iter_stdlib_docstrings(root, min_chars=min_chars, stats=stats)):
             if max_docs is not None and i >= max_docs:

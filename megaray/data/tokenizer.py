@@ -90,20 +90,24 @@ def _train_unigram(texts: Iterable[str], vocab_size: int, length: Optional[int],
 
     pieces = vocab_size - 256
     if pieces < 2 + _MIN_UNIGRAM_PIECES:
-        raise DataError(f"vocab_size={vocab_size} is too small for a unigram tokenizer: need at least "
-                        f"{256 + 2 + _MIN_UNIGRAM_PIECES} (256 byte pieces, {EOS}, {_UNK} and 16 learned pieces)")
+        raise DataError(
+            f"vocab_size={vocab_size} is too small for a unigram tokenizer: need at least "
+            f"{256 + 2 + _MIN_UNIGRAM_PIECES} (256 byte pieces, {EOS}, {_UNK} and 16 learned pieces)"
+        )
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=pieces, special_tokens=[EOS, _UNK], unk_token=_UNK,
-                                      show_progress=show_progress)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=pieces, special_tokens=[EOS, _UNK], unk_token=_UNK, show_progress=show_progress
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     trained = json.loads(tok.to_str())["model"]
     vocab = [(p, s) for p, s in trained["vocab"]]
     low = min(s for _, s in vocab) - 1.0
     vocab += [(f"<0x{b:02X}>", low) for b in range(256)]
     tok.model = models.Unigram(vocab, trained["unk_id"], True)
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(),
-                                     decoders.Metaspace(replacement="\u2581", prepend_scheme="always")])
+    tok.decoder = decoders.Sequence(
+        [decoders.ByteFallback(), decoders.Metaspace(replacement="\u2581", prepend_scheme="always")]
+    )
     return tok
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 
-def iter_windows(shards: str, split: str, block_size: int, batch_size: int,
-                 on_corrupt: str = "error") -> Iterator[Dict[str, torch.Tensor]]:
+def iter_windows(
+    shards: str, split: str, block_size: int, batch_size: int, on_corrupt: str = "error"
+) -> Iterator[Dict[str, torch.Tensor]]:
     """Packed LM windows of ``split`` in file order, without Ray: batches of
     ``input_ids``/``targets`` int64 ``(batch_size, block_size)`` (the same packing as training).
 
@@ -42,13 +43,16 @@ def iter_windows(shards: str, split: str, block_size: int, batch_size: int,
         pending.extend(zip(w["input_ids"], w["targets"]))
         while len(pending) >= batch_size:
             chunk, pending = pending[:batch_size], pending[batch_size:]
-            yield {"input_ids": torch.from_numpy(np.stack([c[0] for c in chunk])),
-                   "targets": torch.from_numpy(np.stack([c[1] for c in chunk]))}
+            yield {
+                "input_ids": torch.from_numpy(np.stack([c[0] for c in chunk])),
+                "targets": torch.from_numpy(np.stack([c[1] for c in chunk])),
+            }
 
 
 @torch.no_grad()
-def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "val",
-                  max_batches: int = 50, batch_size: int = 8) -> Dict[str, Any]:
+def evaluate_text(
+    checkpoint: str, shards: Optional[str] = None, split: str = "val", max_batches: int = 50, batch_size: int = 8
+) -> Dict[str, Any]:
     """Mean cross-entropy (nats/token) and perplexity of a checkpoint on a prepared split.
 
     Args:
@@ -90,8 +94,10 @@ def evaluate_text(checkpoint: str, shards: Optional[str] = None, split: str = "v
     if tokens == 0:
         from megaray.errors import DataError
 
-        raise DataError(f"{shards}: split {split!r} has fewer than {batch_size} windows of "
-                        f"{cfg.model.block_size + 1} tokens; lower --batch-size")
+        raise DataError(
+            f"{shards}: split {split!r} has fewer than {batch_size} windows of "
+            f"{cfg.model.block_size + 1} tokens; lower --batch-size"
+        )
     loss = total / tokens
     manifest = text.load_manifest(shards)
     return {

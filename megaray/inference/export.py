@@ -25,8 +25,9 @@ from megaray.errors import ConfigError
 FORMATS = ("hf",)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf",
-                      overwrite: bool = False) -> Dict[str, Any]:
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf", overwrite: bool = False
+) -> Dict[str, Any]:
     """Write ``checkpoint``'s model and tokenizer to ``out`` as a Hugging Face directory.
 
     Args:
@@ -53,8 +54,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt
 
     model, cfg, ckpt, tokenizer_json = load_text_model(checkpoint, "cpu")
     if cfg.model.family != "gpt":
-        raise ConfigError(f"{ckpt}: export --format hf supports the gpt family (GPT-2 or Llama shaped configs); "
-                          f"this checkpoint's family is {cfg.model.family!r}")
+        raise ConfigError(
+            f"{ckpt}: export --format hf supports the gpt family (GPT-2 or Llama shaped configs); "
+            f"this checkpoint's family is {cfg.model.family!r}"
+        )
     from megaray.models.gpt.convert import to_hf
 
     try:
@@ -76,8 +79,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"checkpoint": str(ckpt), "out": str(out.resolve()), "architecture": type(hf).__name__,
-            "files": sorted(p.name for p in out.iterdir())}
+    return {
+        "checkpoint": str(ckpt),
+        "out": str(out.resolve()),
+        "architecture": type(hf).__name__,
+        "files": sorted(p.name for p in out.iterdir()),
+    }
 
 
 def hf_tokenizer(tokenizer_json: str, block_size: int):
@@ -87,8 +94,13 @@ def hf_tokenizer(tokenizer_json: str, block_size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), bos_token=EOS,
-                                   eos_token=EOS, unk_token=EOS, model_max_length=block_size)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        model_max_length=block_size,
+    )
 
 
 def _portable_tokenizer_files(directory: Path, tok: Any) -> None:

@@ -86,16 +86,30 @@ class TextGenerator:
         if self.cfg.model.family == "recurrent":  # each token's depth chosen by the exit criterion
             from megaray.tasks.recurrent import sample_recurrent
 
-            out = sample_recurrent(self.model, self.tokenizer, text, s["max_new_tokens"],
-                                   temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"])
+            out = sample_recurrent(
+                self.model,
+                self.tokenizer,
+                text,
+                s["max_new_tokens"],
+                temperature=s["temperature"],
+                top_k=s["top_k"],
+                seed=s["seed"],
+            )
             return f"{out}\n[mean core iterations per token: {self.model.last_mean_steps:.2f}]"
-        return sample_text(self.model, self.tokenizer, text, s["max_new_tokens"], s["temperature"], s["top_k"],
-                           s["top_p"], s["seed"])
+        return sample_text(
+            self.model, self.tokenizer, text, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["seed"]
+        )
 
 
-def generate_text(checkpoint: str | os.PathLike, prompt: Optional[str] = None, max_new_tokens: Optional[int] = None,
-                  temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  seed: Optional[int] = None) -> str:
+def generate_text(
+    checkpoint: str | os.PathLike,
+    prompt: Optional[str] = None,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> str:
     """Load a text checkpoint and its tokenizer, sample with a KV cache; returns prompt + continuation.
 
     Every setting left None comes from the run's ``generation`` section (defaults: prompt
@@ -106,8 +120,9 @@ def generate_text(checkpoint: str | os.PathLike, prompt: Optional[str] = None, m
         CheckpointError: no complete checkpoint, corrupt weights, or not a text model's
             (see :func:`megaray.inference.text.load_text_model`).
     """
-    return TextGenerator(checkpoint)(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed)
+    return TextGenerator(checkpoint)(
+        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
 
 
 def interactive(complete: Callable[[str], str], lines: TextIO, out: TextIO, show_prompt: bool = False) -> int:

@@ -70,8 +70,14 @@ class LatentEncoder:
     (``flip=True`` adds each image's horizontally flipped copy as a second row).
     """
 
-    def __init__(self, factory: Callable[[], Any], kind: str = "audio", device: str = "cpu",
-                 scaling_factor: float = 1.0, flip: bool = False):
+    def __init__(
+        self,
+        factory: Callable[[], Any],
+        kind: str = "audio",
+        device: str = "cpu",
+        scaling_factor: float = 1.0,
+        flip: bool = False,
+    ):
         import torch
 
         torch.set_num_threads(1)
@@ -96,17 +102,19 @@ class LatentEncoder:
             z = mu[0].float().cpu().numpy()
             latents.append(z.reshape(-1))
             shapes.append(list(z.shape))
-        return pa.table({
-            "split": pa.array([str(p) for p in batch["split"]]),
-            "path": pa.array([str(p) for p in batch["path"]]),
-            "name": pa.array([str(p) for p in batch["name"]]),
-            "text": pa.array([str(p) for p in batch["text"]]),
-            "speaker": pa.array([str(p) for p in batch["speaker"]]),
-            "speaker_id": pa.array(np.asarray(batch["speaker_id"], np.int64)),
-            "duration": pa.array(np.asarray(batch["duration"], np.float32)),
-            "latent": pa.array(latents, type=pa.list_(pa.float32())),
-            "latent_shape": pa.array(shapes, type=pa.list_(pa.int32())),
-        })
+        return pa.table(
+            {
+                "split": pa.array([str(p) for p in batch["split"]]),
+                "path": pa.array([str(p) for p in batch["path"]]),
+                "name": pa.array([str(p) for p in batch["name"]]),
+                "text": pa.array([str(p) for p in batch["text"]]),
+                "speaker": pa.array([str(p) for p in batch["speaker"]]),
+                "speaker_id": pa.array(np.asarray(batch["speaker_id"], np.int64)),
+                "duration": pa.array(np.asarray(batch["duration"], np.float32)),
+                "latent": pa.array(latents, type=pa.list_(pa.float32())),
+                "latent_shape": pa.array(shapes, type=pa.list_(pa.int32())),
+            }
+        )
 
     def _images(self, batch: Dict[str, np.ndarray]):
         import pyarrow as pa
@@ -123,13 +131,28 @@ class LatentEncoder:
             cols["caption"] += captions
             cols["split"] += [str(s) for s in batch["split"]]
             cols["flipped"] += [flipped] * len(z)
-        return pa.table({"split": pa.array(cols["split"]), "label": pa.array(cols["label"], pa.int64()),
-                         "caption": pa.array(cols["caption"], pa.string()), "flipped": pa.array(cols["flipped"]),
-                         "latent": pa.array(cols["latent"], type=pa.list_(pa.float32()))})
+        return pa.table(
+            {
+                "split": pa.array(cols["split"]),
+                "label": pa.array(cols["label"], pa.int64()),
+                "caption": pa.array(cols["caption"], pa.string()),
+                "flipped": pa.array(cols["flipped"]),
+                "latent": pa.array(cols["latent"], type=pa.list_(pa.float32())),
+            }
+        )
 
 
-def _encode(parts: Dict[str, Any], out_dir: str, overwrite: bool, encoder_kwargs: Dict[str, Any], *,
-            concurrency: int, batch_size: int, num_gpus: float, manifest: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+def _encode(
+    parts: Dict[str, Any],
+    out_dir: str,
+    overwrite: bool,
+    encoder_kwargs: Dict[str, Any],
+    *,
+    concurrency: int,
+    batch_size: int,
+    num_gpus: float,
+    manifest: Callable[[], Dict[str, Any]],
+) -> Dict[str, Any]:
     """Run ``parts`` (``{split: Ray Dataset}``, empty splits left out) through one actor pool of
     :class:`LatentEncoder` and write ``<out_dir>/<split>/*.parquet`` and the manifest (last)."""
     import ray
@@ -137,11 +160,19 @@ def _encode(parts: Dict[str, Any], out_dir: str, overwrite: bool, encoder_kwargs
     tagged = [ds.map_batches(_with_split(s), batch_format="pyarrow") for s, ds in parts.items()]
     with fs.staged_dir(out_dir, overwrite) as tmp:
         # one pass over both splits, so the actor pool (and its model copies) starts once
-        enc = (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]).map_batches(
-            LatentEncoder, fn_constructor_kwargs={**encoder_kwargs, "device": "cuda" if num_gpus else "cpu"},
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus,
-            num_cpus=1, batch_format="numpy",
-        ).materialize()
+        enc = (
+            (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0])
+            .map_batches(
+                LatentEncoder,
+                fn_constructor_kwargs={**encoder_kwargs, "device": "cuda" if num_gpus else "cpu"},
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_gpus=num_gpus,
+                num_cpus=1,
+                batch_format="numpy",
+            )
+            .materialize()
+        )
         for split in ("train", "val"):
             if split in parts:
                 enc.map_batches(_filter_split(split), batch_format="pyarrow").write_parquet(fs.join(tmp, split))
@@ -193,18 +224,37 @@ def encode_latents(
     fs.check_target(out_dir, overwrite)
     factory, cfg = _factory(vae)
     if cfg is not None and cfg["n_mels"] != man["n_mels"]:
-        raise DataError(f"the VAE expects n_mels={cfg['n_mels']} but shards {shards} have n_mels={man['n_mels']}; "
-                        f"prepare the audio with `megaray prepare audio --n-mels {cfg['n_mels']}` or use a matching VAE")
+        raise DataError(
+            f"the VAE expects n_mels={cfg['n_mels']} but shards {shards} have n_mels={man['n_mels']}; "
+            f"prepare the audio with `megaray prepare audio --n-mels {cfg['n_mels']}` or use a matching VAE"
+        )
     counts = {s: int(man["splits"][s]["clips"]) for s in ("train", "val")}
     cols = ["path", "name", "text", "speaker", "speaker_id", "duration", "mel", "n_mels", "n_frames"]
-    parts = {s: ray.data.read_parquet(fs.join(shards, man["splits"][s]["dir"]), columns=cols)
-             for s in ("train", "val") if counts[s]}
-    out = _encode(parts, out_dir, overwrite, {"factory": factory, "kind": "audio"}, concurrency=concurrency,
-                  batch_size=batch_size, num_gpus=num_gpus, manifest=lambda: new_manifest(
-                      "audio_latents", source_shards=shards, sample_rate=man["sample_rate"], n_mels=man["n_mels"],
-                      hop_length=man["hop_length"], speakers=man["speakers"], vae_config=cfg,
-                      splits={s: {"dir": s, "clips": int(c)} for s, c in counts.items()},
-                      clips=int(sum(counts.values()))))
+    parts = {
+        s: ray.data.read_parquet(fs.join(shards, man["splits"][s]["dir"]), columns=cols)
+        for s in ("train", "val")
+        if counts[s]
+    }
+    out = _encode(
+        parts,
+        out_dir,
+        overwrite,
+        {"factory": factory, "kind": "audio"},
+        concurrency=concurrency,
+        batch_size=batch_size,
+        num_gpus=num_gpus,
+        manifest=lambda: new_manifest(
+            "audio_latents",
+            source_shards=shards,
+            sample_rate=man["sample_rate"],
+            n_mels=man["n_mels"],
+            hop_length=man["hop_length"],
+            speakers=man["speakers"],
+            vae_config=cfg,
+            splits={s: {"dir": s, "clips": int(c)} for s, c in counts.items()},
+            clips=int(sum(counts.values())),
+        ),
+    )
     if verbose:
         print(f"[encode_latents] {out['clips']} clips -> {out['out_dir']}")
     return out
@@ -254,22 +304,39 @@ def encode_image_latents(
     net = getattr(vae, "module", vae)
     factor, size = int(net.downsample_factor), int(man["size"])
     if size % factor:
-        raise DataError(f"shards {shards} hold {size}px images, not a multiple of the VAE's downsampling "
-                        f"factor {factor}; prepare images with --size {size - size % factor or factor}")
+        raise DataError(
+            f"shards {shards} hold {size}px images, not a multiple of the VAE's downsampling "
+            f"factor {factor}; prepare images with --size {size - size % factor or factor}"
+        )
     factory, cfg = _factory(vae)
     scaling = float(net.cfg.scaling_factor)
     counts = {s: int(man["splits"][s]["images"]) for s in ("train", "val")}
     ds = image_datasets(shards, size, seed=0, crop="center", flip=False, captions=True)
     parts = {s: ds[s] for s in ("train", "val") if counts[s]}
     copies = 2 if flip else 1
-    out = _encode(parts, out_dir, overwrite, {"factory": factory, "kind": "images", "scaling_factor": scaling,
-                                              "flip": flip},
-                  concurrency=concurrency, batch_size=batch_size, num_gpus=num_gpus, manifest=lambda: new_manifest(
-                      "image_latents", source_shards=shards, size=size, latent_channels=int(cfg["latent_channels"]),
-                      latent_size=size // factor, scaling_factor=scaling, vae_checkpoint=vae_checkpoint,
-                      vae_config=cfg, labels=man.get("labels", {}), flipped_copies=flip,
-                      captions=copies * int(man.get("captions", 0)),
-                      splits={s: {"dir": s, "latents": copies * c} for s, c in counts.items()}))
+    out = _encode(
+        parts,
+        out_dir,
+        overwrite,
+        {"factory": factory, "kind": "images", "scaling_factor": scaling, "flip": flip},
+        concurrency=concurrency,
+        batch_size=batch_size,
+        num_gpus=num_gpus,
+        manifest=lambda: new_manifest(
+            "image_latents",
+            source_shards=shards,
+            size=size,
+            latent_channels=int(cfg["latent_channels"]),
+            latent_size=size // factor,
+            scaling_factor=scaling,
+            vae_checkpoint=vae_checkpoint,
+            vae_config=cfg,
+            labels=man.get("labels", {}),
+            flipped_copies=flip,
+            captions=copies * int(man.get("captions", 0)),
+            splits={s: {"dir": s, "latents": copies * c} for s, c in counts.items()},
+        ),
+    )
     if verbose:
         print(f"[encode_image_latents] {sum(s['latents'] for s in out['splits'].values())} latents -> {out['out_dir']}")
     return out

@@ -102,27 +102,34 @@ def load_multimodal(checkpoint: str | os.PathLike, device: str) -> MultimodalChe
     try:
         info = json.loads((ckpt / INFO_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / INFO_FILE}: missing or unreadable ({e}); a multimodal run writes it into "
-                              "every checkpoint, so this one is incomplete: use another step_* of the run") from None
+        raise CheckpointError(
+            f"{ckpt / INFO_FILE}: missing or unreadable ({e}); a multimodal run writes it into "
+            "every checkpoint, so this one is incomplete: use another step_* of the run"
+        ) from None
     try:
         tokenizer = load_tokenizer(ckpt / info.get("tokenizer", "tokenizer.json"))
     except DataError as e:
         raise CheckpointError(f"{ckpt}: {e}") from None
     model, cfg, ckpt = load_for_inference(ckpt, device)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
-        raise CheckpointError(f"{ckpt}: the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size "
-                              f"is {cfg.model.vocab_size}; the checkpoint's files do not belong together")
+        raise CheckpointError(
+            f"{ckpt}: the tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size "
+            f"is {cfg.model.vocab_size}; the checkpoint's files do not belong together"
+        )
     return MultimodalCheckpoint(model, cfg, ckpt, info, tokenizer)
 
 
 def _check_family(ckpt: Path, family: str) -> None:
     if family != "multimodal":
-        raise ConfigError(f"--checkpoint {ckpt}: a {family!r} checkpoint; --to audio|image, --audio, --image, --out, "
-                          "--vocoder and --vae need a multimodal one (model.family: multimodal)")
+        raise ConfigError(
+            f"--checkpoint {ckpt}: a {family!r} checkpoint; --to audio|image, --audio, --image, --out, "
+            "--vocoder and --vae need a multimodal one (model.family: multimodal)"
+        )
 
 
-def check_request(modalities: List[str], to: str, audio: Optional[str], image: Optional[str],
-                  out: Optional[str]) -> str:
+def check_request(
+    modalities: List[str], to: str, audio: Optional[str], image: Optional[str], out: Optional[str]
+) -> str:
     """The input modality (``text``, ``audio`` or ``image``) of a request, after checking it.
 
     Raises:
@@ -137,8 +144,9 @@ def check_request(modalities: List[str], to: str, audio: Optional[str], image: O
     asked = [(f"--to {to}", to)] + ([(f"--{source} {audio or image}", source)] if source != "text" else [])
     for flag, m in asked:
         if m not in modalities:
-            raise ConfigError(f"{flag}: this checkpoint was trained on {', '.join(modalities)} (model.modalities), "
-                              f"not {m}")
+            raise ConfigError(
+                f"{flag}: this checkpoint was trained on {', '.join(modalities)} (model.modalities), not {m}"
+            )
     if source != "text" and to != "text":
         raise ConfigError(f"--{source} with --to {to}: a {source} prompt is transcribed or captioned; use --to text")
     if to in _FILE_OUTPUTS and not out:
@@ -149,11 +157,22 @@ def check_request(modalities: List[str], to: str, audio: Optional[str], image: O
     return source
 
 
-def generate(checkpoint: str | os.PathLike, *, to: str = "text", prompt: Optional[str] = None,
-             out: Optional[str] = None, audio: Optional[str] = None, image: Optional[str] = None,
-             vocoder: Optional[str] = None, vae: Optional[str] = None, max_new_tokens: int = 64,
-             temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = None,
-             seed: int = 0) -> Dict[str, Any]:
+def generate(
+    checkpoint: str | os.PathLike,
+    *,
+    to: str = "text",
+    prompt: Optional[str] = None,
+    out: Optional[str] = None,
+    audio: Optional[str] = None,
+    image: Optional[str] = None,
+    vocoder: Optional[str] = None,
+    vae: Optional[str] = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 40,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+) -> Dict[str, Any]:
     """``megaray generate`` on a multimodal checkpoint (the module docstring lists the five cases).
 
     Args:
@@ -184,16 +203,20 @@ def generate(checkpoint: str | os.PathLike, *, to: str = "text", prompt: Optiona
     _check_family(ckpt_dir, mcfg.family)
     source = check_request(list(mcfg.modalities), to, audio, image, out)
     if to != "text" and not prompt:
-        raise ConfigError(f"--to {to} needs --prompt, the " + ("caption to draw (\"a photo of astronaut\")"
-                          if to == "image" else "transcript to speak (\"hello world\")"))
+        raise ConfigError(
+            f"--to {to} needs --prompt, the "
+            + ('caption to draw ("a photo of astronaut")' if to == "image" else 'transcript to speak ("hello world")')
+        )
     if prompt is None:
         prompt = "The " if source == "text" else ""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mm = load_multimodal(ckpt_dir, device)
     if mm.info.get("audio_latents") and "audio" in (to, source):
-        raise ConfigError(f"--checkpoint {mm.path}: its audio spans are audio-VAE latents, and `megaray prepare "
-                          "audio-latents` records no VAE that could turn a wav into them or them into a mel; "
-                          "speech in or out needs a run trained on log-mels (`megaray prepare audio`)")
+        raise ConfigError(
+            f"--checkpoint {mm.path}: its audio spans are audio-VAE latents, and `megaray prepare "
+            "audio-latents` records no VAE that could turn a wav into them or them into a mel; "
+            "speech in or out needs a run trained on log-mels (`megaray prepare audio`)"
+        )
     g = torch.Generator(device=device).manual_seed(seed)
     if to == "image":
         vae_net = _image_vae(mm, vae)
@@ -212,13 +235,22 @@ def _fit(mm: MultimodalCheckpoint, ids: List[int], room: int) -> torch.Tensor:
     positions fit in ``block_size``. Raises ConfigError (the prompt is too long)."""
     block = mm.cfg.model.block_size
     if len(ids) + room > block:
-        raise ConfigError(f"--prompt: {len(ids)} tokens and the {room} positions to generate exceed "
-                          f"model.block_size={block}; shorten the prompt")
+        raise ConfigError(
+            f"--prompt: {len(ids)} tokens and the {room} positions to generate exceed "
+            f"model.block_size={block}; shorten the prompt"
+        )
     return torch.tensor([ids], dtype=torch.long, device=mm.device)
 
 
-def _generate_text(mm: MultimodalCheckpoint, source: str, prompt: str, path: Optional[str], vae: Optional[str],
-                   max_new_tokens: int, sampling: Dict[str, Any]) -> str:
+def _generate_text(
+    mm: MultimodalCheckpoint,
+    source: str,
+    prompt: str,
+    path: Optional[str],
+    vae: Optional[str],
+    max_new_tokens: int,
+    sampling: Dict[str, Any],
+) -> str:
     """Continue ``prompt`` (text; ``sampling``: the keyword arguments of ``generate_text``), or
     transcribe / caption the span read from ``path`` (greedy); up to the end-of-text id. Returns the
     prompt plus the generated text."""
@@ -239,7 +271,7 @@ def _generate_text(mm: MultimodalCheckpoint, source: str, prompt: str, path: Opt
     if source != "text":
         sampling = {"temperature": 0.0}
     out = m.generate_text(_fit(mm, ids, 1), max_new_tokens, **span, **sampling, stop_id=mm.eot_id)
-    return mm.decode(out[0, len(prefix):].tolist())
+    return mm.decode(out[0, len(prefix) :].tolist())
 
 
 def read_audio_span(mm: MultimodalCheckpoint, path: str) -> torch.Tensor:
@@ -264,8 +296,15 @@ def read_audio_span(mm: MultimodalCheckpoint, path: str) -> torch.Tensor:
     wave = load_wave(path, int(a["sample_rate"]), "peak" if how == "peak" else None)
     if how == "loudness":
         wave = loudness_normalize(wave, int(a["sample_rate"]), float(a.get("target_lufs", -23.0)))
-    features = MelFeatures(int(a["sample_rate"]), int(a["n_fft"]), int(a["hop_length"]), int(a["n_mels"]),
-                           a.get("win_length"), float(a.get("f_min") or 0.0), a.get("f_max"))
+    features = MelFeatures(
+        int(a["sample_rate"]),
+        int(a["n_fft"]),
+        int(a["hop_length"]),
+        int(a["n_mels"]),
+        a.get("win_length"),
+        float(a.get("f_min") or 0.0),
+        a.get("f_max"),
+    )
     with torch.no_grad():
         mel = features(wave[None])[0]  # (n_mels, F) natural-log magnitude
     span, _ = crop_mel(mel.numpy(), Layout.from_model(m, mm.eot_id or 0), None)  # as validation rows
@@ -276,11 +315,15 @@ def _audio_settings(mm: MultimodalCheckpoint) -> Dict[str, Any]:
     a = mm.info.get("audio") or {}
     missing = [k for k in ("sample_rate", "n_fft", "hop_length", "n_mels") if k not in a]
     if missing:
-        raise CheckpointError(f"{mm.path / INFO_FILE}: no audio analysis settings ({', '.join(missing)} missing); "
-                              "a checkpoint of a run with speech shards records them")
+        raise CheckpointError(
+            f"{mm.path / INFO_FILE}: no audio analysis settings ({', '.join(missing)} missing); "
+            "a checkpoint of a run with speech shards records them"
+        )
     if int(a["n_mels"]) != mm.cfg.model.n_mels:
-        raise CheckpointError(f"{mm.path}: {INFO_FILE} says n_mels={a['n_mels']} but model.n_mels="
-                              f"{mm.cfg.model.n_mels}; the checkpoint's files do not belong together")
+        raise CheckpointError(
+            f"{mm.path}: {INFO_FILE} says n_mels={a['n_mels']} but model.n_mels="
+            f"{mm.cfg.model.n_mels}; the checkpoint's files do not belong together"
+        )
     return a
 
 
@@ -330,20 +373,25 @@ def _image_vae(mm: MultimodalCheckpoint, path: Optional[str]) -> Optional[torch.
     latent = "image_latents" in kinds if kinds - {None} else channels != 3  # older files: by channels
     if not latent:
         if path:
-            raise ConfigError(f"--vae {path}: the checkpoint {mm.path} generates pixels (model.image_channels=3); "
-                              "drop --vae")
+            raise ConfigError(
+                f"--vae {path}: the checkpoint {mm.path} generates pixels (model.image_channels=3); drop --vae"
+            )
         return None
     path = path or mm.info.get("vae_checkpoint")
     if not path:
-        raise ConfigError(f"--vae: the checkpoint {mm.path} works on image-VAE latents (model.image_channels="
-                          f"{channels}); pass the image_vae checkpoint they came from")
+        raise ConfigError(
+            f"--vae: the checkpoint {mm.path} works on image-VAE latents (model.image_channels="
+            f"{channels}); pass the image_vae checkpoint they came from"
+        )
     ckpt = checkpoint_dir(path, "--vae", "image VAE")
     vae = load_config(ckpt / "config.yaml").model
     if vae.family != "image_vae":
         raise ConfigError(f"--vae: {ckpt} is a {vae.family!r} checkpoint, not an image_vae one")
     if vae.latent_channels != channels:
-        raise ConfigError(f"--vae: the VAE at {ckpt} has latent_channels={vae.latent_channels} but the checkpoint "
-                          f"{mm.path} has model.image_channels={channels}; pass the VAE its latents came from")
+        raise ConfigError(
+            f"--vae: the VAE at {ckpt} has latent_channels={vae.latent_channels} but the checkpoint "
+            f"{mm.path} has model.image_channels={channels}; pass the VAE its latents came from"
+        )
     return load_for_inference(ckpt, str(mm.device))[0]
 
 
@@ -361,8 +409,9 @@ def write_image(x: torch.Tensor, out: str, vae: Optional[torch.nn.Module]) -> st
 
 
 @torch.no_grad()
-def write_audio(mm: MultimodalCheckpoint, x: torch.Tensor, out: str, vocoder: Optional[str],
-                title: str = "") -> Dict[str, Any]:
+def write_audio(
+    mm: MultimodalCheckpoint, x: torch.Tensor, out: str, vocoder: Optional[str], title: str = ""
+) -> Dict[str, Any]:
     """Write a generated audio span ``(1, n_mels, audio_frames)``: de-normalised to the log-mel
     (``x * mel_std + mel_mean``), then the wav ``out`` through ``vocoder`` (PCM 16 at the
     checkpoint's rate), or without one ``<out stem>.npy`` (float32 ``(n_mels, frames)``) and the
@@ -397,8 +446,14 @@ def write_audio(mm: MultimodalCheckpoint, x: torch.Tensor, out: str, vocoder: Op
         return {"files": [out]}
     stem = os.path.splitext(out)[0]
     np.save(stem + ".npy", mel.numpy())
-    plot = plot_mels(stem + "_mel.png", [(repr(title[:60]) if title else "generated", mel)],
-                     int(a["sample_rate"]), int(a["hop_length"]))
-    return {"files": [stem + ".npy", plot],
-            "note": f"no --vocoder: wrote the log-mel as {stem}.npy and its plot; pass --vocoder CKPT (a vocoder "
-                    "checkpoint with the same mel settings) for a wav"}
+    plot = plot_mels(
+        stem + "_mel.png",
+        [(repr(title[:60]) if title else "generated", mel)],
+        int(a["sample_rate"]),
+        int(a["hop_length"]),
+    )
+    return {
+        "files": [stem + ".npy", plot],
+        "note": f"no --vocoder: wrote the log-mel as {stem}.npy and its plot; pass --vocoder CKPT (a vocoder "
+        "checkpoint with the same mel settings) for a wav",
+    }

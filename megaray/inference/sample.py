@@ -17,9 +17,18 @@ import torch
 from megaray.errors import CheckpointError, ConfigError
 
 
-def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: Optional[str] = None,
-                      text: Optional[str] = None, cfg_scale: Optional[float] = None, steps: Optional[int] = None,
-                      seed: int = 0, vocoder: Optional[str] = None) -> Dict[str, Any]:
+def sample_checkpoint(
+    checkpoint: str,
+    output: str,
+    *,
+    n: int = 16,
+    class_name: Optional[str] = None,
+    text: Optional[str] = None,
+    cfg_scale: Optional[float] = None,
+    steps: Optional[int] = None,
+    seed: int = 0,
+    vocoder: Optional[str] = None,
+) -> Dict[str, Any]:
     """Sample ``n`` images or mels from a ``dit`` checkpoint.
 
     Image-latent runs: ``output`` is a PNG grid of ``n`` VAE decodings (``ceil(sqrt(n))`` per
@@ -42,7 +51,15 @@ def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: 
             listed); ``class_name`` for a text-conditioned run or ``text`` for a class-conditioned one; a missing or
             mismatched VAE / vocoder.
     """
-    from megaray.tasks.diffusion import INFO_FILE, DiffusionInfo, DiffusionTask, check_vae, check_vocoder, render, sample
+    from megaray.tasks.diffusion import (
+        INFO_FILE,
+        DiffusionInfo,
+        DiffusionTask,
+        check_vae,
+        check_vocoder,
+        render,
+        sample,
+    )
     from megaray.train.checkpoint import load_for_inference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,11 +77,14 @@ def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: 
     modules: Dict[str, Any] = {}
     if info.kind == "image_latents" and cfg.model.context_dim:  # text-to-image
         if class_name is not None:
-            raise ConfigError("--class: this checkpoint is a text-to-image DiT (conditioned on captions); use --text \"...\"")
+            raise ConfigError(
+                '--class: this checkpoint is a text-to-image DiT (conditioned on captions); use --text "..."'
+            )
         texts = info.texts or [""]
         cond: Dict[str, Any] = {"texts": [text] * n if text is not None else [texts[i % len(texts)] for i in range(n)]}
-        modules["vae"] = load_for_inference(check_vae(d.vae_checkpoint or info.vae_checkpoint, cfg.model.in_channels),
-                                            device)[0]
+        modules["vae"] = load_for_inference(
+            check_vae(d.vae_checkpoint or info.vae_checkpoint, cfg.model.in_channels), device
+        )[0]
         encoder = task.text.load()
         if encoder is not None:
             encoder.to(device)
@@ -80,7 +100,7 @@ def sample_checkpoint(checkpoint: str, output: str, *, n: int = 16, class_name: 
         modules["vae"] = load_for_inference(vae, device)[0]
     else:
         if class_name is not None:
-            raise ConfigError("--class: this checkpoint is a text-conditioned mel DiT; use --text \"...\"")
+            raise ConfigError('--class: this checkpoint is a text-conditioned mel DiT; use --text "..."')
         texts = info.texts or [""]
         cond = {"texts": [text] * n if text is not None else [texts[i % len(texts)] for i in range(n)]}
         voc = vocoder or d.vocoder_checkpoint

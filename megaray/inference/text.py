@@ -32,7 +32,9 @@ def load_text_model(checkpoint: str | os.PathLike, device: str) -> Tuple[torch.n
         from megaray.families import load_config
 
         family = load_config(ckpt / "config.yaml").model.family
-        raise CheckpointError(f"{ckpt}: no {TOKENIZER_FILE}, so not a text model's checkpoint (its family is "
-                              f"{family!r}); eval and generate need a text run such as runs/gpt-debug")
+        raise CheckpointError(
+            f"{ckpt}: no {TOKENIZER_FILE}, so not a text model's checkpoint (its family is "
+            f"{family!r}); eval and generate need a text run such as runs/gpt-debug"
+        )
     model, cfg, ckpt = load_for_inference(ckpt, device)
     return model, cfg, ckpt, tok.read_text()

@@ -37,8 +37,9 @@ def load_wave(path: str, sample_rate: int, normalize: Optional[str] = "peak") ->
 
 
 @torch.no_grad()
-def vocode_file(model: Any, cfg: VocoderConfig, in_path: str, out_path: str,
-                normalize: Optional[str] = "peak") -> Dict[str, float]:
+def vocode_file(
+    model: Any, cfg: VocoderConfig, in_path: str, out_path: str, normalize: Optional[str] = "peak"
+) -> Dict[str, float]:
     """Analysis -> log-mel -> vocoder -> ``soundfile.write`` (PCM_16 wav, or by extension).
 
     Args:
@@ -91,6 +92,8 @@ def vocode_checkpoint(checkpoint: str | os.PathLike, in_path: str, out_path: str
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, ckpt = load_for_inference(checkpoint, device)
     if cfg.model.family != "vocoder":
-        raise ConfigError(f"{ckpt}: a {cfg.model.family!r} checkpoint, not a vocoder (train one with "
-                          "`megaray train configs/vocoder_tiny.yaml`)")
+        raise ConfigError(
+            f"{ckpt}: a {cfg.model.family!r} checkpoint, not a vocoder (train one with "
+            "`megaray train configs/vocoder_tiny.yaml`)"
+        )
     return {"output": str(out_path), **vocode_file(model, cfg.model, str(in_path), str(out_path))}

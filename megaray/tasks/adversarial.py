@@ -28,8 +28,9 @@ from megaray.tasks.base import unwrap
 PairLoss = Callable[[Any, Any], torch.Tensor]
 
 
-def adaptive_weight(base_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(
+    base_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """taming-transformers' ``calculate_adaptive_weight`` without the outer factor: the ratio of
     the gradient norms of ``base_loss`` and ``adv_loss`` at ``last_layer`` (a parameter both
     depend on), clamped to ``[0, max_weight]`` and detached. Keeps both graphs (retain_graph)."""
@@ -52,8 +53,17 @@ class AdversarialStep:
         adaptive: scale the adversarial term by :func:`adaptive_weight` (needs ``last_layer``).
     """
 
-    def __init__(self, d_loss: PairLoss, g_loss: Callable[[Any], torch.Tensor], fm_loss: Optional[PairLoss] = None,
-                 *, start_step: int = 0, adv_weight: float = 1.0, fm_weight: float = 0.0, adaptive: bool = False):
+    def __init__(
+        self,
+        d_loss: PairLoss,
+        g_loss: Callable[[Any], torch.Tensor],
+        fm_loss: Optional[PairLoss] = None,
+        *,
+        start_step: int = 0,
+        adv_weight: float = 1.0,
+        fm_weight: float = 0.0,
+        adaptive: bool = False,
+    ):
         self.d_loss, self.g_loss, self.fm_loss = d_loss, g_loss, fm_loss
         self.start_step, self.adv_weight, self.fm_weight, self.adaptive = start_step, adv_weight, fm_weight, adaptive
 
@@ -69,8 +79,14 @@ class AdversarialStep:
         disc.step()
         return {"loss_disc": float(loss_d.detach())}
 
-    def generator_loss(self, disc: Any, real: torch.Tensor, fake: torch.Tensor, base_loss: torch.Tensor,
-                       last_layer: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def generator_loss(
+        self,
+        disc: Any,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        base_loss: torch.Tensor,
+        last_layer: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """``base_loss + w_adv * g_loss + fm_weight * fm_loss`` through a frozen ``disc``.
 
         Returns ``(loss, metrics)``; metrics hold ``loss_gen_adv``, ``loss_fm`` and, when adaptive,
@@ -104,8 +120,15 @@ class AdversarialStep:
             metrics["loss_fm"] = float(fm.detach())
         return loss, metrics
 
-    def __call__(self, disc: Optional[Any], real: torch.Tensor, fake: torch.Tensor, base_loss: torch.Tensor,
-                 step: int, last_layer: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def __call__(
+        self,
+        disc: Optional[Any],
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        base_loss: torch.Tensor,
+        step: int,
+        last_layer: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The whole step at optimizer step ``step``: :meth:`discriminator_step` then
         :meth:`generator_loss` when :meth:`active` (and a ``disc`` is given), else ``base_loss``.
         The caller backpropagates and steps the generator with the returned loss."""

@@ -59,8 +59,10 @@ class AudioTask(Task):
 
         sources = self.cfg.data.resolved_sources()
         if len(sources) > 1:
-            raise ConfigError("data.sources: the audio families train on one shard set; give data.shards "
-                              "(or one entry in data.sources)")
+            raise ConfigError(
+                "data.sources: the audio families train on one shard set; give data.shards "
+                "(or one entry in data.sources)"
+            )
         shards = sources[0].shards
         man = audio.read_manifest(shards)  # DataError naming the folder and the prepare command
         for key, want in self._expect().items():
@@ -76,14 +78,30 @@ class AudioTask(Task):
             raise ConfigError(f"data: {shards} has no validation clips; prepare with val_fraction > 0")
         passes = self.crop_passes(n_train, order.global_batch_size(t.global_batch_size, B, t.grad_accum_steps, world))
         repeats = max(1, math.ceil(world * B / n_val))  # extra fixed crops per val clip for tiny val sets
-        self.info = AudioInfo(**self.batch_plan(passes * n_train, n_val * repeats, shards,
-                                                f"crops ({n_train} training clips x {passes} crop passes)",
-                                                "prepare more audio or lower data.batch_size"),
-                              manifest=man, train_clips=n_train, val_clips=n_val, val_repeats=repeats,
-                              crop_passes=passes, speakers=man.get("speakers", {}))
-        return audio.audio_datasets(shards, self.cfg.model.segment_samples, seed=t.seed,
-                                    expect=self._expect(), val_repeats=repeats, crop_passes=passes,
-                                    on_corrupt=self.cfg.data.on_corrupt)
+        self.info = AudioInfo(
+            **self.batch_plan(
+                passes * n_train,
+                n_val * repeats,
+                shards,
+                f"crops ({n_train} training clips x {passes} crop passes)",
+                "prepare more audio or lower data.batch_size",
+            ),
+            manifest=man,
+            train_clips=n_train,
+            val_clips=n_val,
+            val_repeats=repeats,
+            crop_passes=passes,
+            speakers=man.get("speakers", {}),
+        )
+        return audio.audio_datasets(
+            shards,
+            self.cfg.model.segment_samples,
+            seed=t.seed,
+            expect=self._expect(),
+            val_repeats=repeats,
+            crop_passes=passes,
+            on_corrupt=self.cfg.data.on_corrupt,
+        )
 
     #: most crop passes in one epoch of the train dataset
     max_crop_passes: int = 16
@@ -97,18 +115,26 @@ class AudioTask(Task):
         need = math.ceil(self.cfg.train.max_steps * global_batch / max(1, n_train))
         return max(1, min(self.max_crop_passes, need))
 
-
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """Random crops of the training clips (:attr:`AudioInfo.crop_passes` passes an epoch) in the
         world-independent served order of :mod:`megaray.data.rows`, from sample ``cursor`` of
         ``epoch`` on (crops seeded by (seed, clip, pass), as :func:`megaray.data.audio.audio_datasets`)."""
-        return crop_stream(self.cfg, self.info.manifest, plan, epoch, cursor, segment=self.cfg.model.segment_samples,
-                           passes=self.info.crop_passes)
+        return crop_stream(
+            self.cfg,
+            self.info.manifest,
+            plan,
+            epoch,
+            cursor,
+            segment=self.cfg.model.segment_samples,
+            passes=self.info.crop_passes,
+        )
 
     def prepare_command(self, shards: str) -> Optional[str]:
         m = self.cfg.model
-        return (f"megaray prepare audio --source espeak --out {shards} --sample-rate {m.sample_rate} "
-                f"--n-mels {m.n_mels} --n-fft {m.n_fft} --hop-length {m.hop_length}")
+        return (
+            f"megaray prepare audio --source espeak --out {shards} --sample-rate {m.sample_rate} "
+            f"--n-mels {m.n_mels} --n-fft {m.n_fft} --hop-length {m.hop_length}"
+        )
 
     def _check_manifest(self, man: Dict[str, Any]) -> None:
         """Family-specific checks of the shard manifest (raise ConfigError)."""
@@ -131,8 +157,18 @@ class AudioTask(Task):
         return wave, mel
 
 
-def crop_stream(cfg: Any, man: Dict[str, Any], plan: Any, epoch: int, cursor: int, *, segment: int,
-                passes: int = 1, from_start: bool = False, text_max_len: Optional[int] = None) -> Any:
+def crop_stream(
+    cfg: Any,
+    man: Dict[str, Any],
+    plan: Any,
+    epoch: int,
+    cursor: int,
+    *,
+    segment: int,
+    passes: int = 1,
+    from_start: bool = False,
+    text_max_len: Optional[int] = None,
+) -> Any:
     """The positioned train stream of an audio shard set (``cfg.data``'s one source, manifest
     ``man``): clips in the served order of :func:`megaray.data.rows.positioned_rows` (``passes``
     reads an epoch), cropped by :func:`megaray.data.audio.datasets._crop_batch` (train crops seeded
@@ -143,15 +179,37 @@ def crop_stream(cfg: Any, man: Dict[str, Any], plan: Any, epoch: int, cursor: in
 
     shards, seed = cfg.data.resolved_sources()[0].shards, cfg.train.seed
     with_vector = bool(man.get("speaker_vector_dim"))
-    cols = (["name", "waveform", "mel", "n_frames", "speaker_id"] + (["speaker_vector"] if with_vector else [])
-            + (["text"] if text_max_len else []))
+    cols = (
+        ["name", "waveform", "mel", "n_frames", "speaker_id"]
+        + (["speaker_vector"] if with_vector else [])
+        + (["text"] if text_max_len else [])
+    )
     filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
-    ds = rows.positioned_rows(filesystem, items, cols, schema, seed=seed, shuffle_block=cfg.data.shuffle_block,
-                              plan=plan, epoch=epoch, cursor=cursor,
-                              last_epoch=rows.last_epoch(cfg.train.max_steps, epoch, plan),
-                              passes=passes, on_corrupt=cfg.data.on_corrupt, hint=hint)
-    kw = dict(segment=segment, hop=int(man["hop_length"]), n_mels=int(man["n_mels"]), seed=seed, train=True,
-              with_vector=with_vector, from_start=from_start, text_max_len=text_max_len)
+    ds = rows.positioned_rows(
+        filesystem,
+        items,
+        cols,
+        schema,
+        seed=seed,
+        shuffle_block=cfg.data.shuffle_block,
+        plan=plan,
+        epoch=epoch,
+        cursor=cursor,
+        last_epoch=rows.last_epoch(cfg.train.max_steps, epoch, plan),
+        passes=passes,
+        on_corrupt=cfg.data.on_corrupt,
+        hint=hint,
+    )
+    kw = dict(
+        segment=segment,
+        hop=int(man["hop_length"]),
+        n_mels=int(man["n_mels"]),
+        seed=seed,
+        train=True,
+        with_vector=with_vector,
+        from_start=from_start,
+        text_max_len=text_max_len,
+    )
     return rows.map_positioned(ds, _crop_batch, plan.micro_batch, fn_kwargs=kw)
 
 
@@ -168,8 +226,15 @@ def plot_mels(path: str, panels: List[Tuple[str, Any]], sample_rate: int, hop_le
     vmin, vmax = float(mels[0].min()), float(mels[0].max())  # one colour scale: the first panel's
     for ax, (title, _), mel in zip(axes[:, 0], panels, mels):
         seconds = mel.shape[-1] * hop_length / sample_rate
-        im = ax.imshow(mel, origin="lower", aspect="auto", interpolation="none", vmin=vmin, vmax=vmax,
-                       extent=[0, seconds, 0, mel.shape[0]])
+        im = ax.imshow(
+            mel,
+            origin="lower",
+            aspect="auto",
+            interpolation="none",
+            vmin=vmin,
+            vmax=vmax,
+            extent=[0, seconds, 0, mel.shape[0]],
+        )
         ax.set_title(title)
         ax.set_ylabel("mel band")
         fig.colorbar(im, ax=ax, label="log magnitude")

@@ -27,13 +27,19 @@ class AudioVAETask(AudioTask):
         if m.speaker_source == "vector":
             dim = man.get("speaker_vector_dim")
             if not dim:
-                raise ConfigError("model.speaker_source: 'vector' needs shards with a speaker_vector column "
-                                  "(add speaker_vector to the source manifest) or use 'table'")
+                raise ConfigError(
+                    "model.speaker_source: 'vector' needs shards with a speaker_vector column "
+                    "(add speaker_vector to the source manifest) or use 'table'"
+                )
             if dim != m.speaker_vector_dim:
-                raise ConfigError(f"model.speaker_vector_dim: shards hold {dim}-dim vectors, model expects {m.speaker_vector_dim}")
+                raise ConfigError(
+                    f"model.speaker_vector_dim: shards hold {dim}-dim vectors, model expects {m.speaker_vector_dim}"
+                )
         elif len(man.get("speakers", {})) > m.num_speakers:
-            raise ConfigError(f"model.num_speakers ({m.num_speakers}) is smaller than the {len(man['speakers'])} "
-                              f"speakers in {self.cfg.data.shards}; set model.num_speakers >= {len(man['speakers'])}")
+            raise ConfigError(
+                f"model.num_speakers ({m.num_speakers}) is smaller than the {len(man['speakers'])} "
+                f"speakers in {self.cfg.data.shards}; set model.num_speakers >= {len(man['speakers'])}"
+            )
 
     def batch_units(self, batch: Mapping[str, torch.Tensor]) -> int:
         return int(batch["mel"].shape[0] * batch["mel"].shape[-1])
@@ -52,8 +58,11 @@ class AudioVAETask(AudioTask):
         rec = F.l1_loss(recon, mel) if self.cfg.model.recon_loss == "l1" else F.mse_loss(recon, mel)
         kl = kl_divergence(mu, logvar)
         loss = rec + self.cfg.model.kl_weight * kl
-        return loss, recon, {"recon": float(rec.detach()), "kl": float(kl.detach()),
-                             "mel_l1": float(F.l1_loss(recon.detach(), mel))}
+        return (
+            loss,
+            recon,
+            {"recon": float(rec.detach()), "kl": float(kl.detach()), "mel_l1": float(F.l1_loss(recon.detach(), mel))},
+        )
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         loss, _, metrics = self._terms(model, batch)
@@ -81,13 +90,19 @@ class AudioVAETask(AudioTask):
         m = self.cfg.model
         for i, ex in enumerate(self._examples()):
             _, mel = self._crop_example(ex)
-            spk = ({"speaker_vector": torch.from_numpy(ex["speaker_vector"])[None].to(device)}
-                   if m.speaker_source == "vector" else {"speaker_id": torch.tensor([ex["speaker_id"]], device=device)})
+            spk = (
+                {"speaker_vector": torch.from_numpy(ex["speaker_vector"])[None].to(device)}
+                if m.speaker_source == "vector"
+                else {"speaker_id": torch.tensor([ex["speaker_id"]], device=device)}
+            )
             recon, _, _ = net(mel[None].to(device), sample=False, **spk)
             recon = recon[0].float().cpu()
-            plot_mels(os.path.join(out_dir, f"clip{i}_mel.png"),
-                      [(f"input {ex['name']} ({ex['speaker']})", mel), (f"VAE reconstruction, step {step}", recon)],
-                      m.sample_rate, m.hop_length)
+            plot_mels(
+                os.path.join(out_dir, f"clip{i}_mel.png"),
+                [(f"input {ex['name']} ({ex['speaker']})", mel), (f"VAE reconstruction, step {step}", recon)],
+                m.sample_rate,
+                m.hop_length,
+            )
             for tag, x in (("input", mel), ("recon", recon)):
                 wave = griffin_lim(x, m.sample_rate, m.n_fft, m.hop_length)
                 sf.write(os.path.join(out_dir, f"clip{i}_{tag}_griffinlim.wav"), wave.numpy(), m.sample_rate)

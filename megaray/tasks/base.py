@@ -59,9 +59,17 @@ class TaskInfo:
         """A copy for ``world`` ranks (and, when given, the global batch a resumed run keeps)."""
         if self.plan is None:
             return self
-        plan = self.plan if global_batch in (None, self.plan.global_batch) else replace(self.plan, global_batch=global_batch)
-        return replace(self, plan=plan, batches_per_epoch=plan.micro_batches(world),
-                       val_batches=order.val_batches(self.val_samples, world, plan.micro_batch, self.val_limit))
+        plan = (
+            self.plan
+            if global_batch in (None, self.plan.global_batch)
+            else replace(self.plan, global_batch=global_batch)
+        )
+        return replace(
+            self,
+            plan=plan,
+            batches_per_epoch=plan.micro_batches(world),
+            val_batches=order.val_batches(self.val_samples, world, plan.micro_batch, self.val_limit),
+        )
 
 
 def unwrap(module: Any) -> torch.nn.Module:
@@ -120,9 +128,15 @@ class Task:
         Must fill :attr:`info` (:meth:`batch_plan`'s fields, the manifest)."""
         raise NotImplementedError
 
-    def batch_plan(self, train_samples: int, val_samples: int, where: str, unit: str = "samples",
-                   hint: str = "prepare more data or lower data.batch_size",
-                   val_where: Optional[str] = None) -> Dict[str, Any]:
+    def batch_plan(
+        self,
+        train_samples: int,
+        val_samples: int,
+        where: str,
+        unit: str = "samples",
+        hint: str = "prepare more data or lower data.batch_size",
+        val_where: Optional[str] = None,
+    ) -> Dict[str, Any]:
         """The :class:`TaskInfo` fields of the batch arithmetic (one home: :mod:`megaray.data.order`)
         for a train split of ``train_samples`` and a val split of ``val_samples`` per epoch:
         ``plan``, ``val_samples``, ``val_limit`` and the largest world size's batch counts.
@@ -142,8 +156,13 @@ class Task:
             plan.accum(hi)  # raises, naming the sizes that divide it
         order.check_val(val_samples, hi, B, val_where or where, unit)
         info = TaskInfo(plan=plan, val_samples=int(val_samples), val_limit=c.data.num_val_batches).for_world(hi)
-        return {"plan": plan, "val_samples": info.val_samples, "val_limit": info.val_limit,
-                "batches_per_epoch": info.batches_per_epoch, "val_batches": info.val_batches}
+        return {
+            "plan": plan,
+            "val_samples": info.val_samples,
+            "val_limit": info.val_limit,
+            "batches_per_epoch": info.batches_per_epoch,
+            "val_batches": info.val_batches,
+        }
 
     def train_stream(self, epoch: int, cursor: int, plan: BatchPlan) -> Any:
         """The train split as one Ray Dataset over the rest of the run, starting at sample
@@ -227,8 +246,9 @@ class Task:
         besides the weights and config], "params": {name: default (int, float, bool or str)}}``."""
         return None
 
-    def predict(self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any],
-                params: Mapping[str, Any]) -> List[Any]:
+    def predict(
+        self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any], params: Mapping[str, Any]
+    ) -> List[Any]:
         """The served model's answer, one output per input. ``model``: the network in eval mode
         (from :func:`megaray.train.checkpoint.load_for_inference`); ``files``: ``{name: local
         path}`` of the spec's files; ``params``: the spec's params, overridden by the caller's."""

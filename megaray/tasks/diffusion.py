@@ -96,17 +96,21 @@ def check_vae(path: Optional[str], in_channels: int, key: str = "diffusion.vae_c
     from megaray.families import load_config
 
     if not path:
-        raise ConfigError(f"{key}: a run on image latents needs the image VAE checkpoint that decodes them; set "
-                          "it (or prepare the latents with `megaray prepare image-latents --vae-checkpoint VAE_RUN "
-                          "--source IMAGES --out DIR`)")
+        raise ConfigError(
+            f"{key}: a run on image latents needs the image VAE checkpoint that decodes them; set "
+            "it (or prepare the latents with `megaray prepare image-latents --vae-checkpoint VAE_RUN "
+            "--source IMAGES --out DIR`)"
+        )
     ckpt = checkpoint_dir(path, key, "image VAE")
     vae = load_config(ckpt / "config.yaml").model
     if vae.family != "image_vae":
         raise ConfigError(f"{key}: {ckpt} is a {vae.family!r} checkpoint, not an image_vae one")
     if vae.latent_channels != in_channels:
-        raise ConfigError(f"model.in_channels ({in_channels}) differs from the latent_channels "
-                          f"({vae.latent_channels}) of the VAE at {ckpt} ({key}); set model.in_channels="
-                          f"{vae.latent_channels} or use a VAE with {in_channels} latent channels")
+        raise ConfigError(
+            f"model.in_channels ({in_channels}) differs from the latent_channels "
+            f"({vae.latent_channels}) of the VAE at {ckpt} ({key}); set model.in_channels="
+            f"{vae.latent_channels} or use a VAE with {in_channels} latent channels"
+        )
     return str(ckpt)
 
 
@@ -122,8 +126,10 @@ def check_vocoder(path: str, mel: Mapping[str, Any], key: str) -> str:
         raise ConfigError(f"{key}: {ckpt} is a {voc.family!r} checkpoint, not a vocoder")
     for k in ("sample_rate", "n_mels", "n_fft", "hop_length"):
         if k in mel and getattr(voc, k) != mel[k]:
-            raise ConfigError(f"{key}: the vocoder at {ckpt} has {k}={getattr(voc, k)} but the mels have "
-                              f"{k}={mel[k]}; use a vocoder trained on the same mel settings")
+            raise ConfigError(
+                f"{key}: the vocoder at {ckpt} has {k}={getattr(voc, k)} but the mels have "
+                f"{k}={mel[k]}; use a vocoder trained on the same mel settings"
+            )
     return str(ckpt)
 
 
@@ -175,7 +181,7 @@ class TextEncoder:
         tid = torch.zeros(len(toks), L, dtype=torch.long, device=dev)
         tmask = torch.zeros(len(toks), L, dtype=torch.bool, device=dev)
         for i, t in enumerate(toks):
-            tid[i, :len(t)], tmask[i, :len(t)] = torch.tensor(t, device=dev), True
+            tid[i, : len(t)], tmask[i, : len(t)] = torch.tensor(t, device=dev), True
         if self.kind == "t5":
             return self.net(input_ids=tid, attention_mask=tmask.long()).last_hidden_state.float(), tmask
         states = {}
@@ -209,45 +215,72 @@ class DiffusionTask(Task):
         shards = sources[0].shards
         man = read_manifest(shards)
         if man.get("kind") not in KINDS:
-            raise ConfigError(f"data.shards: {shards} holds {man.get('kind')!r} data; a dit run trains on "
-                              f"image latents (`megaray prepare image-latents`) or audio (`megaray prepare audio`)")
+            raise ConfigError(
+                f"data.shards: {shards} holds {man.get('kind')!r} data; a dit run trains on "
+                f"image latents (`megaray prepare image-latents`) or audio (`megaray prepare audio`)"
+            )
         return self._latent_datasets(shards, man) if man["kind"] == "image_latents" else self._mel_datasets(shards, man)
 
     def _latent_datasets(self, shards: str, man: Dict[str, Any]) -> Dict[str, Any]:
         m = self.cfg.model
         if m.in_channels != man["latent_channels"]:
-            raise ConfigError(f"model.in_channels ({m.in_channels}) differs from the latent_channels "
-                              f"({man['latent_channels']}) of {shards}; set model.in_channels={man['latent_channels']}")
+            raise ConfigError(
+                f"model.in_channels ({m.in_channels}) differs from the latent_channels "
+                f"({man['latent_channels']}) of {shards}; set model.in_channels={man['latent_channels']}"
+            )
         if m.grid_input != (man["latent_size"],) * 2:
-            raise ConfigError(f"model.input_size ({m.input_size}) differs from the latent_size ({man['latent_size']}) "
-                              f"of {shards}; set model.input_size={man['latent_size']}")
+            raise ConfigError(
+                f"model.input_size ({m.input_size}) differs from the latent_size ({man['latent_size']}) "
+                f"of {shards}; set model.input_size={man['latent_size']}"
+            )
         text = bool(m.context_dim)
         if text:
             self._check_text_model()
             if "captions" not in man:
-                raise ConfigError(f"model.context_dim ({m.context_dim}) makes a text-to-image DiT, but {shards} was "
-                                  "prepared without a caption column (an older megaray); re-run `megaray prepare "
-                                  "image-latents`, or set model.context_dim=0 for class conditioning")
+                raise ConfigError(
+                    f"model.context_dim ({m.context_dim}) makes a text-to-image DiT, but {shards} was "
+                    "prepared without a caption column (an older megaray); re-run `megaray prepare "
+                    "image-latents`, or set model.context_dim=0 for class conditioning"
+                )
         elif m.num_classes < len(man["labels"]):
-            raise ConfigError(f"model.num_classes ({m.num_classes}) is smaller than the {len(man['labels'])} labels "
-                              f"of {shards}; set model.num_classes={len(man['labels'])}")
-        key = "diffusion.vae_checkpoint" if self.cfg.diffusion.vae_checkpoint else f"{shards}/manifest.json vae_checkpoint"
+            raise ConfigError(
+                f"model.num_classes ({m.num_classes}) is smaller than the {len(man['labels'])} labels "
+                f"of {shards}; set model.num_classes={len(man['labels'])}"
+            )
+        key = (
+            "diffusion.vae_checkpoint"
+            if self.cfg.diffusion.vae_checkpoint
+            else f"{shards}/manifest.json vae_checkpoint"
+        )
         vae = check_vae(self.cfg.diffusion.vae_checkpoint or man.get("vae_checkpoint"), m.in_channels, key)
         n_train, n_val = man["splits"]["train"]["latents"], man["splits"]["val"]["latents"]
         texts = _first_captions(shards, man, self.cfg.diffusion.n_samples, _names(man)) if text else []
-        self._set_info(man, n_train, n_val, shards, kind="image_latents", labels=man["labels"], vae_checkpoint=vae,
-                       scaling_factor=float(man["scaling_factor"]), texts=texts)
+        self._set_info(
+            man,
+            n_train,
+            n_val,
+            shards,
+            kind="image_latents",
+            labels=man["labels"],
+            vae_checkpoint=vae,
+            scaling_factor=float(man["scaling_factor"]),
+            texts=texts,
+        )
         shape = (m.in_channels, man["latent_size"], man["latent_size"])
         max_len = self.cfg.diffusion.text_max_len if text else None
-        return {s: _latent_split(shards, man, s, shape, self.cfg.data.on_corrupt, max_len, _names(man))
-                for s in ("train", "val")}
+        return {
+            s: _latent_split(shards, man, s, shape, self.cfg.data.on_corrupt, max_len, _names(man))
+            for s in ("train", "val")
+        }
 
     def _check_text_model(self) -> None:
         """The byte-level text encoder needs the DiT's token table (>= 257 ids). Raises ConfigError."""
         m = self.cfg.model
         if self.cfg.diffusion.text_encoder == "bytes" and m.text_vocab_size < 257:
-            raise ConfigError(f"model.text_vocab_size ({m.text_vocab_size}): byte-level text needs >= 257 "
-                              "(256 bytes + padding) and model.context_dim > 0")
+            raise ConfigError(
+                f"model.text_vocab_size ({m.text_vocab_size}): byte-level text needs >= 257 "
+                "(256 bytes + padding) and model.context_dim > 0"
+            )
 
     def _mel_datasets(self, shards: str, man: Dict[str, Any]) -> Dict[str, Any]:
         from megaray.data.audio import audio_datasets, load_examples
@@ -255,24 +288,39 @@ class DiffusionTask(Task):
         m, d = self.cfg.model, self.cfg.diffusion
         n_mels, frames = m.grid_input
         if m.in_channels != 1 or n_mels != man["n_mels"]:
-            raise ConfigError(f"model.input_size / in_channels: a mel DiT takes (1, n_mels, frames) inputs; {shards} "
-                              f"has n_mels={man['n_mels']}, so set model.in_channels=1 and model.input_size="
-                              f"[{man['n_mels']}, FRAMES] (got in_channels={m.in_channels}, input_size={m.input_size})")
+            raise ConfigError(
+                f"model.input_size / in_channels: a mel DiT takes (1, n_mels, frames) inputs; {shards} "
+                f"has n_mels={man['n_mels']}, so set model.in_channels=1 and model.input_size="
+                f"[{man['n_mels']}, FRAMES] (got in_channels={m.in_channels}, input_size={m.input_size})"
+            )
         self._check_text_model()
         vocoder = d.vocoder_checkpoint and check_vocoder(d.vocoder_checkpoint, man, "diffusion.vocoder_checkpoint")
         n_train, n_val = man["splits"]["train"]["clips"], man["splits"]["val"]["clips"]
         # tiny val sets: every clip several times, so each rank gets a full batch
         repeats = max(1, math.ceil(self.cfg.scaling.max_workers * self.cfg.data.batch_size / max(1, n_val)))
         texts = [ex["text"] for ex in load_examples(shards, "val", d.n_samples)]
-        self._set_info(man, n_train, n_val * repeats, shards, kind="audio", texts=texts, vocoder_checkpoint=vocoder,
-                       mel={k: int(man[k]) for k in ("sample_rate", "n_mels", "n_fft", "hop_length")})
-        return audio_datasets(shards, (frames - 1) * int(man["hop_length"]), seed=self.cfg.train.seed,
-                              from_start=True, text_max_len=d.text_max_len, val_repeats=repeats,
-                              on_corrupt=self.cfg.data.on_corrupt)
+        self._set_info(
+            man,
+            n_train,
+            n_val * repeats,
+            shards,
+            kind="audio",
+            texts=texts,
+            vocoder_checkpoint=vocoder,
+            mel={k: int(man[k]) for k in ("sample_rate", "n_mels", "n_fft", "hop_length")},
+        )
+        return audio_datasets(
+            shards,
+            (frames - 1) * int(man["hop_length"]),
+            seed=self.cfg.train.seed,
+            from_start=True,
+            text_max_len=d.text_max_len,
+            val_repeats=repeats,
+            on_corrupt=self.cfg.data.on_corrupt,
+        )
 
     def _set_info(self, man: Dict[str, Any], n_train: int, n_val: int, shards: str, **kw: Any) -> None:
         self.info = DiffusionInfo(**self.batch_plan(n_train, n_val, shards, "examples"), manifest=man, **kw)
-
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """The training examples in the world-independent served order of :mod:`megaray.data.rows`
@@ -286,19 +334,44 @@ class DiffusionTask(Task):
             from megaray.tasks.audio import crop_stream
 
             frames = self.cfg.model.grid_input[1]
-            return crop_stream(self.cfg, man, plan, epoch, cursor, segment=(frames - 1) * int(man["hop_length"]),
-                               from_start=True, text_max_len=self.cfg.diffusion.text_max_len)
+            return crop_stream(
+                self.cfg,
+                man,
+                plan,
+                epoch,
+                cursor,
+                segment=(frames - 1) * int(man["hop_length"]),
+                from_start=True,
+                text_max_len=self.cfg.diffusion.text_max_len,
+            )
         text = bool(self.cfg.model.context_dim)
         shards, cols = self.cfg.data.resolved_sources()[0].shards, ["latent", "label"] + (["caption"] if text else [])
         filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
-        ds = rows.positioned_rows(filesystem, items, cols, schema, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
-                                  plan=plan, epoch=epoch, cursor=cursor,
-                                  last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
-                                  on_corrupt=self.cfg.data.on_corrupt, hint=hint)
+        ds = rows.positioned_rows(
+            filesystem,
+            items,
+            cols,
+            schema,
+            seed=t.seed,
+            shuffle_block=self.cfg.data.shuffle_block,
+            plan=plan,
+            epoch=epoch,
+            cursor=cursor,
+            last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
+            on_corrupt=self.cfg.data.on_corrupt,
+            hint=hint,
+        )
         shape = (self.cfg.model.in_channels, int(man["latent_size"]), int(man["latent_size"]))
-        return rows.map_positioned(ds, _reshape_latents, plan.micro_batch,
-                                   fn_kwargs={"shape": shape, "text_max_len": self.cfg.diffusion.text_max_len if text else None,
-                                              "names": _names(man)})
+        return rows.map_positioned(
+            ds,
+            _reshape_latents,
+            plan.micro_batch,
+            fn_kwargs={
+                "shape": shape,
+                "text_max_len": self.cfg.diffusion.text_max_len if text else None,
+                "names": _names(man),
+            },
+        )
 
     def checkpoint_files(self) -> Dict[str, str]:
         """``diffusion.json``: what ``megaray sample`` needs besides the weights (the shards' kind,
@@ -307,7 +380,9 @@ class DiffusionTask(Task):
         return {INFO_FILE: json.dumps({k: getattr(self.info, k) for k in keep}, indent=1)}
 
     def prepare_command(self, shards: str) -> Optional[str]:
-        if self.cfg.model.context_dim and self.cfg.model.in_channels == 1:  # text-conditioned: a mel DiT on audio shards
+        if (
+            self.cfg.model.context_dim and self.cfg.model.in_channels == 1
+        ):  # text-conditioned: a mel DiT on audio shards
             return f"megaray prepare audio --source espeak --out {shards} --n-mels {self.cfg.model.grid_input[0]}"
         return f"megaray prepare image-latents --vae-checkpoint VAE_RUN --source IMAGES --out {shards}"
 
@@ -394,11 +469,21 @@ def captions_of(b: Mapping[str, Any], names: Mapping[int, str]) -> List[str]:
     scikit-image's photographs and class folders carry labels, not captions."""
     from megaray.data.multimodal import CAPTION_TEMPLATE
 
-    return [str(c) or CAPTION_TEMPLATE.format(label=names.get(int(y), str(int(y)))) for c, y in zip(b["caption"], b["label"])]
+    return [
+        str(c) or CAPTION_TEMPLATE.format(label=names.get(int(y), str(int(y))))
+        for c, y in zip(b["caption"], b["label"])
+    ]
 
 
-def _latent_split(shards: str, man: Dict[str, Any], split: str, shape: Sequence[int], on_corrupt: str,
-                  text_max_len: Optional[int] = None, names: Optional[Dict[int, str]] = None) -> Any:
+def _latent_split(
+    shards: str,
+    man: Dict[str, Any],
+    split: str,
+    shape: Sequence[int],
+    on_corrupt: str,
+    text_max_len: Optional[int] = None,
+    names: Optional[Dict[int, str]] = None,
+) -> Any:
     """Ray Dataset of one split of image latents: ``latent`` float32 ``shape``, ``label`` int64
     (and the captions' byte ids with ``text_max_len``: :func:`_reshape_latents`); rows in file
     order (one block per row group: exact resume)."""
@@ -406,17 +491,27 @@ def _latent_split(shards: str, man: Dict[str, Any], split: str, shape: Sequence[
 
     cols = ["latent", "label"] + (["caption"] if text_max_len else [])
     ds = read_split(shards, man, split, cols, on_corrupt)
-    return ds.map_batches(_reshape_latents, batch_format="numpy",
-                          fn_kwargs={"shape": tuple(shape), "text_max_len": text_max_len, "names": names or {}})
+    return ds.map_batches(
+        _reshape_latents,
+        batch_format="numpy",
+        fn_kwargs={"shape": tuple(shape), "text_max_len": text_max_len, "names": names or {}},
+    )
 
 
-def _reshape_latents(b: Dict[str, np.ndarray], *, shape: Sequence[int], text_max_len: Optional[int] = None,
-                     names: Optional[Mapping[int, str]] = None) -> Dict[str, np.ndarray]:
+def _reshape_latents(
+    b: Dict[str, np.ndarray],
+    *,
+    shape: Sequence[int],
+    text_max_len: Optional[int] = None,
+    names: Optional[Mapping[int, str]] = None,
+) -> Dict[str, np.ndarray]:
     """Stored rows -> ``latent`` float32 ``(n, *shape)`` (row-major ``C*h*w``), ``label`` int64 ``(n,)``;
     with ``text_max_len``, the captions as ``text_ids`` int64 / ``text_mask`` bool ``(n, text_max_len)``
     (:func:`megaray.data.audio.datasets.text_bytes`, as a mel DiT's transcripts; :func:`captions_of`)."""
-    out = {"latent": np.stack([np.asarray(v, np.float32).reshape(shape) for v in b["latent"]]).reshape(-1, *shape),
-           "label": np.asarray(b["label"], np.int64)}
+    out = {
+        "latent": np.stack([np.asarray(v, np.float32).reshape(shape) for v in b["latent"]]).reshape(-1, *shape),
+        "label": np.asarray(b["label"], np.int64),
+    }
     if text_max_len:
         from megaray.data.audio.datasets import text_bytes
 
@@ -445,8 +540,9 @@ def _first_captions(shards: str, man: Dict[str, Any], n: int, names: Mapping[int
 
 
 @torch.no_grad()
-def sample(task: DiffusionTask, net: torch.nn.Module, n: int, cond: Dict[str, Any], scale: float, steps: int,
-           seed: int) -> torch.Tensor:
+def sample(
+    task: DiffusionTask, net: torch.nn.Module, n: int, cond: Dict[str, Any], scale: float, steps: int, seed: int
+) -> torch.Tensor:
     """``n`` DDIM samples ``(n, C, H, W)`` with classifier-free guidance ``scale`` (1 = none).
 
     ``cond``: ``{"y": (n,) class ids}`` or ``{"texts": [n strings]}``. The noise comes from a
@@ -465,14 +561,27 @@ def sample(task: DiffusionTask, net: torch.nn.Module, n: int, cond: Dict[str, An
     else:
         ids, mask = text_bytes(cond["texts"], task.cfg.diffusion.text_max_len)
         ctx, cmask = task.text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        fn = cfg_model_fn(net, None, None, scale, uncond_kwargs={"context_mask": torch.zeros_like(cmask)},
-                          context=ctx, context_mask=cmask)
+        fn = cfg_model_fn(
+            net,
+            None,
+            None,
+            scale,
+            uncond_kwargs={"context_mask": torch.zeros_like(cmask)},
+            context=ctx,
+            context_mask=cmask,
+        )
     return task.diffusion.ddim_sample(fn, noise, steps=steps, generator=g).float()
 
 
 @torch.no_grad()
-def render(task: DiffusionTask, x: torch.Tensor, modules: Mapping[str, torch.nn.Module], prefix: str,
-           titles: Optional[List[str]] = None, step: Optional[int] = None) -> List[str]:
+def render(
+    task: DiffusionTask,
+    x: torch.Tensor,
+    modules: Mapping[str, torch.nn.Module],
+    prefix: str,
+    titles: Optional[List[str]] = None,
+    step: Optional[int] = None,
+) -> List[str]:
     """Write samples ``x`` ``(n, C, H, W)``: image latents -> ``<prefix>.png`` (a grid of the
     VAE's decodings, ``ceil(sqrt(n))`` per row); mels -> ``<prefix>_mel.png`` and, when
     ``modules`` holds a ``vocoder``, ``<prefix>N.wav`` (PCM 16, the shards' sample rate).

@@ -58,23 +58,43 @@ class SFTTask(LMTask):
         manifest = sft.load_manifest(shards)
         vocab = int(manifest["vocab_size"])
         if vocab > self.cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer's "
-                              f"vocabulary ({vocab}) in {shards}/manifest.json: set model.vocab_size >= {vocab}")
-        T, B = self.cfg.model.block_size, self.cfg.data.batch_size
+            raise ConfigError(
+                f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"vocabulary ({vocab}) in {shards}/manifest.json: set model.vocab_size >= {vocab}"
+            )
+        T = self.cfg.model.block_size
         packed, dropped = {}, {}
         for split in ("train", "val"):
-            packed[split], dropped[split] = sft.pack(sft.read_split(shards, manifest, split), T, int(manifest["eos_id"]))
+            packed[split], dropped[split] = sft.pack(
+                sft.read_split(shards, manifest, split), T, int(manifest["eos_id"])
+            )
             if dropped[split]:
-                log.warning("sft: %d %s record(s) longer than block_size + 1 = %d tokens left out; prepare with "
-                            "--max-tokens %d to reject them by name", dropped[split], split, T + 1, T + 1)
+                log.warning(
+                    "sft: %d %s record(s) longer than block_size + 1 = %d tokens left out; prepare with "
+                    "--max-tokens %d to reject them by name",
+                    dropped[split],
+                    split,
+                    T + 1,
+                    T + 1,
+                )
         n_train, n_val = (len(packed[s]["input_ids"]) for s in ("train", "val"))
         self.info = SFTInfo(
-            **self.batch_plan(n_train, n_val, shards, f"windows of {T + 1} tokens", "add records or lower data.batch_size"),
-            manifest=manifest, vocab_size=vocab, tokenizer_path=join(shards, manifest["tokenizer"]["path"]),
-            train_windows=n_train, chat_template=read_text(join(shards, manifest["chat_template"])), dropped=dropped,
+            **self.batch_plan(
+                n_train, n_val, shards, f"windows of {T + 1} tokens", "add records or lower data.batch_size"
+            ),
+            manifest=manifest,
+            vocab_size=vocab,
+            tokenizer_path=join(shards, manifest["tokenizer"]["path"]),
+            train_windows=n_train,
+            chat_template=read_text(join(shards, manifest["chat_template"])),
+            dropped=dropped,
         )
-        return {s: ray.data.from_items([{k: v[i] for k, v in packed[s].items()} for i in range(len(packed[s]["input_ids"]))])
-                for s in ("train", "val")}
+        return {
+            s: ray.data.from_items(
+                [{k: v[i] for k, v in packed[s].items()} for i in range(len(packed[s]["input_ids"]))]
+            )
+            for s in ("train", "val")
+        }
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """The packed train windows in the world-independent served order of
@@ -87,14 +107,24 @@ class SFTTask(LMTask):
         from megaray.data.rows import last_epoch, positioned_table
 
         man, t = self.info.manifest, self.cfg.train
-        packed, _ = sft.pack(sft.read_split(self.cfg.data.shards, man, "train"), self.cfg.model.block_size,
-                             int(man["eos_id"]))
-        return positioned_table(packed, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block, plan=plan, epoch=epoch,
-                                cursor=cursor, last_epoch=last_epoch(t.max_steps, epoch, plan))
+        packed, _ = sft.pack(
+            sft.read_split(self.cfg.data.shards, man, "train"), self.cfg.model.block_size, int(man["eos_id"])
+        )
+        return positioned_table(
+            packed,
+            seed=t.seed,
+            shuffle_block=self.cfg.data.shuffle_block,
+            plan=plan,
+            epoch=epoch,
+            cursor=cursor,
+            last_epoch=last_epoch(t.max_steps, epoch, plan),
+        )
 
     def prepare_command(self, shards: str) -> Optional[str]:
-        return (f"megaray prepare sft --source FILE.jsonl --tokenizer PRETRAINED_RUN_OR_SHARDS --out {shards} "
-                f"--max-tokens {self.cfg.model.block_size + 1}")
+        return (
+            f"megaray prepare sft --source FILE.jsonl --tokenizer PRETRAINED_RUN_OR_SHARDS --out {shards} "
+            f"--max-tokens {self.cfg.model.block_size + 1}"
+        )
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         _, ce = model(batch["input_ids"], batch["targets"], doc_ids=batch["doc_ids"])
@@ -128,6 +158,7 @@ class SFTTask(LMTask):
         n = self.cfg.tracking.sample_tokens
         if not n or not self.info.tokenizer_path or not self.info.chat_template:
             return {}
-        prompt = render_prompt([{"role": "user", "content": self.cfg.tracking.sample_prompt}],
-                               json.loads(self.info.chat_template))
+        prompt = render_prompt(
+            [{"role": "user", "content": self.cfg.tracking.sample_prompt}], json.loads(self.info.chat_template)
+        )
         return {"sample": sample_text(modules["model"], _tokenizer(self.info.tokenizer_path), prompt, n, seed=step)}

@@ -63,8 +63,11 @@ class HellaSwagFile:
         """``"2 bad line(s): not JSON (line 3); label not in 0..3 (line 7)"`` or ``""``."""
         if not self.bad:
             return ""
-        parts = [f"{why} (line{'s' if len(ls) > 1 else ''} {', '.join(map(str, ls[:most]))}"
-                 f"{', ...' if len(ls) > most else ''})" for why, ls in self.bad.items()]
+        parts = [
+            f"{why} (line{'s' if len(ls) > 1 else ''} {', '.join(map(str, ls[:most]))}"
+            f"{', ...' if len(ls) > most else ''})"
+            for why, ls in self.bad.items()
+        ]
         return f"{self.n_bad} bad line(s) skipped in {self.path}: " + "; ".join(parts)
 
 
@@ -88,8 +91,9 @@ def _check(raw: Any) -> Optional[str]:
     return None
 
 
-def read_hellaswag(path: str | os.PathLike, tokenizer: Any, block_size: int,
-                   limit: Optional[int] = None) -> HellaSwagFile:
+def read_hellaswag(
+    path: str | os.PathLike, tokenizer: Any, block_size: int, limit: Optional[int] = None
+) -> HellaSwagFile:
     """Read and tokenize a HellaSwag JSONL file; bad lines are skipped, counted and named (logged).
 
     Args:
@@ -140,7 +144,9 @@ def _render(raw: Dict[str, Any], line: int, tokenizer: Any, block_size: int):
     room = block_size + 1 - longest  # context tokens that fit beside the longest ending
     if room < 1:
         return None, f"an ending is longer than the model's context ({block_size} tokens)"
-    return Example(line=line, ctx=ctx[-room:], endings=endings, label=int(raw["label"]), truncated=len(ctx) > room), None
+    return Example(
+        line=line, ctx=ctx[-room:], endings=endings, label=int(raw["label"]), truncated=len(ctx) > room
+    ), None
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -179,22 +185,33 @@ def score(model: Any, examples: Sequence[Example], device: Any, batch_examples: 
         chunk = examples[i : i + batch_examples]
         losses = ending_losses(model, chunk, device)
         for ex, lo in zip(chunk, losses):
-            out.append({"line": ex.line, "label": ex.label, "pred": int(lo[:, 0].argmin()),
-                        "pred_norm": int(lo[:, 1].argmin()), "sum_loss": lo[:, 0].tolist(),
-                        "mean_loss": lo[:, 1].tolist()})
+            out.append(
+                {
+                    "line": ex.line,
+                    "label": ex.label,
+                    "pred": int(lo[:, 0].argmin()),
+                    "pred_norm": int(lo[:, 1].argmin()),
+                    "sum_loss": lo[:, 0].tolist(),
+                    "mean_loss": lo[:, 1].tolist(),
+                }
+            )
     return out
 
 
 def accuracy(results: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     """``{"acc", "acc_norm", "examples"}`` of :func:`score` results."""
     n = len(results)
-    return {"acc": sum(r["pred"] == r["label"] for r in results) / n,
-            "acc_norm": sum(r["pred_norm"] == r["label"] for r in results) / n, "examples": float(n)}
+    return {
+        "acc": sum(r["pred"] == r["label"] for r in results) / n,
+        "acc_norm": sum(r["pred_norm"] == r["label"] for r in results) / n,
+        "examples": float(n),
+    }
 
 
 @torch.no_grad()
-def shared_metrics(model: Any, examples: Sequence[Example], rank: int, world: int, device: Any,
-                   batch_examples: int = 8) -> Dict[str, float]:
+def shared_metrics(
+    model: Any, examples: Sequence[Example], rank: int, world: int, device: Any, batch_examples: int = 8
+) -> Dict[str, float]:
     """This rank's share (``examples[rank::world]``) scored, as ``hellaswag_acc`` and
     ``hellaswag_acc_norm`` scaled so that the mean over ranks is the accuracy over all examples.
 
@@ -210,5 +227,7 @@ def shared_metrics(model: Any, examples: Sequence[Example], rank: int, world: in
         else:
             model(torch.zeros(1, 1, dtype=torch.long, device=device))
     scale = world / len(examples)
-    return {"hellaswag_acc": scale * sum(r["pred"] == r["label"] for r in results),
-            "hellaswag_acc_norm": scale * sum(r["pred_norm"] == r["label"] for r in results)}
+    return {
+        "hellaswag_acc": scale * sum(r["pred"] == r["label"] for r in results),
+        "hellaswag_acc_norm": scale * sum(r["pred_norm"] == r["label"] for r in results),
+    }

@@ -56,8 +56,9 @@ class ImageVAETask(Task):
         from megaray.models.image.discriminator import hinge_d_loss, hinge_g_loss
 
         m = cfg.model
-        self.adversarial = AdversarialStep(hinge_d_loss, hinge_g_loss, start_step=m.adv_start_step,
-                                           adv_weight=m.adv_weight, adaptive=True)
+        self.adversarial = AdversarialStep(
+            hinge_d_loss, hinge_g_loss, start_step=m.adv_start_step, adv_weight=m.adv_weight, adaptive=True
+        )
         self._perceptual: Optional[torch.nn.Module] = None
 
     # -- modules ---------------------------------------------------------------------------
@@ -83,9 +84,11 @@ class ImageVAETask(Task):
         shards, m = sources[0].shards, self.cfg.model
         man = image.read_manifest(shards)  # DataError naming the folder and the prepare command
         if man.get("size", 0) < m.resolution:
-            raise ConfigError(f"model.resolution: {m.resolution} px crops need images stored at >= {m.resolution} px, "
-                              f"but {shards} was prepared at {man.get('size')}; set model.resolution={man.get('size')} "
-                              f"or re-prepare with --size {m.resolution}")
+            raise ConfigError(
+                f"model.resolution: {m.resolution} px crops need images stored at >= {m.resolution} px, "
+                f"but {shards} was prepared at {man.get('size')}; set model.resolution={man.get('size')} "
+                f"or re-prepare with --size {m.resolution}"
+            )
         if m.perceptual_weight > 0:
             self._check_vgg(m.lpips_vgg_path)
         t, B, world = self.cfg.train, self.cfg.data.batch_size, self.cfg.scaling.max_workers
@@ -93,12 +96,27 @@ class ImageVAETask(Task):
         G = order.global_batch_size(t.global_batch_size, B, t.grad_accum_steps, world)
         passes = max(1, min(self.max_passes, math.ceil(t.max_steps * G / max(1, n_train))))  # world-independent
         self.info = ImageInfo(
-            **self.batch_plan(passes * n_train, n_val, shards, f"crops ({n_train} training images x {passes} passes)",
-                              "prepare more images or lower data.batch_size"),
-            manifest=man, train_images=n_train, val_images=n_val, passes=passes)
-        return image.image_datasets(shards, m.resolution, seed=t.seed, crop="random", flip=True, passes=passes,
-                                    on_corrupt=self.cfg.data.on_corrupt)
-
+            **self.batch_plan(
+                passes * n_train,
+                n_val,
+                shards,
+                f"crops ({n_train} training images x {passes} passes)",
+                "prepare more images or lower data.batch_size",
+            ),
+            manifest=man,
+            train_images=n_train,
+            val_images=n_val,
+            passes=passes,
+        )
+        return image.image_datasets(
+            shards,
+            m.resolution,
+            seed=t.seed,
+            crop="random",
+            flip=True,
+            passes=passes,
+            on_corrupt=self.cfg.data.on_corrupt,
+        )
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """Random ``model.resolution`` crops and flips of the training images (:attr:`ImageInfo.passes`
@@ -111,12 +129,27 @@ class ImageVAETask(Task):
         t, shards = self.cfg.train, self.cfg.data.resolved_sources()[0].shards
         cols = ["name", "pixels", "height", "width", "label_id"]
         filesystem, items, schema, hint = rows.split_items(shards, self.info.manifest, "train", cols)
-        ds = rows.positioned_rows(filesystem, items, cols, schema, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
-                                  plan=plan, epoch=epoch, cursor=cursor,
-                                  last_epoch=rows.last_epoch(t.max_steps, epoch, plan), passes=self.info.passes,
-                                  on_corrupt=self.cfg.data.on_corrupt, hint=hint)
-        return rows.map_positioned(ds, _crop_batch, plan.micro_batch,
-                                   fn_kwargs=dict(size=self.cfg.model.resolution, seed=t.seed, random=True, flip=True))
+        ds = rows.positioned_rows(
+            filesystem,
+            items,
+            cols,
+            schema,
+            seed=t.seed,
+            shuffle_block=self.cfg.data.shuffle_block,
+            plan=plan,
+            epoch=epoch,
+            cursor=cursor,
+            last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
+            passes=self.info.passes,
+            on_corrupt=self.cfg.data.on_corrupt,
+            hint=hint,
+        )
+        return rows.map_positioned(
+            ds,
+            _crop_batch,
+            plan.micro_batch,
+            fn_kwargs=dict(size=self.cfg.model.resolution, seed=t.seed, random=True, flip=True),
+        )
 
     def prepare_command(self, shards: str) -> Optional[str]:
         return f"megaray prepare images --source skimage --out {shards} --size {self.cfg.model.resolution}"
@@ -124,8 +157,10 @@ class ImageVAETask(Task):
     @staticmethod
     def _check_vgg(path: Optional[str]) -> None:
         if not path or not os.path.isfile(path):
-            raise ConfigError(f"model.lpips_vgg_path: {path} does not exist; give a local torchvision VGG16 "
-                              f"state_dict (.pth) or set model.perceptual_weight=0")
+            raise ConfigError(
+                f"model.lpips_vgg_path: {path} does not exist; give a local torchvision VGG16 "
+                f"state_dict (.pth) or set model.perceptual_weight=0"
+            )
 
     # -- loss ------------------------------------------------------------------------------
     def perceptual(self, device: torch.device) -> torch.nn.Module:
@@ -151,8 +186,9 @@ class ImageVAETask(Task):
             metrics["perceptual"] = float(p.detach())
         return rec, metrics
 
-    def terms(self, model: Any, x: torch.Tensor, sample: Optional[bool] = None
-              ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
+    def terms(
+        self, model: Any, x: torch.Tensor, sample: Optional[bool] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
         """``(loss, reconstruction, metrics)`` of the reconstruction + KL objective on images
         ``x (B, 3, R, R)``; ``model`` is the VAE or its engine. Metrics: ``recon``, ``l1``, ``kl``
         (per image, nats) and ``perceptual`` when on."""
@@ -190,7 +226,9 @@ class ImageVAETask(Task):
         vae.step()
         return {"loss": float(loss.detach()), **metrics}
 
-    def adaptive_ratio(self, last: torch.nn.Conv2d, h: torch.Tensor, x: torch.Tensor, disc: torch.nn.Module) -> torch.Tensor:
+    def adaptive_ratio(
+        self, last: torch.nn.Conv2d, h: torch.Tensor, x: torch.Tensor, disc: torch.nn.Module
+    ) -> torch.Tensor:
         """VQGAN's adaptive-weight ratio ``||dL_rec/dW|| / (||dL_G/dW|| + 1e-4)`` at the decoder's
         last conv ``W``, on a private copy of that conv's step (its input ``h``, detached) and of
         the discriminator (``torch.func.functional_call`` with cloned BatchNorm buffers), so no
@@ -206,8 +244,10 @@ class ImageVAETask(Task):
             y = F.conv2d(h.float(), w, last.bias.detach().float(), padding=last.padding)
             rec, _ = self.recon_loss(y, x)
             dtype = next(disc.parameters()).dtype
-            state = {**{k: v.detach() for k, v in disc.named_parameters()},
-                     **{k: v.clone() for k, v in disc.named_buffers()}}
+            state = {
+                **{k: v.detach() for k, v in disc.named_parameters()},
+                **{k: v.clone() for k, v in disc.named_buffers()},
+            }
             adv = hinge_g_loss(functional_call(disc, state, (y.to(dtype),)))
             return adaptive_weight(rec, adv, w)
 
@@ -223,8 +263,12 @@ class ImageVAETask(Task):
         a, b = _to_unit(recon), _to_unit(x.float())
         psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
         ssim = structural_similarity_index_measure(a, b, data_range=1.0)
-        return {"val_loss": float(loss), **{f"val_{k}": v for k, v in metrics.items()},
-                "val_psnr": float(psnr), "val_ssim": float(ssim)}
+        return {
+            "val_loss": float(loss),
+            **{f"val_{k}": v for k, v in metrics.items()},
+            "val_psnr": float(psnr),
+            "val_ssim": float(ssim),
+        }
 
     def _examples(self) -> List[Dict[str, Any]]:
         if not hasattr(self, "_example_cache"):
@@ -249,7 +293,7 @@ class ImageVAETask(Task):
         r = self.cfg.model.resolution
         x = torch.stack([torch.as_tensor(ex["image"]) for ex in examples])  # (n, 3, size, size), stored size
         top, left = (x.shape[-2] - r) // 2, (x.shape[-1] - r) // 2
-        x = x[..., top:top + r, left:left + r].to(device)  # centre crops at the model's resolution
+        x = x[..., top : top + r, left : left + r].to(device)  # centre crops at the model's resolution
         recon, _ = net(x, sample=False)
         net.train(was_training)
         grid = make_grid(torch.cat([_to_unit(x.float()), _to_unit(recon.float())]).cpu(), nrow=len(examples), padding=2)

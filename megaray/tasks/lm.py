@@ -74,22 +74,30 @@ class LMTask(Task):
             val_windows = text.num_windows(counted, T, "val", seed=seed)
             unigram = manifest["splits"]["val"].get("unigram_entropy_nats") if len(sources) == 1 else None
         self.info = LMInfo(
-            **self.batch_plan(train_windows, val_windows, where, f"windows of {T + 1} tokens",
-                              "prepare more text or lower data.batch_size / model.block_size",
-                              val_where=f"data.val_shards {val_shards} ({val_split} split)" if val_shards else None),
-            manifest=manifest, vocab_size=vocab, train_windows=train_windows,
+            **self.batch_plan(
+                train_windows,
+                val_windows,
+                where,
+                f"windows of {T + 1} tokens",
+                "prepare more text or lower data.batch_size / model.block_size",
+                val_where=f"data.val_shards {val_shards} ({val_split} split)" if val_shards else None,
+            ),
+            manifest=manifest,
+            vocab_size=vocab,
+            train_windows=train_windows,
             tokenizer_path=join(sources[0].shards, manifest["tokenizer"]["path"]),
             unigram_entropy=unigram,
         )
         if self.cfg.eval.hellaswag:  # read and tokenized once, on the driver (bad lines counted, named)
             from megaray.tasks.hellaswag import read_hellaswag
 
-            self.info.hellaswag = read_hellaswag(self.cfg.eval.hellaswag, _tokenizer(self.info.tokenizer_path),
-                                                 T, self.cfg.eval.hellaswag_limit).examples
+            self.info.hellaswag = read_hellaswag(
+                self.cfg.eval.hellaswag, _tokenizer(self.info.tokenizer_path), T, self.cfg.eval.hellaswag_limit
+            ).examples
         arg = sources[0].shards if len(sources) == 1 else sources
-        return text.text_datasets(arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt,
-                                  val_shards=val_shards)
-
+        return text.text_datasets(
+            arg, block_size=T, seed=seed, shuffle_buffer=0, on_corrupt=self.cfg.data.on_corrupt, val_shards=val_shards
+        )
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """Packed windows of epochs ``epoch ..`` the last one ``train.max_steps`` needs, from sample
@@ -100,9 +108,13 @@ class LMTask(Task):
         t = self.cfg.train
         if cursor >= plan.served:  # the checkpoint closed an epoch
             epoch, cursor = epoch + 1, 0
-        spec = text.StreamSpec(block_size=self.cfg.model.block_size, global_batch=plan.global_batch,
-                               per_epoch=plan.served, seed=t.seed,
-                               chunk=order.block_size(self.cfg.data.shuffle_block, plan.global_batch))
+        spec = text.StreamSpec(
+            block_size=self.cfg.model.block_size,
+            global_batch=plan.global_batch,
+            per_epoch=plan.served,
+            seed=t.seed,
+            chunk=order.block_size(self.cfg.data.shuffle_block, plan.global_batch),
+        )
         last = max(epoch, (t.max_steps - 1) // plan.steps_per_epoch)
         sources = self.cfg.data.resolved_sources()
         arg = sources[0].shards if len(sources) == 1 else sources
@@ -148,15 +160,23 @@ class LMTask(Task):
 
     def mlflow_model(self) -> Optional[Dict[str, Any]]:
         """Text generation: a prompt in, the prompt and its continuation out (:func:`sample_text`)."""
-        return {"input": "prompt", "files": ["tokenizer.json"],
-                "params": {"max_new_tokens": self.cfg.tracking.sample_tokens or 48, "temperature": 0.8, "top_k": 40}}
+        return {
+            "input": "prompt",
+            "files": ["tokenizer.json"],
+            "params": {"max_new_tokens": self.cfg.tracking.sample_tokens or 48, "temperature": 0.8, "top_k": 40},
+        }
 
-    def predict(self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any],
-                params: Mapping[str, Any]) -> List[Any]:
+    def predict(
+        self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any], params: Mapping[str, Any]
+    ) -> List[Any]:
         tok = _tokenizer(files["tokenizer.json"])
         top_k = int(params["top_k"]) or None
-        return [sample_text(model, tok, str(p), int(params["max_new_tokens"]), temperature=float(params["temperature"]),
-                            top_k=top_k) for p in inputs]
+        return [
+            sample_text(
+                model, tok, str(p), int(params["max_new_tokens"]), temperature=float(params["temperature"]), top_k=top_k
+            )
+            for p in inputs
+        ]
 
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
         """A sample continuation of ``tracking.sample_prompt`` (top-k 40, temperature 0.8)."""
@@ -186,9 +206,16 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
-                temperature: float = 0.8, top_k: Optional[int] = 40, top_p: Optional[float] = None,
-                seed: int = 0) -> str:
+def sample_text(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 40,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+) -> str:
     """Decode ``max_new_tokens`` after ``prompt``; returns prompt + text.
 
     ``tokenizer``: a ``tokenizers.Tokenizer`` or the text of a ``tokenizer.json``."""
@@ -204,7 +231,8 @@ def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tok
     g = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   stop_token=eos, generator=g)
+    out = generate(
+        model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_token=eos, generator=g
+    )
     model.train(was_training)
     return tok.decode(out[0].tolist(), skip_special_tokens=True)

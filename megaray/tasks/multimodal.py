@@ -99,8 +99,7 @@ class MultimodalTask(Task):
                 match, too few rows for the workers and batch size.
             DataError: a source is not prepared or corrupt (from the data layer).
         """
-        from megaray.data import mixture
-        from megaray.data import multimodal as mm
+        from megaray.data import mixture, multimodal as mm
 
         srcs = mm.open_sources(self.cfg.data.resolved_sources())
         tok_path, eot = self._check_sources(srcs)
@@ -112,14 +111,30 @@ class MultimodalTask(Task):
         G = order.global_batch_size(t.global_batch_size, B, t.grad_accum_steps, world)
         passes = max(1, min(MAX_PASSES, math.ceil(t.max_steps * G / max(1, n_train))))  # world-independent
         self.info = MultimodalInfo(
-            **self.batch_plan(passes * n_train, n_val, "data.sources", f"sequences ({n_train} per pass x {passes} passes)",
-                              "prepare more data or lower data.batch_size"),
-            manifest=srcs[0].manifest, tokenizer_path=tok_path, eot_id=eot, items_per_pass=n_train, passes=passes,
+            **self.batch_plan(
+                passes * n_train,
+                n_val,
+                "data.sources",
+                f"sequences ({n_train} per pass x {passes} passes)",
+                "prepare more data or lower data.batch_size",
+            ),
+            manifest=srcs[0].manifest,
+            tokenizer_path=tok_path,
+            eot_id=eot,
+            items_per_pass=n_train,
+            passes=passes,
             sources=[{"shards": s.shards, "modality": s.modality, "kind": s.kind, "weight": s.weight} for s in srcs],
-            **_side_info(srcs, layout))
-        return mm.mixture_datasets(srcs, layout, tok_path, seed=t.seed, passes=passes, rows_per_block=max(B, 64),
-                                   on_corrupt=self.cfg.data.on_corrupt)
-
+            **_side_info(srcs, layout),
+        )
+        return mm.mixture_datasets(
+            srcs,
+            layout,
+            tok_path,
+            seed=t.seed,
+            passes=passes,
+            rows_per_block=max(B, 64),
+            on_corrupt=self.cfg.data.on_corrupt,
+        )
 
     def train_stream(self, epoch: int, cursor: int, plan: Any) -> Any:
         """The mixture's sequences in a world-independent served order from sample ``cursor`` of
@@ -133,10 +148,20 @@ class MultimodalTask(Task):
         t = self.cfg.train
         srcs = mm.open_sources(self.cfg.data.resolved_sources())
         layout = mm.Layout.from_model(self.cfg.model, self.info.eot_id)
-        return mixture_stream(srcs, layout, self.info.tokenizer_path, seed=t.seed, shuffle_block=self.cfg.data.shuffle_block,
-                              plan=plan, epoch=epoch, cursor=cursor, last_epoch=last_epoch(t.max_steps, epoch, plan),
-                              passes=self.info.passes, on_corrupt=self.cfg.data.on_corrupt,
-                              rows_per_output=max(plan.micro_batch, 64))
+        return mixture_stream(
+            srcs,
+            layout,
+            self.info.tokenizer_path,
+            seed=t.seed,
+            shuffle_block=self.cfg.data.shuffle_block,
+            plan=plan,
+            epoch=epoch,
+            cursor=cursor,
+            last_epoch=last_epoch(t.max_steps, epoch, plan),
+            passes=self.info.passes,
+            on_corrupt=self.cfg.data.on_corrupt,
+            rows_per_output=max(plan.micro_batch, 64),
+        )
 
     def _check_sources(self, srcs: List[Any]) -> Tuple[str, int]:
         """Config-vs-shards checks (ConfigError, see :meth:`datasets`); returns the tokenizer
@@ -148,23 +173,31 @@ class MultimodalTask(Task):
         m = self.cfg.model
         texts = [s for s in srcs if s.modality == "text"]
         if not texts:
-            raise ConfigError("data.sources: a multimodal run needs a text source (`megaray prepare text`): its "
-                              "tokenizer encodes the transcripts and captions")
+            raise ConfigError(
+                "data.sources: a multimodal run needs a text source (`megaray prepare text`): its "
+                "tokenizer encodes the transcripts and captions"
+            )
         for s in srcs:
             if s.modality not in m.modalities:
-                raise ConfigError(f"data.sources: {s.shards} holds {s.modality} data but model.modalities is "
-                                  f"{list(m.modalities)}; add {s.modality!r} or drop the source")
+                raise ConfigError(
+                    f"data.sources: {s.shards} holds {s.modality} data but model.modalities is "
+                    f"{list(m.modalities)}; add {s.modality!r} or drop the source"
+                )
         man = check_same_tokenizer([(s.shards, s.weight) for s in texts])
         path = fs.join(texts[0].shards, man["tokenizer"]["path"])
         tok = load_tokenizer(path)
         if tok.get_vocab_size() != m.vocab_size:
-            raise ConfigError(f"model.vocab_size ({m.vocab_size}) must equal the vocabulary of the tokenizer "
-                              f"{path} ({tok.get_vocab_size()}); set model.vocab_size={tok.get_vocab_size()}")
+            raise ConfigError(
+                f"model.vocab_size ({m.vocab_size}) must equal the vocabulary of the tokenizer "
+                f"{path} ({tok.get_vocab_size()}); set model.vocab_size={tok.get_vocab_size()}"
+            )
         for modality in ("audio", "image"):
             kinds = sorted({s.kind for s in srcs if s.modality == modality})
             if len(kinds) > 1:
-                raise ConfigError(f"data.sources: the {modality} sources mix the kinds {' and '.join(kinds)}; the "
-                                  f"model's {modality} spans hold one or the other: drop the sources of one kind")
+                raise ConfigError(
+                    f"data.sources: the {modality} sources mix the kinds {' and '.join(kinds)}; the "
+                    f"model's {modality} spans hold one or the other: drop the sources of one kind"
+                )
         _check_audio([s for s in srcs if s.modality == "audio"], m)
         _check_images([s for s in srcs if s.modality == "image"], m)
         return path, eos_id(tok)
@@ -214,10 +247,19 @@ class MultimodalTask(Task):
         info, m = self.info, self.cfg.model
         if not info.tokenizer_path:
             return {}
-        meta = {"tokenizer": "tokenizer.json", "eot_id": info.eot_id, "audio": info.audio or None,
-                "labels": info.labels, "caption_template": CAPTION_TEMPLATE, "mel_mean": m.mel_mean,
-                "mel_std": m.mel_std, "p_generate": P_GENERATE, "sources": info.sources,
-                "vae_checkpoint": info.vae_checkpoint, "audio_latents": info.audio_latents or None}
+        meta = {
+            "tokenizer": "tokenizer.json",
+            "eot_id": info.eot_id,
+            "audio": info.audio or None,
+            "labels": info.labels,
+            "caption_template": CAPTION_TEMPLATE,
+            "mel_mean": m.mel_mean,
+            "mel_std": m.mel_std,
+            "p_generate": P_GENERATE,
+            "sources": info.sources,
+            "vae_checkpoint": info.vae_checkpoint,
+            "audio_latents": info.audio_latents or None,
+        }
         return {INFO_FILE: json.dumps(meta, indent=1), "tokenizer.json": fs.read_bytes(info.tokenizer_path).decode()}
 
     # -- evaluation artifacts --------------------------------------------------------------
@@ -259,29 +301,35 @@ class MultimodalTask(Task):
                 gen = net.generate_audio(prompt, generator=self._noise(device))
                 denorm = [x[0].float().cpu() * layout.mel_std + layout.mel_mean for x in (real, gen)]
                 a = self.info.audio
-                plot_mels(os.path.join(out_dir, "mel.png"),
-                          [(f"validation clip: {ex['transcript'][:60]!r}", denorm[0]),
-                           (f"generated from its transcript (step {step})", denorm[1])],
-                          a["sample_rate"], a["hop_length"])
+                plot_mels(
+                    os.path.join(out_dir, "mel.png"),
+                    [
+                        (f"validation clip: {ex['transcript'][:60]!r}", denorm[0]),
+                        (f"generated from its transcript (step {step})", denorm[1]),
+                    ],
+                    a["sample_rate"],
+                    a["hop_length"],
+                )
             texts["transcription"] = f"{ex['transcript']!r} -> " + _to_text(net, tok, layout, "audio", real, device)
         return texts
 
 
 def _prompt(ids: List[int], opener: int, span: int, layout: Any, device: torch.device) -> torch.Tensor:
     """``(1, T0)`` text ids (truncated as the data layout does) followed by ``opener``."""
-    ids = list(ids[:max(0, layout.block_size - span - 2)]) + [opener]
+    ids = list(ids[: max(0, layout.block_size - span - 2)]) + [opener]
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def _to_text(net: torch.nn.Module, tok: Any, layout: Any, name: str, content: torch.Tensor,
-             device: torch.device) -> str:
+def _to_text(
+    net: torch.nn.Module, tok: Any, layout: Any, name: str, content: torch.Tensor, device: torch.device
+) -> str:
     """Greedy text after ``<|name|> [content] <|/name|>`` (a caption or a transcription), decoded."""
     from megaray.data.multimodal import span_prompt
 
     prompt = torch.tensor([span_prompt(name, layout)], dtype=torch.long, device=device)
     start = torch.ones(1, dtype=torch.long, device=device)
     out = net.generate_text(prompt, ARTIFACT_TOKENS, stop_id=layout.eot_id, **{name: content, f"{name}_start": start})
-    return tok.decode(out[0, prompt.size(1):].tolist(), skip_special_tokens=True)
+    return tok.decode(out[0, prompt.size(1) :].tolist(), skip_special_tokens=True)
 
 
 def _check_audio(speech: List[Any], m: Any) -> None:
@@ -293,24 +341,34 @@ def _check_audio(speech: List[Any], m: Any) -> None:
         if s.kind == "audio_latents":
             vae = s.manifest.get("vae_config")
             if not vae:
-                raise ConfigError(f"data.sources: {s.shards} records no vae_config; prepare it with `megaray prepare "
-                                  f"audio-latents --vae-checkpoint CHECKPOINT --out {s.shards} --overwrite`")
+                raise ConfigError(
+                    f"data.sources: {s.shards} records no vae_config; prepare it with `megaray prepare "
+                    f"audio-latents --vae-checkpoint CHECKPOINT --out {s.shards} --overwrite`"
+                )
             frames = vae["latent_channels"] * (vae["n_mels"] // vae["down_freq"])
             if frames != m.n_mels:
-                raise ConfigError(f"model.n_mels ({m.n_mels}) differs from the latent frame size of {s.shards} "
-                                  f"(latent_channels {vae['latent_channels']} x {vae['n_mels'] // vae['down_freq']} "
-                                  f"bands = {frames}); set model.n_mels={frames}")
+                raise ConfigError(
+                    f"model.n_mels ({m.n_mels}) differs from the latent frame size of {s.shards} "
+                    f"(latent_channels {vae['latent_channels']} x {vae['n_mels'] // vae['down_freq']} "
+                    f"bands = {frames}); set model.n_mels={frames}"
+                )
             if vae != speech[0].manifest.get("vae_config"):
-                raise ConfigError(f"data.sources: {s.shards} and {speech[0].shards} were encoded by different audio "
-                                  "VAEs; encode every audio-latent source with the same one")
+                raise ConfigError(
+                    f"data.sources: {s.shards} and {speech[0].shards} were encoded by different audio "
+                    "VAEs; encode every audio-latent source with the same one"
+                )
             continue
         if s.manifest["n_mels"] != m.n_mels:
-            raise ConfigError(f"model.n_mels ({m.n_mels}) differs from the n_mels ({s.manifest['n_mels']}) of "
-                              f"{s.shards}; set model.n_mels={s.manifest['n_mels']} or re-prepare the audio "
-                              f"with --n-mels {m.n_mels}")
+            raise ConfigError(
+                f"model.n_mels ({m.n_mels}) differs from the n_mels ({s.manifest['n_mels']}) of "
+                f"{s.shards}; set model.n_mels={s.manifest['n_mels']} or re-prepare the audio "
+                f"with --n-mels {m.n_mels}"
+            )
         if any(s.manifest.get(k) != speech[0].manifest.get(k) for k in settings):
-            raise ConfigError(f"data.sources: {s.shards} and {speech[0].shards} were prepared with different "
-                              f"mel settings ({', '.join(settings)}); prepare every speech source alike")
+            raise ConfigError(
+                f"data.sources: {s.shards} and {speech[0].shards} were prepared with different "
+                f"mel settings ({', '.join(settings)}); prepare every speech source alike"
+            )
 
 
 def _check_images(images: List[Any], m: Any) -> None:
@@ -322,20 +380,28 @@ def _check_images(images: List[Any], m: Any) -> None:
         if s.kind == "image_latents":
             for key, latent in (("image_channels", "latent_channels"), ("image_size", "latent_size")):
                 if getattr(m, key) != int(man[latent]):
-                    raise ConfigError(f"model.{key} ({getattr(m, key)}) differs from the {latent} ({man[latent]}) "
-                                      f"of the image latents {s.shards}; set model.{key}={man[latent]}")
+                    raise ConfigError(
+                        f"model.{key} ({getattr(m, key)}) differs from the {latent} ({man[latent]}) "
+                        f"of the image latents {s.shards}; set model.{key}={man[latent]}"
+                    )
             first = images[0].manifest
             if any(man.get(k) != first.get(k) for k in ("vae_checkpoint", "scaling_factor", "vae_config")):
-                raise ConfigError(f"data.sources: {s.shards} and {images[0].shards} were encoded by different image "
-                                  "VAEs (vae_checkpoint, scaling_factor); encode every image-latent source with one")
+                raise ConfigError(
+                    f"data.sources: {s.shards} and {images[0].shards} were encoded by different image "
+                    "VAEs (vae_checkpoint, scaling_factor); encode every image-latent source with one"
+                )
             continue
         if m.image_channels != 3:
-            raise ConfigError(f"model.image_channels ({m.image_channels}): image shards ({s.shards}) hold RGB "
-                              "pixels; set model.image_channels=3")
+            raise ConfigError(
+                f"model.image_channels ({m.image_channels}): image shards ({s.shards}) hold RGB "
+                "pixels; set model.image_channels=3"
+            )
         if int(man["size"]) < m.image_size:
-            raise ConfigError(f"model.image_size ({m.image_size}) exceeds the size {man['size']} px "
-                              f"{s.shards} was prepared at; run `megaray prepare images --source SOURCE --out "
-                              f"{s.shards} --size {m.image_size} --overwrite` or lower model.image_size")
+            raise ConfigError(
+                f"model.image_size ({m.image_size}) exceeds the size {man['size']} px "
+                f"{s.shards} was prepared at; run `megaray prepare images --source SOURCE --out "
+                f"{s.shards} --size {m.image_size} --overwrite` or lower model.image_size"
+            )
 
 
 def _side_info(srcs: List[Any], layout: Any) -> Dict[str, Any]:
@@ -357,19 +423,28 @@ def _side_info(srcs: List[Any], layout: Any) -> Dict[str, Any]:
             out["audio"] = {k: man.get(k) for k in keys}
             if s.kind == "audio_latents":
                 vae = man["vae_config"]
-                out["audio_latents"] = {"latent_channels": vae["latent_channels"],
-                                        "bands": vae["n_mels"] // vae["down_freq"], "down_time": vae["down_time"]}
+                out["audio_latents"] = {
+                    "latent_channels": vae["latent_channels"],
+                    "bands": vae["n_mels"] // vae["down_freq"],
+                    "down_time": vae["down_time"],
+                }
         if s.modality == "image" and not out["labels"]:
             out["labels"] = mm.label_names(man)
         if s.kind == "image_latents" and man.get("vae_checkpoint") and not out["vae_checkpoint"]:
-            out["vae_checkpoint"] = check_vae(man["vae_checkpoint"], layout.image_channels,
-                                              f"{s.shards}/manifest.json vae_checkpoint")
+            out["vae_checkpoint"] = check_vae(
+                man["vae_checkpoint"], layout.image_channels, f"{s.shards}/manifest.json vae_checkpoint"
+            )
         key = {"audio": "mel", "image": "image"}.get(s.modality)
         if key is None or key in out["examples"] or s.rows("val") == 0:
             continue
         filesystem, paths, _ = split_files(s.shards, man, "val")
-        cols = {k: [v] for k, v in pads.dataset(paths, filesystem=filesystem, format="parquet").head(
-            1, columns=mm.COLUMNS[s.kind]).to_pylist()[0].items()}
+        cols = {
+            k: [v]
+            for k, v in pads.dataset(paths, filesystem=filesystem, format="parquet")
+            .head(1, columns=mm.COLUMNS[s.kind])
+            .to_pylist()[0]
+            .items()
+        }
         if s.modality == "audio":
             out["examples"].update(mel=mm.audio_content(s.kind, cols, 0, layout, None)[0], transcript=cols["text"][0])
         else:

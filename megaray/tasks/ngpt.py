@@ -65,8 +65,10 @@ class NGPTTask(LMTask):
         """One AdamW group without weight decay (the paper: weights live on the sphere, so decay
         would only shrink the scalers); a non-zero ``train.weight_decay`` is ignored with a warning."""
         if self.cfg.train.optim_for(name).weight_decay:
-            log.warning("nGPT trains without weight decay: ignoring train.weight_decay=%s (set it to 0)",
-                        self.cfg.train.optim_for(name).weight_decay)
+            log.warning(
+                "nGPT trains without weight decay: ignoring train.weight_decay=%s (set it to 0)",
+                self.cfg.train.optim_for(name).weight_decay,
+            )
         return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": 0.0}]
 
     def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
@@ -103,7 +105,7 @@ def _fragment_rows(w: torch.nn.Parameter) -> Optional[Tuple[torch.Tensor, torch.
     lead, n = start % C, frag.numel()
     rows = -(-(lead + n) // C)
     padded = torch.zeros(rows * C, dtype=torch.float32, device=frag.device)
-    padded[lead:lead + n] = frag.float()
+    padded[lead : lead + n] = frag.float()
     return padded.view(rows, C), frag, start // C, lead
 
 
@@ -120,7 +122,7 @@ def _master_norms(mastered: Weights) -> List[torch.Tensor]:
             padded, _, r0, _ = got
             sq = padded.square()
             if dim == 1:
-                part[r0:r0 + padded.size(0)] += sq.sum(1)
+                part[r0 : r0 + padded.size(0)] += sq.sum(1)
             else:
                 part += sq.sum(0)
         partials.append(part)
@@ -147,8 +149,8 @@ def renormalize(model: Any) -> None:
         got = _fragment_rows(w)
         if got is not None:
             padded, frag, r0, lead = got
-            div = norms[r0:r0 + padded.size(0)].view(-1, 1) if dim == 1 else norms.view(1, -1)
-            frag.copy_((padded / div).view(-1)[lead:lead + frag.numel()])
+            div = norms[r0 : r0 + padded.size(0)].view(-1, 1) if dim == 1 else norms.view(1, -1)
+            frag.copy_((padded / div).view(-1)[lead : lead + frag.numel()])
         w.copy_((w.float() / norms.view(shape)).to(w.dtype))
 
 

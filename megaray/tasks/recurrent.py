@@ -41,12 +41,21 @@ class RecurrentTask(LMTask):
         costs = [model.flops_per_token(model.sample_num_steps(s)) for s in range(MFU_DEPTH_SAMPLES)]
         return float(sum(costs) / len(costs))
 
-    def predict(self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any],
-                params: Mapping[str, Any]) -> List[Any]:
+    def predict(
+        self, model: torch.nn.Module, files: Mapping[str, str], inputs: List[Any], params: Mapping[str, Any]
+    ) -> List[Any]:
         tok = _tokenizer(files["tokenizer.json"])
-        return [sample_recurrent(model, tok, str(p), int(params["max_new_tokens"]),
-                                 temperature=float(params["temperature"]), top_k=int(params["top_k"]) or None)
-                for p in inputs]
+        return [
+            sample_recurrent(
+                model,
+                tok,
+                str(p),
+                int(params["max_new_tokens"]),
+                temperature=float(params["temperature"]),
+                top_k=int(params["top_k"]) or None,
+            )
+            for p in inputs
+        ]
 
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
         """A sample continuation of ``tracking.sample_prompt`` (top-k 40, temperature 0.8, the
@@ -55,12 +64,21 @@ class RecurrentTask(LMTask):
         if not n or not self.info.tokenizer_path:
             return {}
         model = unwrap(modules["model"])
-        text = sample_recurrent(model, _tokenizer(self.info.tokenizer_path), self.cfg.tracking.sample_prompt, n, seed=step)
+        text = sample_recurrent(
+            model, _tokenizer(self.info.tokenizer_path), self.cfg.tracking.sample_prompt, n, seed=step
+        )
         return {"sample": f"{text}\n[mean core iterations per token: {model.last_mean_steps:.2f}]"}
 
 
-def sample_recurrent(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
-                     temperature: float = 0.8, top_k: Optional[int] = 40, seed: int = 0) -> str:
+def sample_recurrent(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 40,
+    seed: int = 0,
+) -> str:
     """Decode ``max_new_tokens`` after ``prompt`` with :meth:`RecurrentGPT.generate`; returns
     prompt + text (``model.last_mean_steps`` then holds the mean iterations per token)."""
     model = unwrap(model)
@@ -68,6 +86,12 @@ def sample_recurrent(model: torch.nn.Module, tokenizer: Any, prompt: str, max_ne
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                         stop_token=tokenizer.token_to_id("<|endoftext|>"), generator=g)
+    out = model.generate(
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop_token=tokenizer.token_to_id("<|endoftext|>"),
+        generator=g,
+    )
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)

@@ -27,13 +27,23 @@ class VocoderTask(AudioTask):
 
     def __init__(self, cfg, info=None):
         super().__init__(cfg, info)
-        from megaray.models.audio.losses import (MultiResolutionSTFTLoss, discriminator_loss,
-                                                 feature_matching_loss, generator_adv_loss)
+        from megaray.models.audio.losses import (
+            MultiResolutionSTFTLoss,
+            discriminator_loss,
+            feature_matching_loss,
+            generator_adv_loss,
+        )
 
         m = cfg.model
         self.mrstft = MultiResolutionSTFTLoss(m.mrstft_resolutions)
-        self.adversarial = AdversarialStep(discriminator_loss, generator_adv_loss, feature_matching_loss,
-                                           start_step=m.adv_start_step, adv_weight=m.adv_weight, fm_weight=m.fm_weight)
+        self.adversarial = AdversarialStep(
+            discriminator_loss,
+            generator_adv_loss,
+            feature_matching_loss,
+            start_step=m.adv_start_step,
+            adv_weight=m.adv_weight,
+            fm_weight=m.fm_weight,
+        )
 
     def module_names(self) -> List[str]:
         return ["model", "disc"] if self.cfg.model.adversarial else ["model"]
@@ -63,13 +73,21 @@ class VocoderTask(AudioTask):
         mr, sc, mag = self.mrstft(y_hat, y)
         m = self.cfg.model
         loss = m.mel_weight * mel + m.mrstft_weight * mr
-        metrics = {"mel_l1": float(mel.detach()), "mrstft": float(mr.detach()),
-                   "spectral_convergence": float(sc.detach()), "log_mag": float(mag.detach())}
+        metrics = {
+            "mel_l1": float(mel.detach()),
+            "mrstft": float(mr.detach()),
+            "spectral_convergence": float(sc.detach()),
+            "log_mag": float(mag.detach()),
+        }
         if m.phase_weight > 0:
             phase, ip, gd, iaf = phase_loss(y_hat, y, m.n_fft, m.hop_length, m.win_length)
             loss = loss + m.phase_weight * phase
-            metrics.update(phase=float(phase.detach()), phase_ip=float(ip.detach()), phase_gd=float(gd.detach()),
-                           phase_iaf=float(iaf.detach()))
+            metrics.update(
+                phase=float(phase.detach()),
+                phase_ip=float(ip.detach()),
+                phase_gd=float(gd.detach()),
+                phase_iaf=float(iaf.detach()),
+            )
         return loss, y_hat, y, metrics
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -121,9 +139,12 @@ class VocoderTask(AudioTask):
             sf.write(os.path.join(out_dir, f"clip{i}_input.wav"), wave.numpy(), m.sample_rate)
             sf.write(os.path.join(out_dir, f"clip{i}_vocoded.wav"), audio.numpy(), m.sample_rate)
             mel_out = net.features(audio[None].to(device))[0]
-            plot_mels(os.path.join(out_dir, f"clip{i}_mel.png"),
-                      [(f"input {ex['name']} ({ex['speaker']})", mel), (f"vocoded, step {step}", mel_out)],
-                      m.sample_rate, m.hop_length)
+            plot_mels(
+                os.path.join(out_dir, f"clip{i}_mel.png"),
+                [(f"input {ex['name']} ({ex['speaker']})", mel), (f"vocoded, step {step}", mel_out)],
+                m.sample_rate,
+                m.hop_length,
+            )
             texts.append(f"clip{i}: {ex['name']} [{ex['speaker']}] {ex['text']}")
         net.train(was_training)
         return {"audio_clips": "\n".join(texts)} if texts else {}

@@ -113,14 +113,22 @@ def find_checkpoint(arg: str, run_dir: str) -> str:
     else:
         location = arg.rstrip("/") if fs.is_uri(arg) else fs.resolve(arg)[1]
         if not _same(fs.dirname(location), run_dir):
-            hint = (" (a checkpoint of an abandoned branch: to continue it, move its folder back as step_* "
-                    "after moving the current ones aside)" if f"/{BRANCHES}/" in location.replace("\\", "/") else "")
-            raise CheckpointError(f"--resume-from {arg}: not a checkpoint of run {run_dir}{hint}; its checkpoints: "
-                                  f"{listing}. To start a new run from another run's weights use "
-                                  "--set train.init_from=CHECKPOINT (or megaray finetune --from)")
+            hint = (
+                " (a checkpoint of an abandoned branch: to continue it, move its folder back as step_* "
+                "after moving the current ones aside)"
+                if f"/{BRANCHES}/" in location.replace("\\", "/")
+                else ""
+            )
+            raise CheckpointError(
+                f"--resume-from {arg}: not a checkpoint of run {run_dir}{hint}; its checkpoints: "
+                f"{listing}. To start a new run from another run's weights use "
+                "--set train.init_from=CHECKPOINT (or megaray finetune --from)"
+            )
     if not fs.exists(location):
-        raise CheckpointError(f"--resume-from {arg}: no checkpoint {location} (the run's checkpoints: {listing}; "
-                              "scaling.num_to_keep deletes older ones)")
+        raise CheckpointError(
+            f"--resume-from {arg}: no checkpoint {location} (the run's checkpoints: {listing}; "
+            "scaling.num_to_keep deletes older ones)"
+        )
     check_complete(location, arg)
     return location
 
@@ -139,19 +147,23 @@ def check_complete(location: str, arg: Optional[str] = None) -> TrainState:
     filesystem, path = fs.resolve(location)
     state_path = fs.join(location, STATE_FILE)
     if not fs.exists(state_path):
-        raise CheckpointError(f"{what}{location} is not a complete megaray checkpoint (no {STATE_FILE}: its write "
-                              "did not finish); pick an earlier step_* checkpoint")
+        raise CheckpointError(
+            f"{what}{location} is not a complete megaray checkpoint (no {STATE_FILE}: its write "
+            "did not finish); pick an earlier step_* checkpoint"
+        )
     try:
         state = TrainState.from_json(json.loads(fs.read_text(state_path)))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{what}{state_path} is truncated or corrupt ({e}); pick an earlier step_* checkpoint") \
-            from None
+        raise CheckpointError(
+            f"{what}{state_path} is truncated or corrupt ({e}); pick an earlier step_* checkpoint"
+        ) from None
     infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-    names = {i.path[len(path):].lstrip("/"): i for i in infos}
+    names = {i.path[len(path) :].lstrip("/"): i for i in infos}
     missing = [n for n in ["model", *(f"rng_rank{r}.pt" for r in range(state.world_size))] if n not in names]
     if missing:
-        raise CheckpointError(f"{what}{location} is incomplete: {', '.join(missing)} missing; pick an earlier "
-                              "step_* checkpoint")
+        raise CheckpointError(
+            f"{what}{location} is incomplete: {', '.join(missing)} missing; pick an earlier step_* checkpoint"
+        )
     for name, info in sorted(names.items()):
         if info.type != pafs.FileType.File or not name.endswith(".pt") or "_universal/" in name:
             continue
@@ -159,8 +171,10 @@ def check_complete(location: str, arg: Optional[str] = None) -> TrainState:
             with filesystem.open_input_file(info.path) as f:
                 zipfile.ZipFile(f).close()
         except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise CheckpointError(f"{what}{location}/{name} is truncated or corrupt ({type(e).__name__}: {e}); pick "
-                                  "an earlier step_* checkpoint") from None
+            raise CheckpointError(
+                f"{what}{location}/{name} is truncated or corrupt ({type(e).__name__}: {e}); pick "
+                "an earlier step_* checkpoint"
+            ) from None
     return state
 
 
@@ -221,8 +235,9 @@ def retag_logged_models(uri: str, run_id: str, moved: List[tuple]) -> int:
         exp = c.get_run(run_id).info.experiment_id
         token = None
         while True:
-            page = c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'", max_results=100,
-                                          page_token=token)
+            page = c.search_logged_models(
+                [exp], filter_string=f"source_run_id = '{run_id}'", max_results=100, page_token=token
+            )
             for m in page:
                 new = where.get(_key(m.tags.get(CHECKPOINT_TAG, "")))
                 if new is not None:
@@ -232,8 +247,11 @@ def retag_logged_models(uri: str, run_id: str, moved: List[tuple]) -> int:
             if not token:
                 break
     except Exception as e:  # noqa: BLE001 - tracking never stops a run
-        logging.getLogger("megaray.tracking").warning("MLflow: the LoggedModels of the moved checkpoints were not "
-                                                      "re-pointed (%s: %s)", type(e).__name__, str(e)[:300])
+        logging.getLogger("megaray.tracking").warning(
+            "MLflow: the LoggedModels of the moved checkpoints were not re-pointed (%s: %s)",
+            type(e).__name__,
+            str(e)[:300],
+        )
     return changed
 
 

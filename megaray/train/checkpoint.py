@@ -43,13 +43,20 @@ import torch
 
 from megaray.config import RunConfig
 from megaray.errors import CheckpointError
+
 # the read side of the layout (one home: megaray/weights.py), re-exported for the train layer
 from megaray.weights import (  # noqa: F401
-    _UNREADABLE, EMA_FILE, STATE_FILE, WEIGHTS_FILE, load_for_inference, read_state, resolve, torch_load,
+    _UNREADABLE,
+    EMA_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    load_for_inference,
+    read_state,
+    resolve,
+    torch_load,
 )
 
 log = logging.getLogger("megaray.checkpoint")
-
 
 
 @dataclass
@@ -122,8 +129,14 @@ def save(
         os.replace(tmp, os.path.join(out_dir, STATE_FILE))
 
 
-def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any] = None,
-         tags: Optional[Mapping[str, str]] = None, rng: bool = True) -> TrainState:
+def load(
+    ckpt_dir: str,
+    engines: Mapping[str, Any],
+    rank: int,
+    ema: Optional[Any] = None,
+    tags: Optional[Mapping[str, str]] = None,
+    rng: bool = True,
+) -> TrainState:
     """Restore every engine (module, optimizer, scheduler), the EMA and this rank's RNG from ``ckpt_dir``.
 
     ``tags`` maps an engine to a universal tag it was already loaded from
@@ -145,15 +158,19 @@ def load(ckpt_dir: str, engines: Mapping[str, Any], rank: int, ema: Optional[Any
         try:
             load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
         except _UNREADABLE as e:
-            raise CheckpointError(f"{ckpt_dir}/{name} is truncated or corrupt ({type(e).__name__}: {e}); "
-                                  "resume from an earlier step_* checkpoint or retrain") from None
+            raise CheckpointError(
+                f"{ckpt_dir}/{name} is truncated or corrupt ({type(e).__name__}: {e}); "
+                "resume from an earlier step_* checkpoint or retrain"
+            ) from None
         if load_path is None:
             raise CheckpointError(f"{ckpt_dir}/{name}: DeepSpeed could not load this checkpoint")
     if ema is not None:
         path = Path(ckpt_dir) / EMA_FILE
         if not path.is_file():
-            raise CheckpointError(f"{ckpt_dir}: no {EMA_FILE}, but train.ema_decay is set (the run that wrote it had "
-                                  "no EMA); unset train.ema_decay or start a new run name")
+            raise CheckpointError(
+                f"{ckpt_dir}: no {EMA_FILE}, but train.ema_decay is set (the run that wrote it had "
+                "no EMA); unset train.ema_decay or start a new run name"
+            )
         ema.load_state_dict(torch_load(path, map_location="cpu", weights_only=True))
     rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
     if rng and rng_file.is_file():
@@ -192,8 +209,10 @@ def resume_state(run_dir: str) -> Optional[TrainState]:
         infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError:
         return None
-    steps = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")),
-                   reverse=True)
+    steps = sorted(
+        (i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")),
+        reverse=True,
+    )
     for name in steps:
         where = fs.join(run_dir, name, STATE_FILE)
         if fs.exists(where):
@@ -223,8 +242,10 @@ def init_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     try:
         model.load_state_dict(src.state_dict())
     except RuntimeError as e:
-        raise CheckpointError(f"train.init_from {ckpt}: its weights do not fit this model "
-                              f"(same family, sizes and vocab_size needed): {str(e)[:400]}") from None
+        raise CheckpointError(
+            f"train.init_from {ckpt}: its weights do not fit this model "
+            f"(same family, sizes and vocab_size needed): {str(e)[:400]}"
+        ) from None
     return ckpt
 
 
@@ -249,8 +270,14 @@ class Checkpointer:
         extra_files: ``{file name: text}`` rank 0 writes into every checkpoint.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Optional[str], rank: int, world: int,
-                 extra_files: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Optional[str],
+        rank: int,
+        world: int,
+        extra_files: Optional[Mapping[str, str]] = None,
+    ):
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         self.extra_files = dict(extra_files or {})
 
@@ -279,8 +306,9 @@ class Checkpointer:
             state = TrainState.from_json(json.loads(f.read().decode()))
         return restored, state
 
-    def restore(self, engines: Mapping[str, Any], source: Optional[Any], ema: Optional[Any] = None
-                ) -> Tuple[TrainState, Optional[str]]:
+    def restore(
+        self, engines: Mapping[str, Any], source: Optional[Any], ema: Optional[Any] = None
+    ) -> Tuple[TrainState, Optional[str]]:
         """Load ``source`` (from :meth:`locate`) into ``engines`` (and ``ema``); returns
         ``(state, where)``, a fresh state and None when there is nothing to restore.
 
@@ -296,8 +324,11 @@ class Checkpointer:
             return self._load(d, engines, ema), source.path
 
     def _load(self, ckpt_dir: str, engines: Mapping[str, Any], ema: Optional[Any]) -> TrainState:
-        saved = TrainState.from_json(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())) \
-            if (Path(ckpt_dir) / STATE_FILE).is_file() else None
+        saved = (
+            TrainState.from_json(json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
+            if (Path(ckpt_dir) / STATE_FILE).is_file()
+            else None
+        )
         if saved is None or saved.world_size == self.world:
             return load(ckpt_dir, engines, self.rank, ema)
         from megaray.train import universal
@@ -311,15 +342,20 @@ class Checkpointer:
             self.conversion_s = time.perf_counter() - t0
         state = load(ckpt_dir, engines, self.rank, ema, tags=tags, rng=False)
         reseed_rng(self.cfg.train.seed, state.step, self.rank)
-        log.info("resumed a %d-rank checkpoint on %d ranks (%s)", saved.world_size, self.world,
-                 "universal ZeRO state" if tags else "ZeRO 0: no conversion")
+        log.info(
+            "resumed a %d-rank checkpoint on %d ranks (%s)",
+            saved.world_size,
+            self.world,
+            "universal ZeRO state" if tags else "ZeRO 0: no conversion",
+        )
         return state
 
     #: seconds spent converting a checkpoint to DeepSpeed's universal form at this start (0: none)
     conversion_s: float = 0.0
 
-    def save_and_report(self, report: Dict[str, Any], engines: Mapping[str, Any], state: TrainState,
-                        ema: Optional[Any] = None) -> float:
+    def save_and_report(
+        self, report: Dict[str, Any], engines: Mapping[str, Any], state: TrainState, ema: Optional[Any] = None
+    ) -> float:
         """Every rank writes its share into a fresh local directory, then all report it (with
         ``report``) to Ray Train, which copies it into storage. Collective.
 
@@ -348,10 +384,14 @@ class Checkpointer:
             checkpoint = ray.train.Checkpoint.from_directory(d)
             if remote:
                 step, reported = state.step, dict(report)
-                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step),
-                                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                                 delete_local_checkpoint_after_upload=True,
-                                 checkpoint_upload_fn=lambda c, name: self._upload(c, name, step, reported))
+                ray.train.report(
+                    report,
+                    checkpoint=checkpoint,
+                    checkpoint_dir_name=checkpoint_dir_name(state.step),
+                    checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                    delete_local_checkpoint_after_upload=True,
+                    checkpoint_upload_fn=lambda c, name: self._upload(c, name, step, reported),
+                )
                 d = None  # Ray's upload thread owns it now and deletes it when uploaded
             else:
                 ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state.step))
@@ -372,8 +412,9 @@ class Checkpointer:
         if self.rank == 0 and self.on_saved is not None and self.run_dir:
             self.on_saved(step, f"{self.run_dir.rstrip('/')}/{checkpoint_dir_name(step)}", report)
 
-    def _upload(self, checkpoint: Any, dir_name: str, step: Optional[int] = None,
-                report: Optional[Dict[str, Any]] = None) -> Any:
+    def _upload(
+        self, checkpoint: Any, dir_name: str, step: Optional[int] = None, report: Optional[Dict[str, Any]] = None
+    ) -> Any:
         """Ray Train's ``checkpoint_upload_fn``: copy into the run's storage, with retries."""
         import ray.train
 
@@ -390,8 +431,9 @@ class Checkpointer:
 UPLOAD_ATTEMPTS, UPLOAD_BACKOFF_S = 4, 1.0
 
 
-def upload_with_retry(upload: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS,
-                      backoff_s: float = UPLOAD_BACKOFF_S) -> Any:
+def upload_with_retry(
+    upload: Callable[[], Any], what: str, attempts: int = UPLOAD_ATTEMPTS, backoff_s: float = UPLOAD_BACKOFF_S
+) -> Any:
     """``upload()``, retried with exponential back-off on transient storage errors.
 
     Object stores fail transiently (throttling, a dropped connection, a 5xx); pyarrow raises these
@@ -410,6 +452,7 @@ def upload_with_retry(upload: Callable[[], Any], what: str, attempts: int = UPLO
             if attempt == attempts:
                 raise
             wait = backoff_s * 2 ** (attempt - 1)
-            log.warning("checkpoint %s: upload attempt %d/%d failed (%s); retrying in %.1fs",
-                        what, attempt, attempts, e, wait)
+            log.warning(
+                "checkpoint %s: upload attempt %d/%d failed (%s); retrying in %.1fs", what, attempt, attempts, e, wait
+            )
             time.sleep(wait)

@@ -137,8 +137,14 @@ class _Bar(_Lines):
         from tqdm import tqdm
 
         super().__init__(total, unit, file)
-        self.bar = tqdm(total=total, desc="train", unit="step", file=file, dynamic_ncols=True,
-                        bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} | {postfix}")
+        self.bar = tqdm(
+            total=total,
+            desc="train",
+            unit="step",
+            file=file,
+            dynamic_ncols=True,
+            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} | {postfix}",
+        )
 
     def progress(self, m: Dict[str, Any]) -> None:
         self.bar.set_postfix_str(progress_postfix(m, self.unit), refresh=False)
@@ -153,8 +159,7 @@ class _Bar(_Lines):
         self.bar.close()
 
 
-def run_with_console(work: Callable[[], Any], channel: Channel, total_steps: int, unit: str,
-                     file: Any = None) -> Any:
+def run_with_console(work: Callable[[], Any], channel: Channel, total_steps: int, unit: str, file: Any = None) -> Any:
     """Run ``work()`` (the blocking ``trainer.fit()``) in a thread while showing rank 0's events
     on ``file`` (stdout): a tqdm bar on a terminal, plain lines otherwise. Returns ``work()``'s
     result or raises its exception. ``total_steps``: ``train.max_steps``."""
@@ -294,8 +299,9 @@ class ConsoleLog:
                 with open(self.path, encoding="utf-8") as f:
                     fs.write_text(self.target, self.before + f.read())
             except (OSError, ValueError) as e:  # the run's own result matters more than its log's upload
-                logging.getLogger("megaray.train").warning("could not write %s (%s); the log is in %s",
-                                                           self.target, e, self.path)
+                logging.getLogger("megaray.train").warning(
+                    "could not write %s (%s); the log is in %s", self.target, e, self.path
+                )
                 return
             os.unlink(self.path)
 
@@ -332,8 +338,7 @@ def keep_console(run_dir: Optional[str]) -> Iterator[Optional[ConsoleLog]]:
     handlers that write to them) to ``<run_dir>/log.txt`` too (:class:`ConsoleLog`), and the error
     that ends the block, if one does. ``None``, or inside another ``keep_console`` of the same run:
     nothing more. Yields the log (or None)."""
-    if run_dir is None or (isinstance(sys.stdout, _Tee) and
-                           sys.stdout.log.target == ConsoleLog.target_of(run_dir)):
+    if run_dir is None or (isinstance(sys.stdout, _Tee) and sys.stdout.log.target == ConsoleLog.target_of(run_dir)):
         yield None
         return
     log = ConsoleLog(run_dir)

@@ -20,12 +20,14 @@ import torch
 
 from megaray.config import ConfigError, RunConfig
 
+
 def check_supported(cfg: RunConfig) -> None:
     """Raise :class:`ConfigError` when ``train.ema_decay`` is set under ZeRO-3."""
     if cfg.train.ema_decay is not None and cfg.train.zero_stage == 3:
         raise ConfigError(
             "train.ema_decay: EMA needs the model's full weights on every rank after each step, but "
-            "ZeRO stage 3 partitions them across ranks; use train.zero_stage <= 2 or unset train.ema_decay")
+            "ZeRO stage 3 partitions them across ranks; use train.zero_stage <= 2 or unset train.ema_decay"
+        )
 
 
 class EMA:

@@ -47,13 +47,17 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 #: DeepSpeed keys megaray derives from its own fields: ``train.deepspeed`` may not set them.
 MANAGED = {
-    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
     "gradient_accumulation_steps": "train.global_batch_size (the accumulation follows from it)",
-    "gradient_clipping": "train.grad_clip", "zero_optimization.stage": "train.zero_stage",
-    "bf16.enabled": "train.precision", "fp16.enabled": "train.precision",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
     "optimizer": "train.lr / betas / weight_decay (megaray builds AdamW per module)",
     "scheduler": "train.warmup_steps / min_lr (megaray's warmup-cosine schedule)",
-    "zero_optimization.offload_optimizer.device": "train.offload", "zero_optimization.offload_param.device": "train.offload",
+    "zero_optimization.offload_optimizer.device": "train.offload",
+    "zero_optimization.offload_param.device": "train.offload",
 }
 
 
@@ -122,8 +126,10 @@ def validate_deepspeed(cfg: RunConfig) -> Dict[str, Any]:
     except Exception as e:  # DeepSpeedConfigError, pydantic ValidationError, AssertionError, ValueError
         errors = getattr(e, "errors", None)
         if callable(errors):  # pydantic: name the section's model, the key and the reason
-            msg = "; ".join(f"{e.title}.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
-                            for err in errors())
+            msg = "; ".join(
+                f"{e.title}.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                for err in errors()
+            )
         else:
             msg = " ".join(str(e).split())
         raise ConfigError(f"train.deepspeed: DeepSpeed rejects the config: {msg[:600]}") from None
@@ -131,8 +137,10 @@ def validate_deepspeed(cfg: RunConfig) -> Dict[str, Any]:
     if unread:
         known = sorted(k for k in checked.seen if isinstance(k, str))
         key = unread[0]
-        raise ConfigError(f"train.deepspeed.{key}: not a DeepSpeed config key (DeepSpeed 0.19 would ignore it)"
-                          f"{suggest(key, known)}; see https://www.deepspeed.ai/docs/config-json/")
+        raise ConfigError(
+            f"train.deepspeed.{key}: not a DeepSpeed config key (DeepSpeed 0.19 would ignore it)"
+            f"{suggest(key, known)}; see https://www.deepspeed.ai/docs/config-json/"
+        )
     return ds
 
 
@@ -155,7 +163,8 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         # dynamic loss scaling (loss_scale 0) from 2^16, DeepSpeed's defaults, spelled out
-        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} if precision == "fp16"
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        if precision == "fp16"
         else {"enabled": False},
         "steps_per_print": 10**9,  # megaray prints its own progress line
         "wall_clock_breakdown": False,
@@ -193,7 +202,10 @@ def build_engine(
     opt = cfg.train.optim_for(name)
     betas = tuple(opt.betas)
     if torch.cuda.is_available():
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(betas), "weight_decay": opt.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": opt.lr, "betas": list(betas), "weight_decay": opt.weight_decay},
+        }
         optimizer = None
     else:
         ds["zero_allow_untested_optimizer"] = True
@@ -231,8 +243,9 @@ def skip_cpu_op_builds() -> None:
         deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
 
 
-def build_engines(task: Any, modules: Mapping[str, torch.nn.Module], cfg: RunConfig, precision: str,
-                  device: torch.device) -> Dict[str, Any]:
+def build_engines(
+    task: Any, modules: Mapping[str, torch.nn.Module], cfg: RunConfig, precision: str, device: torch.device
+) -> Dict[str, Any]:
     """One DeepSpeed engine per trainable module of ``task`` (moved to ``device`` first), in the
     order the task returned them; groups from ``task.param_groups(name, module)``."""
     if device.type == "cpu":

@@ -31,8 +31,15 @@ class Evaluator:
     #: validation batches up to this many bytes per rank are read once and kept in memory
     CACHE_BYTES = int(os.environ.get("MEGARAY_VAL_CACHE_MB", "1024")) << 20
 
-    def __init__(self, task: Any, cfg: RunConfig, val_shard: Any, world: int,
-                 frozen: Mapping[str, torch.nn.Module], ema: Optional[Any] = None):
+    def __init__(
+        self,
+        task: Any,
+        cfg: RunConfig,
+        val_shard: Any,
+        world: int,
+        frozen: Mapping[str, torch.nn.Module],
+        ema: Optional[Any] = None,
+    ):
         self.task, self.cfg, self.val_shard, self.world = task, cfg, val_shard, world
         self.frozen, self.ema = dict(frozen), ema
         self.cache: Optional[List[Mapping[str, torch.Tensor]]] = None

@@ -60,13 +60,15 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "TOKENIZERS_PARALLELISM": "false",
-        # Ray Train's print patch tees worker prints into its logger *and* stdout: every
-        # progress line would reach the driver twice.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }}
+    env = {
+        "env_vars": {
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "TOKENIZERS_PARALLELISM": "false",
+            # Ray Train's print patch tees worker prints into its logger *and* stdout: every
+            # progress line would reach the driver twice.
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        }
+    }
     # Workers' output (Ray's per-report dicts and controller chatter, library warnings) stays in
     # Ray's session logs unless --verbose: rank 0 sends megaray's own lines through the console
     # channel (megaray.train.console).
@@ -75,16 +77,26 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     quiet_driver()
     logs = verbose()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=logs,
-                 logging_level=logging.INFO if logs else logging.WARNING)
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            runtime_env=env,
+            log_to_driver=logs,
+            logging_level=logging.INFO if logs else logging.WARNING,
+        )
     else:
         n = num_cpus or max(8, os.cpu_count() or 1)
         # as many Python workers may start at once as there are logical CPUs (Ray's default is the
         # core count, and the raylet prints a warning on the console each time more start)
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
         # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
-        ray.init(address="local", num_cpus=n, include_dashboard=False, runtime_env=env, log_to_driver=logs,
-                 logging_level=logging.INFO if logs else logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=n,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=logs,
+            logging_level=logging.INFO if logs else logging.WARNING,
+        )
     quiet_driver()  # ray.init resets its loggers' levels
     from ray.data import DataContext
 
@@ -114,8 +126,11 @@ def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
     if cfg.train.init_from:  # a models:/ URI becomes its checkpoint here, at the run's tracking URI
         from megaray.weights import is_model_uri, model_checkpoint
 
-        out.train.init_from = (model_checkpoint(cfg.train.init_from, cfg.tracking.resolved_uri())
-                               if is_model_uri(cfg.train.init_from) else _absolute(cfg.train.init_from, base_dir))
+        out.train.init_from = (
+            model_checkpoint(cfg.train.init_from, cfg.tracking.resolved_uri())
+            if is_model_uri(cfg.train.init_from)
+            else _absolute(cfg.train.init_from, base_dir)
+        )
     if cfg.eval.hellaswag:
         out.eval.hellaswag = _absolute(cfg.eval.hellaswag, base_dir)
     for key in ("vae_checkpoint", "vocoder_checkpoint", "text_encoder_path"):
@@ -131,15 +146,19 @@ def check_run(cfg: RunConfig, task: Any) -> None:
     from megaray.train.ema import check_supported
 
     if cfg.data.val_shards and not task.supports_val_shards:
-        raise ConfigError(f"data.val_shards: the {type(task).__name__} of family {cfg.model.family!r} validates on "
-                          f"the val split of its own data.shards; a separate validation folder works with the text "
-                          f"language-model families (gpt, ngpt, mamba, recurrent; not train.task sft): remove "
-                          f"data.val_shards")
+        raise ConfigError(
+            f"data.val_shards: the {type(task).__name__} of family {cfg.model.family!r} validates on "
+            f"the val split of its own data.shards; a separate validation folder works with the text "
+            f"language-model families (gpt, ngpt, mamba, recurrent; not train.task sft): remove "
+            f"data.val_shards"
+        )
     names = task.module_names()
     for name in cfg.train.modules:
         if name not in names:
-            raise ConfigError(f"train.modules.{name}: family {cfg.model.family!r} has no module {name!r}"
-                              f"{suggest(name, names)}; its modules: {', '.join(names)}")
+            raise ConfigError(
+                f"train.modules.{name}: family {cfg.model.family!r} has no module {name!r}"
+                f"{suggest(name, names)}; its modules: {', '.join(names)}"
+            )
     check_supported(cfg)
     t = cfg.train
     if t.deepspeed or t.offload != "none" or t.precision == "fp16":
@@ -196,13 +215,23 @@ def fit(
         from megaray.train.profiler import profile_config, profile_tags
 
         if resume_from:
-            raise ConfigError("--profile makes a separate short run (<name>-profile) from scratch: it cannot resume "
-                              "from a checkpoint; drop --resume-from or --profile")
+            raise ConfigError(
+                "--profile makes a separate short run (<name>-profile) from scratch: it cannot resume "
+                "from a checkpoint; drop --resume-from or --profile"
+            )
         cfg = profile_config(cfg, profile)
         extra_tags = {**(extra_tags or {}), **profile_tags(profile)}
     with keep_console(run_folder(cfg) if console else None):
-        return _fit(cfg, callbacks=callbacks, parent_run_id=parent_run_id, mlflow_run_name=mlflow_run_name,
-                    extra_tags=extra_tags, console=console, resume_from=resume_from, profile=profile)
+        return _fit(
+            cfg,
+            callbacks=callbacks,
+            parent_run_id=parent_run_id,
+            mlflow_run_name=mlflow_run_name,
+            extra_tags=extra_tags,
+            console=console,
+            resume_from=resume_from,
+            profile=profile,
+        )
 
 
 def run_folder(cfg: RunConfig) -> str:
@@ -210,9 +239,17 @@ def run_folder(cfg: RunConfig) -> str:
     return f"{storage_dir(cfg).rstrip('/')}/{cfg.name}"
 
 
-def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[str], mlflow_run_name: Optional[str],
-         extra_tags: Optional[Dict[str, str]], console: bool, resume_from: Optional[str] = None,
-         profile: Optional[int] = None) -> FitResult:
+def _fit(
+    cfg: RunConfig,
+    *,
+    callbacks: Sequence[Any],
+    parent_run_id: Optional[str],
+    mlflow_run_name: Optional[str],
+    extra_tags: Optional[Dict[str, str]],
+    console: bool,
+    resume_from: Optional[str] = None,
+    profile: Optional[int] = None,
+) -> FitResult:
     """:func:`fit`'s work."""
     from megaray import families
     from megaray.train import mlflow as tracking
@@ -243,8 +280,20 @@ def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[st
         if fork is not None:
             _tag_branch(uri, run_id, fork)
     channel = Channel() if console and not verbose() else None
-    trainer = _trainer(cfg, task, datasets, storage, run_dir, {"uri": uri, "run_id": run_id}, callbacks, t0, channel,
-                       worlds, trackers, profile)
+    trainer = _trainer(
+        cfg,
+        task,
+        datasets,
+        storage,
+        run_dir,
+        {"uri": uri, "run_id": run_id},
+        callbacks,
+        t0,
+        channel,
+        worlds,
+        trackers,
+        profile,
+    )
     try:
         if channel is not None:
             result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)
@@ -273,8 +322,12 @@ def _fit(cfg: RunConfig, *, callbacks: Sequence[Any], parent_run_id: Optional[st
                 register_best(uri, run_id, cfg.tracking.register_model, cfg.tracking.register_metric)
         tracking.end_run(uri, run_id, "FINISHED")
     return FitResult(
-        metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir,
-        mlflow_run_id=run_id, tracking_uri=uri, info=task.info,
+        metrics=dict(result.metrics or {}),
+        checkpoint=ckpt,
+        run_dir=run_dir,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        info=task.info,
     )
 
 
@@ -310,9 +363,9 @@ def _resolve_use_gpu(cfg: RunConfig, console: bool) -> None:
     """``scaling.use_gpu: auto`` becomes true when the connected Ray cluster has GPUs now
     (``ray.cluster_resources()``), else false; the choice and its reason are printed (console)
     and logged."""
-    from megaray.train.device import choose_gpu
-
     import ray
+
+    from megaray.train.device import choose_gpu
 
     use, why = choose_gpu(cfg.scaling.use_gpu, ray.cluster_resources())
     cfg.scaling.use_gpu = use
@@ -339,8 +392,9 @@ def _check_worlds(cfg: RunConfig, info: TaskInfo, run_dir: str) -> list:
         return list(range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1))
     saved = resume_state(run_dir)
     if saved is not None and saved.global_batch and saved.global_batch != plan.global_batch:
-        log.info("resuming %s with its global batch %d (the config gives %d)", run_dir, saved.global_batch,
-                 plan.global_batch)
+        log.info(
+            "resuming %s with its global batch %d (the config gives %d)", run_dir, saved.global_batch, plan.global_batch
+        )
         plan = replace(plan, global_batch=saved.global_batch)
         info.plan = plan
     worlds = plan.worlds(cfg.scaling.min_workers, cfg.scaling.max_workers)
@@ -349,20 +403,37 @@ def _check_worlds(cfg: RunConfig, info: TaskInfo, run_dir: str) -> list:
             f"scaling.num_workers {cfg.scaling.num_workers}: no world size in it divides the global batch "
             f"{plan.global_batch} into micro-batches of {plan.micro_batch} (sizes that do: "
             f"{plan.worlds(1, max(8, cfg.scaling.max_workers)) or 'none'}); set train.global_batch_size to a multiple "
-            "of data.batch_size x each size the run may have")
+            "of data.batch_size x each size the run may have"
+        )
     return worlds
 
 
-def _start_mlflow(cfg: RunConfig, task: Any, uri: str, run_dir: str, run_name: Optional[str],
-                  extra_tags: Optional[Dict[str, str]], parent_run_id: Optional[str]) -> str:
+def _start_mlflow(
+    cfg: RunConfig,
+    task: Any,
+    uri: str,
+    run_dir: str,
+    run_name: Optional[str],
+    extra_tags: Optional[Dict[str, str]],
+    parent_run_id: Optional[str],
+) -> str:
     """Create or find the run's MLflow run; log the resolved config and the task's files."""
     from megaray import families
     from megaray.train import mlflow as tracking
 
-    tags = {"megaray.family": cfg.model.family, "megaray.model_type": families.describe_model(cfg.model),
-            tracking.NOTE_TAG: tracking.command_line(), **(extra_tags or {})}
+    tags = {
+        "megaray.family": cfg.model.family,
+        "megaray.model_type": families.describe_model(cfg.model),
+        tracking.NOTE_TAG: tracking.command_line(),
+        **(extra_tags or {}),
+    }
     run_id = tracking.start_run(
-        uri, cfg.tracking.experiment, run_key=run_dir, run_name=run_name or cfg.name, params=cfg.flat(), tags=tags,
+        uri,
+        cfg.tracking.experiment,
+        run_key=run_dir,
+        run_name=run_name or cfg.name,
+        params=cfg.flat(),
+        tags=tags,
         parent_run_id=parent_run_id,
     )
     tracking.log_datasets(uri, run_id, _manifests(cfg, task))
@@ -383,10 +454,20 @@ def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
     return {s: read_manifest(s) for s in sources}
 
 
-def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, run_dir: str,
-             mlflow: Dict[str, Optional[str]], callbacks: Sequence[Any], t0: Optional[float] = None,
-             channel: Optional[Any] = None, worlds: Optional[Sequence[int]] = None,
-             trackers: Optional[Dict[str, Any]] = None, profile: Optional[int] = None) -> Any:
+def _trainer(
+    cfg: RunConfig,
+    task: Any,
+    datasets: Dict[str, Any],
+    storage: str,
+    run_dir: str,
+    mlflow: Dict[str, Optional[str]],
+    callbacks: Sequence[Any],
+    t0: Optional[float] = None,
+    channel: Optional[Any] = None,
+    worlds: Optional[Sequence[int]] = None,
+    trackers: Optional[Dict[str, Any]] = None,
+    profile: Optional[int] = None,
+) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
     error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg`` (``profile``: steps
     rank 0 runs under ``torch.profiler``, :mod:`megaray.train.profiler`)."""
@@ -399,13 +480,24 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # deterministic order per epoch: exact resume of data position
     options.label_selector = dict(cfg.scaling.data_label_selector) or None  # e.g. CPU data nodes (cluster/)
-    debug = {"trace": os.environ.get("MEGARAY_TRACE"), "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP"),
-             "step_sleep_s": os.environ.get("MEGARAY_STEP_SLEEP_S")}
+    debug = {
+        "trace": os.environ.get("MEGARAY_TRACE"),
+        "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP"),
+        "step_sleep_s": os.environ.get("MEGARAY_STEP_SLEEP_S"),
+    }
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "info": task.info, "mlflow": mlflow,
-                           "trackers": trackers, "run_dir": run_dir, "debug": debug, "t0": t0, "console": channel,
-                           "profile": profile},
+        train_loop_config={
+            "run": cfg.model_dump(mode="json"),
+            "info": task.info,
+            "mlflow": mlflow,
+            "trackers": trackers,
+            "run_dir": run_dir,
+            "debug": debug,
+            "t0": t0,
+            "console": channel,
+            "profile": profile,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic scaling policy
             elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_s,
@@ -421,5 +513,6 @@ def _trainer(cfg: RunConfig, task: Any, datasets: Dict[str, Any], storage: str, 
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=options),
-        run_dir=run_dir, worlds=worlds,  # an elastic run's sizes and growth (ray_compat.GlobalBatchElasticPolicy)
+        run_dir=run_dir,
+        worlds=worlds,  # an elastic run's sizes and growth (ray_compat.GlobalBatchElasticPolicy)
     )

@@ -72,8 +72,12 @@ class CheckpointModels:
         try:
             return self._log(step, location, report)
         except Exception as e:  # tracking never stops training
-            log.warning("MLflow: checkpoint %s not registered as a LoggedModel (%s: %s)", location,
-                        type(e).__name__, str(e)[:300])
+            log.warning(
+                "MLflow: checkpoint %s not registered as a LoggedModel (%s: %s)",
+                location,
+                type(e).__name__,
+                str(e)[:300],
+            )
             return None
 
     def _log(self, step: int, location: str, report: Mapping[str, Any]) -> str:
@@ -82,13 +86,24 @@ class CheckpointModels:
         client, run_id = self.logger._client, self.logger.run_id
         if self._experiment is None:
             self._experiment = client.get_run(run_id).info.experiment_id
-        tags = {CHECKPOINT_TAG: location, STEP_TAG: str(step), FAMILY_TAG: self.family, RUN_NAME_TAG: self.run_name,
-                EXTERNAL_TAG: "true"}
+        tags = {
+            CHECKPOINT_TAG: location,
+            STEP_TAG: str(step),
+            FAMILY_TAG: self.family,
+            RUN_NAME_TAG: self.run_name,
+            EXTERNAL_TAG: "true",
+        }
         params = {"checkpoint": location, "step": str(step), "family": self.family}
         if self.preset:
             params["preset"] = self.preset
-        model = client.create_logged_model(self._experiment, name=model_name(self.run_name, step), source_run_id=run_id,
-                                           tags=tags, params=params, model_type=MODEL_TYPE)
+        model = client.create_logged_model(
+            self._experiment,
+            name=model_name(self.run_name, step),
+            source_run_id=run_id,
+            tags=tags,
+            params=params,
+            model_type=MODEL_TYPE,
+        )
         self.logger.metrics({k: v for k, v in report.items() if k != "step"}, step, model_id=model.model_id)
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
@@ -122,8 +137,9 @@ def best_model(uri: str, run_id: str, metric: str = "val_loss", ascending: bool 
     order = [{"field_name": f"metrics.{metric}", "ascending": ascending}]
     models, token = [], None
     while True:
-        page = c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'", order_by=order,
-                                      max_results=100, page_token=token)
+        page = c.search_logged_models(
+            [exp], filter_string=f"source_run_id = '{run_id}'", order_by=order, max_results=100, page_token=token
+        )
         models.extend(m for m in page if m.tags.get(CHECKPOINT_TAG) and m.status == LoggedModelStatus.READY)
         token = page.token
         if not token:
@@ -152,14 +168,20 @@ def register_best(uri: str, run_id: str, name: str, metric_spec: str = "val_loss
     try:
         best = best_model(uri, run_id, metric, ascending)
         if best is None:
-            log.warning("MLflow: nothing registered as %r: run %s has no LoggedModel of an existing checkpoint", name,
-                        run_id)
+            log.warning(
+                "MLflow: nothing registered as %r: run %s has no LoggedModel of an existing checkpoint", name, run_id
+            )
             return None
         values = [x for x in best.metrics or [] if x.key == metric]
         value = values[-1].value if values else None
         if value is None:
-            log.warning("MLflow: no checkpoint of run %s has metric %r (tracking.register_metric); registering the "
-                        "newest one, %s", run_id, metric, best.name)
+            log.warning(
+                "MLflow: no checkpoint of run %s has metric %r (tracking.register_metric); registering the "
+                "newest one, %s",
+                run_id,
+                metric,
+                best.name,
+            )
         c = tracking.client(uri)
         try:
             c.create_registered_model(name)
@@ -171,8 +193,11 @@ def register_best(uri: str, run_id: str, name: str, metric_spec: str = "val_loss
             if same:
                 log.info("MLflow: %s is already version %s of %s", best.name, same[0].version, name)
                 return same[0]
-        tags = {"megaray.metric": metric_spec, CHECKPOINT_TAG: best.tags[CHECKPOINT_TAG],
-                STEP_TAG: best.tags.get(STEP_TAG, "")}
+        tags = {
+            "megaray.metric": metric_spec,
+            CHECKPOINT_TAG: best.tags[CHECKPOINT_TAG],
+            STEP_TAG: best.tags.get(STEP_TAG, ""),
+        }
         if value is not None:
             tags["megaray.metric_value"] = repr(value)
         way = "min" if ascending else "max"
@@ -180,12 +205,18 @@ def register_best(uri: str, run_id: str, name: str, metric_spec: str = "val_loss
         # a SQL registry looks the source model up at the *global* tracking URI (an MLflow TODO in
         # SqlAlchemyStore.create_model_version): point it at this run's for the call
         with _use_tracking_uri(uri):
-            version = c.create_model_version(name, source=best.model_uri, run_id=run_id, tags=tags,
-                                             model_id=best.model_id,
-                                             description=f"{best.name}: best checkpoint of its run by {why}")
+            version = c.create_model_version(
+                name,
+                source=best.model_uri,
+                run_id=run_id,
+                tags=tags,
+                model_id=best.model_id,
+                description=f"{best.name}: best checkpoint of its run by {why}",
+            )
         log.info("MLflow: registered %s as %s version %s (%s)", best.name, name, version.version, why)
         return version
     except Exception as e:  # the run itself succeeded: say so and go on
-        log.warning("MLflow: the best checkpoint was not registered as %r (%s: %s)", name, type(e).__name__,
-                    str(e)[:300])
+        log.warning(
+            "MLflow: the best checkpoint was not registered as %r (%s: %s)", name, type(e).__name__, str(e)[:300]
+        )
         return None

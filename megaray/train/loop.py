@@ -71,7 +71,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         # Nothing left to train (a re-run of a finished run, or a Tune trial restarted after it
         # finished but before Tune saved that): hand Ray Train the final report again, so the
         # result and Tune's view of the trial end at max_steps. MLflow already has it.
-        w.reporter.say(f"run already at step {state.step} of {t.max_steps}: nothing to train; re-reporting its final metrics")
+        w.reporter.say(
+            f"run already at step {state.step} of {t.max_steps}: nothing to train; re-reporting its final metrics"
+        )
         ray.train.report(dict(state.metrics))
     skipped = w.reporter.pacer.skipped
     paced = f" ({skipped} progress report(s) kept from Ray Train by pacing; all are in MLflow)" if skipped else ""
@@ -116,8 +118,11 @@ class _Worker:
         self.task = task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=info)
         # a positioned stream: rank 0 builds it at the restored cursor and splits it over the ranks;
         # reading starts now, while the engines build (fast start)
-        self.head = Prefetch(_positioned_shard(task, saved, rank, world).iter_torch_batches(
-            batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2))
+        self.head = Prefetch(
+            _positioned_shard(task, saved, rank, world).iter_torch_batches(
+                batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2
+            )
+        )
         _seed_everything(cfg.train.seed + rank)
         self.device = device = ray.train.torch.get_device()
         precision = resolve_precision(cfg.train.precision, device)
@@ -144,9 +149,19 @@ class _Worker:
 
             self.checkpointer.on_saved = CheckpointModels(logger, cfg.name, cfg.model.family, cfg.model.preset)
         trackers = open_trackers(config.get("trackers") or {}, logger, rank, cfg.flat(), self.state.step)
-        self.reporter = Reporter(cfg.train, logger, rank, world, task.unit, task.flops_per_unit(modules),
-                                 cfg.train.peak_flops or peak_flops(device), self.state.step, config.get("t0"),
-                                 config.get("console"), trackers)
+        self.reporter = Reporter(
+            cfg.train,
+            logger,
+            rank,
+            world,
+            task.unit,
+            task.flops_per_unit(modules),
+            cfg.train.peak_flops or peak_flops(device),
+            self.state.step,
+            config.get("t0"),
+            config.get("console"),
+            trackers,
+        )
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
         # a profile run: rank 0 records its steps; no rank evaluates or checkpoints (the same on every rank)
         self.profiling = bool(config.get("profile"))
@@ -157,19 +172,28 @@ class _Worker:
             self.profiler = Profiler(int(config["profile"]), config.get("run_dir"), device, self.reporter.say, logger)
         s = self.state
         if where is not None:
-            resized = f", written by {saved.world_size} workers" if saved is not None and saved.world_size != world else ""
-            converted = (f"; ZeRO state converted to universal in {self.checkpointer.conversion_s:.1f}s"
-                         if self.checkpointer.conversion_s else "")
-            self.reporter.say(f"resumed from {where} at step {s.step} (epoch {s.epoch}, sample {s.samples_in_epoch}"
-                              f"{resized}{converted})")
+            resized = (
+                f", written by {saved.world_size} workers" if saved is not None and saved.world_size != world else ""
+            )
+            converted = (
+                f"; ZeRO state converted to universal in {self.checkpointer.conversion_s:.1f}s"
+                if self.checkpointer.conversion_s
+                else ""
+            )
+            self.reporter.say(
+                f"resumed from {where} at step {s.step} (epoch {s.epoch}, sample {s.samples_in_epoch}"
+                f"{resized}{converted})"
+            )
             self.reporter.time.add("resize", self.checkpointer.conversion_s)
         n_params = sum(p.numel() for p in modules["model"].parameters())
         t = cfg.train
         ema = f", EMA {t.ema_decay}" if self.ema is not None else ""
-        self.reporter.say(f"{cfg.model.family} {cfg.model.preset or ''}: {n_params/1e6:.2f}M params, world {world}, "
-                          f"ZeRO stage {t.zero_stage}, precision {precision}, micro-batch {cfg.data.batch_size} "
-                          f"x accum {t.grad_accum_steps} x {world} = global batch "
-                          f"{cfg.data.batch_size * t.grad_accum_steps * world}{ema}")
+        self.reporter.say(
+            f"{cfg.model.family} {cfg.model.preset or ''}: {n_params / 1e6:.2f}M params, world {world}, "
+            f"ZeRO stage {t.zero_stage}, precision {precision}, micro-batch {cfg.data.batch_size} "
+            f"x accum {t.grad_accum_steps} x {world} = global batch "
+            f"{cfg.data.batch_size * t.grad_accum_steps * world}{ema}"
+        )
 
     def end_of_step(self, step: int) -> None:
         """After optimizer step ``step``: the task's hook, the EMA, then whichever parts are due."""
@@ -266,8 +290,9 @@ def _positioned_shard(task: Any, saved: Optional[TrainState], rank: int, world: 
     return box[0][rank]
 
 
-def positioned_batches(batches: Any, batch_size: int, state: TrainState, rank: int, world: int,
-                       debug: Optional["Debug"] = None) -> Iterator[Mapping[str, torch.Tensor]]:
+def positioned_batches(
+    batches: Any, batch_size: int, state: TrainState, rank: int, world: int, debug: Optional["Debug"] = None
+) -> Iterator[Mapping[str, torch.Tensor]]:
     """Micro-batches of a positioned stream (:meth:`megaray.tasks.base.Task.train_stream`) from
     where ``state`` stands, checked against the stream's ``epoch``/``index`` columns (removed).
 
@@ -282,14 +307,18 @@ def positioned_batches(batches: Any, batch_size: int, state: TrainState, rank: i
             state.epoch, state.samples_in_epoch = epoch, 0
         want = state.samples_in_epoch + rank * batch_size
         if (epoch, first) != (state.epoch, want):
-            raise RuntimeError(f"rank {rank}: the train stream is at epoch {epoch}, sample {first}, but this worker "
-                               f"stands at epoch {state.epoch}, sample {want}: the stream and the restored "
-                               "checkpoint disagree")
+            raise RuntimeError(
+                f"rank {rank}: the train stream is at epoch {epoch}, sample {first}, but this worker "
+                f"stands at epoch {state.epoch}, sample {want}: the stream and the restored "
+                "checkpoint disagree"
+            )
         if debug is not None:
             debug.ids = index.tolist()
         yield batch
-    raise RuntimeError(f"rank {rank}: the train stream ended at epoch {state.epoch}, sample {state.samples_in_epoch} "
-                       "before train.max_steps")
+    raise RuntimeError(
+        f"rank {rank}: the train stream ended at epoch {state.epoch}, sample {state.samples_in_epoch} "
+        "before train.max_steps"
+    )
 
 
 class Debug:
@@ -317,8 +346,9 @@ class Debug:
 
     def started(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
         if self.path:
-            weights = {name: float(sum(p.detach().double().abs().sum() for p in m.parameters()))
-                       for name, m in modules.items()}
+            weights = {
+                name: float(sum(p.detach().double().abs().sum() for p in m.parameters())) for name, m in modules.items()
+            }
             with open(f"{self.path}.starts.rank{self.rank}", "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "step": state.step, "weights_l1": weights}) + "\n")
 
@@ -334,9 +364,18 @@ class Debug:
             return
         first = next(iter(batch.values()))
         digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-        self.pending = {"step": state.step + 1, "epoch": state.epoch, "cursor": state.samples_in_epoch, "fp": digest,
-                        "lr": float(engine.get_lr()[0]), "pid": os.getpid(), "replayed": self.replayed,
-                        "ids": self.ids, "world": state.world_size, "t": time.time()}
+        self.pending = {
+            "step": state.step + 1,
+            "epoch": state.epoch,
+            "cursor": state.samples_in_epoch,
+            "fp": digest,
+            "lr": float(engine.get_lr()[0]),
+            "pid": os.getpid(),
+            "replayed": self.replayed,
+            "ids": self.ids,
+            "world": state.world_size,
+            "t": time.time(),
+        }
 
     def after(self, loss: Optional[float] = None) -> None:
         if self.trace is not None and self.pending is not None:

@@ -52,7 +52,7 @@ def experiment_id(uri: str, name: str) -> str:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        location = Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
+        location = Path(uri[len("sqlite:///") :]).resolve().parent.joinpath("mlartifacts").as_uri()
     try:
         return c.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another process
@@ -203,8 +203,11 @@ class RunLogger:
             now = stamps[step] = int(time.time() * 1000)
             for old in sorted(stamps)[:-16]:
                 del stamps[old]
-        ms = [Metric(k, float(v), now, step, model_id=model_id)
-              for k, v in values.items() if v is not None and math.isfinite(float(v))]
+        ms = [
+            Metric(k, float(v), now, step, model_id=model_id)
+            for k, v in values.items()
+            if v is not None and math.isfinite(float(v))
+        ]
         if ms:
             self._client.log_batch(self.run_id, metrics=ms)
 
@@ -236,8 +239,9 @@ class RunLogger:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
-                                             tracking_uri=self.uri)
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.uri
+        )
         self._monitor.start()
 
 

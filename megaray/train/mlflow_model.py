@@ -85,7 +85,8 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
 
     kinds = {bool: "boolean", int: "long", float: "double", str: "string"}
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in spec["params"].items()]),
     )
     ckpt = Path(checkpoint)
@@ -113,10 +114,16 @@ def log_model(uri: str, run_id: str, task: Any, checkpoint: str, register_as: Op
             pyfunc_log.setLevel(logging.ERROR)
             try:
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=CheckpointModel(), artifacts={"checkpoint": str(staged)},
-                    signature=signature, registered_model_name=register_as,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                      f"tokenizers=={tokenizers.__version__}", f"mlflow=={mlflow.__version__}"],
+                    name="model",
+                    python_model=CheckpointModel(),
+                    artifacts={"checkpoint": str(staged)},
+                    signature=signature,
+                    registered_model_name=register_as,
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"tokenizers=={tokenizers.__version__}",
+                        f"mlflow=={mlflow.__version__}",
+                    ],
                 )
             finally:
                 pyfunc_log.setLevel(level)

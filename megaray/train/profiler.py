@@ -86,8 +86,9 @@ class Profiler:
     :meth:`close` when the loop ends. ``files`` holds ``{"trace", "table"}`` once written.
     """
 
-    def __init__(self, steps: int, run_dir: Optional[str], device: Any, say: Any, logger: Any,
-                 warmup: int = PROFILE_WARMUP):
+    def __init__(
+        self, steps: int, run_dir: Optional[str], device: Any, say: Any, logger: Any, warmup: int = PROFILE_WARMUP
+    ):
         import torch
 
         self.steps, self.warmup, self.run_dir, self.say, self.logger = steps, warmup, run_dir, say, logger
@@ -99,9 +100,14 @@ class Profiler:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        self._prof = profile(activities=activities, schedule=schedule(wait=0, warmup=self.warmup, active=self.steps,
-                                                                      repeat=1),
-                             on_trace_ready=self._ready, record_shapes=True, profile_memory=True, with_flops=True)
+        self._prof = profile(
+            activities=activities,
+            schedule=schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1),
+            on_trace_ready=self._ready,
+            record_shapes=True,
+            profile_memory=True,
+            with_flops=True,
+        )
         self._prof.start()
 
     def step(self) -> None:
@@ -119,24 +125,30 @@ class Profiler:
         from megaray import fs
 
         remote = bool(self.run_dir) and fs.is_uri(self.run_dir)
-        local = tempfile.mkdtemp(prefix="megaray-profile-") if remote or not self.run_dir else \
-            os.path.join(self.run_dir, FOLDER)
+        local = (
+            tempfile.mkdtemp(prefix="megaray-profile-")
+            if remote or not self.run_dir
+            else os.path.join(self.run_dir, FOLDER)
+        )
         os.makedirs(local, exist_ok=True)
         trace, table = os.path.join(local, TRACE_FILE), os.path.join(local, TABLE_FILE)
         prof.export_chrome_trace(trace)
         what = "device" if self.cuda else "cpu"
         averages = prof.key_averages()
         with open(table, "w") as f:
-            f.write(f"torch.profiler: {self.steps} optimizer step(s) after {self.warmup} warm-up step(s), rank 0 "
-                    f"({'CPU + CUDA' if self.cuda else 'CPU'})\n\n")
+            f.write(
+                f"torch.profiler: {self.steps} optimizer step(s) after {self.warmup} warm-up step(s), rank 0 "
+                f"({'CPU + CUDA' if self.cuda else 'CPU'})\n\n"
+            )
             f.write(f"top {TIME_ROWS} operators by self {what} time\n")
             f.write(averages.table(sort_by=f"self_{what}_time_total", row_limit=TIME_ROWS) + "\n\n")
             f.write(f"top {MEMORY_ROWS} operators by self {what} memory\n")
             f.write(averages.table(sort_by=f"self_{what}_memory_usage", row_limit=MEMORY_ROWS) + "\n")
         self.files = {"trace": trace, "table": table}
         if remote:
-            self.files = {k: _upload(v, fs.join(self.run_dir, FOLDER, os.path.basename(v)))
-                          for k, v in self.files.items()}
+            self.files = {
+                k: _upload(v, fs.join(self.run_dir, FOLDER, os.path.basename(v))) for k, v in self.files.items()
+            }
         try:
             for path in (trace, table):
                 self.logger.artifact(path, FOLDER)
@@ -146,8 +158,10 @@ class Profiler:
         if remote:
             shutil.rmtree(local, ignore_errors=True)
         logged = " (and MLflow artifacts profile/)" if getattr(self.logger, "enabled", False) else ""  # None: failed
-        self.say(f"profile of {self.steps} step(s) after {self.warmup} warm-up: trace {self.files['trace']} "
-                 f"(chrome://tracing or ui.perfetto.dev), operators {self.files['table']}{logged}")
+        self.say(
+            f"profile of {self.steps} step(s) after {self.warmup} warm-up: trace {self.files['trace']} "
+            f"(chrome://tracing or ui.perfetto.dev), operators {self.files['table']}{logged}"
+        )
 
 
 def _upload(local: str, target: str) -> str:

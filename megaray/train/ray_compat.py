@@ -104,8 +104,12 @@ def root_error(error: BaseException) -> BaseException:
     while id(error) not in seen:
         seen.add(id(error))
         failures = getattr(error, "worker_failures", None)
-        inner = ((failures[min(failures)] if failures else None) or getattr(error, "controller_failure", None)
-                 or getattr(error, "cause", None) or error.__cause__)
+        inner = (
+            (failures[min(failures)] if failures else None)
+            or getattr(error, "controller_failure", None)
+            or getattr(error, "cause", None)
+            or error.__cause__
+        )
         if not isinstance(inner, BaseException):
             break
         error = inner
@@ -316,8 +320,9 @@ class UserErrorFailurePolicy(_DefaultFailurePolicy):
 
     def make_decision(self, training_failed_error):
         if user_error(training_failed_error) is not None:
-            log.info("a worker raised %s: ending the run without retrying",
-                     type(user_error(training_failed_error)).__name__)
+            log.info(
+                "a worker raised %s: ending the run without retrying", type(user_error(training_failed_error)).__name__
+            )
             return _FailureDecision.RAISE
         return super().make_decision(training_failed_error)
 
@@ -377,8 +382,11 @@ class GlobalBatchElasticPolicy(_ElasticScalingPolicy):
             return decision
         n = self.allowed(decision.num_workers)
         if n is None:
-            log.info("%d workers fit; none of the allowed sizes %s (they divide the global batch)",
-                     decision.num_workers, self.worlds)
+            log.info(
+                "%d workers fit; none of the allowed sizes %s (they divide the global batch)",
+                decision.num_workers,
+                self.worlds,
+            )
             return _NoopDecision()
         return _ResizeDecision(num_workers=n, resources_per_worker=decision.resources_per_worker)
 
@@ -390,9 +398,14 @@ class GlobalBatchElasticPolicy(_ElasticScalingPolicy):
             self._polled = now
             if self._checkpoint_step() > self._grow_after:
                 n, self._grow_to = self._grow_to, None
-                log.info("growing the worker group from %d to %d workers at its new checkpoint",
-                         worker_group_state.num_workers, n)
-                return _ResizeDecision(num_workers=n, resources_per_worker=self.scaling_config._resources_per_worker_not_none)
+                log.info(
+                    "growing the worker group from %d to %d workers at its new checkpoint",
+                    worker_group_state.num_workers,
+                    n,
+                )
+                return _ResizeDecision(
+                    num_workers=n, resources_per_worker=self.scaling_config._resources_per_worker_not_none
+                )
             return _NoopDecision()
         decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
         if not isinstance(decision, _ResizeDecision):
@@ -401,8 +414,9 @@ class GlobalBatchElasticPolicy(_ElasticScalingPolicy):
         if n is None or n <= worker_group_state.num_workers:
             return _NoopDecision()
         self._grow_to, self._grow_after, self._polled = n, self._checkpoint_step(), time.monotonic()
-        log.info("%d workers fit (the group has %d): growing at the run's next checkpoint", n,
-                 worker_group_state.num_workers)
+        log.info(
+            "%d workers fit (the group has %d): growing at the run's next checkpoint", n, worker_group_state.num_workers
+        )
         return _NoopDecision()
 
 
@@ -419,10 +433,12 @@ class TorchTrainer(_TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(self.run_config.failure_config)
         if self.scaling_config.elasticity_enabled and self._megaray_run_dir:
-            worlds = self._megaray_worlds or list(range(self.scaling_config.min_workers,
-                                                        self.scaling_config.max_workers + 1))
-            controller_init_kwargs["scaling_policy"] = GlobalBatchElasticPolicy(self.scaling_config,
-                                                                                self._megaray_run_dir, worlds)
+            worlds = self._megaray_worlds or list(
+                range(self.scaling_config.min_workers, self.scaling_config.max_workers + 1)
+            )
+            controller_init_kwargs["scaling_policy"] = GlobalBatchElasticPolicy(
+                self.scaling_config, self._megaray_run_dir, worlds
+            )
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _create_default_callbacks(self):
@@ -518,13 +534,23 @@ def branch_snapshot(run_dir: str, latest: str, dropped: List[str], metrics: Opti
         results.append(chosen)
         indices.append(int(state.get("current_report_index", 0)))
         state["current_report_index"] = indices[-1] + 1
-    pending = [(r, spec) for r, spec in zip(state.get("pending_training_results", []),
-                                            state.get("pending_validation_specs", []))
-               if r["checkpoint_dir_name"] not in gone]
-    state.update(checkpoint_results=results, checkpoint_report_indices=indices, latest_checkpoint_result=chosen,
-                 pending_training_results=[r for r, _ in pending], pending_validation_specs=[s for _, s in pending])
-    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
-                "failed_validation_checkpoint_dir_names"):
+    pending = [
+        (r, spec)
+        for r, spec in zip(state.get("pending_training_results", []), state.get("pending_validation_specs", []))
+        if r["checkpoint_dir_name"] not in gone
+    ]
+    state.update(
+        checkpoint_results=results,
+        checkpoint_report_indices=indices,
+        latest_checkpoint_result=chosen,
+        pending_training_results=[r for r, _ in pending],
+        pending_validation_specs=[s for _, s in pending],
+    )
+    for key in (
+        "validated_checkpoint_dir_names",
+        "timed_out_validation_checkpoint_dir_names",
+        "failed_validation_checkpoint_dir_names",
+    ):
         state[key] = [name for name in state.get(key, []) if name not in gone]
     fs.write_text(path, json.dumps(state))
     return True

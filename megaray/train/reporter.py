@@ -181,9 +181,20 @@ class Reporter:
             None: MLflow through ``logger`` only.
     """
 
-    def __init__(self, cfg_train: Any, logger: RunLogger, rank: int, world: int, unit: str,
-                 flops_per_unit: Optional[float], peak: Optional[float], start_step: int,
-                 run_t0: Optional[float] = None, channel: Optional[Any] = None, trackers: Optional[Trackers] = None):
+    def __init__(
+        self,
+        cfg_train: Any,
+        logger: RunLogger,
+        rank: int,
+        world: int,
+        unit: str,
+        flops_per_unit: Optional[float],
+        peak: Optional[float],
+        start_step: int,
+        run_t0: Optional[float] = None,
+        channel: Optional[Any] = None,
+        trackers: Optional[Trackers] = None,
+    ):
         self.t, self.logger, self.rank, self.world, self.unit = cfg_train, logger, rank, world, unit
         if trackers is None:
             trackers = Trackers([MLflowTracker(logger)] if rank == 0 and logger.enabled else [])
@@ -218,8 +229,13 @@ class Reporter:
             self._print_progress(step, report, eta)
         return report
 
-    def publish(self, report: Dict[str, float], step: int, state: Any,
-                checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+    def publish(
+        self,
+        report: Dict[str, float],
+        step: int,
+        state: Any,
+        checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> None:
         """Log ``report`` (plus step, tokens, epoch) to the trackers and report it to Ray Train:
         through ``checkpoint(report)`` when given, else now if it holds validation metrics or
         the pacer allows. Every rank calls it with the same arguments."""
@@ -240,8 +256,9 @@ class Reporter:
         if self.rank != 0:
             return
         for path in self.trackers.log_folder(folder, step):
-            self.logger.artifact(path, MLflowTracker.artifact_dir(
-                "eval/" + os.path.relpath(path, folder).replace(os.sep, "/"), step))
+            self.logger.artifact(
+                path, MLflowTracker.artifact_dir("eval/" + os.path.relpath(path, folder).replace(os.sep, "/"), step)
+            )
         for key, text in texts.items():
             self.trackers.log_text(key, text, step)
 
@@ -257,12 +274,20 @@ class Reporter:
             print(f"[megaray] {line}", flush=True)
 
     def _print_progress(self, step: int, m: Mapping[str, float], eta_s: float) -> None:
-        mfu = f"{m['mfu']*100:.1f}%" if "mfu" in m else "n/a"
-        parts = [f"step {step}/{self.t.max_steps}", f"loss {m.get('loss', float('nan')):.4f}", f"lr {m.get('lr', 0):.2e}"]
+        mfu = f"{m['mfu'] * 100:.1f}%" if "mfu" in m else "n/a"
+        parts = [
+            f"step {step}/{self.t.max_steps}",
+            f"loss {m.get('loss', float('nan')):.4f}",
+            f"lr {m.get('lr', 0):.2e}",
+        ]
         if "grad_norm" in m:
             parts.append(f"gnorm {m['grad_norm']:.2f}")
-        parts += [f"{m['throughput']:,.0f} {self.unit}/s", f"MFU {mfu}", f"data-wait {m['data_wait_frac']*100:.0f}%",
-                  f"ETA {fmt_s(eta_s)}"]
+        parts += [
+            f"{m['throughput']:,.0f} {self.unit}/s",
+            f"MFU {mfu}",
+            f"data-wait {m['data_wait_frac'] * 100:.0f}%",
+            f"ETA {fmt_s(eta_s)}",
+        ]
         self.say(" | ".join(parts))
 
 

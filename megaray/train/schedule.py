@@ -27,12 +27,12 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+def warmup_cosine(
+    warmup_steps: int, max_steps: int, min_ratio: float
+) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """A factory ``optimizer -> LambdaLR`` as ``deepspeed.initialize(lr_scheduler=...)`` accepts."""
 
     def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, min_ratio)
-        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, min_ratio))
 
     return make

@@ -241,8 +241,15 @@ class WandbTracker:
         ConfigError: wandb is not installed, or W&B refuses the run (no API key, bad credentials).
     """
 
-    def __init__(self, project: str, run_id: str, name: str, mode: str = "online",
-                 entity: Optional[str] = None, dir: Optional[str] = None):
+    def __init__(
+        self,
+        project: str,
+        run_id: str,
+        name: str,
+        mode: str = "online",
+        entity: Optional[str] = None,
+        dir: Optional[str] = None,
+    ):
         require("wandb", "tracking.wandb", "wandb")
         import wandb
 
@@ -250,11 +257,21 @@ class WandbTracker:
             os.makedirs(dir, exist_ok=True)
         self.wandb = wandb
         try:
-            self.run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", mode=mode,
-                                  dir=dir, settings=wandb.Settings(console="off", silent=True))
+            self.run = wandb.init(
+                project=project,
+                entity=entity,
+                name=name,
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=dir,
+                settings=wandb.Settings(console="off", silent=True),
+            )
         except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:  # not retried: the user's to fix
-            raise ConfigError(f"tracking.wandb: W&B refused the run ({e}); log in on the rank-0 node (`wandb login` "
-                              "or WANDB_API_KEY), or set tracking.wandb.mode=offline") from None
+            raise ConfigError(
+                f"tracking.wandb: W&B refused the run ({e}); log in on the rank-0 node (`wandb login` "
+                "or WANDB_API_KEY), or set tracking.wandb.mode=offline"
+            ) from None
 
     def log_metrics(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log(dict(values), step=step)
@@ -278,8 +295,10 @@ class WandbTracker:
 def require(module: str, key: str, package: str) -> None:
     """Raise ConfigError naming ``key`` and the ``pip install`` when ``module`` is missing."""
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{key}: the {package} package is not installed here: pip install {package} "
-                          f"(or pip install 'megaray[trackers]'), or turn {key} off")
+        raise ConfigError(
+            f"{key}: the {package} package is not installed here: pip install {package} "
+            f"(or pip install 'megaray[trackers]'), or turn {key} off"
+        )
 
 
 def prepare(cfg: Any, run_dir: str) -> Dict[str, Any]:
@@ -308,9 +327,14 @@ def prepare(cfg: Any, run_dir: str) -> Dict[str, Any]:
     w = t.wandb
     if w is not None and w.mode != "disabled":
         require("wandb", "tracking.wandb", "wandb")
-        out["wandb"] = {"project": w.project or t.experiment, "entity": w.entity, "mode": w.mode,
-                        "run_id": wandb_run_id(run_dir), "name": cfg.name,
-                        "dir": os.path.abspath(w.dir) if w.dir else (None if fs.is_uri(run_dir) else run_dir)}
+        out["wandb"] = {
+            "project": w.project or t.experiment,
+            "entity": w.entity,
+            "mode": w.mode,
+            "run_id": wandb_run_id(run_dir),
+            "name": cfg.name,
+            "dir": os.path.abspath(w.dir) if w.dir else (None if fs.is_uri(run_dir) else run_dir),
+        }
     return out
 
 
@@ -327,8 +351,9 @@ def wandb_run_id(run_dir: str) -> str:
     return run_id
 
 
-def open_trackers(spec: Mapping[str, Any], logger: Any, rank: int, params: Mapping[str, Any],
-                  start_step: int = 0) -> Trackers:
+def open_trackers(
+    spec: Mapping[str, Any], logger: Any, rank: int, params: Mapping[str, Any], start_step: int = 0
+) -> Trackers:
     """Rank 0: MLflow (when ``logger`` is enabled) and the trackers :func:`prepare` asked for, with
     ``params`` logged; other ranks: an empty :class:`Trackers`. ``start_step``: the step this
     attempt resumes at (TensorBoard hides what an earlier attempt logged after it)."""

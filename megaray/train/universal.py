@@ -109,19 +109,29 @@ def convert(ckpt_dir: str, tag: str, workers: int = 1) -> str:
     if not src.is_dir():
         raise CheckpointError(f"{src}: no DeepSpeed checkpoint to convert to a universal one")
     if not glob.glob(str(src / "*_optim_states.pt")):
-        raise CheckpointError(f"{src}: no ZeRO optimizer shards (*_optim_states.pt); only ZeRO stage >= 1 "
-                              "checkpoints need (and can take) a universal conversion")
+        raise CheckpointError(
+            f"{src}: no ZeRO optimizer shards (*_optim_states.pt); only ZeRO stage >= 1 "
+            "checkpoints need (and can take) a universal conversion"
+        )
     from deepspeed.checkpoint import ds_to_universal
 
     try:
         tmp_root = tempfile.mkdtemp(prefix=f".{out_tag}.tmp-", dir=ckpt_dir)
     except OSError as e:
-        raise CheckpointError(f"{ckpt_dir}: cannot write the universal conversion of {tag!r} there ({e}); "
-                              "resume with the number of workers that wrote it") from None
+        raise CheckpointError(
+            f"{ckpt_dir}: cannot write the universal conversion of {tag!r} there ({e}); "
+            "resume with the number of workers that wrote it"
+        ) from None
     out = os.path.join(tmp_root, out_tag)  # DeepSpeed also writes ``latest_universal`` beside it: into tmp_root
-    args = argparse.Namespace(input_folder=str(src), output_folder=out, num_extract_workers=max(1, workers),
-                              num_merge_workers=max(1, workers), keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=out,
+        num_extract_workers=max(1, workers),
+        num_merge_workers=max(1, workers),
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     chatter = io.StringIO()
     t0 = time.perf_counter()
     try:
@@ -130,11 +140,14 @@ def convert(ckpt_dir: str, tag: str, workers: int = 1) -> str:
                 ds_to_universal.main(args)
         except Exception as e:  # DeepSpeed raises AssertionError, ValueError, FileNotFoundError, ...
             tail = chatter.getvalue().strip().splitlines()[-3:]
-            raise CheckpointError(f"{src}: DeepSpeed's universal checkpoint conversion failed ({type(e).__name__}: "
-                                  f"{e}){' | ' + ' | '.join(tail) if tail else ''}") from None
+            raise CheckpointError(
+                f"{src}: DeepSpeed's universal checkpoint conversion failed ({type(e).__name__}: "
+                f"{e}){' | ' + ' | '.join(tail) if tail else ''}"
+            ) from None
         seconds = time.perf_counter() - t0
-        Path(out, MARKER).write_text(json.dumps({"source_tag": tag, "seconds": round(seconds, 3),
-                                                 "deepspeed": _deepspeed_version()}))
+        Path(out, MARKER).write_text(
+            json.dumps({"source_tag": tag, "seconds": round(seconds, 3), "deepspeed": _deepspeed_version()})
+        )
         log.debug("ds_to_universal %s:\n%s", src, chatter.getvalue())
         try:
             if final.exists() and not (final / MARKER).is_file():
@@ -187,8 +200,10 @@ def load_engine(engine: Any, ckpt_dir: str, tag: str) -> str:
     """
     stage0 = int(engine.zero_optimization_stage()) == 0
     if not stage0 and not (Path(ckpt_dir) / tag / MARKER).is_file():
-        raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: not a complete universal checkpoint "
-                              "(megaray.train.universal.convert makes one)")
+        raise CheckpointError(
+            f"{os.path.join(ckpt_dir, tag)}: not a complete universal checkpoint "
+            "(megaray.train.universal.convert makes one)"
+        )
     return _load(engine, ckpt_dir, tag, universal=not stage0)[0]
 
 
@@ -224,8 +239,11 @@ def _convert_collectively(ckpt_dir: str, tag: str, workers: int) -> str:
         try:
             convert(ckpt_dir, tag, workers)
         except Exception as e:  # anything: the other ranks must not wait for rank 0 forever
-            msg = [str(e) if isinstance(e, CheckpointError) else
-                   f"{ckpt_dir}/{tag}: universal conversion failed on rank 0 ({type(e).__name__}: {e})"]
+            msg = [
+                str(e)
+                if isinstance(e, CheckpointError)
+                else f"{ckpt_dir}/{tag}: universal conversion failed on rank 0 ({type(e).__name__}: {e})"
+            ]
     dist.broadcast_object_list(msg, src=0)
     if msg[0] is not None:
         raise CheckpointError(msg[0])
@@ -267,8 +285,9 @@ def _fix_stage3(engine: Any, where: str) -> None:
     groups = (saved.get("optimizer_state_dict") or {}).get("param_groups") or saved.get("param_groups") or []
     inner = engine.optimizer.optimizer
     if len(groups) != len(inner.param_groups):
-        raise CheckpointError(f"{where}: {len(groups)} optimizer param groups saved, this engine has "
-                              f"{len(inner.param_groups)}")
+        raise CheckpointError(
+            f"{where}: {len(groups)} optimizer param groups saved, this engine has {len(inner.param_groups)}"
+        )
     for group, loaded in zip(inner.param_groups, groups):
         for key, value in loaded.items():
             if key != "params":

@@ -14,8 +14,15 @@ from megaray.tune.config import TuneSearch, TuneSearchConfig, load_tune_config
 from megaray.tune.report import SearchResult, TrialSummary
 from megaray.tune.space import Distribution
 
-__all__ = ["Distribution", "TuneSearch", "TuneSearchConfig", "load_tune_config", "run_search", "SearchResult",
-           "TrialSummary"]
+__all__ = [
+    "Distribution",
+    "TuneSearch",
+    "TuneSearchConfig",
+    "load_tune_config",
+    "run_search",
+    "SearchResult",
+    "TrialSummary",
+]
 
 
 def __getattr__(name):

@@ -34,8 +34,18 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from pydantic import Field, model_validator
 
-from megaray.config import (ConfigError, RunConfig, StrictConfig, flatten, key_origins, load_layered, parse_override,
-                            read_yaml_mapping, set_dotted, validate)
+from megaray.config import (
+    ConfigError,
+    RunConfig,
+    StrictConfig,
+    flatten,
+    key_origins,
+    load_layered,
+    parse_override,
+    read_yaml_mapping,
+    set_dotted,
+    validate,
+)
 from megaray.errors import DataError
 from megaray.families import build_run_config
 from megaray.tune.space import Distribution, check_space, labels
@@ -55,10 +65,15 @@ class SearchSection(StrictConfig):
     """How points are proposed and what is optimised."""
 
     algorithm: Literal["random", "optuna", "grid"] = Field(
-        "random", description="random = Tune's BasicVariantGenerator; optuna = Optuna TPE; grid = every grid point")
+        "random", description="random = Tune's BasicVariantGenerator; optuna = Optuna TPE; grid = every grid point"
+    )
     num_samples: int = Field(4, gt=0, description="trials (random/optuna); repeats of the whole grid (grid values)")
-    max_concurrent_trials: Optional[int] = Field(None, gt=0, description="trials running at once; None = as resources allow")
-    metric: str = Field("val_loss", description="reported metric to optimise (val_loss is reported every train.eval_every)")
+    max_concurrent_trials: Optional[int] = Field(
+        None, gt=0, description="trials running at once; None = as resources allow"
+    )
+    metric: str = Field(
+        "val_loss", description="reported metric to optimise (val_loss is reported every train.eval_every)"
+    )
     mode: Literal["min", "max"] = "min"
     seed: Optional[int] = Field(0, description="seed of the search algorithm (None = random)")
 
@@ -68,7 +83,10 @@ class SchedulerSection(StrictConfig):
     grace_period*rf, ...) is worse than the rung's top 1/reduction_factor."""
 
     type: Literal["fifo", "asha", "pbt"] = "fifo"
-    time_attr: str = Field("step", description="progress measure of max_t/grace_period: a reported metric (step, tokens) or training_iteration")
+    time_attr: str = Field(
+        "step",
+        description="progress measure of max_t/grace_period: a reported metric (step, tokens) or training_iteration",
+    )
     max_t: Optional[int] = Field(None, gt=0, description="last rung; None = train.max_steps (time_attr step)")
     grace_period: int = Field(1, gt=0, description="first rung: no trial is stopped before this")
     reduction_factor: float = Field(2.0, gt=1)
@@ -84,7 +102,8 @@ class TrialSection(StrictConfig):
     resources_per_worker: Optional[Dict[str, float]] = None
     driver_resources: Dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1},
-        description="resources of the trial's driver (the Tune function that runs TorchTrainer.fit)")
+        description="resources of the trial's driver (the Tune function that runs TorchTrainer.fit)",
+    )
     max_failures: int = Field(0, ge=0, description="Tune restarts of a failed trial driver (the Train run resumes)")
 
 
@@ -92,14 +111,21 @@ class TuneSearchConfig(StrictConfig):
     """A whole search (the YAML file). ``base`` is a run-config path relative to this file."""
 
     name: str = Field(..., pattern=NAME_PATTERN, description="search name; re-running it with --resume continues it")
-    base: str = Field(..., description="base run config (YAML path, relative to this file; it may itself extend "
-                      "another through its own base:, see megaray.config.load_layered)")
-    overrides: Dict[str, Any] = Field(default_factory=dict, description="dotted overrides of the base, e.g. {train.max_steps: 40}")
+    base: str = Field(
+        ...,
+        description="base run config (YAML path, relative to this file; it may itself extend "
+        "another through its own base:, see megaray.config.load_layered)",
+    )
+    overrides: Dict[str, Any] = Field(
+        default_factory=dict, description="dotted overrides of the base, e.g. {train.max_steps: 40}"
+    )
     space: Dict[str, Distribution] = Field(..., min_length=1)
     search: SearchSection = Field(default_factory=SearchSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     trial: TrialSection = Field(default_factory=TrialSection)
-    storage_path: Optional[str] = Field(None, description="where the search lives; None = the base's scaling.storage_path")
+    storage_path: Optional[str] = Field(
+        None, description="where the search lives; None = the base's scaling.storage_path"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -208,8 +234,11 @@ class TuneSearch:
 
     def spec_hash(self) -> str:
         """Digest of what defines the trials (base, overrides, space, trial section)."""
-        blob = json.dumps({"base": self.base_raw, "space": {k: v.model_dump() for k, v in self.config.space.items()}},
-                          sort_keys=True, default=str)
+        blob = json.dumps(
+            {"base": self.base_raw, "space": {k: v.model_dump() for k, v in self.config.space.items()}},
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def flat_params(self) -> Dict[str, Any]:
@@ -219,7 +248,9 @@ class TuneSearch:
         out.update({f"tune.overrides.{k}": v for k, v in c.overrides.items()})
         out.update({f"tune.space.{k}": d.describe() for k, d in c.space.items()})
         for section in ("search", "scheduler", "trial"):
-            out.update({f"tune.{section}.{k}": v for k, v in flatten(getattr(c, section).model_dump(mode="json")).items()})
+            out.update(
+                {f"tune.{section}.{k}": v for k, v in flatten(getattr(c, section).model_dump(mode="json")).items()}
+            )
         return out
 
 
@@ -294,8 +325,13 @@ def load_tune_config(
     _check_combinations(cfg)
 
     base_path = (here / cfg.base).resolve()  # an absolute base stays itself
-    search = TuneSearch(config=cfg, source=None if isinstance(source, dict) else str(Path(source).resolve()),
-                        base_path=str(base_path), base_raw={}, labels=labels(cfg.space))
+    search = TuneSearch(
+        config=cfg,
+        source=None if isinstance(source, dict) else str(Path(source).resolve()),
+        base_path=str(base_path),
+        base_raw={},
+        labels=labels(cfg.space),
+    )
     if not base_path.is_file():
         return _defer(search, f"base run config not found: {base_path}", strict)
     layered = load_layered(base_path, what="base run config")  # its own base: chain merged
@@ -307,7 +343,11 @@ def load_tune_config(
     from megaray import families
 
     if family not in families.registry():
-        return _defer(search, f"model family {family!r} is not registered (known: {', '.join(sorted(families.registry()))})", strict)
+        return _defer(
+            search,
+            f"model family {family!r} is not registered (known: {', '.join(sorted(families.registry()))})",
+            strict,
+        )
     _apply_trial_section(base_raw, cfg.trial)
     try:
         with key_origins(layered.origins):
@@ -398,11 +438,19 @@ def _check_scheduler(search: TuneSearch) -> None:
         if s.grace_period >= max_t:
             raise ConfigError(f"scheduler.grace_period ({s.grace_period}) must be below max_t ({max_t})")
     elif s.max_t is None:
-        raise ConfigError(f"scheduler.max_t: required when time_attr is {s.time_attr!r} (only 'step' defaults to train.max_steps)")
+        raise ConfigError(
+            f"scheduler.max_t: required when time_attr is {s.time_attr!r} (only 'step' defaults to train.max_steps)"
+        )
     eval_every = search.require_base().train.eval_every
     if search.config.search.metric.startswith("val_") and eval_every > s.grace_period and s.time_attr == "step":
-        log.warning("scheduler.grace_period (%d) < train.eval_every (%d): %s is only reported at evals, so ASHA's "
-                    "first decision comes at step %d", s.grace_period, eval_every, search.config.search.metric, eval_every)
+        log.warning(
+            "scheduler.grace_period (%d) < train.eval_every (%d): %s is only reported at evals, so ASHA's "
+            "first decision comes at step %d",
+            s.grace_period,
+            eval_every,
+            search.config.search.metric,
+            eval_every,
+        )
 
 
 def _apply_trial_section(raw: Dict[str, Any], trial: TrialSection) -> None:

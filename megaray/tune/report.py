@@ -92,20 +92,25 @@ class SearchResult:
     def summary(self) -> str:
         """What a CLI prints at the end: counts, the best trial, where to look, the table."""
         n = self.counts()
-        lines = [f"search {self.name}: {len(self.trials)} trials ({n['completed']} completed, "
-                 f"{n['stopped_early']} stopped early, {n['error']} failed) in {self.elapsed_s:.0f} s",
-                 f"  experiment  {self.experiment_path}"]
+        lines = [
+            f"search {self.name}: {len(self.trials)} trials ({n['completed']} completed, "
+            f"{n['stopped_early']} stopped early, {n['error']} failed) in {self.elapsed_s:.0f} s",
+            f"  experiment  {self.experiment_path}",
+        ]
         if self.best is not None:
-            lines += [f"  best        trial {self.best.trial_id}: {self.metric} {fmt(self.best.metric)} "
-                      f"at step {self.best.last_step}",
-                      f"  params      {json.dumps(self.best.params, default=str)}",
-                      f"  checkpoint  {self.best.checkpoint}"]
+            lines += [
+                f"  best        trial {self.best.trial_id}: {self.metric} {fmt(self.best.metric)} "
+                f"at step {self.best.last_step}",
+                f"  params      {json.dumps(self.best.params, default=str)}",
+                f"  checkpoint  {self.best.checkpoint}",
+            ]
         if self.parent_run_id:
             from megaray.train.mlflow import run_url
 
             lines.append(f"  mlflow      {run_url(self.tracking_uri, self.parent_run_id)}")
-            lines.append(f"  children    mlflow.search_runs(filter_string=\"tags.mlflow.parentRunId = "
-                         f"'{self.parent_run_id}'\")")
+            lines.append(
+                f"  children    mlflow.search_runs(filter_string=\"tags.mlflow.parentRunId = '{self.parent_run_id}'\")"
+            )
         return "\n".join(lines) + "\n\n" + self.table()
 
 
@@ -142,11 +147,19 @@ def summarize(search: TuneSearch, result, trial_id: str, mlflow_run_id: Optional
     values = [v for _, v in curve]
     better = min if search.config.search.mode == "min" else max
     return TrialSummary(
-        trial_id=trial_id, params=search.decode(result.config or {}), outcome=outcome, last_step=last_step,
-        metric=values[-1] if values else None, best_metric=better(values) if values else None, curve=curve,
-        val_curve=val_curve, evals={k: v for k, v in evals.items() if v}, checkpoint=ckpt,
+        trial_id=trial_id,
+        params=search.decode(result.config or {}),
+        outcome=outcome,
+        last_step=last_step,
+        metric=values[-1] if values else None,
+        best_metric=better(values) if values else None,
+        curve=curve,
+        val_curve=val_curve,
+        evals={k: v for k, v in evals.items() if v},
+        checkpoint=ckpt,
         run_dir=f"{search.runs_path()}/{trial_run_name(trial_id)}",
-        mlflow_run_id=mlflow_run_id, error=failure_reason(result.error) if result.error is not None else None,
+        mlflow_run_id=mlflow_run_id,
+        error=failure_reason(result.error) if result.error is not None else None,
     )
 
 
@@ -203,8 +216,16 @@ def markdown(trials: List[TrialSummary], metric: str, best: Optional[TrialSummar
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         mark = " **best**" if best is not None and t.trial_id == best.trial_id else ""
-        row = [t.trial_id + mark, t.outcome, fmt(t.last_step), fmt(t.metric), fmt(t.best_metric),
-               *[fmt(_last(t, e)) for e in evals], *[fmt(t.params.get(k)) for k in keys], t.mlflow_run_id or ""]
+        row = [
+            t.trial_id + mark,
+            t.outcome,
+            fmt(t.last_step),
+            fmt(t.metric),
+            fmt(t.best_metric),
+            *[fmt(_last(t, e)) for e in evals],
+            *[fmt(t.params.get(k)) for k in keys],
+            t.mlflow_run_id or "",
+        ]
         row += [(t.error or "").replace("|", "\\|")] if errors else []
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines) + "\n"
@@ -215,11 +236,35 @@ def to_csv(trials: List[TrialSummary], metric: str) -> str:
     evals = _eval_names(trials)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial_id", "outcome", "last_step", f"{metric}_last", f"{metric}_best", *[f"{e}_last" for e in evals],
-                *keys, "mlflow_run_id", "checkpoint", "error"])
+    w.writerow(
+        [
+            "trial_id",
+            "outcome",
+            "last_step",
+            f"{metric}_last",
+            f"{metric}_best",
+            *[f"{e}_last" for e in evals],
+            *keys,
+            "mlflow_run_id",
+            "checkpoint",
+            "error",
+        ]
+    )
     for t in trials:
-        w.writerow([t.trial_id, t.outcome, t.last_step, t.metric, t.best_metric, *[_last(t, e) for e in evals],
-                    *[fmt(t.params.get(k)) for k in keys], t.mlflow_run_id, t.checkpoint, t.error])
+        w.writerow(
+            [
+                t.trial_id,
+                t.outcome,
+                t.last_step,
+                t.metric,
+                t.best_metric,
+                *[_last(t, e) for e in evals],
+                *[fmt(t.params.get(k)) for k in keys],
+                t.mlflow_run_id,
+                t.checkpoint,
+                t.error,
+            ]
+        )
     return buf.getvalue()
 
 
@@ -256,12 +301,19 @@ def plot(result: SearchResult) -> Optional[bytes]:
             if not c:
                 continue
             label = f"{t.trial_id} " + " ".join(
-                fmt(v) if isinstance(v, dict) else f"{k.split('.')[-1]}={fmt(v)}" for k, v in t.params.items())
+                fmt(v) if isinstance(v, dict) else f"{k.split('.')[-1]}={fmt(v)}" for k, v in t.params.items()
+            )
             is_best = result.best is not None and t.trial_id == result.best.trial_id
             stopped = t.outcome == "stopped_early"
-            ax.plot([s for s, _ in c], [v for _, v in c], marker="o", markersize=3, linestyle="--" if stopped else "-",
-                    linewidth=2.5 if is_best else 1.2,
-                    label=label[:110] + (" (best)" if is_best else "") + (" (stopped)" if stopped else ""))
+            ax.plot(
+                [s for s, _ in c],
+                [v for _, v in c],
+                marker="o",
+                markersize=3,
+                linestyle="--" if stopped else "-",
+                linewidth=2.5 if is_best else 1.2,
+                label=label[:110] + (" (best)" if is_best else "") + (" (stopped)" if stopped else ""),
+            )
         if vals and min(vals) > 0 and max(vals) / min(vals) > 20:
             ax.set_yscale("log")
         ax.set_xlabel("step")

@@ -46,6 +46,12 @@ def scheduler(search: TuneSearch) -> Any:
     if s.type == "asha":
         # stop_last_trials=False: a trial that survives the rungs runs to train.max_steps and ends
         # by itself (its Train run finishes and closes its MLflow run).
-        return ResumableASHA(time_attr=s.time_attr, max_t=s.max_t or search.max_steps(), grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=False)
+        return ResumableASHA(
+            time_attr=s.time_attr,
+            max_t=s.max_t or search.max_steps(),
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+            brackets=s.brackets,
+            stop_last_trials=False,
+        )
     return FIFOScheduler()

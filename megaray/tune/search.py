@@ -32,8 +32,17 @@ from megaray.config import ConfigError
 from megaray.errors import SearchError
 from megaray.train import ray_compat
 from megaray.tune.config import TuneSearch, load_tune_config, trial_run_name
-from megaray.tune.report import (DIVERGED, SearchResult, TrialSummary, best_trial, markdown, plot, summarize, to_csv,
-                                 write_png)
+from megaray.tune.report import (
+    DIVERGED,
+    SearchResult,
+    TrialSummary,
+    best_trial,
+    markdown,
+    plot,
+    summarize,
+    to_csv,
+    write_png,
+)
 from megaray.tune.schedulers import scheduler, search_algorithm
 from megaray.tune.space import param_space
 
@@ -42,8 +51,16 @@ log = logging.getLogger("megaray.tune")
 PARENT_ROLE = "search"
 TRIAL_ROLE = "trial"
 
-__all__ = ["run_search", "megaray_trial", "MetricReportCallback", "SearchResult", "TrialSummary", "param_space",
-           "scheduler", "search_algorithm"]
+__all__ = [
+    "run_search",
+    "megaray_trial",
+    "MetricReportCallback",
+    "SearchResult",
+    "TrialSummary",
+    "param_space",
+    "scheduler",
+    "search_algorithm",
+]
 
 
 # ----------------------------------------------------------------------------- the trial
@@ -83,21 +100,37 @@ def megaray_trial(config: Dict[str, Any], search: TuneSearch = None, parent_run_
     trial_id = tune.get_context().get_trial_id()
     cfg = search.trial_config(config, trial_id)
     values = search.decode(config)
-    print(f"[megaray.tune] trial {trial_id}: {json.dumps(values, default=str)} -> {cfg.scaling.storage_path}/{cfg.name}",
-          flush=True)
-    tags = {"megaray.tune.role": TRIAL_ROLE, "megaray.tune.search": search.name, "megaray.tune.trial_id": trial_id,
-            "megaray.tune.sampled": json.dumps(values, default=str)[:5000]}
+    print(
+        f"[megaray.tune] trial {trial_id}: {json.dumps(values, default=str)} -> {cfg.scaling.storage_path}/{cfg.name}",
+        flush=True,
+    )
+    tags = {
+        "megaray.tune.role": TRIAL_ROLE,
+        "megaray.tune.search": search.name,
+        "megaray.tune.trial_id": trial_id,
+        "megaray.tune.sampled": json.dumps(values, default=str)[:5000],
+    }
     sc = search.config.search
-    fit(cfg, callbacks=[MetricReportCallback(sc.metric, sc.mode), *ray_compat.tracking_callbacks()],
-        parent_run_id=parent_run_id, mlflow_run_name=f"{search.name}/{trial_id}", extra_tags=tags,
-        console=False)  # the search's console is Tune's trial table
+    fit(
+        cfg,
+        callbacks=[MetricReportCallback(sc.metric, sc.mode), *ray_compat.tracking_callbacks()],
+        parent_run_id=parent_run_id,
+        mlflow_run_name=f"{search.name}/{trial_id}",
+        extra_tags=tags,
+        console=False,
+    )  # the search's console is Tune's trial table
 
 
 # ----------------------------------------------------------------------------- the search
 
 
-def run_search(tune_cfg_path: str | os.PathLike | Dict[str, Any], overrides: Sequence[str] = (),
-               resume: bool = False, *, base_dir: Optional[str] = None) -> SearchResult:
+def run_search(
+    tune_cfg_path: str | os.PathLike | Dict[str, Any],
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    *,
+    base_dir: Optional[str] = None,
+) -> SearchResult:
     """Run (or with ``resume=True`` continue) the search described by a tune config.
 
     Before Ray starts anything: the config is loaded strictly
@@ -130,19 +163,26 @@ def run_search(tune_cfg_path: str | os.PathLike | Dict[str, Any], overrides: Seq
     if resume and not exists:
         raise ConfigError(f"resume: no search state at {exp_path} (start it without --resume)")
     if not resume and exists:
-        raise ConfigError(f"search {search.name!r} already exists at {exp_path}: pass --resume to continue it, "
-                          f"or start a new one with --set name=<new name>")
+        raise ConfigError(
+            f"search {search.name!r} already exists at {exp_path}: pass --resume to continue it, "
+            f"or start a new one with --set name=<new name>"
+        )
     ensure_ray()
     ray_compat.relax_tune_metric_check()
 
     uri = base.tracking.resolved_uri() if base.tracking.enabled else None
     parent = _start_parent(search, uri, resume) if uri else None
-    trainable = tune.with_resources(tune.with_parameters(megaray_trial, search=search, parent_run_id=parent),
-                                    dict(search.config.trial.driver_resources))
+    trainable = tune.with_resources(
+        tune.with_parameters(megaray_trial, search=search, parent_run_id=parent),
+        dict(search.config.trial.driver_resources),
+    )
     log.info("search %s: %s (parent MLflow run %s)", search.name, exp_path, parent)
     try:
-        tuner = (tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True) if resume
-                 else _new_tuner(search, trainable))
+        tuner = (
+            tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+            if resume
+            else _new_tuner(search, trainable)
+        )
         grid = tuner.fit()
     except BaseException as e:
         if parent:
@@ -152,9 +192,15 @@ def run_search(tune_cfg_path: str | os.PathLike | Dict[str, Any], overrides: Seq
         raise
     trials = _collect(search, grid, uri, parent)
     result = SearchResult(
-        name=search.name, experiment_path=exp_path, metric=search.config.search.metric,
-        mode=search.config.search.mode, trials=trials, best=best_trial(trials, search.config.search.mode),
-        parent_run_id=parent, tracking_uri=uri, elapsed_s=time.time() - t0,
+        name=search.name,
+        experiment_path=exp_path,
+        metric=search.config.search.metric,
+        mode=search.config.search.mode,
+        trials=trials,
+        best=best_trial(trials, search.config.search.mode),
+        parent_run_id=parent,
+        tracking_uri=uri,
+        elapsed_s=time.time() - t0,
     )
     if parent:
         _finish_parent(search, result)
@@ -163,8 +209,11 @@ def run_search(tune_cfg_path: str | os.PathLike | Dict[str, Any], overrides: Seq
         for t in trials:
             reasons.setdefault(t.error or "unknown error", []).append(t.trial_id)
         lines = [f"  trial {', '.join(ids)}: {why}" for why, ids in reasons.items()]
-        raise SearchError(f"search {search.name}: all {len(trials)} trials failed\n" + "\n".join(lines)
-                          + f"\n(trial logs and error.txt under {exp_path})")
+        raise SearchError(
+            f"search {search.name}: all {len(trials)} trials failed\n"
+            + "\n".join(lines)
+            + f"\n(trial logs and error.txt under {exp_path})"
+        )
     return result
 
 
@@ -176,14 +225,19 @@ def _new_tuner(search: TuneSearch, trainable):
         trainable,
         param_space=param_space(search),
         tune_config=tune.TuneConfig(
-            metric=sc.metric, mode=sc.mode, search_alg=search_algorithm(search), scheduler=scheduler(search),
+            metric=sc.metric,
+            mode=sc.mode,
+            search_alg=search_algorithm(search),
+            scheduler=scheduler(search),
             num_samples=sc.num_samples,
             # random/grid: BasicVariantGenerator carries the limit itself (see search_algorithm)
             max_concurrent_trials=sc.max_concurrent_trials if sc.algorithm == "optuna" else None,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
-            name=search.name, storage_path=search.storage(),
+            name=search.name,
+            storage_path=search.storage(),
             failure_config=tune.FailureConfig(max_failures=search.config.trial.max_failures),
             callbacks=[ray_compat.PlacementGroupReaper()],
         ),
@@ -229,20 +283,31 @@ def _start_parent(search: TuneSearch, uri: str, resume: bool) -> str:
     if resume:
         c = tracking.client(uri)
         exp = tracking.experiment_id(uri, base.tracking.experiment)
-        found = c.search_runs([exp], filter_string=f"tags.`megaray.tune.path` = '{exp_path}' and "
-                                                    f"tags.`megaray.tune.role` = '{PARENT_ROLE}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+        found = c.search_runs(
+            [exp],
+            filter_string=f"tags.`megaray.tune.path` = '{exp_path}' and tags.`megaray.tune.role` = '{PARENT_ROLE}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if found:
             run_key = found[0].data.tags.get(tracking.RUN_KEY_TAG)
             old = found[0].data.tags.get("megaray.tune.spec")
             if old and old != search.spec_hash():
-                log.warning("search %s: base config, overrides or space changed since it started; trials "
-                            "not yet started use the current config", search.name)
+                log.warning(
+                    "search %s: base config, overrides or space changed since it started; trials "
+                    "not yet started use the current config",
+                    search.name,
+                )
     run_key = run_key or f"tune:{exp_path}@{time.time():.0f}"
-    tags = {"megaray.tune.role": PARENT_ROLE, "megaray.tune.path": exp_path, "megaray.tune.spec": search.spec_hash(),
-            "megaray.family": base.model.family}
-    parent = tracking.start_run(uri, base.tracking.experiment, run_key=run_key, run_name=search.name,
-                                params=search.flat_params(), tags=tags)
+    tags = {
+        "megaray.tune.role": PARENT_ROLE,
+        "megaray.tune.path": exp_path,
+        "megaray.tune.spec": search.spec_hash(),
+        "megaray.family": base.model.family,
+    }
+    parent = tracking.start_run(
+        uri, base.tracking.experiment, run_key=run_key, run_name=search.name, params=search.flat_params(), tags=tags
+    )
     if not resume:
         rl = tracking.RunLogger(uri, parent)
         rl.text(yaml.safe_dump(search.config.model_dump(mode="json"), sort_keys=False), "tune/search.yaml")

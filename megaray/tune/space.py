@@ -125,8 +125,11 @@ def check_space(search: Any) -> None:
             try:
                 build_run_config(search.trial_raw({key: v}, "probe"))
             except ConfigError as e:
-                hint = ("; an integer key needs randint (or choice/grid)"
-                        if dist.kind in ("uniform", "loguniform") and "valid integer" in str(e) else "")
+                hint = (
+                    "; an integer key needs randint (or choice/grid)"
+                    if dist.kind in ("uniform", "loguniform") and "valid integer" in str(e)
+                    else ""
+                )
                 raise ConfigError(
                     f"space.{key}: value {v!r} ({dist.describe()}) gives an invalid run config{hint}: {e}"
                 ) from None

@@ -71,13 +71,23 @@ def text_bytes(texts: List[str], max_len: int) -> Tuple[np.ndarray, np.ndarray]:
     ids = np.zeros((len(texts), max_len), np.int64)
     for i, t in enumerate(texts):
         b = np.frombuffer(str(t).encode("utf-8")[:max_len], np.uint8)
-        ids[i, :len(b)] = b.astype(np.int64) + 1
+        ids[i, : len(b)] = b.astype(np.int64) + 1
     return ids, ids > 0
 
 
-def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels: int, seed: int,
-                train: bool, with_vector: bool, val_repeats: int = 1, from_start: bool = False,
-                text_max_len: Optional[int] = None) -> Dict[str, np.ndarray]:
+def _crop_batch(
+    batch: Dict[str, np.ndarray],
+    *,
+    segment: int,
+    hop: int,
+    n_mels: int,
+    seed: int,
+    train: bool,
+    with_vector: bool,
+    val_repeats: int = 1,
+    from_start: bool = False,
+    text_max_len: Optional[int] = None,
+) -> Dict[str, np.ndarray]:
     """Rows of whole clips -> fixed-shape crops: ``audio`` (n, segment), ``mel`` (n, n_mels,
     segment // hop + 1), ``speaker_id`` (n,) [, ``speaker_vector`` (n, D)]. Train: start from
     :func:`crop_start` (clip id = ``name``, else ``path``; pass from the ``pass`` column, else
@@ -99,10 +109,10 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels:
             start = crop_start(seed, str(ids[i]), int(passes[i]), slots, hop)
         else:
             start = int((int(passes[i]) + 0.5) / val_repeats * slots) * hop if slots > 0 else 0
-        piece = wave[start:start + segment]
-        audio[i, :len(piece)] = piece
-        mpiece = m[:, start // hop:start // hop + frames]
-        mel[i, :, :mpiece.shape[1]] = mpiece
+        piece = wave[start : start + segment]
+        audio[i, : len(piece)] = piece
+        mpiece = m[:, start // hop : start // hop + frames]
+        mel[i, :, : mpiece.shape[1]] = mpiece
     out = {"audio": audio, "mel": mel, "speaker_id": np.asarray(batch["speaker_id"], np.int64)}
     if with_vector:
         out["speaker_vector"] = np.stack([np.asarray(v, np.float32) for v in batch["speaker_vector"]])
@@ -111,8 +121,9 @@ def _crop_batch(batch: Dict[str, np.ndarray], *, segment: int, hop: int, n_mels:
     return out
 
 
-def _clips(shards: str, man: Dict[str, Any], split: str, cols: List[str], on_corrupt: str,
-           passes: Optional[int] = None) -> Any:
+def _clips(
+    shards: str, man: Dict[str, Any], split: str, cols: List[str], on_corrupt: str, passes: Optional[int] = None
+) -> Any:
     """Ray Dataset of one split's whole-clip rows, read by row group (corrupt ones named);
     ``passes=k``: every row ``k`` times, pass-major, with a ``pass`` column."""
     import pyarrow as pa
@@ -173,8 +184,10 @@ def audio_datasets(
     man = read_manifest(shards)
     for k, v in (expect or {}).items():
         if k in man and man[k] != v:
-            raise DataError(f"shards {shards} were prepared with {k}={man[k]} but the model needs {k}={v}; "
-                            f"re-run `megaray prepare audio` with --{k.replace('_', '-')} {v} or change the model config")
+            raise DataError(
+                f"shards {shards} were prepared with {k}={man[k]} but the model needs {k}={v}; "
+                f"re-run `megaray prepare audio` with --{k.replace('_', '-')} {v} or change the model config"
+            )
     hop, n_mels = int(man["hop_length"]), int(man["n_mels"])
     val_seg = val_segment_samples or segment_samples
     for s in (segment_samples, val_seg):
@@ -183,16 +196,30 @@ def audio_datasets(
     if crop_passes < 1 or val_repeats < 1:
         raise DataError(f"crop_passes ({crop_passes}) and val_repeats ({val_repeats}) must be >= 1")
     with_vector = bool(man.get("speaker_vector_dim"))
-    cols = (["name", "waveform", "mel", "n_frames", "speaker_id"] + (["speaker_vector"] if with_vector else [])
-            + (["text"] if text_max_len else []))
-    kw = dict(hop=hop, n_mels=n_mels, seed=seed, with_vector=with_vector, from_start=from_start,
-              text_max_len=text_max_len)
+    cols = (
+        ["name", "waveform", "mel", "n_frames", "speaker_id"]
+        + (["speaker_vector"] if with_vector else [])
+        + (["text"] if text_max_len else [])
+    )
+    kw = dict(
+        hop=hop, n_mels=n_mels, seed=seed, with_vector=with_vector, from_start=from_start, text_max_len=text_max_len
+    )
     train = _clips(shards, man, "train", cols, on_corrupt, passes=crop_passes)
-    out = {"train": train.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
-                                      fn_kwargs=dict(kw, segment=segment_samples, train=True))}
+    out = {
+        "train": train.map_batches(
+            _crop_batch,
+            batch_size=batch_size,
+            batch_format="numpy",
+            fn_kwargs=dict(kw, segment=segment_samples, train=True),
+        )
+    }
     val = _clips(shards, man, "val", cols, on_corrupt, passes=val_repeats)
-    out["val"] = val.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
-                                 fn_kwargs=dict(kw, segment=val_seg, train=False, val_repeats=val_repeats))
+    out["val"] = val.map_batches(
+        _crop_batch,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs=dict(kw, segment=val_seg, train=False, val_repeats=val_repeats),
+    )
     return out
 
 
@@ -206,10 +233,15 @@ def load_examples(shards: str, split: str = "val", n: int = 2) -> List[Dict[str,
     table = pads.dataset(path, filesystem=filesystem, format="parquet").head(n)
     rows = []
     for r in table.to_pylist():
-        rows.append({
-            "waveform": np.asarray(r["waveform"], np.float32),
-            "mel": np.asarray(r["mel"], np.float32).reshape(r["n_mels"], r["n_frames"]),
-            "text": r["text"], "speaker": r["speaker"], "speaker_id": r["speaker_id"], "name": r["name"],
-            **({"speaker_vector": np.asarray(r["speaker_vector"], np.float32)} if r.get("speaker_vector") else {}),
-        })
+        rows.append(
+            {
+                "waveform": np.asarray(r["waveform"], np.float32),
+                "mel": np.asarray(r["mel"], np.float32).reshape(r["n_mels"], r["n_frames"]),
+                "text": r["text"],
+                "speaker": r["speaker"],
+                "speaker_id": r["speaker_id"],
+                "name": r["name"],
+                **({"speaker_vector": np.asarray(r["speaker_vector"], np.float32)} if r.get("speaker_vector") else {}),
+            }
+        )
     return rows

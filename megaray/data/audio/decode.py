@@ -10,9 +10,12 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 #: = megaray.models.common.dsp.LOG_FLOOR, repeated so crop workers need not import torch
 MEL_LOG_FLOOR = 1e-5
@@ -38,7 +41,7 @@ def _wav_truncation(data: bytes) -> Optional[str]:
     order = "little" if data[:4] == b"RIFF" else "big"
     pos = 12
     while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], order)
+        cid, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], order)
         if cid == b"data":
             avail = len(data) - pos - 8
             if size not in (0, 0xFFFFFFFF) and avail < size:  # 0 / -1: streamed header, length unknown
@@ -97,7 +100,9 @@ def peak_normalize(wave: "torch.Tensor", peak: float = 0.95) -> "torch.Tensor":
     return wave * (peak / m) if m > 0 else wave
 
 
-def loudness_normalize(wave: "torch.Tensor", sample_rate: int, target_lufs: float = -23.0, max_peak: float = 0.99) -> "torch.Tensor":
+def loudness_normalize(
+    wave: "torch.Tensor", sample_rate: int, target_lufs: float = -23.0, max_peak: float = 0.99
+) -> "torch.Tensor":
     """Gain to ``target_lufs`` integrated loudness (ITU-R BS.1770-4 via
     ``torchaudio.functional.loudness``); clips under 0.4 s (one gating block) use RMS dBFS instead.
     The gain is limited so the peak stays under ``max_peak`` (no clipping)."""

@@ -67,7 +67,11 @@ def _parse_transcripts(where: str, text: str, rejects: Rejects) -> Dict[str, Tup
             continue
         utt, _, transcript = line.strip().partition(" ")
         if not utt.startswith(chapter + "-") or not transcript.strip():
-            rejects.add("bad_transcript_line", f"{where}:{n}", detail=f"expected '{chapter}-<utt> TEXT', got {line.strip()[:60]!r}")
+            rejects.add(
+                "bad_transcript_line",
+                f"{where}:{n}",
+                detail=f"expected '{chapter}-<utt> TEXT', got {line.strip()[:60]!r}",
+            )
             continue
         out[utt] = (transcript.strip(), n)
     return out
@@ -94,7 +98,9 @@ def read_librispeech(root: str, rejects: Optional[Rejects] = None) -> List[Dict[
     display_root = root.rstrip("/")
 
     def location(rel: str) -> str:
-        return prefix + posixpath.join(base.replace(os.sep, "/"), rel) if prefix else os.path.join(base, *rel.split("/"))
+        return (
+            prefix + posixpath.join(base.replace(os.sep, "/"), rel) if prefix else os.path.join(base, *rel.split("/"))
+        )
 
     by_dir: Dict[str, Dict[str, List[str]]] = {}
     for rel in files:
@@ -105,7 +111,7 @@ def read_librispeech(root: str, rejects: Optional[Rejects] = None) -> List[Dict[
         elif os.path.splitext(name)[1].lower() in AUDIO_EXTS:
             entry["audio"].append(rel)
     records: List[Dict[str, Any]] = []
-    for folder, entry in sorted(by_dir.items()):
+    for _folder, entry in sorted(by_dir.items()):
         lines: Dict[str, Tuple[str, int, str]] = {}
         for rel in entry["transcripts"]:
             where = f"{display_root}/{rel}"
@@ -115,8 +121,11 @@ def read_librispeech(root: str, rejects: Optional[Rejects] = None) -> List[Dict[
         for rel in entry["audio"]:
             utt = os.path.splitext(posixpath.basename(rel))[0]
             if utt not in lines:
-                where = "(no .trans.txt in its folder)" if not entry["transcripts"] else \
-                    "in " + ", ".join(posixpath.basename(t) for t in entry["transcripts"])
+                where = (
+                    "(no .trans.txt in its folder)"
+                    if not entry["transcripts"]
+                    else "in " + ", ".join(posixpath.basename(t) for t in entry["transcripts"])
+                )
                 own.add("no_transcript", f"{display_root}/{rel}", detail=f"no transcript line {utt} {where}")
                 continue
             used.add(utt)
@@ -127,5 +136,7 @@ def read_librispeech(root: str, rejects: Optional[Rejects] = None) -> List[Dict[
             if utt not in used:
                 own.add("missing_audio", f"{where}:{n}", detail=f"no audio file {utt}.flac beside it")
     if rejects is None and own.total > before:
-        log.warning("LibriSpeech folder %s: skipped %d unpaired files/lines: %s", root, own.total - before, own.describe())
+        log.warning(
+            "LibriSpeech folder %s: skipped %d unpaired files/lines: %s", root, own.total - before, own.describe()
+        )
     return records

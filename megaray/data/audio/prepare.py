@@ -45,10 +45,21 @@ def _shard_schema(with_vector: bool):
     import pyarrow as pa
 
     fields = [
-        ("path", pa.string()), ("name", pa.string()), ("ok", pa.bool_()), ("code", pa.string()), ("reason", pa.string()),
-        ("split", pa.string()), ("text", pa.string()), ("speaker", pa.string()), ("speaker_id", pa.int64()),
-        ("duration", pa.float32()), ("sample_rate", pa.int32()), ("n_mels", pa.int32()), ("n_frames", pa.int32()),
-        ("waveform", pa.list_(pa.float32())), ("mel", pa.list_(pa.float32())),
+        ("path", pa.string()),
+        ("name", pa.string()),
+        ("ok", pa.bool_()),
+        ("code", pa.string()),
+        ("reason", pa.string()),
+        ("split", pa.string()),
+        ("text", pa.string()),
+        ("speaker", pa.string()),
+        ("speaker_id", pa.int64()),
+        ("duration", pa.float32()),
+        ("sample_rate", pa.int32()),
+        ("n_mels", pa.int32()),
+        ("n_frames", pa.int32()),
+        ("waveform", pa.list_(pa.float32())),
+        ("mel", pa.list_(pa.float32())),
     ]
     if with_vector:
         fields.append(("speaker_vector", pa.list_(pa.float32())))
@@ -83,19 +94,31 @@ class AudioPreprocessor:
                 code, reason = e.code, str(e)
             except Exception as e:  # an unexpected failure rejects one file, not the job
                 code, reason = "error", f"{type(e).__name__}: {e}"[:200]
-            row = {"path": path, "name": name, "ok": ok, "code": code, "reason": reason, "split": str(batch["split"][i]),
-                   "text": str(batch["text"][i]), "speaker": str(batch["speaker"][i]),
-                   "speaker_id": int(batch["speaker_id"][i]), "duration": out["duration"] if ok else 0.0,
-                   "sample_rate": self.settings.sample_rate, "n_mels": self.settings.n_mels,
-                   "n_frames": out["mel"].shape[1] if ok else 0,
-                   "waveform": out["waveform"] if ok else np.zeros(0, np.float32),
-                   "mel": out["mel"].reshape(-1) if ok else np.zeros(0, np.float32)}
+            row = {
+                "path": path,
+                "name": name,
+                "ok": ok,
+                "code": code,
+                "reason": reason,
+                "split": str(batch["split"][i]),
+                "text": str(batch["text"][i]),
+                "speaker": str(batch["speaker"][i]),
+                "speaker_id": int(batch["speaker_id"][i]),
+                "duration": out["duration"] if ok else 0.0,
+                "sample_rate": self.settings.sample_rate,
+                "n_mels": self.settings.n_mels,
+                "n_frames": out["mel"].shape[1] if ok else 0,
+                "waveform": out["waveform"] if ok else np.zeros(0, np.float32),
+                "mel": out["mel"].reshape(-1) if ok else np.zeros(0, np.float32),
+            }
             if self.with_vector:
                 row["speaker_vector"] = np.asarray(batch["speaker_vector"][i], np.float32)
             for k, v in row.items():
                 cols[k].append(v)
-        arrays = [_float_lists(cols[f.name]) if pa.types.is_list(f.type) else pa.array(cols[f.name], type=f.type)
-                  for f in self.schema]
+        arrays = [
+            _float_lists(cols[f.name]) if pa.types.is_list(f.type) else pa.array(cols[f.name], type=f.type)
+            for f in self.schema
+        ]
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
@@ -128,8 +151,14 @@ def _select(split: str, drop: Sequence[str], remap: Sequence[int]):
     return fn
 
 
-def _records(sources: Sequence[str], val_fraction: float, seed: int, rejects: Rejects,
-             columns: Optional[HFColumns] = None, say: Any = None) -> List[Dict[str, Any]]:
+def _records(
+    sources: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    rejects: Rejects,
+    columns: Optional[HFColumns] = None,
+    say: Any = None,
+) -> List[Dict[str, Any]]:
     """Stage 1: clip records with ``split`` (hash of the clip name) and ``speaker_id``; what the
     source layout skips (a LibriSpeech file without a transcript line, ...) counted in ``rejects``."""
     records = collect_sources(sources, rejects, columns=columns, say=say)
@@ -157,12 +186,17 @@ def _process(records: List[Dict[str, Any]], settings: AudioPrepSettings, concurr
     with_vector = "speaker_vector" in records[0]
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 4 * concurrency)))
     processed = ds.map_batches(
-        AudioPreprocessor, fn_constructor_kwargs={"settings": asdict(settings), "with_vector": with_vector},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1, batch_format="numpy",
+        AudioPreprocessor,
+        fn_constructor_kwargs={"settings": asdict(settings), "with_vector": with_vector},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=1,
+        batch_format="numpy",
     ).materialize()
     heavy = ["waveform", "mel", "speaker_vector"]
-    meta = processed.map_batches(lambda t: t.drop_columns([c for c in heavy if c in t.column_names]),
-                                 batch_format="pyarrow").to_pandas()
+    meta = processed.map_batches(
+        lambda t: t.drop_columns([c for c in heavy if c in t.column_names]), batch_format="pyarrow"
+    ).to_pandas()
     return processed, meta
 
 
@@ -240,27 +274,41 @@ def prepare_audio(
     _check_args(normalize, (hop_length, n_fft, n_mels, sample_rate, concurrency, batch_size), val_fraction)
     sources = [str(sources)] if isinstance(sources, (str, os.PathLike)) else [str(s) for s in sources]
     settings = AudioPrepSettings(
-        sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft, hop_length=hop_length, win_length=win_length,
-        normalize=normalize, target_lufs=target_lufs, input_sample_rate=input_sample_rate,
-        min_seconds=min_seconds, max_seconds=max_seconds, silence_db=silence_db,
+        sample_rate=sample_rate,
+        n_mels=n_mels,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        normalize=normalize,
+        target_lufs=target_lufs,
+        input_sample_rate=input_sample_rate,
+        min_seconds=min_seconds,
+        max_seconds=max_seconds,
+        silence_db=silence_db,
     )
     t0 = time.time()
     fs.check_target(out_dir, overwrite)
     rejects = Rejects(max_examples=20)
     records = _records(sources, val_fraction, seed, rejects, columns, print if verbose else None)
     if verbose:
-        print(f"[prepare_audio] {len(records)} files -> {out_dir} ({sample_rate} Hz, {n_mels} mels, "
-              f"hop {hop_length}, normalize={normalize}, {concurrency} actors)")
+        print(
+            f"[prepare_audio] {len(records)} files -> {out_dir} ({sample_rate} Hz, {n_mels} mels, "
+            f"hop {hop_length}, normalize={normalize}, {concurrency} actors)"
+        )
     with _ordered_execution():
         processed, meta = _process(records, settings, concurrency, batch_size)
-    for name, code, reason in zip(meta.loc[~meta["ok"], "name"], meta.loc[~meta["ok"], "code"], meta.loc[~meta["ok"], "reason"]):
+    for name, code, reason in zip(
+        meta.loc[~meta["ok"], "name"], meta.loc[~meta["ok"], "code"], meta.loc[~meta["ok"], "reason"]
+    ):
         rejects.add(code, name, detail=reason)
     good = meta[meta["ok"]].copy()
     if good.empty:
         raise DataError(f"no usable clips in {', '.join(sources)}; rejected: {rejects.describe()}")
     _fill_val(good, val_fraction, seed)
-    extra = {"all_speakers": sorted({r["speaker"] for r in records}),
-             "vector_dim": len(records[0]["speaker_vector"]) if "speaker_vector" in records[0] else None}
+    extra = {
+        "all_speakers": sorted({r["speaker"] for r in records}),
+        "vector_dim": len(records[0]["speaker_vector"]) if "speaker_vector" in records[0] else None,
+    }
     with _ordered_execution():
         manifest = _write(processed, good, rejects, sources, settings, out_dir, overwrite, **extra)
     manifest["seconds"] = round(time.time() - t0, 2)
@@ -286,8 +334,17 @@ def _ordered_execution():
         ctx.execution_options.preserve_order = before
 
 
-def _write(processed, good, rejects: Rejects, sources: List[str], settings: AudioPrepSettings, out_dir: str,
-           overwrite: bool, all_speakers: List[str], vector_dim: Optional[int]) -> Dict[str, Any]:
+def _write(
+    processed,
+    good,
+    rejects: Rejects,
+    sources: List[str],
+    settings: AudioPrepSettings,
+    out_dir: str,
+    overwrite: bool,
+    all_speakers: List[str],
+    vector_dim: Optional[int],
+) -> Dict[str, Any]:
     """Stage 4: per-split parquet (kept clips; speakers of kept clips renumbered 0..n-1, so
     rejected files claim no id) and the manifest, published atomically."""
     kept = sorted(set(good["speaker"]))
@@ -299,16 +356,29 @@ def _write(processed, good, rejects: Rejects, sources: List[str], settings: Audi
         for split in ("train", "val"):
             target = fs.join(stage, split)
             if split in split_of_name.values():
-                processed.map_batches(_select(split, ["ok", "code", "reason", "split"], remap),
-                                      batch_format="pyarrow").write_parquet(target)
+                processed.map_batches(
+                    _select(split, ["ok", "code", "reason", "split"], remap), batch_format="pyarrow"
+                ).write_parquet(target)
             elif not fs.is_uri(target):
                 os.makedirs(target, exist_ok=True)
         manifest = new_manifest(
-            "audio", sources=sources, **{**asdict(settings), "win_length": settings.win_length or settings.n_fft},
-            mel=MEL_DESCRIPTION, clips=int(len(good)), hours=float(good["duration"].sum() / 3600),
-            splits={s: {"dir": s, "clips": int((good["split"] == s).sum()),
-                        "hours": float(good.loc[good["split"] == s, "duration"].sum() / 3600)} for s in ("train", "val")},
-            speakers=speakers, speaker_vector_dim=vector_dim, rejected=rejects.to_json(),
+            "audio",
+            sources=sources,
+            **{**asdict(settings), "win_length": settings.win_length or settings.n_fft},
+            mel=MEL_DESCRIPTION,
+            clips=int(len(good)),
+            hours=float(good["duration"].sum() / 3600),
+            splits={
+                s: {
+                    "dir": s,
+                    "clips": int((good["split"] == s).sum()),
+                    "hours": float(good.loc[good["split"] == s, "duration"].sum() / 3600),
+                }
+                for s in ("train", "val")
+            },
+            speakers=speakers,
+            speaker_vector_dim=vector_dim,
+            rejected=rejects.to_json(),
         )
         write_manifest(stage, manifest)
     return manifest
@@ -329,7 +399,9 @@ def _resplit(split_of_name: Dict[str, str]):
 def summary(manifest: Dict[str, Any]) -> str:
     """Human summary of an audio manifest: kept clips and hours per split, rejects by reason."""
     s = manifest["splits"]
-    head = (f"[prepare_audio] kept {manifest['clips']} clips ({manifest['hours'] * 60:.2f} min): "
-            f"train {s['train']['clips']}, val {s['val']['clips']}; {len(manifest['speakers'])} speakers; "
-            f"{manifest.get('seconds', 0):.1f} s")
+    head = (
+        f"[prepare_audio] kept {manifest['clips']} clips ({manifest['hours'] * 60:.2f} min): "
+        f"train {s['train']['clips']}, val {s['val']['clips']}; {len(manifest['speakers'])} speakers; "
+        f"{manifest.get('seconds', 0):.1f} s"
+    )
     return "\n".join([head] + summary_lines(manifest["rejected"]))

@@ -54,7 +54,9 @@ def _list_folder(root: str) -> List[Dict[str, Any]]:
             if stem + side in present:
                 text = fs.read_text(prefix + stem + side).strip()
                 break
-        records.append({"path": prefix + p, "name": rel, "text": text, "speaker": parts[0] if len(parts) > 1 else "default"})
+        records.append(
+            {"path": prefix + p, "name": rel, "text": text, "speaker": parts[0] if len(parts) > 1 else "default"}
+        )
     return records
 
 
@@ -106,13 +108,25 @@ def hf_records(source: str, columns: Optional[HFColumns] = None, say: Say = None
         name = f"{table.prefix}/{row}"
         data, path = audio_bytes(v[cols["audio"]])
         speaker = cell_name(v[cols["speaker"]], speakers) if cols["speaker"] else ""
-        records.append({"path": path or name, "name": name, "data": data, "speaker": speaker or "default",
-                        "text": cell_text(v[cols["transcript"]]) if cols["transcript"] else ""})
+        records.append(
+            {
+                "path": path or name,
+                "name": name,
+                "data": data,
+                "speaker": speaker or "default",
+                "text": cell_text(v[cols["transcript"]]) if cols["transcript"] else "",
+            }
+        )
     return records
 
 
-def collect_sources(sources: Union[str, Sequence[str]], rejects: Optional[Rejects] = None, *,
-                    columns: Optional[HFColumns] = None, say: Say = None) -> List[Dict[str, Any]]:
+def collect_sources(
+    sources: Union[str, Sequence[str]],
+    rejects: Optional[Rejects] = None,
+    *,
+    columns: Optional[HFColumns] = None,
+    say: Say = None,
+) -> List[Dict[str, Any]]:
     """Expand folders / manifests / single files into records ``{path, name, text, speaker[, speaker_vector]}``
     (``hf:`` sources: :func:`hf_records`, columns from ``columns`` or detected, the choice said
     through ``say``; their records add ``data``).

@@ -21,7 +21,20 @@ from megaray.data.image.prepare import prepare_images, summary
 from megaray.data.image.sources import collect_units, read_unit
 
 __all__ = [
-    "IMAGE_EXTS", "ImagePrepSettings", "RejectedImage", "center_box", "collect_units", "crop_box",
-    "image_datasets", "load_examples", "open_image", "prepare_images", "process_image", "read_manifest",
-    "read_unit", "resize_shorter", "summary", "to_rgb",
+    "IMAGE_EXTS",
+    "ImagePrepSettings",
+    "RejectedImage",
+    "center_box",
+    "collect_units",
+    "crop_box",
+    "image_datasets",
+    "load_examples",
+    "open_image",
+    "prepare_images",
+    "process_image",
+    "read_manifest",
+    "read_unit",
+    "resize_shorter",
+    "summary",
+    "to_rgb",
 ]

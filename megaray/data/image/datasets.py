@@ -57,13 +57,15 @@ def center_box(height: int, width: int, size: int) -> Tuple[int, int]:
 
 def to_chw(pixels: bytes, height: int, width: int, top: int, left: int, size: int, flip: bool) -> np.ndarray:
     """A stored row's crop as float32 ``(3, size, size)`` in [-1, 1] (``x / 127.5 - 1``)."""
-    hwc = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[top:top + size, left:left + size]
+    hwc = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[top : top + size, left : left + size]
     if flip:
         hwc = hwc[:, ::-1]
     return hwc.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
 
 
-def _crop_batch(batch: Dict[str, np.ndarray], *, size: int, seed: int, random: bool, flip: bool) -> Dict[str, np.ndarray]:
+def _crop_batch(
+    batch: Dict[str, np.ndarray], *, size: int, seed: int, random: bool, flip: bool
+) -> Dict[str, np.ndarray]:
     """Rows of whole images -> ``image`` float32 ``(n, 3, size, size)``, ``label`` int64 ``(n,)``."""
     n = len(batch["name"])
     passes = batch["pass"] if "pass" in batch else np.zeros(n, np.int64)
@@ -116,22 +118,30 @@ def image_datasets(
     man = read_manifest(shards)
     stored = int(man["size"])
     if not 0 < size <= stored:
-        raise DataError(f"crop size {size} must be in [1, {stored}]: {shards} stores images with shorter side "
-                        f"{stored} px; re-run `megaray prepare images --size {size}` for larger crops")
+        raise DataError(
+            f"crop size {size} must be in [1, {stored}]: {shards} stores images with shorter side "
+            f"{stored} px; re-run `megaray prepare images --size {size}` for larger crops"
+        )
     if crop not in CROPS:
         raise DataError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if passes < 1:
         raise DataError(f"passes must be >= 1, got {passes}")
     empty = [s for s in ("train", "val") if not man["splits"][s]["images"]]
     if empty:
-        raise DataError(f"{shards} holds no {' or '.join(empty)} images (prepared with val_fraction="
-                        f"{man.get('val_fraction')}); re-run `megaray prepare images` with --val-fraction 0.1")
+        raise DataError(
+            f"{shards} holds no {' or '.join(empty)} images (prepared with val_fraction="
+            f"{man.get('val_fraction')}); re-run `megaray prepare images` with --val-fraction 0.1"
+        )
     cols = ["name", "pixels", "height", "width", "label_id"] + (["caption"] if captions else [])
     out = {}
     for split, random, k in (("train", crop == "random", passes), ("val", False, 1)):
         rows = shard_io.read_split(shards, man, split, cols, on_corrupt, passes=k)
-        out[split] = rows.map_batches(_crop_batch, batch_size=batch_size, batch_format="numpy",
-                                      fn_kwargs=dict(size=size, seed=seed, random=random, flip=flip))
+        out[split] = rows.map_batches(
+            _crop_batch,
+            batch_size=batch_size,
+            batch_format="numpy",
+            fn_kwargs=dict(size=size, seed=seed, random=random, flip=flip),
+        )
     return out
 
 
@@ -154,10 +164,16 @@ def load_examples(shards: str, split: str = "val", n: int = 4, size: Optional[in
     if not paths:
         return []
     table = pads.dataset(paths, filesystem=filesystem, format="parquet").head(
-        n, columns=["name", "pixels", "height", "width", "label_id"])
+        n, columns=["name", "pixels", "height", "width", "label_id"]
+    )
     rows = []
     for r in table.to_pylist():
         top, left = center_box(r["height"], r["width"], size)
-        rows.append({"image": to_chw(r["pixels"], r["height"], r["width"], top, left, size, False),
-                     "label": int(r["label_id"]), "name": r["name"]})
+        rows.append(
+            {
+                "image": to_chw(r["pixels"], r["height"], r["width"], top, left, size, False),
+                "label": int(r["label_id"]),
+                "name": r["name"],
+            }
+        )
     return rows

@@ -98,8 +98,9 @@ def open_image(data: bytes, max_pixels: int = 1 << 28, draft_size: Optional[int]
                 img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
             img.load()
     except UnidentifiedImageError:
-        raise RejectedImage("not_an_image", f"not an image Pillow can read ({len(data)} bytes, "
-                                            f"starts {data[:8]!r})") from None
+        raise RejectedImage(
+            "not_an_image", f"not an image Pillow can read ({len(data)} bytes, starts {data[:8]!r})"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RejectedImage("too_large", f"too large: {e}"[:200]) from None
     except RejectedImage:

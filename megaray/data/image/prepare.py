@@ -46,9 +46,20 @@ def shard_schema():
     """Arrow schema of :func:`decode_units` output (the shards drop ``ok``/``code``/``reason``/``split``)."""
     import pyarrow as pa
 
-    return pa.schema([("name", pa.string()), ("ok", pa.bool_()), ("code", pa.string()), ("reason", pa.string()),
-                      ("split", pa.string()), ("label", pa.string()), ("caption", pa.string()),
-                      ("height", pa.int32()), ("width", pa.int32()), ("pixels", pa.binary())])
+    return pa.schema(
+        [
+            ("name", pa.string()),
+            ("ok", pa.bool_()),
+            ("code", pa.string()),
+            ("reason", pa.string()),
+            ("split", pa.string()),
+            ("label", pa.string()),
+            ("caption", pa.string()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("pixels", pa.binary()),
+        ]
+    )
 
 
 def decode_units(batch: Dict[str, np.ndarray], *, settings: Dict[str, Any], val_fraction: float, seed: int):
@@ -62,8 +73,10 @@ def decode_units(batch: Dict[str, np.ndarray], *, settings: Dict[str, Any], val_
     s = ImagePrepSettings(**settings)
     schema = shard_schema()
     cols: Dict[str, list] = {f.name: [] for f in schema}
-    units = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-             for i in range(len(batch["kind"]))]
+    units = [
+        {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+        for i in range(len(batch["kind"]))
+    ]
     for u in units:
         for it in read_unit(u):
             pixels, code, reason = None, it["code"], it["detail"]
@@ -75,18 +88,31 @@ def decode_units(batch: Dict[str, np.ndarray], *, settings: Dict[str, Any], val_
                 except Exception as e:  # an unexpected failure rejects one image, not the job
                     code, reason = "error", f"{type(e).__name__}: {e}"[:200]
             ok = pixels is not None
-            row = {"name": it["name"], "ok": ok, "code": code, "reason": reason,
-                   "split": split_of(it["name"], val_fraction, seed) if val_fraction > 0 else "train",
-                   "label": str(it["label"]), "caption": str(it["caption"]),
-                   "height": pixels.shape[0] if ok else 0, "width": pixels.shape[1] if ok else 0,
-                   "pixels": pixels.tobytes() if ok else b""}
+            row = {
+                "name": it["name"],
+                "ok": ok,
+                "code": code,
+                "reason": reason,
+                "split": split_of(it["name"], val_fraction, seed) if val_fraction > 0 else "train",
+                "label": str(it["label"]),
+                "caption": str(it["caption"]),
+                "height": pixels.shape[0] if ok else 0,
+                "width": pixels.shape[1] if ok else 0,
+                "pixels": pixels.tobytes() if ok else b"",
+            }
             for k, v in row.items():
                 cols[k].append(v)
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _process(units: List[Dict[str, Any]], settings: ImagePrepSettings, val_fraction: float, seed: int,
-             concurrency: int, batch_size: int):
+def _process(
+    units: List[Dict[str, Any]],
+    settings: ImagePrepSettings,
+    val_fraction: float,
+    seed: int,
+    concurrency: int,
+    batch_size: int,
+):
     """Every unit through :func:`decode_units` (materialized, row order kept) + the table without pixels."""
     import ray
 
@@ -95,8 +121,14 @@ def _process(units: List[Dict[str, Any]], settings: ImagePrepSettings, val_fract
     # training run's batch order, is then the same on every prepare
     ds.context.execution_options.preserve_order = True
     kw = {"settings": asdict(settings), "val_fraction": val_fraction, "seed": seed}
-    processed = ds.map_batches(decode_units, fn_kwargs=kw, batch_size=batch_size, num_cpus=1,
-                               compute=ray.data.TaskPoolStrategy(size=concurrency), batch_format="numpy").materialize()
+    processed = ds.map_batches(
+        decode_units,
+        fn_kwargs=kw,
+        batch_size=batch_size,
+        num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
+        batch_format="numpy",
+    ).materialize()
     meta = processed.map_batches(lambda t: t.drop_columns(["pixels"]), batch_format="pyarrow").to_pandas()
     return processed, meta
 
@@ -177,8 +209,10 @@ def prepare_images(
         before_ray()
     concurrency = concurrency or _cluster_cpus()
     if verbose:
-        print(f"[prepare_images] {len(units)} read units from {', '.join(sources)} -> {out_dir} "
-              f"(shorter side {size} px, {concurrency} tasks)")
+        print(
+            f"[prepare_images] {len(units)} read units from {', '.join(sources)} -> {out_dir} "
+            f"(shorter side {size} px, {concurrency} tasks)"
+        )
     processed, meta = _process(units, settings, val_fraction, seed, concurrency, batch_size)
     bad = meta[~meta["ok"]]
     for name, code, reason in zip(bad["name"], bad["code"], bad["reason"]):
@@ -188,8 +222,10 @@ def prepare_images(
         raise DataError(f"no usable images in {', '.join(sources)}; rejected: {rejects.describe()}")
     dup = good["name"][good["name"].duplicated()]
     if len(dup):
-        raise DataError(f"image names are not unique in {', '.join(sources)}: {sorted(set(dup))[:5]}; "
-                        "rename the files (names seed the split and the crops)")
+        raise DataError(
+            f"image names are not unique in {', '.join(sources)}: {sorted(set(dup))[:5]}; "
+            "rename the files (names seed the split and the crops)"
+        )
     moved = _fill_val(good, val_fraction, seed)
     manifest = _write(processed, good, moved, rejects, sources, settings, out_dir, overwrite, seed, val_fraction)
     manifest["seconds"] = round(time.time() - t0, 2)
@@ -228,8 +264,18 @@ def _select(split: str, moved: str, label_ids: Dict[str, int]):
     return fn
 
 
-def _write(processed, good, moved: str, rejects: Rejects, sources: List[str], settings: ImagePrepSettings,
-           out_dir: str, overwrite: bool, seed: int, val_fraction: float) -> Dict[str, Any]:
+def _write(
+    processed,
+    good,
+    moved: str,
+    rejects: Rejects,
+    sources: List[str],
+    settings: ImagePrepSettings,
+    out_dir: str,
+    overwrite: bool,
+    seed: int,
+    val_fraction: float,
+) -> Dict[str, Any]:
     """Per-split parquet (kept images) and the manifest, published atomically."""
     labels = {name: i for i, name in enumerate(sorted(set(good["label"])))}
     with fs.staged_dir(out_dir, overwrite) as stage:
@@ -241,10 +287,23 @@ def _write(processed, good, moved: str, rejects: Rejects, sources: List[str], se
                 os.makedirs(target, exist_ok=True)
         counts = {s: good.loc[good["split"] == s, "label"].value_counts() for s in SPLITS}
         manifest = new_manifest(
-            "images", sources=sources, **asdict(settings), pixels=PIXELS, seed=seed, val_fraction=val_fraction,
-            images=int(len(good)), labels=labels, captions=int((good["caption"] != "").sum()),
-            splits={s: {"dir": s, "images": int(counts[s].sum()),
-                        "per_label": {k: int(v) for k, v in sorted(counts[s].items())}} for s in SPLITS},
+            "images",
+            sources=sources,
+            **asdict(settings),
+            pixels=PIXELS,
+            seed=seed,
+            val_fraction=val_fraction,
+            images=int(len(good)),
+            labels=labels,
+            captions=int((good["caption"] != "").sum()),
+            splits={
+                s: {
+                    "dir": s,
+                    "images": int(counts[s].sum()),
+                    "per_label": {k: int(v) for k, v in sorted(counts[s].items())},
+                }
+                for s in SPLITS
+            },
             rejected=rejects.to_json(),
         )
         write_manifest(stage, manifest)
@@ -254,7 +313,9 @@ def _write(processed, good, moved: str, rejects: Rejects, sources: List[str], se
 def summary(manifest: Dict[str, Any]) -> str:
     """Human summary of an images manifest: kept images per split, labels, rejects by reason."""
     s = manifest["splits"]
-    head = (f"[prepare_images] kept {manifest['images']} images at shorter side {manifest['size']} px: "
-            f"train {s['train']['images']}, val {s['val']['images']}; {len(manifest['labels'])} labels, "
-            f"{manifest['captions']} captions; {manifest.get('seconds', 0):.1f} s")
+    head = (
+        f"[prepare_images] kept {manifest['images']} images at shorter side {manifest['size']} px: "
+        f"train {s['train']['images']}, val {s['val']['images']}; {len(manifest['labels'])} labels, "
+        f"{manifest['captions']} captions; {manifest.get('seconds', 0):.1f} s"
+    )
     return "\n".join([head] + summary_lines(manifest["rejected"]))

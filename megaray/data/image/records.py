@@ -9,17 +9,36 @@ from typing import Any, Dict, Optional
 DEFAULT_LABEL = "default"
 
 
-def unit(kind: str, uri: str, name: str, label: str = DEFAULT_LABEL, caption: str = "", sidecar: str = "",
-         index: int = 0, offset: int = 0, data: bytes = b"") -> Dict[str, Any]:
+def unit(
+    kind: str,
+    uri: str,
+    name: str,
+    label: str = DEFAULT_LABEL,
+    caption: str = "",
+    sidecar: str = "",
+    index: int = 0,
+    offset: int = 0,
+    data: bytes = b"",
+) -> Dict[str, Any]:
     """A read unit: ``kind`` is ``file`` (``sidecar``: its ``.json``/``.txt`` or ``""``) | ``tar``
     | ``parquet`` (``index`` = row group, ``offset`` = its first row in the file) | ``skimage``
     (``index`` = crop, -1 = the whole photograph) | ``lfw`` (``index`` = image in ``lfw_subset``)
     | ``bytes`` (``data`` = the encoded image, read on the driver: a row of an ``hf:`` source)."""
-    return {"kind": kind, "uri": uri, "name": name, "label": label, "caption": caption, "sidecar": sidecar,
-            "index": int(index), "offset": int(offset), "data": data}
+    return {
+        "kind": kind,
+        "uri": uri,
+        "name": name,
+        "label": label,
+        "caption": caption,
+        "sidecar": sidecar,
+        "index": int(index),
+        "offset": int(offset),
+        "data": data,
+    }
 
 
-def item(name: str, data: Optional[bytes], label: str = DEFAULT_LABEL, caption: str = "", code: str = "",
-         detail: str = "") -> Dict[str, Any]:
+def item(
+    name: str, data: Optional[bytes], label: str = DEFAULT_LABEL, caption: str = "", code: str = "", detail: str = ""
+) -> Dict[str, Any]:
     """One image to decode (``code`` empty), or a reject of ``name`` for ``code`` / ``detail``."""
     return {"name": name, "data": data, "label": label, "caption": caption, "code": code, "detail": detail}

@@ -30,12 +30,26 @@ from megaray.data.image.records import item, unit
 
 #: ``skimage.data`` name -> bundled file name (``cat`` is ``chelsea`` again, so it is not listed).
 PHOTOS = {
-    "astronaut": "astronaut.png", "brick": "brick.png", "camera": "camera.png", "cell": "cell.png",
-    "chelsea": "chelsea.png", "clock": "clock_motion.png", "coffee": "coffee.png", "coins": "coins.png",
-    "grass": "grass.png", "gravel": "gravel.png", "hubble_deep_field": "hubble_deep_field.jpg",
-    "immunohistochemistry": "ihc.png", "microaneurysms": "microaneurysms.png", "moon": "moon.png",
-    "motorcycle_left": "motorcycle_left.png", "motorcycle_right": "motorcycle_right.png", "page": "page.png",
-    "retina": "retina.jpg", "rocket": "rocket.jpg", "text": "text.png",
+    "astronaut": "astronaut.png",
+    "brick": "brick.png",
+    "camera": "camera.png",
+    "cell": "cell.png",
+    "chelsea": "chelsea.png",
+    "clock": "clock_motion.png",
+    "coffee": "coffee.png",
+    "coins": "coins.png",
+    "grass": "grass.png",
+    "gravel": "gravel.png",
+    "hubble_deep_field": "hubble_deep_field.jpg",
+    "immunohistochemistry": "ihc.png",
+    "microaneurysms": "microaneurysms.png",
+    "moon": "moon.png",
+    "motorcycle_left": "motorcycle_left.png",
+    "motorcycle_right": "motorcycle_right.png",
+    "page": "page.png",
+    "retina": "retina.jpg",
+    "rocket": "rocket.jpg",
+    "text": "text.png",
 }
 #: random crops per photograph.
 CROPS = 4

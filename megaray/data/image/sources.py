@@ -68,8 +68,9 @@ def _where(f: SourceFile) -> str:
     return f.display if fs.is_uri(f.display) else f.path
 
 
-def collect_units(source: str, columns: Optional[HFColumns] = None,
-                  say: Say = None) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
+def collect_units(
+    source: str, columns: Optional[HFColumns] = None, say: Say = None
+) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
     """List one source into read units, plus driver-side rejects ``(code, where, detail)``
     (``hf:`` sources: :func:`hf_units` with ``columns``, the choice said through ``say``).
 
@@ -103,15 +104,20 @@ def collect_units(source: str, columns: Optional[HFColumns] = None,
         elif ext in SIDECARS and any(rel[: -len(ext)] + e in by_rel for e in IMAGE_EXTS):
             continue
         else:
-            rejects.append(("unsupported_file", f.display, f"extension {ext or '(none)'} is not an image, .tar or .parquet"))
+            rejects.append(
+                ("unsupported_file", f.display, f"extension {ext or '(none)'} is not an image, .tar or .parquet")
+            )
     if not units:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}), .tar or .parquet files in {source} "
-                        f"({len(listing.files)} other files)")
+        raise DataError(
+            f"no images ({', '.join(IMAGE_EXTS)}), .tar or .parquet files in {source} "
+            f"({len(listing.files)} other files)"
+        )
     return units, rejects
 
 
-def hf_units(source: str, columns: Optional[HFColumns] = None,
-             say: Say = None) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
+def hf_units(
+    source: str, columns: Optional[HFColumns] = None, say: Say = None
+) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str, str]]]:
     """Read units (kind ``bytes``, the encoded image inline, :func:`megaray.data.hf.image_bytes`) of
     an ``hf:`` source, one per row, named by the row id ``hf:IDENT/SPLIT/ROW``; plus rejects for
     rows without an image (``empty_file``: a null cell; ``unreadable_file``: a path that cannot be
@@ -170,8 +176,11 @@ def parquet_columns(names: List[str], types: Dict[str, Any]) -> Dict[str, Option
 
     def usable(n: str) -> bool:
         t = types[n]
-        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
-            pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        return (
+            pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        )
 
     lower = {n.lower(): n for n in names}
     image = next((lower[c] for c in IMAGE_COLUMNS if c in lower and usable(lower[c])), None)
@@ -314,5 +323,8 @@ def _parquet_items(u: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
         data = data.get("bytes") if isinstance(data, dict) else data
         label = str(row[cols["label"]]) if cols["label"] and row[cols["label"]] not in (None, "") else u["label"]
         caption = str(row[cols["caption"]] or "") if cols["caption"] else ""
-        yield item(name, data, label, caption) if data is not None else item(name, None, code="empty_file",
-                                                                            detail="null image bytes")
+        yield (
+            item(name, data, label, caption)
+            if data is not None
+            else item(name, None, code="empty_file", detail="null image bytes")
+        )

@@ -8,8 +8,36 @@ mixtures", has the whole picture.
 """
 
 from megaray.data.multimodal.layout import (  # noqa: F401
-    AUDIO_TO_TEXT, CAPTION_TEMPLATE, COLUMNS, IGNORE, IMAGE_TO_TEXT, MODALITY, P_GENERATE, TASKS, TEXT_LM,
-    TEXT_TO_AUDIO, TEXT_TO_IMAGE, Layout, audio_latent_frames, crop_frames, crop_mel, sequence, span_prompt, square_image)
+    AUDIO_TO_TEXT,
+    CAPTION_TEMPLATE,
+    COLUMNS,
+    IGNORE,
+    IMAGE_TO_TEXT,
+    MODALITY,
+    P_GENERATE,
+    TASKS,
+    TEXT_LM,
+    TEXT_TO_AUDIO,
+    TEXT_TO_IMAGE,
+    Layout,
+    audio_latent_frames,
+    crop_frames,
+    crop_mel,
+    sequence,
+    span_prompt,
+    square_image,
+)
 from megaray.data.multimodal.reader import (  # noqa: F401
-    CACHE_GROUPS, MixSource, audio_content, build_rows, cached_tokenizer, image_content, label_names,
-    mixture_datasets, open_sources, plan_items, read_specs, source_order)
+    CACHE_GROUPS,
+    MixSource,
+    audio_content,
+    build_rows,
+    cached_tokenizer,
+    image_content,
+    label_names,
+    mixture_datasets,
+    open_sources,
+    plan_items,
+    read_specs,
+    source_order,
+)

@@ -57,9 +57,13 @@ TASKS = ("text_lm", "audio_to_text", "text_to_audio", "image_to_text", "text_to_
 #: manifest kind -> modality
 MODALITY = {"text": "text", "audio": "audio", "audio_latents": "audio", "images": "image", "image_latents": "image"}
 #: columns read per manifest kind
-COLUMNS = {"text": ["tokens"], "audio": ["mel", "n_frames", "text"],
-           "audio_latents": ["latent", "latent_shape", "text"],
-           "images": ["pixels", "height", "width", "label", "caption"], "image_latents": ["latent", "label"]}
+COLUMNS = {
+    "text": ["tokens"],
+    "audio": ["mel", "n_frames", "text"],
+    "audio_latents": ["latent", "latent_shape", "text"],
+    "images": ["pixels", "height", "width", "label", "caption"],
+    "image_latents": ["latent", "label"],
+}
 IGNORE = -100
 
 
@@ -127,24 +131,24 @@ def sequence(task: int, text: Sequence[int], L: Layout) -> Tuple[np.ndarray, np.
     T = L.block_size
     tokens, targets = np.zeros(T, np.int64), np.full(T, IGNORE, np.int64)
     if task == TEXT_LM:
-        w = np.asarray(text[:T + 1], np.int64)
-        tokens[:min(len(w), T)] = w[:T]
-        targets[:max(0, len(w) - 1)] = w[1:]
+        w = np.asarray(text[: T + 1], np.int64)
+        tokens[: min(len(w), T)] = w[:T]
+        targets[: max(0, len(w) - 1)] = w[1:]
         return tokens, targets, -1
     audio = task in (AUDIO_TO_TEXT, TEXT_TO_AUDIO)
     n = L.audio_tokens if audio else L.image_tokens
     bo, eo = (L.boa, L.eoa) if audio else (L.boi, L.eoi)
     if task in (AUDIO_TO_TEXT, IMAGE_TO_TEXT):  # span, then the text and eot: loss on text + eot
-        words = list(text[:max(0, T - n - 3)]) + [L.eot_id]
+        words = list(text[: max(0, T - n - 3)]) + [L.eot_id]
         seq = [bo] + [0] * n + [eo] + words
-        tokens[:len(seq)] = seq
+        tokens[: len(seq)] = seq
         first = n + 1  # position of the closing boundary: it predicts the first text token
-        targets[first:first + len(words)] = words
+        targets[first : first + len(words)] = words
         return tokens, targets, 1
-    words = list(text[:max(0, T - n - 2)])  # text, then the span: loss on the text and <|open|>
+    words = list(text[: max(0, T - n - 2)])  # text, then the span: loss on the text and <|open|>
     seq = words + [bo] + [0] * n + [eo]
-    tokens[:len(seq)] = seq
-    targets[:len(words)] = seq[1:len(words) + 1]
+    tokens[: len(seq)] = seq
+    targets[: len(words)] = seq[1 : len(words) + 1]
     return tokens, targets, len(words) + 1
 
 
@@ -154,9 +158,9 @@ def crop_frames(x: np.ndarray, frames: int, rng: Optional[np.random.Generator]) 
     zero-padded."""
     F = x.shape[1]
     start = int(rng.integers(0, F - frames + 1)) if rng is not None and F > frames else 0
-    piece = x[:, start:start + frames]
+    piece = x[:, start : start + frames]
     out = np.zeros((x.shape[0], frames), np.float32)
-    out[:, :piece.shape[1]] = piece
+    out[:, : piece.shape[1]] = piece
     return out, int(piece.shape[1])
 
 
@@ -182,7 +186,7 @@ def square_image(pixels: bytes, height: int, width: int, size: int) -> np.ndarra
 
     side = min(height, width)
     top, left = center_box(height, width, side)
-    hwc = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[top:top + side, left:left + side]
+    hwc = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)[top : top + side, left : left + side]
     if side != size:
         from PIL import Image
 

@@ -35,8 +35,23 @@ from megaray import fs
 from megaray.data import mixture, shards as shard_io
 from megaray.data.manifest import prepare_hint, read_manifest
 from megaray.data.multimodal.layout import (
-    AUDIO_TO_TEXT, CAPTION_TEMPLATE, COLUMNS, IGNORE, IMAGE_TO_TEXT, MODALITY, P_GENERATE, TEXT_LM, TEXT_TO_AUDIO,
-    TEXT_TO_IMAGE, Layout, audio_latent_frames, crop_frames, crop_mel, sequence, square_image)
+    AUDIO_TO_TEXT,
+    CAPTION_TEMPLATE,
+    COLUMNS,
+    IGNORE,
+    IMAGE_TO_TEXT,
+    MODALITY,
+    P_GENERATE,
+    TEXT_LM,
+    TEXT_TO_AUDIO,
+    TEXT_TO_IMAGE,
+    Layout,
+    audio_latent_frames,
+    crop_frames,
+    crop_mel,
+    sequence,
+    square_image,
+)
 from megaray.errors import DataError
 
 
@@ -75,9 +90,11 @@ def open_sources(sources: Sequence[Any]) -> List[MixSource]:
         man = read_manifest(str(s.shards))
         kind = man.get("kind")
         if kind not in MODALITY:
-            raise DataError(f"data.sources: {s.shards} holds {kind!r} data; a multimodal run mixes text "
-                            f"(`megaray prepare text`), audio (`megaray prepare audio` or `audio-latents`) and "
-                            f"images (`megaray prepare images` or `image-latents`)")
+            raise DataError(
+                f"data.sources: {s.shards} holds {kind!r} data; a multimodal run mixes text "
+                f"(`megaray prepare text`), audio (`megaray prepare audio` or `audio-latents`) and "
+                f"images (`megaray prepare images` or `image-latents`)"
+            )
         src = MixSource(str(s.shards), float(s.weight), MODALITY[kind], man)
         hint = prepare_hint(kind, src.shards) + " with --overwrite"
         for split in ("train", "val"):
@@ -101,12 +118,14 @@ def source_order(groups: Sequence[int], seed: int, split: int, pass_index: int, 
     ``index`` equals ``source``). ``groups``: rows per row group."""
     rng = np.random.default_rng([seed, split, pass_index, source, 7])
     starts = np.concatenate([[0], np.cumsum(groups)[:-1]]).astype(np.int64)
-    return np.concatenate([starts[g] + rng.permutation(int(groups[g])) for g in rng.permutation(len(groups))]
-                          or [np.zeros(0, np.int64)])
+    return np.concatenate(
+        [starts[g] + rng.permutation(int(groups[g])) for g in rng.permutation(len(groups))] or [np.zeros(0, np.int64)]
+    )
 
 
-def plan_items(sizes: Sequence[Sequence[int]], weights: Sequence[float], seed: int, split: int = 0,
-               passes: int = 1) -> List[Dict[str, int]]:
+def plan_items(
+    sizes: Sequence[Sequence[int]], weights: Sequence[float], seed: int, split: int = 0, passes: int = 1
+) -> List[Dict[str, int]]:
     """The dataset's items: ``{"source", "row", "pass", "index"}`` per sequence, pass-major.
 
     ``sizes[i]``: rows per row group of source ``i``. Per pass, source ``i`` contributes
@@ -128,8 +147,9 @@ def _interleaved(counts: Tuple[int, ...], seed: int) -> Tuple[np.ndarray, np.nda
     return pairs[:, 0], pairs[:, 1]
 
 
-def pass_plan(sizes: Sequence[Sequence[int]], weights: Sequence[float], seed: int, split: int,
-              pass_index: int) -> Tuple[np.ndarray, np.ndarray]:
+def pass_plan(
+    sizes: Sequence[Sequence[int]], weights: Sequence[float], seed: int, split: int, pass_index: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """Pass ``pass_index`` of the mixture as ``(source, row)`` int64 arrays (position ``j`` of the
     pass is row ``row[j]`` of source ``source[j]``; :func:`plan_items` has the rule)."""
     totals = [int(sum(s)) for s in sizes]
@@ -171,17 +191,31 @@ def cached_tokenizer(path: str) -> Any:
 
 def _empty(n: int, L: Layout) -> Dict[str, np.ndarray]:
     T = L.block_size
-    return {"tokens": np.zeros((n, T), np.int64), "targets": np.full((n, T), IGNORE, np.int64),
-            "audio": np.zeros((n, L.n_mels, L.audio_frames), np.float32),
-            "audio_start": np.full(n, -1, np.int64), "audio_valid": np.zeros(n, np.int64),
-            "image": np.zeros((n, L.image_channels, L.image_size, L.image_size), np.float32),
-            "image_start": np.full(n, -1, np.int64), "task": np.zeros(n, np.int64)}
+    return {
+        "tokens": np.zeros((n, T), np.int64),
+        "targets": np.full((n, T), IGNORE, np.int64),
+        "audio": np.zeros((n, L.n_mels, L.audio_frames), np.float32),
+        "audio_start": np.full(n, -1, np.int64),
+        "audio_valid": np.zeros(n, np.int64),
+        "image": np.zeros((n, L.image_channels, L.image_size, L.image_size), np.float32),
+        "image_start": np.full(n, -1, np.int64),
+        "task": np.zeros(n, np.int64),
+    }
 
 
-def build_rows(batch: Dict[str, np.ndarray], *, sources: List[Dict[str, Any]], layout: Layout, tokenizer: str,
-               seed: int, split: int, train: bool, on_corrupt: str,
-               p_generate: float = P_GENERATE,
-               groups: Optional[Mapping[Tuple[int, int], Optional[Dict[str, list]]]] = None) -> Dict[str, np.ndarray]:
+def build_rows(
+    batch: Dict[str, np.ndarray],
+    *,
+    sources: List[Dict[str, Any]],
+    layout: Layout,
+    tokenizer: str,
+    seed: int,
+    split: int,
+    train: bool,
+    on_corrupt: str,
+    p_generate: float = P_GENERATE,
+    groups: Optional[Mapping[Tuple[int, int], Optional[Dict[str, list]]]] = None,
+) -> Dict[str, np.ndarray]:
     """``map_batches`` function: items (:func:`plan_items`) of sources ``sources``
     (:func:`read_specs`) -> sequences (the model's batch
     columns: ``tokens``, ``targets``, ``audio``, ``audio_start``, ``audio_valid``, ``image``,
@@ -219,8 +253,9 @@ def build_rows(batch: Dict[str, np.ndarray], *, sources: List[Dict[str, Any]], l
     return {k: v[keep] for k, v in out.items()}
 
 
-def audio_content(kind: str, cols: Dict[str, list], r: int, L: Layout,
-                  rng: Optional[np.random.Generator]) -> Tuple[np.ndarray, int]:
+def audio_content(
+    kind: str, cols: Dict[str, list], r: int, L: Layout, rng: Optional[np.random.Generator]
+) -> Tuple[np.ndarray, int]:
     """Row ``r`` of an ``audio`` (normalised log-mel, :func:`crop_mel`) or ``audio_latents``
     (latent frames as stored, :func:`audio_latent_frames`, :func:`crop_frames`) group: the
     ``(n_mels, audio_frames)`` span and its valid frames."""
@@ -264,9 +299,16 @@ def read_specs(sources: List[MixSource], split: str) -> List[Dict[str, Any]]:
     label names and the latent shape ``(C, h, w)``."""
     out = []
     for s in sources:
-        spec = {"modality": s.modality, "kind": s.kind, "filesystem": s.filesystem, "groups": s.groups[split],
-                "columns": COLUMNS[s.kind], "locate": _Locate([int(g["rows"]) for g in s.groups[split]]),
-                "hint": prepare_hint(s.kind, s.shards) + " with --overwrite", "stamp": str(s.manifest.get("created"))}
+        spec = {
+            "modality": s.modality,
+            "kind": s.kind,
+            "filesystem": s.filesystem,
+            "groups": s.groups[split],
+            "columns": COLUMNS[s.kind],
+            "locate": _Locate([int(g["rows"]) for g in s.groups[split]]),
+            "hint": prepare_hint(s.kind, s.shards) + " with --overwrite",
+            "stamp": str(s.manifest.get("created")),
+        }
         if s.kind == "image_latents":
             m = s.manifest
             spec.update(labels=label_names(m), latent_shape=(int(m["latent_channels"]),) + (int(m["latent_size"]),) * 2)
@@ -274,8 +316,16 @@ def read_specs(sources: List[MixSource], split: str) -> List[Dict[str, Any]]:
     return out
 
 
-def mixture_datasets(sources: List[MixSource], layout: Layout, tokenizer: str, *, seed: int = 0, passes: int = 1,
-                     rows_per_block: int = 32, on_corrupt: str = "error") -> Dict[str, Any]:
+def mixture_datasets(
+    sources: List[MixSource],
+    layout: Layout,
+    tokenizer: str,
+    *,
+    seed: int = 0,
+    passes: int = 1,
+    rows_per_block: int = 32,
+    on_corrupt: str = "error",
+) -> Dict[str, Any]:
     """Ray Datasets ``{"train", "val"}`` of interleaved sequences (module docstring), one row per
     planned item (:func:`plan_items`; train: ``passes`` passes), blocks of ``rows_per_block``.
 
@@ -300,17 +350,40 @@ def mixture_datasets(sources: List[MixSource], layout: Layout, tokenizer: str, *
         sizes = [[int(g["rows"]) for g in s.groups[split]] for s in sources]
         items = plan_items(sizes, [s.weight for s in sources], seed, code, k)
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // rows_per_block)))
-        out[split] = ds.map_batches(build_rows, batch_size=rows_per_block, batch_format="numpy", fn_kwargs=dict(
-            sources=read_specs(sources, split), layout=layout, tokenizer=tokenizer, seed=seed, split=code, train=split == "train",
-            on_corrupt=on_corrupt))
+        out[split] = ds.map_batches(
+            build_rows,
+            batch_size=rows_per_block,
+            batch_format="numpy",
+            fn_kwargs=dict(
+                sources=read_specs(sources, split),
+                layout=layout,
+                tokenizer=tokenizer,
+                seed=seed,
+                split=code,
+                train=split == "train",
+                on_corrupt=on_corrupt,
+            ),
+        )
         out[split].context.raise_original_map_exception = True  # a DataError reaches the run as itself
     return out
 
 
 # -- the positioned train stream ----------------------------------------------------------------
-def mixture_stream(sources: List[MixSource], layout: Layout, tokenizer: str, *, seed: int, shuffle_block: int,
-                   plan: Any, epoch: int, cursor: int, last_epoch: int, passes: int = 1, on_corrupt: str = "error",
-                   rows_per_output: int = 64) -> Any:
+def mixture_stream(
+    sources: List[MixSource],
+    layout: Layout,
+    tokenizer: str,
+    *,
+    seed: int,
+    shuffle_block: int,
+    plan: Any,
+    epoch: int,
+    cursor: int,
+    last_epoch: int,
+    passes: int = 1,
+    on_corrupt: str = "error",
+    rows_per_output: int = 64,
+) -> Any:
     """The train split as one positioned stream (:mod:`megaray.data.rows`) over epochs ``epoch ..
     last_epoch``, from served position ``cursor`` of ``epoch`` (a multiple of ``plan.global_batch``).
 
@@ -346,8 +419,10 @@ def mixture_stream(sources: List[MixSource], layout: Layout, tokenizer: str, *, 
     per_pass = sum(mixture.plan([sum(x) for x in sizes], weights))
     o = rows_lib.EpochOrder.of(plan, seed, shuffle_block, passes)
     if passes * per_pass < o.served:
-        raise DataError(f"the mixture holds {passes * per_pass} sequences in {passes} pass(es), fewer than the "
-                        f"{o.served} an epoch serves")
+        raise DataError(
+            f"the mixture holds {passes * per_pass} sequences in {passes} pass(es), fewer than the "
+            f"{o.served} an epoch serves"
+        )
     if cursor < 0 or cursor % o.global_batch:
         raise ValueError(f"cursor {cursor} is not a multiple of the global batch {o.global_batch}")
     if cursor >= o.served:
@@ -359,19 +434,43 @@ def mixture_stream(sources: List[MixSource], layout: Layout, tokenizer: str, *, 
             stop = min(start + target, o.served)
             if e == epoch and stop <= cursor:
                 continue
-            blocks.append({"epoch": e, "block": k, "start": start, "rows": min(target, passes * per_pass - start),
-                           "first": max(start, cursor) if e == epoch else start, "stop": stop})
-    kw = dict(sources=read_specs(sources, "train"), sizes=sizes, weights=weights, per_pass=per_pass, order=o,
-              layout=layout, tokenizer=tokenizer, seed=seed, on_corrupt=on_corrupt,
-              rows_per_output=rows_per_output)
+            blocks.append(
+                {
+                    "epoch": e,
+                    "block": k,
+                    "start": start,
+                    "rows": min(target, passes * per_pass - start),
+                    "first": max(start, cursor) if e == epoch else start,
+                    "stop": stop,
+                }
+            )
+    kw = dict(
+        sources=read_specs(sources, "train"),
+        sizes=sizes,
+        weights=weights,
+        per_pass=per_pass,
+        order=o,
+        layout=layout,
+        tokenizer=tokenizer,
+        seed=seed,
+        on_corrupt=on_corrupt,
+        rows_per_output=rows_per_output,
+    )
     ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
     out = ds.map_batches(_mix_block, batch_size=1, batch_format="pyarrow", fn_kwargs=kw)
     out.context.raise_original_map_exception = True  # a DataError reaches the run as itself
     return out.repartition(target_num_rows_per_block=plan.micro_batch, strict=True)
 
 
-def block_items(b: Mapping[str, int], *, sizes: Tuple[Tuple[int, ...], ...], weights: Tuple[float, ...],
-                per_pass: int, order: Any, seed: int) -> Dict[str, np.ndarray]:
+def block_items(
+    b: Mapping[str, int],
+    *,
+    sizes: Tuple[Tuple[int, ...], ...],
+    weights: Tuple[float, ...],
+    per_pass: int,
+    order: Any,
+    seed: int,
+) -> Dict[str, np.ndarray]:
     """The items (``source``, ``row``, ``pass``, ``index`` in the pass: :func:`build_rows`'s input)
     of the kept served positions ``b["first"] .. b["stop"] - 1`` of one block of
     :func:`mixture_stream`, in served order."""
@@ -379,10 +478,14 @@ def block_items(b: Mapping[str, int], *, sizes: Tuple[Tuple[int, ...], ...], wei
 
     passes = order.passes
     perm = block_permutation(order, b["epoch"], b["block"], b["rows"])
-    pos = b["start"] + perm[b["first"] - b["start"]: b["stop"] - b["start"]]  # stream positions of the epoch
+    pos = b["start"] + perm[b["first"] - b["start"] : b["stop"] - b["start"]]  # stream positions of the epoch
     local, index = pos // per_pass, pos % per_pass
-    out = {"source": np.zeros(len(pos), np.int64), "row": np.zeros(len(pos), np.int64),
-           "pass": b["epoch"] * passes + local, "index": index}
+    out = {
+        "source": np.zeros(len(pos), np.int64),
+        "row": np.zeros(len(pos), np.int64),
+        "pass": b["epoch"] * passes + local,
+        "index": index,
+    }
     for p in np.unique(local):
         at = local == p
         source, row = _pass_cached(sizes, weights, seed, int(b["epoch"] * passes + p))
@@ -391,14 +494,26 @@ def block_items(b: Mapping[str, int], *, sizes: Tuple[Tuple[int, ...], ...], wei
 
 
 @lru_cache(maxsize=4)
-def _pass_cached(sizes: Tuple[Tuple[int, ...], ...], weights: Tuple[float, ...], seed: int,
-                 pass_index: int) -> Tuple[np.ndarray, np.ndarray]:
+def _pass_cached(
+    sizes: Tuple[Tuple[int, ...], ...], weights: Tuple[float, ...], seed: int, pass_index: int
+) -> Tuple[np.ndarray, np.ndarray]:
     return pass_plan(sizes, weights, seed, 0, pass_index)
 
 
-def _mix_block(batch: Any, *, sources: List[Dict[str, Any]], sizes: Tuple[Tuple[int, ...], ...],
-               weights: Tuple[float, ...], per_pass: int, order: Any, layout: Layout, tokenizer: str, seed: int,
-               on_corrupt: str, rows_per_output: int) -> Iterator[Dict[str, np.ndarray]]:
+def _mix_block(
+    batch: Any,
+    *,
+    sources: List[Dict[str, Any]],
+    sizes: Tuple[Tuple[int, ...], ...],
+    weights: Tuple[float, ...],
+    per_pass: int,
+    order: Any,
+    layout: Layout,
+    tokenizer: str,
+    seed: int,
+    on_corrupt: str,
+    rows_per_output: int,
+) -> Iterator[Dict[str, np.ndarray]]:
     """``map_batches`` function: one block of :func:`mixture_stream` -> its sequences with
     ``epoch`` and ``index``, ``rows_per_output`` at a time."""
     b = batch.to_pylist()[0]
@@ -411,19 +526,35 @@ def _mix_block(batch: Any, *, sources: List[Dict[str, Any]], sizes: Tuple[Tuple[
     bad = np.array([groups[(int(i), g)] is None for i, (g, _) in zip(items["source"], where)], bool)
     if bad.any():  # on_corrupt="skip": fill from the block's readable items, so every position keeps a row
         good = np.flatnonzero(~bad)
-        names = sorted({f"{sources[i]['groups'][g]['display']} row group {sources[i]['groups'][g]['row_group']}"
-                        for (i, g), cols in groups.items() if cols is None})
+        names = sorted(
+            {
+                f"{sources[i]['groups'][g]['display']} row group {sources[i]['groups'][g]['row_group']}"
+                for (i, g), cols in groups.items()
+                if cols is None
+            }
+        )
         if not len(good):
-            raise DataError(f"epoch {b['epoch']} shuffle block {b['block']}: no row group could be read "
-                            f"({', '.join(names)}); re-prepare the data")
+            raise DataError(
+                f"epoch {b['epoch']} shuffle block {b['block']}: no row group could be read "
+                f"({', '.join(names)}); re-prepare the data"
+            )
         fill = good[np.arange(int(bad.sum())) % len(good)]
         for k in ("source", "row"):
             items[k][bad] = items[k][fill]
     index = np.arange(b["first"], b["stop"], dtype=np.int64)
     for s in range(0, len(index), rows_per_output):
-        part = {k: v[s:s + rows_per_output] for k, v in items.items()}
-        out = build_rows(part, sources=sources, layout=layout, tokenizer=tokenizer, seed=seed, split=0, train=True,
-                         on_corrupt=on_corrupt, groups=groups)
+        part = {k: v[s : s + rows_per_output] for k, v in items.items()}
+        out = build_rows(
+            part,
+            sources=sources,
+            layout=layout,
+            tokenizer=tokenizer,
+            seed=seed,
+            split=0,
+            train=True,
+            on_corrupt=on_corrupt,
+            groups=groups,
+        )
         out["epoch"] = np.full(len(part["row"]), b["epoch"], np.int64)
-        out["index"] = index[s:s + rows_per_output]
+        out["index"] = index[s : s + rows_per_output]
         yield out

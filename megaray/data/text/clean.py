@@ -105,11 +105,14 @@ class CleanConfig:
 
     def __post_init__(self) -> None:
         if self.min_words < 0 or self.max_words < 0:
-            raise ConfigError(f"clean: min_words and max_words must be >= 0 (0 = off), got "
-                              f"{self.min_words} and {self.max_words}")
+            raise ConfigError(
+                f"clean: min_words and max_words must be >= 0 (0 = off), got {self.min_words} and {self.max_words}"
+            )
         if self.max_words and self.min_words > self.max_words:
-            raise ConfigError(f"clean: min_words ({self.min_words}) is above max_words ({self.max_words}); "
-                              "every document would be dropped")
+            raise ConfigError(
+                f"clean: min_words ({self.min_words}) is above max_words ({self.max_words}); "
+                "every document would be dropped"
+            )
         for name in ("max_dup_line_fraction", "max_top_2gram_fraction"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
@@ -130,8 +133,14 @@ class CleanConfig:
             from importlib.metadata import version
 
             bands, rows = lsh_bands(self.dedupe_threshold)
-            out["minhash"] = {"num_perm": NUM_PERM, "shingle_words": SHINGLE_WORDS, "seed": MINHASH_SEED,
-                              "lsh_bands": bands, "lsh_rows": rows, "datasketch": version("datasketch")}
+            out["minhash"] = {
+                "num_perm": NUM_PERM,
+                "shingle_words": SHINGLE_WORDS,
+                "seed": MINHASH_SEED,
+                "lsh_bands": bands,
+                "lsh_rows": rows,
+                "datasketch": version("datasketch"),
+            }
         return out
 
 
@@ -148,7 +157,7 @@ def top_ngram_fraction(text: str, n: int = 2) -> float:
     """Characters of the words covered by the most frequent word ``n``-gram (occurring at least
     twice; the first of equally frequent ones), over the characters of all words; 0 if none repeats."""
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
     top, count = Counter(grams).most_common(1)[0]
@@ -157,7 +166,7 @@ def top_ngram_fraction(text: str, n: int = 2) -> float:
     covered = [False] * len(words)
     for i, g in enumerate(grams):
         if g == top:
-            covered[i:i + n] = [True] * n
+            covered[i : i + n] = [True] * n
     return sum(len(w) for w, c in zip(words, covered) if c) / sum(len(w) for w in words)
 
 
@@ -168,7 +177,7 @@ def shingles(text: str, k: int = SHINGLE_WORDS) -> List[bytes]:
     words = _WORD.findall(text.lower())
     if len(words) <= k:
         return [" ".join(words).encode("utf-8")] if words else []
-    return [" ".join(words[i:i + k]).encode("utf-8") for i in range(len(words) - k + 1)]
+    return [" ".join(words[i : i + k]).encode("utf-8") for i in range(len(words) - k + 1)]
 
 
 def lsh_bands(threshold: float, num_perm: int = NUM_PERM, recall: float = LSH_RECALL) -> Tuple[int, int]:
@@ -179,7 +188,7 @@ def lsh_bands(threshold: float, num_perm: int = NUM_PERM, recall: float = LSH_RE
     best = (num_perm // 2, 2)
     for rows in range(2, num_perm // 2 + 1):
         bands = num_perm // rows
-        if 1.0 - (1.0 - threshold ** rows) ** bands >= recall:
+        if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
             best = (bands, rows)
     return best
 

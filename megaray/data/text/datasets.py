@@ -97,8 +97,10 @@ def check_shards(shards: str, manifest: Optional[Dict[str, Any]] = None, splits:
             if "tokens" not in schema.names or not pa.types.is_list(schema.field("tokens").type):
                 raise DataError(f"shard {where} has no list column 'tokens' (schema: {schema}); {_hint(shards)}")
             if rows.get(where, 0) != entry["documents"]:
-                raise DataError(f"shard {where} has {rows.get(where, 0)} rows, {MANIFEST} says {entry['documents']}; "
-                                f"{_hint(shards)}")
+                raise DataError(
+                    f"shard {where} has {rows.get(where, 0)} rows, {MANIFEST} says {entry['documents']}; "
+                    f"{_hint(shards)}"
+                )
 
 
 def _normalize(sources: Sources) -> List[Tuple[str, float]]:
@@ -132,9 +134,11 @@ def check_same_tokenizer(sources: Sources) -> Dict[str, Any]:
         if first is None:
             first, first_digest = (folder, m), digest
         elif digest != first_digest:
-            raise DataError(f"data.sources: {folder} and {first[0]} were tokenized with different tokenizers; "
-                            f"prepare every source with the same one (`megaray prepare text --tokenizer "
-                            f"{fs.join(first[0], 'tokenizer.json')} ...`)")
+            raise DataError(
+                f"data.sources: {folder} and {first[0]} were tokenized with different tokenizers; "
+                f"prepare every source with the same one (`megaray prepare text --tokenizer "
+                f"{fs.join(first[0], 'tokenizer.json')} ...`)"
+            )
     return first[1]
 
 
@@ -163,10 +167,12 @@ def check_val_shards(sources: Sources, val_shards: str) -> Tuple[Dict[str, Any],
     except DataError as e:
         raise DataError(f"data.val_shards: {e}") from None
     if _tokenizer_digest(val_shards, m) != _tokenizer_digest(train_folder, load_manifest(train_folder)):
-        raise DataError(f"data.val_shards: {val_shards} and the training shards {train_folder} were tokenized with "
-                        f"different tokenizers; prepare the validation text with the training shards' tokenizer "
-                        f"(`megaray prepare text --tokenizer {fs.join(train_folder, 'tokenizer.json')} --out "
-                        f"{val_shards} ...`)")
+        raise DataError(
+            f"data.val_shards: {val_shards} and the training shards {train_folder} were tokenized with "
+            f"different tokenizers; prepare the validation text with the training shards' tokenizer "
+            f"(`megaray prepare text --tokenizer {fs.join(train_folder, 'tokenizer.json')} --out "
+            f"{val_shards} ...`)"
+        )
     split = val_split_of(m)
     if not int(m["splits"][split].get("tokens") or 0):
         raise DataError(f"data.val_shards: {val_shards} holds no tokens; {_hint(val_shards)}")
@@ -199,8 +205,13 @@ def _plan(sources: Sources, split: str, seed: int) -> _Plan:
     return _Plan(items, sum(it["values"] for _, it in items))
 
 
-def num_windows(shards: Union[Sources, Dict[str, Any]], block_size: int, split: str = "train",
-                pack_concurrency: int = 1, seed: int = 0) -> int:
+def num_windows(
+    shards: Union[Sources, Dict[str, Any]],
+    block_size: int,
+    split: str = "train",
+    pack_concurrency: int = 1,
+    seed: int = 0,
+) -> int:
     """Rows (windows of ``block_size``) :func:`text_datasets` yields for ``split``.
 
     ``tokens // (block_size + 1) - (pack_concurrency - 1)``, clamped at 0: exact for one packer,
@@ -280,7 +291,7 @@ class Packer:
         """Append ``values`` to the carried stream; return every full window."""
         stream = np.concatenate([self.carry, values.astype(np.int64, copy=False)])
         n = len(stream) // self.window
-        self.carry = stream[n * self.window:].copy()
+        self.carry = stream[n * self.window :].copy()
         w = stream[: n * self.window].reshape(n, self.window)
         if self.rng is not None and n > 1:
             w = w[self.rng.permutation(n)]
@@ -369,13 +380,28 @@ def _read(items: List[Tuple[pafs.FileSystem, Dict[str, Any]]], on_corrupt: str) 
     filesystem = items[0][0]
     if any(type(f) is not type(filesystem) for f, _ in items):
         raise DataError("data.sources: mix shard sets on one storage (all local, or all on the same object store)")
-    return shard_io.read_dataset(filesystem, [it for _, it in items], ["tokens"], TOKENS_SCHEMA, on_corrupt,
-                                 hint="re-run `megaray prepare text --overwrite` for that shard's folder")
+    return shard_io.read_dataset(
+        filesystem,
+        [it for _, it in items],
+        ["tokens"],
+        TOKENS_SCHEMA,
+        on_corrupt,
+        hint="re-run `megaray prepare text --overwrite` for that shard's folder",
+    )
 
 
-def text_stream(sources: Sources, spec: Any, epoch: int, cursor: int, last_epoch: int, micro_batch: int, *,
-                on_corrupt: str = "error",
-                pack_batch_size: int = 256, pack_num_cpus: float = 0.25) -> Any:
+def text_stream(
+    sources: Sources,
+    spec: Any,
+    epoch: int,
+    cursor: int,
+    last_epoch: int,
+    micro_batch: int,
+    *,
+    on_corrupt: str = "error",
+    pack_batch_size: int = 256,
+    pack_num_cpus: float = 0.25,
+) -> Any:
     """The train split as one positioned stream over epochs ``epoch .. last_epoch``, starting at
     window ``cursor`` of ``epoch`` (served windows, all ranks together; :mod:`megaray.data.text.stream`
     explains the order).
@@ -399,12 +425,16 @@ def text_stream(sources: Sources, spec: Any, epoch: int, cursor: int, last_epoch
     plan = _plan(sources, "train", spec.seed)
     items, packer_args = stream_items([it for _, it in plan.items], spec, epoch, cursor, last_epoch, spec.chunk > 0)
     filesystem = plan.items[0][0]
-    return _read([(filesystem, it) for it in items], on_corrupt).map_batches(
-        StreamPacker,
-        fn_constructor_kwargs={"spec": spec, **packer_args},
-        batch_format="pyarrow",
-        batch_size=pack_batch_size,
-        compute=ActorPoolStrategy(size=1),
-        num_cpus=pack_num_cpus,
-        **PACKER_ACTOR_OPTIONS,
-    ).repartition(target_num_rows_per_block=micro_batch, strict=True)
+    return (
+        _read([(filesystem, it) for it in items], on_corrupt)
+        .map_batches(
+            StreamPacker,
+            fn_constructor_kwargs={"spec": spec, **packer_args},
+            batch_format="pyarrow",
+            batch_size=pack_batch_size,
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=pack_num_cpus,
+            **PACKER_ACTOR_OPTIONS,
+        )
+        .repartition(target_num_rows_per_block=micro_batch, strict=True)
+    )

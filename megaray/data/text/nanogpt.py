@@ -97,8 +97,10 @@ def _scan(path: str, dtype: np.dtype, vocab: int, eos: int, tokenizer: str, chun
     if size == 0:
         raise DataError(f"{path} is empty (0 bytes): re-run nanoGPT's prepare.py")
     if size % dtype.itemsize:
-        raise DataError(f"{path} is {size:,} bytes, not a whole number of {dtype.name} ids ({dtype.itemsize} bytes "
-                        f"each): a file of another dtype, or truncated; pass the dtype it was written with (--dtype)")
+        raise DataError(
+            f"{path} is {size:,} bytes, not a whole number of {dtype.name} ids ({dtype.itemsize} bytes "
+            f"each): a file of another dtype, or truncated; pass the dtype it was written with (--dtype)"
+        )
     max_id, n_eos, first_bad, pos = 0, 0, None, 0
     for chunk in _chunks(path, dtype, chunk_tokens):
         m = int(chunk.max())
@@ -111,7 +113,8 @@ def _scan(path: str, dtype: np.dtype, vocab: int, eos: int, tokenizer: str, chun
         raise DataError(
             f"{path} holds token id {max_id} (max; first out-of-range id at token {first_bad:,}) but the tokenizer "
             f"{tokenizer} has {vocab} tokens (ids 0..{vocab - 1}): the .bin was written with another tokenizer "
-            f"(GPT-2's has 50257) or another dtype than {dtype.name}; pass the tokenizer it was encoded with")
+            f"(GPT-2's has 50257) or another dtype than {dtype.name}; pass the tokenizer it was encoded with"
+        )
     return _Scan(path, size, size // dtype.itemsize, max_id, n_eos)
 
 
@@ -125,8 +128,9 @@ def row_lengths(doc_lengths: np.ndarray, max_row_tokens: int) -> np.ndarray:
     return out
 
 
-def _write_split(scan: _Scan, dtype: np.dtype, eos: int, writer: ShardWriter, max_row_tokens: int,
-                 chunk_tokens: int) -> None:
+def _write_split(
+    scan: _Scan, dtype: np.dtype, eos: int, writer: ShardWriter, max_row_tokens: int, chunk_tokens: int
+) -> None:
     """Stream one file into ``writer``: rows end at EOS, at most ``max_row_tokens`` long (module docstring)."""
     carry = np.empty(0, np.int32)
     for chunk in _chunks(scan.path, dtype, chunk_tokens):
@@ -189,10 +193,13 @@ def import_nanogpt_bin(
     t0 = time.time()
     source = str(source)
     if fs.is_uri(source):
-        raise DataError(f"{source}: nanoGPT .bin files are read from local disk; copy train.bin and val.bin to a "
-                        "local folder first")
+        raise DataError(
+            f"{source}: nanoGPT .bin files are read from local disk; copy train.bin and val.bin to a local folder first"
+        )
     if min(max_row_tokens, chunk_tokens, rows_per_group, group_tokens, tokens_per_shard) < 1:
-        raise DataError("max_row_tokens, chunk_tokens, rows_per_group, group_tokens and tokens_per_shard must be positive")
+        raise DataError(
+            "max_row_tokens, chunk_tokens, rows_per_group, group_tokens and tokens_per_shard must be positive"
+        )
     tok_path = str(tokenizer) if str(tokenizer).endswith(".json") else fs.join(str(tokenizer), "tokenizer.json")
     tok = load_tokenizer(tok_path)
     vocab, eos = tok.get_vocab_size(with_added_tokens=True), eos_id(tok)
@@ -206,8 +213,15 @@ def import_nanogpt_bin(
         for s in SPLITS:
             writers[s] = ShardWriter(stage, s, vocab, rows_per_group, group_tokens, tokens_per_shard)
             _write_split(scans[s], np_dtype, eos, writers[s], max_row_tokens, chunk_tokens)
-        tok_info = {"path": "tokenizer.json", "trained": False, "source": tok_path, "kind": tokenizer_kind(tok),
-                    "vocab_size": vocab, "eos_token": EOS, "eos_id": eos}
+        tok_info = {
+            "path": "tokenizer.json",
+            "trained": False,
+            "source": tok_path,
+            "kind": tokenizer_kind(tok),
+            "vocab_size": vocab,
+            "eos_token": EOS,
+            "eos_id": eos,
+        }
         manifest = _manifest(source, scans, writers, tok_info, np_dtype, max_row_tokens)
         manifest["seconds"] = round(time.time() - t0, 2)
         write_manifest(stage_dir, manifest)
@@ -216,13 +230,24 @@ def import_nanogpt_bin(
     return manifest
 
 
-def _manifest(source: str, scans: Dict[str, _Scan], writers: Dict[str, ShardWriter], tok_info: Dict[str, Any],
-              dtype: np.dtype, max_row_tokens: int) -> Dict[str, Any]:
+def _manifest(
+    source: str,
+    scans: Dict[str, _Scan],
+    writers: Dict[str, ShardWriter],
+    tok_info: Dict[str, Any],
+    dtype: np.dtype,
+    max_row_tokens: int,
+) -> Dict[str, Any]:
     splits: Dict[str, Any] = {}
     for s in SPLITS:
         w = writers[s]
-        splits[s] = {"documents": sum(x["documents"] for x in w.shards), "tokens": sum(x["tokens"] for x in w.shards),
-                     "eos_tokens": scans[s].eos, "shards": w.shards, "unigram_entropy_nats": entropy(w.counts)}
+        splits[s] = {
+            "documents": sum(x["documents"] for x in w.shards),
+            "tokens": sum(x["tokens"] for x in w.shards),
+            "eos_tokens": scans[s].eos,
+            "shards": w.shards,
+            "unigram_entropy_nats": entropy(w.counts),
+        }
         assert splits[s]["tokens"] == scans[s].tokens, (s, splits[s]["tokens"], scans[s].tokens)
     splits["val"]["unigram_cross_entropy_nats"] = cross_entropy(writers["val"].counts, writers["train"].counts)
     return new_manifest(
@@ -233,9 +258,14 @@ def _manifest(source: str, scans: Dict[str, _Scan], writers: Dict[str, ShardWrit
         tokenizer=tok_info,
         splits=splits,
         unigram_entropy_nats=splits["val"]["unigram_entropy_nats"],
-        nanogpt={"dtype": dtype.name, "max_row_tokens": max_row_tokens,
-                 "files": {s: {"path": sc.path, "bytes": sc.bytes, "tokens": sc.tokens, "max_id": sc.max_id}
-                           for s, sc in scans.items()}},
+        nanogpt={
+            "dtype": dtype.name,
+            "max_row_tokens": max_row_tokens,
+            "files": {
+                s: {"path": sc.path, "bytes": sc.bytes, "tokens": sc.tokens, "max_id": sc.max_id}
+                for s, sc in scans.items()
+            },
+        },
         rejected={"total": 0, "by_reason": {}},
     )
 
@@ -243,13 +273,17 @@ def _manifest(source: str, scans: Dict[str, _Scan], writers: Dict[str, ShardWrit
 def summarize(manifest: Dict[str, Any], out_dir: str = "") -> str:
     """Human summary of an imported manifest (what :func:`import_nanogpt_bin` prints)."""
     tok, nano = manifest["tokenizer"], manifest["nanogpt"]
-    lines = [f"imported nanoGPT .bin -> {out_dir or '.'}  ({manifest.get('seconds', 0):.1f} s)",
-             f"  source:    {manifest['sources'][0]}  ({nano['dtype']}, rows cut at {tok['eos_token']}={tok['eos_id']}, "
-             f"at most {nano['max_row_tokens']:,} tokens)",
-             f"  tokenizer: {tok['source']}, vocab {tok['vocab_size']} -> tokenizer.json"]
+    lines = [
+        f"imported nanoGPT .bin -> {out_dir or '.'}  ({manifest.get('seconds', 0):.1f} s)",
+        f"  source:    {manifest['sources'][0]}  ({nano['dtype']}, rows cut at {tok['eos_token']}={tok['eos_id']}, "
+        f"at most {nano['max_row_tokens']:,} tokens)",
+        f"  tokenizer: {tok['source']}, vocab {tok['vocab_size']} -> tokenizer.json",
+    ]
     for s in SPLITS:
         d, f = manifest["splits"][s], nano["files"][s]
-        lines.append(f"  {s + ':':<6}    {d['tokens']:,} tokens ({f['bytes']:,} bytes, max id {f['max_id']}), "
-                     f"{d['eos_tokens']:,} EOS, {d['documents']:,} rows, {len(d['shards'])} shard(s), "
-                     f"unigram entropy {d['unigram_entropy_nats']:.3f} nats")
+        lines.append(
+            f"  {s + ':':<6}    {d['tokens']:,} tokens ({f['bytes']:,} bytes, max id {f['max_id']}), "
+            f"{d['eos_tokens']:,} EOS, {d['documents']:,} rows, {len(d['shards'])} shard(s), "
+            f"unigram entropy {d['unigram_entropy_nats']:.3f} nats"
+        )
     return "\n".join(lines + summary_lines(manifest["rejected"]))

@@ -132,8 +132,9 @@ def prepare_text(
     _check_args(sources, val_fraction, rows_per_group, tokens_per_shard, group_tokens)
     with fs.staged_dir(str(out_dir), overwrite, local=True) as stage_dir:
         stage = Path(stage_dir)
-        listings, hidden = _list_sources(sources, stage, val_fraction, seed, stdlib_max_docs, text_column,
-                                         print if verbose else None)
+        listings, hidden = _list_sources(
+            sources, stage, val_fraction, seed, stdlib_max_docs, text_column, print if verbose else None
+        )
         clean = CleanConfig() if clean is None else clean
         read = _read_and_split(listings, stage, dedupe, val_fraction, seed, progress, TextCleaner(clean))
         read.hidden = hidden
@@ -151,8 +152,9 @@ def prepare_text(
     return manifest
 
 
-def _check_args(sources: List[str], val_fraction: float, rows_per_group: int, tokens_per_shard: int,
-                group_tokens: int) -> None:
+def _check_args(
+    sources: List[str], val_fraction: float, rows_per_group: int, tokens_per_shard: int, group_tokens: int
+) -> None:
     if not sources:
         raise DataError("prepare_text: no sources given (folders, files, globs, URIs or 'stdlib')")
     if not 0.0 < val_fraction < 1.0:
@@ -161,8 +163,15 @@ def _check_args(sources: List[str], val_fraction: float, rows_per_group: int, to
         raise DataError("rows_per_group, tokens_per_shard and group_tokens must be positive")
 
 
-def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: int, stdlib_max_docs: Optional[int],
-                  text_column: Optional[str] = None, say: Any = None) -> Tuple[List[List[Any]], int]:
+def _list_sources(
+    sources: List[str],
+    stage: Path,
+    val_fraction: float,
+    seed: int,
+    stdlib_max_docs: Optional[int],
+    text_column: Optional[str] = None,
+    say: Any = None,
+) -> Tuple[List[List[Any]], int]:
     """Stage 1: the files of every source (``stdlib`` is first written as jsonl into the stage; an
     ``hf:`` source is one :class:`HFTextSource`, its column chosen and said through ``say``)."""
     from megaray.data.stdlib import build_stdlib_corpus
@@ -170,7 +179,9 @@ def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: in
     listings, hidden = [], 0
     for src in sources:
         if src == STDLIB:
-            root = build_stdlib_corpus(stage / "_stdlib", val_fraction=val_fraction, seed=seed, max_docs=stdlib_max_docs)
+            root = build_stdlib_corpus(
+                stage / "_stdlib", val_fraction=val_fraction, seed=seed, max_docs=stdlib_max_docs
+            )
             files = list_files(str(root / "train.jsonl")).files + list_files(str(root / "val.jsonl")).files
             listings.append([SourceFile(f.filesystem, f.path, f"stdlib/{f.relpath}", f.relpath, f.size) for f in files])
         elif is_hf(src):
@@ -182,8 +193,15 @@ def _list_sources(sources: List[str], stage: Path, val_fraction: float, seed: in
     return listings, hidden
 
 
-def _read_and_split(listings: List[List[Any]], stage: Path, dedupe: bool, val_fraction: float, seed: int,
-                    progress: bool, cleaner: Optional[TextCleaner] = None) -> _Read:
+def _read_and_split(
+    listings: List[List[Any]],
+    stage: Path,
+    dedupe: bool,
+    val_fraction: float,
+    seed: int,
+    progress: bool,
+    cleaner: Optional[TextCleaner] = None,
+) -> _Read:
     """Stages 2-3: documents of every file, deduplicated and cleaned, split by id hash, spooled per split."""
     from tqdm.auto import tqdm
 
@@ -220,7 +238,7 @@ def _read_and_split(listings: List[List[Any]], stage: Path, dedupe: bool, val_fr
 
 def _where(f: Any, doc_id: str) -> str:
     """A reject's place: the file's display path plus the id's suffix (``:line``, ``#row``), or the id."""
-    rel = doc_id[len(f.relpath):] if doc_id.startswith(f.relpath) else None
+    rel = doc_id[len(f.relpath) :] if doc_id.startswith(f.relpath) else None
     return f.display + rel if rel is not None else f"{f.display} (id {doc_id})"
 
 
@@ -230,8 +248,9 @@ def _spool(spools: Dict[str, Spool], doc_id: str, text: str, val_fraction: float
     sp = spools[split]
     idx = sp.add(text)
     # remember the document closest to the boundary, in case the other split ends empty
-    if (split == "train" and (sp.extreme is None or u < sp.extreme[0])) or \
-            (split == "val" and (sp.extreme is None or u > sp.extreme[0])):
+    if (split == "train" and (sp.extreme is None or u < sp.extreme[0])) or (
+        split == "val" and (sp.extreme is None or u > sp.extreme[0])
+    ):
         sp.extreme = (u, idx)
 
 
@@ -256,7 +275,7 @@ def _split_texts(read: _Read, split: str) -> Iterator[List[str]]:
     moved, base = read.moved, 0
     for texts in read.spools[split].batches():
         if moved is not None and moved[0] == split and base <= moved[1] < base + len(texts):
-            texts = texts[: moved[1] - base] + texts[moved[1] - base + 1:]
+            texts = texts[: moved[1] - base] + texts[moved[1] - base + 1 :]
             base += 1
         base += len(texts)
         if texts:
@@ -265,24 +284,38 @@ def _split_texts(read: _Read, split: str) -> Iterator[List[str]]:
         yield [read.moved_text]
 
 
-def _make_tokenizer(read: _Read, tokenizer: Optional[str], vocab_size: int, min_frequency: int,
-                    progress: bool, kind: str = "bpe") -> Tuple[Any, Dict[str, Any]]:
+def _make_tokenizer(
+    read: _Read, tokenizer: Optional[str], vocab_size: int, min_frequency: int, progress: bool, kind: str = "bpe"
+) -> Tuple[Any, Dict[str, Any]]:
     """Stage 5: train a tokenizer of ``kind`` on the train split, or load ``tokenizer``."""
     if tokenizer is None:
         n_train = read.spools["train"].count - (read.moved is not None and read.moved[0] == "train")
-        tok = train_tokenizer((t for batch in _split_texts(read, "train") for t in batch), vocab_size,
-                              min_frequency=min_frequency, length=n_train, show_progress=progress, kind=kind)
+        tok = train_tokenizer(
+            (t for batch in _split_texts(read, "train") for t in batch),
+            vocab_size,
+            min_frequency=min_frequency,
+            length=n_train,
+            show_progress=progress,
+            kind=kind,
+        )
         info = {"path": "tokenizer.json", "trained": True, "source": None, "min_frequency": min_frequency}
     else:
         tok = load_tokenizer(tokenizer)
         info = {"path": "tokenizer.json", "trained": False, "source": str(tokenizer)}
-    info.update({"kind": tokenizer_kind(tok), "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-                 "eos_token": EOS, "eos_id": eos_id(tok)})
+    info.update(
+        {
+            "kind": tokenizer_kind(tok),
+            "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+            "eos_token": EOS,
+            "eos_id": eos_id(tok),
+        }
+    )
     return tok, info
 
 
-def _write_shards(read: _Read, tok: Any, stage: Path, rows_per_group: int, group_tokens: int,
-                  tokens_per_shard: int, progress: bool) -> Dict[str, ShardWriter]:
+def _write_shards(
+    read: _Read, tok: Any, stage: Path, rows_per_group: int, group_tokens: int, tokens_per_shard: int, progress: bool
+) -> Dict[str, ShardWriter]:
     """Stage 6: tokenize each split (EOS appended) into parquet shards."""
     from tqdm.auto import tqdm
 
@@ -301,16 +334,28 @@ def _write_shards(read: _Read, tok: Any, stage: Path, rows_per_group: int, group
     return writers
 
 
-def _build_manifest(read: _Read, writers: Dict[str, ShardWriter], sources: List[str], tok_info: Dict[str, Any],
-                    val_fraction: float, seed: int, dedupe: bool,
-                    clean: Optional[CleanConfig] = None) -> Dict[str, Any]:
+def _build_manifest(
+    read: _Read,
+    writers: Dict[str, ShardWriter],
+    sources: List[str],
+    tok_info: Dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    dedupe: bool,
+    clean: Optional[CleanConfig] = None,
+) -> Dict[str, Any]:
     """Stage 7: the manifest (kind ``text``)."""
     splits: Dict[str, Any] = {}
     for s in SPLITS:
         w = writers[s]
         docs = sum(x["documents"] for x in w.shards)
-        splits[s] = {"documents": docs, "tokens": sum(x["tokens"] for x in w.shards), "eos_tokens": docs,
-                     "shards": w.shards, "unigram_entropy_nats": entropy(w.counts)}
+        splits[s] = {
+            "documents": docs,
+            "tokens": sum(x["tokens"] for x in w.shards),
+            "eos_tokens": docs,
+            "shards": w.shards,
+            "unigram_entropy_nats": entropy(w.counts),
+        }
         if docs == 0:
             raise DataError(f"{s} split ended empty after tokenization (rejected: {read.rejects.describe()})")
     splits["val"]["unigram_cross_entropy_nats"] = cross_entropy(writers["val"].counts, writers["train"].counts)
@@ -325,10 +370,16 @@ def _build_manifest(read: _Read, writers: Dict[str, ShardWriter], sources: List[
         seed=seed,
         dedupe=dedupe,
         clean=None if clean is None else clean.to_json(),
-        moved_to_fill_split=None if moved is None else {"from": moved[0], "to": "val" if moved[0] == "train" else "train"},
+        moved_to_fill_split=None
+        if moved is None
+        else {"from": moved[0], "to": "val" if moved[0] == "train" else "train"},
         splits=splits,
         unigram_entropy_nats=splits["val"]["unigram_entropy_nats"],
-        files={"read": read.n_files, "by_extension": dict(sorted(read.files_by_ext.items())), "hidden_skipped": read.hidden},
+        files={
+            "read": read.n_files,
+            "by_extension": dict(sorted(read.files_by_ext.items())),
+            "hidden_skipped": read.hidden,
+        },
         rejected=read.rejects.to_json(),
     )
 
@@ -341,13 +392,16 @@ def summarize(manifest: Dict[str, Any], out_dir: str = "") -> str:
     lines = [
         f"prepared text -> {out_dir or '.'}  ({manifest.get('seconds', 0):.1f} s)",
         f"  sources:   {', '.join(manifest['sources'])}  ({manifest['files']['read']} files: "
-        + ", ".join(f"{k}={v}" for k, v in manifest["files"]["by_extension"].items()) + ")",
+        + ", ".join(f"{k}={v}" for k, v in manifest["files"]["by_extension"].items())
+        + ")",
         f"  tokenizer: {how}, vocab {tok['vocab_size']}, eos {tok['eos_token']}={tok['eos_id']} -> tokenizer.json",
     ]
     for s in SPLITS:
         d = sp[s]
-        lines.append(f"  {s + ':':<6}    {d['documents']:,} documents, {d['tokens']:,} tokens (incl. EOS), "
-                     f"{len(d['shards'])} shard(s), unigram entropy {d['unigram_entropy_nats']:.3f} nats")
+        lines.append(
+            f"  {s + ':':<6}    {d['documents']:,} documents, {d['tokens']:,} tokens (incl. EOS), "
+            f"{len(d['shards'])} shard(s), unigram entropy {d['unigram_entropy_nats']:.3f} nats"
+        )
     xe = sp["val"].get("unigram_cross_entropy_nats")
     if xe is not None:
         lines.append(f"  baseline:  val unigram cross-entropy under train counts {xe:.3f} nats/token")

@@ -21,6 +21,7 @@ from megaray.errors import DataError
 
 log = logging.getLogger(__name__)
 
+
 class _TokenizePack:
     """Ray Data callable class: raw ``text`` column -> tokenized, EOS-joined, packed windows."""
 
@@ -99,7 +100,9 @@ def raw_text_dataset(
     # one block type and schema for the union: arrow, text as large_string (bytes decoded)
     parts = [p.map_batches(_as_text_table, batch_format="pyarrow", batch_size=None) for p in parts]
     if ignored:
-        log.warning("raw_text_dataset: ignoring %d files with unsupported extensions (e.g. %s)", len(ignored), ignored[0])
+        log.warning(
+            "raw_text_dataset: ignoring %d files with unsupported extensions (e.g. %s)", len(ignored), ignored[0]
+        )
     if not parts:
         raise DataError(f"no .txt/.md/.jsonl/.parquet files in {paths}")
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -27,7 +27,6 @@ starts where its checkpoint says (:func:`megaray.train.loop.positioned_batches`)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
@@ -96,8 +95,9 @@ class StreamPacker:
             served windows to drop at the start (:func:`start_at`).
     """
 
-    def __init__(self, spec: StreamSpec, first_epoch: int, skip_tokens: int = 0, first_window: int = 0,
-                 drop_windows: int = 0):
+    def __init__(
+        self, spec: StreamSpec, first_epoch: int, skip_tokens: int = 0, first_window: int = 0, drop_windows: int = 0
+    ):
         self.spec, self.window = spec, spec.block_size + 1
         self.epoch, self.skip, self.drop = first_epoch, skip_tokens, drop_windows
         self.carry = np.empty(0, np.int32)  # pending tokens as int32: a block of 2**16 1k-token windows is 270 MB
@@ -138,7 +138,7 @@ class StreamPacker:
     def _cut(self, values: np.ndarray) -> None:
         stream = np.concatenate([self.carry, values])
         n = len(stream) // self.window
-        self.carry = stream[n * self.window:].copy()
+        self.carry = stream[n * self.window :].copy()
         take = max(0, min(n, self.spec.per_epoch - self.source))  # the epoch's tail is not served
         if not take:
             return
@@ -151,7 +151,7 @@ class StreamPacker:
             need = min((start // chunk + 1) * chunk, self.spec.per_epoch) - start
             if need <= 0 or len(rows) - pos < need:
                 break
-            self._emit(rows[pos: pos + need], start)
+            self._emit(rows[pos : pos + need], start)
             pos, self.pending_start = pos + need, start + need
         self.pending = [rows[pos:]] if pos < len(rows) else []
 
@@ -164,8 +164,14 @@ class StreamPacker:
             k = min(self.drop, len(rows))
             rows, index, self.drop = rows[k:], index[k:], self.drop - k
         if len(rows):
-            self.out.append({"input_ids": rows[:, :-1].astype(np.int64), "targets": rows[:, 1:].astype(np.int64),
-                             "epoch": np.full(len(rows), self.epoch, np.int64), "index": index})
+            self.out.append(
+                {
+                    "input_ids": rows[:, :-1].astype(np.int64),
+                    "targets": rows[:, 1:].astype(np.int64),
+                    "epoch": np.full(len(rows), self.epoch, np.int64),
+                    "index": index,
+                }
+            )
 
 
 def _empty(block_size: int) -> Dict[str, np.ndarray]:
@@ -173,8 +179,9 @@ def _empty(block_size: int) -> Dict[str, np.ndarray]:
     return {"input_ids": z, "targets": z.copy(), "epoch": np.empty(0, np.int64), "index": np.empty(0, np.int64)}
 
 
-def stream_items(items: List[Dict[str, Any]], spec: StreamSpec, epoch: int, cursor: int, last_epoch: int,
-                 shuffle: bool) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
+def stream_items(
+    items: List[Dict[str, Any]], spec: StreamSpec, epoch: int, cursor: int, last_epoch: int, shuffle: bool
+) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
     """Row-group read items of epochs ``epoch .. last_epoch`` (each with its ``pass``) starting at
     window ``cursor`` of ``epoch``, and the :class:`StreamPacker` arguments for that start."""
     order = [items[i] for i in epoch_order(len(items), spec.seed, epoch, shuffle)]

@@ -63,7 +63,9 @@ class ShardWriter:
     after the row group that brings it to ``tokens_per_shard`` tokens.
     """
 
-    def __init__(self, root: Path, split: str, vocab: int, rows_per_group: int, group_tokens: int, tokens_per_shard: int):
+    def __init__(
+        self, root: Path, split: str, vocab: int, rows_per_group: int, group_tokens: int, tokens_per_shard: int
+    ):
         self.dir = root / split
         self.dir.mkdir(parents=True, exist_ok=True)
         self.split = split

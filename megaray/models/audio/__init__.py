@@ -10,10 +10,22 @@ Importing this package registers both families (import strings only).
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="vocoder", config="megaray.models.audio.config:VocoderConfig",
-                    build="megaray.models.audio.vocoder:build_vocoder", task="megaray.tasks.vocoder:VocoderTask"))
-register(FamilySpec(family="audio_vae", config="megaray.models.audio.config:AudioVAEConfig",
-                    build="megaray.models.audio.vae:build_audio_vae", task="megaray.tasks.audio_vae:AudioVAETask"))
+register(
+    FamilySpec(
+        family="vocoder",
+        config="megaray.models.audio.config:VocoderConfig",
+        build="megaray.models.audio.vocoder:build_vocoder",
+        task="megaray.tasks.vocoder:VocoderTask",
+    )
+)
+register(
+    FamilySpec(
+        family="audio_vae",
+        config="megaray.models.audio.config:AudioVAEConfig",
+        build="megaray.models.audio.vae:build_audio_vae",
+        task="megaray.tasks.audio_vae:AudioVAETask",
+    )
+)
 
 _LAZY = {"AudioVAEConfig": "megaray.models.audio.config", "VocoderConfig": "megaray.models.audio.config"}
 __all__ = sorted(_LAZY)

@@ -21,10 +21,19 @@ from megaray.config import ModelConfig
 # --------------------------------------------------------------------------- vocoder
 
 _TINY = dict(
-    sample_rate=16000, n_fft=512, hop_length=128, win_length=512, n_mels=80, segment_samples=8192,
-    dim=64, intermediate_dim=192, num_layers=3,
+    sample_rate=16000,
+    n_fft=512,
+    hop_length=128,
+    win_length=512,
+    n_mels=80,
+    segment_samples=8192,
+    dim=64,
+    intermediate_dim=192,
+    num_layers=3,
     mrstft_resolutions=[[512, 128, 512], [256, 64, 256], [1024, 256, 1024]],
-    mpd_periods=[2, 3, 5], mpd_channels=[8, 16, 32], mrd_resolutions=[[512, 128, 512], [256, 64, 256]],
+    mpd_periods=[2, 3, 5],
+    mpd_channels=[8, 16, 32],
+    mrd_resolutions=[[512, 128, 512], [256, 64, 256]],
     mrd_channels=16,
 )
 
@@ -32,13 +41,29 @@ VOCODER_PRESETS: Dict[str, Dict[str, Any]] = {
     # Vocos "mel" model as published: 24 kHz, 100 mels, n_fft 1024, hop 256, ConvNeXt 512/1536 x 8.
     # 13.53M parameters (Vocos reports 13.5M).
     "base": dict(
-        sample_rate=24000, n_fft=1024, hop_length=256, win_length=1024, n_mels=100, segment_samples=16384,
-        dim=512, intermediate_dim=1536, num_layers=8, head="full",
+        sample_rate=24000,
+        n_fft=1024,
+        hop_length=256,
+        win_length=1024,
+        n_mels=100,
+        segment_samples=16384,
+        dim=512,
+        intermediate_dim=1536,
+        num_layers=8,
+        head="full",
     ),
     # Same recipe at 16 kHz / 80 mels, matching `megaray prepare audio` defaults.
     "base_16k": dict(
-        sample_rate=16000, n_fft=1024, hop_length=256, win_length=1024, n_mels=80, segment_samples=16384,
-        dim=512, intermediate_dim=1536, num_layers=8, head="full",
+        sample_rate=16000,
+        n_fft=1024,
+        hop_length=256,
+        win_length=1024,
+        n_mels=80,
+        segment_samples=16384,
+        dim=512,
+        intermediate_dim=1536,
+        num_layers=8,
+        head="full",
     ),
     # Tiny variants for tests, CPU demos and benchmarks.
     "tiny_lightheaded_freq_domain_vocoder": dict(_TINY, head="light", head_dim=32),
@@ -80,7 +105,8 @@ class VocoderConfig(ModelConfig):
     kernel_size: int = Field(7, gt=0, description="depthwise conv kernel (odd)")
     layer_scale_init: Optional[float] = Field(None, gt=0, description="ConvNeXt gamma init; None = 1/num_layers")
     activation_checkpointing: bool = Field(
-        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)"
+    )
     # head
     head: Literal["full", "light", "splitband"] = "full"
     head_dim: int = Field(128, gt=0, description="hidden width of the light / split-band heads")
@@ -93,9 +119,13 @@ class VocoderConfig(ModelConfig):
         default_factory=lambda: [[1024, 256, 1024], [2048, 512, 2048], [512, 128, 512]],
         description="[n_fft, hop, win] per resolution (Parallel WaveGAN)",
     )
-    phase_weight: float = Field(0.0, ge=0, description="APNet anti-wrapping phase loss weight (instantaneous "
-                                "phase + group delay + instantaneous angular frequency, at the model's n_fft/hop/win; "
-                                "APNet uses 100); 0 = off")
+    phase_weight: float = Field(
+        0.0,
+        ge=0,
+        description="APNet anti-wrapping phase loss weight (instantaneous "
+        "phase + group delay + instantaneous angular frequency, at the model's n_fft/hop/win; "
+        "APNet uses 100); 0 = off",
+    )
     # adversarial training
     adversarial: bool = Field(False, description="train MPD + MRD discriminators (second engine 'disc')")
     adv_start_step: int = Field(0, ge=0, description="adversarial + feature-matching losses start at this step")
@@ -169,11 +199,26 @@ VAE_PRESETS: Dict[str, Dict[str, Any]] = {
     # the reference geometry: 80 mels at 16 kHz, hop 160 (100 frames/s) -> latent [C, 10, T/75], one
     # latent frame per 0.75 s; time 75 = 5 x 5 x 3, frequency 8 = 2 x 2 x 2 (three stages); a training
     # crop of 750 frames (7.5 s). Real speaker embeddings: speaker_source="vector" (192-d, ECAPA-TDNN).
-    "small_75x8": dict(channels=[32, 64, 128], latent_channels=16, down_freq=8, down_time=75, speaker_dim=64,
-                       hop_length=160, segment_samples=749 * 160),
+    "small_75x8": dict(
+        channels=[32, 64, 128],
+        latent_channels=16,
+        down_freq=8,
+        down_time=75,
+        speaker_dim=64,
+        hop_length=160,
+        segment_samples=749 * 160,
+    ),
     # tests
-    "tiny": dict(channels=[8, 16], latent_channels=4, down_freq=4, down_time=2, speaker_dim=16,
-                 n_fft=512, hop_length=128, segment_samples=8192),
+    "tiny": dict(
+        channels=[8, 16],
+        latent_channels=4,
+        down_freq=4,
+        down_time=2,
+        speaker_dim=16,
+        n_fft=512,
+        hop_length=128,
+        segment_samples=8192,
+    ),
 }
 
 
@@ -206,17 +251,21 @@ class AudioVAEConfig(ModelConfig):
     down_freq: int = Field(4, gt=0, description="mel-axis downsampling factor (any integer; see freq_strides)")
     down_time: int = Field(4, gt=0, description="frame-axis downsampling factor (any integer; see time_strides)")
     freq_strides: Optional[List[int]] = Field(
-        None, description="per-stage mel-axis strides multiplying out to down_freq; None = its prime factors, "
-                          "largest first")
+        None,
+        description="per-stage mel-axis strides multiplying out to down_freq; None = its prime factors, largest first",
+    )
     time_strides: Optional[List[int]] = Field(
-        None, description="per-stage frame-axis strides multiplying out to down_time (e.g. [5, 5, 3] for 75); "
-                          "None = its prime factors, largest first")
+        None,
+        description="per-stage frame-axis strides multiplying out to down_time (e.g. [5, 5, 3] for 75); "
+        "None = its prime factors, largest first",
+    )
     speaker_source: Literal["table", "vector"] = "table"
     num_speakers: int = Field(64, gt=0, description="rows of the speaker table (ids beyond wrap modulo)")
     speaker_vector_dim: int = Field(192, gt=0)
     speaker_dim: int = Field(64, gt=0, description="FiLM conditioning width")
     activation_checkpointing: bool = Field(
-        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)"
+    )
     kl_weight: float = Field(1e-4, ge=0)
     recon_loss: Literal["l1", "mse"] = "l1"
 
@@ -225,13 +274,16 @@ class AudioVAEConfig(ModelConfig):
         for name, strides in (("freq_strides", self.freq_strides), ("time_strides", self.time_strides)):
             factor = getattr(self, "down_" + name.split("_")[0])
             if strides is not None and (any(s < 1 for s in strides) or math.prod(strides) != factor):
-                raise ValueError(f"{name} {strides} must be positive and multiply out to down_{name.split('_')[0]} "
-                                 f"({factor})")
+                raise ValueError(
+                    f"{name} {strides} must be positive and multiply out to down_{name.split('_')[0]} ({factor})"
+                )
         f, t = self.stage_strides("freq"), self.stage_strides("time")
         stages = max(len(f), len(t))
         if stages > len(self.channels):
-            raise ValueError(f"{stages} downsampling stages (freq {f}, time {t}) need at least {stages} channels "
-                             f"entries, got {self.channels}")
+            raise ValueError(
+                f"{stages} downsampling stages (freq {f}, time {t}) need at least {stages} channels "
+                f"entries, got {self.channels}"
+            )
         if self.n_mels % self.down_freq:
             raise ValueError(f"n_mels ({self.n_mels}) must be divisible by down_freq ({self.down_freq})")
         if self.segment_samples % self.hop_length:

@@ -38,9 +38,7 @@ class PeriodDiscriminator(nn.Module):
         super().__init__()
         self.period = period
         chans = [1, *channels]
-        convs = [
-            nn.Conv2d(cin, cout, (5, 1), (3, 1), padding=(2, 0)) for cin, cout in zip(chans[:-1], chans[1:])
-        ]
+        convs = [nn.Conv2d(cin, cout, (5, 1), (3, 1), padding=(2, 0)) for cin, cout in zip(chans[:-1], chans[1:])]
         convs.append(nn.Conv2d(chans[-1], chans[-1], (5, 1), 1, padding=(2, 0)))
         self.convs = nn.ModuleList(weight_norm(c) for c in convs)
         self.post = weight_norm(nn.Conv2d(chans[-1], 1, (3, 1), 1, padding=(1, 0)))
@@ -107,4 +105,3 @@ class AudioDiscriminator(nn.Module):
         dtype = next(self.parameters()).dtype
         y = y.to(dtype) if y.dtype != dtype else y
         return [d(y) for d in self.discs]
-

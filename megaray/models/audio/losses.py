@@ -64,8 +64,9 @@ def anti_wrap(x: torch.Tensor) -> torch.Tensor:
     return torch.abs(x - 2 * torch.pi * torch.round(x / (2 * torch.pi)))
 
 
-def phase_loss(y_hat: torch.Tensor, y: torch.Tensor, n_fft: int, hop_length: int, win_length: int,
-               floor: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def phase_loss(
+    y_hat: torch.Tensor, y: torch.Tensor, n_fft: int, hop_length: int, win_length: int, floor: float = 1e-5
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """APNet phase loss between waveforms ``(B, L)``: ``(total, ip, gd, iaf)``, each a scalar in
     radians, ``total = ip + gd + iaf``.
 

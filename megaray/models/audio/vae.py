@@ -113,7 +113,9 @@ class SpeakerEmbedding(nn.Module):
         else:
             self.proj = nn.Linear(cfg.speaker_vector_dim, cfg.speaker_dim)
 
-    def forward(self, speaker_id: Optional[torch.Tensor] = None, speaker_vector: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, speaker_id: Optional[torch.Tensor] = None, speaker_vector: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if self.source == "table":
             if speaker_id is None:
                 raise ValueError("speaker_source 'table' needs speaker_id (B,) int64")
@@ -155,14 +157,19 @@ class AudioVAE(nn.Module):
         x, _, _ = self._prep(mel)
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor, speaker_id: Optional[torch.Tensor] = None,
-               speaker_vector: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, speaker_id: Optional[torch.Tensor] = None, speaker_vector: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Latent ``(B, latent_channels, n_mels/df, T')`` -> log-mel ``(B, 1, n_mels, T' * dt)``."""
         return self.decoder(z, self.speaker(speaker_id, speaker_vector))
 
-    def forward(self, mel: torch.Tensor, speaker_id: Optional[torch.Tensor] = None,
-                speaker_vector: Optional[torch.Tensor] = None, sample: Optional[bool] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        mel: torch.Tensor,
+        speaker_id: Optional[torch.Tensor] = None,
+        speaker_vector: Optional[torch.Tensor] = None,
+        sample: Optional[bool] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, squeeze, t = self._prep(mel)
         mu, logvar = self.encoder(x)
         sample = self.training if sample is None else sample

@@ -188,4 +188,3 @@ class Vocoder(nn.Module):
 def build_vocoder(cfg: VocoderConfig) -> Vocoder:
     """Registry builder: ``cfg -> Vocoder``."""
     return Vocoder(cfg)
-

@@ -91,7 +91,7 @@ def span_mask(span_ids: torch.Tensor, Tq: Optional[int] = None) -> torch.Tensor:
     """
     Tk = span_ids.size(1)
     Tq = Tk if Tq is None else Tq
-    q_ids = span_ids[:, Tk - Tq:]  # (B, Tq)
+    q_ids = span_ids[:, Tk - Tq :]  # (B, Tq)
     same = (q_ids[:, :, None] == span_ids[:, None, :]) & (q_ids[:, :, None] > 0)  # (B, Tq, Tk)
     return (causal_mask(Tq, Tk, span_ids.device)[None] | same)[:, None]  # (B, 1, Tq, Tk)
 
@@ -103,8 +103,17 @@ def _needs_mask(q, k, mask, causal):
     return mask
 
 
-def reference_attention(q, k, v, bias=None, dropout_p: float = 0.0, scale: Optional[float] = None, *,
-                        mask: Optional[torch.Tensor] = None, causal: bool = True):
+def reference_attention(
+    q,
+    k,
+    v,
+    bias=None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+):
     """Matmul-softmax attention (softmax in float32); the readable ground truth."""
     rep = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, Tk, d)
@@ -135,18 +144,42 @@ def _sdpa_mask(q, k, bias, mask, causal) -> Tuple[Optional[torch.Tensor], bool]:
     return (additive if bias is None else additive + bias).to(q.dtype), False
 
 
-def sdpa_attention(q, k, v, bias=None, dropout_p: float = 0.0, scale: Optional[float] = None, *,
-                   mask: Optional[torch.Tensor] = None, causal: bool = True):
+def sdpa_attention(
+    q,
+    k,
+    v,
+    bias=None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+):
     """``F.scaled_dot_product_attention``; ``is_causal`` when square, causal and unbiased, else a mask."""
     mask, is_causal = _sdpa_mask(q, k, bias, mask, causal)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
         enable_gqa=k.size(1) != q.size(1),
     )
 
 
-def flash_attention(q, k, v, bias=None, dropout_p: float = 0.0, scale: Optional[float] = None, *,
-                    mask: Optional[torch.Tensor] = None, causal: bool = True):
+def flash_attention(
+    q,
+    k,
+    v,
+    bias=None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+):
     """``flash_attn_func`` on ``(B, T, h, d)`` layouts (GQA native, causal bottom-right aligned).
 
     Raises:
@@ -174,8 +207,17 @@ def flash_attention(q, k, v, bias=None, dropout_p: float = 0.0, scale: Optional[
     return out.transpose(1, 2)[..., :dv]
 
 
-def auto_attention(q, k, v, bias=None, dropout_p: float = 0.0, scale: Optional[float] = None, *,
-                   mask: Optional[torch.Tensor] = None, causal: bool = True):
+def auto_attention(
+    q,
+    k,
+    v,
+    bias=None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+):
     """flash-attn when importable, on CUDA, fp16/bf16 and without bias or mask; else SDPA."""
     if FLASH_AVAILABLE and bias is None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attention(q, k, v, None, dropout_p, scale, causal=causal)
@@ -239,8 +281,14 @@ class SelfAttention(nn.Module):
         self.q_norm, self.k_norm = _qk_norm(cfg, self.hd), _qk_norm(cfg, self.hd)
         self.attend, self.dropout = resolve_backend(cfg.attn_backend, getattr(cfg, "position", None)), cfg.dropout
 
-    def forward(self, x, rope: Optional[RopeTables] = None, bias=None, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x,
+        rope: Optional[RopeTables] = None,
+        bias=None,
+        cache: Optional[KVCache] = None,
+        mask: Optional[torch.Tensor] = None,
+    ):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hs)
@@ -296,8 +344,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.q_norm, self.k_norm = _qk_norm(cfg, d), _qk_norm(cfg, d)
         self.attend, self.dropout = resolve_backend(cfg.attn_backend, getattr(cfg, "position", None)), cfg.dropout
 
-    def forward(self, x, rope: Optional[RopeTables] = None, bias=None, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x,
+        rope: Optional[RopeTables] = None,
+        bias=None,
+        cache: Optional[KVCache] = None,
+        mask: Optional[torch.Tensor] = None,
+    ):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.nh, self.d + self.dr).transpose(1, 2)  # (B, nh, T, d+dr)
         q_nope, q_pe = q.split([self.d, self.dr], dim=-1)
@@ -330,8 +384,9 @@ class CrossAttention(nn.Module):
         backend: a key of :data:`BACKENDS` (``flash`` only without ``context_mask``).
     """
 
-    def __init__(self, dim: int, context_dim: int, n_head: int, bias: bool = True, dropout: float = 0.0,
-                 backend: str = "auto"):
+    def __init__(
+        self, dim: int, context_dim: int, n_head: int, bias: bool = True, dropout: float = 0.0, backend: str = "auto"
+    ):
         super().__init__()
         if dim % n_head:
             raise ValueError(f"dim ({dim}) must be divisible by n_head ({n_head})")
@@ -342,7 +397,9 @@ class CrossAttention(nn.Module):
         self.c_proj = nn.Linear(dim, dim, bias=bias)
         self.attend = resolve_backend(backend)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         B, Tq, _ = x.shape
         Tk = context.size(1)
         q = self.q_proj(x).view(B, Tq, self.n_head, self.hd).transpose(1, 2)  # (B, nh, Tq, hs)

@@ -77,7 +77,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, f
     ``DiTTransformer2DModel`` uses ``downscale_freq_shift=1``).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    )
     args = t.float()[:, None] * freqs[None]  # (N, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

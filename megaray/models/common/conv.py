@@ -47,8 +47,17 @@ class ResnetBlock2d(nn.Module):
         dropout: before ``conv2``.
     """
 
-    def __init__(self, cin: int, cout: int, emb_dim: int = 0, emb_mode: Literal["add", "film"] = "add",
-                 emb_act: bool = True, groups: int = 32, eps: float = 1e-6, dropout: float = 0.0):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        emb_dim: int = 0,
+        emb_mode: Literal["add", "film"] = "add",
+        emb_act: bool = True,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if emb_mode not in ("add", "film"):
             raise ValueError(f"emb_mode must be 'add' or 'film', got {emb_mode!r}")

@@ -53,8 +53,16 @@ def stft(wave: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[i
     win_length = win_length or n_fft
     with torch.autocast(device_type=wave.device.type, enabled=False):
         window = hann_window(win_length, wave.device)
-        return torch.stft(wave.float(), n_fft, hop_length, win_length, window=window, center=True,
-                          pad_mode="reflect", return_complex=True)
+        return torch.stft(
+            wave.float(),
+            n_fft,
+            hop_length,
+            win_length,
+            window=window,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )
 
 
 def stft_magnitude(wave: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[int] = None) -> torch.Tensor:
@@ -62,8 +70,9 @@ def stft_magnitude(wave: torch.Tensor, n_fft: int, hop_length: int, win_length: 
     return stft(wave, n_fft, hop_length, win_length).abs()
 
 
-def istft(spec: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[int] = None,
-          length: Optional[int] = None) -> torch.Tensor:
+def istft(
+    spec: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[int] = None, length: Optional[int] = None
+) -> torch.Tensor:
     """Inverse of :func:`stft`: complex ``(B, n_fft // 2 + 1, F)`` -> ``(B, length or (F - 1) * hop_length)``.
 
     Same window and centring as :func:`stft` (overlap-add with window-envelope normalisation),
@@ -76,8 +85,9 @@ def istft(spec: torch.Tensor, n_fft: int, hop_length: int, win_length: Optional[
         return torch.istft(spec, n_fft, hop_length, win_length, window=window, center=True, length=length)
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
-                   f_max: Optional[float] = None) -> torch.Tensor:
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: Optional[float] = None
+) -> torch.Tensor:
     """HTK-scale triangular mel filterbank ``(n_fft // 2 + 1, n_mels)`` float32, no area norm.
 
     ``f_max`` defaults to ``sample_rate / 2``. Raises ``ValueError`` (from torchaudio) for
@@ -105,8 +115,16 @@ class MelFeatures(nn.Module):
         f_min, f_max: band edges in Hz (``f_max`` default ``sample_rate / 2``).
     """
 
-    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
-                 win_length: Optional[int] = None, f_min: float = 0.0, f_max: Optional[float] = None):
+    def __init__(
+        self,
+        sample_rate: int,
+        n_fft: int,
+        hop_length: int,
+        n_mels: int,
+        win_length: Optional[int] = None,
+        f_min: float = 0.0,
+        f_max: Optional[float] = None,
+    ):
         super().__init__()
         self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length or n_fft
         fb = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)  # (bins, n_mels)
@@ -127,15 +145,24 @@ class MelFeatures(nn.Module):
         return torch.log(torch.clamp(mel, min=LOG_FLOOR))
 
 
-def log_mel(wave: torch.Tensor, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
-            win_length: Optional[int] = None) -> torch.Tensor:
+def log_mel(
+    wave: torch.Tensor, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, win_length: Optional[int] = None
+) -> torch.Tensor:
     """Functional :class:`MelFeatures` (builds the filterbank each call; use the module in loops)."""
     return MelFeatures(sample_rate, n_fft, hop_length, n_mels, win_length).to(wave.device)(wave)
 
 
-def griffin_lim(log_mel_spec: torch.Tensor, sample_rate: int, n_fft: int, hop_length: int,
-                win_length: Optional[int] = None, f_min: float = 0.0, f_max: Optional[float] = None,
-                n_iter: int = 32, peak: Optional[float] = 0.9) -> torch.Tensor:
+def griffin_lim(
+    log_mel_spec: torch.Tensor,
+    sample_rate: int,
+    n_fft: int,
+    hop_length: int,
+    win_length: Optional[int] = None,
+    f_min: float = 0.0,
+    f_max: Optional[float] = None,
+    n_iter: int = 32,
+    peak: Optional[float] = 0.9,
+) -> torch.Tensor:
     """Log-mel ``(n_mels, F)`` or ``(B, n_mels, F)`` (as :class:`MelFeatures` makes it) -> waveform
     ``((F - 1) * hop_length,)`` or ``(B, ...)`` float32 on the CPU.
 
@@ -150,13 +177,19 @@ def griffin_lim(log_mel_spec: torch.Tensor, sample_rate: int, n_fft: int, hop_le
     mel = torch.exp(log_mel_spec.detach().float().cpu())
     n_mels = mel.shape[-2]
     inverse = torchaudio.transforms.InverseMelScale(
-        n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max if f_max is not None else sample_rate / 2,
-        norm=None, mel_scale="htk", driver="gelsd",
+        n_fft // 2 + 1,
+        n_mels,
+        sample_rate,
+        f_min,
+        f_max if f_max is not None else sample_rate / 2,
+        norm=None,
+        mel_scale="htk",
+        driver="gelsd",
     )
-    gl = torchaudio.transforms.GriffinLim(n_fft, n_iter=n_iter, win_length=win_length or n_fft,
-                                          hop_length=hop_length, power=1.0, rand_init=False)
+    gl = torchaudio.transforms.GriffinLim(
+        n_fft, n_iter=n_iter, win_length=win_length or n_fft, hop_length=hop_length, power=1.0, rand_init=False
+    )
     wave = gl(inverse(mel))
     if peak is None:
         return wave
     return wave / wave.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6) * peak
-

@@ -150,8 +150,9 @@ class GroupedExperts(nn.Module):
                 state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in old])
 
 
-def run_grouped(experts: GroupedExperts, x: torch.Tensor,
-                expert_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def run_grouped(
+    experts: GroupedExperts, x: torch.Tensor, expert_idx: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row ``m`` of ``x`` ``(M, dim)`` through expert ``expert_idx[m]``: returns ``(M, dim)`` outputs
     (input order) and the rows per expert ``(E,)`` int64.
 

@@ -113,7 +113,7 @@ class ConvMLP(nn.Module):
         prev: Optional[torch.Tensor] = getattr(cache, "conv_state", None)
         full = F.pad(h, (k, 0)) if prev is None else torch.cat([prev.to(h.dtype), h], dim=-1)  # (B, H, k + T)
         if cache is not None:
-            cache.conv_state = full[..., full.size(-1) - k:].detach()  # (B, H, k)
+            cache.conv_state = full[..., full.size(-1) - k :].detach()  # (B, H, k)
         h = self.conv(full).transpose(1, 2)  # (B, T, H); the module call lets ZeRO-3 gather the weight
         return self.c_proj(self.act(h))
 
@@ -131,8 +131,9 @@ class GroupedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool = True):
         super().__init__()
         if in_features % groups or out_features % groups:
-            raise ValueError(f"grouped linear {in_features} -> {out_features}: both must be divisible by "
-                             f"groups ({groups})")
+            raise ValueError(
+                f"grouped linear {in_features} -> {out_features}: both must be divisible by groups ({groups})"
+            )
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(groups, out_features // groups, in_features // groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -170,8 +171,15 @@ class ShuffleMLP(nn.Module):
 
 
 #: MLP name -> module class; the activation comes from :data:`ACTIVATIONS`
-MLPS: Dict[str, type] = {"gelu": MLP, "relu": MLP, "silu": MLP, "swiglu": GatedMLP, "geglu": GatedMLP,
-                         "convmlp": ConvMLP, "shufflemlp": ShuffleMLP}
+MLPS: Dict[str, type] = {
+    "gelu": MLP,
+    "relu": MLP,
+    "silu": MLP,
+    "swiglu": GatedMLP,
+    "geglu": GatedMLP,
+    "convmlp": ConvMLP,
+    "shufflemlp": ShuffleMLP,
+}
 
 #: MLP name -> {constructor argument: config field} for the kinds with options
 MLP_OPTIONS: Dict[str, Dict[str, str]] = {

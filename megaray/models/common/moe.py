@@ -95,8 +95,10 @@ class MoE(SparseFeedForward):
         self.n_experts, self.top_k, self.coef = cfg.n_experts, cfg.moe_top_k, cfg.moe_aux_loss_coef
         self.router_kind = getattr(cfg, "moe_router", "top_k")
         if self.router_kind not in ("top_k", "expert_choice"):
-            raise ValueError(f"MoE routes with top_k or expert_choice, got moe_router {self.router_kind!r}; "
-                             f"known: {', '.join(ROUTERS)} (peer: build_feed_forward builds PEER)")
+            raise ValueError(
+                f"MoE routes with top_k or expert_choice, got moe_router {self.router_kind!r}; "
+                f"known: {', '.join(ROUTERS)} (peer: build_feed_forward builds PEER)"
+            )
         self.heads = int(getattr(cfg, "moe_heads", 1))
         if cfg.n_embd % self.heads:
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by moe_heads ({self.heads})")

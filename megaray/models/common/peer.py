@@ -107,8 +107,9 @@ class PEER(SparseFeedForward):
             raise ValueError(f"PEER moe_peer_key_dim must be even (two halves), got {self.key_dim}")
         self.act = ACTIVATIONS[cfg.mlp]
         self.query = nn.Linear(d, self.heads * self.key_dim, bias=cfg.bias)
-        self.query_norm = (nn.BatchNorm1d(self.heads * self.key_dim)
-                           if getattr(cfg, "moe_peer_batchnorm", True) else None)
+        self.query_norm = (
+            nn.BatchNorm1d(self.heads * self.key_dim) if getattr(cfg, "moe_peer_batchnorm", True) else None
+        )
         # PKM's get_uniform_keys: U(-1/sqrt(dim), 1/sqrt(dim)) per sub-key dimension
         bound = 1.0 / math.sqrt(self.key_dim // 2)
         self.sub_keys = nn.Parameter(torch.empty(2, self.n_keys, self.key_dim // 2).uniform_(-bound, bound))
@@ -125,8 +126,16 @@ class PEER(SparseFeedForward):
         bn = self.query_norm
         if bn is not None:
             train = self.training or bn.running_mean is None
-            q = F.batch_norm(q.float(), bn.running_mean, bn.running_var, bn.weight.float(), bn.bias.float(),
-                             train, bn.momentum, bn.eps).to(q.dtype)
+            q = F.batch_norm(
+                q.float(),
+                bn.running_mean,
+                bn.running_var,
+                bn.weight.float(),
+                bn.bias.float(),
+                train,
+                bn.momentum,
+                bn.eps,
+            ).to(q.dtype)
         return q.view(q.size(0), self.heads, 2, self.key_dim // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

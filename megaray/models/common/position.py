@@ -107,7 +107,9 @@ class RotaryPosition(Position):
 
     def rope(self, pos: torch.Tensor) -> RopeTables:
         # computed per call in float32 (cheap), so casting the model to bf16 cannot degrade it
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=pos.device) / self.dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=pos.device) / self.dim)
+        )
         freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
         return emb.cos(), emb.sin()
@@ -269,6 +271,8 @@ def rope_2d(dim: int, grid_h: int, grid_w: int, theta: float = 10000.0) -> RopeT
         raise ValueError(f"2-D rope needs a head dim divisible by 4, got {dim}")
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim // 2, 2, dtype=torch.float32) / (dim // 2)))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (H, W) each
-    angles = torch.cat([cols.reshape(-1, 1).float() * inv_freq, rows.reshape(-1, 1).float() * inv_freq], dim=1)  # (HW, dim/2)
+    angles = torch.cat(
+        [cols.reshape(-1, 1).float() * inv_freq, rows.reshape(-1, 1).float() * inv_freq], dim=1
+    )  # (HW, dim/2)
     emb = torch.cat([angles, angles], dim=-1)  # (HW, dim)
     return emb.cos(), emb.sin()

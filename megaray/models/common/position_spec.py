@@ -43,9 +43,13 @@ def check_positions(names: Sequence[str]) -> None:
     if repeated:
         raise ValueError(f"position list {names} repeats {', '.join(repeated)}; list each scheme once")
     if "none" in names and len(names) > 1:
-        raise ValueError(f"position list {names} combines 'none' with {', '.join(n for n in names if n != 'none')}: "
-                         "'none' means no position information; drop it or use it alone")
+        raise ValueError(
+            f"position list {names} combines 'none' with {', '.join(n for n in names if n != 'none')}: "
+            "'none' means no position information; drop it or use it alone"
+        )
     absolute = [n for n in names if n in ABSOLUTE]
     if len(absolute) > 1:
-        raise ValueError(f"position list {names} adds two absolute embeddings ({', '.join(absolute)}) to the tokens; "
-                         "keep one of them (combine it with rope and/or alibi)")
+        raise ValueError(
+            f"position list {names} adds two absolute embeddings ({', '.join(absolute)}) to the tokens; "
+            "keep one of them (combine it with rope and/or alibi)"
+        )

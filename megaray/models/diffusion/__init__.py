@@ -10,13 +10,22 @@ Importing this package registers the ``dit`` family and nothing heavier (PEP 562
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="dit", config="megaray.models.diffusion.config:DiTConfig",
-                    build="megaray.models.diffusion.dit:DiT", task="megaray.tasks.diffusion:DiffusionTask"))
+register(
+    FamilySpec(
+        family="dit",
+        config="megaray.models.diffusion.config:DiTConfig",
+        build="megaray.models.diffusion.dit:DiT",
+        task="megaray.tasks.diffusion:DiffusionTask",
+    )
+)
 
 _LAZY = {
-    "DiT": "megaray.models.diffusion.dit", "DiTConfig": "megaray.models.diffusion.config",
-    "PRESETS": "megaray.models.diffusion.config", "GaussianDiffusion": "megaray.models.diffusion.process",
-    "guided": "megaray.models.diffusion.process", "cfg_model_fn": "megaray.models.diffusion.process",
+    "DiT": "megaray.models.diffusion.dit",
+    "DiTConfig": "megaray.models.diffusion.config",
+    "PRESETS": "megaray.models.diffusion.config",
+    "GaussianDiffusion": "megaray.models.diffusion.process",
+    "guided": "megaray.models.diffusion.process",
+    "cfg_model_fn": "megaray.models.diffusion.process",
     "from_diffusers": "megaray.models.diffusion.convert",
 }
 __all__ = sorted(_LAZY)

@@ -21,8 +21,9 @@ from pydantic import Field, model_validator
 from megaray.config import ModelConfig
 
 # 256x256 images through an f8 VAE: 32x32x4 latents; learned sigma; ImageNet's 1000 classes.
-_IMAGENET_256 = dict(input_size=32, in_channels=4, patch_size=2, learn_sigma=True, num_classes=1000,
-                     class_dropout_prob=0.1)
+_IMAGENET_256 = dict(
+    input_size=32, in_channels=4, patch_size=2, learn_sigma=True, num_classes=1000, class_dropout_prob=0.1
+)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # DiT's model zoo (models.py DiT_models), patch 2.
@@ -35,8 +36,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "small_dit": dict(_IMAGENET_256, hidden_size=512, depth=12, num_heads=8),
     "medium_dit": dict(_IMAGENET_256, hidden_size=640, depth=14, num_heads=10),
     # Tiny, for tests and CPU demos: 8x8x4 latents, 10 classes.
-    "tiny": dict(input_size=8, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4,
-                 num_classes=10, class_dropout_prob=0.1, learn_sigma=True, num_timesteps=1000),
+    "tiny": dict(
+        input_size=8,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        class_dropout_prob=0.1,
+        learn_sigma=True,
+        num_timesteps=1000,
+    ),
 }
 
 
@@ -58,8 +69,10 @@ class DiTConfig(ModelConfig):
     family: Literal["dit"] = "dit"
     # input
     input_size: Union[int, List[int]] = Field(
-        32, description="latent side H=W, or [H, W] (e.g. [n_mels, frames]); the model accepts any size "
-        "divisible by patch_size, this one sets the pos-embed table it is built with")
+        32,
+        description="latent side H=W, or [H, W] (e.g. [n_mels, frames]); the model accepts any size "
+        "divisible by patch_size, this one sets the pos-embed table it is built with",
+    )
     in_channels: int = Field(4, gt=0, description="C of the input (4 for SD latents, 1 for mels)")
     patch_size: int = Field(2, gt=0, description="p: each p x p patch of the input is one token")
     # transformer
@@ -67,26 +80,42 @@ class DiTConfig(ModelConfig):
     depth: int = Field(28, gt=0, description="number of DiT blocks")
     num_heads: int = Field(16, gt=0)
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden = mlp_ratio * hidden_size")
-    norm_eps: float = Field(1e-6, gt=0, description="eps of the LayerNorm before each MLP (DiT: 1e-6; "
-                            "diffusers' DiTTransformer2DModel: its norm_eps)")
-    freq_shift: float = Field(0.0, ge=0, description="timestep-feature frequency shift (DiT: 0; diffusers' "
-                              "DiTTransformer2DModel: 1); set by from_diffusers")
+    norm_eps: float = Field(
+        1e-6,
+        gt=0,
+        description="eps of the LayerNorm before each MLP (DiT: 1e-6; diffusers' DiTTransformer2DModel: its norm_eps)",
+    )
+    freq_shift: float = Field(
+        0.0,
+        ge=0,
+        description="timestep-feature frequency shift (DiT: 0; diffusers' "
+        "DiTTransformer2DModel: 1); set by from_diffusers",
+    )
     attn_backend: Literal["auto", "sdpa", "flash", "reference"] = "auto"
     activation_checkpointing: bool = False
     # conditioning
     num_classes: int = Field(1000, ge=0, description="class labels; 0 = no class conditioning")
     class_dropout_prob: float = Field(
-        0.1, ge=0, lt=1, description="training: probability that a sample's class (and text context) is dropped "
-        "to the null condition, for classifier-free guidance (Ho & Salimans 2022)")
+        0.1,
+        ge=0,
+        lt=1,
+        description="training: probability that a sample's class (and text context) is dropped "
+        "to the null condition, for classifier-free guidance (Ho & Salimans 2022)",
+    )
     context_dim: int = Field(0, ge=0, description="width of the text context for cross-attention; 0 = none")
-    text_vocab_size: int = Field(0, ge=0, description="learned token embedding (context given as ids); 0 = "
-                                 "context given as (B, L, context_dim) features")
+    text_vocab_size: int = Field(
+        0,
+        ge=0,
+        description="learned token embedding (context given as ids); 0 = context given as (B, L, context_dim) features",
+    )
     # output / process
-    learn_sigma: bool = Field(True, description="also predict the variance interpolation (Nichol & Dhariwal "
-                              "2021): C_out = 2 * in_channels")
+    learn_sigma: bool = Field(
+        True, description="also predict the variance interpolation (Nichol & Dhariwal 2021): C_out = 2 * in_channels"
+    )
     num_timesteps: int = Field(1000, gt=0, description="T of the diffusion process")
-    schedule: Literal["linear", "cosine"] = Field("linear", description="beta schedule: DDPM linear or "
-                                                  "Nichol & Dhariwal cosine")
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="beta schedule: DDPM linear or Nichol & Dhariwal cosine"
+    )
     prediction: Literal["epsilon", "v"] = Field("epsilon", description="what the network predicts")
 
     @model_validator(mode="after")

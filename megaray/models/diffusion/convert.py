@@ -46,9 +46,16 @@ def _config(hf) -> DiTConfig:
     hidden = c.num_attention_heads * c.attention_head_dim
     ff_inner = hf.transformer_blocks[0].ff.net[0].proj.out_features
     return DiTConfig(
-        input_size=c.sample_size, in_channels=c.in_channels, patch_size=c.patch_size, hidden_size=hidden,
-        depth=c.num_layers, num_heads=c.num_attention_heads, mlp_ratio=ff_inner / hidden, norm_eps=c.norm_eps,
-        freq_shift=1.0, num_classes=c.num_embeds_ada_norm,
+        input_size=c.sample_size,
+        in_channels=c.in_channels,
+        patch_size=c.patch_size,
+        hidden_size=hidden,
+        depth=c.num_layers,
+        num_heads=c.num_attention_heads,
+        mlp_ratio=ff_inner / hidden,
+        norm_eps=c.norm_eps,
+        freq_shift=1.0,
+        num_classes=c.num_embeds_ada_norm,
         class_dropout_prob=hf.transformer_blocks[0].norm1.emb.class_embedder.dropout_prob,
         learn_sigma=out == 2 * c.in_channels,
     )
@@ -67,7 +74,8 @@ def _check_tied(hf) -> Dict[str, torch.Tensor]:
                 raise ValueError(
                     f"transformer_blocks.{i}.norm1.emb.{k} differs from transformer_blocks.0.norm1.emb.{k}: megaray's "
                     "DiT has one timestep/label embedder (as DiT's reference), so every block's must be equal "
-                    "(checkpoints converted from facebookresearch/DiT are); this model's are not")
+                    "(checkpoints converted from facebookresearch/DiT are); this model's are not"
+                )
     return first
 
 
@@ -84,7 +92,8 @@ def from_diffusers(hf) -> DiT:
     emb = _check_tied(hf)
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
     out: Dict[str, torch.Tensor] = {
-        "x_embedder.weight": sd["pos_embed.proj.weight"], "x_embedder.bias": sd["pos_embed.proj.bias"],
+        "x_embedder.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.bias": sd["pos_embed.proj.bias"],
         "t_embedder.mlp.0.weight": emb["timestep_embedder.linear_1.weight"].float(),
         "t_embedder.mlp.0.bias": emb["timestep_embedder.linear_1.bias"].float(),
         "t_embedder.mlp.2.weight": emb["timestep_embedder.linear_2.weight"].float(),
@@ -92,7 +101,8 @@ def from_diffusers(hf) -> DiT:
         "y_embedder.embedding_table.weight": emb["class_embedder.embedding_table.weight"].float(),
         "final_layer.adaLN_modulation.proj.weight": sd["proj_out_1.weight"],
         "final_layer.adaLN_modulation.proj.bias": sd["proj_out_1.bias"],
-        "final_layer.linear.weight": sd["proj_out_2.weight"], "final_layer.linear.bias": sd["proj_out_2.bias"],
+        "final_layer.linear.weight": sd["proj_out_2.weight"],
+        "final_layer.linear.bias": sd["proj_out_2.bias"],
     }
     for i in range(cfg.depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."

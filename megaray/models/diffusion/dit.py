@@ -44,9 +44,17 @@ from megaray.models.diffusion.config import DiTConfig
 
 def _attention_cfg(cfg: DiTConfig) -> SimpleNamespace:
     """The fields :class:`SelfAttention` reads, from a DiTConfig (biased qkv, no dropout, as DiT)."""
-    return SimpleNamespace(n_embd=cfg.hidden_size, n_head=cfg.num_heads, kv_heads=cfg.num_heads,
-                           head_dim=cfg.head_dim, bias=True, qk_norm=False, norm_eps=1e-6, dropout=0.0,
-                           attn_backend=cfg.attn_backend)
+    return SimpleNamespace(
+        n_embd=cfg.hidden_size,
+        n_head=cfg.num_heads,
+        kv_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        bias=True,
+        qk_norm=False,
+        norm_eps=1e-6,
+        dropout=0.0,
+        attn_backend=cfg.attn_backend,
+    )
 
 
 class LabelEmbedder(nn.Module):
@@ -82,8 +90,14 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(D, cfg.mlp_hidden, gelu_tanh)
         self.adaLN_modulation = AdaLNZero(D, D, 6)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None, context_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+        context_keep: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``x (B, N, D)``, ``c (B, D)``; ``context (B, L, context_dim)``, ``context_mask (B, L)`` bool
         (no fully-False rows), ``context_keep (B, 1, 1)`` 0/1 (0 = ignore this sample's context)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)  # 6 x (B, 1, D)
@@ -193,7 +207,9 @@ class DiT(nn.Module):
         emb = self.token_embedder(context)
         return emb + pos.to(emb.dtype)
 
-    def _condition(self, t: torch.Tensor, y: Optional[torch.Tensor], drop: Optional[torch.Tensor], B: int) -> torch.Tensor:
+    def _condition(
+        self, t: torch.Tensor, y: Optional[torch.Tensor], drop: Optional[torch.Tensor], B: int
+    ) -> torch.Tensor:
         """``c (B, D)`` = timestep embedding (+ class embedding)."""
         t = t.expand(B) if t.dim() == 0 else t
         c = self.t_embedder(t)
@@ -214,8 +230,11 @@ class DiT(nn.Module):
         if not self.config.context_dim:
             raise ValueError("context given to a DiT with context_dim 0")
         context = self.embed_context(context)  # (B, L, Dc)
-        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device) if context_mask is None \
+        mask = (
+            torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+            if context_mask is None
             else context_mask.bool()
+        )
         if drop is not None:
             mask = mask & ~drop[:, None]
         keep = mask.any(dim=1)  # (B,)
@@ -223,8 +242,14 @@ class DiT(nn.Module):
         return context, safe, keep.to(context.dtype)[:, None, None]
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         B, _, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:

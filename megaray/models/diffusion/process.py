@@ -65,8 +65,9 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
 def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """Log-likelihood (nats, elementwise) of data in [-1, 1] quantised to 256 bins under a Gaussian
     (DDPM's decoder ``L_0``), with the tanh approximation of the normal CDF as the reference."""
+
     def cdf(v):
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
 
     centered, inv_stdv = x - means, torch.exp(-log_scales)
     cdf_plus, cdf_min = cdf(inv_stdv * (centered + 1.0 / 255.0)), cdf(inv_stdv * (centered - 1.0 / 255.0))
@@ -94,8 +95,14 @@ class GaussianDiffusion:
         ValueError: an unknown schedule or prediction.
     """
 
-    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", prediction: str = "epsilon",
-                 learn_sigma: bool = False, vlb_weight: float = 0.001):
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        schedule: str = "linear",
+        prediction: str = "epsilon",
+        learn_sigma: bool = False,
+        vlb_weight: float = 0.001,
+    ):
         betas = {"linear": linear_betas, "cosine": cosine_betas}.get(schedule)
         if betas is None:
             raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
@@ -109,7 +116,9 @@ class GaussianDiffusion:
         ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
         self.posterior_variance = self.betas * (1.0 - ab_prev) / (1.0 - ab)  # beta_tilde
         # log(beta_tilde) with its t=0 entry (0) replaced by t=1's, as the reference
-        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
         self.posterior_mean_coef1 = self.betas * ab_prev.sqrt() / (1.0 - ab)
         self.posterior_mean_coef2 = (1.0 - ab_prev) * (1.0 - self.betas).sqrt() / (1.0 - ab)
         self.log_betas = torch.log(self.betas)
@@ -143,7 +152,9 @@ class GaussianDiffusion:
         ab = self._at(self.alphas_cumprod, t, x0)
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
-    def predict_x0_eps(self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def predict_x0_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(x0, eps)`` implied by the model's prediction ``pred`` (its first ``C`` channels) at ``x_t``."""
         ab = self._at(self.alphas_cumprod, t, x_t)
         a, s = ab.sqrt(), (1 - ab).sqrt()
@@ -164,8 +175,9 @@ class GaussianDiffusion:
         frac = (var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
-    def vlb_terms(self, pred: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
-                  t: torch.Tensor) -> torch.Tensor:
+    def vlb_terms(
+        self, pred: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample ``L_t`` in bits per dimension ``(B,)``: KL(q posterior || p) for ``t > 0``, the
         discretised decoder NLL at ``t = 0`` (the reference's ``_vb_terms_bpd``)."""
         true_mean, true_logvar = self.q_posterior(x0, x_t, t)
@@ -177,9 +189,14 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     # -- training ----------------------------------------------------------------------------
-    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
-                        noise: Optional[torch.Tensor] = None,
-                        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def training_losses(
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        t: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The training loss of one batch.
 
         Args:
@@ -204,8 +221,10 @@ class GaussianDiffusion:
         out = model_fn(x_t, t)
         want = 2 * C if self.learn_sigma else C
         if out.shape[1] != want:
-            raise ValueError(f"model output has {out.shape[1]} channels, expected {want} "
-                             f"(in_channels {C}, learn_sigma {self.learn_sigma})")
+            raise ValueError(
+                f"model output has {out.shape[1]} channels, expected {want} "
+                f"(in_channels {C}, learn_sigma {self.learn_sigma})"
+            )
         pred = out[:, :C]
         target = noise if self.prediction == "epsilon" else self.v_target(x0, t, noise)
         mse = _mean_flat((target.float() - pred.float()) ** 2)  # (B,)
@@ -234,9 +253,16 @@ class GaussianDiffusion:
         raise ValueError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn: ModelFn, noise: torch.Tensor, steps: int = 50, eta: float = 0.0,
-                    generator: Optional[torch.Generator] = None, clip_denoised: bool = False,
-                    spacing: str = "leading") -> torch.Tensor:
+    def ddim_sample(
+        self,
+        model_fn: ModelFn,
+        noise: torch.Tensor,
+        steps: int = 50,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        clip_denoised: bool = False,
+        spacing: str = "leading",
+    ) -> torch.Tensor:
         """DDIM from ``x_T = noise`` to ``x0`` in ``steps`` model calls (Song et al. 2021 eq. 12).
 
         ``x_{s} = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z``,
@@ -257,11 +283,13 @@ class GaussianDiffusion:
             x0, eps = self.predict_x0_eps(x, t, model_fn(x, t)[:, :C])
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
-                eps = (x - self._at(self.alphas_cumprod, t, x).sqrt() * x0) / (1 - self._at(self.alphas_cumprod, t, x)).sqrt()
+                eps = (x - self._at(self.alphas_cumprod, t, x).sqrt() * x0) / (
+                    1 - self._at(self.alphas_cumprod, t, x)
+                ).sqrt()
             ab = float(self.alphas_cumprod[step])
             ab_prev = float(self.alphas_cumprod[ts[i + 1]]) if i + 1 < len(ts) else 1.0
             sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(max(0.0, 1 - ab / ab_prev))
-            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(0.0, 1 - ab_prev - sigma ** 2)) * eps
+            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(0.0, 1 - ab_prev - sigma**2)) * eps
             if sigma > 0:
                 x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return x
@@ -280,15 +308,23 @@ def guided(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale: float) -> Mo
     """Classifier-free guidance of two model functions ``(x_t, t) -> out``: a model function that
     returns ``cond + (scale - 1) * (cond - uncond)`` on the first ``C = x_t.shape[1]`` channels
     (the prediction) and the conditional variance channels. Scale 1 calls only ``model_fn_cond``."""
+
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if scale == 1.0:
             return model_fn_cond(x_t, t)
         return _combine(model_fn_cond(x_t, t), model_fn_uncond(x_t, t), scale, x_t.shape[1])
+
     return fn
 
 
-def cfg_model_fn(model: Callable[..., torch.Tensor], y: Optional[torch.Tensor], null_y: Optional[torch.Tensor],
-                 scale: float, uncond_kwargs: Optional[Dict[str, Any]] = None, **kw: Any) -> ModelFn:
+def cfg_model_fn(
+    model: Callable[..., torch.Tensor],
+    y: Optional[torch.Tensor],
+    null_y: Optional[torch.Tensor],
+    scale: float,
+    uncond_kwargs: Optional[Dict[str, Any]] = None,
+    **kw: Any,
+) -> ModelFn:
     """Classifier-free guidance of a DiT in one doubled batch (DiT's ``forward_with_cfg``).
 
     ``model(x, t, y=..., **kw)`` runs on ``cat([x_t, x_t])`` with ``cat([y, null_y])``; ``kw``
@@ -309,4 +345,5 @@ def cfg_model_fn(model: Callable[..., torch.Tensor], y: Optional[torch.Tensor], 
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=yy, **both)
         cond, uncond = out.chunk(2)
         return _combine(cond, uncond, scale, x_t.shape[1])
+
     return fn

@@ -9,14 +9,24 @@ loaded on first use (PEP 562), so reading a config does not import torch.
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="gpt", config="megaray.models.gpt.config:GPTConfig",
-                    build="megaray.models.gpt.model:GPT", task="megaray.tasks.lm:LMTask",
-                    tasks=(("sft", "megaray.tasks.finetune:SFTTask"),)))
+register(
+    FamilySpec(
+        family="gpt",
+        config="megaray.models.gpt.config:GPTConfig",
+        build="megaray.models.gpt.model:GPT",
+        task="megaray.tasks.lm:LMTask",
+        tasks=(("sft", "megaray.tasks.finetune:SFTTask"),),
+    )
+)
 
 _LAZY = {
-    "GPT": "megaray.models.gpt.model", "GPTConfig": "megaray.models.gpt.config", "PRESETS": "megaray.models.gpt.config",
-    "generate": "megaray.models.gpt.sampling", "from_hf": "megaray.models.gpt.convert",
-    "to_hf": "megaray.models.gpt.convert", "flops_per_token": "megaray.models.gpt.flops",
+    "GPT": "megaray.models.gpt.model",
+    "GPTConfig": "megaray.models.gpt.config",
+    "PRESETS": "megaray.models.gpt.config",
+    "generate": "megaray.models.gpt.sampling",
+    "from_hf": "megaray.models.gpt.convert",
+    "to_hf": "megaray.models.gpt.convert",
+    "flops_per_token": "megaray.models.gpt.flops",
     "estimate_mfu": "megaray.models.gpt.flops",
 }
 __all__ = sorted(_LAZY)

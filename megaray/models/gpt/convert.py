@@ -130,7 +130,7 @@ def _deinterleave(w: torch.Tensor, start: int, dr: int) -> torch.Tensor:
     rope output rows of the projection makes the two models compute the same q, k."""
     perm = torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)]) + start
     w = w.clone()
-    w[start:start + dr] = w[perm]
+    w[start : start + dr] = w[perm]
     return w
 
 
@@ -141,8 +141,10 @@ def _deepseek_v3_from_hf(hf) -> GPT:
     nh, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     bad = []
     if (c.first_k_dense_replace or 0) < c.num_hidden_layers:
-        bad.append(f"first_k_dense_replace {c.first_k_dense_replace} < num_hidden_layers {c.num_hidden_layers} "
-                   "(MoE layers with DeepSeek's grouped sigmoid router and shared experts; only all-dense models)")
+        bad.append(
+            f"first_k_dense_replace {c.first_k_dense_replace} < num_hidden_layers {c.num_hidden_layers} "
+            "(MoE layers with DeepSeek's grouped sigmoid router and shared experts; only all-dense models)"
+        )
     if c.hidden_act != "silu":
         bad.append(f"hidden_act {c.hidden_act!r} (megaray swiglu uses silu)")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -201,7 +203,9 @@ def _deepseek_v3_from_hf(hf) -> GPT:
 
 #: HF ``config.model_type`` -> converter
 FROM_HF: Dict[str, Callable[[Any], GPT]] = {
-    "gpt2": _gpt2_from_hf, "llama": _llama_from_hf, "deepseek_v3": _deepseek_v3_from_hf,
+    "gpt2": _gpt2_from_hf,
+    "llama": _llama_from_hf,
+    "deepseek_v3": _deepseek_v3_from_hf,
 }
 
 

@@ -192,8 +192,13 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[KVCache]] = None,
-        span_ids: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        cache: Optional[List[KVCache]] = None,
+        span_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss].
 

@@ -10,12 +10,20 @@ Importing this package registers the family and nothing heavier (PEP 562 lazy na
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="image_vae", config="megaray.models.image.config:ImageVAEConfig",
-                    build="megaray.models.image.vae:build_image_vae", task="megaray.tasks.image_vae:ImageVAETask"))
+register(
+    FamilySpec(
+        family="image_vae",
+        config="megaray.models.image.config:ImageVAEConfig",
+        build="megaray.models.image.vae:build_image_vae",
+        task="megaray.tasks.image_vae:ImageVAETask",
+    )
+)
 
 _LAZY = {
-    "ImageVAEConfig": "megaray.models.image.config", "ImageVAE": "megaray.models.image.vae",
-    "DiagonalGaussian": "megaray.models.image.vae", "NLayerDiscriminator": "megaray.models.image.discriminator",
+    "ImageVAEConfig": "megaray.models.image.config",
+    "ImageVAE": "megaray.models.image.vae",
+    "DiagonalGaussian": "megaray.models.image.vae",
+    "NLayerDiscriminator": "megaray.models.image.discriminator",
     "from_diffusers": "megaray.models.image.convert",
 }
 __all__ = sorted(_LAZY)

@@ -47,19 +47,28 @@ def config_from_diffusers(dcfg: Any, **overrides: Any) -> ImageVAEConfig:
     """
     blocks = set(dcfg.down_block_types) | set(dcfg.up_block_types)
     if blocks != {"DownEncoderBlock2D", "UpDecoderBlock2D"} or dcfg.act_fn != "silu":
-        raise ValueError(f"from_diffusers: only DownEncoderBlock2D/UpDecoderBlock2D with silu convert, got "
-                         f"{sorted(blocks)} and act_fn={dcfg.act_fn!r}")
+        raise ValueError(
+            f"from_diffusers: only DownEncoderBlock2D/UpDecoderBlock2D with silu convert, got "
+            f"{sorted(blocks)} and act_fn={dcfg.act_fn!r}"
+        )
     if dcfg.in_channels != dcfg.out_channels:
-        raise ValueError(f"from_diffusers: in_channels ({dcfg.in_channels}) must equal out_channels ({dcfg.out_channels})")
+        raise ValueError(
+            f"from_diffusers: in_channels ({dcfg.in_channels}) must equal out_channels ({dcfg.out_channels})"
+        )
     quant = bool(getattr(dcfg, "use_quant_conv", True))
     if quant != bool(getattr(dcfg, "use_post_quant_conv", True)):
         raise ValueError("from_diffusers: use_quant_conv and use_post_quant_conv must agree")
     if getattr(dcfg, "shift_factor", None):
         raise ValueError(f"from_diffusers: shift_factor={dcfg.shift_factor} (SD3 / Flux VAEs) is not supported")
     fields: Dict[str, Any] = dict(
-        in_channels=dcfg.in_channels, channels=list(dcfg.block_out_channels), layers_per_block=dcfg.layers_per_block,
-        latent_channels=dcfg.latent_channels, norm_groups=dcfg.norm_num_groups, use_quant_conv=quant,
-        mid_attention=bool(getattr(dcfg, "mid_block_add_attention", True)), scaling_factor=dcfg.scaling_factor,
+        in_channels=dcfg.in_channels,
+        channels=list(dcfg.block_out_channels),
+        layers_per_block=dcfg.layers_per_block,
+        latent_channels=dcfg.latent_channels,
+        norm_groups=dcfg.norm_num_groups,
+        use_quant_conv=quant,
+        mid_attention=bool(getattr(dcfg, "mid_block_add_attention", True)),
+        scaling_factor=dcfg.scaling_factor,
         resolution=int(dcfg.sample_size if isinstance(dcfg.sample_size, int) else dcfg.sample_size[0]),
     )
     fields.update(overrides)
@@ -79,7 +88,7 @@ def from_diffusers(autoencoder_kl: Any, config: Optional[ImageVAEConfig] = None)
     state = {diffusers_key_to_megaray(k): v.detach().float().cpu() for k, v in autoencoder_kl.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"from_diffusers: weights do not match the megaray VAE: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"from_diffusers: weights do not match the megaray VAE: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.float()
-

@@ -34,10 +34,13 @@ class NLayerDiscriminator(nn.Module):
         layers = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(channels * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
         self.apply(_init_weights)

@@ -35,16 +35,22 @@ class VGGPerceptualLoss(nn.Module):
         from torchvision.models.vgg import cfgs, make_layers
 
         if not os.path.isfile(weights_path):
-            raise ConfigError(f"model.lpips_vgg_path: {weights_path} does not exist; give a local torchvision "
-                              f"VGG16 state_dict (.pth) or set model.perceptual_weight=0")
+            raise ConfigError(
+                f"model.lpips_vgg_path: {weights_path} does not exist; give a local torchvision "
+                f"VGG16 state_dict (.pth) or set model.perceptual_weight=0"
+            )
         with torch.device("meta"):  # vgg16().features without the classifier, filled from the file
             features = make_layers(cfgs["D"])[: _TAPS[-1] + 1]
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         try:  # the whole torchvision vgg16 state_dict, or only its ``features.*`` part
-            features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
-                                      if not k.startswith("classifier.")}, assign=True)
+            features.load_state_dict(
+                {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")},
+                assign=True,
+            )
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise ConfigError(f"model.lpips_vgg_path: {weights_path} is not a torchvision VGG16 state_dict ({e})") from e
+            raise ConfigError(
+                f"model.lpips_vgg_path: {weights_path} is not a torchvision VGG16 state_dict ({e})"
+            ) from e
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(_MEAN)[None, :, None, None], persistent=False)
         self.register_buffer("std", torch.tensor(_STD)[None, :, None, None], persistent=False)

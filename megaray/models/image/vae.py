@@ -50,7 +50,7 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """``KL(N(mean, var) || N(0, I))`` summed over each image's latent elements: ``(B,)``, nats."""
         mean, logvar = self.mean.float(), self.logvar.float()
-        return 0.5 * torch.sum(mean ** 2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum(mean**2 + logvar.exp() - 1.0 - logvar, dim=[1, 2, 3])
 
 
 class AttnBlock(nn.Module):
@@ -185,16 +185,18 @@ class ImageVAE(nn.Module):
         """Images ``(B, 3, H, W)`` -> the posterior over ``(B, latent_channels, H/f, W/f)``."""
         f = self.downsample_factor
         if x.dim() != 4 or x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(f"expected images (B, {self.cfg.in_channels}, H, W) with H and W multiples of {f}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images (B, {self.cfg.in_channels}, H, W) with H and W multiples of {f}, got {tuple(x.shape)}"
+            )
         return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``(B, latent_channels, h, w)`` -> images ``(B, 3, h * f, w * f)`` (about [-1, 1])."""
         return self.decoder(self.post_quant_conv(z.to(self.decoder.conv_in.weight.dtype)))
 
-    def forward(self, x: torch.Tensor, sample: Optional[bool] = None,
-                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, x: torch.Tensor, sample: Optional[bool] = None, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, DiagonalGaussian]:
         """``(reconstruction (B, 3, H, W), posterior)``; decodes a posterior sample when ``sample``
         (default: in training mode), else its mode."""
         posterior = self.encode(x)

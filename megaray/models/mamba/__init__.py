@@ -10,13 +10,22 @@ loaded on first use (PEP 562), so reading a config does not import torch.
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="mamba", config="megaray.models.mamba.config:MambaConfig",
-                    build="megaray.models.mamba.model:Mamba", task="megaray.tasks.lm:LMTask"))
+register(
+    FamilySpec(
+        family="mamba",
+        config="megaray.models.mamba.config:MambaConfig",
+        build="megaray.models.mamba.model:Mamba",
+        task="megaray.tasks.lm:LMTask",
+    )
+)
 
 _LAZY = {
-    "Mamba": "megaray.models.mamba.model", "MambaCache": "megaray.models.mamba.model",
-    "MambaConfig": "megaray.models.mamba.config", "PRESETS": "megaray.models.mamba.config",
-    "ssd_chunked": "megaray.models.mamba.ssd", "ssd_recurrent": "megaray.models.mamba.ssd",
+    "Mamba": "megaray.models.mamba.model",
+    "MambaCache": "megaray.models.mamba.model",
+    "MambaConfig": "megaray.models.mamba.config",
+    "PRESETS": "megaray.models.mamba.config",
+    "ssd_chunked": "megaray.models.mamba.ssd",
+    "ssd_recurrent": "megaray.models.mamba.ssd",
     "from_hf": "megaray.models.mamba.convert",
 }
 __all__ = sorted(_LAZY)

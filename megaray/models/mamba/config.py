@@ -19,14 +19,33 @@ from megaray.config import ModelConfig
 PRESETS: Dict[str, Dict[str, Any]] = {
     # state-spaces/mamba2-130m: 24 layers, d_model 768, d_state 128, headdim 64, expand 2, ngroups 1,
     # GPT-NeoX vocabulary (50277) padded to a multiple of 16, trained at 2048 tokens.
-    "mamba2_130m": dict(n_layer=24, d_model=768, d_state=128, headdim=64, expand=2, n_groups=1,
-                        chunk_size=256, vocab_size=50288, block_size=2048),
+    "mamba2_130m": dict(
+        n_layer=24,
+        d_model=768,
+        d_state=128,
+        headdim=64,
+        expand=2,
+        n_groups=1,
+        chunk_size=256,
+        vocab_size=50288,
+        block_size=2048,
+    ),
     # Tiny, for the laptop demo and the CPU training test (8 heads of 16).
-    "tiny": dict(n_layer=2, d_model=64, d_state=16, headdim=16, expand=2, n_groups=1, chunk_size=16,
-                 vocab_size=512, block_size=64),
+    "tiny": dict(
+        n_layer=2,
+        d_model=64,
+        d_state=16,
+        headdim=16,
+        expand=2,
+        n_groups=1,
+        chunk_size=16,
+        vocab_size=512,
+        block_size=64,
+    ),
     # Smallest, for unit tests: 2 groups so the group -> head sharing is exercised.
-    "debug": dict(n_layer=2, d_model=32, d_state=8, headdim=8, expand=2, n_groups=2, chunk_size=8,
-                  vocab_size=128, block_size=32),
+    "debug": dict(
+        n_layer=2, d_model=32, d_state=8, headdim=8, expand=2, n_groups=2, chunk_size=8, vocab_size=128, block_size=32
+    ),
 }
 
 
@@ -64,7 +83,8 @@ class MambaConfig(ModelConfig):
     conv_bias: bool = True
     tie_embeddings: bool = True
     ssd_backend: Literal["auto", "torch", "mamba_ssm"] = Field(
-        "auto", description="auto: mamba_ssm's fused kernel when importable on CUDA, else the PyTorch scan")
+        "auto", description="auto: mamba_ssm's fused kernel when importable on CUDA, else the PyTorch scan"
+    )
     # optional feed-forward after each mixer (mamba_ssm's d_intermediate; MoE as in the GPT family)
     d_intermediate: int = Field(0, ge=0, description="gated-MLP width after each mixer; 0 = none (unless MoE)")
     mlp: Literal["gelu", "relu", "silu", "swiglu", "geglu"] = "swiglu"
@@ -72,11 +92,13 @@ class MambaConfig(ModelConfig):
     moe_top_k: int = Field(2, gt=0)
     moe_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss")
     moe_router: Literal["top_k", "expert_choice"] = Field(
-        "top_k", description="token-choice top-k (causal) or expert choice (routes over the batch: not causal)")
+        "top_k", description="token-choice top-k (causal) or expert choice (routes over the batch: not causal)"
+    )
     moe_capacity_factor: float = Field(1.0, gt=0, description="expert choice: tokens per expert = ceil(B*T*f/E)")
     moe_z_loss_coef: float = Field(0.0, ge=0, description="weight of the ST-MoE router z-loss")
     activation_checkpointing: bool = Field(
-        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "MambaConfig":

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from megaray.models.mamba.config import MambaConfig
 from megaray.models.mamba.model import Mamba
 
@@ -36,13 +34,25 @@ def from_hf(hf_model) -> Mamba:
     if bad:
         raise ValueError("cannot convert this Mamba2 model: " + "; ".join(bad))
     cfg = MambaConfig(
-        vocab_size=c.vocab_size, block_size=2048, n_layer=c.num_hidden_layers, d_model=c.hidden_size,
-        d_state=c.state_size, d_conv=c.conv_kernel, expand=c.expand, headdim=c.head_dim, n_groups=c.n_groups,
-        chunk_size=c.chunk_size, norm_eps=c.layer_norm_epsilon, bias=c.use_bias, conv_bias=c.use_conv_bias,
+        vocab_size=c.vocab_size,
+        block_size=2048,
+        n_layer=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        d_state=c.state_size,
+        d_conv=c.conv_kernel,
+        expand=c.expand,
+        headdim=c.head_dim,
+        n_groups=c.n_groups,
+        chunk_size=c.chunk_size,
+        norm_eps=c.layer_norm_epsilon,
+        bias=c.use_bias,
+        conv_bias=c.use_conv_bias,
         tie_embeddings=bool(c.tie_word_embeddings),
     )
-    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone()
-          for k, v in hf_model.state_dict().items()}
+    sd = {
+        k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone()
+        for k, v in hf_model.state_dict().items()
+    }
     dtype = next(hf_model.parameters()).dtype
     model = Mamba(cfg)
     model.load_state_dict(sd, strict=True)

@@ -95,8 +95,15 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus((dt + self.dt_bias).float())  # (B, T, H)
         A = -torch.exp(self.A_log.float())  # (H,)
         state = cache.ssm_state if cache is not None else None
-        y, state = self._scan(x.reshape(Bsz, T, H, P), dt, A, B.reshape(Bsz, T, G, N), C.reshape(Bsz, T, G, N),
-                              state, step=cache is not None and T == 1)  # (B, T, H, P), (B, H, P, N)
+        y, state = self._scan(
+            x.reshape(Bsz, T, H, P),
+            dt,
+            A,
+            B.reshape(Bsz, T, G, N),
+            C.reshape(Bsz, T, G, N),
+            state,
+            step=cache is not None and T == 1,
+        )  # (B, T, H, P), (B, H, P, N)
         if cache is not None:
             cache.ssm_state, cache.seqlen = state, cache.seqlen + T
         return self.out_proj(self.norm(y.reshape(Bsz, T, cfg.d_inner), z))
@@ -109,7 +116,7 @@ class Mamba2Mixer(nn.Module):
         prev = cache.conv_state if cache is not None else None
         full = F.pad(xt, (k, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)  # (B, D, k + T)
         if cache is not None:
-            cache.conv_state = full[..., full.size(-1) - k:].clone()
+            cache.conv_state = full[..., full.size(-1) - k :].clone()
         return F.silu(self.conv1d(full)).transpose(1, 2)  # the module call: ZeRO-3 gathers its weight
 
     def _scan(self, x, dt, A, B, C, state, step: bool):
@@ -159,11 +166,13 @@ class Mamba(nn.Module):
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.config = config
-        self.backbone = nn.ModuleDict(dict(
-            embedding=nn.Embedding(config.vocab_size, config.d_model),
-            layers=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            norm_f=nn.RMSNorm(config.d_model, eps=config.norm_eps),
-        ))
+        self.backbone = nn.ModuleDict(
+            dict(
+                embedding=nn.Embedding(config.vocab_size, config.d_model),
+                layers=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                norm_f=nn.RMSNorm(config.d_model, eps=config.norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.aux_loss = torch.zeros(())
         self.moe_stats: Dict[str, torch.Tensor] = {}
@@ -193,7 +202,11 @@ class Mamba(nn.Module):
                     m.weight /= math.sqrt(n_residuals)
 
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[MambaCache]] = None,
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        cache: Optional[List[MambaCache]] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss]."""
         x = self.backbone.embedding(idx)  # (B, T, C)

@@ -51,22 +51,34 @@ def _heads(M: Tensor, n_heads: int) -> Tensor:
 def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
     b, t, h, _ = x.shape
     if dt.shape != (b, t, h) or A.shape != (h,) or B.shape != C.shape or B.shape[:2] != (b, t):
-        raise ValueError(f"ssd: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}, C {tuple(C.shape)} do not match (see megaray.models.mamba.ssd)")
+        raise ValueError(
+            f"ssd: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
+            f"B {tuple(B.shape)}, C {tuple(C.shape)} do not match (see megaray.models.mamba.ssd)"
+        )
     if h % B.size(2):
         raise ValueError(f"ssd: {h} heads are not divisible into {B.size(2)} groups")
 
 
-def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                  initial_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def ssd_recurrent(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """The SSM recurrence token by token (``T`` Python steps): ``O(T H P N)`` work, exact."""
     _check(x, dt, A, B, C)
     b, t, h, p = x.shape
     dtype = _compute_dtype(x)
     xs, dts, As = x.to(dtype), dt.to(dtype), A.to(dtype)
     Bh, Ch = _heads(B, h).to(dtype), _heads(C, h).to(dtype)  # (B, T, H, N)
-    state = (torch.zeros(b, h, p, B.size(-1), dtype=dtype, device=x.device) if initial_state is None
-             else initial_state.to(dtype))
+    state = (
+        torch.zeros(b, h, p, B.size(-1), dtype=dtype, device=x.device)
+        if initial_state is None
+        else initial_state.to(dtype)
+    )
     ys = []
     for i in range(t):
         decay = torch.exp(dts[:, i] * As)  # (B, H)
@@ -91,8 +103,16 @@ def segsum(a: Tensor) -> Tensor:
     return out.masked_fill(~causal, float("-inf"))
 
 
-def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                D: Optional[Tensor] = None, initial_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """The chunked SSD algorithm (``ssd_minimal_discrete``) in plain PyTorch; see the module doc.
 
     Cost ``O(T Q (G N + H P) + T H P N)`` for chunk length ``Q = chunk_size``.
@@ -104,7 +124,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     if chunk_size < 1:
         raise ValueError(f"ssd: chunk_size must be >= 1, got {chunk_size}")
     b, t, h, p = x.shape
-    n, dtype, Q = B.size(-1), _compute_dtype(x), chunk_size
+    dtype, Q = _compute_dtype(x), chunk_size
     pad = (-t) % Q  # zero dt on padded tokens: decay exp(0) = 1 and no input, so the state is unchanged
     xd = F.pad(x.to(dtype) * dt.to(dtype)[..., None], (0, 0, 0, 0, 0, pad))  # (B, T', H, P): dt * x
     a = F.pad(dt.to(dtype) * A.to(dtype), (0, 0, 0, pad))  # (B, T', H): log decay per token
@@ -125,8 +145,9 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, to_end, xd)  # (B, c, H, P, N)
 
     # 3. the recurrence over chunks: the state entering each chunk (and the final one)
-    init = (torch.zeros_like(states[:, :1]) if initial_state is None
-            else initial_state.to(dtype)[:, None])  # (B, 1, H, P, N)
+    init = (
+        torch.zeros_like(states[:, :1]) if initial_state is None else initial_state.to(dtype)[:, None]
+    )  # (B, 1, H, P, N)
     states = torch.cat([init, states], dim=1)  # (B, c+1, H, P, N)
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, H, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # (B, c+1, H, P, N)
@@ -146,17 +167,35 @@ def kernel_available(device: torch.device) -> bool:
     return mamba_chunk_scan_combined is not None and torch.device(device).type == "cuda"
 
 
-def ssd_mamba_ssm(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                  D: Optional[Tensor] = None, initial_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def ssd_mamba_ssm(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """``mamba_ssm``'s fused ``mamba_chunk_scan_combined`` (same contract as :func:`ssd_chunked`).
 
     Raises:
         RuntimeError: ``mamba_ssm`` is not installed (``pip install 'megaray[mamba]'``).
     """
     if mamba_chunk_scan_combined is None:
-        raise RuntimeError("mamba_ssm is not installed: pip install 'megaray[mamba]' (needs CUDA), "
-                           "or set model.ssd_backend: torch")
+        raise RuntimeError(
+            "mamba_ssm is not installed: pip install 'megaray[mamba]' (needs CUDA), or set model.ssd_backend: torch"
+        )
     y, final = mamba_chunk_scan_combined(
-        x, dt, A.float(), B, C, chunk_size, D=D, initial_states=initial_state, dt_softplus=False,
-        return_final_states=True)
+        x,
+        dt,
+        A.float(),
+        B,
+        C,
+        chunk_size,
+        D=D,
+        initial_states=initial_state,
+        dt_softplus=False,
+        return_final_states=True,
+    )
     return y, final

@@ -8,14 +8,22 @@ registers the ``multimodal`` family and nothing heavier (PEP 562).
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="multimodal", config="megaray.models.multimodal.config:MultimodalConfig",
-                    build="megaray.models.multimodal.model:MultimodalTransformer",
-                    task="megaray.tasks.multimodal:MultimodalTask"))
+register(
+    FamilySpec(
+        family="multimodal",
+        config="megaray.models.multimodal.config:MultimodalConfig",
+        build="megaray.models.multimodal.model:MultimodalTransformer",
+        task="megaray.tasks.multimodal:MultimodalTask",
+    )
+)
 
 _LAZY = {
-    "MultimodalTransformer": "megaray.models.multimodal.model", "MultimodalConfig": "megaray.models.multimodal.config",
-    "PRESETS": "megaray.models.multimodal.config", "MODALITIES": "megaray.models.multimodal.config",
-    "SPECIAL_TOKENS": "megaray.models.multimodal.config", "generate_text": "megaray.models.multimodal.generate",
+    "MultimodalTransformer": "megaray.models.multimodal.model",
+    "MultimodalConfig": "megaray.models.multimodal.config",
+    "PRESETS": "megaray.models.multimodal.config",
+    "MODALITIES": "megaray.models.multimodal.config",
+    "SPECIAL_TOKENS": "megaray.models.multimodal.config",
+    "generate_text": "megaray.models.multimodal.generate",
     "generate_span": "megaray.models.multimodal.generate",
 }
 __all__ = sorted(_LAZY)

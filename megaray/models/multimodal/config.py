@@ -31,17 +31,46 @@ _MODERN = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_em
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # CPU seconds, for tests: 8 audio tokens (32 frames / 4), 16 image tokens (16x16 pixels, patch 4)
-    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=512,
-                 audio_frames=32, audio_patch=4, image_size=16, patch_size=4),
+    "tiny": dict(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        block_size=128,
+        vocab_size=512,
+        audio_frames=32,
+        audio_patch=4,
+        image_size=16,
+        patch_size=4,
+    ),
     # smaller still: 4 audio tokens, 4 image tokens (8x8 pixels)
-    "debug": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=512,
-                  audio_frames=16, audio_patch=4, image_size=8, patch_size=4),
+    "debug": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=64,
+        vocab_size=512,
+        audio_frames=16,
+        audio_patch=4,
+        image_size=8,
+        patch_size=4,
+    ),
     # ~85M backbone (GPT-2 small shape, Llama-style parts) on the default 8192-token tokenizer:
     # 64 audio tokens (512 mel frames / 8: 4.1 s at hop 128 and 16 kHz, a whole espeak sentence, so a
     # transcript matches its span), 256 image tokens (64x64 pixels, patch 4)
-    "multimodal_small": dict(n_layer=12, n_head=12, n_kv_heads=4, attention="gqa", n_embd=768, block_size=1024,
-                             vocab_size=8192, audio_frames=512, audio_patch=8, image_size=64, patch_size=4,
-                             **_MODERN),
+    "multimodal_small": dict(
+        n_layer=12,
+        n_head=12,
+        n_kv_heads=4,
+        attention="gqa",
+        n_embd=768,
+        block_size=1024,
+        vocab_size=8192,
+        audio_frames=512,
+        audio_patch=8,
+        image_size=64,
+        patch_size=4,
+        **_MODERN,
+    ),
 }
 
 
@@ -68,7 +97,8 @@ class MultimodalConfig(GPTConfig):
 
     family: Literal["multimodal"] = "multimodal"  # type: ignore[assignment]
     modalities: List[Literal["text", "audio", "image"]] = Field(
-        default_factory=lambda: list(MODALITIES), description="which adapters and heads to build")
+        default_factory=lambda: list(MODALITIES), description="which adapters and heads to build"
+    )
     n_mels: int = Field(80, gt=0, description="channels of an audio frame (mel bands or audio-VAE latent channels)")
     audio_frames: int = Field(64, gt=0, description="frames in one audio span (the data crops / pads to this)")
     audio_patch: int = Field(4, gt=0, description="frames per audio token")
@@ -79,12 +109,14 @@ class MultimodalConfig(GPTConfig):
     image_channels: int = Field(3, gt=0, description="image channels (3 for RGB, latent channels for a VAE)")
     patch_size: int = Field(4, gt=0, description="pixels per image token along each side")
     continuous_head: Literal["regression", "diffusion"] = Field(
-        "regression", description="regression: predict the next patch (MSE/L1); diffusion: Transfusion's DDPM loss")
+        "regression", description="regression: predict the next patch (MSE/L1); diffusion: Transfusion's DDPM loss"
+    )
     regression_loss: Literal["mse", "l1"] = "mse"
     diffusion_timesteps: int = Field(1000, gt=0, description="T of the DDPM process")
     diffusion_schedule: Literal["linear", "cosine"] = Field("linear", description="DDPM's linear or the cosine betas")
     diffusion_prediction: Literal["epsilon", "v"] = Field(
-        "v", description="what the diffusion head predicts: the noise (Transfusion) or v (Salimans & Ho 2022)")
+        "v", description="what the diffusion head predicts: the noise (Transfusion) or v (Salimans & Ho 2022)"
+    )
     diffusion_sample_steps: int = Field(25, gt=0, description="DDIM steps when generating a span")
     text_loss_weight: float = Field(1.0, ge=0)
     audio_loss_weight: float = Field(1.0, ge=0)
@@ -108,28 +140,37 @@ class MultimodalConfig(GPTConfig):
     @model_validator(mode="after")
     def _check_mm(self) -> "MultimodalConfig":
         if self.audio_frames % self.audio_patch:
-            raise ValueError(f"audio_frames ({self.audio_frames}) must be a multiple of "
-                             f"audio_patch ({self.audio_patch})")
+            raise ValueError(
+                f"audio_frames ({self.audio_frames}) must be a multiple of audio_patch ({self.audio_patch})"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if "image" in self.modalities and self.n_embd % 4:
             raise ValueError(f"image spans use 2-D sin-cos positions: n_embd ({self.n_embd}) must be a multiple of 4")
         if self.diffusion_sample_steps > self.diffusion_timesteps:
-            raise ValueError(f"diffusion_sample_steps ({self.diffusion_sample_steps}) exceeds "
-                             f"diffusion_timesteps ({self.diffusion_timesteps})")
+            raise ValueError(
+                f"diffusion_sample_steps ({self.diffusion_sample_steps}) exceeds "
+                f"diffusion_timesteps ({self.diffusion_timesteps})"
+            )
         if self.init == "admin":
-            raise ValueError("init: 'admin' is not supported by family 'multimodal' (its profiling pass runs on "
-                             "text alone); use init 'gpt2'")
+            raise ValueError(
+                "init: 'admin' is not supported by family 'multimodal' (its profiling pass runs on "
+                "text alone); use init 'gpt2'"
+            )
         if self.continuous_head == "diffusion" and self.attn_backend == "flash":
-            raise ValueError("continuous_head 'diffusion' attends bidirectionally inside spans with a mask, which "
-                             "attn_backend 'flash' cannot take: use 'auto' (flash where no mask is needed) or 'sdpa'")
+            raise ValueError(
+                "continuous_head 'diffusion' attends bidirectionally inside spans with a mask, which "
+                "attn_backend 'flash' cannot take: use 'auto' (flash where no mask is needed) or 'sdpa'"
+            )
         spans = {"audio": self.audio_tokens, "image": self.image_tokens}
         longest = max((spans[m] for m in self.modalities if m in spans), default=0)
         need = longest + 2 + MIN_TEXT_TOKENS if longest else MIN_TEXT_TOKENS
         if need > self.block_size:
-            raise ValueError(f"block_size ({self.block_size}) is too short for the longest layout: a span of {longest} "
-                             f"tokens + 2 boundary tokens + {MIN_TEXT_TOKENS} text tokens = {need}; raise block_size "
-                             "or shrink audio_frames / image_size")
+            raise ValueError(
+                f"block_size ({self.block_size}) is too short for the longest layout: a span of {longest} "
+                f"tokens + 2 boundary tokens + {MIN_TEXT_TOKENS} text tokens = {need}; raise block_size "
+                "or shrink audio_frames / image_size"
+            )
         return self
 
     @property
@@ -155,7 +196,7 @@ class MultimodalConfig(GPTConfig):
     @property
     def image_patch_dim(self) -> int:
         """Numbers in one image token's patch: ``image_channels * patch_size ** 2``."""
-        return self.image_channels * self.patch_size ** 2
+        return self.image_channels * self.patch_size**2
 
     @property
     def full_vocab_size(self) -> int:

@@ -39,11 +39,21 @@ def _eval(model) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate_text(model, tokens: torch.Tensor, max_new_tokens: int, *, audio: Optional[torch.Tensor] = None,
-                  audio_start: Optional[torch.Tensor] = None, image: Optional[torch.Tensor] = None,
-                  image_start: Optional[torch.Tensor] = None, temperature: float = 0.0, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, stop_id: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def generate_text(
+    model,
+    tokens: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    audio: Optional[torch.Tensor] = None,
+    audio_start: Optional[torch.Tensor] = None,
+    image: Optional[torch.Tensor] = None,
+    image_start: Optional[torch.Tensor] = None,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Continue ``tokens (B, T0)`` int64 by up to ``max_new_tokens`` text ids -> ``(B, T0 + n)`` int64.
 
     Spans as in :meth:`MultimodalTransformer.hidden` (``audio_start`` / ``image_start`` ``(B,)``).
@@ -74,8 +84,15 @@ def generate_text(model, tokens: torch.Tensor, max_new_tokens: int, *, audio: Op
 
 
 @torch.no_grad()
-def generate_span(model, tokens: torch.Tensor, name: str, *, generator: Optional[torch.Generator] = None,
-                  steps: Optional[int] = None, eta: float = 0.0) -> torch.Tensor:
+def generate_span(
+    model,
+    tokens: torch.Tensor,
+    name: str,
+    *,
+    generator: Optional[torch.Generator] = None,
+    steps: Optional[int] = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """Generate the ``name`` (``"audio"`` / ``"image"``) span that follows ``tokens (B, T0)``.
 
     Args:
@@ -94,8 +111,10 @@ def generate_span(model, tokens: torch.Tensor, name: str, *, generator: Optional
         raise ValueError(f"cannot generate {name}: model.modalities is {model.config.modalities}")
     opener = model.BOA if name == "audio" else model.BOI
     if not bool((tokens[:, -1] == opener).all()):
-        raise ValueError(f"generate_{name}: the prompt must end with the {name} opening token (id {opener}); "
-                         f"got last ids {tokens[:, -1].tolist()}")
+        raise ValueError(
+            f"generate_{name}: the prompt must end with the {name} opening token (id {opener}); "
+            f"got last ids {tokens[:, -1].tolist()}"
+        )
     N, T0 = model.span_tokens(name), tokens.size(1)
     if T0 + N > model.config.block_size:
         raise ValueError(f"prompt of {T0} tokens + {N} {name} tokens exceeds block_size {model.config.block_size}")

@@ -82,9 +82,15 @@ class MultimodalTransformer(nn.Module):
         self.config = config
         C = config.n_embd
         self.BOA, self.EOA, self.BOI, self.EOI = (config.vocab_size + i for i in range(4))
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.full_vocab_size, C), pos=build_position(config), drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]), ln_f=build_final_norm(config)))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.full_vocab_size, C),
+                pos=build_position(config),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=build_final_norm(config),
+            )
+        )
         self.lm_head = nn.Linear(C, config.full_vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
@@ -95,8 +101,11 @@ class MultimodalTransformer(nn.Module):
             grid = config.image_grid
             self.spans["image"] = S.SpanAdapter(config.image_patch_dim, C, sincos_2d(C, grid, grid))
         diffusion = config.continuous_head == "diffusion"
-        self.diffusion = GaussianDiffusion(
-            config.diffusion_timesteps, config.diffusion_schedule, config.diffusion_prediction) if diffusion else None
+        self.diffusion = (
+            GaussianDiffusion(config.diffusion_timesteps, config.diffusion_schedule, config.diffusion_prediction)
+            if diffusion
+            else None
+        )
         self.t_embed = TimestepEmbedder(C) if diffusion else None
         self.activation_checkpointing = config.activation_checkpointing
         self.aux_loss = torch.zeros(())
@@ -123,8 +132,9 @@ class MultimodalTransformer(nn.Module):
             return S.unpatchify_audio(patches, cfg.n_mels)
         return S.unpatchify_image(patches, cfg.image_channels, cfg.patch_size, cfg.image_grid)
 
-    def embed_span(self, name: str, patches: torch.Tensor, t: Optional[torch.Tensor] = None,
-                   offset: int = 0) -> torch.Tensor:
+    def embed_span(
+        self, name: str, patches: torch.Tensor, t: Optional[torch.Tensor] = None, offset: int = 0
+    ) -> torch.Tensor:
         """``patches (B, n, D)`` (the ``offset``-th onwards of a span) -> embeddings ``(B, n, C)``;
         under the diffusion head the embedding of ``t (B,)`` (None = 0, clean) is added."""
         t_emb = None
@@ -133,10 +143,16 @@ class MultimodalTransformer(nn.Module):
             t_emb = self.t_embed(t)
         return self.spans[name].embed(patches, t_emb, offset)
 
-    def prepare_spans(self, tokens: torch.Tensor, audio: Optional[torch.Tensor] = None,
-                      audio_start: Optional[torch.Tensor] = None, image: Optional[torch.Tensor] = None,
-                      image_start: Optional[torch.Tensor] = None, audio_t: Optional[torch.Tensor] = None,
-                      image_t: Optional[torch.Tensor] = None) -> Dict[str, Span]:
+    def prepare_spans(
+        self,
+        tokens: torch.Tensor,
+        audio: Optional[torch.Tensor] = None,
+        audio_start: Optional[torch.Tensor] = None,
+        image: Optional[torch.Tensor] = None,
+        image_start: Optional[torch.Tensor] = None,
+        audio_t: Optional[torch.Tensor] = None,
+        image_t: Optional[torch.Tensor] = None,
+    ) -> Dict[str, Span]:
         """Check and patchify the spans of ``tokens (B, T)`` -> ``{name: (patches, start, t)}``
         (arguments as :meth:`hidden`; a modality whose starts are all -1 or None is left out).
 
@@ -150,8 +166,10 @@ class MultimodalTransformer(nn.Module):
             if start is None or not bool((start >= 0).any()):
                 continue
             if name not in self.spans:
-                raise ValueError(f"the batch has {name} spans but model.modalities is {self.config.modalities}: "
-                                 f"add {name!r} to model.modalities")
+                raise ValueError(
+                    f"the batch has {name} spans but model.modalities is {self.config.modalities}: "
+                    f"add {name!r} to model.modalities"
+                )
             if content is None:
                 raise ValueError(f"{name}_start is given without {name} content")
             first = 1 if self.diffusion is None else 0  # regression: position start - 1 predicts the first patch
@@ -160,8 +178,9 @@ class MultimodalTransformer(nn.Module):
         return out
 
     # -- backbone --------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, cache: Optional[List[KVCache]] = None,
-            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run(
+        self, x: torch.Tensor, cache: Optional[List[KVCache]] = None, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The blocks on embeddings: ``x (B, T, C)`` -> ``ln_f(h) (B, T, C)``.
 
         Positions continue after ``cache`` (from :meth:`new_cache`); ``mask`` is a boolean
@@ -187,8 +206,9 @@ class MultimodalTransformer(nn.Module):
         self.aux_loss, _ = gather_moe_losses(self, x.device)
         return tr.ln_f(x)
 
-    def backbone(self, tokens: torch.Tensor, spans: Mapping[str, Span],
-                 cache: Optional[List[KVCache]] = None) -> torch.Tensor:
+    def backbone(
+        self, tokens: torch.Tensor, spans: Mapping[str, Span], cache: Optional[List[KVCache]] = None
+    ) -> torch.Tensor:
         """``tokens (B, T)`` with ``spans`` (from :meth:`prepare_spans`) placed in -> :meth:`run`'s
         ``(B, T, C)``; under the diffusion head each span attends bidirectionally."""
         x = self.transformer.wte(tokens)  # (B, T, C)
@@ -201,10 +221,17 @@ class MultimodalTransformer(nn.Module):
         mask = None if span_ids is None else span_mask(span_ids)
         return self.run(x, cache, mask)
 
-    def hidden(self, tokens: torch.Tensor, audio: Optional[torch.Tensor] = None,
-               audio_start: Optional[torch.Tensor] = None, image: Optional[torch.Tensor] = None,
-               image_start: Optional[torch.Tensor] = None, *,
-               audio_t: Optional[torch.Tensor] = None, image_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        audio: Optional[torch.Tensor] = None,
+        audio_start: Optional[torch.Tensor] = None,
+        image: Optional[torch.Tensor] = None,
+        image_start: Optional[torch.Tensor] = None,
+        *,
+        audio_t: Optional[torch.Tensor] = None,
+        image_t: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The backbone: ``tokens (B, T)`` int64 with spans -> final-normed hidden states ``(B, T, C)``.
 
         ``audio (B, n_mels, audio_frames)`` / ``image (B, C, H, W)`` fill positions
@@ -281,8 +308,9 @@ class MultimodalTransformer(nn.Module):
         x_t = torch.where(sup[:, None, None], diffusion.q_sample(x0, t, noise), x0)
         return x_t, t, noise if diffusion.prediction == "epsilon" else diffusion.v_target(x0, t, noise)
 
-    def _span_weights(self, name: str, x0: torch.Tensor, start: torch.Tensor,
-                      batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _span_weights(
+        self, name: str, x0: torch.Tensor, start: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         """``(B, N, D)`` float mask of the supervised span elements: rows with a span whose task
         is the from-text one (when ``task`` is given) and, for audio, frames below ``audio_valid``."""
         rows = start >= 0
@@ -295,8 +323,9 @@ class MultimodalTransformer(nn.Module):
             w = w * self.patchify("audio", frames)
         return w
 
-    def _content_loss(self, pred: torch.Tensor, target: torch.Tensor,
-                      w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _content_loss(
+        self, pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Weighted mean of the per-element loss (MSE under the diffusion head; ``regression_loss``
         otherwise) and the count of patches with any weight."""
         diff = pred.float() - target.float()

@@ -78,8 +78,10 @@ def check_spans(start: torch.Tensor, n: int, T: int, name: str, first: int = 0) 
     """Raise ValueError when a row's span ``[start, start + n)`` does not fit ``[first, T)``."""
     has = start >= 0
     if bool((has & ((start < first) | (start + n > T))).any()):
-        raise ValueError(f"{name}_start: a span of {n} tokens must lie in positions [{first}, {T}) of the "
-                         f"sequence; got starts {start.tolist()} (-1 = no {name})")
+        raise ValueError(
+            f"{name}_start: a span of {n} tokens must lie in positions [{first}, {T}) of the "
+            f"sequence; got starts {start.tolist()} (-1 = no {name})"
+        )
 
 
 class SpanAdapter(nn.Module):
@@ -106,7 +108,7 @@ class SpanAdapter(nn.Module):
     def embed(self, patches: torch.Tensor, t_emb: Optional[torch.Tensor] = None, offset: int = 0) -> torch.Tensor:
         x = self.proj_in(patches.to(self.proj_in.weight.dtype))  # (B, N, C)
         if self.positions is not None:
-            x = x + self.positions[offset:offset + x.size(1)].to(x.dtype)
+            x = x + self.positions[offset : offset + x.size(1)].to(x.dtype)
         if t_emb is not None:
             x = x + t_emb[:, None, :].to(x.dtype)
         return x

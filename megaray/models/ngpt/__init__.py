@@ -7,12 +7,20 @@ optimizer step. Importing this package registers the ``ngpt`` family and nothing
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="ngpt", config="megaray.models.ngpt.config:NGPTConfig",
-                    build="megaray.models.ngpt.model:NGPT", task="megaray.tasks.ngpt:NGPTTask"))
+register(
+    FamilySpec(
+        family="ngpt",
+        config="megaray.models.ngpt.config:NGPTConfig",
+        build="megaray.models.ngpt.model:NGPT",
+        task="megaray.tasks.ngpt:NGPTTask",
+    )
+)
 
 _LAZY = {
-    "NGPT": "megaray.models.ngpt.model", "NGPTConfig": "megaray.models.ngpt.config",
-    "PRESETS": "megaray.models.ngpt.config", "unit_norm": "megaray.models.ngpt.model",
+    "NGPT": "megaray.models.ngpt.model",
+    "NGPTConfig": "megaray.models.ngpt.config",
+    "PRESETS": "megaray.models.ngpt.config",
+    "unit_norm": "megaray.models.ngpt.model",
 }
 __all__ = sorted(_LAZY)
 

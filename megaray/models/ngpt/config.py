@@ -46,7 +46,9 @@ class NGPTConfig(ModelConfig):
     n_embd: int = Field(768, gt=0)
     mlp_hidden: Optional[int] = Field(None, gt=0, description="SwiGLU hidden size; None = 4*n_embd (as the reference)")
     rope_theta: float = Field(10000.0, gt=0)
-    base_scale: Optional[float] = Field(None, gt=0, description="init std and scaler storage scale; None = 1/sqrt(n_embd)")
+    base_scale: Optional[float] = Field(
+        None, gt=0, description="init std and scaler storage scale; None = 1/sqrt(n_embd)"
+    )
     alpha_attn_init: float = Field(0.05, gt=0, description="alpha_A: eigen learning rate of the attention update")
     alpha_mlp_init: float = Field(0.05, gt=0, description="alpha_M: eigen learning rate of the MLP update")
     s_qk_init: float = Field(1.0, gt=0, description="s_qk: scale of the normalised queries and keys")
@@ -54,7 +56,8 @@ class NGPTConfig(ModelConfig):
     s_z_init: float = Field(1.0, gt=0, description="s_z: logit scaler")
     attn_backend: Literal["sdpa", "reference"] = "sdpa"
     activation_checkpointing: bool = Field(
-        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)")
+        False, description="recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "NGPTConfig":
@@ -77,4 +80,4 @@ class NGPTConfig(ModelConfig):
     @property
     def scale(self) -> float:
         """``base_scale`` or ``1 / sqrt(n_embd)``."""
-        return self.base_scale or self.n_embd ** -0.5
+        return self.base_scale or self.n_embd**-0.5

@@ -70,8 +70,9 @@ class NormalizedAttention(nn.Module):
 
     def forward(self, h: torch.Tensor, rope: RopeTables, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, C = h.shape
-        q, k, v = (lin(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))  # (B, nh, T, hd) each
+        q, k, v = (
+            lin(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2) for lin in (self.query, self.key, self.value)
+        )  # (B, nh, T, hd) each
         s_qk = self.s_qk().view(1, self.n_head, 1, self.head_dim)
         q = s_qk * unit_norm(apply_rope(q, rope))
         k = s_qk * unit_norm(apply_rope(k, rope))
@@ -154,8 +155,14 @@ class NGPT(nn.Module):
         ``(n_embd, in)``) unit columns (dim 0)."""
         out = [(self.wte.weight, 1), (self.lm_head.weight, 1)]
         for b in self.blocks:
-            out += [(b.attn.query.weight, 1), (b.attn.key.weight, 1), (b.attn.value.weight, 1),
-                    (b.attn.c_proj.weight, 0), (b.mlp.c_fc.weight, 1), (b.mlp.c_proj.weight, 0)]
+            out += [
+                (b.attn.query.weight, 1),
+                (b.attn.key.weight, 1),
+                (b.attn.value.weight, 1),
+                (b.attn.c_proj.weight, 0),
+                (b.mlp.c_fc.weight, 1),
+                (b.mlp.c_proj.weight, 0),
+            ]
         return out
 
     @torch.no_grad()
@@ -166,8 +173,9 @@ class NGPT(nn.Module):
             w.copy_(unit_norm(w.float(), dim).to(w.dtype))
         return self
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                cache: Optional[List[KVCache]] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache: Optional[List[KVCache]] = None
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` int64 targets] -> ``(B, T, V)`` logits [, loss].
 
         Raises:

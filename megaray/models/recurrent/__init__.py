@@ -8,12 +8,20 @@ registers the ``recurrent`` family and nothing heavier (PEP 562).
 
 from megaray.families import FamilySpec, lazy_exports, register
 
-register(FamilySpec(family="recurrent", config="megaray.models.recurrent.config:RecurrentConfig",
-                    build="megaray.models.recurrent.model:RecurrentGPT", task="megaray.tasks.recurrent:RecurrentTask"))
+register(
+    FamilySpec(
+        family="recurrent",
+        config="megaray.models.recurrent.config:RecurrentConfig",
+        build="megaray.models.recurrent.model:RecurrentGPT",
+        task="megaray.tasks.recurrent:RecurrentTask",
+    )
+)
 
 _LAZY = {
-    "RecurrentGPT": "megaray.models.recurrent.model", "RecurrentConfig": "megaray.models.recurrent.config",
-    "PRESETS": "megaray.models.recurrent.config", "sample_depth": "megaray.models.recurrent.model",
+    "RecurrentGPT": "megaray.models.recurrent.model",
+    "RecurrentConfig": "megaray.models.recurrent.config",
+    "PRESETS": "megaray.models.recurrent.config",
+    "sample_depth": "megaray.models.recurrent.model",
 }
 __all__ = sorted(_LAZY)
 

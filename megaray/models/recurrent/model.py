@@ -56,7 +56,7 @@ def sample_depth(cfg: RecurrentConfig, step: int) -> int:
         return cfg.mean_steps
     g = torch.Generator().manual_seed(1_000_003 * cfg.depth_seed + int(step))
     sigma = cfg.recurrent_sigma
-    tau = torch.normal(math.log(r_bar - 1) - sigma ** 2 / 2, sigma, (1,), generator=g)
+    tau = torch.normal(math.log(r_bar - 1) - sigma**2 / 2, sigma, (1,), generator=g)
     return 1 + int(torch.poisson(tau.exp(), generator=g).item())
 
 
@@ -165,8 +165,13 @@ class RecurrentGPT(nn.Module):
         return s
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, num_steps: Optional[int] = None,
-                cache: Optional[List["RecomputeCache"]] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        num_steps: Optional[int] = None,
+        cache: Optional[List["RecomputeCache"]] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """``(B, T)`` int64 ids [, ``(B, T)`` targets] -> ``(B, T, V)`` logits [, loss].
 
         ``cache`` (from :meth:`new_cache`) makes the call continue after the cached tokens, by
@@ -178,7 +183,7 @@ class RecurrentGPT(nn.Module):
         """
         if cache is not None:
             cache[0].ids = idx if cache[0].ids is None else torch.cat([cache[0].ids, idx], dim=1)
-            return self(cache[0].ids, num_steps=num_steps)[:, -idx.size(1):]
+            return self(cache[0].ids, num_steps=num_steps)[:, -idx.size(1) :]
         if num_steps is None:
             num_steps = self.sample_num_steps() if self.training else self.config.mean_steps
         if num_steps < 1:
@@ -198,8 +203,13 @@ class RecurrentGPT(nn.Module):
         return [RecomputeCache()]
 
     @torch.no_grad()
-    def iterate_until_exit(self, idx: torch.Tensor, criterion: Optional[str] = None, threshold: Optional[float] = None,
-                           max_steps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def iterate_until_exit(
+        self,
+        idx: torch.Tensor,
+        criterion: Optional[str] = None,
+        threshold: Optional[float] = None,
+        max_steps: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Adaptive depth for the **last** position of each row: ``(B, T)`` ids ->
         ``(logits (B, V) at the last position, steps (B,) int64)``.
 
@@ -238,10 +248,19 @@ class RecurrentGPT(nn.Module):
         return self.head(s, tables)[:, -1, :], steps
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, stop_token: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, criterion: Optional[str] = None,
-                 threshold: Optional[float] = None, max_steps: Optional[int] = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop_token: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        criterion: Optional[str] = None,
+        threshold: Optional[float] = None,
+        max_steps: Optional[int] = None,
+    ) -> torch.Tensor:
         """Extend ``idx (B, T)`` by up to ``max_new_tokens`` -> ``(B, T + n)`` int64, choosing each
         token's depth with :meth:`iterate_until_exit`; :attr:`last_mean_steps` = mean iterations
         per generated token (over rows and tokens). No KV cache: each token recomputes the
@@ -256,7 +275,9 @@ class RecurrentGPT(nn.Module):
         try:
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
-                logits, steps = self.iterate_until_exit(idx[:, -self.config.block_size:], criterion, threshold, max_steps)
+                logits, steps = self.iterate_until_exit(
+                    idx[:, -self.config.block_size :], criterion, threshold, max_steps
+                )
                 used.append(steps.float())
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)
                 if stop_token is not None:

@@ -59,6 +59,7 @@ def main() -> None:
 
     from megaray.data.text import load_manifest, num_windows, prepare_text
     from megaray.train.launch import ensure_ray, fit
+    from megaray.train.reporter import GOODPUT, time_key
 
     storage = tempfile.mkdtemp(prefix="megaray-goodput-")
     shards = f"{storage}/data"
@@ -74,12 +75,12 @@ def main() -> None:
         "steps": args.steps,
         "epoch_steps": epoch_steps,
         "batch_size": batch,
-        "goodput": round(m["goodput"], 4),
-        "startup_s": round(m["time/startup_s"], 2),
-        "eval_s_each": round(m["time/eval_s"] / max(1, n_evals), 2),
-        "wall_s": round(m["time/wall_s"], 1),
-        "data_wait_s": round(m["time/data_wait_s"], 2),
-        "checkpoint_s": round(m["time/checkpoint_s"], 2),
+        "goodput": round(m[GOODPUT], 4),
+        "startup_s": round(m[time_key("startup")], 2),
+        "eval_s_each": round(m[time_key("eval")] / max(1, n_evals), 2),
+        "wall_s": round(m[time_key("wall")], 1),
+        "data_wait_s": round(m[time_key("data_wait")], 2),
+        "checkpoint_s": round(m[time_key("checkpoint")], 2),
     }
     print(json.dumps(out, indent=2))
 

@@ -5,7 +5,7 @@ that holds the shuffle block of its checkpoint's cursor (``megaray.data.text.str
 so its start-up should not grow with the position in the epoch. This measures it: a text corpus
 of many row groups (the stdlib docstrings, ``prepare_text(rows_per_group=...)``), a run trained
 and checkpointed at 10% of its epoch and another at 90%, then each re-run for one more step; the
-re-run's ``time/startup_s`` (``fit`` start to its first trained micro-batch: Ray Train's worker
+re-run's ``system/time_startup_s`` (``fit`` start to its first trained micro-batch: Ray Train's worker
 group, DeepSpeed, checkpoint restore, the stream's first batch) is the resume's cost. The same on
 local storage (shards and checkpoints in a temporary folder) and on ``s3://`` storage: a moto S3
 server on 127.0.0.1, the shards prepared straight into its bucket, checkpoints uploaded there by
@@ -95,12 +95,13 @@ def train_to(shards: str, storage: str, name: str, at_step: int, batch_size: int
 
 
 def resume_once(shards: str, storage: str, name: str, to_step: int, batch_size: int, shuffle_block: int) -> float:
-    """Re-run ``name`` to ``to_step`` (one step past its latest checkpoint): its ``time/startup_s``."""
+    """Re-run ``name`` to ``to_step`` (one step past its latest checkpoint): its ``system/time_startup_s``."""
     from megaray.train.launch import fit
+    from megaray.train.reporter import time_key
 
     result = fit(config(shards, storage, name, to_step, batch_size, shuffle_block), console=False)
     assert result.metrics["step"] == to_step, result.metrics
-    return float(result.metrics["time/startup_s"])
+    return float(result.metrics[time_key("startup")])
 
 
 def main() -> None:

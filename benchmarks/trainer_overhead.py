@@ -153,7 +153,7 @@ def main() -> None:
             "scaling.num_workers=1",
             f"scaling.storage_path={work / 'runs'}",
             f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-            "tracking.sample_tokens=0",
+            "eval.sample_tokens=0",
         ],
     )
     ensure_ray()

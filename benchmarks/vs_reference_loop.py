@@ -220,7 +220,7 @@ def main() -> None:
                 f"scaling.storage_path={work / 'runs'}",
                 f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
                 "tracking.experiment=vs-reference",
-                "tracking.sample_tokens=0",
+                "eval.sample_tokens=0",
                 "tracking.log_model=false",
                 "tracking.system_metrics_interval_s=0",
             ],

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterator, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, ClassVar, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -37,6 +37,56 @@ class StrictConfig(BaseModel):
     """Base of every megaray config: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunPath:
+    """Marks a ``str`` field as a path: ``Annotated[Optional[str], RunPath()]``. A local path is made
+    absolute once, on the driver, against its working directory
+    (:func:`megaray.train.launch.resolve_paths`, through :func:`map_paths`), because Ray Train
+    workers and Tune trials run in Ray's own working directory; a URI (``s3://``) is kept. Any
+    section may mark fields, a family's sections too: nothing lists them."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class CheckpointPath(RunPath):
+    """A :class:`RunPath` naming a checkpoint: a checkpoint or run directory, or a ``models:/`` URI of
+    the MLflow Model Registry (resolved to its checkpoint at the run's tracking URI)."""
+
+
+#: a path field (made absolute on the driver); ``OptionalPath`` may be None
+PathStr = Annotated[str, RunPath()]
+OptionalPath = Annotated[Optional[str], RunPath()]
+
+
+def map_paths(config: BaseModel, fn: Callable[[str, RunPath], str]) -> Any:
+    """A deep copy of ``config`` with ``fn(value, marker)`` applied to every non-empty field marked
+    :class:`RunPath` (or :class:`CheckpointPath`), found by type wherever it is: in sections, lists
+    and mappings of sections, and a family's sections (a :class:`RunConfig`'s extras)."""
+    out = config.model_copy(deep=True)
+    _map_paths(out, fn)
+    return out
+
+
+def _map_paths(obj: Any, fn: Callable[[str, RunPath], str]) -> None:
+    if isinstance(obj, BaseModel):
+        for name, info in type(obj).model_fields.items():
+            marker = next((m for m in info.metadata if isinstance(m, RunPath)), None)
+            value = getattr(obj, name)
+            if marker is not None:
+                if isinstance(value, str) and value:
+                    setattr(obj, name, fn(value, marker))
+            else:
+                _map_paths(value, fn)
+        for value in (obj.model_extra or {}).values():
+            _map_paths(value, fn)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _map_paths(value, fn)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _map_paths(value, fn)
 
 
 class ModelConfig(StrictConfig):
@@ -75,7 +125,7 @@ class ModelConfig(StrictConfig):
 class DataSource(StrictConfig):
     """One prepared shard set in a weighted mixture."""
 
-    shards: str = Field(..., description="directory written by `megaray prepare` (local, s3://, gs://)")
+    shards: PathStr = Field(..., description="directory written by `megaray prepare` (local, s3://, gs://)")
     weight: float = Field(1.0, gt=0, description="relative share of training batches drawn from this source")
 
 
@@ -87,7 +137,7 @@ class DataConfig(StrictConfig):
     the driver.
     """
 
-    shards: str = Field("data/stdlib", description="directory written by `megaray prepare` (local, s3://, gs://)")
+    shards: PathStr = Field("data/stdlib", description="directory written by `megaray prepare` (local, s3://, gs://)")
     sources: Optional[List[DataSource]] = Field(
         None, min_length=1, description="weighted mixture [{shards, weight}]; replaces `shards` when given"
     )
@@ -99,7 +149,7 @@ class DataConfig(StrictConfig):
         "resume re-reads one block; memory holds one); 0 = stream order, no shuffling",
     )
     num_val_batches: int = Field(8, gt=0, description="validation batches per worker per eval")
-    val_shards: Optional[str] = Field(
+    val_shards: OptionalPath = Field(
         None,
         description="a separate prepared folder to validate on (text families): its val split, or its train "
         "split when its val split is empty; must share the train shards' tokenizer. None = the val split of "
@@ -128,6 +178,22 @@ class GrokfastConfig(StrictConfig):
 
     alpha: float = Field(0.98, ge=0, lt=1, description="EMA momentum")
     lamb: float = Field(2.0, ge=0, description="amplification of the slow gradient component")
+
+
+class GuardConfig(StrictConfig):
+    """The training guard (``megaray.train.guard``): after each optimizer step, the all-reduced
+    loss and the gradient norms are judged; a non-finite value or a spike rolls the run back to
+    its last checkpoint and skips that step's samples from then on."""
+
+    enabled: bool = Field(True, description="judge every optimizer step; false = train through anything")
+    spike_factor: float = Field(
+        10.0, gt=1, description="a loss or gradient norm above this x its running median is a spike"
+    )
+    window: int = Field(50, ge=1, description="good steps the running median looks back on")
+    min_history: int = Field(10, ge=1, description="good steps before spikes are judged (non-finite: always)")
+    max_bad_in_a_row: int = Field(
+        3, ge=1, description="bad steps with no good one between after which the run stops instead of rolling back"
+    )
 
 
 class TrainConfig(StrictConfig):
@@ -186,12 +252,16 @@ class TrainConfig(StrictConfig):
     modules: Dict[str, ModuleOptim] = Field(
         default_factory=dict, description="per-module optimizer settings by module name, e.g. {disc: {lr: 1e-4}}"
     )
+    guard: GuardConfig = Field(
+        default_factory=GuardConfig,
+        description="NaN and loss-spike guard: roll back to the last checkpoint and skip the bad step's samples",
+    )
     grokfast: Optional[GrokfastConfig] = Field(
         None,
         description="Grokfast EMA gradient filter before every optimizer step (megaray.train.grokfast); null = off",
     )
     compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine.compile()")
-    init_from: Optional[str] = Field(
+    init_from: Annotated[Optional[str], CheckpointPath()] = Field(
         None,
         description="checkpoint (or run directory: its latest) whose model weights start this run "
         "(fine-tuning); optimizer and step start fresh; a resumed run keeps its own checkpoint instead",
@@ -313,6 +383,10 @@ class WandbConfig(StrictConfig):
     )
 
 
+#: keys of ``tracking:`` that moved to the text families' ``eval:`` section, with their old defaults
+_MOVED_TRACKING_KEYS: Dict[str, Any] = {"sample_prompt": "The ", "sample_tokens": 48}
+
+
 class TrackingConfig(StrictConfig):
     """MLflow settings (MLflow is the default tracker; ``enabled`` switches it), and the optional
     TensorBoard and W&B trackers beside it. tracking_uri None = $MLFLOW_TRACKING_URI, else
@@ -321,8 +395,6 @@ class TrackingConfig(StrictConfig):
     enabled: bool = True
     tracking_uri: Optional[str] = None
     experiment: str = "megaray"
-    sample_prompt: str = "The "
-    sample_tokens: int = Field(48, ge=0)
     system_metrics_interval_s: float = Field(
         10.0,
         ge=0,
@@ -361,6 +433,24 @@ class TrackingConfig(StrictConfig):
         "None = off (pip install wandb)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """``sample_prompt``/``sample_tokens`` moved to the text families' ``eval:`` section: with
+        their old defaults (an older megaray's config.yaml of every run) they are dropped, with any
+        other value they are an error naming the new key."""
+        if not isinstance(data, dict):
+            return data
+        moved = [k for k, old in _MOVED_TRACKING_KEYS.items() if k in data and data[k] != old]
+        if moved:
+            raise ValueError(
+                "; ".join(
+                    f"tracking.{k} has moved to eval.{k} (the eval: section of the text families): set eval.{k} instead"
+                    for k in moved
+                )
+            )
+        return {k: v for k, v in data.items() if k not in _MOVED_TRACKING_KEYS}
+
     def resolved_uri(self) -> str:
         """The MLflow tracking URI this run logs to (absolute for local SQLite)."""
         if self.tracking_uri:
@@ -371,66 +461,26 @@ class TrackingConfig(StrictConfig):
         return "sqlite:///" + str(Path("mlflow.db").resolve())
 
 
-class EvalConfig(StrictConfig):
-    """Extra evaluations at every ``train.eval_every`` (text runs)."""
-
-    hellaswag: Optional[str] = Field(
-        None,
-        description="HellaSwag JSONL (ctx, endings, label per line) scored at every evaluation "
-        "(hellaswag_acc, hellaswag_acc_norm); None = off",
-    )
-    hellaswag_limit: Optional[int] = Field(None, gt=0, description="score only the first N examples; None = all")
+#: ``provider(family) -> {key: (section class, families contributing it)}`` for every registered family
+#: section; set by :mod:`megaray.families` (which imports this module, so this module names no family)
+SectionProvider = Callable[[str], Dict[str, Tuple[type, Tuple[str, ...]]]]
+_SECTION_PROVIDER: List[SectionProvider] = []
 
 
-class DiffusionSection(StrictConfig):
-    """Run-level settings of a diffusion run (``model.family: dit``): the frozen networks that decode
-    samples, the text conditioning of a mel DiT, and how evaluation samples (``megaray sample``
-    uses the same defaults). Paths are made absolute on the driver, like ``data.shards``."""
-
-    vae_checkpoint: Optional[str] = Field(
-        None,
-        description="image VAE checkpoint (or its run directory) whose latents the DiT models: decodes "
-        "sample grids; needed for runs on `image_latents` shards (default: the one the shards name)",
-    )
-    vocoder_checkpoint: Optional[str] = Field(
-        None,
-        description="vocoder checkpoint (or run directory) that turns sampled log-mels into wav files; "
-        "None = mel PNGs only",
-    )
-    text_encoder: Literal["bytes", "gpt", "t5"] = Field(
-        "bytes",
-        description="text conditioning of a mel DiT: bytes = UTF-8 byte ids through the DiT's learned "
-        "embedding (model.text_vocab_size >= 257); gpt = hidden states of the frozen megaray GPT checkpoint at "
-        "text_encoder_path; t5 = a local Hugging Face T5 encoder directory at text_encoder_path",
-    )
-    text_encoder_path: Optional[str] = Field(
-        None, description="checkpoint (gpt) or local Hugging Face directory (t5) of the text encoder"
-    )
-    text_max_len: int = Field(64, gt=0, description="transcripts are cut to this many bytes / tokens")
-    mel_mean: float = Field(-5.0, description="log-mels enter the DiT as (mel - mel_mean) / mel_std")
-    mel_std: float = Field(2.5, gt=0, description="see mel_mean")
-    cfg_scale: float = Field(4.0, ge=1, description="classifier-free guidance scale of evaluation samples (1 = off)")
-    sample_steps: int = Field(50, gt=0, description="DDIM steps of evaluation samples")
-    n_samples: int = Field(8, gt=0, description="samples drawn (from the same fixed noise) at every evaluation")
-    sample_seed: int = Field(0, description="seed of the fixed evaluation noise and timesteps")
-
-
-class GenerationConfig(StrictConfig):
-    """Sampling defaults of ``megaray generate --checkpoint RUN`` (read from the run's saved
-    config); a flag given on the command line wins over each."""
-
-    prompt: Optional[str] = Field(
-        None, description="text to continue; None = 'The ' (multimodal checkpoints: the command's own default for --to)"
-    )
-    max_new_tokens: int = Field(64, gt=0, description="tokens to add (fewer if the end-of-text token comes)")
-    temperature: float = Field(0.8, ge=0, description="0 = greedy")
-    top_k: Optional[int] = Field(40, ge=0, description="sample among the k most likely tokens; None or 0 = all")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus sampling; None = off")
-    seed: int = Field(0, description="seed of the sampler")
+def set_section_provider(provider: SectionProvider) -> None:
+    """Tell :class:`RunConfig` where family sections come from (called once by :mod:`megaray.families`)."""
+    _SECTION_PROVIDER[:] = [provider]
 
 
 class RunConfig(StrictConfig):
-    """A whole run: model, data, optimisation, scaling and tracking."""
+    """A whole run: model, data, optimisation, scaling and tracking, plus the sections its family
+    contributes (``FamilySpec.sections``: ``diffusion:`` of a DiT run, ``eval:`` and
+    ``generation:`` of a text run). A family section is a pydantic extra holding its typed
+    section (``cfg.diffusion.sample_steps``); an absent one gets its defaults; a top-level key
+    that is neither a field here nor a section of the run's family is an error. Sections are
+    instances of importable classes, so a RunConfig pickles (Ray Train workers, Tune trials)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: SerializeAsAny[ModelConfig]
@@ -438,9 +488,47 @@ class RunConfig(StrictConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_sections(cls, data: Any) -> Any:
+        """Validate each family section into its class, add absent ones with their defaults,
+        refuse other unknown keys (ConfigError lines naming the key and the valid ones)."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        family = model.get("family") if isinstance(model, dict) else getattr(model, "family", None)
+        known = _SECTION_PROVIDER[0](str(family)) if _SECTION_PROVIDER and family else {}
+        mine = {k: c for k, (c, fams) in known.items() if family in fams}
+        out: Dict[str, Any] = {}
+        errors: List[str] = []
+        for key, value in data.items():
+            section = mine.get(key)
+            if key in cls.model_fields:
+                out[key] = value
+            elif section is not None:
+                if isinstance(value, section):
+                    out[key] = value
+                else:
+                    try:
+                        out[key] = section.model_validate({} if value is None else value)
+                    except ValidationError as e:
+                        errors += _error_lines(section, e, key)
+            elif key in known and _is_default(known[key][0], value):
+                continue  # written by an older megaray into every run's config.yaml: dropped
+            else:
+                valid = [*cls.model_fields, *mine]
+                owners = known.get(key, (None, ()))[1]
+                what = f"the section of family {', '.join(owners)}, not of {family!r}" if owners else "unknown key"
+                errors.append(
+                    f"{key}: {what}{suggest(str(key), valid)}{_origin_note(str(key))}; "
+                    f"valid keys of a run of family {family!r}: {', '.join(valid)}"
+                )
+        if errors:
+            raise ConfigError("\n  ".join(errors))
+        for key, section in mine.items():
+            out.setdefault(key, section())
+        return out
 
     def to_yaml(self, path: Optional[str | os.PathLike] = None) -> str:
         """The fully resolved config as YAML; also written to ``path`` when given."""
@@ -650,11 +738,25 @@ def validate(cls: type[BaseModel], data: Dict[str, Any], prefix: str = "") -> An
 
 
 def _format_errors(cls: type[BaseModel], err: ValidationError, prefix: str) -> str:
+    return "invalid config:\n  " + "\n  ".join(_error_lines(cls, err, prefix))
+
+
+def _is_default(section: type, value: Any) -> bool:
+    """Whether ``value`` validates into ``section``'s defaults (an older config.yaml's untouched section)."""
+    try:
+        return section.model_validate(value or {}).model_dump() == section().model_dump()
+    except ValidationError:
+        return False
+
+
+def _error_lines(cls: type[BaseModel], err: ValidationError, prefix: str) -> List[str]:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         path = ".".join(([prefix] if prefix else []) + loc)
-        if e["type"] == "extra_forbidden":
+        if isinstance((e.get("ctx") or {}).get("error"), ConfigError) and not loc:
+            lines.append(str(e["ctx"]["error"]))  # RunConfig's family sections: lines already formatted
+        elif e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
             lines.append(f"{path}: unknown key{suggest(loc[-1], valid)}{_origin_note(path)}")
         else:
@@ -667,7 +769,7 @@ def _format_errors(cls: type[BaseModel], err: ValidationError, prefix: str) -> s
                     else ""
                 )
             )
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return lines
 
 
 def _fields_at(cls: Any, loc: List[str]) -> List[str]:

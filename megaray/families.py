@@ -1,9 +1,13 @@
 """Model families: ``model.family`` -> :class:`FamilySpec` (config class, builder, training task).
 
 Each family package registers itself when imported (``megaray/models/gpt/__init__.py`` calls
-:func:`register`); :data:`PACKAGES` lists the packages, so **a new family is one package plus
-one line here**. Specs hold import strings, so loading a config imports a family's config class
-and nothing heavier. See ``docs/architecture.md`` ("Adding a family").
+:func:`register`); :func:`registry` imports every package under ``megaray/models/`` and every
+module named by a ``megaray.families`` entry point (a family in another distribution), so **a
+new family is one package and its one registration**: its config class, network, task, run
+sections (``FamilySpec.sections``), how it is chosen without ``model.family`` and how it is
+described all come from its :class:`FamilySpec`; this module names no family. Specs hold import
+strings, so loading a config imports a family's config class and nothing heavier. See
+``docs/architecture.md`` ("Adding a family").
 
 This module also turns YAML into a typed :class:`~megaray.config.RunConfig`
 (:func:`load_config`): the model section needs the family's config class.
@@ -12,24 +16,19 @@ This module also turns YAML into a typed :class:`~megaray.config.RunConfig`
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+import pkgutil
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megaray.config import RunConfig, key_origins, load_layered, suggest, validate
+from megaray.config import RunConfig, key_origins, load_layered, set_section_provider, suggest, validate
 from megaray.errors import ConfigError
 
-#: family packages; each registers its families on import
-PACKAGES = (
-    "megaray.models.gpt",
-    "megaray.models.audio",
-    "megaray.models.mamba",
-    "megaray.models.ngpt",
-    "megaray.models.image",
-    "megaray.models.diffusion",
-    "megaray.models.recurrent",
-    "megaray.models.multimodal",
-)
+#: where family packages live (each registers its families on import) and the entry-point group
+#: naming family modules of other distributions (``[project.entry-points."megaray.families"]``)
+MODELS_PACKAGE = "megaray.models"
+ENTRY_POINTS = "megaray.families"
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,19 @@ class FamilySpec:
             loss, datasets and evaluation for the one training loop.
         tasks: other tasks the family trains with, ``((name, "module:Class"), ...)``, picked by
             ``train.task: name`` (e.g. ``("sft", "megaray.tasks.finetune:SFTTask")``).
+        sections: the run-config sections the family (and its tasks) own, ``((key, "module:Class"),
+            ...)``: a top-level ``key:`` of a run of this family is validated into ``Class`` (a
+            :class:`~megaray.config.StrictConfig`; defaults when absent) and read as
+            ``cfg.key.field``; a run of another family refuses the key. Fields typed
+            :class:`~megaray.config.RunPath` are made absolute on the driver. Families may share a
+            key only with the same class (``eval`` and ``generation`` of the text families).
+        claims: ``"module:func"``; ``func(model_raw) -> bool`` says whether a model section that
+            names no ``family`` builds this family (it may drop keys that only served the choice
+            from ``model_raw``; raise ConfigError on a malformed one). Asked in descending
+            ``priority``; the first to claim wins. None = never chosen without ``family``.
+        describe: ``"module:func"``; ``func(config) -> str``, the one-line model type printed by
+            ``megaray train`` and logged to MLflow. None = the family name.
+        priority: order of ``claims`` (higher asked first).
     """
 
     family: str
@@ -51,16 +63,24 @@ class FamilySpec:
     build: str
     task: str
     tasks: Tuple[Tuple[str, str], ...] = ()
+    sections: Tuple[Tuple[str, str], ...] = ()
+    claims: Optional[str] = None
+    describe: Optional[str] = None
+    priority: int = 0
 
 
 _REGISTRY: Dict[str, FamilySpec] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
-    """Add ``spec`` (called by a family package's ``__init__``). Raises ValueError on a duplicate."""
+    """Add ``spec`` (called by a family package's ``__init__``). Raises ValueError on a duplicate
+    family or a section key that is a core key of the run config (``train``, ``data``, ...)."""
     old = _REGISTRY.get(spec.family)
     if old is not None and old != spec:
         raise ValueError(f"family {spec.family!r} registered twice ({old} and {spec})")
+    for key, _ in spec.sections:
+        if key in RunConfig.model_fields:
+            raise ValueError(f"family {spec.family!r}: section {key!r} is a core key of the run config; pick another")
     _REGISTRY[spec.family] = spec
     return spec
 
@@ -79,9 +99,22 @@ def lazy_exports(package: str, names: Dict[str, str]) -> Any:
     return __getattr__
 
 
+def packages() -> List[str]:
+    """The modules that register families: every package under :data:`MODELS_PACKAGE`, then every
+    module an :data:`ENTRY_POINTS` entry point names (sorted, so the order is stable)."""
+    models = importlib.import_module(MODELS_PACKAGE)
+    found = [f"{MODELS_PACKAGE}.{m.name}" for m in pkgutil.iter_modules(models.__path__) if m.ispkg]
+    return sorted(found) + sorted(ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINTS))
+
+
+_IMPORTED: List[str] = []
+
+
 def registry() -> Dict[str, FamilySpec]:
-    """Every registered family (imports the packages in :data:`PACKAGES` once)."""
-    for pkg in PACKAGES:
+    """Every registered family (imports the modules of :func:`packages` once)."""
+    if not _IMPORTED:
+        _IMPORTED.extend(packages())
+    for pkg in _IMPORTED:
         importlib.import_module(pkg)
     return dict(_REGISTRY)
 
@@ -89,6 +122,25 @@ def registry() -> Dict[str, FamilySpec]:
 def _load(ref: str) -> Any:
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def sections() -> Dict[str, Tuple[type, Tuple[str, ...]]]:
+    """Every registered family section: ``{key: (class, families contributing it)}``.
+
+    Raises:
+        ValueError: two families contribute one key with different classes.
+    """
+    out: Dict[str, Tuple[type, Tuple[str, ...]]] = {}
+    for s in registry().values():
+        for key, ref in s.sections:
+            cls = _load(ref)
+            if key in out and out[key][0] is not cls:
+                raise ValueError(f"section {key!r}: families {out[key][1]} and {s.family!r} give different classes")
+            out[key] = (cls, out.get(key, (cls, ()))[1] + (s.family,))
+    return out
+
+
+set_section_provider(lambda family: sections())
 
 
 def spec(family: str) -> FamilySpec:
@@ -147,60 +199,35 @@ def load_config(source: str | os.PathLike | Dict[str, Any], overrides: Sequence[
         return build_run_config(layered.raw)
 
 
-#: the modalities a model section may name (``model.modalities``)
-MODALITIES = ("text", "audio", "image")
-
-
 def select_family(model_raw: Dict[str, Any]) -> str:
-    """The model type of a model section that names no ``family`` (the seeds' automatic choice).
-
-    * ``modalities`` naming anything besides ``text`` -> ``multimodal`` (one backbone over text,
-      speech and images); ``modalities: [text]`` is dropped and means the causal GPT;
-    * ``recurrent: true``, a ``recurrent_*`` key (e.g. ``recurrent_mean_thinking_steps``) or a ``recurrent*`` preset ->
-      ``recurrent`` (the recurrent-depth transformer);
-    * otherwise ``gpt``.
-
-    ``model_raw`` is edited in place (a text-only ``modalities`` is removed).
+    """The family of a model section that names no ``family``: the first registered family, in
+    descending ``priority``, whose ``claims`` hook claims ``model_raw`` (multimodal: ``modalities``
+    beyond text; recurrent: a ``recurrent*`` key or preset; gpt: anything). ``model_raw`` may be
+    edited in place by a hook (e.g. a text-only ``modalities`` is removed).
 
     Raises:
-        ConfigError: ``modalities`` is not a list of known names (the message names the bad one
-            and the valid ones).
+        ConfigError: a hook refuses a malformed key (naming it), or no family claims the section.
     """
-    mods = model_raw.get("modalities")
-    if mods is not None:
-        if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not mods:
-            raise ConfigError(f"model.modalities: expected a non-empty list such as [text, audio], got {mods!r}")
-        for m in mods:
-            if m not in MODALITIES:
-                raise ConfigError(
-                    f"model.modalities: unknown modality {m!r}{suggest(str(m), MODALITIES)}; "
-                    f"valid modalities: {', '.join(MODALITIES)}"
-                )
-        if set(mods) != {"text"}:
-            return "multimodal"
-        model_raw.pop("modalities")
-    flag = model_raw.pop("recurrent", None)  # `recurrent: true` names the type outright
-    if flag is not None and not isinstance(flag, bool):
-        raise ConfigError(f"model.recurrent: expected true or false, got {flag!r}")
-    if (
-        flag
-        or any(str(k).startswith("recurrent") for k in model_raw)
-        or str(model_raw.get("preset") or "").startswith("recurrent")
-    ):
-        return "recurrent"
-    return "gpt"
+    specs = sorted((s for s in registry().values() if s.claims), key=lambda s: -s.priority)
+    for s in specs:
+        if _load(s.claims)(model_raw):
+            return s.family
+    raise ConfigError(
+        f"model.family: required (no family claims this model section); known: {', '.join(sorted(registry()))}"
+    )
 
 
 def describe_model(config: Any) -> str:
     """One line naming the model type a run builds, printed by ``megaray train`` and logged to
-    MLflow (tag ``megaray.model_type``): ``"multimodal (text, audio, image)"``, ``"recurrent
-    (mean depth 4)"``, ``"gpt"``."""
-    family = config.family
-    if family == "multimodal":
-        return f"multimodal ({', '.join(config.modalities)})"
-    if family == "recurrent":
-        return f"recurrent (mean depth {config.recurrent_mean_thinking_steps:g})"
-    return family
+    MLflow (tag ``megaray.model_type``): the family's ``describe`` hook (``"multimodal (text, audio,
+    image)"``, ``"recurrent (mean depth 4)"``), else the family name (``"gpt"``)."""
+    hook = spec(config.family).describe
+    return _load(hook)(config) if hook else config.family
+
+
+def claims_any(model_raw: Dict[str, Any]) -> bool:
+    """A ``claims`` hook that claims every model section (the default family's, at the lowest priority)."""
+    return True
 
 
 def build_run_config(raw: Dict[str, Any]) -> RunConfig:

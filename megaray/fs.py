@@ -137,12 +137,15 @@ def _umask() -> int:
     return mask
 
 
-def check_target(out_dir: str, overwrite: bool, marker: str = MANIFEST) -> None:
+def check_target(out_dir: str, overwrite: bool, marker: str = MANIFEST, *, how: str = "pass overwrite=True") -> None:
     """Refuse to write into a prepared or non-empty folder unless ``overwrite``.
+
+    ``how`` is the remedy the message names, in the caller's own terms: the Python API's keyword
+    by default, ``"pass --overwrite"`` from the command line (:mod:`megaray.cli.prepare`).
 
     Raises:
         DataError: ``out_dir`` holds ``marker`` (already prepared) or, locally, is a file or a
-            non-empty folder; the message says to pass ``overwrite``.
+            non-empty folder; the message ends with ``how`` ``to replace it``.
     """
     if overwrite:
         return
@@ -151,11 +154,9 @@ def check_target(out_dir: str, overwrite: bool, marker: str = MANIFEST) -> None:
         fs.get_file_info(posixpath.join(path, marker) if is_uri(out_dir) else os.path.join(path, marker)).type
         != pafs.FileType.NotFound
     ):
-        raise DataError(
-            f"{out_dir} already holds prepared data ({marker}); pass overwrite=True (--overwrite) to replace it"
-        )
+        raise DataError(f"{out_dir} already holds prepared data ({marker}); {how} to replace it")
     if not is_uri(out_dir) and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise DataError(f"{out_dir} exists and is not an empty folder; pass overwrite=True (--overwrite) to replace it")
+        raise DataError(f"{out_dir} exists and is not an empty folder; {how} to replace it")
 
 
 @contextmanager

@@ -92,7 +92,7 @@ def test_reference_ablations_are_the_baseline_plus_one_change():
     assert (m.block_size, m.vocab_size) == (1024, 50304)
     assert t.global_batch_size * m.block_size == 524288 and t.global_batch_size == d.batch_size * s.max_workers * 4
     assert (t.max_steps, t.eval_every, t.checkpoint_every, t.precision) == (19073, 250, 250, "bf16")
-    assert base.eval.hellaswag and base.tracking.sample_tokens > 0 and s.use_gpu is True and t.zero_stage in (1, 2)
+    assert base.eval.hellaswag and base.eval.sample_tokens > 0 and s.use_gpu is True and t.zero_stage in (1, 2)
     for name, change in REFERENCE_EXPECTED.items():
         raw = yaml.safe_load((REFERENCE / f"{name}.yaml").read_text())
         if name != "baseline":

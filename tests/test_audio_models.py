@@ -8,12 +8,10 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import StandInEngine
 
 from megaray import families as registry
 from megaray.config import ConfigError
@@ -267,26 +265,6 @@ def test_discriminators_output_logits_and_feature_maps():
         assert logits.dim() == 2 and logits.shape[0] == 2 and len(fmaps) >= 2
 
 
-class StandInEngine:
-    """Mimics the DeepSpeed engine API the task uses: ``__call__``, ``module``, ``backward``, ``step``."""
-
-    def __init__(self, module: torch.nn.Module, lr: float = 1e-3):
-        self.module = module
-        self.opt = torch.optim.AdamW(module.parameters(), lr=lr)
-        self.steps = 0
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.steps += 1
-
-
 def _params(m):
     return [p.detach().clone() for p in m.parameters()]
 
@@ -322,54 +300,6 @@ def test_gan_train_step_updates_generator_and_discriminator_after_warmup():
     assert _changed(g1, mods["model"]) > 0 and _changed(d1, mods["disc"]) > 0
     # the generator's backward left no gradient on the discriminator, which is trainable again
     assert all(p.grad is None and p.requires_grad for p in mods["disc"].parameters())
-
-
-@pytest.mark.slow
-def test_gan_train_step_with_real_deepspeed_engines(tmp_path):
-    """Two real ``deepspeed.initialize`` engines (ZeRO-2, fp32, gloo, one process)."""
-    script = textwrap.dedent(
-        """
-        import os, json, torch
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        import deepspeed
-        from megaray.families import build_run_config
-        from megaray.tasks.vocoder import VocoderTask
-        from megaray.train.engines import build_engine
-        cfg = build_run_config({"model": {"family": "vocoder", "preset": "tiny_lightheaded_freq_domain_vocoder",
-                                          "adversarial": True, "adv_start_step": 1},
-                                "data": {"batch_size": 2},
-                                "train": {"zero_stage": 2, "max_steps": 10, "warmup_steps": 0}, "scaling": {"num_workers": 1}})
-        deepspeed.init_distributed(dist_backend="gloo")
-        task = VocoderTask(cfg)
-        mods = task.build_modules()
-        engines = {n: build_engine(m, task.param_groups(n, m), cfg, "fp32")[0] for n, m in mods.items()}
-        torch.manual_seed(0)
-        y = 0.3 * torch.randn(2, 8192)
-        batch = {"audio": y, "mel": mods["model"].features(y)}
-        before = {n: [p.detach().clone() for p in m.parameters()] for n, m in mods.items()}
-        metrics = [task.train_step(engines, batch, s) for s in range(2)]
-        delta = {n: sum(float((a - b.detach()).abs().sum()) for a, b in zip(before[n], m.parameters())) for n, m in mods.items()}
-        print("RESULT", json.dumps({"metrics": metrics, "delta": delta,
-                                    "steps": {n: e.global_steps for n, e in engines.items()}}))
-        """
-    )
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PORT=str(port), PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path)
-    )
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert r.returncode == 0 and line, r.stderr[-3000:]
-    import json
-
-    res = json.loads(line[0][len("RESULT ") :])
-    assert "loss_disc" not in res["metrics"][0] and "loss_disc" in res["metrics"][1]
-    assert res["steps"] == {"model": 2, "disc": 1}
-    assert res["delta"]["model"] > 0 and res["delta"]["disc"] > 0
 
 
 # --------------------------------------------------------------------------- VAE

@@ -4,20 +4,16 @@ uninterrupted run's, EMA, a relative data path, and wav/PNG artifacts in MLflow.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import crash_then_rerun, read_trace
 
 from megaray.families import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")]
-
-
-def _trace(prefix: Path, rank: int):
-    return [json.loads(line) for line in Path(f"{prefix}.rank{rank}").read_text().splitlines() if line.endswith("}")]
 
 
 def _audio_cfg(config, speech_shards, tmp_path, *extra):
@@ -74,15 +70,10 @@ def test_gan_vocoder_trains_crashes_resumes_exactly_and_logs_audio(speech_shards
         "train.modules.disc.betas=[0.5,0.9]",
     )
     cfg = _audio_cfg("vocoder_tiny.yaml", speech_shards, tmp_path, "name=gan-crash", *extra)
-    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
-    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "2")
-    with pytest.raises(Exception, match="injected failure"):
-        fit(cfg)
-    monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
-    result = fit(cfg)
+    result = crash_then_rerun(monkeypatch, cfg, tmp_path / "trace", 2)
     assert result.metrics["step"] == 4
     for rank in (0, 1):
-        got = _trace(tmp_path / "trace", rank)
+        got = read_trace(tmp_path / "trace", rank)
         assert [r["step"] for r in got] == [1, 2, 3, 4]  # resumed at 3, generator and discriminator restored
         assert got[1]["pid"] != got[2]["pid"]
     _check_run(result, tmp_path, 4, {"model", "disc"})

@@ -151,9 +151,13 @@ def test_eval_and_generate_on_a_checkpoint_without_ray(tmp_path):
     (ckpt / "tokenizer.json").write_text((shards / "tokenizer.json").read_text())
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 1}))
 
-    r = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--batch-size", "1", "--max-batches", "2"])
+    args = ["eval", "--checkpoint", str(tmp_path / "run"), "--batch-size", "1", "--max-batches", "2"]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    assert "{" not in r.stdout and "ppl" in r.stdout  # key/value lines for people
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
     assert out["step"] == 1 and out["split"] == "val" and out["tokens"] == 2 * cfg.model.block_size
     assert abs(out["loss"] - math.log(300)) < 0.5, out
 

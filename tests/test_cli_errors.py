@@ -153,8 +153,9 @@ def test_generate_top_p_out_of_range():
         (["eval", "--checkpoint", "x", "--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
         (["eval", "--checkpoint", "x", "--split", "valid"], "--split must be one of val, train, got 'valid'"),
         (["prepare", "text", "--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
-        (["prepare", "text", "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1"),
-        (["prepare", "text", "--val-fraction", "-0.1"], "--val-fraction must be in [0, 1), got -0.1"),
+        (["prepare", "text", "--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1"),
+        (["prepare", "text", "--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0"),
+        (["prepare", "text", "--val-fraction", "-0.1"], "--val-fraction must be in (0, 1), got -0.1"),
         (
             ["prepare", "text", "--tokenizer", "/no/such/tokenizer.json"],
             "--tokenizer: file not found: /no/such/tokenizer.json",

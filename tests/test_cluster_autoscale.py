@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
+from helpers import read_trace
 
 pytestmark = pytest.mark.cluster
 
@@ -196,21 +197,13 @@ def _submit(dashboard: str, *args: str, gcs: str) -> tuple[str, int, int]:
 RESIZE_S = 20
 
 
-def _lines(path: Path) -> list:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")] if path.is_file() else []
-
-
-def _traced(trace: Path) -> list:
-    return [r for rank in range(3) for r in _lines(Path(f"{trace}.rank{rank}"))]
-
-
 def _kill_a_worker_node(trace: Path) -> int:
     """Kill the raylet of a worker node (not the head) that hosts a Train worker of the running
     group, as a lost spot node would; returns the killed raylet's pid. A Train worker is a child
     process of its node's raylet."""
     import psutil
 
-    rows = _traced(trace)
+    rows = read_trace(trace, 0, 1, 2)
     last = max(rows, key=lambda r: r["t"])
     pids = {r["pid"] for r in rows if r["world"] == last["world"] and r["t"] > last["t"] - 5}
     head = _head_raylet()
@@ -321,17 +314,21 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
         "--set",
         "train.log_every=10",
         "--set",
-        "tracking.sample_tokens=0",
+        "eval.sample_tokens=0",
     ]
     job = threading.Thread(target=lambda: done.update(zip(("out", "rc", "most"), _submit(dashboard, *args, gcs=gcs))))
     job.start()
     deadline = time.monotonic() + 600
-    while not any(r["world"] == 3 for r in _traced(trace)) and job.is_alive() and time.monotonic() < deadline:
+    while (
+        not any(r["world"] == 3 for r in read_trace(trace, 0, 1, 2)) and job.is_alive() and time.monotonic() < deadline
+    ):
         time.sleep(2)
-    assert any(r["world"] == 3 for r in _traced(trace)), "the run never grew to three workers"
+    assert any(r["world"] == 3 for r in read_trace(trace, 0, 1, 2)), "the run never grew to three workers"
     time.sleep(3)
     _kill_a_worker_node(trace)
-    while not any(r["world"] == 2 for r in _traced(trace)) and job.is_alive() and time.monotonic() < deadline:
+    while (
+        not any(r["world"] == 2 for r in read_trace(trace, 0, 1, 2)) and job.is_alive() and time.monotonic() < deadline
+    ):
         time.sleep(2)
     joined = _add_worker_node(gcs)  # the run goes on with two; then the lost capacity comes back
     job.join(timeout=900)
@@ -342,7 +339,7 @@ def test_elastic_run_grows_shrinks_when_a_node_is_lost_and_grows_back(fake_clust
     out, rc = done.get("out", ""), done.get("rc")
     assert rc == 0 and "succeeded" in out, out[-4000:]
 
-    rows = sorted(_traced(trace), key=lambda r: r["t"])
+    rows = sorted(read_trace(trace, 0, 1, 2), key=lambda r: r["t"])
     # worker groups in start order (a group = the world size and the pids that trained with it)
     groups: list = []
     for r in rows:

@@ -409,15 +409,8 @@ def test_data_label_selector_matches_the_data_nodes_and_reaches_ray_data(tmp_pat
     assert validate_label_selector(DATA_SELECTOR) is None
     for overrides, want in ((["scaling.data_label_selector={megaray.io/role: data}"], DATA_SELECTOR), ([], None)):
         cfg = load_config(REPO / "configs" / "gpt_debug.yaml", overrides)
-        trainer = launch._trainer(
-            cfg,
-            SimpleNamespace(info={}),
-            datasets={},
-            storage=str(tmp_path),
-            run_dir=str(tmp_path / "run"),
-            mlflow={"uri": None, "run_id": None},
-            callbacks=[],
-        )
+        spec = SimpleNamespace(loop_config=dict, run_dir=str(tmp_path / "run"), mlflow_run_id=None, tracking_uri=None)
+        trainer = launch._trainer(cfg, spec, datasets={}, storage=str(tmp_path), callbacks=[])
         options = trainer.data_config._resolve_execution_options("train")
         assert options.label_selector == want and options.preserve_order
 

@@ -70,6 +70,22 @@ def test_wrong_type_names_key():
     assert "train.zero_stage" in str(e.value)
 
 
+def test_text_sample_keys_moved_from_tracking_to_eval():
+    """``tracking.sample_prompt/sample_tokens`` live in the text families' ``eval:`` section now: the
+    old key's error names the new one; the old defaults (an older run's config.yaml) still load."""
+    cfg = _demo(overrides=["eval.sample_tokens=0", 'eval.sample_prompt="def "'])
+    assert (cfg.eval.sample_tokens, cfg.eval.sample_prompt) == (0, "def ")
+    assert (_demo().eval.sample_tokens, _demo().eval.sample_prompt) == (48, "The ")
+    for key, value in (("sample_tokens", "0"), ("sample_prompt", "def")):
+        with pytest.raises(ConfigError) as e:
+            _demo(overrides=[f"tracking.{key}={value}"])
+        assert f"tracking.{key} has moved to eval.{key}" in str(e.value)
+    old = load_config({"model": {"preset": "debug"}, "tracking": {"sample_prompt": "The ", "sample_tokens": 48}})
+    assert not hasattr(old.tracking, "sample_tokens") and old.eval.sample_tokens == 48
+    with pytest.raises(ConfigError, match="ge|greater"):
+        _demo(overrides=["eval.sample_tokens=-1"])
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [

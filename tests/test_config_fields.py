@@ -1,6 +1,6 @@
 """Every model config field changes something it claims to (issue 20: no accepted-but-ignored setting).
 
-For every registered family (:data:`megaray.families.PACKAGES`) and every field of its config class
+For every registered family (:func:`megaray.families.registry`) and every field of its config class
 (``family`` and ``preset`` aside), the walk derives perturbed values from the field's type
 (:func:`candidates`), validates each through the family's ``from_name`` on its smallest preset
 (:data:`PRESETS`), and looks for an observable change, in order (:meth:`FamilyProbe.probes`):
@@ -40,6 +40,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Seque
 
 import pytest
 import torch
+from helpers import StandInEngine
 from pydantic import ValidationError
 
 from megaray import families
@@ -330,22 +331,6 @@ def same(a: Any, b: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- probes
-
-
-class StandInEngine:
-    """What a task's ``train_step`` needs of a DeepSpeed engine: call, ``backward``, ``step`` (no update)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        pass
 
 
 #: ``(label, probe(cfg, input_cfg) -> result)``: ``cfg`` builds the modules, ``input_cfg`` the example input
@@ -752,7 +737,7 @@ def _vocoder_forward(mods, cfg):
 
 def _gan_step(mods, cfg, input_cfg, task):
     batch = _vocoder_batch(input_cfg) if cfg.model.family == "vocoder" else _image_batch(input_cfg)
-    return task.train_step({k: StandInEngine(v) for k, v in mods.items()}, batch, 0)
+    return task.train_step({k: StandInEngine(v, optim=None) for k, v in mods.items()}, batch, 0)  # no update
 
 
 def _audio_vae_batch(cfg):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from helpers import read_trace
 from typer.testing import CliRunner
 
 from megaray.cli import app
@@ -34,10 +35,6 @@ def _save_checkpoint(path: Path, model_section: dict, seed: int = 0) -> Path:
     torch.save(build_model(cfg.model).state_dict(), path / WEIGHTS_FILE)
     (path / STATE_FILE).write_text(json.dumps({"step": 1, "tokens": 0}))
     return path
-
-
-def _trace(prefix: Path, rank: int):
-    return [json.loads(line) for line in Path(f"{prefix}.rank{rank}").read_text().splitlines() if line.endswith("}")]
 
 
 def _history(db: Path, run_id: str, key: str):
@@ -136,7 +133,7 @@ def test_class_dit_trains_crashes_resumes_exactly_and_samples(latents, tmp_path,
     result = fit(_dit_cfg(latents, tmp_path, "name=dit-crash", "scaling.max_failures=1"))
     assert result.metrics["step"] == 4
     for rank in (0, 1):
-        got = _trace(tmp_path / "trace", rank)
+        got = read_trace(tmp_path / "trace", rank)
         assert [r["step"] for r in got] == [1, 2, 3, 4] and got[1]["pid"] != got[2]["pid"]  # new workers at 3
     monkeypatch.delenv("MEGARAY_TRACE")
     monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
@@ -184,7 +181,7 @@ def test_vae_checkpoint_missing_or_with_other_latent_channels_is_a_clear_error(
     latents, image_shards, vae_ckpt, tmp_path
 ):
     from megaray.errors import ConfigError
-    from megaray.tasks.diffusion import DiffusionTask
+    from megaray.tasks.dit import dit_task
 
     missing = tmp_path / "no-such-vae"
     r = runner.invoke(
@@ -210,9 +207,9 @@ def test_vae_checkpoint_missing_or_with_other_latent_channels_is_a_clear_error(
         match=r"model.in_channels \(4\) differs from the latent_channels \(8\) of the VAE "
         rf"at {wide} \(diffusion.vae_checkpoint\)",
     ):
-        DiffusionTask(cfg).datasets()
+        dit_task(cfg).datasets()
     with pytest.raises(ConfigError, match=r"diffusion.vae_checkpoint: .*no-such-vae: no image VAE checkpoint"):
-        DiffusionTask(_dit_cfg(latents, tmp_path, f"diffusion.vae_checkpoint={missing}")).datasets()
+        dit_task(_dit_cfg(latents, tmp_path, f"diffusion.vae_checkpoint={missing}")).datasets()
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
@@ -278,7 +275,9 @@ def test_gpt_text_encoder_gives_the_frozen_gpts_final_hidden_states(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from megaray.data.audio.datasets import text_bytes
-    from megaray.tasks.diffusion import DiffusionInfo, DiffusionTask, load_frozen, sample
+    from megaray.tasks.diffusion import DiffusionInfo, load_frozen, sample
+    from megaray.tasks.dit import dit_task
+    from megaray.tasks.mel_diffusion import MelDiffusionTask
 
     gpt_dir = _save_checkpoint(tmp_path / "gpt" / "step_00000001", {"family": "gpt", "preset": "debug"})
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
@@ -298,7 +297,7 @@ def test_gpt_text_encoder_gives_the_frozen_gpts_final_hidden_states(tmp_path):
             "diffusion": {"text_encoder": "gpt", "text_encoder_path": str(gpt_dir.parent), "sample_steps": 2},
         }
     )
-    task = DiffusionTask(
+    task = dit_task(
         cfg,
         DiffusionInfo(
             kind="audio",
@@ -306,6 +305,7 @@ def test_gpt_text_encoder_gives_the_frozen_gpts_final_hidden_states(tmp_path):
             mel={"sample_rate": 16000, "n_mels": 80, "n_fft": 512, "hop_length": 128},
         ),
     )
+    assert isinstance(task, MelDiffusionTask)  # picked by the info's kind
     task.text.load()
     ids, mask = text_bytes(["hello world", "world"], 16)
     batch = task.collate(
@@ -382,7 +382,8 @@ def test_text_to_image_dit_overfits_four_captioned_photographs(ray_cluster, tmp_
 
     from megaray.data.image import load_examples, prepare_images
     from megaray.inference.latents import encode_image_latents
-    from megaray.tasks.diffusion import DiffusionTask, _reshape_latents
+    from megaray.tasks.dit import dit_task
+    from megaray.tasks.image_diffusion import ImageDiffusionTask, _reshape_latents
 
     torch.manual_seed(0)
     src = tmp_path / "photos"
@@ -438,7 +439,8 @@ def test_text_to_image_dit_overfits_four_captioned_photographs(ray_cluster, tmp_
             "scaling.num_workers=1",
         ],
     )
-    task = DiffusionTask(cfg)
+    task = dit_task(cfg)
+    assert isinstance(task, ImageDiffusionTask)  # picked by the latents' manifest
     task.datasets()  # checks the VAE and the shards; fills task.info (eval captions) for the checkpoint
     rows = _reshape_latents(table.to_pydict(), shape=(4, 16, 16), text_max_len=cfg.diffusion.text_max_len)
     batch = task.collate({k: torch.as_tensor(v) for k, v in rows.items()}, torch.device("cpu"))

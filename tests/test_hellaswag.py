@@ -152,10 +152,22 @@ def test_cli_logs_to_mlflow_and_names_a_missing_file(checkpoint, tmp_path):
     ckpt, data, _, _ = checkpoint
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     r = CliRunner().invoke(
-        app, ["eval", "--task", "hellaswag", "--data", str(data), "--checkpoint", str(ckpt), "--tracking-uri", uri]
+        app,
+        [
+            "eval",
+            "--task",
+            "hellaswag",
+            "--data",
+            str(data),
+            "--checkpoint",
+            str(ckpt),
+            "--tracking-uri",
+            uri,
+            "--json",
+        ],
     )
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output[r.output.index("{") :])
+    out = json.loads(r.stdout)
     run = MlflowClient(uri).get_run(out["mlflow_run_id"])
     assert run.data.metrics["hellaswag_acc"] == pytest.approx(out["acc"])
     assert run.data.metrics["hellaswag_acc_norm"] == pytest.approx(out["acc_norm"])

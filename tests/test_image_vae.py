@@ -3,7 +3,6 @@ end-to-end run (2 Ray Train workers, GAN on, crash and exact resume, PNG artifac
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO
+from helpers import StandInEngine, crash_then_rerun, read_trace
 
 from megaray.errors import ConfigError
 from megaray.families import build_run_config, load_config
@@ -151,25 +151,6 @@ def test_patchgan_shape_and_hinge_losses():
     assert float(hinge_g_loss(torch.tensor([1.0, 3.0]))) == -2.0
 
 
-class StandInEngine:
-    """Mimics the DeepSpeed engine API the task uses: ``__call__``, ``module``, ``backward``, ``step``."""
-
-    def __init__(self, module: torch.nn.Module, lr: float = 1e-3):
-        self.module, self.steps = module, 0
-        self.opt = torch.optim.AdamW(module.parameters(), lr=lr)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.steps += 1
-
-
 def test_task_loss_and_gan_step_with_an_adaptive_weight():
     from megaray.tasks.image_vae import ImageVAETask
 
@@ -278,19 +259,10 @@ def test_gan_image_vae_trains_crashes_resumes_exactly_and_logs_image_grids(image
             ],
         )
 
-    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trace"))
-    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", "2")
-    with pytest.raises(Exception, match="injected failure"):
-        fit(cfg("vae-crash"))
-    monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
-    result = fit(cfg("vae-crash"))
+    result = crash_then_rerun(monkeypatch, cfg("vae-crash"), tmp_path / "trace", 2)
     assert result.metrics["step"] == 4
     for rank in (0, 1):
-        got = [
-            json.loads(line)
-            for line in Path(f"{tmp_path / 'trace'}.rank{rank}").read_text().splitlines()
-            if line.endswith("}")
-        ]
+        got = read_trace(tmp_path / "trace", rank)
         assert [r["step"] for r in got] == [1, 2, 3, 4] and got[1]["pid"] != got[2]["pid"]  # resumed at 3
     assert {p.name for p in Path(result.checkpoint).iterdir() if p.is_dir()} == {"model", "disc"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -38,7 +38,7 @@ def run(ray_cluster, text_shards, tmp_path_factory):
             "train.checkpoint_every=2",
             "train.eval_every=2",
             "train.log_every=2",
-            "tracking.sample_tokens=0",
+            "eval.sample_tokens=0",
             "tracking.system_metrics_interval_s=0",
             f"tracking.tracking_uri={uri}",
             f"tracking.register_model={REGISTERED}",

@@ -175,7 +175,7 @@ def test_mamba_trains_with_two_workers_and_samples(ray_cluster, text_shards, tmp
             "train.eval_every=10",
             "train.checkpoint_every=10",
             "train.log_every=5",
-            "tracking.sample_tokens=8",
+            "eval.sample_tokens=8",
         ],
     )
     result = fit(cfg)

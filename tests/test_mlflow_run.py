@@ -45,7 +45,7 @@ def test_fit_logs_system_metrics_datasets_command_and_a_registered_text_model(
             "train.eval_every=8",
             "train.checkpoint_every=8",
             "train.log_every=4",
-            "tracking.sample_tokens=0",
+            "eval.sample_tokens=0",
             f"tracking.tracking_uri={mlflow_server}",
             "tracking.system_metrics_interval_s=0.5",
             "tracking.register_model=megaray-test-lm",

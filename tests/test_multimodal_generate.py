@@ -131,9 +131,10 @@ def test_text_to_image_writes_the_models_pixels_as_png(ckpt, tokenizer, tmp_path
         "image",
         "--out",
         tmp_path / "coffee.png",
+        "--json",
     )
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["files"] == [str(tmp_path / "coffee.png")]
+    assert json.loads(r.stdout)["files"] == [str(tmp_path / "coffee.png")]
     model = _model(ckpt)
     ids = tokenizer[0].encode("a photo of coffee").ids + [model.BOI]
     x = model.generate_image(torch.tensor([ids], device=DEVICE)).cpu()
@@ -223,9 +224,9 @@ def test_text_to_audio_with_and_without_a_vocoder(ckpt, vocoder, tmp_path):
     wave, sr = sf.read(tmp_path / "hello.wav")
     assert sr == 16000 and len(wave) == 31 * 128 and np.isfinite(wave).all()  # 32 frames, hop 128
 
-    r = _run("--checkpoint", ckpt, "--prompt", "hello world", "--to", "audio", "--out", tmp_path / "mel.wav")
+    r = _run("--checkpoint", ckpt, "--prompt", "hello world", "--to", "audio", "--out", tmp_path / "mel.wav", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["files"] == [str(tmp_path / "mel.npy"), str(tmp_path / "mel_mel.png")]
     assert "no --vocoder" in out["note"] and (tmp_path / "mel_mel.png").stat().st_size > 0
     model = _model(ckpt)

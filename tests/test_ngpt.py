@@ -135,7 +135,7 @@ def test_every_step_under_zero_keeps_rows_unit_with_two_workers(zero_stage, ray_
             "train.log_every=1",
             f"train.eval_every={steps}",
             f"train.checkpoint_every={steps}",
-            f"tracking.sample_tokens={8 if zero_stage == 2 else 0}",
+            f"eval.sample_tokens={8 if zero_stage == 2 else 0}",
         ],
     )
     result = fit(cfg)

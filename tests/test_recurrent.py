@@ -155,7 +155,7 @@ def test_two_workers_train_with_the_same_sampled_depth_per_step(ray_cluster, tex
             f"train.eval_every={steps}",
             f"train.checkpoint_every={steps}",
             "data.num_val_batches=2",
-            "tracking.sample_tokens=6",
+            "eval.sample_tokens=6",
         ],
     )
     result = fit(cfg)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_trace
 
 from megaray.errors import CheckpointError
 from megaray.train.branch import branch, find_checkpoint
@@ -125,9 +126,9 @@ def test_a_branch_point_ray_never_registered_is_added_to_its_record(run):
 # ----------------------------------------------------------------------------- end to end
 
 
-def _trace(prefix: Path) -> dict:
-    lines = Path(f"{prefix}.rank0").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+def _losses(prefix: Path) -> dict:
+    """``{step: loss}`` of rank 0's trace."""
+    return {r["step"]: r["loss"] for r in read_trace(prefix)}
 
 
 @pytest.mark.slow
@@ -158,7 +159,7 @@ def test_resume_from_step_4_branches_the_run_exactly_and_a_re_run_continues_the_
         "scaling.max_failures=0",
         "train.zero_stage=0",
         "data.num_val_batches=1",
-        "tracking.sample_tokens=0",
+        "eval.sample_tokens=0",
         "tracking.system_metrics_interval_s=0",
         "tracking.log_model=false",
     ]
@@ -166,7 +167,7 @@ def test_resume_from_step_4_branches_the_run_exactly_and_a_re_run_continues_the_
     run = tmp_path / "runs" / "fork"
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "trunk"))
     first = fit(cfg)
-    reference = _trace(tmp_path / "trunk")
+    reference = _losses(tmp_path / "trunk")
     assert sorted(reference) == list(range(1, 13))
 
     with pytest.raises(CheckpointError, match="not a checkpoint of run"):  # before Ray: nothing moved
@@ -192,7 +193,7 @@ def test_resume_from_step_4_branches_the_run_exactly_and_a_re_run_continues_the_
         fit(cfg, resume_from=str(run / "step_00000004"))
     [aside] = (run / "branches").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == ["old-step_00000008", "old-step_00000012"]
-    branch_losses = _trace(tmp_path / "branch")
+    branch_losses = _losses(tmp_path / "branch")
     assert sorted(branch_losses) == [5, 6, 7, 8]
 
     monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
@@ -200,7 +201,7 @@ def test_resume_from_step_4_branches_the_run_exactly_and_a_re_run_continues_the_
     result = fit(cfg)  # the plain command
     starts = [json.loads(x) for x in Path(f"{tmp_path / 'rerun'}.starts.rank0").read_text().splitlines()]
     assert [s["step"] for s in starts] == [8]  # the branch's step 8 (the abandoned step 12 would train nothing)
-    rerun = _trace(tmp_path / "rerun")
+    rerun = _losses(tmp_path / "rerun")
     assert sorted(rerun) == [9, 10, 11, 12]
     got = {**branch_losses, **rerun}
     assert [got[s] for s in range(5, 13)] == pytest.approx([reference[s] for s in range(5, 13)], abs=1e-6)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
+from helpers import read_trace
 
 BUCKET = "megaray-test"
 S3_ENV = {
@@ -68,11 +69,6 @@ def _keys(client, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def _trace(prefix: Path, rank: int) -> list[dict]:
-    p = Path(f"{prefix}.rank{rank}")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.endswith("}")] if p.exists() else []
-
-
 @pytest.mark.cluster
 def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
@@ -99,7 +95,7 @@ def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
         "train.log_every=2",
         "train.zero_stage=1",
         "scaling.max_failures=0",
-        "tracking.sample_tokens=4",
+        "eval.sample_tokens=4",
         "data.num_val_batches=2",
     ]
     cfg = load_config(REPO / "configs" / "gpt_debug.yaml", args)
@@ -120,8 +116,8 @@ def test_prepare_train_crash_resume_all_in_s3(s3, tmp_path, monkeypatch):
     starts = [json.loads(line)["step"] for line in Path(f"{trace}.starts.rank0").read_text().splitlines()]
     assert starts[0] == 0 and starts[-1] in (2, 4), starts  # resumed from a checkpoint in the bucket
     k = starts[-1]
-    first = [r for rank in (0, 1) for r in _trace(trace, rank) if r["world"] == 2]
-    second = [r for r in _trace(trace, 0) if r["world"] == 1]
+    first = [r for rank in (0, 1) for r in read_trace(trace, rank) if r["world"] == 2]
+    second = [r for r in read_trace(trace, 0) if r["world"] == 1]
     assert sorted({r["step"] for r in first}) == [1, 2, 3, 4, 5]
     assert sorted({r["step"] for r in second}) == list(range(k + 1, 9))  # nothing before the checkpoint retrained
     assert all(r["replayed"] == 0 for r in second)  # the constant-time stream: no replay, from the bucket too

@@ -305,7 +305,7 @@ def test_one_run_logs_the_same_scalars_to_mlflow_tensorboard_and_wandb(ray_clust
             "train.log_every=3",
             "train.eval_every=12",
             "train.checkpoint_every=12",
-            "tracking.sample_tokens=8",
+            "eval.sample_tokens=8",
             "tracking.system_metrics_interval_s=0",
             "tracking.log_model=false",
             "tracking.log_checkpoints=false",
@@ -320,7 +320,7 @@ def test_one_run_logs_the_same_scalars_to_mlflow_tensorboard_and_wandb(ray_clust
     client = MlflowClient(cfg.tracking.tracking_uri)
     keys = set(client.get_run(result.mlflow_run_id).data.metrics)
     mlflow = {k: {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, k)} for k in keys}
-    assert {"loss", "lr", "grad_norm", "val_loss", "time/step_s", "tokens"} <= keys
+    assert {"loss", "lr", "grad_norm", "val_loss", "system/time_step_s", "tokens"} <= keys
     assert sorted(mlflow["loss"]) == [3, 6, 9, 12] and sorted(mlflow["val_loss"]) == [12]
 
     ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})

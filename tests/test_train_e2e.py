@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import crash_then_rerun, read_trace
 
 from megaray.families import load_config
+from megaray.train.reporter import GOODPUT, time_key
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +32,6 @@ def _cfg(text_shards, tmp_path, name, *extra):
             *extra,
         ],
     )
-
-
-def _trace(prefix: Path, rank: int):
-    p = Path(f"{prefix}.rank{rank}")
-    lines = p.read_text().splitlines() if p.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is skipped
 
 
 def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
@@ -57,7 +53,7 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
         "train.checkpoint_every=15",
         "train.log_every=5",
         "train.zero_stage=2",
-        "tracking.sample_tokens=8",
+        "eval.sample_tokens=8",
     )
     result = fit(cfg)
 
@@ -87,17 +83,18 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
         "data_wait_frac",
         "val_loss",
         "val_ppl",
-        "goodput",
-        "time/startup_s",
-        "time/eval_s",
-        "time/checkpoint_s",
-        "time/step_s",
+        GOODPUT,
+        time_key("startup"),
+        time_key("eval"),
+        time_key("checkpoint"),
+        time_key("step"),
     ):
         assert key in run.data.metrics, key
     m = run.data.metrics
-    assert 0 < m["goodput"] < 1 and 0 < m["time/startup_s"] < m["time/wall_s"]
-    assert m["time/eval_s"] > 0 and m["time/checkpoint_s"] > 0  # three evals, a checkpoint at 15
-    assert m["time/step_s"] + m["time/eval_s"] + m["time/startup_s"] < m["time/wall_s"] * 1.01
+    t = {b: m[time_key(b)] for b in ("startup", "eval", "checkpoint", "step", "wall")}
+    assert 0 < m[GOODPUT] < 1 and 0 < t["startup"] < t["wall"]
+    assert t["eval"] > 0 and t["checkpoint"] > 0  # three evals, a checkpoint at 15
+    assert t["step"] + t["eval"] + t["startup"] < t["wall"] * 1.01
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(loss) == 6
     assert loss[-1] < loss[0] - 0.5, loss  # it learns
@@ -139,8 +136,6 @@ def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluste
     spe = plan.steps_per_epoch
     crash, total = max(2, round(spe * 0.9)), spe + 3
     assert 5 <= spe <= 30, spe  # a short epoch: the run crosses its boundary
-    monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "crash"))
-    monkeypatch.setenv("MEGARAY_FAULT_AT_STEP", str(crash))
     cfg = _cfg(
         shards,
         tmp_path,
@@ -155,19 +150,16 @@ def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluste
         "train.global_batch_size=12",
         "scaling.num_workers=2",
         "scaling.max_failures=0",
-        "tracking.sample_tokens=0",
+        "eval.sample_tokens=0",
         "data.num_val_batches=1",
     )
-    with pytest.raises(Exception, match="injected failure"):
-        fit(cfg)
-    monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
     bigger = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 3})})
-    result = fit(bigger)
+    result = crash_then_rerun(monkeypatch, cfg, tmp_path / "crash", crash, rerun=bigger)
     assert result.metrics["step"] == total
 
     t = cfg.train
     steps = list(range(1, total + 1))
-    got = [r for rank in (0, 1, 2) for r in _trace(tmp_path / "crash", rank)]
+    got = [r for rank in (0, 1, 2) for r in read_trace(tmp_path / "crash", rank)]
     # rank 1 of the crashed group may have trained micro-batches of step crash + 1 (no collective
     # before its accumulation boundary) before the group was torn down: not a step of the run
     crashed_pids = {r["pid"] for r in got if r["step"] <= crash}
@@ -199,14 +191,14 @@ def test_resume_after_a_crash_at_another_world_size_continues_exactly(ray_cluste
     again = fit(bigger)
     assert again.metrics["step"] == total and again.checkpoint == result.checkpoint
     assert again.metrics["val_loss"] == pytest.approx(result.metrics["val_loss"])
-    assert sorted({r["step"] for r in _trace(tmp_path / "crash", 0)}) == steps  # no batch trained
+    assert sorted({r["step"] for r in read_trace(tmp_path / "crash", 0)}) == steps  # no batch trained
 
     # the same run on 2 workers without the crash: the same global batches and per-step losses
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "whole"))
     whole = fit(cfg.model_copy(update={"name": "whole"}))
     reference = _losses(uri, whole.mlflow_run_id)
     assert [crashed[s] for s in steps] == pytest.approx([reference[s] for s in steps], abs=1e-4)
-    ref = [r for rank in (0, 1) for r in _trace(tmp_path / "whole", rank)]
+    ref = [r for rank in (0, 1) for r in read_trace(tmp_path / "whole", rank)]
     for step in steps:  # each optimizer step trained on the same sample ids at 2 and at 3 workers
         assert sorted(i for r in ref if r["step"] == step for i in r["ids"]) == sorted(
             i for r in got if r["step"] == step for i in r["ids"]
@@ -238,7 +230,7 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     deadline = time.time() + 300
     victim = None
     while time.time() < deadline and victim is None:
-        rank1 = _trace(tmp_path / "kill", 1)
+        rank1 = read_trace(tmp_path / "kill", 1)
         if rank1 and rank1[-1]["step"] >= 12:
             victim = rank1[-1]["pid"]  # this run's rank-1 worker process
         time.sleep(0.2)
@@ -247,7 +239,7 @@ def test_killed_worker_process_recovers_from_checkpoint(ray_cluster, text_shards
     th.join(timeout=400)
     assert "result" in out, "run did not finish after the worker was killed"
     assert out["result"].metrics["step"] == 30
-    recs = _trace(tmp_path / "kill", 0)
+    recs = read_trace(tmp_path / "kill", 0)
     assert recs[-1]["step"] == 30
     new = [i for i in range(1, len(recs)) if recs[i]["pid"] != recs[i - 1]["pid"]]
     assert len(new) == 1, "expected exactly one restart of the worker group"
@@ -294,7 +286,7 @@ def test_data_error_inside_a_worker_ends_the_run_at_once_with_its_message(
         fit(cfg)  # the message ends with what to do (Ray Data's note on its own retries is cut)
     for rank in (0, 1):  # one attempt: each rank's worker started once
         assert len(Path(f"{tmp_path / 'bad'}.starts.rank{rank}").read_text().splitlines()) == 1
-    assert not _trace(tmp_path / "bad", 0)  # no batch was trained on
+    assert not read_trace(tmp_path / "bad", 0)  # no batch was trained on
     assert time.time() - t0 < 240
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from helpers import StandInEngine
 
 from megaray.train import reporter
 
@@ -118,25 +120,9 @@ def test_module_optimizer_settings_fall_back_to_train_and_unknown_modules_are_na
 # --------------------------------------------------------------------------- adversarial step
 
 
-class _Engine:
-    """What a task needs of a DeepSpeed engine: call, backward, step (SGD, lr 0.1)."""
-
-    def __init__(self, module):
-        import torch
-
-        self.module, self.steps = module, 0
-        self.opt = torch.optim.SGD(module.parameters(), lr=0.1)
-
-    def __call__(self, *a, **k):
-        return self.module(*a, **k)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.steps += 1
+def _Engine(module):
+    """A stand-in engine over plain SGD (lr 0.1)."""
+    return StandInEngine(module, lr=0.1, optim=torch.optim.SGD)
 
 
 def _toy_gan():
@@ -292,7 +278,7 @@ def test_truncated_weights_name_the_file_and_ema_weights_are_preferred(tmp_path)
 
 
 def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_decide_if_due():
-    from megaray.train.loop import Debug, _Worker
+    from megaray.train.loop import _Worker
 
     calls = []
 
@@ -334,7 +320,7 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
     w = object.__new__(_Worker)
     w.task, w.ema, w.engines, w.state = Task(), Ema(), {"model": Engine()}, None
     w.reporter, w.evaluator, w.checkpointer = Reporter("log", 2), Evaluator("eval", 3), Part("ckpt", 4)
-    w.debug, w.profiling, w.profiler = Debug({}, rank=0), False, None
+    w.extras, w.paused = (), False  # a normal run: no optional parts
     for step in (1, 2, 3, 4):
         w.end_of_step(step)
     assert calls == [
@@ -353,3 +339,165 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
         ("progress", 4),
         ("publish", 4, ["loss"], True),
     ]
+
+
+# --------------------------------------------------------------------------- the hand-offs
+
+
+def _spec(**kw):
+    from megaray.families import build_run_config
+    from megaray.tasks.base import TaskInfo
+    from megaray.train.spec import WorkerSpec
+
+    cfg = build_run_config({"model": {"family": "gpt", "preset": "debug"}})
+    return WorkerSpec(run=cfg.model_dump(mode="json"), info=TaskInfo(val_samples=4), run_dir="/tmp/runs/x", **kw)
+
+
+def test_the_worker_spec_survives_rays_pickling_and_is_read_back_typed():
+    import cloudpickle
+
+    from megaray.train.spec import DebugHooks, WorkerSpec
+
+    spec = _spec(tracking_uri="sqlite:///m.db", mlflow_run_id="abc", t0=1.5, debug=DebugHooks(trace="/tmp/t"))
+    config = cloudpickle.loads(cloudpickle.dumps(spec.loop_config()))  # as Ray ships train_loop_config
+    got = WorkerSpec.of(config)
+    assert got == spec and got.info.val_samples == 4 and got.debug.trace == "/tmp/t"
+    assert got.run_config().model.family == "gpt" and got.run_config().model.n_layer == 2  # typed again
+    with pytest.raises(TypeError, match=r"train_loop_config must be \{'spec': WorkerSpec\}.*keys \['debug', 'run'\]"):
+        WorkerSpec.of({"run": {}, "debug": {}})  # the old untyped dict
+
+
+def test_test_hooks_come_from_the_environment_and_a_normal_run_asks_for_none():
+    from megaray.errors import ConfigError
+    from megaray.train.spec import DebugHooks
+
+    assert DebugHooks.from_env({}) is None and DebugHooks.from_env({"MEGARAY_TRACE": ""}) is None
+    assert DebugHooks.from_env({"MEGARAY_FAULT_AT_STEP": "3", "MEGARAY_STEP_SLEEP_S": "0.5"}) == DebugHooks(
+        fault_at_step=3, step_sleep_s=0.5
+    )
+    with pytest.raises(ConfigError, match="MEGARAY_FAULT_AT_STEP='x': expected a step number"):
+        DebugHooks.from_env({"MEGARAY_FAULT_AT_STEP": "x"})
+
+
+def test_optional_parts_are_built_only_when_asked_for(tmp_path):
+    from megaray.train.extras import FaultAtStep, StepSleep, Trace
+    from megaray.train.loop import build_extras
+    from megaray.train.profiler import Profiler
+    from megaray.train.spec import DebugHooks
+
+    cpu = torch.device("cpu")
+    assert build_extras(_spec(), 0, cpu, print, None) == ()  # a normal run: nothing built
+    hooks = DebugHooks(trace=str(tmp_path / "t"), fault_at_step=2, step_sleep_s=0.01)
+    assert [type(p) for p in build_extras(_spec(debug=hooks), 0, cpu, print, None)] == [Trace, FaultAtStep, StepSleep]
+    assert [type(p) for p in build_extras(_spec(debug=hooks), 1, cpu, print, None)] == [
+        Trace,
+        StepSleep,
+    ]  # rank 0 crashes
+    [prof] = build_extras(_spec(profile=3), 1, cpu, print, None)
+    assert isinstance(prof, Profiler) and prof.pauses_eval_and_checkpoints and not prof.record  # every rank pauses
+    prof.start(None, {})  # a rank that does not record starts nothing
+    prof.after_step(1)
+    prof.close()
+
+
+def test_the_trace_writes_the_format_the_tests_read(tmp_path):
+    import json
+
+    from megaray.train.checkpoint import TrainState
+    from megaray.train.extras import Trace
+
+    class Engine:
+        def get_lr(self):
+            return [0.25]
+
+    trace = Trace(str(tmp_path / "t"), rank=1)
+    state = TrainState(step=4, epoch=1, samples_in_epoch=8, world_size=2)
+    trace.start(state, {"model": torch.nn.Linear(2, 1, bias=False)})
+    trace.served([10, 11])
+    trace.before_batch({"x": torch.arange(4)}, state, {"model": Engine()})
+    trace.after_batch({"loss": 1.5})
+    trace.evaluated(5, 2)
+    trace.close()
+    [line] = [json.loads(x) for x in (tmp_path / "t.rank1").read_text().splitlines()]
+    assert list(line) == ["step", "epoch", "cursor", "fp", "lr", "pid", "replayed", "ids", "world", "t", "loss"]
+    assert (line["step"], line["epoch"], line["cursor"], line["lr"], line["ids"], line["world"], line["loss"]) == (
+        5,
+        1,
+        8,
+        0.25,
+        [10, 11],
+        2,
+        1.5,
+    )
+    [start] = [json.loads(x) for x in (tmp_path / "t.starts.rank1").read_text().splitlines()]
+    assert list(start) == ["pid", "step", "weights_l1"] and start["step"] == 4 and set(start["weights_l1"]) == {"model"}
+    [ev] = [json.loads(x) for x in (tmp_path / "t.evals.rank1").read_text().splitlines()]
+    assert ev["step"] == 5 and ev["val_reads"] == 2
+
+
+def test_a_paused_run_neither_evaluates_nor_checkpoints_and_faults_come_after_the_reports():
+    from megaray.train.extras import Extra, FaultAtStep
+    from megaray.train.loop import _Worker
+
+    calls = []
+
+    class Part:
+        def __init__(self, name):
+            self.name = name
+
+        def due(self, step):
+            return True
+
+        def progress(self, engines, step):
+            return {"loss": 1.0}
+
+        def publish(self, report, step, state, checkpoint):
+            calls.append(("publish", step, sorted(report), checkpoint is not None))
+
+        def run(self, engines, step, reporter):
+            calls.append(("eval", step))
+            return {"val_loss": 2.0}
+
+    class Paused(Extra):
+        pauses_eval_and_checkpoints = True
+
+        def after_step(self, step):
+            calls.append(("after_step", step))
+
+    class Task:
+        def after_step(self, engines, step):
+            pass
+
+    w = object.__new__(_Worker)
+    w.task, w.ema, w.engines, w.state = Task(), None, {}, None
+    w.reporter, w.evaluator, w.checkpointer = Part("log"), Part("eval"), Part("ckpt")
+    w.reporter.time = reporter.TimeAccount(None)
+    w.extras, w.paused = (Paused(), FaultAtStep(2)), True
+    w.end_of_step(1)
+    assert calls == [("publish", 1, ["loss"], False), ("after_step", 1)]
+    with pytest.raises(RuntimeError, match="MEGARAY_FAULT_AT_STEP: injected failure after step 2"):
+        w.end_of_step(2)
+    assert calls[-1] == ("after_step", 2)  # the fault comes after the step's reports and parts
+
+
+def test_the_engine_protocol_names_what_tasks_use_and_stand_ins_and_deepspeed_have_it():
+    from deepspeed import DeepSpeedEngine
+
+    from megaray.tasks.base import CountingEngine, Engine
+
+    class Minimal:  # only what train_step uses
+        module = torch.nn.Linear(2, 2)
+
+        def __call__(self, *a):
+            return self.module(*a)
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    assert isinstance(Minimal(), Engine) and not isinstance(Minimal(), CountingEngine)  # enough for train_step
+    assert isinstance(_Engine(torch.nn.Linear(2, 2)), CountingEngine)  # the shared stand-in has the step clock too
+    assert not isinstance(torch.nn.Linear(2, 2), Engine)  # a plain module has no backward()
+    assert all(callable(getattr(DeepSpeedEngine, m)) for m in ("__call__", "backward", "step"))

@@ -30,7 +30,7 @@ def _search(tmp_path, text_shards, name, space, *, search=None, scheduler=None, 
         "train.eval_every": 5,
         "train.checkpoint_every": 5,
         "data.num_val_batches": 2,
-        "tracking.sample_tokens": 0,
+        "eval.sample_tokens": 0,
         "data.shards": text_shards,
         "scaling.storage_path": str(tmp_path / "runs"),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -186,7 +186,7 @@ def test_resumable_asha_replays_trials_finished_before_a_restore(tmp_path):
 
     import pyarrow.fs
 
-    from megaray.train.ray_compat import ResumableASHA
+    from megaray.tune.ray_compat import ResumableASHA
 
     def trial(tid, status):
         d = tmp_path / tid
@@ -220,7 +220,7 @@ def test_resumable_asha_never_stops_a_trial_at_max_t():
     and closes its MLflow run (seen in CI: a completed trial's run ended FAILED). Ours lets it end."""
     from types import SimpleNamespace
 
-    from megaray.train.ray_compat import ResumableASHA
+    from megaray.tune.ray_compat import ResumableASHA
 
     def make(cls):
         s = cls(time_attr="step", max_t=10, grace_period=5, reduction_factor=2, stop_last_trials=False)

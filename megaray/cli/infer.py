@@ -4,7 +4,6 @@ in :mod:`megaray.inference`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +11,7 @@ import typer
 
 from megaray.cli.app import app
 from megaray.cli.options import TRACKING_URI_HELP, at_least, in_interval, input_file, one_of, use_tracking_uri
+from megaray.cli.output import JSON_OPTION, emit, json_stdout
 
 _MODEL_URIS = "or an MLflow model: models:/<model_id>, models:/<name>/<version>, models:/<name>@<alias>"
 _CHECKPOINT_HELP = f"checkpoint directory, a run directory (its latest checkpoint), {_MODEL_URIS}"
@@ -40,11 +40,12 @@ def eval_cmd(
         callback=use_tracking_uri,
         help="MLflow URI where models:/ checkpoints are looked up and hellaswag logs to (default $MLFLOW_TRACKING_URI)",
     ),
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Perplexity of a trained text model on a prepared split, or its HellaSwag accuracy; prints JSON.
+    """Perplexity of a trained text model on a prepared split, or its HellaSwag accuracy (--json: as JSON).
 
     Example: megaray eval --checkpoint runs/gpt-debug --max-batches 20
-    Example: megaray eval --task hellaswag --data hellaswag_val.jsonl --checkpoint runs/gpt-debug
+    Example: megaray eval --task hellaswag --data hellaswag_val.jsonl --checkpoint runs/gpt-debug --json
     """
     if task == "hellaswag":
         from megaray.errors import ConfigError
@@ -52,13 +53,15 @@ def eval_cmd(
 
         if not data:
             raise ConfigError("--task hellaswag needs --data FILE.jsonl (HellaSwag's own JSONL: ctx, endings, label)")
-        out = evaluate_hellaswag(checkpoint, data, limit=limit, ray_above=ray_above, tracking_uri=tracking_uri)
-        typer.echo(json.dumps(out, indent=2))
+        with json_stdout(as_json):
+            out = evaluate_hellaswag(checkpoint, data, limit=limit, ray_above=ray_above, tracking_uri=tracking_uri)
+        emit(out, as_json)
         return
     from megaray.inference.eval import evaluate_text
 
-    out = evaluate_text(checkpoint, shards=shards, split=split, max_batches=max_batches, batch_size=batch_size)
-    typer.echo(json.dumps(out, indent=2))
+    with json_stdout(as_json):
+        out = evaluate_text(checkpoint, shards=shards, split=split, max_batches=max_batches, batch_size=batch_size)
+    emit(out, as_json)
 
 
 @app.command("generate")
@@ -111,10 +114,17 @@ def generate_cmd(
     vocoder: Optional[str] = typer.Option(None, help="--to audio: vocoder checkpoint that turns the mel into a wav"),
     vae: Optional[str] = typer.Option(None, help="image-VAE checkpoint of a model on latents (image_channels != 3)"),
     tracking_uri: Optional[str] = _TRACKING_URI,
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="print the result as one JSON document on stdout and nothing else there: {to, text} or "
+        "{to, files, note} (not with --interactive)",
+    ),
 ) -> None:
     """Continue a prompt with a trained text model (KV-cached sampling), or continue an interleaved
     prompt with a multimodal one: text -> image (PNG), text -> audio (wav), audio or image -> text.
-    Unset sampling flags take the run's generation: section (saved with the checkpoint).
+    Unset sampling flags take the run's generation: section (saved with the checkpoint). Text is
+    printed as is, written files as key/value lines (--json: either as JSON).
 
     Example: megaray generate --checkpoint runs/gpt-debug --prompt "Return the" --max-new-tokens 20
     Example: megaray generate --checkpoint runs/gpt-debug --interactive
@@ -123,6 +133,9 @@ def generate_cmd(
     Example: megaray generate --checkpoint runs/mm --audio hello.wav --to text
     """
     from megaray.errors import ConfigError
+
+    if interactive and as_json:
+        raise ConfigError("--json and --interactive: --interactive prints one completion per prompt line; drop --json")
     from megaray.inference.generate import run_generation, sampling
     from megaray.inference.multimodal import checkpoint_family, generate
 
@@ -134,9 +147,10 @@ def generate_cmd(
                 "--interactive continues text prompts with a text model (gpt, ngpt, mamba, recurrent); "
                 "give a multimodal checkpoint one --prompt per command"
             )
-        s = sampling(run_generation(checkpoint), prompt=prompt, **given)
-        result = generate(checkpoint, to=to, **s, **{k: v and str(v) for k, v in files.items()})
-        typer.echo(result["text"] if to == "text" else json.dumps(result, indent=2))
+        with json_stdout(as_json):
+            s = sampling(run_generation(checkpoint), prompt=prompt, **given)
+            result = generate(checkpoint, to=to, **s, **{k: v and str(v) for k, v in files.items()})
+        emit(result, as_json, human=result["text"] if to == "text" else None)
         return
     if interactive:
         import sys
@@ -154,7 +168,9 @@ def generate_cmd(
         return
     from megaray.inference.generate import generate_text
 
-    typer.echo(generate_text(checkpoint, prompt, **given))
+    with json_stdout(as_json):
+        text = generate_text(checkpoint, prompt, **given)
+    emit({"to": "text", "text": text}, as_json, human=text)
 
 
 @app.command("vocode")
@@ -163,14 +179,17 @@ def vocode_cmd(
     input: Path = typer.Option(..., "--input", "-i", help="audio file to analyse (any soundfile format)"),
     output: Path = typer.Option(..., "--output", "-o", help="wav to write"),
     tracking_uri: Optional[str] = _TRACKING_URI,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Analysis -> log-mel -> vocoder -> waveform; prints the real-time factor as JSON.
+    """Analysis -> log-mel -> vocoder -> waveform; prints the wav written and the real-time factor (--json: as JSON).
 
     Example: megaray vocode --checkpoint runs/vocoder-tiny --input in.wav --output out.wav
     """
     from megaray.inference.vocode import vocode_checkpoint
 
-    typer.echo(json.dumps(vocode_checkpoint(checkpoint, str(input), str(output)), indent=2))
+    with json_stdout(as_json):
+        result = vocode_checkpoint(checkpoint, str(input), str(output))
+    emit(result, as_json)
 
 
 @app.command("sample")
@@ -201,8 +220,9 @@ def sample_cmd(
         None, help="vocoder checkpoint for mel runs (default: the run's diffusion.vocoder_checkpoint)"
     ),
     tracking_uri: Optional[str] = _TRACKING_URI,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Sample a trained DiT: a PNG grid of images, or log-mel PNGs and wavs; prints JSON.
+    """Sample a trained DiT: a PNG grid of images, or log-mel PNGs and wavs; prints the files written (--json: as JSON).
 
     Example: megaray sample --checkpoint runs/dit-tiny --n 16 --class astronaut --output grid.png
     Example: megaray sample --checkpoint runs/mel-dit-tiny --n 2 --text "hello world" --output hello.png
@@ -210,22 +230,19 @@ def sample_cmd(
     """
     from megaray.inference.sample import sample_checkpoint
 
-    typer.echo(
-        json.dumps(
-            sample_checkpoint(
-                checkpoint,
-                str(output),
-                n=n,
-                class_name=class_name,
-                text=text,
-                cfg_scale=cfg,
-                steps=steps,
-                seed=seed,
-                vocoder=vocoder,
-            ),
-            indent=2,
+    with json_stdout(as_json):
+        result = sample_checkpoint(
+            checkpoint,
+            str(output),
+            n=n,
+            class_name=class_name,
+            text=text,
+            cfg_scale=cfg,
+            steps=steps,
+            seed=seed,
+            vocoder=vocoder,
         )
-    )
+    emit(result, as_json)
 
 
 @app.command("export")
@@ -235,12 +252,15 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="directory to write (new or empty)"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     tracking_uri: Optional[str] = _TRACKING_URI,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Write a GPT checkpoint as a Hugging Face directory (config.json, model.safetensors, tokenizer
-    files) that transformers' AutoModelForCausalLM / AutoTokenizer load; prints JSON.
+    files) that transformers' AutoModelForCausalLM / AutoTokenizer load; prints what it wrote (--json: as JSON).
 
     Example: megaray export --checkpoint runs/gpt-debug --format hf --out exports/gpt-debug
     """
     from megaray.inference.export import export_checkpoint
 
-    typer.echo(json.dumps(export_checkpoint(checkpoint, out, format, overwrite), indent=2))
+    with json_stdout(as_json):
+        result = export_checkpoint(checkpoint, out, format, overwrite)
+    emit(result, as_json)

@@ -6,17 +6,19 @@ Everything a command can check cheaply (options, source paths, the output folder
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import typer
 
 from megaray.cli.app import prepare_app, setup_logging
 from megaray.cli.options import at_least, in_interval, input_file, one_of, require_local_sources
+from megaray.cli.output import JSON_OPTION, emit, json_stdout
 
 _POSITIVE = at_least(1)
 _OVERWRITE_HELP = "replace a non-empty --out folder"
+#: the remedy a refused --out names (megaray.fs.check_target)
+_OVERWRITE_HOW = "pass --overwrite"
 _HF_HELP = (
     "; hf:NAME[:CONFIG][@SPLIT] = a Hugging Face Hub dataset (streamed), hf:./PATH[@SPLIT] = one built "
     "locally (save_to_disk folder, parquet folder/glob)"
@@ -69,8 +71,8 @@ def prepare_text_cmd(
     ),
     val_fraction: float = typer.Option(
         0.02,
-        callback=in_interval(0, 1, low_open=False, high_open=True),
-        help="fraction of documents held out for validation",
+        callback=in_interval(0, 1, low_open=True, high_open=True),
+        help="fraction of documents held out for validation (above 0: a text run validates on it)",
     ),
     min_words: int = typer.Option(
         0, callback=at_least(0), help="drop documents with fewer whitespace-separated words (0 = off; Gopher uses 50)"
@@ -103,6 +105,7 @@ def prepare_text_cmd(
         help="estimated Jaccard similarity at or above which a document is a near duplicate",
     ),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Tokenize text sources with a byte-level BPE (or unigram) and write train/val parquet shards.
 
@@ -129,20 +132,21 @@ def prepare_text_cmd(
         dedupe_threshold=dedupe_threshold,
     )
     require_local_sources(source, keywords=("stdlib",), hf=True)
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     setup_logging()
-    manifest = prepare_text(
-        source,
-        out,
-        vocab_size=vocab_size,
-        tokenizer=tokenizer,
-        val_fraction=val_fraction,
-        overwrite=overwrite,
-        tokenizer_kind=tokenizer_kind,
-        text_column=text_column,
-        clean=clean,
-    )
-    typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "rejected_examples"}, indent=2, default=str))
+    with json_stdout(as_json):
+        manifest = prepare_text(
+            source,
+            out,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            val_fraction=val_fraction,
+            overwrite=overwrite,
+            tokenizer_kind=tokenizer_kind,
+            text_column=text_column,
+            clean=clean,
+        )
+    _emit_manifest(manifest, out, as_json, drop=("rejected_examples",))
 
 
 @prepare_app.command("bin")
@@ -167,6 +171,7 @@ def prepare_bin_cmd(
         65536, callback=_POSITIVE, help="rows end at <|endoftext|>; longer documents are cut into rows this long"
     ),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Import nanoGPT's train.bin / val.bin token streams as text shards (streamed in chunks, never loaded whole).
 
@@ -176,12 +181,13 @@ def prepare_bin_cmd(
     from megaray.fs import check_target
 
     require_local_sources([source])
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     setup_logging()
-    manifest = import_nanogpt_bin(
-        source, out, tokenizer, dtype=dtype, max_row_tokens=max_row_tokens, overwrite=overwrite
-    )
-    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
+    with json_stdout(as_json):
+        manifest = import_nanogpt_bin(
+            source, out, tokenizer, dtype=dtype, max_row_tokens=max_row_tokens, overwrite=overwrite
+        )
+    _emit_manifest(manifest, out, as_json)
 
 
 @prepare_app.command("audio")
@@ -217,6 +223,7 @@ def prepare_audio_cmd(
     normalize: str = typer.Option("peak", callback=one_of(("peak", "loudness", "none")), help="peak | loudness | none"),
     clips: int = typer.Option(300, callback=_POSITIVE, help="clips to render for --source espeak"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Decode, resample, normalise and log-mel audio in Ray Data; write train/val shards.
 
@@ -231,25 +238,26 @@ def prepare_audio_cmd(
     from megaray.train.launch import ensure_ray
 
     require_local_sources(source, keywords=("espeak",), hf=True)
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     setup_logging()
     sources = list(source)
-    if "espeak" in sources:
-        corpus = Path(out).with_name(Path(out).name + "-raw")
-        sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
-    ensure_ray()
-    manifest = prepare_audio(
-        sources,
-        out,
-        sample_rate=sample_rate,
-        n_mels=n_mels,
-        n_fft=n_fft,
-        hop_length=hop_length,
-        normalize=normalize,
-        overwrite=overwrite,
-        columns=HFColumns(audio=audio_column, text=text_column, speaker=speaker_column),
-    )
-    typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "speakers"}, indent=2, default=str)[:4000])
+    with json_stdout(as_json):
+        if "espeak" in sources:
+            corpus = Path(out).with_name(Path(out).name + "-raw")
+            sources[sources.index("espeak")] = str(build_speech_corpus(str(corpus), n_clips=clips))
+        ensure_ray()
+        manifest = prepare_audio(
+            sources,
+            out,
+            sample_rate=sample_rate,
+            n_mels=n_mels,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            normalize=normalize,
+            overwrite=overwrite,
+            columns=HFColumns(audio=audio_column, text=text_column, speaker=speaker_column),
+        )
+    _emit_manifest(manifest, out, as_json, drop=("speakers",))
 
 
 @prepare_app.command("images")
@@ -282,6 +290,7 @@ def prepare_images_cmd(
     ),
     seed: int = typer.Option(0, help="seed of the train/val split"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Decode, orient, convert to RGB and resize images in Ray Data; write train/val shards.
 
@@ -295,19 +304,20 @@ def prepare_images_cmd(
     from megaray.train.launch import ensure_ray
 
     require_local_sources(source, keywords=("skimage",), hf=True)
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     setup_logging()
-    manifest = prepare_images(
-        source,
-        out,
-        size=size,
-        val_fraction=val_fraction,
-        seed=seed,
-        overwrite=overwrite,
-        before_ray=ensure_ray,
-        columns=HFColumns(image=image_column, caption=caption_column, label=label_column),
-    )
-    typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "labels"}, indent=2, default=str)[:4000])
+    with json_stdout(as_json):
+        manifest = prepare_images(
+            source,
+            out,
+            size=size,
+            val_fraction=val_fraction,
+            seed=seed,
+            overwrite=overwrite,
+            before_ray=ensure_ray,
+            columns=HFColumns(image=image_column, caption=caption_column, label=label_column),
+        )
+    _emit_manifest(manifest, out, as_json, drop=("labels",))
 
 
 @prepare_app.command("audio-latents")
@@ -317,6 +327,7 @@ def prepare_audio_latents_cmd(
     out: str = typer.Option(..., "--out", "-o", help="output directory for latent shards"),
     concurrency: int = typer.Option(1, callback=_POSITIVE, help="actors holding the VAE"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Encode audio shards to VAE latents with Ray Data (an actor pool holding the model).
 
@@ -327,13 +338,14 @@ def prepare_audio_latents_cmd(
     from megaray.train.checkpoint import load_for_inference
     from megaray.train.launch import ensure_ray
 
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     shards = _check_latent_inputs(vae_checkpoint, shards)
     setup_logging()
-    vae, _, _ = load_for_inference(vae_checkpoint)
-    ensure_ray()
-    manifest = encode_latents(shards, out, vae, concurrency=concurrency, overwrite=overwrite)
-    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
+    with json_stdout(as_json):
+        vae, _, _ = load_for_inference(vae_checkpoint)
+        ensure_ray()
+        manifest = encode_latents(shards, out, vae, concurrency=concurrency, overwrite=overwrite)
+    _emit_manifest(manifest, out, as_json, drop=("speakers", "vae_config"))
 
 
 def _check_latent_inputs(vae_checkpoint: str, shards: Optional[str]) -> str:
@@ -376,6 +388,7 @@ def prepare_image_latents_cmd(
     flip: bool = typer.Option(False, help="also encode every image's horizontally flipped copy"),
     concurrency: int = typer.Option(1, callback=_POSITIVE, help="actors holding the VAE"),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Encode prepared images to image-VAE latents (scaling_factor * posterior mean of centre crops)
     with Ray Data, for DiT training.
@@ -390,7 +403,7 @@ def prepare_image_latents_cmd(
     from megaray.train.checkpoint import load_for_inference, resolve
     from megaray.train.launch import ensure_ray
 
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     ckpt = resolve(vae_checkpoint).resolve()  # CheckpointError naming the path, before Ray starts; absolute
     family = load_config(ckpt / "config.yaml").model.family
     if family != "image_vae":
@@ -400,14 +413,13 @@ def prepare_image_latents_cmd(
         )
     read_manifest(source, kind="images")
     setup_logging()
-    vae, _, _ = load_for_inference(ckpt)
-    ensure_ray()
-    manifest = encode_image_latents(
-        source, out, vae, vae_checkpoint=str(ckpt), flip=flip, concurrency=concurrency, overwrite=overwrite
-    )
-    typer.echo(
-        json.dumps({k: v for k, v in manifest.items() if k not in ("labels", "vae_config")}, indent=2, default=str)
-    )
+    with json_stdout(as_json):
+        vae, _, _ = load_for_inference(ckpt)
+        ensure_ray()
+        manifest = encode_image_latents(
+            source, out, vae, vae_checkpoint=str(ckpt), flip=flip, concurrency=concurrency, overwrite=overwrite
+        )
+    _emit_manifest(manifest, out, as_json, drop=("labels", "vae_config"))
 
 
 @prepare_app.command("sft")
@@ -428,6 +440,7 @@ def prepare_sft_cmd(
         help="fraction of records held out for validation",
     ),
     overwrite: bool = typer.Option(False, help=_OVERWRITE_HELP),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Tokenize chat/completion JSONL through the chat template into fine-tuning shards (loss mask on completions).
 
@@ -437,9 +450,18 @@ def prepare_sft_cmd(
     from megaray.fs import check_target
 
     require_local_sources(source)
-    check_target(out, overwrite)
+    check_target(out, overwrite, how=_OVERWRITE_HOW)
     setup_logging()
-    manifest = prepare_sft(
-        source, out, tokenizer, max_tokens=max_tokens, val_fraction=val_fraction, overwrite=overwrite
-    )
-    typer.echo(json.dumps(manifest, indent=2, default=str)[:4000])
+    with json_stdout(as_json):
+        manifest = prepare_sft(
+            source, out, tokenizer, max_tokens=max_tokens, val_fraction=val_fraction, overwrite=overwrite
+        )
+    _emit_manifest(manifest, out, as_json)
+
+
+def _emit_manifest(manifest: Dict[str, Any], out: str, as_json: bool, drop: Sequence[str] = ()) -> None:
+    """After a prepare command: under ``--json`` the manifest (without the per-item entries in
+    ``drop``, which ``manifest.json`` holds) as the only thing on stdout; otherwise one line
+    naming ``manifest.json`` below the summary the prepare function printed."""
+    path = f"{str(out).rstrip('/')}/manifest.json"
+    emit({k: v for k, v in manifest.items() if k not in drop}, as_json, human=f"manifest: {path} (--json prints it)")

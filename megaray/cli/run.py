@@ -11,6 +11,7 @@ import typer
 
 from megaray.cli.app import VERBOSE_OPTION, app, setup_logging
 from megaray.cli.options import SET_HELP, at_least
+from megaray.cli.output import emit
 
 _DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -19,14 +20,21 @@ _DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 def config_cmd(
     config: Path = typer.Argument(..., help="run config YAML"),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the resolved config as one JSON document on stdout instead of YAML"
+    ),
 ) -> None:
-    """Validate a run config and print it fully resolved (presets expanded, defaults filled).
+    """Validate a run config and print it fully resolved (presets expanded, defaults filled), as YAML (--json: JSON).
 
     Example: megaray config configs/demo.yaml --set model.n_layer=2
     """
     from megaray.families import load_config
 
-    typer.echo(load_config(config, set_).to_yaml(), nl=False)
+    cfg = load_config(config, set_)
+    if as_json:
+        emit(cfg.model_dump(mode="json"), as_json)
+    else:
+        typer.echo(cfg.to_yaml(), nl=False)
 
 
 @app.command("train")

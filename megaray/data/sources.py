@@ -12,19 +12,22 @@ Every failure is a :class:`DataError` that names the path.
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import glob as _glob
+import io
+import json
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pyarrow.fs as pafs
 
 from megaray.errors import DataError
-from megaray.fs import is_uri, join, resolve
+from megaray.fs import is_uri, join, read_text, resolve
 
-__all__ = ["DataError", "Listing", "SourceFile", "list_files", "is_uri", "join", "resolve"]
+__all__ = ["DataError", "Listing", "SourceFile", "list_files", "read_manifest_rows", "is_uri", "join", "resolve"]
 
 _GLOB_CHARS = "*?["
 
@@ -182,3 +185,24 @@ def _match(rel: str, pattern: str) -> bool:
         return fnmatch.fnmatchcase(rel, pattern)
     parts, pats = rel.split("/"), pattern.split("/")
     return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pats))
+
+
+def read_manifest_rows(uri: str) -> List[Dict[str, Any]]:
+    """The rows of a source manifest: a ``.csv`` (header row, one dict of strings per row) or JSON
+    lines (any other name; one JSON object per non-blank line). Row values are returned as read;
+    callers check and resolve their own columns.
+
+    Raises:
+        DataError: a JSON line that does not parse, naming ``uri:line``.
+    """
+    text = read_text(uri)
+    if uri.lower().endswith(".csv"):
+        return list(csv.DictReader(io.StringIO(text)))
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{uri}:{n}: not valid JSON ({e})") from None
+    return rows

@@ -2,7 +2,7 @@
 in an interactive loop (:func:`interactive`, the model loaded once).
 
 Sampling settings come from the flags given, else from the run's ``generation:`` section
-(:class:`megaray.config.GenerationConfig`, saved with every checkpoint in ``config.yaml``).
+(:class:`megaray.tasks.lm_config.GenerationConfig`, saved with every checkpoint in ``config.yaml``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, TextIO
 
 import torch
 
-from megaray.config import GenerationConfig
+from megaray.tasks.lm_config import GenerationConfig
 
 #: lines that end :func:`interactive` (besides end of input)
 QUIT = ("", ":q")
@@ -43,7 +43,8 @@ def run_generation(checkpoint: str | os.PathLike) -> GenerationConfig:
     from megaray.families import load_config
     from megaray.weights import resolve
 
-    return load_config(resolve(checkpoint) / "config.yaml").generation
+    cfg = load_config(resolve(checkpoint) / "config.yaml")
+    return getattr(cfg, "generation", None) or GenerationConfig()  # a family without one: the defaults
 
 
 class TextGenerator:

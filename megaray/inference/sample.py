@@ -3,7 +3,8 @@
 The checkpoint's EMA weights when kept (:func:`~megaray.train.checkpoint.load_for_inference`),
 its ``diffusion.json`` (what the run trained on: written by
 :meth:`~megaray.tasks.diffusion.DiffusionTask.checkpoint_files`), and the sampling and rendering
-the run's evaluations use (:func:`megaray.tasks.diffusion.sample` / :func:`~megaray.tasks.diffusion.render`).
+the run's evaluations use (:func:`megaray.tasks.diffusion.sample` / the task's
+:meth:`~megaray.tasks.diffusion.DiffusionTask.render`).
 """
 
 from __future__ import annotations
@@ -51,15 +52,8 @@ def sample_checkpoint(
             listed); ``class_name`` for a text-conditioned run or ``text`` for a class-conditioned one; a missing or
             mismatched VAE / vocoder.
     """
-    from megaray.tasks.diffusion import (
-        INFO_FILE,
-        DiffusionInfo,
-        DiffusionTask,
-        check_vae,
-        check_vocoder,
-        render,
-        sample,
-    )
+    from megaray.tasks.diffusion import INFO_FILE, DiffusionInfo, check_vae, check_vocoder, sample
+    from megaray.tasks.dit import dit_task
     from megaray.train.checkpoint import load_for_inference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +63,7 @@ def sample_checkpoint(
     if not (ckpt / INFO_FILE).is_file():
         raise CheckpointError(f"{ckpt}: no {INFO_FILE} (written by every checkpoint of a dit run); re-save it")
     info = DiffusionInfo(**json.loads((ckpt / INFO_FILE).read_text()))
-    task = DiffusionTask(cfg, info)
+    task = dit_task(cfg, info)  # the image-latent or mel task, by info.kind
     d = cfg.diffusion
     scale, steps = d.cfg_scale if cfg_scale is None else cfg_scale, steps or d.sample_steps
     stem = os.path.splitext(str(output))[0]
@@ -110,7 +104,7 @@ def sample_checkpoint(
         if encoder is not None:
             encoder.to(device)
     x = sample(task, net, n, cond, scale, steps, seed)
-    files = render(task, x, modules, stem, titles=cond.get("texts"))
+    files = task.render(x, modules, stem, titles=cond.get("texts"))
     if info.kind == "image_latents" and files[0] != str(output):
         os.replace(files[0], str(output))
         files = [str(output)]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from megaray.tasks.base import unwrap
+from megaray.tasks.base import Engine, unwrap
 
 #: ``(D(real), D(fake)) -> scalar``
 PairLoss = Callable[[Any, Any], torch.Tensor]
@@ -71,9 +71,9 @@ class AdversarialStep:
         """Whether the discriminator trains and the GAN terms apply at optimizer step ``step``."""
         return step >= self.start_step
 
-    def discriminator_step(self, disc: Any, real: torch.Tensor, fake: torch.Tensor) -> Dict[str, float]:
-        """One update of ``disc`` (a DeepSpeed engine or anything with ``__call__``,
-        ``backward(loss)`` and ``step()``) on ``real`` vs ``fake.detach()``."""
+    def discriminator_step(self, disc: Engine, real: torch.Tensor, fake: torch.Tensor) -> Dict[str, float]:
+        """One update of ``disc`` (a DeepSpeed engine or any :class:`~megaray.tasks.base.Engine`)
+        on ``real`` vs ``fake.detach()``."""
         loss_d = self.d_loss(disc(real), disc(fake.detach()))
         disc.backward(loss_d)
         disc.step()
@@ -81,7 +81,7 @@ class AdversarialStep:
 
     def generator_loss(
         self,
-        disc: Any,
+        disc: Engine,
         real: torch.Tensor,
         fake: torch.Tensor,
         base_loss: torch.Tensor,
@@ -122,7 +122,7 @@ class AdversarialStep:
 
     def __call__(
         self,
-        disc: Optional[Any],
+        disc: Optional[Engine],
         real: torch.Tensor,
         fake: torch.Tensor,
         base_loss: torch.Tensor,

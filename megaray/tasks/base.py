@@ -12,6 +12,7 @@ datasets, evaluation and artifacts. The hooks, in the order the loop calls them:
 ``frozen_modules()``        worker: networks loaded from another run (a VAE, a vocoder used to
                             decode samples): no engine, eval mode, moved to the device
 ``train_step(engines, b)``  one micro-batch: forward, ``engine.backward``, ``engine.step``
+                            (``engines``: ``Mapping[str, Engine]``, one :class:`Engine` a module)
 ``global_step(engines)``    the step clock: optimizer steps taken (``engines["model"]``'s)
 ``after_step(engines, s)``  after every optimizer step (nGPT re-normalises its weights here)
 ``eval_step(modules, b)``   validation metrics of one batch; ``modules`` holds every module
@@ -24,7 +25,7 @@ datasets, evaluation and artifacts. The hooks, in the order the loop calls them:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -70,6 +71,34 @@ class TaskInfo:
             batches_per_epoch=plan.micro_batches(world),
             val_batches=order.val_batches(self.val_samples, world, plan.micro_batch, self.val_limit),
         )
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What a task uses of a DeepSpeed engine (``deepspeed.DeepSpeedEngine``, one per trainable
+    module, built by :func:`megaray.train.engines.build_engines`), and all a stand-in needs
+    (the tests' ``StandInEngine``): call it as the module, ``backward(loss)`` (DeepSpeed scales
+    for accumulation and precision), ``step()`` (an optimizer step at an accumulation boundary,
+    else nothing), and ``module``, the wrapped network (:func:`unwrap`).
+
+    The default step clock (:meth:`Task.global_step`) also reads DeepSpeed's ``global_steps``
+    (optimizer steps taken) of the ``"model"`` engine: :class:`CountingEngine`. The loop alone
+    uses the rest of DeepSpeed's surface (learning rate, gradient norm, checkpoints)."""
+
+    module: torch.nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> Any: ...
+
+
+@runtime_checkable
+class CountingEngine(Engine, Protocol):
+    """An :class:`Engine` that counts its optimizer steps (DeepSpeed's ``global_steps``)."""
+
+    global_steps: int
 
 
 def unwrap(module: Any) -> torch.nn.Module:
@@ -193,7 +222,9 @@ class Task:
         """Scalar training loss and extra metrics for one micro-batch."""
         raise NotImplementedError
 
-    def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
+    def train_step(
+        self, engines: Mapping[str, Engine], batch: Mapping[str, torch.Tensor], step: int
+    ) -> Dict[str, float]:
         """One micro-batch: forward, ``engine.backward``, ``engine.step`` (DeepSpeed handles
         accumulation boundaries). ``step``: optimizer steps taken so far. Returns metrics
         including ``loss``."""
@@ -203,12 +234,12 @@ class Task:
         engine.step()
         return {"loss": float(loss.detach()), **metrics}
 
-    def global_step(self, engines: Mapping[str, Any]) -> int:
+    def global_step(self, engines: Mapping[str, CountingEngine]) -> int:
         """The step clock: optimizer steps taken. Default: the ``"model"`` engine's count (a
         GAN's discriminator may step less often)."""
         return int(engines["model"].global_steps)
 
-    def after_step(self, engines: Mapping[str, Any], step: int) -> None:
+    def after_step(self, engines: Mapping[str, Engine], step: int) -> None:
         """Called once after every optimizer step ``step`` (1-based), before the EMA update."""
 
     @torch.no_grad()

@@ -150,15 +150,15 @@ class SFTTask(LMTask):
         return files
 
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
-        """The reply to ``tracking.sample_prompt`` as one user turn (greedy-ish: top-k 40, T 0.8)."""
+        """The reply to ``eval.sample_prompt`` as one user turn (greedy-ish: top-k 40, T 0.8)."""
         import json
 
         from megaray.data.sft import render_prompt
 
-        n = self.cfg.tracking.sample_tokens
+        n = self.cfg.eval.sample_tokens
         if not n or not self.info.tokenizer_path or not self.info.chat_template:
             return {}
         prompt = render_prompt(
-            [{"role": "user", "content": self.cfg.tracking.sample_prompt}], json.loads(self.info.chat_template)
+            [{"role": "user", "content": self.cfg.eval.sample_prompt}], json.loads(self.info.chat_template)
         )
         return {"sample": sample_text(modules["model"], _tokenizer(self.info.tokenizer_path), prompt, n, seed=step)}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megaray.config import ConfigError
 from megaray.data import order
 from megaray.tasks.adversarial import AdversarialStep
-from megaray.tasks.base import Task, TaskInfo, unwrap
+from megaray.tasks.base import Engine, Task, TaskInfo, unwrap
 
 
 @dataclass
@@ -205,7 +205,9 @@ class ImageVAETask(Task):
         loss, _, metrics = self.terms(model, batch["image"])
         return loss, metrics
 
-    def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
+    def train_step(
+        self, engines: Mapping[str, Engine], batch: Mapping[str, torch.Tensor], step: int
+    ) -> Dict[str, float]:
         """One micro-batch: discriminator update (from ``adv_start_step``), then the VAE update
         with ``loss = base + adaptive weight * hinge G loss``."""
         vae, x = engines["model"], batch["image"]

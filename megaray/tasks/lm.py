@@ -163,7 +163,7 @@ class LMTask(Task):
         return {
             "input": "prompt",
             "files": ["tokenizer.json"],
-            "params": {"max_new_tokens": self.cfg.tracking.sample_tokens or 48, "temperature": 0.8, "top_k": 40},
+            "params": {"max_new_tokens": self.cfg.eval.sample_tokens or 48, "temperature": 0.8, "top_k": 40},
         }
 
     def predict(
@@ -179,12 +179,12 @@ class LMTask(Task):
         ]
 
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
-        """A sample continuation of ``tracking.sample_prompt`` (top-k 40, temperature 0.8)."""
-        n = self.cfg.tracking.sample_tokens
+        """A sample continuation of ``eval.sample_prompt`` (top-k 40, temperature 0.8)."""
+        n = self.cfg.eval.sample_tokens
         if not n or not self.info.tokenizer_path:
             return {}
         tok = _tokenizer(self.info.tokenizer_path)
-        return {"sample": sample_text(modules["model"], tok, self.cfg.tracking.sample_prompt, n, seed=step)}
+        return {"sample": sample_text(modules["model"], tok, self.cfg.eval.sample_prompt, n, seed=step)}
 
 
 def _hellaswag_share(model: Any, examples: list) -> Dict[str, float]:

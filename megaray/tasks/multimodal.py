@@ -9,9 +9,12 @@ the span losses, weighted by ``model.*_loss_weight``.
 Metrics: ``loss/text``, ``loss/audio``, ``loss/image`` (and ``val_loss/...``) are means over the
 supervised text tokens / span patches of every micro-batch and rank since the last line: each
 micro-batch reports ``loss/x_sum`` (its mean times its count) and ``loss/x_count``, and the loop
-logs their ratio (:func:`megaray.train.reporter.ratio_metrics`), so a micro-batch without images
-does not pull ``loss/image`` towards 0. ``rows/<task>`` counts the rows of each task
-(:data:`megaray.data.multimodal.TASKS`) per micro-batch.
+logs their ratio (:func:`megaray.train.reporter.ratio_metrics`, which drops the pair), so a
+micro-batch without images does not pull ``loss/image`` towards 0. Bookkeeping has its own names
+(:data:`megaray.train.reporter.COUNT_PREFIXES`; logged, but not on the console's eval line):
+``supervised/<modality>`` counts the supervised text tokens / span patches and ``rows/<task>`` the
+rows of each task (:data:`megaray.data.multimodal.TASKS`) per micro-batch (``val_supervised/...``,
+``val_rows/...`` in evaluation).
 
 Evaluation artifacts (rank 0): ``image.png`` (a validation image beside the image generated from
 its caption), ``mel.png`` (a validation clip's mel above the one generated from its transcript)
@@ -167,6 +170,7 @@ class MultimodalTask(Task):
         """Config-vs-shards checks (ConfigError, see :meth:`datasets`); returns the tokenizer
         path and its eot id."""
         from megaray import fs
+        from megaray.data.multimodal.checks import check_audio_sources, check_image_sources, check_one_kind
         from megaray.data.text import check_same_tokenizer
         from megaray.data.tokenizer import eos_id, load_tokenizer
 
@@ -191,15 +195,9 @@ class MultimodalTask(Task):
                 f"model.vocab_size ({m.vocab_size}) must equal the vocabulary of the tokenizer "
                 f"{path} ({tok.get_vocab_size()}); set model.vocab_size={tok.get_vocab_size()}"
             )
-        for modality in ("audio", "image"):
-            kinds = sorted({s.kind for s in srcs if s.modality == modality})
-            if len(kinds) > 1:
-                raise ConfigError(
-                    f"data.sources: the {modality} sources mix the kinds {' and '.join(kinds)}; the "
-                    f"model's {modality} spans hold one or the other: drop the sources of one kind"
-                )
-        _check_audio([s for s in srcs if s.modality == "audio"], m)
-        _check_images([s for s in srcs if s.modality == "image"], m)
+        check_one_kind(srcs)
+        check_audio_sources([s for s in srcs if s.modality == "audio"], m)
+        check_image_sources([s for s in srcs if s.modality == "image"], m)
         return path, eos_id(tok)
 
     def frozen_modules(self) -> Dict[str, torch.nn.Module]:
@@ -220,7 +218,8 @@ class MultimodalTask(Task):
     # -- step ------------------------------------------------------------------------------
     def loss(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The model's weighted loss; metrics ``loss/x_sum``, ``loss/x_count`` per modality (the
-        loop logs ``loss/x``, module docstring) and ``rows/<task>``."""
+        loop logs their ratio ``loss/x``, module docstring), ``supervised/x`` (the count again,
+        under its own name) and ``rows/<task>``."""
         from megaray.data.multimodal import TASKS
 
         out = model(batch)
@@ -229,6 +228,7 @@ class MultimodalTask(Task):
             count = float(out[f"count/{name}"])
             metrics[f"loss/{name}_sum"] = float(out[f"loss/{name}"].detach()) * count
             metrics[f"loss/{name}_count"] = count
+            metrics[f"supervised/{name}"] = count
         tasks = torch.bincount(batch["task"].flatten(), minlength=len(TASKS)).tolist()
         metrics.update({f"rows/{name}": float(n) for name, n in zip(TASKS, tasks)})
         return out["loss"], metrics
@@ -332,102 +332,20 @@ def _to_text(
     return tok.decode(out[0, prompt.size(1) :].tolist(), skip_special_tokens=True)
 
 
-def _check_audio(speech: List[Any], m: Any) -> None:
-    """ConfigError unless every speech source fits ``model.n_mels`` (log-mels: their bands; audio
-    latents: ``latent_channels * n_mels / down_freq`` of their VAE) and all share one analysis
-    (log-mels: the mel settings; latents: the VAE config)."""
-    settings = ("sample_rate", "n_fft", "hop_length", "n_mels", "win_length")
-    for s in speech:
-        if s.kind == "audio_latents":
-            vae = s.manifest.get("vae_config")
-            if not vae:
-                raise ConfigError(
-                    f"data.sources: {s.shards} records no vae_config; prepare it with `megaray prepare "
-                    f"audio-latents --vae-checkpoint CHECKPOINT --out {s.shards} --overwrite`"
-                )
-            frames = vae["latent_channels"] * (vae["n_mels"] // vae["down_freq"])
-            if frames != m.n_mels:
-                raise ConfigError(
-                    f"model.n_mels ({m.n_mels}) differs from the latent frame size of {s.shards} "
-                    f"(latent_channels {vae['latent_channels']} x {vae['n_mels'] // vae['down_freq']} "
-                    f"bands = {frames}); set model.n_mels={frames}"
-                )
-            if vae != speech[0].manifest.get("vae_config"):
-                raise ConfigError(
-                    f"data.sources: {s.shards} and {speech[0].shards} were encoded by different audio "
-                    "VAEs; encode every audio-latent source with the same one"
-                )
-            continue
-        if s.manifest["n_mels"] != m.n_mels:
-            raise ConfigError(
-                f"model.n_mels ({m.n_mels}) differs from the n_mels ({s.manifest['n_mels']}) of "
-                f"{s.shards}; set model.n_mels={s.manifest['n_mels']} or re-prepare the audio "
-                f"with --n-mels {m.n_mels}"
-            )
-        if any(s.manifest.get(k) != speech[0].manifest.get(k) for k in settings):
-            raise ConfigError(
-                f"data.sources: {s.shards} and {speech[0].shards} were prepared with different "
-                f"mel settings ({', '.join(settings)}); prepare every speech source alike"
-            )
-
-
-def _check_images(images: List[Any], m: Any) -> None:
-    """ConfigError unless every image source fits the model: pixels need ``image_channels`` 3 and
-    a stored size >= ``image_size``; latents need ``image_channels`` = ``latent_channels`` and
-    ``image_size`` = ``latent_size``, and one VAE (checkpoint and scaling) across sources."""
-    for s in images:
-        man = s.manifest
-        if s.kind == "image_latents":
-            for key, latent in (("image_channels", "latent_channels"), ("image_size", "latent_size")):
-                if getattr(m, key) != int(man[latent]):
-                    raise ConfigError(
-                        f"model.{key} ({getattr(m, key)}) differs from the {latent} ({man[latent]}) "
-                        f"of the image latents {s.shards}; set model.{key}={man[latent]}"
-                    )
-            first = images[0].manifest
-            if any(man.get(k) != first.get(k) for k in ("vae_checkpoint", "scaling_factor", "vae_config")):
-                raise ConfigError(
-                    f"data.sources: {s.shards} and {images[0].shards} were encoded by different image "
-                    "VAEs (vae_checkpoint, scaling_factor); encode every image-latent source with one"
-                )
-            continue
-        if m.image_channels != 3:
-            raise ConfigError(
-                f"model.image_channels ({m.image_channels}): image shards ({s.shards}) hold RGB "
-                "pixels; set model.image_channels=3"
-            )
-        if int(man["size"]) < m.image_size:
-            raise ConfigError(
-                f"model.image_size ({m.image_size}) exceeds the size {man['size']} px "
-                f"{s.shards} was prepared at; run `megaray prepare images --source SOURCE --out "
-                f"{s.shards} --size {m.image_size} --overwrite` or lower model.image_size"
-            )
-
-
 def _side_info(srcs: List[Any], layout: Any) -> Dict[str, Any]:
     """The speech settings, image labels, the first validation image / clip of the mixture (read
     with pyarrow on the driver, prepared as the validation data is), the image latents' VAE
     (checked: :func:`megaray.tasks.diffusion.check_vae`) and the audio latents' shape:
     :class:`MultimodalInfo` fields."""
-    import pyarrow.dataset as pads
-
     from megaray.data import multimodal as mm
-    from megaray.data.shards import split_files
+    from megaray.data.multimodal.checks import first_val_example, speech_settings
     from megaray.tasks.diffusion import check_vae
 
     out: Dict[str, Any] = {"audio": {}, "labels": [], "examples": {}, "vae_checkpoint": None, "audio_latents": {}}
     for s in srcs:
         man = s.manifest
         if s.modality == "audio" and not out["audio"]:
-            keys = ("sample_rate", "n_fft", "hop_length", "n_mels", "win_length")
-            out["audio"] = {k: man.get(k) for k in keys}
-            if s.kind == "audio_latents":
-                vae = man["vae_config"]
-                out["audio_latents"] = {
-                    "latent_channels": vae["latent_channels"],
-                    "bands": vae["n_mels"] // vae["down_freq"],
-                    "down_time": vae["down_time"],
-                }
+            out.update(speech_settings(s))
         if s.modality == "image" and not out["labels"]:
             out["labels"] = mm.label_names(man)
         if s.kind == "image_latents" and man.get("vae_checkpoint") and not out["vae_checkpoint"]:
@@ -437,18 +355,5 @@ def _side_info(srcs: List[Any], layout: Any) -> Dict[str, Any]:
         key = {"audio": "mel", "image": "image"}.get(s.modality)
         if key is None or key in out["examples"] or s.rows("val") == 0:
             continue
-        filesystem, paths, _ = split_files(s.shards, man, "val")
-        cols = {
-            k: [v]
-            for k, v in pads.dataset(paths, filesystem=filesystem, format="parquet")
-            .head(1, columns=mm.COLUMNS[s.kind])
-            .to_pylist()[0]
-            .items()
-        }
-        if s.modality == "audio":
-            out["examples"].update(mel=mm.audio_content(s.kind, cols, 0, layout, None)[0], transcript=cols["text"][0])
-        else:
-            spec = mm.read_specs([s], "val")[0]
-            caption, out["examples"]["image"] = mm.image_content(spec, cols, 0, layout)
-            out["examples"]["caption"] = caption
+        out["examples"].update(first_val_example(s, layout))
     return out

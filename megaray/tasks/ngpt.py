@@ -34,7 +34,7 @@ import torch
 
 from megaray.config import RunConfig
 from megaray.errors import ConfigError
-from megaray.tasks.base import TaskInfo, unwrap
+from megaray.tasks.base import Engine, TaskInfo, unwrap
 from megaray.tasks.lm import LMTask
 
 log = logging.getLogger("megaray.train")
@@ -71,13 +71,15 @@ class NGPTTask(LMTask):
             )
         return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": 0.0}]
 
-    def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
+    def train_step(
+        self, engines: Mapping[str, Engine], batch: Mapping[str, torch.Tensor], step: int
+    ) -> Dict[str, float]:
         if self._row_norm_err is None:  # first step: the weights as initialised (or restored)
             self._row_norm_err = row_norm_error(engines["model"])
         err = self._row_norm_err
         return {**super().train_step(engines, batch, step), **err}
 
-    def after_step(self, engines: Mapping[str, Any], step: int) -> None:
+    def after_step(self, engines: Mapping[str, Engine], step: int) -> None:
         """Re-normalise the module's matrices and the optimizer's master copy; measure both."""
         renormalize(engines["model"])
         self._row_norm_err = row_norm_error(engines["model"])

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from megaray.tasks.base import unwrap
+from megaray.tasks.base import Engine, unwrap
 from megaray.tasks.lm import LMTask, _tokenizer
 
 #: steps whose sampled depths average into the FLOPs per token used for MFU
@@ -26,7 +26,9 @@ class RecurrentTask(LMTask):
     """:class:`LMTask` for the ``recurrent`` family: per-step depth, ``num_steps`` in the step
     metrics, MFU from the mean FLOPs per token over the sampled depths."""
 
-    def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
+    def train_step(
+        self, engines: Mapping[str, Engine], batch: Mapping[str, torch.Tensor], step: int
+    ) -> Dict[str, float]:
         model = unwrap(engines["model"])
         model.set_step(step)
         metrics = super().train_step(engines, batch, step)
@@ -58,15 +60,13 @@ class RecurrentTask(LMTask):
         ]
 
     def eval_artifacts(self, modules: Mapping[str, torch.nn.Module], out_dir: str, step: int) -> Dict[str, Any]:
-        """A sample continuation of ``tracking.sample_prompt`` (top-k 40, temperature 0.8, the
+        """A sample continuation of ``eval.sample_prompt`` (top-k 40, temperature 0.8, the
         exit criterion choosing each token's depth) and the mean iterations per token."""
-        n = self.cfg.tracking.sample_tokens
+        n = self.cfg.eval.sample_tokens
         if not n or not self.info.tokenizer_path:
             return {}
         model = unwrap(modules["model"])
-        text = sample_recurrent(
-            model, _tokenizer(self.info.tokenizer_path), self.cfg.tracking.sample_prompt, n, seed=step
-        )
+        text = sample_recurrent(model, _tokenizer(self.info.tokenizer_path), self.cfg.eval.sample_prompt, n, seed=step)
         return {"sample": f"{text}\n[mean core iterations per token: {model.last_mean_steps:.2f}]"}
 
 

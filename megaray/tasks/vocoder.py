@@ -10,7 +10,7 @@ import torch
 from megaray.config import ConfigError
 from megaray.tasks.adversarial import AdversarialStep
 from megaray.tasks.audio import AudioTask, plot_mels
-from megaray.tasks.base import unwrap
+from megaray.tasks.base import Engine, unwrap
 
 
 class VocoderTask(AudioTask):
@@ -99,7 +99,9 @@ class VocoderTask(AudioTask):
         """Whether the discriminator trains and the GAN losses apply at optimizer step ``step``."""
         return bool(self.cfg.model.adversarial) and self.adversarial.active(step)
 
-    def train_step(self, engines: Mapping[str, Any], batch: Mapping[str, torch.Tensor], step: int) -> Dict[str, float]:
+    def train_step(
+        self, engines: Mapping[str, Engine], batch: Mapping[str, torch.Tensor], step: int
+    ) -> Dict[str, float]:
         """One micro-batch: discriminator update (from ``adv_start_step``), then generator update.
 
         ``engines``: ``{"model": generator engine, "disc": discriminator engine}`` (DeepSpeed

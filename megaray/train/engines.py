@@ -10,13 +10,18 @@ with its own optimizer settings (``train.modules.<name>``). Reference: https://w
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Tuple
 
 import torch
 
 from megaray.config import RunConfig
 from megaray.errors import ConfigError
 from megaray.train.schedule import warmup_cosine
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from megaray.tasks.base import Task
 
 log = logging.getLogger("megaray.train")
 
@@ -183,7 +188,7 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> Dict[str, Any]:
 
 def build_engine(
     module: torch.nn.Module, param_groups: Iterable[dict], cfg: RunConfig, precision: str, name: str = "model"
-) -> Tuple[Any, Dict[str, Any]]:
+) -> Tuple["DeepSpeedEngine", Dict[str, Any]]:
     """``deepspeed.initialize`` one module with AdamW (decay/no-decay groups) and the schedule.
 
     The module's optimizer settings are ``cfg.train.optim_for(name)``: ``train.modules.<name>``
@@ -244,10 +249,12 @@ def skip_cpu_op_builds() -> None:
 
 
 def build_engines(
-    task: Any, modules: Mapping[str, torch.nn.Module], cfg: RunConfig, precision: str, device: torch.device
-) -> Dict[str, Any]:
+    task: "Task", modules: Mapping[str, torch.nn.Module], cfg: RunConfig, precision: str, device: torch.device
+) -> Dict[str, "DeepSpeedEngine"]:
     """One DeepSpeed engine per trainable module of ``task`` (moved to ``device`` first), in the
-    order the task returned them; groups from ``task.param_groups(name, module)``."""
+    order the task returned them; groups from ``task.param_groups(name, module)``. The task sees
+    each through :class:`megaray.tasks.base.Engine` (the part of DeepSpeed's surface it uses); the
+    loop's parts use the rest (learning rate, gradient norm, checkpoints)."""
     if device.type == "cpu":
         skip_cpu_op_builds()
     engines = {}

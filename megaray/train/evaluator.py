@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from megaray.config import RunConfig
-from megaray.train.reporter import Reporter, mean_across_ranks, ratio_metrics
+from megaray.train.reporter import Reporter, is_count, mean_across_ranks, ratio_metrics
 
 
 class Evaluator:
@@ -115,8 +115,10 @@ class Evaluator:
             reporter.say(f"{key} @ {step}: {text!r}")
 
     def run(self, engines: Mapping[str, Any], step: int, reporter: Reporter) -> Dict[str, float]:
-        """Metrics (collective), the console line and artifacts (rank 0); returns the metrics."""
+        """Metrics (collective), the console line (the ``val_`` metrics but bookkeeping counts,
+        :func:`~megaray.train.reporter.is_count`) and artifacts (rank 0); returns the metrics."""
         out = self.metrics(engines)
-        reporter.say(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items() if k.startswith("val_")))
+        shown = {k: v for k, v in out.items() if k.startswith("val_") and not is_count(k)}
+        reporter.say(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         self.artifacts(engines, step, reporter)
         return out

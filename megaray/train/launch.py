@@ -20,10 +20,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
-from megaray.config import ConfigError, RunConfig, suggest
-from megaray.tasks.base import TaskInfo
+from megaray.config import CheckpointPath, ConfigError, RunConfig, RunPath, map_paths, suggest
+from megaray.tasks.base import Task, TaskInfo
+from megaray.train.spec import DebugHooks, WorkerSpec
+
+if TYPE_CHECKING:
+    from megaray.train.branch import Branch
 
 log = logging.getLogger("megaray.train")
 
@@ -113,33 +117,26 @@ def storage_dir(cfg: RunConfig) -> str:
 
 
 def resolve_paths(cfg: RunConfig, base_dir: Optional[str] = None) -> RunConfig:
-    """A copy of ``cfg`` whose data paths (``data.shards``, ``data.sources[*].shards``,
-    ``data.val_shards``) are absolute (URIs unchanged): resolved once, on the driver, against its working directory
-    (or ``base_dir``: a Tune trial resolves against the search driver's), because Ray Train
-    workers and Tune trials run in Ray's own working directory."""
-    out = cfg.model_copy(deep=True)
-    out.data.shards = _absolute(cfg.data.shards, base_dir)
-    if cfg.data.sources:
-        out.data.sources = [s.model_copy(update={"shards": _absolute(s.shards, base_dir)}) for s in cfg.data.sources]
-    if cfg.data.val_shards:
-        out.data.val_shards = _absolute(cfg.data.val_shards, base_dir)
-    if cfg.train.init_from:  # a models:/ URI becomes its checkpoint here, at the run's tracking URI
-        from megaray.weights import is_model_uri, model_checkpoint
+    """A copy of ``cfg`` whose path fields are absolute (URIs unchanged): every field typed
+    :class:`~megaray.config.RunPath` wherever it is (``data.shards``, ``data.sources[*].shards``,
+    ``data.val_shards``, a family section's paths such as ``diffusion.vae_checkpoint``), resolved
+    once, on the driver, against its working directory (or ``base_dir``: a Tune trial resolves
+    against the search driver's), because Ray Train workers and Tune trials run in Ray's own
+    working directory. A :class:`~megaray.config.CheckpointPath` (``train.init_from``) that is a
+    ``models:/`` URI becomes its checkpoint here, at the run's tracking URI."""
 
-        out.train.init_from = (
-            model_checkpoint(cfg.train.init_from, cfg.tracking.resolved_uri())
-            if is_model_uri(cfg.train.init_from)
-            else _absolute(cfg.train.init_from, base_dir)
-        )
-    if cfg.eval.hellaswag:
-        out.eval.hellaswag = _absolute(cfg.eval.hellaswag, base_dir)
-    for key in ("vae_checkpoint", "vocoder_checkpoint", "text_encoder_path"):
-        if getattr(cfg.diffusion, key):
-            setattr(out.diffusion, key, _absolute(getattr(cfg.diffusion, key), base_dir))
-    return out
+    def resolve(value: str, marker: RunPath) -> str:
+        if isinstance(marker, CheckpointPath):
+            from megaray.weights import is_model_uri, model_checkpoint
+
+            if is_model_uri(value):
+                return model_checkpoint(value, cfg.tracking.resolved_uri())
+        return _absolute(value, base_dir)
+
+    return map_paths(cfg, resolve)
 
 
-def check_run(cfg: RunConfig, task: Any) -> None:
+def check_run(cfg: RunConfig, task: Task) -> None:
     """Driver-side checks of what only the task knows: ``train.modules`` names modules of the
     family, ``data.val_shards`` is one the task reads, and EMA is possible under the ZeRO stage.
     Raises ConfigError."""
@@ -257,13 +254,14 @@ def _fit(
     from megaray.train.ray_compat import keep_user_errors_in_ray_data, user_error
     from megaray.train.trackers import prepare as prepare_trackers
 
-    t0 = time.time()  # the run's wall clock starts here (goodput, time/startup_s)
+    t0 = time.time()  # the run's wall clock starts here (goodput, system/time_startup_s)
     cfg = resolve_paths(cfg)
     task = families.task_class(cfg.model.family, cfg.train.task)(cfg)
     check_run(cfg, task)
     storage = storage_dir(cfg)
     run_dir = f"{storage.rstrip('/')}/{cfg.name}"
     trackers = prepare_trackers(cfg, run_dir)  # ConfigError before Ray starts when one is not installed
+    debug = DebugHooks.from_env()  # the test hooks (MEGARAY_TRACE, ...): None in a normal run
     fork = _branch(resume_from, run_dir, console) if resume_from else None  # CheckpointError before Ray starts
     ensure_ray()
     _resolve_use_gpu(cfg, console)
@@ -280,20 +278,19 @@ def _fit(
         if fork is not None:
             _tag_branch(uri, run_id, fork)
     channel = Channel() if console and not verbose() else None
-    trainer = _trainer(
-        cfg,
-        task,
-        datasets,
-        storage,
-        run_dir,
-        {"uri": uri, "run_id": run_id},
-        callbacks,
-        t0,
-        channel,
-        worlds,
-        trackers,
-        profile,
+    spec = WorkerSpec(  # what every worker gets (megaray.train.spec)
+        run=cfg.model_dump(mode="json"),
+        info=task.info,
+        run_dir=run_dir,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        trackers=trackers,
+        t0=t0,
+        console=channel,
+        profile=profile,
+        debug=debug,
     )
+    trainer = _trainer(cfg, spec, datasets, storage, callbacks, worlds)
     try:
         if channel is not None:
             result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)
@@ -331,7 +328,7 @@ def _fit(
     )
 
 
-def _branch(resume_from: str, run_dir: str, console: bool) -> Any:
+def _branch(resume_from: str, run_dir: str, console: bool) -> "Branch":
     """``--resume-from``: check the checkpoint (CheckpointError naming it), then move the run's later
     checkpoints aside (:func:`megaray.train.branch.branch`); the choice is printed (console) and logged."""
     from megaray.train.branch import branch, find_checkpoint
@@ -344,7 +341,7 @@ def _branch(resume_from: str, run_dir: str, console: bool) -> Any:
     return fork
 
 
-def _tag_branch(uri: str, run_id: str, fork: Any) -> None:
+def _tag_branch(uri: str, run_id: str, fork: "Branch") -> None:
     """The branch point on the MLflow run (tags ``megaray.resumed_from``, ``megaray.branch_step``,
     ``megaray.branch_time`` (ms since the epoch: the run's metric points after it are the new
     branch's) and ``megaray.abandoned_branch``), and the moved checkpoints' LoggedModels re-pointed."""
@@ -410,7 +407,7 @@ def _check_worlds(cfg: RunConfig, info: TaskInfo, run_dir: str) -> list:
 
 def _start_mlflow(
     cfg: RunConfig,
-    task: Any,
+    task: Task,
     uri: str,
     run_dir: str,
     run_name: Optional[str],
@@ -444,7 +441,7 @@ def _start_mlflow(
     return run_id
 
 
-def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
+def _manifests(cfg: RunConfig, task: Task) -> Dict[str, Any]:
     """``{prepared folder: manifest}`` of the run's data (the task's, already read, for one folder)."""
     from megaray.data.manifest import read_manifest
 
@@ -456,21 +453,15 @@ def _manifests(cfg: RunConfig, task: Any) -> Dict[str, Any]:
 
 def _trainer(
     cfg: RunConfig,
-    task: Any,
+    spec: WorkerSpec,
     datasets: Dict[str, Any],
     storage: str,
-    run_dir: str,
-    mlflow: Dict[str, Optional[str]],
     callbacks: Sequence[Any],
-    t0: Optional[float] = None,
-    channel: Optional[Any] = None,
     worlds: Optional[Sequence[int]] = None,
-    trackers: Optional[Dict[str, Any]] = None,
-    profile: Optional[int] = None,
 ) -> Any:
     """The ``TorchTrainer`` (:mod:`megaray.train.ray_compat`'s, which ends a run on a user's
-    error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg`` (``profile``: steps
-    rank 0 runs under ``torch.profiler``, :mod:`megaray.train.profiler`)."""
+    error) running :func:`megaray.train.loop.train_loop_per_worker` on ``cfg``; every worker gets
+    ``spec`` (Ray Train's ``train_loop_config`` is ``{"spec": spec}``)."""
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 
@@ -480,24 +471,9 @@ def _trainer(
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # deterministic order per epoch: exact resume of data position
     options.label_selector = dict(cfg.scaling.data_label_selector) or None  # e.g. CPU data nodes (cluster/)
-    debug = {
-        "trace": os.environ.get("MEGARAY_TRACE"),
-        "fault_at_step": os.environ.get("MEGARAY_FAULT_AT_STEP"),
-        "step_sleep_s": os.environ.get("MEGARAY_STEP_SLEEP_S"),
-    }
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "run": cfg.model_dump(mode="json"),
-            "info": task.info,
-            "mlflow": mlflow,
-            "trackers": trackers,
-            "run_dir": run_dir,
-            "debug": debug,
-            "t0": t0,
-            "console": channel,
-            "profile": profile,
-        },
+        train_loop_config=spec.loop_config(),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.ray_num_workers(),  # (min, max): Ray Train V2's elastic scaling policy
             elastic_resize_monitor_interval_s=cfg.scaling.elastic_resize_s,
@@ -513,6 +489,6 @@ def _trainer(
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=options),
-        run_dir=run_dir,
+        run_dir=spec.run_dir,
         worlds=worlds,  # an elastic run's sizes and growth (ray_compat.GlobalBatchElasticPolicy)
     )

@@ -1,16 +1,21 @@
 """The one training loop: ``train_loop_per_worker`` run by every Ray Train worker.
 
-Per worker: rebuild the config, find the checkpoint this worker group resumes from (its
-``megaray.json`` only), take the run's global batch and derive the accumulation for this world
-size, let rank 0 build the task's positioned train stream at the checkpoint's cursor and split it
-over the ranks (:func:`_positioned_shard`; reading starts while DeepSpeed builds), build the task's
-modules, wrap each in a DeepSpeed engine and restore the checkpoint (through DeepSpeed's universal
-form at another world size). The parts decide for themselves when they are due: the
-:class:`~megaray.train.reporter.Reporter` (progress, MLflow, paced Ray reports), the
-:class:`~megaray.train.evaluator.Evaluator` and the :class:`~megaray.train.checkpoint.Checkpointer`;
-the task owns the step clock and the ``after_step`` hook; the :class:`~megaray.train.ema.EMA`
-follows every optimizer step. A profile run (``config["profile"]``: steps) adds rank 0's
-:class:`~megaray.train.profiler.Profiler` and turns evaluation and checkpoints off on every rank.
+Per worker: read the driver's :class:`~megaray.train.spec.WorkerSpec`, rebuild the config, find
+the checkpoint this worker group resumes from (its ``megaray.json`` only), take the run's global
+batch and derive the accumulation for this world size, let rank 0 build the task's positioned
+train stream at the checkpoint's cursor and split it over the ranks (:func:`_positioned_shard`;
+reading starts while DeepSpeed builds), build the task's modules, wrap each in a DeepSpeed engine
+and restore the checkpoint (through DeepSpeed's universal form at another world size). The parts
+decide for themselves when they are due: the :class:`~megaray.train.reporter.Reporter`
+(progress, MLflow, paced Ray reports), the :class:`~megaray.train.evaluator.Evaluator` and the
+:class:`~megaray.train.checkpoint.Checkpointer`; the task owns the step clock and the
+``after_step`` hook; the :class:`~megaray.train.ema.EMA` follows every optimizer step. The
+:class:`~megaray.train.guard.Guard` (``train.guard``, on by default) judges each optimizer step
+before any part sees it and undoes a bad one (:meth:`_Worker.rollback`). Optional
+parts (:mod:`megaray.train.extras`) are built only when the spec asks for them: a profile run
+(``spec.profile``: the :class:`~megaray.train.profiler.Profiler`, which turns evaluation and
+checkpoints off on every rank) and the test hooks (``spec.debug``: trace, injected crash, slow
+steps); a normal run has none of those, only the guard (which is an :class:`Extra` too).
 
 Every rank consumes the same number of micro-batches per epoch, so collectives never hang on an
 uneven last batch, and the ``world x batch_size x accum`` samples of an optimizer step are the
@@ -19,43 +24,43 @@ same global batch at any world size (:mod:`megaray.data.order`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import time
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Container, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from megaray.config import RunConfig
+from megaray.tasks.base import Task
 from megaray.train.checkpoint import Checkpointer, TrainState, init_weights
+from megaray.train.extras import Extra, debug_parts
+from megaray.train.spec import WorkerSpec
 
 
-def train_loop_per_worker(config: Dict[str, Any]) -> None:
-    """Ray Train entry point. ``config`` = ``{"run": resolved config dict, "info": TaskInfo,
-    "mlflow": {"uri", "run_id"}, "trackers": {...} (:func:`megaray.train.trackers.prepare`), "run_dir": str,
-    "debug": {...}}`` (from :func:`megaray.train.launch.fit`).
-
-    ``debug`` carries the test hooks read from the driver's environment (:class:`Debug`)."""
+def train_loop_per_worker(config: Mapping[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``{"spec": WorkerSpec}``
+    (:meth:`~megaray.train.spec.WorkerSpec.loop_config`, from :func:`megaray.train.launch.fit`)."""
     import ray.train
 
-    w = _Worker(config)
-    cfg, task, engines, state = w.cfg, w.task, w.engines, w.state
+    w = _Worker(WorkerSpec.of(config))
+    cfg, task, engines, state, extras = w.cfg, w.task, w.engines, w.state, w.extras
     t = cfg.train
     start_step = state.step
-    batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, w.debug)
-    if w.profiler is not None:
-        w.profiler.start()
+    batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, extras, w.skips)
+    for part in extras:  # the optional parts (a normal run: the guard alone)
+        part.start(state, w.modules)
     while state.step < t.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
         batch = task.collate(batch, w.device)
-        w.debug.before(batch, state, engines["model"])
+        for part in extras:
+            part.before_batch(batch, state, engines)
         metrics = task.train_step(engines, batch, state.step)
-        w.debug.after(metrics.get("loss"))
+        for part in extras:
+            part.after_batch(metrics)
         units = task.batch_units(batch) * w.world
         state.samples_in_epoch += cfg.data.batch_size * w.world
         state.tokens += units
@@ -65,6 +70,11 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         step = task.global_step(engines)
         if step == state.step:  # inside a gradient-accumulation window
             continue
+        if w.guard is not None:  # train.guard: a bad step is undone before any part sees it
+            verdict = w.guard.check(step, engines)
+            if verdict.bad and w.rollback(verdict):  # back to the last checkpoint, in place; its stream restarts
+                batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, extras, w.skips)
+                continue
         state.step = step
         w.end_of_step(step)
     if state.step == start_step and state.metrics:
@@ -79,20 +89,20 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     paced = f" ({skipped} progress report(s) kept from Ray Train by pacing; all are in MLflow)" if skipped else ""
     w.reporter.say(f"done: step {state.step}, {state.tokens:,} {task.unit}{paced}")
     w.reporter.say(w.reporter.time.summary())
-    if w.profiler is not None:
-        w.profiler.close()
+    for part in extras:
+        part.close()
     w.reporter.close()
 
 
 class _Worker:
-    """One worker's run: config, task, engines, EMA and the parts, set up in that order."""
+    """One worker's run: config, task, engines, EMA and the parts, set up in that order; then the
+    optional parts the spec asks for (``extras``: empty in a normal run)."""
 
-    def __init__(self, config: Dict[str, Any]):
+    def __init__(self, spec: WorkerSpec):
         import ray.train
         import ray.train.torch
 
         from megaray import families
-        from megaray.families import build_run_config
         from megaray.train.device import peak_flops
         from megaray.train.engines import build_engines, resolve_precision
         from megaray.train.evaluator import Evaluator
@@ -100,35 +110,27 @@ class _Worker:
         from megaray.train.reporter import Reporter
         from megaray.train.trackers import open_trackers
 
-        self.cfg = cfg = build_run_config(config["run"])
+        self.cfg = cfg = spec.run_config()
         ctx = ray.train.get_context()
         self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        self.debug = Debug(config.get("debug") or {}, rank)
         # where this group resumes (read before anything is built: the stream starts at its cursor)
-        self.checkpointer = Checkpointer(cfg, config.get("run_dir"), rank, world)
-        source, saved = self.checkpointer.locate()
-        if world > 1:  # every rank restores what rank 0 found (a checkpoint can land between two listings)
-            box = [(source, saved)]
-            torch.distributed.broadcast_object_list(box, src=0)
-            source, saved = box[0]
+        self.checkpointer = Checkpointer(cfg, spec.run_dir, rank, world)
+        source, saved = self._locate()
         # the global batch is the run's, at any world size; the accumulation follows from it
-        info = config["info"].for_world(world, saved.global_batch if saved is not None and saved.global_batch else None)
+        info = spec.info.for_world(world, saved.global_batch if saved is not None and saved.global_batch else None)
         if info.plan is not None:
             cfg.train.grad_accum_steps = info.plan.accum(world)  # ConfigError when world cannot divide it
-        self.task = task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=info)
+        self.task: Task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=info)
+        task = self.task
         # a positioned stream: rank 0 builds it at the restored cursor and splits it over the ranks;
         # reading starts now, while the engines build (fast start)
-        self.head = Prefetch(
-            _positioned_shard(task, saved, rank, world).iter_torch_batches(
-                batch_size=cfg.data.batch_size, drop_last=True, prefetch_batches=2
-            )
-        )
+        self.head = self._stream(saved)
         _seed_everything(cfg.train.seed + rank)
         self.device = device = ray.train.torch.get_device()
         precision = resolve_precision(cfg.train.precision, device)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-        modules = task.build_modules()
+        self.modules = modules = task.build_modules()
         if cfg.train.init_from:  # fine-tuning: start from another run's weights
             init_weights(modules["model"], cfg.train.init_from)
         self.engines = build_engines(task, modules, cfg, precision, device)
@@ -139,16 +141,14 @@ class _Worker:
         self.state.world_size = world
         if info.plan is not None:
             self.state.global_batch = info.plan.global_batch
-        self.debug.started(self.state, modules)
 
-        mlflow_cfg = config.get("mlflow") or {}
-        logger = RunLogger(mlflow_cfg.get("uri"), mlflow_cfg.get("run_id")) if rank == 0 else RunLogger(None, None)
+        logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 else RunLogger(None, None)
         logger.start_system_metrics(cfg.tracking.system_metrics_interval_s)  # no-op off rank 0
         if logger.enabled and cfg.tracking.log_checkpoints:  # rank 0: every checkpoint an MLflow LoggedModel
             from megaray.train.logged_models import CheckpointModels
 
             self.checkpointer.on_saved = CheckpointModels(logger, cfg.name, cfg.model.family, cfg.model.preset)
-        trackers = open_trackers(config.get("trackers") or {}, logger, rank, cfg.flat(), self.state.step)
+        trackers = open_trackers(spec.trackers, logger, rank, cfg.flat(), self.state.step)
         self.reporter = Reporter(
             cfg.train,
             logger,
@@ -158,18 +158,23 @@ class _Worker:
             task.flops_per_unit(modules),
             cfg.train.peak_flops or peak_flops(device),
             self.state.step,
-            config.get("t0"),
-            config.get("console"),
+            spec.t0,
+            spec.console,
             trackers,
         )
         self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
-        # a profile run: rank 0 records its steps; no rank evaluates or checkpoints (the same on every rank)
-        self.profiling = bool(config.get("profile"))
-        self.profiler = None
-        if self.profiling and rank == 0:
-            from megaray.train.profiler import Profiler
+        self.extras: Tuple[Extra, ...] = build_extras(spec, rank, device, self.reporter.say, logger)
+        # a profile run evaluates and checkpoints on no rank (the same on every rank)
+        self.paused = any(part.pauses_eval_and_checkpoints for part in self.extras)
+        # train.guard (a profile run has no checkpoints to roll back to); MEGARAY_SKIP_SAMPLES seeds its skips
+        seeded = spec.debug.skip_samples if spec.debug is not None else ()
+        self.guard: Optional[Any] = None
+        if cfg.train.guard.enabled and not self.paused:
+            from megaray.train.guard import Guard
 
-            self.profiler = Profiler(int(config["profile"]), config.get("run_dir"), device, self.reporter.say, logger)
+            self.guard = Guard(cfg.train.guard, rank, world, device, self.reporter.say, logger, seeded)
+            self.extras += (self.guard,)
+        self.skips = self.guard.skips if self.guard is not None else set(seeded)
         s = self.state
         if where is not None:
             resized = (
@@ -195,6 +200,56 @@ class _Worker:
             f"{cfg.data.batch_size * t.grad_accum_steps * world}{ema}"
         )
 
+    def _locate(self) -> Tuple[Optional[Any], Optional[TrainState]]:
+        """The checkpoint to restore and its state (:meth:`Checkpointer.locate`), rank 0's on every rank."""
+        source, saved = self.checkpointer.locate()
+        if self.world > 1:  # every rank restores what rank 0 found (a checkpoint can land between two listings)
+            box = [(source, saved)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            source, saved = box[0]
+        return source, saved
+
+    def _stream(self, saved: Optional[TrainState]) -> "Prefetch":
+        """This rank's micro-batches of the train stream from ``saved``'s cursor, the first one fetching."""
+        return Prefetch(
+            _positioned_shard(self.task, saved, self.rank, self.world).iter_torch_batches(
+                batch_size=self.cfg.data.batch_size, drop_last=True, prefetch_batches=2
+            )
+        )
+
+    def rollback(self, verdict: Any) -> bool:
+        """Undo the bad step of ``verdict`` (:mod:`megaray.train.guard`): restore the last checkpoint
+        in process (weights, optimizer state, LR schedule and counters of every engine, EMA, RNG;
+        ``self.state`` updated in place) and restart the train stream at its cursor (``self.head``);
+        the guard's skips leave the bad steps' samples out from then on. Collective. Returns
+        False for a spike before the run's first checkpoint: nothing to roll back to, the step stands.
+
+        Raises:
+            GuardTripped: a non-finite step before the run's first checkpoint.
+        """
+        from megaray.train.guard import GuardTripped
+
+        t0 = time.perf_counter()
+        source, saved = self._locate()
+        assert self.guard is not None
+        if source is None and verdict.reason == "spike":
+            self.guard.kept(verdict)
+            return False
+        if source is None:
+            raise GuardTripped(
+                f"train.guard: step {verdict.step} is bad ({verdict.detail}) before the run's first checkpoint: "
+                f"nothing to roll back to; lower train.checkpoint_every (now {self.cfg.train.checkpoint_every}) "
+                "or train.lr, or set train.guard.enabled=false to train through it"
+            )
+        restored, where = self.checkpointer.restore(self.engines, source, self.ema)
+        vars(self.state).update(vars(restored))
+        self.state.world_size = self.world
+        self.head = self._stream(saved)
+        self.reporter.meter.reset()
+        self.reporter.time.add("rollback", time.perf_counter() - t0)  # restore and stream restart (not the replay)
+        self.guard.rolled_back(verdict, restored.step, where)
+        return True
+
     def end_of_step(self, step: int) -> None:
         """After optimizer step ``step``: the task's hook, the EMA, then whichever parts are due."""
         self.task.after_step(self.engines, step)
@@ -204,18 +259,18 @@ class _Worker:
         if self.reporter.due(step):
             report.update(self.reporter.progress(self.engines, step))
         clock = self.reporter.time
-        if not self.profiling and self.evaluator.due(step):
+        if not self.paused and self.evaluator.due(step):
             t0 = time.perf_counter()
             report.update(self.evaluator.run(self.engines, step, self.reporter))
             clock.add("eval", time.perf_counter() - t0)
-            self.debug.evaluated(step, self.evaluator.reads)
-        save = not self.profiling and self.checkpointer.due(step)
+            for part in self.extras:
+                part.evaluated(step, self.evaluator.reads)
+        save = not self.paused and self.checkpointer.due(step)
         if report or save:
             checkpoint = self._save if save else None
             self.reporter.publish(report, step, self.state, checkpoint)
-        if self.profiler is not None:
-            self.profiler.step()
-        self.debug.after_step(step)
+        for part in self.extras:  # the optional parts (a normal run: the guard alone)
+            part.after_step(step)
 
     def _save(self, report: Dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -229,6 +284,21 @@ def _ema(cfg: RunConfig, model: torch.nn.Module) -> Optional[Any]:
     from megaray.train.ema import EMA
 
     return EMA(model, cfg.train.ema_decay)
+
+
+def build_extras(
+    spec: WorkerSpec, rank: int, device: torch.device, say: Callable[[str], None], logger: Any
+) -> Tuple[Extra, ...]:
+    """The optional loop parts ``spec`` asks for, on this rank (:mod:`megaray.train.extras`): the
+    profiler (``spec.profile``) first, then the test hooks (``spec.debug``). Empty for a normal run."""
+    parts: List[Extra] = []
+    if spec.profile:
+        from megaray.train.profiler import Profiler
+
+        parts.append(Profiler(int(spec.profile), spec.run_dir, device, say, logger, record=rank == 0))
+    if spec.debug is not None:
+        parts.extend(debug_parts(spec.debug, rank))
+    return tuple(parts)
 
 
 class Prefetch:
@@ -263,7 +333,7 @@ class Prefetch:
 _END = object()
 
 
-def _positioned_shard(task: Any, saved: Optional[TrainState], rank: int, world: int) -> Any:
+def _positioned_shard(task: Task, saved: Optional[TrainState], rank: int, world: int) -> Any:
     """This rank's share of the task's positioned train stream (:meth:`megaray.tasks.base.Task.train_stream`),
     from the cursor of the checkpoint the group restores (``saved``; the start for a new run).
 
@@ -291,15 +361,24 @@ def _positioned_shard(task: Any, saved: Optional[TrainState], rank: int, world: 
 
 
 def positioned_batches(
-    batches: Any, batch_size: int, state: TrainState, rank: int, world: int, debug: Optional["Debug"] = None
+    batches: Any,
+    batch_size: int,
+    state: TrainState,
+    rank: int,
+    world: int,
+    extras: Sequence[Extra] = (),
+    skip: Container[Tuple[int, int]] = (),
 ) -> Iterator[Mapping[str, torch.Tensor]]:
     """Micro-batches of a positioned stream (:meth:`megaray.tasks.base.Task.train_stream`) from
     where ``state`` stands, checked against the stream's ``epoch``/``index`` columns (removed).
 
     The next micro-batch of rank ``r`` must start at served position ``state.samples_in_epoch +
     r * batch_size`` (the global cursor; :mod:`megaray.data.order`); a stream at another position
-    raises RuntimeError. The served positions go to ``debug.ids`` (the trace). The caller
-    advances ``state.samples_in_epoch`` by ``world * batch_size`` after training on a batch."""
+    raises RuntimeError. The served positions go to the optional parts' ``served`` (the trace:
+    :class:`megaray.train.extras.Trace`). A micro-batch whose ``(epoch, first position)`` is in
+    ``skip`` (the guard's bad steps, :attr:`megaray.train.guard.Guard.skips`) is passed over: the
+    cursor moves on by ``world * batch_size`` and nothing is yielded. The caller advances
+    ``state.samples_in_epoch`` by ``world * batch_size`` after training on a batch."""
     for batch in batches:
         epoch, index = int(batch.pop("epoch")[0]), batch.pop("index")
         first = int(index[0])
@@ -312,82 +391,18 @@ def positioned_batches(
                 f"stands at epoch {state.epoch}, sample {want}: the stream and the restored "
                 "checkpoint disagree"
             )
-        if debug is not None:
-            debug.ids = index.tolist()
+        if skip and (epoch, first) in skip:  # the guard's: a bad step's micro-batch (every rank skips alike)
+            state.samples_in_epoch += batch_size * world
+            continue
+        if extras:
+            ids = index.tolist()
+            for part in extras:
+                part.served(ids)
         yield batch
     raise RuntimeError(
         f"rank {rank}: the train stream ended at epoch {state.epoch}, sample {state.samples_in_epoch} "
         "before train.max_steps"
     )
-
-
-class Debug:
-    """Test hooks read from the driver's environment by :func:`megaray.train.launch.fit`.
-
-    ``MEGARAY_TRACE=path``: one JSON line per micro-batch (step, epoch, the global cursor before
-    it, its served sample positions, the world size, a fingerprint of the batch, lr, pid, batches
-    replayed to reach the resume position, the micro-batch's loss) appended to ``path.rank<r>`` once it has been trained on, one line per worker start (pid, the step it starts at, the L1 norm of each module's
-    weights after restore) to ``path.starts.rank<r>``, and one per evaluation (step, Ray Data
-    executions of the validation split so far) to ``path.evals.rank<r>``.
-    ``MEGARAY_FAULT_AT_STEP=N``: rank 0 raises right after step N's reports (a crash for
-    resume tests).
-    ``MEGARAY_STEP_SLEEP_S=s``: every rank sleeps ``s`` seconds after each optimizer step (a slow
-    run, so the elastic tests can change the cluster while it trains).
-    """
-
-    def __init__(self, debug: Mapping[str, Any], rank: int):
-        self.path, self.rank = debug.get("trace"), rank
-        self.fault_at = int(debug["fault_at_step"]) if debug.get("fault_at_step") else None
-        self.step_sleep = float(debug.get("step_sleep_s") or 0.0)
-        self.trace = open(f"{self.path}.rank{rank}", "a") if self.path else None
-        self.pending: Optional[Dict[str, Any]] = None
-        self.replayed = 0  # batches read again to reach the resume position
-        self.ids: Optional[list] = None  # served positions of the current micro-batch (positioned streams)
-
-    def started(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
-        if self.path:
-            weights = {
-                name: float(sum(p.detach().double().abs().sum() for p in m.parameters())) for name, m in modules.items()
-            }
-            with open(f"{self.path}.starts.rank{self.rank}", "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "step": state.step, "weights_l1": weights}) + "\n")
-
-    def evaluated(self, step: int, reads: int) -> None:
-        """One line per evaluation to ``path.evals.rank<r>``: the step and how many times this
-        rank has executed the validation pipeline so far."""
-        if self.path:
-            with open(f"{self.path}.evals.rank{self.rank}", "a") as f:
-                f.write(json.dumps({"step": step, "val_reads": reads, "pid": os.getpid()}) + "\n")
-
-    def before(self, batch: Mapping[str, torch.Tensor], state: TrainState, engine: Any) -> None:
-        if self.trace is None:
-            return
-        first = next(iter(batch.values()))
-        digest = hashlib.sha1(first.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-        self.pending = {
-            "step": state.step + 1,
-            "epoch": state.epoch,
-            "cursor": state.samples_in_epoch,
-            "fp": digest,
-            "lr": float(engine.get_lr()[0]),
-            "pid": os.getpid(),
-            "replayed": self.replayed,
-            "ids": self.ids,
-            "world": state.world_size,
-            "t": time.time(),
-        }
-
-    def after(self, loss: Optional[float] = None) -> None:
-        if self.trace is not None and self.pending is not None:
-            self.trace.write(json.dumps({**self.pending, "loss": loss}) + "\n")
-            self.trace.flush()
-            self.pending = None
-
-    def after_step(self, step: int) -> None:
-        if self.fault_at is not None and step == self.fault_at and self.rank == 0:
-            raise RuntimeError(f"MEGARAY_FAULT_AT_STEP: injected failure after step {step}")
-        if self.step_sleep:
-            time.sleep(self.step_sleep)
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,5 +1,8 @@
 """The loop's profiling part: ``megaray train CONFIG --profile 5`` (5 steps, or any number).
 
+An optional loop part (:class:`~megaray.train.extras.Extra`), built on every rank only when the
+driver asks for a profile run (``WorkerSpec.profile``, :mod:`megaray.train.spec`).
+
 A profile run is a short diagnostic run of a config, apart from the real one
 (:func:`profile_config`): it is named ``<name>-profile`` (its own run folder and MLflow run, so a
 real run of the same name is never touched), trains ``PROFILE_WARMUP + STEPS`` optimizer steps
@@ -32,9 +35,10 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from megaray.config import ConfigError, RunConfig
+from megaray.train.extras import Extra
 
 log = logging.getLogger("megaray.profiler")
 
@@ -71,8 +75,10 @@ def profile_tags(steps: int) -> Dict[str, str]:
     return {"megaray.profile_steps": str(steps), "megaray.profile_warmup": str(PROFILE_WARMUP)}
 
 
-class Profiler:
-    """Rank 0's ``torch.profiler`` over ``warmup`` + ``steps`` optimizer steps of the loop.
+class Profiler(Extra):
+    """A profile run's loop part: rank 0's ``torch.profiler`` over ``warmup`` + ``steps``
+    optimizer steps; on every rank, no evaluation and no checkpoints
+    (``pauses_eval_and_checkpoints``).
 
     Args:
         steps: optimizer steps recorded.
@@ -81,22 +87,37 @@ class Profiler:
         say: a console line (the :class:`~megaray.train.reporter.Reporter`'s ``say``).
         logger: the run's :class:`~megaray.train.mlflow.RunLogger` (artifacts; a no-op when off).
         warmup: optimizer steps run first, not recorded.
+        record: whether this rank records (rank 0); the other ranks only pause evaluation and
+            checkpoints, the same on every rank.
 
-    :meth:`start` before the first micro-batch, :meth:`step` after every optimizer step,
+    :meth:`start` before the first micro-batch, :meth:`after_step` after every optimizer step,
     :meth:`close` when the loop ends. ``files`` holds ``{"trace", "table"}`` once written.
     """
 
+    pauses_eval_and_checkpoints = True
+
     def __init__(
-        self, steps: int, run_dir: Optional[str], device: Any, say: Any, logger: Any, warmup: int = PROFILE_WARMUP
+        self,
+        steps: int,
+        run_dir: Optional[str],
+        device: Any,
+        say: Any,
+        logger: Any,
+        warmup: int = PROFILE_WARMUP,
+        record: bool = True,
     ):
         import torch
 
         self.steps, self.warmup, self.run_dir, self.say, self.logger = steps, warmup, run_dir, say, logger
+        self.record = record
         self.cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
         self.files: Dict[str, str] = {}
         self._prof: Optional[Any] = None
 
-    def start(self) -> None:
+    def start(self, state: Any = None, modules: Optional[Mapping[str, Any]] = None) -> None:
+        """Start recording (rank 0; :meth:`Extra.start`'s arguments are not needed)."""
+        if not self.record:
+            return
         from torch.profiler import ProfilerActivity, profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
@@ -110,7 +131,7 @@ class Profiler:
         )
         self._prof.start()
 
-    def step(self) -> None:
+    def after_step(self, step: int) -> None:
         """End of an optimizer step (``prof.step()``); after the last recorded one the files are written."""
         if self._prof is not None:
             self._prof.step()

@@ -30,15 +30,27 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+#: Name prefixes of bookkeeping metrics: how much of each kind the batches held, not how well the
+#: model did (``rows/<task>``, ``supervised/<modality>``: :mod:`megaray.tasks.multimodal`; with
+#: ``val_`` in evaluation). They are logged to the trackers but left off the console's eval line.
+COUNT_PREFIXES = ("rows/", "supervised/")
+
+
+def is_count(key: str) -> bool:
+    """True for a bookkeeping metric (:data:`COUNT_PREFIXES`, with or without ``val_``)."""
+    return key.removeprefix("val_").startswith(COUNT_PREFIXES)
+
+
 def ratio_metrics(values: Dict[str, float]) -> Dict[str, float]:
-    """Each ``<name>_sum`` / ``<name>_count`` pair -> ``<name>`` (their ratio), the ``_sum`` dropped.
+    """Each ``<name>_sum`` / ``<name>_count`` pair -> ``<name>`` (their ratio); the pair is dropped
+    (a task that wants the count logged reports it again under its own name).
 
     Both are averaged alike over micro-batches and ranks, so the ratio is the count-weighted mean
     over all of them (a per-modality loss of micro-batches that only sometimes hold that modality:
     :mod:`megaray.tasks.multimodal`); a pair whose count is 0 gives no ``<name>``."""
     out = dict(values)
     for key in [k for k in values if k.endswith("_sum") and k[:-4] + "_count" in values]:
-        total, count = out.pop(key), values[key[:-4] + "_count"]
+        total, count = out.pop(key), out.pop(key[:-4] + "_count")
         if count > 0:
             out[key[:-4]] = total / count
     return out
@@ -117,18 +129,38 @@ class Meter:
         return out
 
 
+#: Where the run's time accounting (:class:`TimeAccount`) is logged: under ``system/``. MLflow's UI
+#: (3.x, ``RunsChartsSetupUtils.getBaseChartAndSectionConfigs`` in ``mlflow/server/js``) draws one
+#: chart section per metric-name prefix (``time/step_s`` -> section ``time``), sorts those sections
+#: by name and puts every one of them *above* the section of un-prefixed metrics (``loss``,
+#: ``val_loss``, ...); only ``system/`` metrics come after it (and on a run's page they move to the
+#: System metrics tab, beside MLflow's own CPU and memory charts, over wall time). No other prefix
+#: sorts after the losses.
+SYSTEM_PREFIX = "system/"
+#: the goodput metric (compute seconds / wall seconds)
+GOODPUT = SYSTEM_PREFIX + "goodput"
+
+
+def time_key(bucket: str) -> str:
+    """The metric of a cumulative time bucket: ``time_key("step") == "system/time_step_s"``
+    (buckets: ``step``, ``data_wait``, ``eval``, ``checkpoint``, ``resize``, ``startup``, ``wall``)."""
+    return f"{SYSTEM_PREFIX}time_{bucket}_s"
+
+
 class TimeAccount:
     """Where a run's wall time went, for goodput (issue: a run spends its time training).
 
     ``run_t0``: wall-clock (``time.time()``) when the driver's ``fit`` started; every figure is
     cumulative since then, across restarts of the worker group within one ``fit``.
 
-    Metrics (:meth:`metrics`): ``goodput`` = seconds inside optimizer-step compute (forward,
-    backward, step; data wait excluded) / wall seconds since ``run_t0``; ``time/startup_s``
-    = ``run_t0`` to this attempt's first trained micro-batch; ``time/step_s``, ``time/data_wait_s``,
-    ``time/eval_s``, ``time/checkpoint_s``: seconds spent in each; ``time/resize_s``: seconds this
+    Metrics (:meth:`metrics`, named by :data:`GOODPUT` and :func:`time_key`): ``system/goodput`` =
+    seconds inside optimizer-step compute (forward, backward, step; data wait excluded) / wall
+    seconds since ``run_t0``; ``system/time_startup_s`` = ``run_t0`` to this attempt's first trained
+    micro-batch; ``system/time_step_s``, ``system/time_data_wait_s``, ``system/time_eval_s``,
+    ``system/time_checkpoint_s``: seconds spent in each; ``system/time_resize_s``: seconds this
     attempt spent converting a checkpoint written at another world size (DeepSpeed universal
-    checkpoint; an elastic restart's own start-up is ``time/startup_s``); ``time/wall_s``.
+    checkpoint; an elastic restart's own start-up is ``system/time_startup_s``);
+    ``system/time_wall_s``.
     """
 
     def __init__(self, run_t0: Optional[float]):
@@ -147,17 +179,17 @@ class TimeAccount:
 
     def metrics(self) -> Dict[str, float]:
         wall = max(1e-9, time.time() - self.run_t0)
-        out = {f"time/{k}_s": v for k, v in self.spent.items()}
-        out.update({"time/wall_s": wall, "goodput": self.spent["step"] / wall})
+        out = {time_key(k): v for k, v in self.spent.items()}
+        out.update({time_key("wall"): wall, GOODPUT: self.spent["step"] / wall})
         if self.startup_s is not None:
-            out["time/startup_s"] = self.startup_s
+            out[time_key("startup")] = self.startup_s
         return out
 
     def summary(self) -> str:
         m = self.metrics()
-        parts = [f"goodput {m['goodput'] * 100:.0f}% of {fmt_s(m['time/wall_s'])}"]
-        if "time/startup_s" in m:
-            parts.append(f"startup {m['time/startup_s']:.1f}s")
+        parts = [f"goodput {m[GOODPUT] * 100:.0f}% of {fmt_s(m[time_key('wall')])}"]
+        if self.startup_s is not None:
+            parts.append(f"startup {self.startup_s:.1f}s")
         parts += [f"{k} {self.spent[k]:.1f}s" for k in ("step", "data_wait", "eval", "checkpoint")]
         if self.spent["resize"]:
             parts.append(f"resize {self.spent['resize']:.1f}s")

@@ -48,7 +48,7 @@ WANDB_ID_FILE = "wandb-run-id"
 
 class Tracker(Protocol):
     """One destination of a run's logs. ``step`` is the optimizer step; ``key`` a ``/``-separated
-    name (``loss``, ``time/step_s``, ``eval/samples``); ``path`` a local file."""
+    name (``loss``, ``system/time_step_s``, ``eval/samples``); ``path`` a local file."""
 
     def log_metrics(self, step: int, values: Mapping[str, float]) -> None: ...
 

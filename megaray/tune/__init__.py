@@ -6,8 +6,9 @@
 
 Modules: ``config`` (the YAML, overrides, checks before any trial), ``space`` (distributions,
 Tune domains), ``schedulers`` (search algorithm, ASHA), ``search`` (the Tune run, the trial
-driver, MLflow parent), ``report`` (per-trial summary, table, plot). Ray workarounds live in
-:mod:`megaray.train.ray_compat`. See docs/tune.md. ``run_search`` imports Ray Tune on first use.
+driver, MLflow parent), ``report`` (per-trial summary, table, plot), ``ray_compat`` (the Ray Tune
+workarounds; the Train run's are in :mod:`megaray.train.ray_compat`). See docs/tune.md.
+``run_search`` imports Ray Tune on first use.
 """
 
 from megaray.tune.config import TuneSearch, TuneSearchConfig, load_tune_config

@@ -1,7 +1,7 @@
 """The Tune search algorithm and trial scheduler of a search (``search.algorithm``, ``scheduler.type``).
 
-The Ray-specific subclasses they use (:class:`~megaray.train.ray_compat.TPESearch`,
-:class:`~megaray.train.ray_compat.ResumableASHA`) live in :mod:`megaray.train.ray_compat` with
+The Ray-specific subclasses they use (:class:`~megaray.tune.ray_compat.TPESearch`,
+:class:`~megaray.tune.ray_compat.ResumableASHA`) live in :mod:`megaray.tune.ray_compat` with
 the Ray issue each works around.
 """
 
@@ -26,7 +26,7 @@ def search_algorithm(search: TuneSearch) -> Any:
             import optuna  # noqa: F401
         except ImportError:
             raise ConfigError("search.algorithm 'optuna' needs the optuna package: pip install optuna") from None
-        from megaray.train.ray_compat import TPESearch
+        from megaray.tune.ray_compat import TPESearch
 
         return TPESearch(seed=s.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -40,7 +40,7 @@ def scheduler(search: TuneSearch) -> Any:
     "A System for Massively Parallel Hyperparameter Tuning"); ``pbt`` is rejected at load."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from megaray.train.ray_compat import ResumableASHA
+    from megaray.tune.ray_compat import ResumableASHA
 
     s = search.config.scheduler
     if s.type == "asha":

@@ -30,7 +30,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from megaray.config import ConfigError
 from megaray.errors import SearchError
-from megaray.train import ray_compat
+from megaray.tune import ray_compat
 from megaray.tune.config import TuneSearch, load_tune_config, trial_run_name
 from megaray.tune.report import (
     DIVERGED,
@@ -70,7 +70,7 @@ class MetricReportCallback(TuneReportCallback):
     """``TuneReportCallback`` that forwards every Train report to Tune, with a NaN/inf search
     metric replaced by a worst-possible finite value (and ``<metric>_nonfinite: 1``), and the ids
     of the Train run's worker placement group and controller
-    (:func:`megaray.train.ray_compat.placement_group_tags`)."""
+    (:func:`megaray.tune.ray_compat.placement_group_tags`)."""
 
     def __init__(self, metric: str, mode: str):
         super().__init__()

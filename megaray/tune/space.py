@@ -149,7 +149,7 @@ def _lookup(obj: Any, parts: List[str]) -> Tuple[Any, bool]:
     key is allowed, e.g. ``scaling.resources_per_worker.GPU``)."""
     for p in parts:
         if isinstance(obj, BaseModel):
-            if p not in type(obj).model_fields:
+            if p not in type(obj).model_fields and p not in (obj.model_extra or {}):  # extras: family sections
                 return None, False
             obj = getattr(obj, p)
         elif isinstance(obj, dict):

@@ -18,8 +18,6 @@ path relative to the folder, or as written in the manifest): the split hashes it
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -30,6 +28,7 @@ from megaray import fs
 from megaray.data.audio.librispeech import is_librispeech, read_librispeech
 from megaray.data.hf import HFColumns, HFTable, Say, audio_bytes, cell_name, cell_text, choose_columns, is_hf
 from megaray.data.rejects import Rejects
+from megaray.data.sources import read_manifest_rows
 from megaray.errors import DataError
 
 AUDIO_EXTS = (".wav", ".flac", ".ogg")
@@ -60,18 +59,9 @@ def _list_folder(root: str) -> List[Dict[str, Any]]:
     return records
 
 
-def _read_manifest_rows(uri: str) -> List[Dict[str, Any]]:
-    text = fs.read_text(uri)
-    if uri.lower().endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{uri}:{n}: not valid JSON ({e})") from None
+def _manifest_records(uri: str) -> List[Dict[str, Any]]:
+    """Records of a ``.jsonl`` / ``.csv`` manifest (``path``, ``text``, ``speaker``, ``speaker_vector``)."""
+    rows = read_manifest_rows(uri)
     base = fs.dirname(uri)
     records = []
     for n, row in enumerate(rows, 1):
@@ -153,7 +143,7 @@ def collect_sources(
         if info.type == pafs.FileType.Directory:
             records += read_librispeech(src, rejects) if is_librispeech(src) else _list_folder(src)
         elif src.lower().endswith((".jsonl", ".csv")):
-            records += _read_manifest_rows(src)
+            records += _manifest_records(src)
         else:
             records.append({"path": src, "name": os.path.basename(path), "text": "", "speaker": "default"})
     return records

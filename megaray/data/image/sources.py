@@ -35,8 +35,6 @@ yields a reject item for what it could not read, never an exception.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import posixpath
 import tarfile
@@ -47,7 +45,7 @@ from megaray.data.hf import HFColumns, HFTable, Say, cell_name, cell_text, choos
 from megaray.data.image.decode import IMAGE_EXTS
 from megaray.data.image.records import DEFAULT_LABEL, item, unit
 from megaray.data.image.skimage import skimage_item, skimage_units
-from megaray.data.sources import SourceFile, list_files
+from megaray.data.sources import SourceFile, list_files, read_manifest_rows
 from megaray.errors import DataError
 
 SIDECARS = (".txt", ".json")
@@ -147,17 +145,7 @@ def hf_units(
 
 def _manifest_units(uri: str) -> List[Dict[str, Any]]:
     """Units of a ``.jsonl`` / ``.csv`` manifest (``path`` or ``file_name``, ``label``, ``caption``)."""
-    text = fs.read_text(uri)
-    if uri.lower().endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{uri}:{n}: not valid JSON ({e})") from None
+    rows = read_manifest_rows(uri)
     base, units = fs.dirname(uri), []
     for n, row in enumerate(rows, 1):
         path = row.get("path") or row.get("file_name")

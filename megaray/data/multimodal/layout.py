@@ -47,6 +47,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megaray.models.multimodal.config import SpanLengths
+
 #: probability that a speech / image row is a from-text (generation) example
 P_GENERATE = 0.5
 #: caption of an image row without one
@@ -68,7 +70,7 @@ IGNORE = -100
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(SpanLengths):
     """Geometry of one sequence: from the model config (:meth:`from_model`) and the tokenizer.
 
     ``vocab_size`` is the text vocabulary; the boundary ids follow it (``<|audio|>`` =
@@ -106,14 +108,6 @@ class Layout:
     @property
     def eoi(self) -> int:
         return self.vocab_size + 3
-
-    @property
-    def audio_tokens(self) -> int:
-        return self.audio_frames // self.audio_patch
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def span_prompt(name: str, L: Layout) -> List[int]:

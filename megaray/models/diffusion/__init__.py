@@ -15,7 +15,8 @@ register(
         family="dit",
         config="megaray.models.diffusion.config:DiTConfig",
         build="megaray.models.diffusion.dit:DiT",
-        task="megaray.tasks.diffusion:DiffusionTask",
+        task="megaray.tasks.dit:dit_task",
+        sections=(("diffusion", "megaray.tasks.diffusion_config:DiffusionSection"),),
     )
 )
 

@@ -16,6 +16,12 @@ register(
         build="megaray.models.gpt.model:GPT",
         task="megaray.tasks.lm:LMTask",
         tasks=(("sft", "megaray.tasks.finetune:SFTTask"),),
+        sections=(
+            ("eval", "megaray.tasks.lm_config:EvalConfig"),
+            ("generation", "megaray.tasks.lm_config:GenerationConfig"),
+        ),
+        claims="megaray.families:claims_any",
+        priority=-100,
     )
 )
 

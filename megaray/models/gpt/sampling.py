@@ -8,7 +8,7 @@ same tokens under greedy decoding (``temperature=0``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -52,6 +52,23 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def append_until_stop(
+    idx: torch.Tensor, nxt: torch.Tensor, done: torch.Tensor, stop_token: Optional[int]
+) -> Tuple[torch.Tensor, bool]:
+    """Append the sampled ``nxt (B, 1)`` int64 to ``idx (B, T)`` -> ``(idx (B, T + 1), finished)``.
+
+    With ``stop_token``, a row already marked in ``done (B,)`` bool emits ``stop_token`` again,
+    and ``done`` is updated in place with the rows that produced it; ``finished`` is True once
+    every row is done (always False without ``stop_token``). The one stop-token rule of every
+    ``generate`` (:func:`generate`, the recurrent model's).
+    """
+    if stop_token is None:
+        return torch.cat([idx, nxt], dim=1), False
+    nxt = nxt.masked_fill(done[:, None], stop_token)
+    done |= nxt[:, 0] == stop_token
+    return torch.cat([idx, nxt], dim=1), bool(done.all())
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -93,11 +110,8 @@ def generate(
             else:
                 logits = model(idx[:, -block:])  # (B, min(T, block), V)
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if stop_token is not None:
-                nxt = nxt.masked_fill(done[:, None], stop_token)
-                done |= nxt[:, 0] == stop_token
-            idx = torch.cat([idx, nxt], dim=1)
-            if stop_token is not None and bool(done.all()):
+            idx, finished = append_until_stop(idx, nxt, done, stop_token)
+            if finished:
                 break
         return idx
     finally:

@@ -16,6 +16,10 @@ register(
         config="megaray.models.mamba.config:MambaConfig",
         build="megaray.models.mamba.model:Mamba",
         task="megaray.tasks.lm:LMTask",
+        sections=(
+            ("eval", "megaray.tasks.lm_config:EvalConfig"),
+            ("generation", "megaray.tasks.lm_config:GenerationConfig"),
+        ),
     )
 )
 

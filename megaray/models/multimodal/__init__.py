@@ -14,6 +14,10 @@ register(
         config="megaray.models.multimodal.config:MultimodalConfig",
         build="megaray.models.multimodal.model:MultimodalTransformer",
         task="megaray.tasks.multimodal:MultimodalTask",
+        sections=(("generation", "megaray.tasks.lm_config:GenerationConfig"),),
+        claims="megaray.models.multimodal.selection:claims",
+        describe="megaray.models.multimodal.selection:describe",
+        priority=20,
     )
 )
 

@@ -74,7 +74,30 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class MultimodalConfig(GPTConfig):
+class SpanLengths:
+    """Span lengths from ``audio_frames``, ``audio_patch``, ``image_size`` and ``patch_size``
+    attributes: the one rule, mixed into the model config (:class:`MultimodalConfig`) and the data
+    layout (:class:`megaray.data.multimodal.layout.Layout`)."""
+
+    audio_frames: int
+    audio_patch: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def audio_tokens(self) -> int:
+        """Sequence positions of one audio span: ``audio_frames // audio_patch`` (each a patch of
+        ``audio_patch`` mel frames)."""
+        return self.audio_frames // self.audio_patch
+
+    @property
+    def image_tokens(self) -> int:
+        """Sequence positions of one image span: ``(image_size // patch_size) ** 2`` (a square
+        grid of ``patch_size`` x ``patch_size`` patches)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+class MultimodalConfig(GPTConfig, SpanLengths):
     """A GPT backbone with audio and image spans (Transfusion-style early fusion).
 
     Span geometry: an audio span holds ``audio_frames`` frames of ``n_mels`` channels (normalised
@@ -172,16 +195,6 @@ class MultimodalConfig(GPTConfig):
                 "or shrink audio_frames / image_size"
             )
         return self
-
-    @property
-    def audio_tokens(self) -> int:
-        """Sequence positions of one audio span: ``audio_frames // audio_patch``."""
-        return self.audio_frames // self.audio_patch
-
-    @property
-    def image_tokens(self) -> int:
-        """Sequence positions of one image span: ``(image_size // patch_size) ** 2``."""
-        return (self.image_size // self.patch_size) ** 2
 
     @property
     def image_grid(self) -> int:

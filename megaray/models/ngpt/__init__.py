@@ -13,6 +13,10 @@ register(
         config="megaray.models.ngpt.config:NGPTConfig",
         build="megaray.models.ngpt.model:NGPT",
         task="megaray.tasks.ngpt:NGPTTask",
+        sections=(
+            ("eval", "megaray.tasks.lm_config:EvalConfig"),
+            ("generation", "megaray.tasks.lm_config:GenerationConfig"),
+        ),
     )
 )
 

@@ -14,6 +14,13 @@ register(
         config="megaray.models.recurrent.config:RecurrentConfig",
         build="megaray.models.recurrent.model:RecurrentGPT",
         task="megaray.tasks.recurrent:RecurrentTask",
+        sections=(
+            ("eval", "megaray.tasks.lm_config:EvalConfig"),
+            ("generation", "megaray.tasks.lm_config:GenerationConfig"),
+        ),
+        claims="megaray.models.recurrent.selection:claims",
+        describe="megaray.models.recurrent.selection:describe",
+        priority=10,
     )
 )
 

@@ -252,14 +252,15 @@ class RecurrentGPT(nn.Module):
         self,
         idx: torch.Tensor,
         max_new_tokens: int,
+        *,
+        criterion: Optional[str] = None,
+        threshold: Optional[float] = None,
+        max_steps: Optional[int] = None,
         temperature: float = 1.0,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         stop_token: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-        criterion: Optional[str] = None,
-        threshold: Optional[float] = None,
-        max_steps: Optional[int] = None,
     ) -> torch.Tensor:
         """Extend ``idx (B, T)`` by up to ``max_new_tokens`` -> ``(B, T + n)`` int64, choosing each
         token's depth with :meth:`iterate_until_exit`; :attr:`last_mean_steps` = mean iterations
@@ -267,7 +268,7 @@ class RecurrentGPT(nn.Module):
         (last ``block_size`` tokens of the) context. Sampling options as
         :func:`megaray.models.gpt.sampling.sample_next`; ``stop_token`` as
         :func:`megaray.models.gpt.sampling.generate`."""
-        from megaray.models.gpt.sampling import sample_next
+        from megaray.models.gpt.sampling import append_until_stop, sample_next
 
         was_training = self.training
         self.eval()
@@ -280,11 +281,8 @@ class RecurrentGPT(nn.Module):
                 )
                 used.append(steps.float())
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if stop_token is not None:
-                    nxt = nxt.masked_fill(done[:, None], stop_token)
-                    done |= nxt[:, 0] == stop_token
-                idx = torch.cat([idx, nxt], dim=1)
-                if stop_token is not None and bool(done.all()):
+                idx, finished = append_until_stop(idx, nxt, done, stop_token)
+                if finished:
                     break
         finally:
             self.train(was_training)

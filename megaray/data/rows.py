@@ -247,6 +247,44 @@ def split_items(
     return filesystem, items, pa.schema([full.field(c) for c in columns]), hint
 
 
+def split_rows(
+    cfg: Any,
+    shards: str,
+    man: Mapping[str, Any],
+    columns: Sequence[str],
+    *,
+    plan: Any,
+    epoch: int,
+    cursor: int,
+    passes: int = 1,
+) -> Any:
+    """:func:`positioned_rows` of the ``train`` split of ``shards`` (:func:`split_items`) with the
+    run's settings: ``cfg`` (a :class:`~megaray.config.RunConfig`) gives the shuffle seed
+    (``train.seed``), ``data.shuffle_block``, ``data.on_corrupt`` and the last epoch that
+    ``train.max_steps`` reaches. The one call every row-stream task makes; ``passes`` reads of the
+    split make an epoch.
+
+    Raises:
+        DataError: a missing or corrupt shard of the split (names it and the prepare command).
+    """
+    filesystem, items, schema, hint = split_items(shards, man, "train", columns)
+    return positioned_rows(
+        filesystem,
+        items,
+        columns,
+        schema,
+        seed=cfg.train.seed,
+        shuffle_block=cfg.data.shuffle_block,
+        plan=plan,
+        epoch=epoch,
+        cursor=cursor,
+        last_epoch=last_epoch(cfg.train.max_steps, epoch, plan),
+        passes=passes,
+        on_corrupt=cfg.data.on_corrupt,
+        hint=hint,
+    )
+
+
 def positioned_rows(
     filesystem: Any,
     items: List[Dict[str, Any]],

@@ -184,22 +184,7 @@ def crop_stream(
         + (["speaker_vector"] if with_vector else [])
         + (["text"] if text_max_len else [])
     )
-    filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
-    ds = rows.positioned_rows(
-        filesystem,
-        items,
-        cols,
-        schema,
-        seed=seed,
-        shuffle_block=cfg.data.shuffle_block,
-        plan=plan,
-        epoch=epoch,
-        cursor=cursor,
-        last_epoch=rows.last_epoch(cfg.train.max_steps, epoch, plan),
-        passes=passes,
-        on_corrupt=cfg.data.on_corrupt,
-        hint=hint,
-    )
+    ds = rows.split_rows(cfg, shards, man, cols, plan=plan, epoch=epoch, cursor=cursor, passes=passes)
     kw = dict(
         segment=segment,
         hop=int(man["hop_length"]),

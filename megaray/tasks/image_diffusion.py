@@ -85,24 +85,10 @@ class ImageDiffusionTask(DiffusionTask):
         ``plan.micro_batch`` rows."""
         from megaray.data import rows
 
-        man, t = self.info.manifest, self.cfg.train
+        man = self.info.manifest
         text = bool(self.cfg.model.context_dim)
         shards, cols = self.shards(), ["latent", "label"] + (["caption"] if text else [])
-        filesystem, items, schema, hint = rows.split_items(shards, man, "train", cols)
-        ds = rows.positioned_rows(
-            filesystem,
-            items,
-            cols,
-            schema,
-            seed=t.seed,
-            shuffle_block=self.cfg.data.shuffle_block,
-            plan=plan,
-            epoch=epoch,
-            cursor=cursor,
-            last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
-            on_corrupt=self.cfg.data.on_corrupt,
-            hint=hint,
-        )
+        ds = rows.split_rows(self.cfg, shards, man, cols, plan=plan, epoch=epoch, cursor=cursor)
         shape = (self.cfg.model.in_channels, int(man["latent_size"]), int(man["latent_size"]))
         return rows.map_positioned(
             ds,

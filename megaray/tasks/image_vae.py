@@ -128,21 +128,8 @@ class ImageVAETask(Task):
 
         t, shards = self.cfg.train, self.cfg.data.resolved_sources()[0].shards
         cols = ["name", "pixels", "height", "width", "label_id"]
-        filesystem, items, schema, hint = rows.split_items(shards, self.info.manifest, "train", cols)
-        ds = rows.positioned_rows(
-            filesystem,
-            items,
-            cols,
-            schema,
-            seed=t.seed,
-            shuffle_block=self.cfg.data.shuffle_block,
-            plan=plan,
-            epoch=epoch,
-            cursor=cursor,
-            last_epoch=rows.last_epoch(t.max_steps, epoch, plan),
-            passes=self.info.passes,
-            on_corrupt=self.cfg.data.on_corrupt,
-            hint=hint,
+        ds = rows.split_rows(
+            self.cfg, shards, self.info.manifest, cols, plan=plan, epoch=epoch, cursor=cursor, passes=self.info.passes
         )
         return rows.map_positioned(
             ds,

@@ -149,6 +149,20 @@ def test_a_corrupt_row_group_is_named_or_its_rows_skipped(text_shards, tmp_path)
     assert len(rows["tokens"]) == sum(sizes[0]) - sizes[0][1] and (rows["task"] == mm.TEXT_LM).all()
 
 
+def _rows(srcs, layout, tokenizer, items, *, split: int, seed: int):
+    """``mm.build_rows`` over planned ``items`` of split 0 (train: random crops) or 1 (val)."""
+    return mm.build_rows(
+        {k: np.array([it[k] for it in items]) for k in items[0]},
+        sources=mm.read_specs(srcs, "train" if split == 0 else "val"),
+        layout=layout,
+        tokenizer=tokenizer,
+        seed=seed,
+        split=split,
+        train=split == 0,
+        on_corrupt="error",
+    )
+
+
 def _cfg(text_shards, speech_shards, image_shards, tmp_path, *extra):
     from megaray.families import load_config
 
@@ -187,17 +201,7 @@ def test_mixture_rows_from_real_shards_hold_every_task_in_proportion(text_shards
     layout = mm.Layout.from_model(cfg.model, eot)
     sizes = [[int(g["rows"]) for g in s.groups["train"]] for s in srcs]
     items = mm.plan_items(sizes, [2, 1, 1], seed=cfg.train.seed)[:400]
-    batch = {k: np.array([it[k] for it in items]) for k in items[0]}
-    rows = mm.build_rows(
-        batch,
-        sources=mm.read_specs(srcs, "train"),
-        layout=layout,
-        tokenizer=tok,
-        seed=1,
-        split=0,
-        train=True,
-        on_corrupt="error",
-    )
+    rows = _rows(srcs, layout, tok, items, split=0, seed=1)
     task, n = rows["task"], len(items)
     assert _within_sampling_error(int((task == mm.TEXT_LM).sum()), n, 0.5)
     speech = np.isin(task, [mm.AUDIO_TO_TEXT, mm.TEXT_TO_AUDIO])
@@ -243,16 +247,7 @@ def test_task_hooks_with_the_diffusion_head(text_shards, speech_shards, image_sh
     layout = mm.Layout.from_model(cfg.model, eot)
     task.info = MultimodalInfo(tokenizer_path=tok, eot_id=eot, **_side_info(srcs, layout))
     items = mm.plan_items([[int(g["rows"]) for g in s.groups["train"]] for s in srcs], [2, 1, 1], seed=0)[:32]
-    rows = mm.build_rows(
-        {k: np.array([it[k] for it in items]) for k in items[0]},
-        sources=mm.read_specs(srcs, "train"),
-        layout=layout,
-        tokenizer=tok,
-        seed=0,
-        split=0,
-        train=True,
-        on_corrupt="error",
-    )
+    rows = _rows(srcs, layout, tok, items, split=0, seed=0)
     batch = {k: torch.from_numpy(v) for k, v in rows.items()}
     torch.manual_seed(0)
     model = families.build_model(cfg.model)
@@ -482,16 +477,7 @@ def test_latent_sources_feed_their_latents_and_name_the_vae(text_shards, image_s
         sources=[{"shards": s.shards, "kind": s.kind} for s in srcs],
     )
     items = mm.plan_items([[int(g["rows"]) for g in s.groups["val"]] for s in srcs], [2, 1, 1], seed=0, split=1)
-    rows = mm.build_rows(
-        {k: np.array([it[k] for it in items]) for k in items[0]},
-        sources=mm.read_specs(srcs, "val"),
-        layout=layout,
-        tokenizer=tok_path,
-        seed=0,
-        split=1,
-        train=False,
-        on_corrupt="error",
-    )
+    rows = _rows(srcs, layout, tok_path, items, split=1, seed=0)
     tok = mm.cached_tokenizer(tok_path)
     clips = _file_order_rows(latent_sources["speech"], ["latent", "latent_shape", "text"])
     images = _file_order_rows(latent_sources["images"], ["latent", "label"])

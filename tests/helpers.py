@@ -5,11 +5,15 @@
 - :func:`read_trace`: the JSON lines a run writes under ``MEGARAY_TRACE`` (one file per rank).
 - :func:`crash_then_rerun`: a run that dies right after step ``at_step`` (``MEGARAY_FAULT_AT_STEP``),
   then the same command again, as a user would re-run it.
+- :func:`ray_start` / :func:`ray_stop`: a Ray node started with ``ray start`` on free ports, and
+  that cluster's processes stopped (never ``ray stop --force``: it kills every Ray on the machine).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -85,3 +89,50 @@ def crash_then_rerun(monkeypatch: pytest.MonkeyPatch, cfg: Any, trace: Path, at_
         fit(cfg)
     monkeypatch.delenv("MEGARAY_FAULT_AT_STEP")
     return fit(cfg if rerun is None else rerun)
+
+
+def ray_start(bin_dir: Path, *args: str, env: Dict[str, str]) -> None:
+    """``ray start ARGS`` (``bin_dir``: the venv's ``bin``) with free ports for the dashboard agent,
+    metrics and runtime-env agent, so several Ray nodes can run on one machine (their defaults
+    collide), in ``env``.
+
+    Raises:
+        AssertionError: ``ray start`` failed (its output in the message).
+    """
+    from conftest import free_port
+
+    agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(4))
+    start = subprocess.run(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            *args,
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={rt_agent}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+
+
+def ray_stop(gcs_port: int) -> None:
+    """Kill the processes of the cluster whose GCS listens on ``gcs_port`` (their command lines
+    name the port), and only those: other clusters on the machine live on."""
+    import psutil
+
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] != me and (
+            f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"--port={gcs_port}" in cmd
+        ):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
-from helpers import read_trace
+from helpers import ray_start, ray_stop, read_trace
 
 pytestmark = pytest.mark.cluster
 
@@ -80,22 +80,6 @@ def fake_cluster_config(head: dict, max_nodes: int) -> dict:
     }
 
 
-def _stop(gcs_port: int) -> None:
-    """Kill this cluster's processes only (their command lines name its GCS port)."""
-    import psutil
-
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["pid"] != me and (
-            f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"--port={gcs_port}" in cmd
-        ):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-
-
 @pytest.fixture
 def fake_cluster(tmp_path_factory):
     """A fake autoscaling cluster (head + up to 2 worker nodes); yields ``(gcs address, dashboard URL)``
@@ -105,7 +89,7 @@ def fake_cluster(tmp_path_factory):
     head = dict(HEAD)
     cfg = fake_cluster_config(head, max_nodes=2)
     cfg["provider"]["head_resources"] = dict(head)
-    gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
+    gcs, dash = free_port(), free_port()
     # the fake provider starts worker raylets against this address (default: <ip>:6379)
     from ray._private.services import get_node_ip_address
 
@@ -119,34 +103,22 @@ def fake_cluster(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            f"--autoscaling-config={config}",
-            f"--num-cpus={head.pop('CPU')}",
-            f"--resources={json.dumps(head)}",
-            f"--port={gcs}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={rt_agent}",
-            "--disable-usage-stats",
-        ],
+    ray_start(
+        BIN,
+        "--head",
+        f"--autoscaling-config={config}",
+        f"--num-cpus={head.pop('CPU')}",
+        f"--resources={json.dumps(head)}",
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
     )
     try:
-        assert start.returncode == 0, start.stdout + start.stderr
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     finally:
-        _stop(gcs)
+        ray_stop(gcs)
         os.environ.pop("RAY_AUTH_MODE") if auth is None else os.environ.__setitem__("RAY_AUTH_MODE", auth)
 
 
@@ -230,28 +202,15 @@ def _add_worker_node(gcs: str) -> set:
     its own books, so it never launches a replacement by itself). Returns the new raylet's pid(s):
     the autoscaler does not manage this node, so the test removes it when done."""
     before = _raylets()
-    agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(4))
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            f"--address={gcs}",
-            f"--num-cpus={WORKER['CPU']}",
-            f"--resources={json.dumps({'trainer': WORKER['trainer']})}",
-            f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={rt_agent}",
-            "--disable-usage-stats",
-        ],
+    ray_start(
+        BIN,
+        f"--address={gcs}",
+        f"--num-cpus={WORKER['CPU']}",
+        f"--resources={json.dumps({'trainer': WORKER['trainer']})}",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
     return _raylets() - before
 
 

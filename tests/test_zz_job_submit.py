@@ -15,21 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
+from helpers import ray_start, ray_stop
 
 pytestmark = pytest.mark.slow
-
-
-def _stop_cluster(gcs_port: int) -> None:
-    import psutil
-
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["pid"] != me and (f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
 
 
 def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
@@ -39,29 +27,17 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
     import ray
 
     ray.shutdown()  # the session's in-process cluster: its dashboard agent would hold the default agent ports
-    gcs, dash, agent_http, agent_grpc, metrics, rt_agent = (free_port() for _ in range(6))
-    start = subprocess.run(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            "--num-cpus=8",
-            f"--port={gcs}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={agent_http}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={rt_agent}",
-            "--disable-usage-stats",
-        ],
+    gcs, dash = free_port(), free_port()
+    ray_start(
+        bin_dir,
+        "--head",
+        "--num-cpus=8",
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
     try:
         storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
         cmd = [
@@ -110,4 +86,4 @@ def test_ray_job_submit_runs_megaray_train(text_shards, tmp_path):
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert "val_loss" in runs[0].data.metrics
     finally:
-        _stop_cluster(gcs)
+        ray_stop(gcs)

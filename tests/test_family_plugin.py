@@ -149,7 +149,8 @@ def test_the_core_names_no_family_and_no_family_setting():
 
 
 def test_a_checkpoint_path_takes_a_registry_uri_and_a_path_becomes_absolute(tmp_path, monkeypatch):
-    """``train.init_from`` is typed ``CheckpointPath``: a ``models:/`` URI becomes its checkpoint."""
+    """``train.init_from`` and the diffusion section's frozen networks are typed ``CheckpointPath``: a
+    ``models:/`` URI becomes its checkpoint."""
     import megaray.weights
     from megaray.train.launch import resolve_paths
 
@@ -159,3 +160,10 @@ def test_a_checkpoint_path_takes_a_registry_uri_and_a_path_becomes_absolute(tmp_
     assert resolve_paths(cfg).train.init_from == "/store/lm/3"
     cfg = load_config({"model": {"family": "gpt", "preset": "debug"}, "train": {"init_from": "runs/a"}})
     assert resolve_paths(cfg).train.init_from == str(tmp_path / "runs" / "a")
+    dit = {"model": {"family": "dit", "preset": "small_dit"}}
+    cfg = load_config({**dit, "diffusion": {"vae_checkpoint": "models:/vae@champion", "vocoder_checkpoint": "voc"}})
+    out = resolve_paths(cfg)
+    assert (out.diffusion.vae_checkpoint, out.diffusion.vocoder_checkpoint) == (
+        "/store/vae@champion",
+        str(tmp_path / "voc"),
+    )

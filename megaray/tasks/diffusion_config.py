@@ -6,11 +6,11 @@ than :mod:`megaray.config`, so ``megaray config`` stays torch-free.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from megaray.config import OptionalPath, StrictConfig
+from megaray.config import CheckpointPath, OptionalPath, StrictConfig
 
 
 class DiffusionSection(StrictConfig):
@@ -19,14 +19,14 @@ class DiffusionSection(StrictConfig):
     uses the same defaults). Paths (:class:`~megaray.config.RunPath`) are made absolute on the
     driver, like ``data.shards``."""
 
-    vae_checkpoint: OptionalPath = Field(
+    vae_checkpoint: Annotated[Optional[str], CheckpointPath()] = Field(
         None,
-        description="image VAE checkpoint (or its run directory) whose latents the DiT models: decodes "
+        description="image VAE checkpoint (its run directory, or an MLflow models:/ URI) whose latents the DiT models: decodes "
         "sample grids; needed for runs on `image_latents` shards (default: the one the shards name)",
     )
-    vocoder_checkpoint: OptionalPath = Field(
+    vocoder_checkpoint: Annotated[Optional[str], CheckpointPath()] = Field(
         None,
-        description="vocoder checkpoint (or run directory) that turns sampled log-mels into wav files; "
+        description="vocoder checkpoint (its run directory, or an MLflow models:/ URI) that turns sampled log-mels into wav files; "
         "None = mel PNGs only",
     )
     text_encoder: Literal["bytes", "gpt", "t5"] = Field(

@@ -196,6 +196,25 @@ class GuardConfig(StrictConfig):
     )
 
 
+class WatchdogConfig(StrictConfig):
+    """The hang watchdog (``megaray.train.watchdog``): a rank stuck in one phase of the loop
+    (start-up, step, evaluation, checkpoint) past its timeout dumps every thread's Python stack
+    into ``<run_dir>/watchdog/`` and stderr and stops its process, so Ray Train restarts the group
+    from the last checkpoint. Step, eval and checkpoint time out after ``factor`` x the median of
+    that phase's durations so far, never below the phase's floor."""
+
+    enabled: bool = Field(True, description="watch every rank's phases; false = wait on a hung rank forever")
+    factor: float = Field(10.0, gt=1, description="a phase times out after this x its median duration so far")
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="worker start to the end of the first optimizer step (fixed timeout)"
+    )
+    step_timeout_s: float = Field(600.0, gt=0, description="floor of an optimizer step's timeout (data wait included)")
+    eval_timeout_s: float = Field(1800.0, gt=0, description="floor of an evaluation's timeout")
+    checkpoint_timeout_s: float = Field(
+        1800.0, gt=0, description="floor of a checkpoint save's (or the guard's rollback's) timeout"
+    )
+
+
 class TrainConfig(StrictConfig):
     """Optimisation and loop settings. Steps count optimizer steps (after accumulation)."""
 
@@ -255,6 +274,10 @@ class TrainConfig(StrictConfig):
     guard: GuardConfig = Field(
         default_factory=GuardConfig,
         description="NaN and loss-spike guard: roll back to the last checkpoint and skip the bad step's samples",
+    )
+    watchdog: WatchdogConfig = Field(
+        default_factory=WatchdogConfig,
+        description="per-phase timeouts on every rank: a hung rank dumps its stacks and fails, so the group restarts",
     )
     grokfast: Optional[GrokfastConfig] = Field(
         None,

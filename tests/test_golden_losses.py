@@ -167,6 +167,12 @@ def test_golden_losses(case, request, ray_cluster, tmp_path):
     from megaray.train.launch import fit
 
     c = CASES[case]
+    if case == "gpt_debug" and os.environ.get("MEGARAY_UPDATE_GOLDEN") != "1":
+        pytest.skip(
+            "checked against this curve by tests/test_train_e2e.py::"
+            "test_a_hung_rank_is_dumped_and_the_group_restarts_from_its_checkpoint (2 workers, the same global "
+            "batches, a hang and a restart in between); this 1-worker run only rewrites it"
+        )
     if case == "vocoder_tiny":
         if shutil.which("espeak-ng") is None:
             pytest.skip("needs espeak-ng")

@@ -4,7 +4,7 @@ The loop's own parts (reporter, evaluator, checkpointer) run in every run and de
 themselves when they are due. An :class:`Extra` is a part a run has only when its
 :class:`~megaray.train.spec.WorkerSpec` asks: a profile run (``spec.profile``: the
 :class:`~megaray.train.profiler.Profiler`) or the test hooks (``spec.debug``: :class:`Trace`,
-:class:`FaultAtStep`, :class:`StepSleep`, :class:`Poison`). :func:`megaray.train.loop.build_extras` makes the
+:class:`FaultAtStep`, :class:`StepSleep`, :class:`Poison`, :class:`Hang`). :func:`megaray.train.loop.build_extras` makes the
 worker's list; for a normal run it is empty, so the loop constructs nothing and calls nothing for
 them. The training guard (:class:`megaray.train.guard.Guard`, ``train.guard``, on by default)
 uses the same hooks and is added by the worker itself.
@@ -87,6 +87,8 @@ def debug_parts(hooks: "DebugHooks", rank: int) -> List[Extra]:
         parts.append(StepSleep(hooks.step_sleep_s))
     if hooks.poison:
         parts.append(Poison(dict(hooks.poison)))
+    if hooks.hang_at is not None and hooks.hang_at[0] == rank:
+        parts.append(Hang(hooks.hang_at[1]))
     return parts
 
 
@@ -174,6 +176,31 @@ class StepSleep(Extra):
 
     def after_step(self, step: int) -> None:
         time.sleep(self.seconds)
+
+
+class Hang(Extra):
+    """``MEGARAY_HANG_AT_STEP=RANK:STEP`` (that rank only): block forever right after step STEP
+    (its reports and checkpoint done), in a worker that started the run from step 0 only (the
+    group Ray Train restarts from a checkpoint trains on). The other ranks block in the next
+    step's collective; the watchdog (:mod:`megaray.train.watchdog`) ends it."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.armed = False
+
+    def start(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
+        self.armed = state.step == 0
+
+    def after_step(self, step: int) -> None:
+        if self.armed and step == self.step:
+            hang_here_forever()
+
+
+def hang_here_forever() -> None:
+    """Block the calling thread for good, in a C wait no exception reaches (as a stuck collective)."""
+    import threading
+
+    threading.Event().wait()
 
 
 class Poison(Extra):

@@ -74,9 +74,13 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
             verdict = w.guard.check(step, engines)
             if verdict.bad and w.rollback(verdict):  # back to the last checkpoint, in place; its stream restarts
                 batches = positioned_batches(w.head, cfg.data.batch_size, state, w.rank, w.world, extras, w.skips)
+                w.arm("step", state.step + 1)
                 continue
         state.step = step
         w.end_of_step(step)
+        w.arm("step", step + 1)  # the watchdog: the next optimizer step's timeout starts now
+    if w.watchdog is not None:
+        w.watchdog.stop()
     if state.step == start_step and state.metrics:
         # Nothing left to train (a re-run of a finished run, or a Tune trial restarted after it
         # finished but before Tune saved that): hand Ray Train the final report again, so the
@@ -113,6 +117,12 @@ class _Worker:
         self.cfg = cfg = spec.run_config()
         ctx = ray.train.get_context()
         self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        # train.watchdog: every phase from here on has a timeout (the start-up phase first)
+        self.watchdog: Optional[Any] = None
+        if cfg.train.watchdog.enabled:
+            from megaray.train.watchdog import Watchdog
+
+            self.watchdog = Watchdog(cfg.train.watchdog, rank, spec.run_dir).start()
         # where this group resumes (read before anything is built: the stream starts at its cursor)
         self.checkpointer = Checkpointer(cfg, spec.run_dir, rank, world)
         source, saved = self._locate()
@@ -148,6 +158,10 @@ class _Worker:
             from megaray.train.logged_models import CheckpointModels
 
             self.checkpointer.on_saved = CheckpointModels(logger, cfg.name, cfg.model.family, cfg.model.preset)
+        if self.watchdog is not None and logger.enabled:  # stacks an earlier group's watchdog dumped
+            from megaray.train.watchdog import log_dumps
+
+            log_dumps(logger, spec.run_dir)
         trackers = open_trackers(spec.trackers, logger, rank, cfg.flat(), self.state.step)
         self.reporter = Reporter(
             cfg.train,
@@ -230,6 +244,7 @@ class _Worker:
         from megaray.train.guard import GuardTripped
 
         t0 = time.perf_counter()
+        self.arm("checkpoint", verdict.step)  # the watchdog: a rollback restores a checkpoint
         source, saved = self._locate()
         assert self.guard is not None
         if source is None and verdict.reason == "spike":
@@ -260,6 +275,7 @@ class _Worker:
             report.update(self.reporter.progress(self.engines, step))
         clock = self.reporter.time
         if not self.paused and self.evaluator.due(step):
+            self.arm("eval", step)
             t0 = time.perf_counter()
             report.update(self.evaluator.run(self.engines, step, self.reporter))
             clock.add("eval", time.perf_counter() - t0)
@@ -272,7 +288,13 @@ class _Worker:
         for part in self.extras:  # the optional parts (a normal run: the guard alone)
             part.after_step(step)
 
+    def arm(self, phase: str, step: int) -> None:
+        """Tell the watchdog (``train.watchdog``) the loop enters ``phase`` at ``step``."""
+        if self.watchdog is not None:
+            self.watchdog.arm(phase, step)
+
     def _save(self, report: Dict[str, Any]) -> None:
+        self.arm("checkpoint", self.state.step)
         t0 = time.perf_counter()
         self.checkpointer.save_and_report(report, self.engines, self.state, self.ema)
         self.reporter.time.add("checkpoint", time.perf_counter() - t0)

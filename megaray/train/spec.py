@@ -34,6 +34,7 @@ SPEC_KEY = "spec"
 #: the test hooks' environment variables (read on the driver by :meth:`DebugHooks.from_env`)
 TRACE_ENV, FAULT_ENV, SLEEP_ENV = "MEGARAY_TRACE", "MEGARAY_FAULT_AT_STEP", "MEGARAY_STEP_SLEEP_S"
 POISON_ENV, SKIP_ENV = "MEGARAY_POISON_STEPS", "MEGARAY_SKIP_SAMPLES"
+HANG_ENV = "MEGARAY_HANG_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class DebugHooks:
             ``epoch:first-last``) of micro-batches every rank skips from the start, as the guard
             skips a bad step's (:attr:`megaray.train.guard.Guard.skips`): the clean run of the
             guard's test. Whole global batches only (every rank must skip alike).
+        hang_at: ``MEGARAY_HANG_AT_STEP="1:11"``: ``(rank, step)``: that rank blocks forever right
+            after step 11 (its reports and checkpoint done), in a worker that started the run
+            from step 0 only, so the restarted group trains on (:class:`megaray.train.extras.Hang`;
+            the watchdog's test).
     """
 
     trace: Optional[str] = None
@@ -61,6 +66,7 @@ class DebugHooks:
     step_sleep_s: float = 0.0
     poison: Tuple[Tuple[int, float], ...] = ()
     skip_samples: Tuple[Tuple[int, int], ...] = ()
+    hang_at: Optional[Tuple[int, int]] = None
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> Optional["DebugHooks"]:
@@ -74,7 +80,8 @@ class DebugHooks:
         env = os.environ if env is None else env
         trace, fault, sleep = (env.get(k) or None for k in (TRACE_ENV, FAULT_ENV, SLEEP_ENV))
         poison_raw, skip_raw = env.get(POISON_ENV) or "", env.get(SKIP_ENV) or ""
-        if not (trace or fault or sleep or poison_raw or skip_raw):
+        hang_raw = env.get(HANG_ENV) or ""
+        if not (trace or fault or sleep or poison_raw or skip_raw or hang_raw):
             return None
         try:
             fault_at = int(fault) if fault else None
@@ -98,7 +105,14 @@ class DebugHooks:
                 f"{SKIP_ENV}={skip_raw!r}: expected EPOCH:POSITION or EPOCH:FIRST-LAST, comma-separated "
                 "(e.g. 0:16-19); unset it"
             ) from None
-        return cls(trace=trace, fault_at_step=fault_at, step_sleep_s=sleep_s, poison=poison, skip_samples=skip)
+        try:
+            rank, _, step = hang_raw.partition(":")
+            hang = (int(rank), int(step)) if hang_raw else None
+        except ValueError:
+            raise ConfigError(f"{HANG_ENV}={hang_raw!r}: expected RANK:STEP (e.g. 1:11); unset it") from None
+        return cls(
+            trace=trace, fault_at_step=fault_at, step_sleep_s=sleep_s, poison=poison, skip_samples=skip, hang_at=hang
+        )
 
 
 def parse_samples(text: str) -> Set[Tuple[int, int]]:

@@ -196,6 +196,19 @@ class GuardConfig(StrictConfig):
     )
 
 
+class StragglerConfig(StrictConfig):
+    """Per-rank timing and straggler detection (``megaray.train.stragglers``; runs with more than
+    one worker): per-rank step, data-wait, compute and wait times as ``rank/<r>/...`` metrics at
+    each log step, and a console warning naming a rank whose own pace (step time less its wait for
+    the others) is ``factor`` x the median rank's for ``patience`` log windows in a row."""
+
+    enabled: bool = Field(True, description="time every rank (one tiny all-reduce per step); false = rank 0's only")
+    factor: float = Field(1.5, gt=1, description="a rank this many times slower than the median rank is slow")
+    patience: int = Field(
+        2, ge=1, description="log windows (train.log_every steps) in a row before a slow rank is named"
+    )
+
+
 class WatchdogConfig(StrictConfig):
     """The hang watchdog (``megaray.train.watchdog``): a rank stuck in one phase of the loop
     (start-up, step, evaluation, checkpoint) past its timeout dumps every thread's Python stack
@@ -274,6 +287,10 @@ class TrainConfig(StrictConfig):
     guard: GuardConfig = Field(
         default_factory=GuardConfig,
         description="NaN and loss-spike guard: roll back to the last checkpoint and skip the bad step's samples",
+    )
+    stragglers: StragglerConfig = Field(
+        default_factory=StragglerConfig,
+        description="per-rank rank/<r>/... timings at each log step and a warning naming a persistently slow rank",
     )
     watchdog: WatchdogConfig = Field(
         default_factory=WatchdogConfig,
@@ -421,7 +438,8 @@ class TrackingConfig(StrictConfig):
     system_metrics_interval_s: float = Field(
         10.0,
         ge=0,
-        description="seconds between system metrics samples (CPU, memory, GPU) on the rank-0 worker; 0 = off",
+        description="seconds between system metrics samples (CPU, memory, GPU) on every node's first worker, "
+        "as system/<node>/...; 0 = off",
     )
     log_model: bool = Field(
         True,

@@ -56,10 +56,13 @@ def test_fit_logs_system_metrics_datasets_command_and_a_registered_text_model(
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
 
-    # system metrics of the rank-0 node, sampled during training
-    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
-        assert key in run.data.metrics, sorted(run.data.metrics)
-    assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100 * 64
+    # system metrics of the (one) node, sampled during training, keyed by node: system/<host>-<node id>/...
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/") and k.count("/") == 2}
+    assert len(nodes) == 1, sorted(run.data.metrics)
+    (node,) = nodes
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert f"system/{node}/{name}" in run.data.metrics, sorted(run.data.metrics)
+    assert 0 <= run.data.metrics[f"system/{node}/cpu_utilization_percentage"] <= 100 * 64
 
     # the command line as the run description
     # (shell-quoted: under `pytest -m "not cluster"` the last word is 'not cluster')

@@ -41,6 +41,7 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
     from megaray.train.launch import fit
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "zero2"))
+    monkeypatch.setenv("MEGARAY_SLOW_RANK", "1:0.3")  # a straggler: rank 1 sleeps 0.3 s after every step
     cfg = _cfg(
         text_shards,
         tmp_path,
@@ -53,6 +54,7 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
         "train.log_every=5",
         "train.zero_stage=2",
         "eval.sample_tokens=8",
+        "tracking.system_metrics_interval_s=1",
     )
     result = fit(cfg)
 
@@ -105,6 +107,21 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
     cfg_arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/resolved.yaml", "config/tokenizer.json"} <= cfg_arts
     assert run.data.tags["megaray.final_checkpoint"] == result.checkpoint
+
+    # train.stragglers: per-rank timings at every logged step, the slow rank named within 20 steps
+    for r in (0, 1):
+        for name in ("step_s", "data_wait_s", "compute_s", "wait_s", "busy_s"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, f"rank/{r}/{name}")]
+            assert sorted(steps) == [5, 10, 15, 20, 25, 30], (r, name, steps)
+    assert m["rank/1/busy_s"] > m["rank/0/busy_s"] + 0.2 and m["rank/0/wait_s"] > 0.2  # rank 0 waits for it
+    slow = sorted(client.get_metric_history(run.info.run_id, "stragglers/slow_rank"), key=lambda x: x.step)
+    named = [x.step for x in slow if x.value == 1]
+    assert named and named[0] <= 20, [(x.step, x.value) for x in slow]
+    console = (tmp_path / "runs" / "zero2" / "log.txt").read_text()
+    assert "straggler: rank 1 (host " in console, console[-3000:]
+    # system metrics of every node, keyed by node (one node here): system/<host>-<node id>/...
+    keyed = [k for k in m if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")]
+    assert len(keyed) == 1 and keyed[0].count("/") == 2, sorted(k for k in m if k.startswith("system/"))
 
 
 def _losses(uri: str, run_id: str) -> dict:
@@ -208,20 +225,22 @@ def test_a_hung_rank_is_dumped_and_the_group_restarts_from_its_checkpoint(
     ray_cluster, text_shards, tmp_path, monkeypatch
 ):
     """The golden debug-GPT run (tests/test_golden_losses.py: 1 worker x micro-batch 4) on 2 workers x
-    micro-batch 2 (the same global batches), checkpointing at step 10. Rank 1 hangs right after step
-    11 (``MEGARAY_HANG_AT_STEP``); rank 0 blocks in step 12's collective. The watchdog
-    (``train.watchdog``, step floor 5 s) dumps the stuck rank's stacks into the run folder and stops
-    its process; Ray Train restarts the group once, from step 10, and the run ends at step 20 with the
-    per-step losses of the stored uninterrupted run. The dump is logged to the MLflow run."""
+    micro-batch 2 (the same global batches), checkpointing at step 10. Rank 1 hangs at step 12's first
+    micro-batch (``MEGARAY_HANG_AT_STEP``); rank 0 blocks in step 12's collective. The watchdog
+    (``train.watchdog``, step floor 5 s) dumps the stuck rank's stacks into the run folder, tells the
+    driver's console and stops its process; Ray Train restarts the group once, from step 10, and the run
+    ends at step 20 with the per-step losses of the stored uninterrupted run. The dump is logged to the
+    MLflow run. (It replaces a test that SIGKILLed a worker from outside: the same recovery.)"""
     from mlflow.tracking import MlflowClient
-    from test_golden_losses import ASSETS, CASES, COMMON, mismatches
+    from test_golden_losses import ASSETS, CASES, COMMON
 
     from megaray.train.launch import fit
 
     monkeypatch.setenv("MEGARAY_TRACE", str(tmp_path / "hang"))
-    monkeypatch.setenv("MEGARAY_HANG_AT_STEP", "1:11")
+    monkeypatch.setenv("MEGARAY_HANG_AT_STEP", "1:12")
     case = CASES["gpt_debug"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    timeout_s = 5.0
     cfg = load_config(
         REPO / "configs" / case.config,
         [
@@ -236,39 +255,47 @@ def test_a_hung_rank_is_dumped_and_the_group_restarts_from_its_checkpoint(
             "train.global_batch_size=4",
             "train.checkpoint_every=10",
             "scaling.max_failures=1",
-            "train.watchdog.step_timeout_s=5",
+            f"train.watchdog.step_timeout_s={timeout_s}",
         ],
     )
+    t0 = time.time()
     result = fit(cfg)
     assert result.metrics["step"] == 20
+    assert time.time() - t0 < 600  # a generous deadline: the hang cost one timeout and one restart
 
-    recs = read_trace(tmp_path / "hang", 0)
-    new = [i for i in range(1, len(recs)) if recs[i]["pid"] != recs[i - 1]["pid"]]
-    assert len(new) == 1, "expected exactly one restart of the worker group"
-    i = new[0]
-    assert recs[i]["step"] == 11 and recs[i - 1]["step"] in (11, 12)  # resumed from step 10's checkpoint
-    assert [r["step"] for r in recs[i:]] == list(range(11, 21))
-    first, again = recs[i - 1 if recs[i - 1]["step"] == 11 else i - 2], recs[i]
-    assert first["fp"] == again["fp"] and first["loss"] == again["loss"]  # step 11 again, bit for bit
-    print(f"restart cost: {again['t'] - first['t'] - 5.0:.1f}s from the hang to step 11 again, less the 5 s timeout")
+    # one restart of the group, from the checkpoint the first attempt wrote at step 10; steps 11-20 once
+    for rank in (0, 1):
+        recs = read_trace(tmp_path / "hang", rank)
+        new = [i for i in range(1, len(recs)) if recs[i]["pid"] != recs[i - 1]["pid"]]
+        assert len(new) == 1, f"rank {rank}: expected exactly one restart of the worker group"
+        i = new[0]
+        assert [r["step"] for r in recs[:i]] == list(range(1, 12)), "the first attempt trains steps 1-11"
+        assert [r["step"] for r in recs[i:]] == list(range(11, 21)), "the restart resumes at step 10's checkpoint"
+        first, again = recs[i - 1], recs[i]
+        assert first["fp"] == again["fp"] and first["loss"] == again["loss"]  # step 11 again, bit for bit
 
-    # the stuck rank's dump: header, and the hook's frame in its stacks
-    dumps = {p.name: p.read_text() for p in (tmp_path / "runs" / "hang" / "watchdog").glob("*.txt")}
-    stuck = [t for n, t in dumps.items() if n.startswith("rank1-")]
-    assert len(stuck) == 1, sorted(dumps)
-    assert stuck[0].startswith("watchdog: rank 1 (") and "stuck in step 11 for" in stuck[0]
-    assert "hang_here_forever" in stuck[0] and "extras.py" in stuck[0]
+    # the stuck rank's dump: header, and the hook's frame in its stacks; the console line on the driver
+    folder = tmp_path / "runs" / "hang" / "watchdog"
+    dumps = {p.name: p.read_text() for p in folder.glob("*.txt")}
+    (name,) = [n for n in dumps if n.startswith("rank1-")]  # rank 0, stuck in the collective, may dump too
+    head = dumps[name].splitlines()[0]
+    assert head.startswith("watchdog: rank 1 (") and " stuck in step 12 for " in head, head
+    assert f"train.watchdog.step_timeout_s={timeout_s:g}" in head and str(folder / name) in head
+    assert "hang_here_forever" in dumps[name] and "extras.py" in dumps[name]
+    assert head in (tmp_path / "runs" / "hang" / "log.txt").read_text()
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(result.mlflow_run_id, "watchdog")}
     assert {f"watchdog/{n}" for n in dumps} <= logged
+    # the restart's cost: from the dump (the hang + the timeout) to the restarted group's first micro-batch
+    print(f"restart cost: {again['t'] - (folder / name).stat().st_mtime:.1f}s after the {timeout_s:g}s timeout")
 
-    # per-step losses: those of the uninterrupted run (last value logged at each step)
+    # per-step losses: those of the uninterrupted run (the last value logged at each step)
     history = sorted(client.get_metric_history(result.mlflow_run_id, "loss"), key=lambda m: (m.step, m.timestamp))
     got = [v for _, v in sorted({m.step: m.value for m in history}.items())]
     want = json.loads((ASSETS / "gpt_debug.json").read_text())["metrics"]["loss"]
     worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
-    print(f"largest relative difference from the stored 1-worker curve: {worst:.1e}")  # 1.5e-7 measured
-    assert mismatches(got, want, case.tols["loss"]) == []  # the golden test's own tolerance
+    print(f"largest relative difference from the stored 1-worker curve: {worst:.1e}")
+    assert len(got) == 20 and worst < 1e-4, (got, want)
 
 
 def _corrupt_data_pages(shard: Path) -> None:

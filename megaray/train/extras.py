@@ -87,6 +87,8 @@ def debug_parts(hooks: "DebugHooks", rank: int) -> List[Extra]:
         parts.append(StepSleep(hooks.step_sleep_s))
     if hooks.poison:
         parts.append(Poison(dict(hooks.poison)))
+    if hooks.slow_rank is not None and hooks.slow_rank[0] == rank:
+        parts.append(StepSleep(hooks.slow_rank[1]))
     if hooks.hang_at is not None and hooks.hang_at[0] == rank:
         parts.append(Hang(hooks.hang_at[1]))
     return parts
@@ -169,7 +171,8 @@ class FaultAtStep(Extra):
 
 class StepSleep(Extra):
     """``MEGARAY_STEP_SLEEP_S=s``: sleep ``s`` seconds after each optimizer step (a slow run, so
-    the elastic tests can change the cluster while it trains)."""
+    the elastic tests can change the cluster while it trains); ``MEGARAY_SLOW_RANK=r:s``: on rank
+    ``r`` only (a straggler)."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -179,10 +182,11 @@ class StepSleep(Extra):
 
 
 class Hang(Extra):
-    """``MEGARAY_HANG_AT_STEP=RANK:STEP`` (that rank only): block forever right after step STEP
-    (its reports and checkpoint done), in a worker that started the run from step 0 only (the
-    group Ray Train restarts from a checkpoint trains on). The other ranks block in the next
-    step's collective; the watchdog (:mod:`megaray.train.watchdog`) ends it."""
+    """``MEGARAY_HANG_AT_STEP=RANK:STEP`` (that rank only): block forever at the first micro-batch
+    of optimizer step STEP (step STEP - 1 done: its reports and checkpoint too), in a worker that
+    started the run from step 0 only (the group Ray Train restarts from a checkpoint trains on).
+    The other ranks block in step STEP's collective; the watchdog (:mod:`megaray.train.watchdog`)
+    ends it."""
 
     def __init__(self, step: int):
         self.step = step
@@ -191,8 +195,10 @@ class Hang(Extra):
     def start(self, state: TrainState, modules: Mapping[str, torch.nn.Module]) -> None:
         self.armed = state.step == 0
 
-    def after_step(self, step: int) -> None:
-        if self.armed and step == self.step:
+    def before_batch(
+        self, batch: Mapping[str, torch.Tensor], state: TrainState, engines: Mapping[str, "DeepSpeedEngine"]
+    ) -> None:
+        if self.armed and state.step + 1 == self.step:
             hang_here_forever()
 
 

@@ -55,6 +55,8 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
+        if w.stragglers is not None:
+            w.stragglers.data_wait(t1 - t0)
         batch = task.collate(batch, w.device)
         for part in extras:
             part.before_batch(batch, state, engines)
@@ -120,9 +122,9 @@ class _Worker:
         # train.watchdog: every phase from here on has a timeout (the start-up phase first)
         self.watchdog: Optional[Any] = None
         if cfg.train.watchdog.enabled:
-            from megaray.train.watchdog import Watchdog
+            from megaray.train.watchdog import Watchdog, console_teller
 
-            self.watchdog = Watchdog(cfg.train.watchdog, rank, spec.run_dir).start()
+            self.watchdog = Watchdog(cfg.train.watchdog, rank, spec.run_dir, tell=console_teller(spec.console)).start()
         # where this group resumes (read before anything is built: the stream starts at its cursor)
         self.checkpointer = Checkpointer(cfg, spec.run_dir, rank, world)
         source, saved = self._locate()
@@ -153,7 +155,14 @@ class _Worker:
             self.state.global_batch = info.plan.global_batch
 
         logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 else RunLogger(None, None)
-        logger.start_system_metrics(cfg.tracking.system_metrics_interval_s)  # no-op off rank 0
+        node_id = ray.get_runtime_context().get_node_id()
+        if ctx.get_local_rank() == 0:  # system metrics of every node, keyed by node: system/<host>-<node>/...
+            import socket
+
+            node_logger = logger if rank == 0 else RunLogger(spec.tracking_uri, spec.mlflow_run_id)
+            node_logger.start_system_metrics(
+                cfg.tracking.system_metrics_interval_s, node_id=f"{socket.gethostname()}-{node_id[:8]}"
+            )
         if logger.enabled and cfg.tracking.log_checkpoints:  # rank 0: every checkpoint an MLflow LoggedModel
             from megaray.train.logged_models import CheckpointModels
 
@@ -189,6 +198,15 @@ class _Worker:
             self.guard = Guard(cfg.train.guard, rank, world, device, self.reporter.say, logger, seeded)
             self.extras += (self.guard,)
         self.skips = self.guard.skips if self.guard is not None else set(seeded)
+        # train.stragglers: per-rank timing and the slow-rank warning (world > 1; collective per step)
+        self.stragglers: Optional[Any] = None
+        if cfg.train.stragglers.enabled and world > 1:
+            from megaray.train.stragglers import StragglerMonitor
+
+            self.stragglers = StragglerMonitor(
+                cfg.train.stragglers, rank, world, self.reporter.due, self.reporter.say, logger, node_id
+            )
+            self.extras += (self.stragglers,)
         s = self.state
         if where is not None:
             resized = (
@@ -244,7 +262,6 @@ class _Worker:
         from megaray.train.guard import GuardTripped
 
         t0 = time.perf_counter()
-        self.arm("checkpoint", verdict.step)  # the watchdog: a rollback restores a checkpoint
         source, saved = self._locate()
         assert self.guard is not None
         if source is None and verdict.reason == "spike":
@@ -256,6 +273,7 @@ class _Worker:
                 f"nothing to roll back to; lower train.checkpoint_every (now {self.cfg.train.checkpoint_every}) "
                 "or train.lr, or set train.guard.enabled=false to train through it"
             )
+        self.arm("checkpoint", verdict.step)  # the watchdog: the restore is a checkpoint phase; the loop re-arms the step
         restored, where = self.checkpointer.restore(self.engines, source, self.ema)
         vars(self.state).update(vars(restored))
         self.state.world_size = self.world
@@ -279,6 +297,8 @@ class _Worker:
             t0 = time.perf_counter()
             report.update(self.evaluator.run(self.engines, step, self.reporter))
             clock.add("eval", time.perf_counter() - t0)
+            if self.stragglers is not None:  # the same on every rank: not a rank's pace
+                self.stragglers.exclude(time.perf_counter() - t0)
             for part in self.extras:
                 part.evaluated(step, self.evaluator.reads)
         save = not self.paused and self.checkpointer.due(step)
@@ -298,6 +318,8 @@ class _Worker:
         t0 = time.perf_counter()
         self.checkpointer.save_and_report(report, self.engines, self.state, self.ema)
         self.reporter.time.add("checkpoint", time.perf_counter() - t0)
+        if self.stragglers is not None:
+            self.stragglers.exclude(time.perf_counter() - t0)
 
 
 def _ema(cfg: RunConfig, model: torch.nn.Module) -> Optional[Any]:

@@ -229,18 +229,19 @@ class RunLogger:
         if self.enabled:
             self._client.set_tag(self.run_id, key, value)
 
-    def start_system_metrics(self, interval_s: float) -> None:
+    def start_system_metrics(self, interval_s: float, node_id: Optional[str] = None) -> None:
         """Sample CPU, memory, disk, network and (with ``nvidia-ml-py`` installed) GPU utilisation
-        and memory of this node every ``interval_s`` seconds into ``system/...`` metrics, in a
-        daemon thread (MLflow's ``SystemMetricsMonitor``) that stops by itself once the run is no
-        longer RUNNING. Call it on the rank-0 worker; ``interval_s <= 0`` or tracking off: nothing.
-        A resumed run continues the ``system/`` step count."""
+        and memory of this node every ``interval_s`` seconds into ``system/<node_id>/...`` metrics
+        (``system/...`` without a ``node_id``), in a daemon thread (MLflow's
+        ``SystemMetricsMonitor``, its ``node_id`` argument) that stops by itself once the run is no
+        longer RUNNING. Call it on one worker per node; ``interval_s <= 0`` or tracking off:
+        nothing. A resumed run continues the step count."""
         if not self.enabled or interval_s <= 0 or getattr(self, "_monitor", None) is not None:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(
-            self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.uri
+            self.run_id, sampling_interval=interval_s, resume_logging=True, node_id=node_id, tracking_uri=self.uri
         )
         self._monitor.start()
 

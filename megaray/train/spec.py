@@ -34,7 +34,7 @@ SPEC_KEY = "spec"
 #: the test hooks' environment variables (read on the driver by :meth:`DebugHooks.from_env`)
 TRACE_ENV, FAULT_ENV, SLEEP_ENV = "MEGARAY_TRACE", "MEGARAY_FAULT_AT_STEP", "MEGARAY_STEP_SLEEP_S"
 POISON_ENV, SKIP_ENV = "MEGARAY_POISON_STEPS", "MEGARAY_SKIP_SAMPLES"
-HANG_ENV = "MEGARAY_HANG_AT_STEP"
+HANG_ENV, SLOW_RANK_ENV = "MEGARAY_HANG_AT_STEP", "MEGARAY_SLOW_RANK"
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,11 @@ class DebugHooks:
             ``epoch:first-last``) of micro-batches every rank skips from the start, as the guard
             skips a bad step's (:attr:`megaray.train.guard.Guard.skips`): the clean run of the
             guard's test. Whole global batches only (every rank must skip alike).
-        hang_at: ``MEGARAY_HANG_AT_STEP="1:11"``: ``(rank, step)``: that rank blocks forever right
-            after step 11 (its reports and checkpoint done), in a worker that started the run
-            from step 0 only, so the restarted group trains on (:class:`megaray.train.extras.Hang`;
-            the watchdog's test).
+        hang_at: ``MEGARAY_HANG_AT_STEP="1:12"``: ``(rank, step)``: that rank blocks forever at
+            the first micro-batch of step 12, in a worker that started the run from step 0 only,
+            so the restarted group trains on (:class:`megaray.train.extras.Hang`; the watchdog's test).
+        slow_rank: ``MEGARAY_SLOW_RANK="1:0.3"``: ``(rank, seconds)``: that rank sleeps 0.3 s after
+            each optimizer step (a straggler, for :mod:`megaray.train.stragglers`' test).
     """
 
     trace: Optional[str] = None
@@ -67,6 +68,7 @@ class DebugHooks:
     poison: Tuple[Tuple[int, float], ...] = ()
     skip_samples: Tuple[Tuple[int, int], ...] = ()
     hang_at: Optional[Tuple[int, int]] = None
+    slow_rank: Optional[Tuple[int, float]] = None
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None) -> Optional["DebugHooks"]:
@@ -74,14 +76,14 @@ class DebugHooks:
 
         Raises:
             ConfigError: ``MEGARAY_FAULT_AT_STEP`` is not an integer, ``MEGARAY_STEP_SLEEP_S``
-                not a number, ``MEGARAY_POISON_STEPS`` / ``MEGARAY_SKIP_SAMPLES`` not of their
-                shape (names the variable and its value).
+                not a number, ``MEGARAY_POISON_STEPS`` / ``MEGARAY_SKIP_SAMPLES`` /
+                ``MEGARAY_HANG_AT_STEP`` not of their shape (names the variable and its value).
         """
         env = os.environ if env is None else env
         trace, fault, sleep = (env.get(k) or None for k in (TRACE_ENV, FAULT_ENV, SLEEP_ENV))
         poison_raw, skip_raw = env.get(POISON_ENV) or "", env.get(SKIP_ENV) or ""
-        hang_raw = env.get(HANG_ENV) or ""
-        if not (trace or fault or sleep or poison_raw or skip_raw or hang_raw):
+        hang_raw, slow_raw = env.get(HANG_ENV) or "", env.get(SLOW_RANK_ENV) or ""
+        if not (trace or fault or sleep or poison_raw or skip_raw or hang_raw or slow_raw):
             return None
         try:
             fault_at = int(fault) if fault else None
@@ -108,10 +110,26 @@ class DebugHooks:
         try:
             rank, _, step = hang_raw.partition(":")
             hang = (int(rank), int(step)) if hang_raw else None
+            if hang is not None and (hang[0] < 0 or hang[1] < 1):
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"{HANG_ENV}={hang_raw!r}: expected RANK:STEP (e.g. 1:11); unset it") from None
+            raise ConfigError(
+                f"{HANG_ENV}={hang_raw!r}: expected RANK:STEP, a rank >= 0 and an optimizer step >= 1 "
+                "(e.g. 1:12); unset it"
+            ) from None
+        try:
+            rank, _, seconds = slow_raw.partition(":")
+            slow = (int(rank), float(seconds)) if slow_raw else None
+        except ValueError:
+            raise ConfigError(f"{SLOW_RANK_ENV}={slow_raw!r}: expected RANK:SECONDS (e.g. 1:0.3); unset it") from None
         return cls(
-            trace=trace, fault_at_step=fault_at, step_sleep_s=sleep_s, poison=poison, skip_samples=skip, hang_at=hang
+            trace=trace,
+            fault_at_step=fault_at,
+            step_sleep_s=sleep_s,
+            poison=poison,
+            skip_samples=skip,
+            hang_at=hang,
+            slow_rank=slow,
         )
 
 

@@ -198,11 +198,14 @@ class GuardConfig(StrictConfig):
 
 class StragglerConfig(StrictConfig):
     """Per-rank timing and straggler detection (``megaray.train.stragglers``; runs with more than
-    one worker): per-rank step, data-wait, compute and wait times as ``rank/<r>/...`` metrics at
-    each log step, and a console warning naming a rank whose own pace (step time less its wait for
-    the others) is ``factor`` x the median rank's for ``patience`` log windows in a row."""
+    one worker): per-rank step, data-wait, compute, forward and wait times as
+    ``system/rank/<r>/...`` metrics at each log step, and a console warning naming a rank whose own
+    pace (step time less its wait for the others) or forward time is ``factor`` x the median
+    rank's for ``patience`` log windows in a row."""
 
-    enabled: bool = Field(True, description="time every rank (one tiny all-reduce per step); false = rank 0's only")
+    enabled: bool = Field(
+        True, description="time every rank (one tiny all-reduce per step; runs with more than one worker)"
+    )
     factor: float = Field(1.5, gt=1, description="a rank this many times slower than the median rank is slow")
     patience: int = Field(
         2, ge=1, description="log windows (train.log_every steps) in a row before a slow rank is named"
@@ -290,7 +293,8 @@ class TrainConfig(StrictConfig):
     )
     stragglers: StragglerConfig = Field(
         default_factory=StragglerConfig,
-        description="per-rank rank/<r>/... timings at each log step and a warning naming a persistently slow rank",
+        description="per-rank system/rank/<r>/... timings at each log step and a warning naming a persistently "
+        "slow rank",
     )
     watchdog: WatchdogConfig = Field(
         default_factory=WatchdogConfig,

@@ -35,6 +35,35 @@ def test_time_buckets_sort_after_the_model_metrics_in_mlflow():
     assert clock.summary().startswith("time: goodput ") and "startup " in clock.summary()
 
 
+def run_page_tab(keys: List[str], tab: str) -> List[str]:
+    """The chart sections of a run's page in MLflow 3.x's UI, in its "Model metrics" or "System
+    metrics" tab (``tab``: "model" or "system"): the run page passes ``filterMetricNames`` (keys
+    starting ``system/`` go to the System metrics tab, the others to the Model metrics tab) to the
+    same ``getBaseChartAndSectionConfigs`` (:func:`mlflow_sections`)."""
+    return mlflow_sections([k for k in keys if k.startswith("system/") == (tab == "system")])
+
+
+def test_per_rank_and_per_node_health_stays_off_the_model_metrics_tab():
+    from megaray.train.mlflow import node_name
+    from megaray.train.stragglers import FIELDS, RANK_KEY, SLOW_RANK_KEY, SLOWDOWN_KEY
+
+    node = node_name("ip-10-0-0-3", "84efcb20aa55")
+    assert node == "ip-10-0-0-3-84efcb20"
+    health = [RANK_KEY.format(rank=r, name=n) for r in (0, 1) for n in FIELDS] + [SLOW_RANK_KEY, SLOWDOWN_KEY]
+    health += [f"system/{node}/cpu_utilization_percentage", time_key("step"), GOODPUT]
+    keys = ["loss", "val_loss", "lr", "grad_norm", *health]
+    assert run_page_tab(keys, "model") == ["Model metrics"]  # a 2-worker run's page: the model's charts alone
+    assert run_page_tab(keys, "system") == [
+        f"system/{node}",
+        "system/rank/0",
+        "system/rank/1",
+        "system/stragglers",
+        "System metrics",
+    ]
+    # (the experiment's chart view, with no tabs, draws any nested system/<x>/ section above the
+    # model's charts, MLflow's own per-node keys too: mlflow_sections(keys)[0] == f"system/{node}")
+
+
 def test_ratio_metrics_use_up_the_pair_and_counts_have_their_own_names():
     # a multimodal micro-batch's metrics, as the base eval_step prefixes them with val_
     step = {

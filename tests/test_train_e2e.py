@@ -16,6 +16,7 @@ from helpers import crash_then_rerun, read_trace
 
 from megaray.families import load_config
 from megaray.train.reporter import GOODPUT, time_key
+from megaray.train.stragglers import FIELDS, RANK_KEY, SLOW_RANK_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -110,18 +111,22 @@ def test_two_worker_zero2_run_is_tracked_in_a_real_mlflow_server(
 
     # train.stragglers: per-rank timings at every logged step, the slow rank named within 20 steps
     for r in (0, 1):
-        for name in ("step_s", "data_wait_s", "compute_s", "wait_s", "busy_s"):
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, f"rank/{r}/{name}")]
+        for name in FIELDS:
+            steps = [x.step for x in client.get_metric_history(run.info.run_id, RANK_KEY.format(rank=r, name=name))]
             assert sorted(steps) == [5, 10, 15, 20, 25, 30], (r, name, steps)
-    assert m["rank/1/busy_s"] > m["rank/0/busy_s"] + 0.2 and m["rank/0/wait_s"] > 0.2  # rank 0 waits for it
-    slow = sorted(client.get_metric_history(run.info.run_id, "stragglers/slow_rank"), key=lambda x: x.step)
+    busy, wait = (RANK_KEY.format(rank=r, name=n) for r, n in ((1, "busy_s"), (0, "wait_s")))
+    assert m[busy] > m[RANK_KEY.format(rank=0, name="busy_s")] + 0.2 and m[wait] > 0.2  # rank 0 waits for it
+    assert m[RANK_KEY.format(rank=0, name="forward_s")] > 0
+    slow = sorted(client.get_metric_history(run.info.run_id, SLOW_RANK_KEY), key=lambda x: x.step)
     named = [x.step for x in slow if x.value == 1]
     assert named and named[0] <= 20, [(x.step, x.value) for x in slow]
     console = (tmp_path / "runs" / "zero2" / "log.txt").read_text()
-    assert "straggler: rank 1 (host " in console, console[-3000:]
-    # system metrics of every node, keyed by node (one node here): system/<host>-<node id>/...
+    line = next((x for x in console.splitlines() if "straggler: rank 1 (host " in x), None)
+    assert line is not None and " busy " in line, console[-3000:]
+    # system metrics of every node, keyed by node (one node here, the slow rank's): system/<host>-<node id>/...
     keyed = [k for k in m if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")]
     assert len(keyed) == 1 and keyed[0].count("/") == 2, sorted(k for k in m if k.startswith("system/"))
+    assert f"node {keyed[0].split('/')[1]})" in line, (line, keyed)
 
 
 def _losses(uri: str, run_id: str) -> dict:
@@ -289,13 +294,16 @@ def test_a_hung_rank_is_dumped_and_the_group_restarts_from_its_checkpoint(
     # the restart's cost: from the dump (the hang + the timeout) to the restarted group's first micro-batch
     print(f"restart cost: {again['t'] - (folder / name).stat().st_mtime:.1f}s after the {timeout_s:g}s timeout")
 
-    # per-step losses: those of the uninterrupted run (the last value logged at each step)
+    # per-step losses: those of the uninterrupted run (the last value logged at each step). 2 workers differ
+    # from the stored 1-worker curve only in the order of the gradient sum: 1.5e-7 at most, measured in 3 runs
+    # on an AMD EPYC (one with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_CBWR=COMPATIBLE); the
+    # stored curve's own spread across processors is 1.6e-7 (test_golden_losses.py): 3x their sum, 1e-6
     history = sorted(client.get_metric_history(result.mlflow_run_id, "loss"), key=lambda m: (m.step, m.timestamp))
     got = [v for _, v in sorted({m.step: m.value for m in history}.items())]
     want = json.loads((ASSETS / "gpt_debug.json").read_text())["metrics"]["loss"]
-    worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
-    print(f"largest relative difference from the stored 1-worker curve: {worst:.1e}")
-    assert len(got) == 20 and worst < 1e-4, (got, want)
+    rel = [abs(g - w) / abs(w) for g, w in zip(got, want)]
+    print(f"largest relative difference from the stored 1-worker curve: {max(rel):.1e}")
+    assert len(got) == 20 and max(rel) < 1e-6, [f"step {i}: {g} vs {w}" for i, (g, w) in enumerate(zip(got, want), 1)]
 
 
 def _corrupt_data_pages(shard: Path) -> None:

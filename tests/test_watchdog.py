@@ -13,7 +13,7 @@ import pytest
 from megaray.config import WatchdogConfig
 from megaray.errors import ConfigError
 from megaray.train.spec import DebugHooks
-from megaray.train.watchdog import MIN_SAMPLES, Watchdog
+from megaray.train.watchdog import MIN_SAMPLES, Watchdog, log_dumps
 
 
 class FakeClock:
@@ -48,10 +48,16 @@ def test_a_phase_times_out_at_its_floor_then_at_factor_x_its_median():
     assert wd.deadline == pytest.approx(clock.now + 60) and wd.timeout("eval") == 60
 
 
-def test_a_stuck_phase_dumps_every_threads_stack_with_a_header_and_acts(tmp_path):
-    fired = []
+def _wait_for(fired, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_stuck_phase_dumps_every_threads_stack_with_a_header_tells_the_driver_and_acts(tmp_path):
+    fired, told = [], []
     cfg = WatchdogConfig(step_timeout_s=0.3)
-    wd = Watchdog(cfg, 3, str(tmp_path / "run"), on_timeout=fired.append)
+    wd = Watchdog(cfg, 3, str(tmp_path / "run"), on_timeout=fired.append, tell=told.append)
     stuck = threading.Event()
 
     def stuck_in_a_collective():  # the frame the dump must show
@@ -59,20 +65,34 @@ def test_a_stuck_phase_dumps_every_threads_stack_with_a_header_and_acts(tmp_path
 
     t = threading.Thread(target=stuck_in_a_collective, daemon=True)
     t.start()
-    wd.start()
-    wd.arm("step", 12)
-    deadline = time.monotonic() + 20
-    while not fired and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wd.start()  # startup: 1800 s; the thread sleeps towards that deadline ...
+    wd.arm("step", 12)  # ... and is woken for the earlier one
+    _wait_for(fired)
     stuck.set()
     assert len(fired) == 1 and fired[0] == wd.fired
     assert fired[0].startswith(str(tmp_path / "run" / "watchdog" / "rank3-pid"))
     text = open(fired[0]).read()
     head = text.splitlines()[0]
-    assert head.startswith("watchdog: rank 3 (") and "stuck in step 12 for" in head
-    assert "train.watchdog.step_timeout_s=0.3" in head and fired[0] in head
+    assert head.startswith("watchdog: rank 3 (") and "stuck in step 12 for 0." in head
+    assert "timeout 0.3s = train.watchdog.step_timeout_s=0.3; 0 step(s) measured" in head
+    assert f"stacks in {fired[0]}; " in head and "restarts the group from the last checkpoint" in head
+    assert told == [head]  # the driver's console gets the header line
     assert "stuck_in_a_collective" in text and "test_watchdog.py" in text  # the blocked thread's stack
     assert "Thread 0x" in text or "Current thread" in text
+
+
+def test_the_header_names_the_median_once_measured(tmp_path):
+    clock = FakeClock()
+    wd = Watchdog(WatchdogConfig(step_timeout_s=5), 1, str(tmp_path), clock=clock)
+    for _ in range(MIN_SAMPLES + 1):
+        wd.arm("step", 7)
+        clock.now += 0.31
+    line = wd.describe("step", 12, 5.0, wd.timeout("step"))
+    assert "stuck in step 12 for 5.0s (timeout 5.0s = max(train.watchdog.step_timeout_s=5, 10 x median 0.31s))" in line
+    assert "stuck in eval at step 10 for" in wd.describe("eval", 10, 1.0, 1.0)
+    assert "stuck in start-up for 2.0s (timeout 2.0s = train.watchdog.startup_timeout_s=1800)" in wd.describe(
+        "startup", 0, 2.0, 2.0
+    )
 
 
 def test_re_arming_moves_the_deadline_and_stop_ends_the_watch(tmp_path):
@@ -86,6 +106,21 @@ def test_re_arming_moves_the_deadline_and_stop_ends_the_watch(tmp_path):
     assert fired == [] and not wd._thread.is_alive()
 
 
+def test_a_watchdog_whose_training_thread_ended_stands_down(tmp_path):
+    """The loop raised (Ray Train handles that failure): its last phase never ends, and no dump follows."""
+    fired, box = [], {}
+
+    def training_thread():
+        box["wd"] = Watchdog(WatchdogConfig(step_timeout_s=0.2), 0, str(tmp_path), on_timeout=fired.append).start()
+        box["wd"].arm("step", 3)  # and the thread ends without stop()
+
+    t = threading.Thread(target=training_thread)
+    t.start()
+    t.join()
+    box["wd"]._thread.join(10)
+    assert not box["wd"]._thread.is_alive() and fired == [] and not (tmp_path / "watchdog").exists()
+
+
 def test_the_default_action_kills_the_worker_process(tmp_path):
     """``kill_self`` (the default ``on_timeout``) SIGKILLs the process it runs in: run in a child."""
     import subprocess
@@ -96,23 +131,45 @@ def test_the_default_action_kills_the_worker_process(tmp_path):
     assert out.returncode == -9 and "alive" not in out.stdout, out
 
 
+def test_the_next_group_logs_the_dumps_to_mlflow(tmp_path):
+    class Logger:
+        enabled = True
+
+        def __init__(self):
+            self.texts = {}
+
+        def text(self, text, artifact_file):
+            self.texts[artifact_file] = text
+
+    logger = Logger()
+    assert log_dumps(logger, str(tmp_path / "run")) == 0  # no folder yet
+    (tmp_path / "run" / "watchdog").mkdir(parents=True)
+    (tmp_path / "run" / "watchdog" / "rank1-pid7.txt").write_text("watchdog: rank 1 ...\n")
+    assert log_dumps(logger, str(tmp_path / "run")) == 1
+    assert logger.texts == {"watchdog/rank1-pid7.txt": "watchdog: rank 1 ...\n"}
+
+
 def test_the_hang_hook_names_a_rank_and_a_step():
-    assert DebugHooks.from_env({"MEGARAY_HANG_AT_STEP": "1:11"}).hang_at == (1, 11)
+    assert DebugHooks.from_env({"MEGARAY_HANG_AT_STEP": "1:12"}).hang_at == (1, 12)
     assert DebugHooks.from_env({}) is None
-    with pytest.raises(ConfigError, match="MEGARAY_HANG_AT_STEP='soon': expected RANK:STEP"):
-        DebugHooks.from_env({"MEGARAY_HANG_AT_STEP": "soon"})
+    for bad in ("soon", "1", "1:0", "-1:3", "1:2.5"):
+        with pytest.raises(ConfigError, match=f"MEGARAY_HANG_AT_STEP='{bad}': expected RANK:STEP"):
+            DebugHooks.from_env({"MEGARAY_HANG_AT_STEP": bad})
 
 
-def test_the_hang_fires_only_in_a_worker_that_started_the_run():
+def test_the_hang_blocks_the_first_micro_batch_of_its_step_only_in_a_worker_that_started_the_run():
     from megaray.train.checkpoint import TrainState
     from megaray.train.extras import Hang, debug_parts
 
-    hooks = DebugHooks(hang_at=(1, 11))
+    hooks = DebugHooks(hang_at=(1, 12))
     assert [type(p) for p in debug_parts(hooks, 1)] == [Hang] and debug_parts(hooks, 0) == []
-    restarted = Hang(11)
+    restarted = Hang(12)
     restarted.start(TrainState(step=10), {})
-    restarted.after_step(11)  # returns: the restarted group trains on
-    first = Hang(11)
+    restarted.before_batch({}, TrainState(step=11), {})  # returns: the restarted group trains on
+    first = Hang(12)
     first.start(TrainState(step=0), {})
-    assert first.armed
-    first.after_step(10)  # not its step
+    first.before_batch({}, TrainState(step=10), {})  # step 11: not its step
+    t = threading.Thread(target=first.before_batch, args=({}, TrainState(step=11), {}), daemon=True)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()  # blocked at step 12's first micro-batch, for good

@@ -10,6 +10,8 @@ with its own optimizer settings (``train.modules.<name>``). Reference: https://w
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Tuple
 
 import torch
@@ -200,8 +202,7 @@ def build_engine(
     >= 0.14: ``torch.compile`` of the wrapped module, after ZeRO has set up its hooks). Returns
     ``(engine, ds_config)``.
     """
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     ds = deepspeed_config(cfg, precision)
     groups = list(param_groups)
     opt = cfg.train.optim_for(name)
@@ -232,6 +233,55 @@ def build_engine(
     return engine, ds
 
 
+#: DeepSpeed's Muon optimizer module (deepspeed >= 0.18): ZeRO 1/2 import it in every gradient
+#: reduction (``runtime/zero/stage_1_and_2.py``, ``average_tensor``) and in the optimizer check
+#: (``runtime/zero/utils.py``, ``is_zero_supported_optimizer``)
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` for a training worker, without two imports megaray never uses that
+    cost seconds of CPU in every worker's start-up, paid again by every restart of the group
+    (``benchmarks/goodput.py``, BENCHMARKS.md "Start-up and restart"). Returns the module.
+
+    * MLflow: ``deepspeed/autotuning/autotuner.py`` imports it when it can (``try: import mlflow``)
+      for DeepSpeed's autotuner, which megaray does not run. While DeepSpeed imports, ``mlflow`` is
+      unimportable (``sys.modules["mlflow"] = None``), so the autotuner takes it as not installed;
+      megaray's own logging (rank 0, :mod:`megaray.train.mlflow`) imports MLflow as usual later.
+      Skipped when MLflow is already imported.
+    * ``torch.compile`` of DeepSpeed's Muon kernels: importing :data:`MUON_MODULE` decorates them
+      with ``torch.compile``, which imports inductor's compiler (``torch._inductor.compile_fx``).
+      Imported here with ``TORCHDYNAMO_DISABLE=1`` (read by ``torch/_dynamo/eval_frame.py``,
+      ``_optimize``, when a function is decorated), the decorator leaves them plain functions.
+      megaray's optimizer is AdamW (``train.deepspeed`` may not name another, :data:`MANAGED`), so
+      they are never called; ``train.compile`` compiles the model as before (the variable is
+      restored at once).
+
+    Neither changes what is trained. A no-op once DeepSpeed is imported."""
+    if "deepspeed" in sys.modules and MUON_MODULE in sys.modules:
+        return sys.modules["deepspeed"]
+    block = "mlflow" not in sys.modules
+    if block:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]
+    try:
+        import deepspeed
+    finally:
+        if block and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        __import__(MUON_MODULE)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+    return deepspeed
+
+
 def skip_cpu_op_builds() -> None:
     """On a CPU-only worker, tell DeepSpeed that none of its C++ ops are available, before it
     first asks (``deepspeed.ops.__compatible_ops__``, probed lazily in ``deepspeed/ops/__init__.py``).
@@ -255,6 +305,7 @@ def build_engines(
     order the task returned them; groups from ``task.param_groups(name, module)``. The task sees
     each through :class:`megaray.tasks.base.Engine` (the part of DeepSpeed's surface it uses); the
     loop's parts use the rest (learning rate, gradient norm, checkpoints)."""
+    import_deepspeed()  # before anything imports it: the lean import
     if device.type == "cpu":
         skip_cpu_op_builds()
     engines = {}

@@ -7,7 +7,9 @@ themselves when they are due. An :class:`Extra` is a part a run has only when it
 :class:`FaultAtStep`, :class:`StepSleep`, :class:`Poison`, :class:`Hang`). :func:`megaray.train.loop.build_extras` makes the
 worker's list; for a normal run it is empty, so the loop constructs nothing and calls nothing for
 them. The training guard (:class:`megaray.train.guard.Guard`, ``train.guard``, on by default)
-uses the same hooks and is added by the worker itself.
+and, with more than one worker, the straggler monitor
+(:class:`megaray.train.stragglers.StragglerMonitor`, ``train.stragglers``) use the same hooks and
+are added by the worker itself.
 
 The hooks, in the order the loop calls them (all no-ops by default; a part overrides its own):
 
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 import torch
 
+from megaray.train import startup
 from megaray.train.checkpoint import TrainState
 
 if TYPE_CHECKING:
@@ -82,7 +85,7 @@ def debug_parts(hooks: "DebugHooks", rank: int) -> List[Extra]:
     if hooks.trace:
         parts.append(Trace(hooks.trace, rank))
     if hooks.fault_at_step is not None and rank == 0:
-        parts.append(FaultAtStep(hooks.fault_at_step))
+        parts.append(FaultAtStep(hooks.fault_at_step, hooks.trace))
     if hooks.step_sleep_s:
         parts.append(StepSleep(hooks.step_sleep_s))
     if hooks.poison:
@@ -101,9 +104,11 @@ class Trace(Extra):
       optimizer step it belongs to), ``epoch``, ``cursor`` (the global cursor before it), ``fp``
       (a fingerprint of the batch's first tensor), ``lr``, ``pid``, ``replayed`` (batches read
       again to reach the resume position: always 0, the stream starts at its cursor), ``ids``
-      (its served sample positions), ``world``, ``t`` (wall clock), ``loss``;
+      (its served sample positions), ``world``, ``t`` (wall clock before the step),
+      ``t_end`` (after it), ``loss``;
     * ``path.starts.rank<r>``: one line per worker start: ``pid``, ``step`` (where it starts),
-      ``weights_l1`` (the L1 norm of each module's weights after restore);
+      ``weights_l1`` (the L1 norm of each module's weights after restore), ``marks`` (the
+      worker's start-up phases so far, :mod:`megaray.train.startup`);
     * ``path.evals.rank<r>``: one line per evaluation: ``step``, ``val_reads`` (executions of the
       validation split so far), ``pid``.
     """
@@ -120,7 +125,10 @@ class Trace(Extra):
             name: float(sum(p.detach().double().abs().sum() for p in m.parameters())) for name, m in modules.items()
         }
         with open(f"{self.path}.starts.rank{self.rank}", "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "step": state.step, "weights_l1": weights}) + "\n")
+            f.write(
+                json.dumps({"pid": os.getpid(), "step": state.step, "weights_l1": weights, "marks": startup.marks()})
+                + "\n"
+            )
 
     def served(self, ids: List[int]) -> None:
         self.ids = ids
@@ -144,7 +152,7 @@ class Trace(Extra):
 
     def after_batch(self, metrics: Mapping[str, float]) -> None:
         if self.pending is not None:
-            self.file.write(json.dumps({**self.pending, "loss": metrics.get("loss")}) + "\n")
+            self.file.write(json.dumps({**self.pending, "t_end": time.time(), "loss": metrics.get("loss")}) + "\n")
             self.file.flush()
             self.pending = None
 
@@ -159,13 +167,16 @@ class Trace(Extra):
 class FaultAtStep(Extra):
     """``MEGARAY_FAULT_AT_STEP=N`` (rank 0 only): raise right after step N's reports and
     checkpoint: a crash, for resume tests (Ray Train restarts the group; ``max_failures=0`` ends
-    the run with this error)."""
+    the run with this error). With the trace on (``trace``: its path), the time of the crash goes
+    to ``<trace>.fault`` first (``step``, ``t``, ``pid``: the restart benchmark's zero)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, trace: Optional[str] = None):
+        self.step, self.trace = step, trace
 
     def after_step(self, step: int) -> None:
         if step == self.step:
+            if self.trace:
+                startup.write_line(f"{self.trace}.fault", {"step": step, "t": time.time(), "pid": os.getpid()})
             raise RuntimeError(f"MEGARAY_FAULT_AT_STEP: injected failure after step {step}")
 
 

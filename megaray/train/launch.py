@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence
 
 from megaray.config import CheckpointPath, ConfigError, RunConfig, RunPath, map_paths, suggest
 from megaray.tasks.base import Task, TaskInfo
@@ -64,14 +65,12 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {
-        "env_vars": {
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "TOKENIZERS_PARALLELISM": "false",
-            # Ray Train's print patch tees worker prints into its logger *and* stdout: every
-            # progress line would reach the driver twice.
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        }
+    env_vars = {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        # Ray Train's print patch tees worker prints into its logger *and* stdout: every
+        # progress line would reach the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     # Workers' output (Ray's per-report dicts and controller chatter, library warnings) stays in
     # Ray's session logs unless --verbose: rank 0 sends megaray's own lines through the console
@@ -83,7 +82,7 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(
             address=os.environ["RAY_ADDRESS"],
-            runtime_env=env,
+            runtime_env={"env_vars": env_vars},
             log_to_driver=logs,
             logging_level=logging.INFO if logs else logging.WARNING,
         )
@@ -92,19 +91,40 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         # as many Python workers may start at once as there are logical CPUs (Ray's default is the
         # core count, and the raylet prints a warning on the console each time more start)
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
+        # A local cluster's processes inherit this process's environment, so the variables go
+        # there while Ray starts, not into a job runtime_env: with one, every Ray worker of the run
+        # starts through Ray's runtime-env set-up (``setup_worker.py``: a second Python start per
+        # process) and the workers the raylet prestarts for the first driver (no runtime env) can
+        # serve none of the run's actors and tasks and idle for the whole run. Measured: a third of
+        # the CPU of a 2-core machine's start-up (benchmarks/goodput.py, BENCHMARKS.md).
         # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
-        ray.init(
-            address="local",
-            num_cpus=n,
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=logs,
-            logging_level=logging.INFO if logs else logging.WARNING,
-        )
+        with _environ(env_vars):
+            ray.init(
+                address="local",
+                num_cpus=n,
+                include_dashboard=False,
+                log_to_driver=logs,
+                logging_level=logging.INFO if logs else logging.WARNING,
+            )
     quiet_driver()  # ray.init resets its loggers' levels
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = os.environ.get("MEGARAY_DATA_PROGRESS", "0") == "1"
+
+
+@contextmanager
+def _environ(values: Dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside the block, as it was after it."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _absolute(p: str, base_dir: Optional[str] = None) -> str:
@@ -263,11 +283,14 @@ def _fit(
     trackers = prepare_trackers(cfg, run_dir)  # ConfigError before Ray starts when one is not installed
     debug = DebugHooks.from_env()  # the test hooks (MEGARAY_TRACE, ...): None in a normal run
     fork = _branch(resume_from, run_dir, console) if resume_from else None  # CheckpointError before Ray starts
+    marks = {"fit": t0, "checks": time.time()}  # start-up phases (megaray.train.startup)
     ensure_ray()
     _resolve_use_gpu(cfg, console)
+    marks["ray"] = time.time()
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
     worlds = _check_worlds(cfg, task.info, run_dir)
+    marks["datasets"] = time.time()
     # rank 0 of each worker group builds the train stream at the cursor of the checkpoint it
     # restores (megaray.train.loop._positioned_shard): constant-time resume at any world size
     datasets.pop("train", None)
@@ -277,6 +300,7 @@ def _fit(
         run_id = _start_mlflow(cfg, task, uri, run_dir, mlflow_run_name, extra_tags, parent_run_id)
         if fork is not None:
             _tag_branch(uri, run_id, fork)
+    marks["mlflow"] = time.time()
     channel = Channel() if console and not verbose() else None
     spec = WorkerSpec(  # what every worker gets (megaray.train.spec)
         run=cfg.model_dump(mode="json"),
@@ -291,6 +315,11 @@ def _fit(
         debug=debug,
     )
     trainer = _trainer(cfg, spec, datasets, storage, callbacks, worlds)
+    marks["trainer"] = time.time()
+    if debug is not None and debug.trace:  # the driver's start-up phases, for benchmarks/goodput.py
+        from megaray.train.startup import process_start, write_line
+
+        write_line(f"{debug.trace}.driver", {"pid": os.getpid(), "process": process_start(), **marks})
     try:
         if channel is not None:
             result = run_with_console(trainer.fit, channel, cfg.train.max_steps, task.unit)

@@ -15,7 +15,8 @@ before any part sees it and undoes a bad one (:meth:`_Worker.rollback`). Optiona
 parts (:mod:`megaray.train.extras`) are built only when the spec asks for them: a profile run
 (``spec.profile``: the :class:`~megaray.train.profiler.Profiler`, which turns evaluation and
 checkpoints off on every rank) and the test hooks (``spec.debug``: trace, injected crash, slow
-steps); a normal run has none of those, only the guard (which is an :class:`Extra` too).
+steps); a normal run has none of those, only the guard (which is an :class:`Extra` too) and, with
+more than one worker, the :class:`~megaray.train.stragglers.StragglerMonitor` (``train.stragglers``).
 
 Every rank consumes the same number of micro-batches per epoch, so collectives never hang on an
 uneven last batch, and the ``world x batch_size x accum`` samples of an optimizer step are the
@@ -37,11 +38,13 @@ from megaray.tasks.base import Task
 from megaray.train.checkpoint import Checkpointer, TrainState, init_weights
 from megaray.train.extras import Extra, debug_parts
 from megaray.train.spec import WorkerSpec
+from megaray.train.startup import mark
 
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``{"spec": WorkerSpec}``
     (:meth:`~megaray.train.spec.WorkerSpec.loop_config`, from :func:`megaray.train.launch.fit`)."""
+    mark("loop")  # start-up phases (megaray.train.startup)
     import ray.train
 
     w = _Worker(WorkerSpec.of(config))
@@ -105,6 +108,8 @@ class _Worker:
     optional parts the spec asks for (``extras``: empty in a normal run)."""
 
     def __init__(self, spec: WorkerSpec):
+        import socket
+
         import ray.train
         import ray.train.torch
 
@@ -112,11 +117,12 @@ class _Worker:
         from megaray.train.device import peak_flops
         from megaray.train.engines import build_engines, resolve_precision
         from megaray.train.evaluator import Evaluator
-        from megaray.train.mlflow import RunLogger
+        from megaray.train.mlflow import RunLogger, node_name
         from megaray.train.reporter import Reporter
         from megaray.train.trackers import open_trackers
 
         self.cfg = cfg = spec.run_config()
+        mark("config")
         ctx = ray.train.get_context()
         self.rank, self.world = rank, world = ctx.get_world_rank(), ctx.get_world_size()
         # train.watchdog: every phase from here on has a timeout (the start-up phase first)
@@ -128,15 +134,18 @@ class _Worker:
         # where this group resumes (read before anything is built: the stream starts at its cursor)
         self.checkpointer = Checkpointer(cfg, spec.run_dir, rank, world)
         source, saved = self._locate()
+        mark("locate")
         # the global batch is the run's, at any world size; the accumulation follows from it
         info = spec.info.for_world(world, saved.global_batch if saved is not None and saved.global_batch else None)
         if info.plan is not None:
             cfg.train.grad_accum_steps = info.plan.accum(world)  # ConfigError when world cannot divide it
         self.task: Task = families.task_class(cfg.model.family, cfg.train.task)(cfg, info=info)
         task = self.task
+        mark("task")
         # a positioned stream: rank 0 builds it at the restored cursor and splits it over the ranks;
         # reading starts now, while the engines build (fast start)
         self.head = self._stream(saved)
+        mark("stream")
         _seed_everything(cfg.train.seed + rank)
         self.device = device = ray.train.torch.get_device()
         precision = resolve_precision(cfg.train.precision, device)
@@ -145,24 +154,23 @@ class _Worker:
         self.modules = modules = task.build_modules()
         if cfg.train.init_from:  # fine-tuning: start from another run's weights
             init_weights(modules["model"], cfg.train.init_from)
+        mark("modules")
         self.engines = build_engines(task, modules, cfg, precision, device)
+        mark("engines")
         frozen = {name: m.to(device).eval().requires_grad_(False) for name, m in task.frozen_modules().items()}
         self.ema = _ema(cfg, modules["model"])
         self.checkpointer.extra_files = task.checkpoint_files() if rank == 0 else {}
         self.state, where = self.checkpointer.restore(self.engines, source, self.ema)
+        mark("restore")
         self.state.world_size = world
         if info.plan is not None:
             self.state.global_batch = info.plan.global_batch
 
         logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 else RunLogger(None, None)
-        node_id = ray.get_runtime_context().get_node_id()
-        if ctx.get_local_rank() == 0:  # system metrics of every node, keyed by node: system/<host>-<node>/...
-            import socket
-
+        node = node_name(socket.gethostname(), ray.get_runtime_context().get_node_id())
+        if ctx.get_local_rank() == 0:  # system metrics of every node, keyed by node: system/<node>/...
             node_logger = logger if rank == 0 else RunLogger(spec.tracking_uri, spec.mlflow_run_id)
-            node_logger.start_system_metrics(
-                cfg.tracking.system_metrics_interval_s, node_id=f"{socket.gethostname()}-{node_id[:8]}"
-            )
+            node_logger.start_system_metrics(cfg.tracking.system_metrics_interval_s, node_id=node)
         if logger.enabled and cfg.tracking.log_checkpoints:  # rank 0: every checkpoint an MLflow LoggedModel
             from megaray.train.logged_models import CheckpointModels
 
@@ -203,8 +211,8 @@ class _Worker:
         if cfg.train.stragglers.enabled and world > 1:
             from megaray.train.stragglers import StragglerMonitor
 
-            self.stragglers = StragglerMonitor(
-                cfg.train.stragglers, rank, world, self.reporter.due, self.reporter.say, logger, node_id
+            self.stragglers = StragglerMonitor.joined(
+                cfg.train.stragglers, rank, world, self.reporter.due, self.reporter.say, logger, node
             )
             self.extras += (self.stragglers,)
         s = self.state
@@ -231,6 +239,7 @@ class _Worker:
             f"x accum {t.grad_accum_steps} x {world} = global batch "
             f"{cfg.data.batch_size * t.grad_accum_steps * world}{ema}"
         )
+        mark("ready")
 
     def _locate(self) -> Tuple[Optional[Any], Optional[TrainState]]:
         """The checkpoint to restore and its state (:meth:`Checkpointer.locate`), rank 0's on every rank."""
@@ -273,13 +282,15 @@ class _Worker:
                 f"nothing to roll back to; lower train.checkpoint_every (now {self.cfg.train.checkpoint_every}) "
                 "or train.lr, or set train.guard.enabled=false to train through it"
             )
-        self.arm("checkpoint", verdict.step)  # the watchdog: the restore is a checkpoint phase; the loop re-arms the step
+        self.arm("checkpoint", verdict.step)  # the watchdog: a restore is a checkpoint phase
         restored, where = self.checkpointer.restore(self.engines, source, self.ema)
         vars(self.state).update(vars(restored))
         self.state.world_size = self.world
         self.head = self._stream(saved)
         self.reporter.meter.reset()
         self.reporter.time.add("rollback", time.perf_counter() - t0)  # restore and stream restart (not the replay)
+        if self.stragglers is not None:
+            self.stragglers.exclude(time.perf_counter() - t0)
         self.guard.rolled_back(verdict, restored.step, where)
         return True
 
@@ -288,6 +299,7 @@ class _Worker:
         self.task.after_step(self.engines, step)
         if self.ema is not None:
             self.ema.update(self.engines["model"].module)
+        t_parts = time.perf_counter()
         report: Dict[str, float] = {}
         if self.reporter.due(step):
             report.update(self.reporter.progress(self.engines, step))
@@ -297,14 +309,14 @@ class _Worker:
             t0 = time.perf_counter()
             report.update(self.evaluator.run(self.engines, step, self.reporter))
             clock.add("eval", time.perf_counter() - t0)
-            if self.stragglers is not None:  # the same on every rank: not a rank's pace
-                self.stragglers.exclude(time.perf_counter() - t0)
             for part in self.extras:
                 part.evaluated(step, self.evaluator.reads)
         save = not self.paused and self.checkpointer.due(step)
         if report or save:
             checkpoint = self._save if save else None
             self.reporter.publish(report, step, self.state, checkpoint)
+        if self.stragglers is not None:  # reports, evaluation, checkpoint: bookkeeping, not a rank's pace
+            self.stragglers.exclude(time.perf_counter() - t_parts)
         for part in self.extras:  # the optional parts (a normal run: the guard alone)
             part.after_step(step)
 
@@ -318,8 +330,6 @@ class _Worker:
         t0 = time.perf_counter()
         self.checkpointer.save_and_report(report, self.engines, self.state, self.ema)
         self.reporter.time.add("checkpoint", time.perf_counter() - t0)
-        if self.stragglers is not None:
-            self.stragglers.exclude(time.perf_counter() - t0)
 
 
 def _ema(cfg: RunConfig, model: torch.nn.Module) -> Optional[Any]:
@@ -361,6 +371,7 @@ class Prefetch:
     def _fetch(self) -> None:
         try:
             self._first = next(self._it, _END)
+            mark("first_batch")
         except BaseException as e:  # re-raised in the training thread
             self._error = e
 

@@ -8,9 +8,9 @@ Tune trials can log nested child runs side by side.
 
 What a complete run holds besides params and metrics: the command line (the run description,
 :func:`command_line`), the prepared data as MLflow dataset inputs (:func:`log_datasets`), system
-metrics sampled on the rank-0 worker (:meth:`RunLogger.start_system_metrics`), every checkpoint
-as an MLflow LoggedModel with its step's metrics, the best one optionally registered
-(:mod:`megaray.train.logged_models`), and the final model as an MLflow ``pyfunc`` model
+metrics sampled on every node, keyed by node (:meth:`RunLogger.start_system_metrics`,
+:func:`node_name`), every checkpoint as an MLflow LoggedModel with its step's metrics, the best one
+optionally registered (:mod:`megaray.train.logged_models`), and the final model as an MLflow ``pyfunc`` model
 (:func:`megaray.train.mlflow_model.log_model`).
 Only :mod:`megaray.train.mlflow_model` imports MLflow at import time: a run with tracking off
 needs no MLflow.
@@ -244,6 +244,13 @@ class RunLogger:
             self.run_id, sampling_interval=interval_s, resume_logging=True, node_id=node_id, tracking_uri=self.uri
         )
         self._monitor.start()
+
+
+def node_name(host: str, ray_node_id: str) -> str:
+    """The name a node's system metrics are keyed by (MLflow's ``node_id``: ``system/<name>/...``)
+    and the straggler warning names: ``<host>-<first 8 hex digits of its Ray node id>``, stable for
+    the machine and unique even where host names repeat (containers)."""
+    return f"{host}-{ray_node_id[:8]}"
 
 
 def _str(v: Any) -> str:

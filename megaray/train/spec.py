@@ -77,7 +77,8 @@ class DebugHooks:
         Raises:
             ConfigError: ``MEGARAY_FAULT_AT_STEP`` is not an integer, ``MEGARAY_STEP_SLEEP_S``
                 not a number, ``MEGARAY_POISON_STEPS`` / ``MEGARAY_SKIP_SAMPLES`` /
-                ``MEGARAY_HANG_AT_STEP`` not of their shape (names the variable and its value).
+                ``MEGARAY_HANG_AT_STEP`` / ``MEGARAY_SLOW_RANK`` not of their shape (names the
+                variable and its value).
         """
         env = os.environ if env is None else env
         trace, fault, sleep = (env.get(k) or None for k in (TRACE_ENV, FAULT_ENV, SLEEP_ENV))
@@ -120,8 +121,13 @@ class DebugHooks:
         try:
             rank, _, seconds = slow_raw.partition(":")
             slow = (int(rank), float(seconds)) if slow_raw else None
+            if slow is not None and not (slow[0] >= 0 and 0 <= slow[1] < float("inf")):
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"{SLOW_RANK_ENV}={slow_raw!r}: expected RANK:SECONDS (e.g. 1:0.3); unset it") from None
+            raise ConfigError(
+                f"{SLOW_RANK_ENV}={slow_raw!r}: expected RANK:SECONDS, a rank >= 0 and seconds >= 0 (e.g. 1:0.3); "
+                "unset it"
+            ) from None
         return cls(
             trace=trace,
             fault_at_step=fault_at,

@@ -188,7 +188,8 @@ class Watchdog:
                 due = self.phase is not None and now >= self.deadline
                 if due:
                     assert self.phase is not None
-                    phase, step, elapsed, timeout = self.phase, self.step, now - self.started, self.deadline - self.started
+                    phase, step = self.phase, self.step
+                    elapsed, timeout = now - self.started, self.deadline - self.started
                     self.phase, self.deadline = None, float("inf")
                 self._sleeping_until = self.deadline
                 left = self.deadline - now

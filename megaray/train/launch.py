@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,13 +93,17 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         # core count, and the raylet prints a warning on the console each time more start)
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
         # A local cluster's processes inherit this process's environment, so the variables go
-        # there while Ray starts, not into a job runtime_env: with one, every Ray worker of the run
-        # starts through Ray's runtime-env set-up (``setup_worker.py``: a second Python start per
-        # process) and the workers the raylet prestarts for the first driver (no runtime env) can
-        # serve none of the run's actors and tasks and idle for the whole run. Measured: a third of
-        # the CPU of a 2-core machine's start-up (benchmarks/goodput.py, BENCHMARKS.md).
+        # there while Ray starts, not into a job runtime_env (with one, every Ray worker of the run
+        # starts through Ray's runtime-env set-up, ``setup_worker.py``: a second Python start per
+        # process). Two Ray settings for a one-machine cluster, unless set already: no preemption
+        # watcher (Ray Train's ``PreemptionWatcher`` actor, a Python process per worker-group start
+        # polling for nodes being drained: this machine has no other node), and no Python workers
+        # prestarted for the first driver (one per logical CPU, started with no runtime env while
+        # the driver sets up, where Ray Train's actors and tasks, which inherit the controller's
+        # runtime env, can use none of them). Measured with benchmarks/goodput.py (BENCHMARKS.md).
+        local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_prestart_worker_first_driver": "0"}
         # address="local": always start a fresh cluster, even if /tmp/ray names a stale one.
-        with _environ(env_vars):
+        with _environ({**env_vars, **{k: v for k, v in local.items() if k not in os.environ}}):
             ray.init(
                 address="local",
                 num_cpus=n,
@@ -284,8 +289,13 @@ def _fit(
     debug = DebugHooks.from_env()  # the test hooks (MEGARAY_TRACE, ...): None in a normal run
     fork = _branch(resume_from, run_dir, console) if resume_from else None  # CheckpointError before Ray starts
     marks = {"fit": t0, "checks": time.time()}  # start-up phases (megaray.train.startup)
-    ensure_ray()
-    _resolve_use_gpu(cfg, console)
+    warm = _warm_tracking(cfg.tracking.resolved_uri()) if cfg.tracking.enabled else None
+    try:  # MLflow's imports and store open in a thread while Ray starts
+        ensure_ray()
+        _resolve_use_gpu(cfg, console)
+    finally:
+        if warm is not None:
+            warm.join()
     marks["ray"] = time.time()
     keep_user_errors_in_ray_data()
     datasets = task.datasets()
@@ -368,6 +378,27 @@ def _branch(resume_from: str, run_dir: str, console: bool) -> "Branch":
     else:
         log.info(fork.describe())
     return fork
+
+
+def _warm_tracking(uri: str) -> threading.Thread:
+    """Import MLflow and open the run's tracking store (a new SQLite store creates its tables) in a
+    thread, started before Ray: about 2 s of a 2-core machine's start-up run beside Ray's, which
+    the driver spends mostly waiting for Ray's processes (benchmarks/goodput.py). Join it before
+    anything else touches MLflow. Ray is imported first, so the two threads import nothing in
+    common at once. An error here is left to the run's own MLflow calls, which raise it."""
+    import ray  # noqa: F401 - before the thread: see above
+
+    def warm() -> None:
+        try:
+            from megaray.train import mlflow as tracking
+
+            tracking.client(uri).search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001 - the run's MLflow calls raise it where it belongs
+            log.debug("MLflow warm-up of %s failed: %s", uri, e)
+
+    thread = threading.Thread(target=warm, name="megaray-mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _tag_branch(uri: str, run_id: str, fork: "Branch") -> None:

@@ -454,8 +454,15 @@ def main() -> None:
     runs: Dict[str, List[Dict[str, Any]]] = {side: [] for side in trees}
     for i in range(args.repeats):
         for side in list(trees) if i % 2 == 0 else list(trees)[::-1]:  # alternate who goes first
-            work = root / f"{side}{i}"
-            raw = run_demo(shards, work, args.fault_at, args.fault_at + 2, args.timeout_s, trees[side])
+            for attempt in range(2):  # once more after a failure (on a loaded machine Ray's start can time out)
+                work = root / f"{side}{i}" if attempt == 0 else root / f"{side}{i}-retry"
+                try:
+                    raw = run_demo(shards, work, args.fault_at, args.fault_at + 2, args.timeout_s, trees[side])
+                    break
+                except (SystemExit, subprocess.TimeoutExpired, OSError) as e:
+                    print(f"{side} run {i} failed ({str(e).splitlines()[-1] if str(e) else e!r})", file=sys.stderr)
+            else:
+                raise SystemExit(f"{side} run {i} failed twice: see {root}")
             runs[side].append(breakdown(raw))
             print(json.dumps({"side": side, "run": i, **runs[side][-1]}), file=sys.stderr, flush=True)
             if args.keep:
@@ -465,6 +472,19 @@ def main() -> None:
     if args.against and args.repeats:
         out["against"] = {"tree": args.against, **summary(runs["against"])}
         out["vs_against"] = compare(out, out["against"])
+        # each repeat's two runs ran back to back: their ratio sees the least of the machine's drift
+        pairs = [
+            {
+                key: round(c[key]["total_s"] / a[key]["total_s"], 3)
+                for key in ("startup", "restart")
+                if key in c and key in a
+            }
+            for c, a in zip(runs["current"], runs["against"])
+        ]
+        out["vs_against"]["pairs"] = pairs
+        out["vs_against"]["pair_median"] = {
+            key: round(statistics.median(p[key] for p in pairs if key in p), 3) for key in ("startup", "restart")
+        }
     if args.baseline:
         out["vs_baseline"] = {"baseline": args.baseline, **compare(out, json.loads(Path(args.baseline).read_text()))}
     if args.goodput:

@@ -321,6 +321,7 @@ def test_after_each_optimizer_step_the_task_hook_runs_before_the_ema_and_parts_d
     w.task, w.ema, w.engines, w.state = Task(), Ema(), {"model": Engine()}, None
     w.reporter, w.evaluator, w.checkpointer = Reporter("log", 2), Evaluator("eval", 3), Part("ckpt", 4)
     w.extras, w.paused = (), False  # a normal run: no optional parts
+    w.watchdog = w.stragglers = None  # train.watchdog / train.stragglers off (their own tests)
     for step in (1, 2, 3, 4):
         w.end_of_step(step)
     assert calls == [
@@ -419,7 +420,20 @@ def test_the_trace_writes_the_format_the_tests_read(tmp_path):
     trace.evaluated(5, 2)
     trace.close()
     [line] = [json.loads(x) for x in (tmp_path / "t.rank1").read_text().splitlines()]
-    assert list(line) == ["step", "epoch", "cursor", "fp", "lr", "pid", "replayed", "ids", "world", "t", "loss"]
+    assert list(line) == [
+        "step",
+        "epoch",
+        "cursor",
+        "fp",
+        "lr",
+        "pid",
+        "replayed",
+        "ids",
+        "world",
+        "t",
+        "t_end",
+        "loss",
+    ]
     assert (line["step"], line["epoch"], line["cursor"], line["lr"], line["ids"], line["world"], line["loss"]) == (
         5,
         1,
@@ -430,7 +444,11 @@ def test_the_trace_writes_the_format_the_tests_read(tmp_path):
         1.5,
     )
     [start] = [json.loads(x) for x in (tmp_path / "t.starts.rank1").read_text().splitlines()]
-    assert list(start) == ["pid", "step", "weights_l1"] and start["step"] == 4 and set(start["weights_l1"]) == {"model"}
+    assert (
+        list(start) == ["pid", "step", "weights_l1", "marks"]
+        and start["step"] == 4
+        and set(start["weights_l1"]) == {"model"}
+    )
     [ev] = [json.loads(x) for x in (tmp_path / "t.evals.rank1").read_text().splitlines()]
     assert ev["step"] == 5 and ev["val_reads"] == 2
 
@@ -473,6 +491,7 @@ def test_a_paused_run_neither_evaluates_nor_checkpoints_and_faults_come_after_th
     w.reporter, w.evaluator, w.checkpointer = Part("log"), Part("eval"), Part("ckpt")
     w.reporter.time = reporter.TimeAccount(None)
     w.extras, w.paused = (Paused(), FaultAtStep(2)), True
+    w.watchdog = w.stragglers = None
     w.end_of_step(1)
     assert calls == [("publish", 1, ["loss"], False), ("after_step", 1)]
     with pytest.raises(RuntimeError, match="MEGARAY_FAULT_AT_STEP: injected failure after step 2"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -23,7 +23,10 @@ class Evaluator:
     Args:
         task: the run's :class:`~megaray.tasks.base.Task`.
         cfg: the run config (``train.eval_every``, ``data.batch_size``, ``train.zero_stage``).
-        val_shard: this rank's ``ray.train.get_dataset_shard("val")``.
+        val_shard: returns this rank's ``ray.train.get_dataset_shard("val")``; called at the first
+            evaluation (on every rank alike: it is a barrier), not at start-up, since Ray Train
+            starts the split's ``SplitCoordinator`` actor (a Python process) when rank 0 asks for
+            it: that start would land in the run's first step and in every restart's.
         frozen: the task's frozen modules, already on the device in eval mode.
         ema: the :class:`~megaray.train.ema.EMA` or None.
     """
@@ -35,12 +38,13 @@ class Evaluator:
         self,
         task: Any,
         cfg: RunConfig,
-        val_shard: Any,
+        val_shard: Callable[[], Any],
         world: int,
         frozen: Mapping[str, torch.nn.Module],
         ema: Optional[Any] = None,
     ):
         self.task, self.cfg, self.val_shard, self.world = task, cfg, val_shard, world
+        self._shard: Any = None
         self.frozen, self.ema = dict(frozen), ema
         self.cache: Optional[List[Mapping[str, torch.Tensor]]] = None
         #: Ray Data executions of the validation split by this rank (1 when the cache holds it)
@@ -91,7 +95,9 @@ class Evaluator:
             return self.cache
         self.reads += 1
         n = int(self.task.info.val_batches)
-        it = iter(self.val_shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True))
+        if self._shard is None:
+            self._shard = self.val_shard()
+        it = iter(self._shard.iter_torch_batches(batch_size=self.cfg.data.batch_size, drop_last=True))
         out, size = [], 0
         for _ in range(n):
             batch = next(it)

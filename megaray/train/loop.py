@@ -193,7 +193,7 @@ class _Worker:
             spec.console,
             trackers,
         )
-        self.evaluator = Evaluator(task, cfg, ray.train.get_dataset_shard("val"), world, frozen, self.ema)
+        self.evaluator = Evaluator(task, cfg, lambda: ray.train.get_dataset_shard("val"), world, frozen, self.ema)
         self.extras: Tuple[Extra, ...] = build_extras(spec, rank, device, self.reporter.say, logger)
         # a profile run evaluates and checkpoints on no rank (the same on every rank)
         self.paused = any(part.pauses_eval_and_checkpoints for part in self.extras)

@@ -12,26 +12,35 @@ gives both figures:
   trained step of the restarted worker group.
 
 Each is broken down into phases from three clocks: the driver's marks (``<trace>.driver``:
-CLI start, checks, Ray start, the task's datasets and info, the MLflow run, the trainer), Ray
-Train's controller log (its DEBUG lines in ``ray-train-sys-controller-*.log`` of the run's Ray
-session, found through ``RAY_TMPDIR``: placement group, worker actors, the
-``after_worker_group_start`` callbacks (``BackendSetupCallback`` = ``torch.distributed`` init),
-the training function's launch (its unpickling: the worker's imports)) and each worker's marks
-(``<trace>.starts.rank0``, :mod:`megaray.train.startup`: config, locate, the train stream, the
-modules, the DeepSpeed engines, the restore, the rest of the set-up, then the first batch and the
-first step from the per-step trace). A phase is the time from the previous mark to its own;
-``first_batch_wait_s`` is what the loop waited for the stream after its set-up.
+interpreter and CLI, checks, Ray start (with MLflow's warm-up beside it), the task's datasets
+and info, the MLflow run, the trainer), Ray Train's controller log (its DEBUG lines in
+``ray-train-sys-controller-*.log`` of the run's Ray session, found through ``RAY_TMPDIR``: the
+controller's start, placement group, worker actors (process spawn, ``import ray``), the train
+context (unpickling the driver's spec: ``import torch`` and megaray), ``torch.distributed``
+init, the training function's launch) and each worker's marks (``<trace>.starts.rank0``,
+:mod:`megaray.train.startup`: config, locate, the train stream, the modules, the DeepSpeed
+engines, the restore, the rest of the set-up (MLflow logger, reporter, ...), then the first
+batch and the first step from the per-step trace). A phase is the time from the previous mark to
+its own; ``first_batch_wait_s`` is what the loop waited for the stream after its set-up. Beside
+the clocks, ``cpu_s``: CPU seconds each kind of process (the driver, Ray's daemons, each actor
+class, ``IDLE`` workers) used in the window, sampled every 0.5 s: the figure least moved by
+other jobs on a shared machine. ``worker_process_age_at_fn_s``: how long rank 0's process
+existed before the training function started.
 
 **Goodput** (``--goodput``): the former benchmark, in-process: ``--steps`` optimizer steps with an
 evaluation every ``--eval-every`` and a batch small enough that an epoch boundary falls inside,
 tracking off: goodput, start-up, seconds per evaluation, data wait.
 
-Prints one JSON object on stdout (each run's figures go to stderr as it ends); ``--baseline FILE``
-(an earlier output)
-adds each median figure's ``after / before`` ratio side by side::
+Prints one JSON object on stdout (each run's figures go to stderr as it ends): every run, the
+per-phase medians, and whether they meet the targets (start-up <= 30 s, restart <= 20 s).
+``--against DIR`` (a copy of the ``megaray`` package, e.g. taken before a change) runs that
+copy and the current tree alternately in each repeat and adds the ``[against, current,
+current / against]`` rows per phase, each repeat's pair ratio and their median (the fair
+figure on a shared machine); ``--baseline FILE`` compares with an earlier output instead::
 
-    python benchmarks/goodput.py --repeats 3 > /tmp/before.json            # ~2 min a repeat on 2 cores
-    python benchmarks/goodput.py --repeats 3 --baseline /tmp/before.json
+    mkdir -p /tmp/before && cp -r megaray /tmp/before/                        # before a change
+    python benchmarks/goodput.py --repeats 3 --against /tmp/before            # ~3 min a repeat
+    python benchmarks/goodput.py --repeats 3 > /tmp/now.json; python benchmarks/goodput.py --baseline /tmp/now.json
     python benchmarks/goodput.py --repeats 0 --goodput --steps 120 --eval-every 40
 """
 
@@ -42,6 +51,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -93,35 +103,40 @@ def run_demo(
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(tree).resolve()), env.get("PYTHONPATH")) if p)
     load_before = load()
     stdout, stderr = work / "stdout.txt", work / "stderr.txt"
-    with open(stdout, "w") as out_f, open(stderr, "w") as err_f:
-        t_launch = time.time()
-        proc = subprocess.Popen(cmd, env=env, cwd=str(work), stdout=out_f, stderr=err_f, text=True)
-        cpu = CpuSampler(proc.pid)
-        try:
-            code = proc.wait(timeout=timeout_s)
-        finally:
-            cpu.stop()
-            if proc.poll() is None:
-                proc.kill()
-        t_exit = time.time()
-    if code != 0:
-        raise SystemExit(
-            f"megaray train failed (exit {code}):\n{stdout.read_text()[-3000:]}\n{stderr.read_text()[-3000:]}"
-        )
-    out = {
-        "launch": t_launch,
-        "exit": t_exit,
-        "load": [load_before, load()],
-        "driver": _lines(f"{trace}.driver")[0],
-        "starts": {r: _lines(f"{trace}.starts.rank{r}") for r in (0, 1)},
-        "steps": {r: _lines(f"{trace}.rank{r}") for r in (0, 1)},
-        "fault": _lines(f"{trace}.fault")[0],
-        "controller": _controller_log(ray_tmp),
-        "time_line": [line for line in stdout.read_text().splitlines() if "time:" in line],
-        "cpu": cpu.samples,
-    }
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    return out
+    try:
+        with open(stdout, "w") as out_f, open(stderr, "w") as err_f:
+            t_launch = time.time()
+            # its own process group: on a timeout the driver and the Ray cluster it started go together
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=str(work), stdout=out_f, stderr=err_f, text=True, start_new_session=True
+            )
+            cpu = CpuSampler(proc.pid)
+            try:
+                code = proc.wait(timeout=timeout_s)
+            finally:
+                cpu.stop()
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            t_exit = time.time()
+        if code != 0:
+            raise SystemExit(
+                f"megaray train failed (exit {code}):\n{stdout.read_text()[-3000:]}\n{stderr.read_text()[-3000:]}"
+            )
+        return {
+            "launch": t_launch,
+            "exit": t_exit,
+            "load": [load_before, load()],
+            "driver": _lines(f"{trace}.driver")[0],
+            "starts": {r: _lines(f"{trace}.starts.rank{r}") for r in (0, 1)},
+            "steps": {r: _lines(f"{trace}.rank{r}") for r in (0, 1)},
+            "fault": _lines(f"{trace}.fault")[0],
+            "controller": _controller_log(ray_tmp),
+            "time_line": [line for line in stdout.read_text().splitlines() if "time:" in line],
+            "cpu": cpu.samples,
+        }
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 class CpuSampler:

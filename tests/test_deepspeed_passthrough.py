@@ -186,3 +186,26 @@ def test_zero_offload_trains_on_cpu_with_the_losses_of_a_run_without_it(tmp_path
         assert res[name]["losses"] == pytest.approx(base, abs=1e-5), name
     assert res["zero2"]["offload_optimizer"] == "none" and res["zero2_offload"]["offload_optimizer"] == "cpu"
     assert res["zero3_offload_all"]["offload_optimizer"] == res["zero3_offload_all"]["offload_param"] == "cpu"
+
+
+def test_the_workers_deepspeed_import_leaves_out_mlflow_and_the_muon_compile():
+    """``import_deepspeed`` (a worker's start-up, benchmarks/goodput.py): DeepSpeed without MLflow
+    (its autotuner's optional import) and with its Muon kernels left uncompiled (no inductor import);
+    the dynamo switch is restored and MLflow stays importable. A fresh interpreter: nothing imported
+    before. The losses it trains are the golden ones (tests/test_golden_losses.py)."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from megaray.train.engines import import_deepspeed
+        import_deepspeed()
+        import deepspeed.runtime.zero.muon.original_muon as muon
+        print("RESULT", "mlflow" in sys.modules, "torch._inductor.compile_fx" in sys.modules,
+              hasattr(muon.zeropower_via_newtonschulz5, "_torchdynamo_orig_callable"),
+              os.environ.get("TORCHDYNAMO_DISABLE"))
+        import mlflow  # noqa: F401
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    assert line[0].split()[1:] == ["False", "False", "False", "None"]

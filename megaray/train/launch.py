@@ -93,11 +93,12 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
         # core count, and the raylet prints a warning on the console each time more start)
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
         # A local cluster's processes inherit this process's environment, so the variables go
-        # there while Ray starts, not into a job runtime_env (with one, every Ray worker of the run
-        # starts through Ray's runtime-env set-up, ``setup_worker.py``: a second Python start per
-        # process). Two Ray settings for a one-machine cluster, unless set already: no preemption
-        # watcher (Ray Train's ``PreemptionWatcher`` actor, a Python process per worker-group start
-        # polling for nodes being drained: this machine has no other node), and no Python workers
+        # there while Ray starts, not into a job runtime_env (with one, every Ray worker the job
+        # starts goes through Ray's runtime-env set-up, ``setup_worker.py``: a second Python start
+        # per process; Ray Train's own actors still do, under its controller's runtime env).
+        # Two Ray settings for a one-machine cluster, unless set already: no preemption watcher
+        # (Ray Train's ``PreemptionWatcher`` actor, a Python process per worker-group start polling
+        # for nodes being drained: this machine has no other node), and no Python workers
         # prestarted for the first driver (one per logical CPU, started with no runtime env while
         # the driver sets up, where Ray Train's actors and tasks, which inherit the controller's
         # runtime env, can use none of them). Measured with benchmarks/goodput.py (BENCHMARKS.md).

@@ -1,12 +1,13 @@
 """Where a run's start-up goes: wall-clock marks from process start to the first trained step.
 
 Start-up is paid again by every restart of the worker group (a crash, an elastic resize), so it is
-measured in parts (``benchmarks/goodput.py``, issue #22). Each process keeps its own marks
-(``time.time()`` at the end of each phase, by name, the first of each name kept): the driver's
-(:func:`megaray.train.launch.fit`: ``fit``, ``checks``, ``ray``, ``datasets``, ``mlflow``,
-``trainer``) and each worker's (:mod:`megaray.train.loop`: ``loop`` when the training function starts,
-then ``locate``, ``task``, ``stream``, ``modules``, ``engines``, ``restore``, ``ready``, and
-``first_batch`` when the train stream's first micro-batch arrives). Marking costs a dict write; the
+measured in parts (``benchmarks/goodput.py``, issue #22): ``time.time()`` at the end of each
+phase, by name. The driver's are kept by :func:`megaray.train.launch.fit` for its run (``fit``,
+``checks``, ``ray``, ``datasets``, ``mlflow``, ``trainer``); a worker process's here, in
+:data:`MARKS` (the first of each name kept; :mod:`megaray.train.loop`: ``loop`` when the
+training function starts, then ``config``, ``locate``, ``task``, ``stream``, ``modules``,
+``engines``, ``restore``, ``ready``, and ``first_batch`` when the train stream's first
+micro-batch arrives, from the prefetch thread). Marking costs a dict write; the
 marks are written out only by the trace test hook (``MEGARAY_TRACE``: the driver's in
 ``<path>.driver``, a worker's in its ``<path>.starts.rank<r>`` line,
 :class:`megaray.train.extras.Trace`).

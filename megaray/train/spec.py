@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Set, Tuple
 
 from megaray.errors import ConfigError
 from megaray.tasks.base import TaskInfo
@@ -86,57 +86,64 @@ class DebugHooks:
         hang_raw, slow_raw = env.get(HANG_ENV) or "", env.get(SLOW_RANK_ENV) or ""
         if not (trace or fault or sleep or poison_raw or skip_raw or hang_raw or slow_raw):
             return None
-        try:
-            fault_at = int(fault) if fault else None
-        except ValueError:
-            raise ConfigError(f"{FAULT_ENV}={fault!r}: expected a step number (an integer); unset it") from None
-        try:
-            sleep_s = float(sleep) if sleep else 0.0
-        except ValueError:
-            raise ConfigError(f"{SLEEP_ENV}={sleep!r}: expected seconds (a number); unset it") from None
-        try:
-            poison = tuple(_poison(p) for p in poison_raw.split(",") if p.strip())
-        except ValueError:
-            raise ConfigError(
-                f"{POISON_ENV}={poison_raw!r}: expected STEP:nan, STEP:spike or STEP:xFACTOR, comma-separated "
-                "(e.g. 6:nan,9:spike); unset it"
-            ) from None
-        try:
-            skip = tuple(sorted(parse_samples(skip_raw)))
-        except ValueError:
-            raise ConfigError(
-                f"{SKIP_ENV}={skip_raw!r}: expected EPOCH:POSITION or EPOCH:FIRST-LAST, comma-separated "
-                "(e.g. 0:16-19); unset it"
-            ) from None
-        try:
-            rank, _, step = hang_raw.partition(":")
-            hang = (int(rank), int(step)) if hang_raw else None
-            if hang is not None and (hang[0] < 0 or hang[1] < 1):
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"{HANG_ENV}={hang_raw!r}: expected RANK:STEP, a rank >= 0 and an optimizer step >= 1 "
-                "(e.g. 1:12); unset it"
-            ) from None
-        try:
-            rank, _, seconds = slow_raw.partition(":")
-            slow = (int(rank), float(seconds)) if slow_raw else None
-            if slow is not None and not (slow[0] >= 0 and 0 <= slow[1] < float("inf")):
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"{SLOW_RANK_ENV}={slow_raw!r}: expected RANK:SECONDS, a rank >= 0 and seconds >= 0 (e.g. 1:0.3); "
-                "unset it"
-            ) from None
+        fault_at = _parsed(FAULT_ENV, fault, int, "a step number (an integer)")
+        sleep_s = _parsed(SLEEP_ENV, sleep, float, "seconds (a number)") or 0.0
+        poison = _parsed(
+            POISON_ENV,
+            poison_raw,
+            lambda v: tuple(_poison(p) for p in v.split(",") if p.strip()),
+            "STEP:nan, STEP:spike or STEP:xFACTOR, comma-separated (e.g. 6:nan,9:spike)",
+        )
+        skip = _parsed(
+            SKIP_ENV,
+            skip_raw,
+            lambda v: tuple(sorted(parse_samples(v))),
+            "EPOCH:POSITION or EPOCH:FIRST-LAST, comma-separated (e.g. 0:16-19)",
+        )
+        hang = _parsed(
+            HANG_ENV,
+            hang_raw,
+            lambda v: _pair(v, int, int, lambda r, s: r >= 0 and s >= 1),
+            "RANK:STEP, a rank >= 0 and an optimizer step >= 1 (e.g. 1:12)",
+        )
+        slow = _parsed(
+            SLOW_RANK_ENV,
+            slow_raw,
+            lambda v: _pair(v, int, float, lambda r, s: r >= 0 and 0 <= s < float("inf")),
+            "RANK:SECONDS, a rank >= 0 and seconds >= 0 (e.g. 1:0.3)",
+        )
         return cls(
             trace=trace,
             fault_at_step=fault_at,
             step_sleep_s=sleep_s,
-            poison=poison,
-            skip_samples=skip,
+            poison=poison or (),
+            skip_samples=skip or (),
             hang_at=hang,
             slow_rank=slow,
         )
+
+
+def _parsed(var: str, raw: Optional[str], parse: Callable[[str], Any], expected: str) -> Any:
+    """``parse(raw)`` of environment variable ``var`` (None when unset or empty).
+
+    Raises:
+        ConfigError: ``parse`` raised ValueError: names the variable, its value and ``expected``.
+    """
+    if not raw:
+        return None
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r}: expected {expected}; unset it") from None
+
+
+def _pair(text: str, first: Callable[[str], Any], second: Callable[[str], Any], ok: Callable[[Any, Any], bool]) -> Any:
+    """``"1:0.3"`` -> ``(first("1"), second("0.3"))``; ValueError unless ``ok`` holds for both."""
+    a, _, b = text.partition(":")
+    pair = (first(a), second(b))
+    if not ok(*pair):
+        raise ValueError(text)
+    return pair
 
 
 def parse_samples(text: str) -> Set[Tuple[int, int]]:
